@@ -1,0 +1,215 @@
+//! The agent stream: hello, heartbeats, observation batches acknowledged after commit.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use nodekeeper_common::{names, time as nktime};
+use nodekeeper_proto::v1::{
+    Ack, AgentMessage, CenterMessage, Hello, ObservationBatch, Origin, Welcome, agent_message, agent_service_server,
+    center_message,
+};
+use tokio::sync::{Semaphore, mpsc};
+use tokio_stream::Stream;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+
+use super::{Ctx, store_status, to_event};
+use crate::store::{Identity, NewEvent, NodeHello, NodeKey};
+use crate::validate;
+
+/// How long a new stream may take to send its hello.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+/// Batches of one stream waiting for their commit at once.
+const MAX_IN_FLIGHT: usize = 64;
+
+pub struct AgentApi(pub Ctx);
+
+type Tx = mpsc::Sender<Result<CenterMessage, Status>>;
+
+struct Session {
+    ctx: Ctx,
+    key: NodeKey,
+    boot_id: String,
+    tx: Tx,
+    in_flight: Arc<Semaphore>,
+}
+
+fn check_hello(h: &Hello) -> Result<(), Status> {
+    validate::name(names::node(&h.node))?;
+    validate::name(names::cluster(&h.cluster))?;
+    validate::name(names::boot_id(&h.boot_id))?;
+    if h.agent_version.len() > 64 {
+        return Err(Status::invalid_argument("agent_version is longer than 64 bytes"));
+    }
+    Ok(())
+}
+
+#[tonic::async_trait]
+impl agent_service_server::AgentService for AgentApi {
+    type SessionStream = Pin<Box<dyn Stream<Item = Result<CenterMessage, Status>> + Send>>;
+
+    async fn session(&self, request: Request<Streaming<AgentMessage>>) -> Result<Response<Self::SessionStream>, Status> {
+        let ctx = self.0.clone();
+        let mut inbound = request.into_inner();
+        let first = tokio::time::timeout(HELLO_TIMEOUT, inbound.message())
+            .await
+            .map_err(|_| Status::deadline_exceeded("no hello within 10s"))??;
+        let hello = match first.and_then(|m| m.msg) {
+            Some(agent_message::Msg::Hello(h)) => h,
+            _ => return Err(Status::invalid_argument("the first message of a stream must be a hello naming the node")),
+        };
+        check_hello(&hello)?;
+        let key = NodeKey { cluster: hello.cluster.clone(), node: hello.node.clone() };
+        let interval = nktime::from_duration(hello.heartbeat_interval.as_ref());
+        let outcome = ctx
+            .store
+            .hello(NodeHello {
+                cluster: hello.cluster.clone(),
+                node: hello.node.clone(),
+                boot_id: hello.boot_id.clone(),
+                agent_version: hello.agent_version.clone(),
+                inventory: hello.inventory.clone().unwrap_or_default(),
+                labels: hello.labels.clone(),
+                heartbeat_interval: interval.unwrap_or(ctx.config.nodes.default_heartbeat_interval),
+                status_port: hello.status_port,
+            })
+            .await
+            .map_err(store_status)?;
+        ctx.liveness.hello(&key, interval);
+        tracing::info!(cluster = %key.cluster, node = %key.node, boot_id = %hello.boot_id,
+            agent_version = %hello.agent_version, last_stored_sequence = outcome.last_stored_sequence, "agent connected");
+
+        let (tx, rx) = mpsc::channel(MAX_IN_FLIGHT * 2);
+        let welcome = Welcome {
+            center_version: nodekeeper_common::VERSION.to_owned(),
+            last_stored_sequence: outcome.last_stored_sequence,
+            grace: Some(nktime::to_duration(ctx.liveness.grace_for(interval))),
+        };
+        tx.send(Ok(CenterMessage { msg: Some(center_message::Msg::Welcome(welcome)) }))
+            .await
+            .map_err(|_| Status::cancelled("client went away"))?;
+        let session = Session { ctx, key, boot_id: hello.boot_id, tx, in_flight: Arc::new(Semaphore::new(MAX_IN_FLIGHT)) };
+        tokio::spawn(session.run(inbound));
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+impl Session {
+    async fn run(self, mut inbound: Streaming<AgentMessage>) {
+        let end = loop {
+            let msg = tokio::select! {
+                _ = self.ctx.cancel.cancelled() => break Some(Status::unavailable("event center is shutting down; reconnect and resend unacknowledged batches")),
+                _ = self.tx.closed() => break None,
+                m = inbound.message() => m,
+            };
+            match msg {
+                Ok(Some(m)) => {
+                    if let Err(status) = self.handle(m).await {
+                        break Some(status);
+                    }
+                }
+                Ok(None) => break None,
+                Err(status) => {
+                    tracing::info!(node = %self.key.node, error = %status, "agent stream ended with an error");
+                    break None;
+                }
+            }
+        };
+        self.ctx.liveness.disconnected(&self.key);
+        if let Some(status) = end {
+            tracing::info!(node = %self.key.node, code = ?status.code(), reason = status.message(), "closing agent stream");
+            // The client may be gone already.
+            let _ = self.tx.send(Err(status)).await;
+        }
+    }
+
+    async fn handle(&self, m: AgentMessage) -> Result<(), Status> {
+        match m.msg {
+            Some(agent_message::Msg::Heartbeat(hb)) => self.ctx.liveness.heartbeat(&self.key, &hb),
+            Some(agent_message::Msg::Observations(batch)) => {
+                self.ctx.liveness.seen(&self.key);
+                self.batch(batch).await?;
+            }
+            Some(agent_message::Msg::Hello(_)) => {
+                return Err(Status::invalid_argument("a stream carries one hello; open a new stream to change identity"));
+            }
+            Some(agent_message::Msg::ComponentStatus(_)) | Some(agent_message::Msg::CommandResult(_)) => {
+                // Stored by the component-manager issue; accepted and counted as a sign of life.
+                self.ctx.liveness.seen(&self.key);
+            }
+            None => return Err(Status::invalid_argument("empty agent message")),
+        }
+        Ok(())
+    }
+
+    async fn batch(&self, batch: ObservationBatch) -> Result<(), Status> {
+        let limits = &self.ctx.config.limits;
+        if batch.observations.len() > limits.max_batch {
+            return Err(Status::resource_exhausted(format!(
+                "batch {} has {} observations, at most {} allowed",
+                batch.batch_id,
+                batch.observations.len(),
+                limits.max_batch
+            )));
+        }
+        let mut last = 0;
+        for (i, o) in batch.observations.iter().enumerate() {
+            if o.sequence <= last {
+                return Err(Status::invalid_argument(format!(
+                    "batch {}: observation {i} has sequence {}, sequences must be positive and increasing",
+                    batch.batch_id, o.sequence
+                )));
+            }
+            last = o.sequence;
+            validate::observation(o, limits, &|| format!("batch {} observation {i}", batch.batch_id))?;
+        }
+        let events: Vec<NewEvent> = batch
+            .observations
+            .into_iter()
+            .map(|o| {
+                let sequence = o.sequence;
+                let origin = Origin {
+                    producer: "agent".into(),
+                    boot_id: self.boot_id.clone(),
+                    sequence,
+                    report_id: String::new(),
+                };
+                NewEvent {
+                    identity: Identity::Agent {
+                        cluster: self.key.cluster.clone(),
+                        node: self.key.node.clone(),
+                        boot_id: self.boot_id.clone(),
+                        sequence,
+                    },
+                    event: to_event(&self.key.cluster, &self.key.node, o, origin),
+                }
+            })
+            .collect();
+        let permit = self.in_flight.clone().acquire_owned().await.map_err(|_| Status::internal("session closed"))?;
+        // Queued in stream order; acknowledged from a task once committed, so reading continues.
+        let committed = self.ctx.store.append_queued(events).await.map_err(store_status)?;
+        let tx = self.tx.clone();
+        let batch_id = batch.batch_id;
+        tokio::spawn(async move {
+            let msg = match committed.await {
+                Ok(appended) => {
+                    let duplicates = appended.iter().filter(|a| a.duplicate).count() as u32;
+                    Ok(CenterMessage {
+                        msg: Some(center_message::Msg::Ack(Ack {
+                            batch_id,
+                            stored: appended.len() as u32 - duplicates,
+                            duplicates,
+                            last_sequence: last,
+                        })),
+                    })
+                }
+                Err(e) => Err(store_status(e)),
+            };
+            // A closed stream means the agent will resend; nothing is lost.
+            let _ = tx.send(msg).await;
+            drop(permit);
+        });
+        Ok(())
+    }
+}

@@ -1,0 +1,158 @@
+//! Event queries, subscriptions and durable consumers.
+
+use std::pin::Pin;
+use std::time::Duration;
+
+use nodekeeper_common::{names, time as nktime};
+use nodekeeper_proto::v1::{
+    AckConsumerRequest, AckConsumerResponse, DeleteConsumerRequest, DeleteConsumerResponse, GetLogInfoRequest,
+    ListConsumersRequest, ListConsumersResponse, ListEventsRequest, ListEventsResponse, LogInfo, StartPosition,
+    SubscribeRequest, SubscribeResponse, event_service_server,
+};
+use tokio::sync::mpsc;
+use tokio_stream::Stream;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status};
+
+use super::{Ctx, store_status};
+use crate::cursor;
+use crate::subscribe::{Matcher, Subscription};
+use crate::validate;
+
+pub struct EventApi(pub Ctx);
+
+const MAX_LIST: usize = 10_000;
+
+#[tonic::async_trait]
+impl event_service_server::EventService for EventApi {
+    async fn list_events(&self, request: Request<ListEventsRequest>) -> Result<Response<ListEventsResponse>, Status> {
+        let req = request.into_inner();
+        let store = &self.0.store;
+        let after = cursor::parse(&req.after_cursor)?;
+        let floor = store.floor();
+        let after = if req.after_cursor.is_empty() {
+            floor
+        } else if after < floor {
+            return Err(cursor::expired(after, floor));
+        } else {
+            after
+        };
+        let limit = match req.limit as usize {
+            0 => 100,
+            n => n.min(MAX_LIST),
+        };
+        let matcher = Matcher::new(req.filter.as_ref());
+        let head = store.head();
+        let mut pos = after;
+        let mut events = Vec::new();
+        // Scan pages until the page limit of matching events is reached or the head is passed.
+        'scan: while pos < head {
+            let page = store.read_after(pos, 1000).await.map_err(store_status)?;
+            if page.is_empty() {
+                break;
+            }
+            for e in page {
+                let c = cursor::parse(&e.cursor)?;
+                if matcher.matches(&e) {
+                    events.push(e);
+                }
+                pos = c;
+                if events.len() >= limit {
+                    break 'scan;
+                }
+            }
+        }
+        Ok(Response::new(ListEventsResponse {
+            events,
+            next_cursor: cursor::format(pos),
+            head_cursor: cursor::format(head.max(pos)),
+        }))
+    }
+
+    type SubscribeStream = Pin<Box<dyn Stream<Item = Result<SubscribeResponse, Status>> + Send>>;
+
+    async fn subscribe(&self, request: Request<SubscribeRequest>) -> Result<Response<Self::SubscribeStream>, Status> {
+        let req = request.into_inner();
+        let ctx = &self.0;
+        let store = &ctx.store;
+        if !req.consumer.is_empty() {
+            validate::name(names::consumer(&req.consumer))?;
+        }
+        let start = StartPosition::try_from(req.start).map_err(|_| Status::invalid_argument("unknown start position"))?;
+        let mut after = if !req.after_cursor.is_empty() {
+            cursor::parse(&req.after_cursor)?
+        } else {
+            match start {
+                StartPosition::Oldest => store.floor(),
+                StartPosition::Now => store.head(),
+                StartPosition::Unspecified => {
+                    let known = if req.consumer.is_empty() {
+                        None
+                    } else {
+                        store.consumer_position(req.consumer.clone()).await.map_err(store_status)?
+                    };
+                    known.unwrap_or_else(|| store.head())
+                }
+            }
+        };
+        if !req.consumer.is_empty() {
+            after = store.ensure_consumer(req.consumer.clone(), after).await.map_err(store_status)?.max(after);
+        }
+        if after < store.floor() {
+            return Err(cursor::expired(after, store.floor()));
+        }
+        let bookmark_interval = nktime::from_duration(req.bookmark_interval.as_ref())
+            .unwrap_or(ctx.config.bookmark_interval)
+            .max(Duration::from_millis(100));
+        let (tx, rx) = mpsc::channel(1024);
+        let sub = Subscription {
+            store: store.clone(),
+            matcher: Matcher::new(req.filter.as_ref()),
+            after,
+            bookmark_interval,
+            cancel: ctx.cancel.clone(),
+        };
+        tracing::debug!(consumer = %req.consumer, after, "subscription started");
+        tokio::spawn(sub.run(tx));
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn ack_consumer(&self, request: Request<AckConsumerRequest>) -> Result<Response<AckConsumerResponse>, Status> {
+        let req = request.into_inner();
+        validate::name(names::consumer(&req.consumer))?;
+        let c = cursor::parse(&req.cursor)?;
+        if c > self.0.store.head() {
+            return Err(Status::invalid_argument(format!("cursor {c} is beyond the newest event")));
+        }
+        if !self.0.store.ack_consumer(req.consumer.clone(), c).await.map_err(store_status)? {
+            return Err(Status::not_found(format!("no consumer named {}; subscribe with it first", req.consumer)));
+        }
+        Ok(Response::new(AckConsumerResponse {}))
+    }
+
+    async fn list_consumers(&self, _: Request<ListConsumersRequest>) -> Result<Response<ListConsumersResponse>, Status> {
+        let consumers = self.0.store.list_consumers().await.map_err(store_status)?;
+        Ok(Response::new(ListConsumersResponse { consumers }))
+    }
+
+    async fn delete_consumer(
+        &self,
+        request: Request<DeleteConsumerRequest>,
+    ) -> Result<Response<DeleteConsumerResponse>, Status> {
+        let req = request.into_inner();
+        validate::name(names::consumer(&req.consumer))?;
+        if !self.0.store.delete_consumer(req.consumer.clone()).await.map_err(store_status)? {
+            return Err(Status::not_found(format!("no consumer named {}", req.consumer)));
+        }
+        Ok(Response::new(DeleteConsumerResponse {}))
+    }
+
+    async fn get_log_info(&self, _: Request<GetLogInfoRequest>) -> Result<Response<LogInfo>, Status> {
+        let store = &self.0.store;
+        Ok(Response::new(LogInfo {
+            retention: Some(nktime::to_duration(self.0.config.store.retention)),
+            oldest_cursor: cursor::format(store.floor()),
+            head_cursor: cursor::format(store.head()),
+        }))
+    }
+}

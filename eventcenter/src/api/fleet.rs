@@ -1,0 +1,93 @@
+//! Nodes, faults and conditions.
+
+use nodekeeper_common::names;
+use nodekeeper_proto::v1::{
+    Fault, GetFaultRequest, GetFaultResponse, GetNodeRequest, ListComponentsRequest, ListComponentsResponse,
+    ListConditionsRequest, ListConditionsResponse, ListFaultsRequest, ListFaultsResponse, ListNodesRequest,
+    ListNodesResponse, Node, SetDesiredComponentsRequest, SetDesiredComponentsResponse, fleet_service_server,
+};
+use tonic::{Request, Response, Status};
+
+use super::{Ctx, store_status};
+use crate::store::{FaultFilter, NodeKey};
+use crate::validate;
+
+pub struct FleetApi(pub Ctx);
+
+#[tonic::async_trait]
+impl fleet_service_server::FleetService for FleetApi {
+    async fn list_nodes(&self, request: Request<ListNodesRequest>) -> Result<Response<ListNodesResponse>, Status> {
+        let req = request.into_inner();
+        let mut nodes = self.0.store.list_nodes(req.clusters).await.map_err(store_status)?;
+        for n in &mut nodes {
+            self.0.liveness.annotate(n);
+        }
+        Ok(Response::new(ListNodesResponse { nodes }))
+    }
+
+    async fn get_node(&self, request: Request<GetNodeRequest>) -> Result<Response<Node>, Status> {
+        let req = request.into_inner();
+        validate::name(names::cluster(&req.cluster))?;
+        validate::name(names::node(&req.node))?;
+        let key = NodeKey { cluster: req.cluster, node: req.node };
+        let mut node = self
+            .0
+            .store
+            .get_node(key.clone())
+            .await
+            .map_err(store_status)?
+            .ok_or_else(|| Status::not_found(format!("no node {} in cluster {}", key.node, key.cluster)))?;
+        self.0.liveness.annotate(&mut node);
+        Ok(Response::new(node))
+    }
+
+    async fn list_faults(&self, request: Request<ListFaultsRequest>) -> Result<Response<ListFaultsResponse>, Status> {
+        let req = request.into_inner();
+        let limit = match req.limit as usize {
+            0 => 100,
+            n => n.min(10_000),
+        };
+        let faults: Vec<Fault> = self
+            .0
+            .store
+            .list_faults(FaultFilter { clusters: req.clusters, nodes: req.nodes, states: req.states, limit })
+            .await
+            .map_err(store_status)?;
+        Ok(Response::new(ListFaultsResponse { faults }))
+    }
+
+    async fn get_fault(&self, request: Request<GetFaultRequest>) -> Result<Response<GetFaultResponse>, Status> {
+        let id = request.into_inner().id;
+        let (fault, events) = self
+            .0
+            .store
+            .get_fault(id)
+            .await
+            .map_err(store_status)?
+            .ok_or_else(|| Status::not_found(format!("no fault {id}")))?;
+        Ok(Response::new(GetFaultResponse { fault: Some(fault), events }))
+    }
+
+    async fn list_conditions(
+        &self,
+        request: Request<ListConditionsRequest>,
+    ) -> Result<Response<ListConditionsResponse>, Status> {
+        let req = request.into_inner();
+        let conditions = self.0.store.list_conditions(req.clusters, req.nodes).await.map_err(store_status)?;
+        Ok(Response::new(ListConditionsResponse { conditions }))
+    }
+
+    async fn list_components(
+        &self,
+        _: Request<ListComponentsRequest>,
+    ) -> Result<Response<ListComponentsResponse>, Status> {
+        Err(Status::unimplemented("component state is not served by this version of the event center"))
+    }
+
+    async fn set_desired_components(
+        &self,
+        _: Request<SetDesiredComponentsRequest>,
+    ) -> Result<Response<SetDesiredComponentsResponse>, Status> {
+        Err(Status::unimplemented("component state is not served by this version of the event center"))
+    }
+}

@@ -1,0 +1,55 @@
+//! Reports from other producers, idempotent by (producer, report id).
+
+use nodekeeper_common::names;
+use nodekeeper_proto::v1::{Origin, ReportRequest, ReportResponse, ReportResult, report_service_server};
+use tonic::{Request, Response, Status};
+
+use super::{Ctx, store_status, to_event};
+use crate::cursor;
+use crate::store::{Identity, NewEvent};
+use crate::validate;
+
+pub struct ReportApi(pub Ctx);
+
+#[tonic::async_trait]
+impl report_service_server::ReportService for ReportApi {
+    async fn report(&self, request: Request<ReportRequest>) -> Result<Response<ReportResponse>, Status> {
+        let req = request.into_inner();
+        let limits = &self.0.config.limits;
+        validate::name(names::producer(&req.producer))?;
+        if req.reports.len() > limits.max_batch {
+            return Err(Status::resource_exhausted(format!(
+                "{} reports in one request, at most {} allowed",
+                req.reports.len(),
+                limits.max_batch
+            )));
+        }
+        let mut events = Vec::with_capacity(req.reports.len());
+        let mut ids = Vec::with_capacity(req.reports.len());
+        for (i, r) in req.reports.into_iter().enumerate() {
+            validate::name(names::report_id(&r.report_id)).map_err(|s| Status::invalid_argument(format!("report {i}: {}", s.message())))?;
+            validate::name(names::cluster(&r.cluster)).map_err(|s| Status::invalid_argument(format!("report {i}: {}", s.message())))?;
+            validate::name(names::node(&r.node)).map_err(|s| Status::invalid_argument(format!("report {i}: {}", s.message())))?;
+            let o = r.observation.ok_or_else(|| Status::invalid_argument(format!("report {i} has no observation")))?;
+            validate::observation(&o, limits, &|| format!("report {i}"))?;
+            let origin = Origin {
+                producer: req.producer.clone(),
+                boot_id: String::new(),
+                sequence: 0,
+                report_id: r.report_id.clone(),
+            };
+            ids.push(r.report_id.clone());
+            events.push(NewEvent {
+                identity: Identity::Report { producer: req.producer.clone(), report_id: r.report_id },
+                event: to_event(&r.cluster, &r.node, o, origin),
+            });
+        }
+        let appended = self.0.store.append(events).await.map_err(store_status)?;
+        let results = ids
+            .into_iter()
+            .zip(appended)
+            .map(|(report_id, a)| ReportResult { report_id, cursor: cursor::format(a.cursor), duplicate: a.duplicate })
+            .collect();
+        Ok(Response::new(ReportResponse { results }))
+    }
+}

@@ -1,0 +1,158 @@
+//! The event center's configuration: a TOML file (`--config`), with flags overriding the common
+//! settings. Unknown keys are rejected.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use nodekeeper_common::config::duration;
+use serde::Deserialize;
+
+/// Where `nodekeeper dev` and a default event center listen; the CLI's default server.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:7443";
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Address of the gRPC listener.
+    pub listen: SocketAddr,
+    /// Folder of the SQLite store.
+    pub data_dir: PathBuf,
+    pub store: StoreConfig,
+    pub nodes: NodesConfig,
+    pub limits: LimitsConfig,
+    /// Idle time after which a subscription gets a bookmark.
+    #[serde(with = "duration")]
+    pub bookmark_interval: Duration,
+    /// How long shutdown waits for streams to drain before closing them.
+    #[serde(with = "duration")]
+    pub drain_timeout: Duration,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StoreConfig {
+    /// How long events are kept.
+    #[serde(with = "duration")]
+    pub retention: Duration,
+    /// How often the retention task runs.
+    #[serde(with = "duration")]
+    pub retention_interval: Duration,
+    /// A group commit is flushed once it holds this many rows...
+    pub commit_max_rows: usize,
+    /// ...or this long after its first write arrived.
+    #[serde(with = "duration")]
+    pub commit_delay: Duration,
+    /// Rows waiting for the writer before producers are made to wait (backpressure).
+    pub max_pending_rows: usize,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NodesConfig {
+    /// Heartbeat interval assumed when an agent does not announce one.
+    #[serde(with = "duration")]
+    pub default_heartbeat_interval: Duration,
+    /// A node is lost after this many heartbeat intervals without one.
+    pub grace_multiplier: u32,
+    /// How often liveness is checked.
+    #[serde(with = "duration")]
+    pub check_interval: Duration,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    /// Largest gRPC message accepted, in bytes.
+    pub max_message_bytes: usize,
+    /// Most observations in one batch or report request.
+    pub max_batch: usize,
+    /// Largest message text of one observation, in bytes.
+    pub max_text_bytes: usize,
+    /// Most attributes on one observation.
+    pub max_attributes: usize,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            listen: DEFAULT_LISTEN.parse().expect("valid default address"),
+            data_dir: PathBuf::from("/var/lib/nodekeeper-eventcenter"),
+            store: StoreConfig::default(),
+            nodes: NodesConfig::default(),
+            limits: LimitsConfig::default(),
+            bookmark_interval: Duration::from_secs(5),
+            drain_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        Self {
+            retention: Duration::from_secs(30 * 24 * 3600),
+            retention_interval: Duration::from_secs(60),
+            commit_max_rows: 8192,
+            commit_delay: Duration::from_millis(1),
+            max_pending_rows: 200_000,
+        }
+    }
+}
+
+impl Default for NodesConfig {
+    fn default() -> Self {
+        Self {
+            default_heartbeat_interval: Duration::from_secs(10),
+            grace_multiplier: 3,
+            check_interval: Duration::from_millis(250),
+        }
+    }
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        Self { max_message_bytes: 4 << 20, max_batch: 1000, max_text_bytes: 8 << 10, max_attributes: 32 }
+    }
+}
+
+impl Config {
+    /// Checks what types alone cannot; returns a message naming the key.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.store.commit_max_rows == 0 {
+            return Err("store.commit_max_rows must be at least 1".into());
+        }
+        if self.store.max_pending_rows < self.limits.max_batch {
+            return Err("store.max_pending_rows must be at least limits.max_batch".into());
+        }
+        if self.store.retention < Duration::from_secs(1) {
+            return Err("store.retention must be at least 1s".into());
+        }
+        if self.nodes.grace_multiplier == 0 {
+            return Err("nodes.grace_multiplier must be at least 1".into());
+        }
+        if self.limits.max_batch == 0 {
+            return Err("limits.max_batch must be at least 1".into());
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shipped_example_config_parses() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../packaging/eventcenter.toml");
+        let cfg: Config = nodekeeper_common::config::load(&path).unwrap();
+        cfg.validate().unwrap();
+    }
+
+    #[test]
+    fn unknown_key_rejected() {
+        let e = nodekeeper_common::config::parse::<Config>(std::path::Path::new("ec.toml"), "[store]\nretension = \"1d\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("store.retension"), "{e}");
+    }
+}

@@ -1,0 +1,147 @@
+//! nodekeeper-eventcenter: the durable record of every fault.
+//!
+//! `run` takes an already bound listener (tests bind port 0) and a shutdown future; the binary in
+//! `main.rs` only parses flags, loads the config and maps the result to an exit code.
+
+pub mod api;
+pub mod config;
+pub mod cursor;
+pub mod liveness;
+pub mod store;
+pub mod subscribe;
+pub mod validate;
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use nodekeeper_proto::v1::{
+    agent_service_server::AgentServiceServer, event_service_server::EventServiceServer,
+    fleet_service_server::FleetServiceServer, permit_service_server::PermitServiceServer,
+    report_service_server::ReportServiceServer,
+};
+use thiserror::Error;
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tokio_util::sync::CancellationToken;
+
+use crate::api::Ctx;
+use crate::config::Config;
+use crate::store::{Store, StoreError, StoreOptions};
+
+#[derive(Debug, Error)]
+pub enum RunError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("gRPC server: {0}")]
+    Serve(#[from] tonic::transport::Error),
+    #[error("reflection service: {0}")]
+    Reflection(#[from] tonic_reflection::server::Error),
+}
+
+/// Serves until `shutdown` resolves, then stops accepting, ends open streams with UNAVAILABLE
+/// (clients resume from their cursor or resend), waits up to `drain_timeout`, and closes the store
+/// after its last commit.
+pub async fn run(config: Config, listener: TcpListener, shutdown: impl Future<Output = ()>) -> Result<(), RunError> {
+    let store = Store::open(
+        &config.data_dir,
+        StoreOptions {
+            commit_max_rows: config.store.commit_max_rows,
+            commit_delay: config.store.commit_delay,
+            max_pending_rows: config.store.max_pending_rows,
+        },
+    )?;
+    let cancel = CancellationToken::new();
+    let (liveness, mut tasks) = liveness::Liveness::start(store.clone(), config.nodes.clone(), cancel.clone()).await?;
+    tasks.push(tokio::spawn(retention_loop(
+        store.clone(),
+        config.store.retention,
+        config.store.retention_interval,
+        cancel.clone(),
+    )));
+    let config = Arc::new(config);
+    let ctx = Ctx { store: store.clone(), liveness, config: config.clone(), cancel: cancel.clone() };
+
+    let max = config.limits.max_message_bytes;
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health.set_serving::<AgentServiceServer<api::agent::AgentApi>>().await;
+    health.set_serving::<EventServiceServer<api::events::EventApi>>().await;
+    health.set_serving::<FleetServiceServer<api::fleet::FleetApi>>().await;
+    health.set_serving::<ReportServiceServer<api::report::ReportApi>>().await;
+    health.set_serving::<PermitServiceServer<api::permits::PermitApi>>().await;
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(nodekeeper_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+
+    let local = listener.local_addr().ok();
+    let server = tonic::transport::Server::builder()
+        .tcp_nodelay(true)
+        .initial_connection_window_size(Some(8 << 20))
+        .initial_stream_window_size(Some(2 << 20))
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(20)))
+        .add_service(health_service)
+        .add_service(reflection().build_v1()?)
+        .add_service(reflection().build_v1alpha()?)
+        .add_service(AgentServiceServer::new(api::agent::AgentApi(ctx.clone())).max_decoding_message_size(max))
+        .add_service(EventServiceServer::new(api::events::EventApi(ctx.clone())).max_decoding_message_size(max))
+        .add_service(FleetServiceServer::new(api::fleet::FleetApi(ctx.clone())).max_decoding_message_size(max))
+        .add_service(ReportServiceServer::new(api::report::ReportApi(ctx.clone())).max_decoding_message_size(max))
+        .add_service(PermitServiceServer::new(api::permits::PermitApi).max_decoding_message_size(max))
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), cancel.clone().cancelled_owned());
+    drop(ctx);
+    tracing::info!(listen = ?local, data_dir = %config.data_dir.display(), "event center serving");
+
+    tokio::pin!(server);
+    let served = tokio::select! {
+        r = &mut server => r,
+        _ = shutdown => {
+            cancel.cancel();
+            match tokio::time::timeout(config.drain_timeout, &mut server).await {
+                Ok(r) => r,
+                Err(_) => {
+                    tracing::warn!(timeout = ?config.drain_timeout, "connections did not drain in time; closing them");
+                    Ok(())
+                }
+            }
+        }
+    };
+    cancel.cancel();
+    for t in tasks {
+        if let Err(err) = t.await {
+            tracing::error!(error = %err, "background task failed");
+        }
+    }
+    store.close().await;
+    tracing::info!("event center stopped");
+    served.map_err(RunError::from)
+}
+
+/// Deletes events older than the retention, a chunk at a time so that ingest is not held up.
+async fn retention_loop(store: Store, retention: Duration, every: Duration, cancel: CancellationToken) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let cutoff = SystemTime::now().checked_sub(retention).unwrap_or(SystemTime::UNIX_EPOCH);
+        let cutoff_ms = nodekeeper_common::time::to_unix_ms(cutoff);
+        loop {
+            match store.retain(cutoff_ms, 10_000).await {
+                Ok(0) => break,
+                Ok(n) => tracing::info!(deleted = n, floor = store.floor(), "retention removed old events"),
+                Err(err) => {
+                    tracing::error!(error = %err, "retention failed");
+                    break;
+                }
+            }
+            if cancel.is_cancelled() {
+                return;
+            }
+        }
+    }
+}

@@ -1,0 +1,82 @@
+//! The nodekeeper-eventcenter binary: flags, config, logging, exit codes.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+use nodekeeper_common::config::{EXIT_CONFIG, EXIT_FAILURE};
+use nodekeeper_common::logging::{self, LogFormat};
+use nodekeeper_eventcenter::config::Config;
+
+/// The nodekeeper event center: durable record of every fault, node liveness, subscriptions.
+///
+/// Exit codes: 0 stopped cleanly, 1 runtime failure, 2 bad flags, 78 bad configuration.
+#[derive(Debug, Parser)]
+#[command(name = "nodekeeper-eventcenter", version)]
+struct Args {
+    /// TOML configuration file (see packaging/eventcenter.toml); flags override it.
+    #[arg(long, short = 'c', env = "NODEKEEPER_EVENTCENTER_CONFIG")]
+    config: Option<PathBuf>,
+    /// Address of the gRPC listener.
+    #[arg(long)]
+    listen: Option<SocketAddr>,
+    /// Folder of the SQLite store.
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// How long events are kept, e.g. "30days".
+    #[arg(long, value_parser = humantime::parse_duration)]
+    retention: Option<std::time::Duration>,
+    /// Log format: text or json.
+    #[arg(long, default_value = "text")]
+    log_format: LogFormat,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    logging::init(args.log_format);
+    let mut config = match &args.config {
+        Some(path) => match nodekeeper_common::config::load::<Config>(path) {
+            Ok(c) => c,
+            Err(err) => {
+                tracing::error!(error = %err, "configuration rejected");
+                return ExitCode::from(EXIT_CONFIG as u8);
+            }
+        },
+        None => Config::default(),
+    };
+    if let Some(l) = args.listen {
+        config.listen = l;
+    }
+    if let Some(d) = args.data_dir {
+        config.data_dir = d;
+    }
+    if let Some(r) = args.retention {
+        config.store.retention = r;
+    }
+    if let Err(err) = config.validate() {
+        tracing::error!(error = %err, "configuration rejected");
+        return ExitCode::from(EXIT_CONFIG as u8);
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(err) => {
+            tracing::error!(error = %err, "cannot start the async runtime");
+            return ExitCode::from(EXIT_FAILURE as u8);
+        }
+    };
+    let result = runtime.block_on(async {
+        let listener = tokio::net::TcpListener::bind(config.listen)
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", config.listen))?;
+        nodekeeper_eventcenter::run(config, listener, nodekeeper_common::shutdown::signal()).await?;
+        anyhow::Ok(())
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            tracing::error!(error = format!("{err:#}"), "event center failed");
+            ExitCode::from(EXIT_FAILURE as u8)
+        }
+    }
+}

@@ -1,0 +1,65 @@
+-- The event log and the state folded from it.
+
+-- Store-wide values: retention_floor is the highest cursor deleted by retention.
+CREATE TABLE meta (
+    key   TEXT PRIMARY KEY,
+    value INTEGER NOT NULL
+) WITHOUT ROWID;
+
+-- Producer identities, interned: "a/<cluster>/<node>/<boot id>" for an agent boot,
+-- "p/<producer>/<report id>" for a report, "c" for the center itself.
+CREATE TABLE origins (
+    id  INTEGER PRIMARY KEY,
+    key TEXT NOT NULL UNIQUE
+);
+
+-- Append-only. `cursor` is assigned by the single writer in commit order; (origin, origin_seq)
+-- is the event's identity, so a resent observation is stored once.
+CREATE TABLE events (
+    cursor      INTEGER PRIMARY KEY,
+    origin      INTEGER NOT NULL,
+    origin_seq  INTEGER NOT NULL,
+    received_ms INTEGER NOT NULL,
+    fault_id    INTEGER,
+    body        BLOB NOT NULL
+);
+CREATE UNIQUE INDEX events_identity ON events (origin, origin_seq);
+CREATE INDEX events_fault ON events (fault_id) WHERE fault_id IS NOT NULL;
+
+-- One row per node; `info` is an encoded nodekeeper.v1.Node with its static fields.
+CREATE TABLE nodes (
+    cluster             TEXT NOT NULL,
+    name                TEXT NOT NULL,
+    lost                INTEGER NOT NULL DEFAULT 0,
+    liveness_changed_ms INTEGER NOT NULL,
+    info                BLOB NOT NULL,
+    PRIMARY KEY (cluster, name)
+) WITHOUT ROWID;
+
+-- `body` is an encoded nodekeeper.v1.Fault kept in step with the columns.
+CREATE TABLE faults (
+    id      INTEGER PRIMARY KEY,
+    cluster TEXT NOT NULL,
+    node    TEXT NOT NULL,
+    type    TEXT NOT NULL,
+    state   INTEGER NOT NULL,
+    body    BLOB NOT NULL
+);
+CREATE INDEX faults_open ON faults (cluster, node, type) WHERE state <> 4;
+CREATE INDEX faults_node ON faults (cluster, node);
+
+-- Latest state of each condition of each node; `body` is an encoded nodekeeper.v1.NodeCondition.
+CREATE TABLE conditions (
+    cluster TEXT NOT NULL,
+    node    TEXT NOT NULL,
+    type    TEXT NOT NULL,
+    body    BLOB NOT NULL,
+    PRIMARY KEY (cluster, node, type)
+) WITHOUT ROWID;
+
+-- Durable named consumers and their acknowledged positions.
+CREATE TABLE consumers (
+    name         TEXT PRIMARY KEY,
+    acked_cursor INTEGER NOT NULL,
+    updated_ms   INTEGER NOT NULL
+) WITHOUT ROWID;

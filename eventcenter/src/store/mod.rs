@@ -1,0 +1,380 @@
+//! The durable store: SQLite in WAL mode with `synchronous=FULL`.
+//!
+//! One writer thread owns the only write connection and commits in groups (see `writer.rs`): a
+//! caller's write is answered only after the transaction holding it committed, so whatever the
+//! center acknowledges survives a process crash and a power loss. Reads use a small pool of
+//! read-only connections, which WAL lets run beside the writer.
+//!
+//! Every committed event is also published on a broadcast channel for live subscribers; a
+//! subscriber that lags re-reads the store, so the channel may drop but the subscriber never skips.
+
+mod read;
+mod writer;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use nodekeeper_proto::v1::{Event, Inventory};
+use rusqlite::{Connection, OpenFlags};
+use thiserror::Error;
+use tokio::sync::{Semaphore, broadcast, oneshot, watch};
+
+pub use read::FaultFilter;
+
+/// Embedded numbered migrations; `PRAGMA user_version` records how many applied.
+const MIGRATIONS: &[&str] = &[include_str!("migrations/0001_init.sql")];
+
+/// Fault state numbers as stored (equal to `nodekeeper.v1.FaultState`).
+pub(crate) const FAULT_RESOLVED: i32 = nodekeeper_proto::v1::FaultState::Resolved as i32;
+
+#[derive(Debug, Clone, Error)]
+pub enum StoreError {
+    #[error("store {path}: {message}")]
+    Sqlite { path: PathBuf, message: String },
+    #[error("store {path}: journal_mode is {found}, expected wal")]
+    NotWal { path: PathBuf, found: String },
+    #[error("store {path}: synchronous is {found}, expected 2 (FULL)")]
+    NotSynchronousFull { path: PathBuf, found: i64 },
+    #[error("store {path}: schema version {found} is newer than this binary knows ({known})")]
+    SchemaTooNew { path: PathBuf, found: i64, known: usize },
+    #[error("store is closed")]
+    Closed,
+    #[error("corrupt row in {table}: {message}")]
+    Corrupt { table: &'static str, message: String },
+}
+
+impl StoreError {
+    fn sqlite(path: &Path, e: impl std::fmt::Display) -> Self {
+        Self::Sqlite { path: path.to_owned(), message: e.to_string() }
+    }
+}
+
+pub type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+/// The identity that makes ingest idempotent.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Identity {
+    /// An agent observation: (cluster, node, boot id, sequence).
+    Agent { cluster: String, node: String, boot_id: String, sequence: u64 },
+    /// A report of another producer, by its chosen id.
+    Report { producer: String, report_id: String },
+    /// An event the center itself generated; always new.
+    Center,
+}
+
+impl Identity {
+    fn origin_key(&self) -> String {
+        match self {
+            Identity::Agent { cluster, node, boot_id, .. } => agent_origin(cluster, node, boot_id),
+            Identity::Report { producer, report_id } => format!("p/{producer}/{report_id}"),
+            Identity::Center => "c".to_owned(),
+        }
+    }
+}
+
+pub(crate) fn agent_origin(cluster: &str, node: &str, boot_id: &str) -> String {
+    format!("a/{cluster}/{node}/{boot_id}")
+}
+
+/// An event to append; `event.cursor`, `received_time` and `fault_id` are set by the store.
+#[derive(Debug, Clone)]
+pub struct NewEvent {
+    pub identity: Identity,
+    pub event: Event,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Appended {
+    pub cursor: u64,
+    /// The event was already stored; `cursor` is where.
+    pub duplicate: bool,
+}
+
+/// A node announcing itself (an agent's hello).
+#[derive(Debug, Clone)]
+pub struct NodeHello {
+    pub cluster: String,
+    pub node: String,
+    pub boot_id: String,
+    pub agent_version: String,
+    pub inventory: Inventory,
+    pub labels: HashMap<String, String>,
+    pub heartbeat_interval: Duration,
+    pub status_port: u32,
+}
+
+#[derive(Debug, Clone)]
+pub struct HelloOutcome {
+    /// Highest sequence stored for this node and boot id (0 if none).
+    pub last_stored_sequence: u64,
+    /// The node was stored as lost.
+    pub was_lost: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct NodeKey {
+    pub cluster: String,
+    pub node: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct StoreOptions {
+    pub commit_max_rows: usize,
+    pub commit_delay: Duration,
+    pub max_pending_rows: usize,
+}
+
+impl Default for StoreOptions {
+    fn default() -> Self {
+        Self { commit_max_rows: 8192, commit_delay: Duration::from_millis(1), max_pending_rows: 200_000 }
+    }
+}
+
+/// A batch of committed events, in cursor order.
+pub type LiveBatch = Arc<Vec<Event>>;
+
+#[derive(Clone)]
+pub struct Store {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    path: PathBuf,
+    ops: std::sync::mpsc::Sender<writer::Op>,
+    pending: Arc<Semaphore>,
+    max_pending: usize,
+    readers: Mutex<Vec<Connection>>,
+    live: broadcast::Sender<LiveBatch>,
+    head: watch::Receiver<u64>,
+    floor: Arc<AtomicU64>,
+    writer: Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+impl Store {
+    /// Opens (creating if needed) the store at `dir/eventcenter.db`, applies migrations, checks
+    /// the durability settings and starts the writer thread.
+    pub fn open(dir: &Path, options: StoreOptions) -> Result<Store> {
+        std::fs::create_dir_all(dir).map_err(|e| StoreError::sqlite(dir, format!("creating directory: {e}")))?;
+        let path = dir.join("eventcenter.db");
+        let conn = open_writer(&path)?;
+        let head = conn
+            .query_row("SELECT COALESCE(MAX(cursor), 0) FROM events", [], |r| r.get::<_, i64>(0))
+            .map_err(|e| StoreError::sqlite(&path, e))? as u64;
+        let floor = conn
+            .query_row("SELECT COALESCE((SELECT value FROM meta WHERE key = 'retention_floor'), 0)", [], |r| {
+                r.get::<_, i64>(0)
+            })
+            .map_err(|e| StoreError::sqlite(&path, e))? as u64;
+        let (ops_tx, ops_rx) = std::sync::mpsc::channel();
+        let (live, _) = broadcast::channel(1024);
+        let (head_tx, head_rx) = watch::channel(head);
+        let floor = Arc::new(AtomicU64::new(floor));
+        let w = writer::Writer::new(conn, path.clone(), options.clone(), head, live.clone(), head_tx, floor.clone())?;
+        let handle = std::thread::Builder::new()
+            .name("store-writer".into())
+            .spawn(move || w.run(ops_rx))
+            .map_err(|e| StoreError::sqlite(&path, format!("spawning writer thread: {e}")))?;
+        Ok(Store {
+            inner: Arc::new(Inner {
+                path,
+                ops: ops_tx,
+                pending: Arc::new(Semaphore::new(options.max_pending_rows)),
+                max_pending: options.max_pending_rows,
+                readers: Mutex::new(Vec::new()),
+                live,
+                head: head_rx,
+                floor,
+                writer: Mutex::new(Some(handle)),
+            }),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.inner.path
+    }
+
+    /// The newest committed cursor.
+    pub fn head(&self) -> u64 {
+        *self.inner.head.borrow()
+    }
+
+    /// A receiver that changes whenever new events commit.
+    pub fn watch_head(&self) -> watch::Receiver<u64> {
+        self.inner.head.clone()
+    }
+
+    /// The highest cursor removed by retention; resuming after an older cursor is impossible.
+    pub fn floor(&self) -> u64 {
+        self.inner.floor.load(Ordering::Acquire)
+    }
+
+    /// Live feed of committed events. Subscribe before reading the store to leave no gap.
+    pub fn subscribe_live(&self) -> broadcast::Receiver<LiveBatch> {
+        self.inner.live.subscribe()
+    }
+
+    /// Waits for room (backpressure) and hands the operation to the writer, in call order;
+    /// returns the receiver of its answer, which arrives once its group committed.
+    async fn enqueue<T: Send + 'static>(
+        &self,
+        rows: usize,
+        make: impl FnOnce(oneshot::Sender<Result<T>>, tokio::sync::OwnedSemaphorePermit) -> writer::Op,
+    ) -> Result<oneshot::Receiver<Result<T>>> {
+        let rows = rows.clamp(1, self.inner.max_pending) as u32;
+        let permit = self.inner.pending.clone().acquire_many_owned(rows).await.map_err(|_| StoreError::Closed)?;
+        let (tx, rx) = oneshot::channel();
+        self.inner.ops.send(make(tx, permit)).map_err(|_| StoreError::Closed)?;
+        Ok(rx)
+    }
+
+    async fn submit<T: Send + 'static>(
+        &self,
+        rows: usize,
+        make: impl FnOnce(oneshot::Sender<Result<T>>, tokio::sync::OwnedSemaphorePermit) -> writer::Op,
+    ) -> Result<T> {
+        let rx = self.enqueue(rows, make).await?;
+        rx.await.map_err(|_| StoreError::Closed)?
+    }
+
+    /// Like [`Store::append`], but returns once the events are queued, in call order, so that a
+    /// stream can keep reading while earlier batches commit; the future answers after the commit.
+    pub async fn append_queued(
+        &self,
+        events: Vec<NewEvent>,
+    ) -> Result<impl std::future::Future<Output = Result<Vec<Appended>>> + use<>> {
+        let rx = self.enqueue(events.len(), |reply, permit| writer::Op::Append { events, reply, permit }).await?;
+        Ok(async move { rx.await.map_err(|_| StoreError::Closed)? })
+    }
+
+    /// Appends events; answers once they are committed. Duplicates (by identity) are not stored
+    /// again and report the cursor of the stored copy.
+    pub async fn append(&self, events: Vec<NewEvent>) -> Result<Vec<Appended>> {
+        self.submit(events.len(), |reply, permit| writer::Op::Append { events, reply, permit }).await
+    }
+
+    /// Records an agent's hello: creates or updates the node and emits NodeRegistered,
+    /// NodeRebooted and NodeInventoryChanged events as they apply.
+    pub async fn hello(&self, hello: NodeHello) -> Result<HelloOutcome> {
+        self.submit(2, |reply, permit| writer::Op::Hello { hello: Box::new(hello), reply, permit }).await
+    }
+
+    /// Persists a liveness transition and its event (NodeHeartbeatLost / NodeHeartbeatResumed).
+    pub async fn set_liveness(&self, key: NodeKey, lost: bool, grace: Duration) -> Result<()> {
+        self.submit(1, |reply, permit| writer::Op::Liveness { key, lost, grace, reply, permit }).await
+    }
+
+    /// Creates the durable consumer at `position` unless it exists; returns its acked cursor.
+    pub async fn ensure_consumer(&self, name: String, position: u64) -> Result<u64> {
+        self.submit(1, |reply, permit| writer::Op::EnsureConsumer { name, position, reply, permit }).await
+    }
+
+    /// Moves a durable consumer's acknowledged position forward. `Ok(false)` if it does not exist.
+    pub async fn ack_consumer(&self, name: String, cursor: u64) -> Result<bool> {
+        self.submit(1, |reply, permit| writer::Op::AckConsumer { name, cursor, reply, permit }).await
+    }
+
+    pub async fn delete_consumer(&self, name: String) -> Result<bool> {
+        self.submit(1, |reply, permit| writer::Op::DeleteConsumer { name, reply, permit }).await
+    }
+
+    /// Deletes up to `max_rows` of the oldest events received before `cutoff_ms`; returns how
+    /// many it deleted.
+    pub async fn retain(&self, cutoff_ms: i64, max_rows: usize) -> Result<u64> {
+        self.submit(1, |reply, permit| writer::Op::Retain { cutoff_ms, max_rows, reply, permit }).await
+    }
+
+    /// Runs `f` on a read-only connection from the pool, on the blocking pool.
+    pub(crate) async fn read<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Connection) -> Result<T> + Send + 'static,
+    ) -> Result<T> {
+        let inner = self.inner.clone();
+        tokio::task::spawn_blocking(move || {
+            let conn = inner.readers.lock().expect("reader pool lock").pop();
+            let conn = match conn {
+                Some(c) => c,
+                None => open_reader(&inner.path)?,
+            };
+            let out = f(&conn);
+            let mut pool = inner.readers.lock().expect("reader pool lock");
+            if pool.len() < 8 {
+                pool.push(conn);
+            }
+            out
+        })
+        .await
+        .map_err(|e| StoreError::sqlite(&self.inner.path, format!("reader task failed: {e}")))?
+    }
+
+    /// Stops the writer after it committed everything submitted so far, and checkpoints the WAL.
+    pub async fn close(&self) {
+        let (tx, rx) = oneshot::channel();
+        if self.inner.ops.send(writer::Op::Close { reply: tx }).is_ok() {
+            // The writer answers after its last commit.
+            if rx.await.is_err() {
+                tracing::warn!("store writer stopped before acknowledging close");
+            }
+        }
+        let handle = self.inner.writer.lock().expect("writer handle lock").take();
+        if let Some(handle) = handle
+            && tokio::task::spawn_blocking(move || handle.join()).await.is_err()
+        {
+            tracing::error!("store writer thread panicked");
+        }
+    }
+}
+
+fn open_writer(path: &Path) -> Result<Connection> {
+    let conn = Connection::open(path).map_err(|e| StoreError::sqlite(path, e))?;
+    let sqlite = |e: rusqlite::Error| StoreError::sqlite(path, e);
+    let mode: String = conn.query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0)).map_err(sqlite)?;
+    if !mode.eq_ignore_ascii_case("wal") {
+        return Err(StoreError::NotWal { path: path.to_owned(), found: mode });
+    }
+    conn.execute_batch("PRAGMA synchronous = FULL; PRAGMA cache_size = -65536; PRAGMA busy_timeout = 5000;")
+        .map_err(sqlite)?;
+    let sync: i64 = conn.query_row("PRAGMA synchronous", [], |r| r.get(0)).map_err(sqlite)?;
+    if sync != 2 {
+        return Err(StoreError::NotSynchronousFull { path: path.to_owned(), found: sync });
+    }
+    migrate(&conn).map_err(|e| match e {
+        MigrateError::Sqlite(e) => sqlite(e),
+        MigrateError::TooNew(found) => {
+            StoreError::SchemaTooNew { path: path.to_owned(), found, known: MIGRATIONS.len() }
+        }
+    })?;
+    Ok(conn)
+}
+
+fn open_reader(path: &Path) -> Result<Connection> {
+    let conn = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX)
+        .map_err(|e| StoreError::sqlite(path, e))?;
+    conn.execute_batch("PRAGMA busy_timeout = 5000;").map_err(|e| StoreError::sqlite(path, e))?;
+    Ok(conn)
+}
+
+enum MigrateError {
+    Sqlite(rusqlite::Error),
+    TooNew(i64),
+}
+
+/// Applies the migrations not yet applied, each in its own transaction.
+fn migrate(conn: &Connection) -> std::result::Result<(), MigrateError> {
+    let applied: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0)).map_err(MigrateError::Sqlite)?;
+    if applied as usize > MIGRATIONS.len() {
+        return Err(MigrateError::TooNew(applied));
+    }
+    for (i, sql) in MIGRATIONS.iter().enumerate().skip(applied as usize) {
+        let version = i + 1;
+        conn.execute_batch(&format!("BEGIN; {sql}\nPRAGMA user_version = {version}; COMMIT;"))
+            .map_err(MigrateError::Sqlite)?;
+        tracing::info!(version, "applied store migration");
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests;

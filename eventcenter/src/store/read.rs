@@ -1,0 +1,201 @@
+//! Queries on read-only connections.
+
+use nodekeeper_common::time::timestamp_from_unix_ms;
+use nodekeeper_proto::v1::{Consumer, Event, Fault, Liveness, Node, NodeCondition};
+use prost::Message;
+use rusqlite::{Connection, OptionalExtension, params};
+
+use super::{NodeKey, Result, Store, StoreError};
+
+fn decode<M: Message + Default>(table: &'static str, bytes: &[u8]) -> Result<M> {
+    M::decode(bytes).map_err(|e| StoreError::Corrupt { table, message: e.to_string() })
+}
+
+fn sql(e: rusqlite::Error) -> StoreError {
+    StoreError::Sqlite { path: "read".into(), message: e.to_string() }
+}
+
+/// Which faults to list.
+#[derive(Debug, Clone, Default)]
+pub struct FaultFilter {
+    pub clusters: Vec<String>,
+    pub nodes: Vec<String>,
+    pub states: Vec<i32>,
+    pub limit: usize,
+}
+
+fn read_events(conn: &Connection, after: u64, limit: usize) -> Result<Vec<Event>> {
+    let mut stmt = conn
+        .prepare_cached("SELECT cursor, body FROM events WHERE cursor > ?1 ORDER BY cursor LIMIT ?2")
+        .map_err(sql)?;
+    let rows = stmt
+        .query_map(params![after as i64, limit as i64], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, Vec<u8>>(1)?)))
+        .map_err(sql)?;
+    let mut out = Vec::new();
+    for row in rows {
+        let (cursor, body) = row.map_err(sql)?;
+        let mut event: Event = decode("events", &body)?;
+        event.cursor = cursor.to_string();
+        out.push(event);
+    }
+    Ok(out)
+}
+
+impl Store {
+    /// Up to `limit` events with a cursor greater than `after`, in cursor order.
+    pub async fn read_after(&self, after: u64, limit: usize) -> Result<Vec<Event>> {
+        self.read(move |c| read_events(c, after, limit)).await
+    }
+
+    pub async fn list_nodes(&self, clusters: Vec<String>) -> Result<Vec<Node>> {
+        self.read(move |c| {
+            let mut stmt = c
+                .prepare_cached("SELECT info, lost, liveness_changed_ms FROM nodes ORDER BY cluster, name")
+                .map_err(sql)?;
+            let rows = stmt
+                .query_map([], |r| Ok((r.get::<_, Vec<u8>>(0)?, r.get::<_, bool>(1)?, r.get::<_, i64>(2)?)))
+                .map_err(sql)?;
+            let mut out = Vec::new();
+            for row in rows {
+                let (info, lost, changed) = row.map_err(sql)?;
+                let mut node: Node = decode("nodes", &info)?;
+                if !clusters.is_empty() && !clusters.contains(&node.cluster) {
+                    continue;
+                }
+                node.liveness = if lost { Liveness::Lost } else { Liveness::Alive } as i32;
+                node.liveness_changed_time = Some(timestamp_from_unix_ms(changed));
+                out.push(node);
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    pub async fn get_node(&self, key: NodeKey) -> Result<Option<Node>> {
+        self.read(move |c| {
+            let row: Option<(Vec<u8>, bool, i64)> = c
+                .prepare_cached("SELECT info, lost, liveness_changed_ms FROM nodes WHERE cluster = ?1 AND name = ?2")
+                .and_then(|mut s| {
+                    s.query_row(params![key.cluster, key.node], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?))).optional()
+                })
+                .map_err(sql)?;
+            let Some((info, lost, changed)) = row else { return Ok(None) };
+            let mut node: Node = decode("nodes", &info)?;
+            node.liveness = if lost { Liveness::Lost } else { Liveness::Alive } as i32;
+            node.liveness_changed_time = Some(timestamp_from_unix_ms(changed));
+            node.conditions = conditions(c, &[key.cluster], &[key.node])?;
+            Ok(Some(node))
+        })
+        .await
+    }
+
+    pub async fn list_conditions(&self, clusters: Vec<String>, nodes: Vec<String>) -> Result<Vec<NodeCondition>> {
+        self.read(move |c| conditions(c, &clusters, &nodes)).await
+    }
+
+    pub async fn list_faults(&self, filter: FaultFilter) -> Result<Vec<Fault>> {
+        self.read(move |c| {
+            let mut stmt = c
+                .prepare_cached("SELECT cluster, node, state, body FROM faults ORDER BY id DESC")
+                .map_err(sql)?;
+            let mut rows = stmt.query([]).map_err(sql)?;
+            let mut out = Vec::new();
+            while let Some(r) = rows.next().map_err(sql)? {
+                let cluster: String = r.get(0).map_err(sql)?;
+                let node: String = r.get(1).map_err(sql)?;
+                let state: i32 = r.get(2).map_err(sql)?;
+                if (!filter.clusters.is_empty() && !filter.clusters.contains(&cluster))
+                    || (!filter.nodes.is_empty() && !filter.nodes.contains(&node))
+                    || (!filter.states.is_empty() && !filter.states.contains(&state))
+                {
+                    continue;
+                }
+                let body: Vec<u8> = r.get(3).map_err(sql)?;
+                out.push(decode("faults", &body)?);
+                if out.len() >= filter.limit {
+                    break;
+                }
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    /// A fault and the events folded into it, in cursor order.
+    pub async fn get_fault(&self, id: u64) -> Result<Option<(Fault, Vec<Event>)>> {
+        self.read(move |c| {
+            let body: Option<Vec<u8>> = c
+                .prepare_cached("SELECT body FROM faults WHERE id = ?1")
+                .and_then(|mut s| s.query_row([id as i64], |r| r.get(0)).optional())
+                .map_err(sql)?;
+            let Some(body) = body else { return Ok(None) };
+            let fault: Fault = decode("faults", &body)?;
+            let mut stmt = c
+                .prepare_cached("SELECT cursor, body FROM events WHERE fault_id = ?1 ORDER BY cursor")
+                .map_err(sql)?;
+            let rows = stmt
+                .query_map([id as i64], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, Vec<u8>>(1)?)))
+                .map_err(sql)?;
+            let mut events = Vec::new();
+            for row in rows {
+                let (cursor, body) = row.map_err(sql)?;
+                let mut e: Event = decode("events", &body)?;
+                e.cursor = cursor.to_string();
+                events.push(e);
+            }
+            Ok(Some((fault, events)))
+        })
+        .await
+    }
+
+    pub async fn list_consumers(&self) -> Result<Vec<Consumer>> {
+        let head = self.head();
+        self.read(move |c| {
+            let mut stmt =
+                c.prepare_cached("SELECT name, acked_cursor, updated_ms FROM consumers ORDER BY name").map_err(sql)?;
+            let rows = stmt
+                .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?, r.get::<_, i64>(2)?)))
+                .map_err(sql)?;
+            let mut out = Vec::new();
+            for row in rows {
+                let (name, acked, updated) = row.map_err(sql)?;
+                out.push(Consumer {
+                    name,
+                    acked_cursor: acked.to_string(),
+                    updated_time: Some(timestamp_from_unix_ms(updated)),
+                    lag: head.saturating_sub(acked as u64),
+                });
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    /// A durable consumer's acknowledged cursor, if it exists.
+    pub async fn consumer_position(&self, name: String) -> Result<Option<u64>> {
+        self.read(move |c| {
+            c.prepare_cached("SELECT acked_cursor FROM consumers WHERE name = ?1")
+                .and_then(|mut s| s.query_row([name], |r| r.get::<_, i64>(0)).optional())
+                .map(|v| v.map(|v| v as u64))
+                .map_err(sql)
+        })
+        .await
+    }
+}
+
+fn conditions(c: &Connection, clusters: &[String], nodes: &[String]) -> Result<Vec<NodeCondition>> {
+    let mut stmt =
+        c.prepare_cached("SELECT cluster, node, body FROM conditions ORDER BY cluster, node, type").map_err(sql)?;
+    let rows = stmt
+        .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, Vec<u8>>(2)?)))
+        .map_err(sql)?;
+    let mut out = Vec::new();
+    for row in rows {
+        let (cluster, node, body) = row.map_err(sql)?;
+        if (!clusters.is_empty() && !clusters.contains(&cluster)) || (!nodes.is_empty() && !nodes.contains(&node)) {
+            continue;
+        }
+        out.push(decode("conditions", &body)?);
+    }
+    Ok(out)
+}

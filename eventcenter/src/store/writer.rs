@@ -1,0 +1,714 @@
+//! The single writer thread and its group commit.
+//!
+//! The writer takes the first waiting operation, opens a transaction, and keeps applying the
+//! operations that arrive until the group holds `commit_max_rows` rows or `commit_delay` passed
+//! since the group began; then it commits (one fsync for the whole group) and only then answers
+//! every caller in the group and publishes the new events. Each operation runs in its own
+//! savepoint, so one failing operation does not fail the others in its group.
+//!
+//! Cursors are assigned here, in commit order, and are contiguous: a duplicate consumes none.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, TryRecvError};
+use std::time::{Duration, Instant, SystemTime};
+
+use nodekeeper_common::time::{self as nktime, to_duration, to_unix_ms};
+use nodekeeper_proto::v1::{
+    Category, ConditionStatus, Event, EventKind, Fault, FaultState, Node, NodeCondition, Origin, Severity,
+};
+use prost::Message;
+use rusqlite::{Connection, OptionalExtension, params};
+use tokio::sync::{OwnedSemaphorePermit, broadcast, oneshot, watch};
+
+use super::{
+    Appended, FAULT_RESOLVED, HelloOutcome, Identity, LiveBatch, NewEvent, NodeHello, NodeKey, Result, StoreError,
+    StoreOptions,
+};
+
+pub(crate) enum Op {
+    Append {
+        events: Vec<NewEvent>,
+        reply: oneshot::Sender<Result<Vec<Appended>>>,
+        permit: OwnedSemaphorePermit,
+    },
+    Hello {
+        hello: Box<NodeHello>,
+        reply: oneshot::Sender<Result<HelloOutcome>>,
+        permit: OwnedSemaphorePermit,
+    },
+    Liveness {
+        key: NodeKey,
+        lost: bool,
+        grace: Duration,
+        reply: oneshot::Sender<Result<()>>,
+        permit: OwnedSemaphorePermit,
+    },
+    EnsureConsumer {
+        name: String,
+        position: u64,
+        reply: oneshot::Sender<Result<u64>>,
+        permit: OwnedSemaphorePermit,
+    },
+    AckConsumer {
+        name: String,
+        cursor: u64,
+        reply: oneshot::Sender<Result<bool>>,
+        permit: OwnedSemaphorePermit,
+    },
+    DeleteConsumer {
+        name: String,
+        reply: oneshot::Sender<Result<bool>>,
+        permit: OwnedSemaphorePermit,
+    },
+    Retain {
+        cutoff_ms: i64,
+        max_rows: usize,
+        reply: oneshot::Sender<Result<u64>>,
+        permit: OwnedSemaphorePermit,
+    },
+    Close {
+        reply: oneshot::Sender<()>,
+    },
+}
+
+impl Op {
+    fn rows(&self) -> usize {
+        match self {
+            Op::Append { events, .. } => events.len().max(1),
+            _ => 1,
+        }
+    }
+}
+
+/// An answer held back until the group commits: called with `None` on success.
+type Deferred = Box<dyn FnOnce(Option<&StoreError>) + Send>;
+
+fn defer<T: Send + 'static>(reply: oneshot::Sender<Result<T>>, value: Result<T>, permit: OwnedSemaphorePermit) -> Deferred {
+    Box::new(move |commit_error| {
+        drop(permit);
+        let outcome = match (commit_error, value) {
+            (Some(e), _) => Err(e.clone()),
+            (None, v) => v,
+        };
+        // The caller may have gone away (client disconnected); the write stands regardless.
+        let _ = reply.send(outcome);
+    })
+}
+
+pub(crate) struct Writer {
+    conn: Connection,
+    path: PathBuf,
+    options: StoreOptions,
+    next_cursor: u64,
+    last_received_ms: i64,
+    origins: HashMap<String, i64>,
+    live: broadcast::Sender<LiveBatch>,
+    head: watch::Sender<u64>,
+    floor: Arc<AtomicU64>,
+}
+
+/// State of the group being built, undone when its commit fails.
+struct Group {
+    deferred: Vec<Deferred>,
+    published: Vec<Event>,
+    rows: usize,
+    start_cursor: u64,
+}
+
+impl Writer {
+    pub(crate) fn new(
+        conn: Connection,
+        path: PathBuf,
+        options: StoreOptions,
+        head: u64,
+        live: broadcast::Sender<LiveBatch>,
+        head_tx: watch::Sender<u64>,
+        floor: Arc<AtomicU64>,
+    ) -> Result<Self> {
+        Ok(Self {
+            conn,
+            path,
+            options,
+            next_cursor: head + 1,
+            last_received_ms: 0,
+            origins: HashMap::new(),
+            live,
+            head: head_tx,
+            floor,
+        })
+    }
+
+    fn err(&self, e: impl std::fmt::Display) -> StoreError {
+        StoreError::sqlite(&self.path, e)
+    }
+
+    pub(crate) fn run(mut self, ops: Receiver<Op>) {
+        let mut close_reply = None;
+        while close_reply.is_none() {
+            let Ok(first) = ops.recv() else { break };
+            let started = Instant::now();
+            let mut group = Group { deferred: Vec::new(), published: Vec::new(), rows: 0, start_cursor: self.next_cursor };
+            if let Err(e) = self.conn.execute_batch("BEGIN IMMEDIATE") {
+                let e = self.err(e);
+                tracing::error!(error = %e, "store: cannot begin transaction");
+                self.apply(first, &mut group, &mut close_reply);
+                self.finish_failed(group, &e);
+                continue;
+            }
+            self.apply(first, &mut group, &mut close_reply);
+            while group.rows < self.options.commit_max_rows && close_reply.is_none() {
+                let next = match ops.try_recv() {
+                    Ok(op) => op,
+                    Err(TryRecvError::Disconnected) => break,
+                    Err(TryRecvError::Empty) => {
+                        let waited = started.elapsed();
+                        if waited >= self.options.commit_delay {
+                            break;
+                        }
+                        match ops.recv_timeout(self.options.commit_delay - waited) {
+                            Ok(op) => op,
+                            Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => break,
+                        }
+                    }
+                };
+                self.apply(next, &mut group, &mut close_reply);
+            }
+            match self.conn.execute_batch("COMMIT") {
+                Ok(()) => self.finish_committed(group),
+                Err(e) => {
+                    let e = self.err(e);
+                    tracing::error!(error = %e, "store: commit failed; the group's writes are answered with the error");
+                    if let Err(rb) = self.conn.execute_batch("ROLLBACK") {
+                        tracing::error!(error = %self.err(rb), "store: rollback failed");
+                    }
+                    self.finish_failed(group, &e);
+                }
+            }
+        }
+        if let Err(e) = self.conn.execute_batch("PRAGMA wal_checkpoint(TRUNCATE)") {
+            tracing::warn!(error = %self.err(e), "store: final checkpoint failed");
+        }
+        tracing::info!("store writer stopped");
+        if let Some(reply) = close_reply {
+            let _ = reply.send(());
+        }
+    }
+
+    fn finish_committed(&mut self, group: Group) {
+        for d in group.deferred {
+            d(None);
+        }
+        let head = self.next_cursor - 1;
+        if !group.published.is_empty() {
+            // No receiver is fine: nobody is subscribed live.
+            let _ = self.live.send(Arc::new(group.published));
+        }
+        self.head.send_if_modified(|h| {
+            let changed = *h != head;
+            *h = head;
+            changed
+        });
+    }
+
+    fn finish_failed(&mut self, group: Group, e: &StoreError) {
+        self.next_cursor = group.start_cursor;
+        self.origins.clear();
+        for d in group.deferred {
+            d(Some(e));
+        }
+    }
+
+    /// Applies one operation inside its own savepoint and queues its answer.
+    fn apply(&mut self, op: Op, group: &mut Group, close_reply: &mut Option<oneshot::Sender<()>>) {
+        if let Op::Close { reply } = op {
+            *close_reply = Some(reply);
+            return;
+        }
+        group.rows += op.rows();
+        let saved_cursor = self.next_cursor;
+        let saved_published = group.published.len();
+        if let Err(e) = self.conn.execute_batch("SAVEPOINT op") {
+            let e = self.err(e);
+            group.deferred.push(self.reject(op, e));
+            return;
+        }
+        let deferred = match op {
+            Op::Append { events, reply, permit } => {
+                let r = self.append(events, &mut group.published);
+                self.settle(r, reply, permit, saved_cursor, group, saved_published)
+            }
+            Op::Hello { hello, reply, permit } => {
+                let r = self.hello(*hello, &mut group.published);
+                self.settle(r, reply, permit, saved_cursor, group, saved_published)
+            }
+            Op::Liveness { key, lost, grace, reply, permit } => {
+                let r = self.liveness(key, lost, grace, &mut group.published);
+                self.settle(r, reply, permit, saved_cursor, group, saved_published)
+            }
+            Op::EnsureConsumer { name, position, reply, permit } => {
+                let r = self.ensure_consumer(&name, position);
+                self.settle(r, reply, permit, saved_cursor, group, saved_published)
+            }
+            Op::AckConsumer { name, cursor, reply, permit } => {
+                let r = self.ack_consumer(&name, cursor);
+                self.settle(r, reply, permit, saved_cursor, group, saved_published)
+            }
+            Op::DeleteConsumer { name, reply, permit } => {
+                let r = self
+                    .conn
+                    .execute("DELETE FROM consumers WHERE name = ?1", [&name])
+                    .map(|n| n > 0)
+                    .map_err(|e| self.err(e));
+                self.settle(r, reply, permit, saved_cursor, group, saved_published)
+            }
+            Op::Retain { cutoff_ms, max_rows, reply, permit } => {
+                let r = self.retain(cutoff_ms, max_rows);
+                self.settle(r, reply, permit, saved_cursor, group, saved_published)
+            }
+            Op::Close { .. } => unreachable!("handled above"),
+        };
+        group.deferred.push(deferred);
+    }
+
+    /// Releases or rolls back the operation's savepoint depending on its result.
+    fn settle<T: Send + 'static>(
+        &mut self,
+        result: Result<T>,
+        reply: oneshot::Sender<Result<T>>,
+        permit: OwnedSemaphorePermit,
+        saved_cursor: u64,
+        group: &mut Group,
+        saved_published: usize,
+    ) -> Deferred {
+        match result {
+            Ok(v) => match self.conn.execute_batch("RELEASE op") {
+                Ok(()) => defer(reply, Ok(v), permit),
+                Err(e) => {
+                    let e = self.err(e);
+                    self.undo(saved_cursor, group, saved_published);
+                    defer(reply, Err(e), permit)
+                }
+            },
+            Err(e) => {
+                tracing::warn!(error = %e, "store: operation failed and was rolled back");
+                self.undo(saved_cursor, group, saved_published);
+                defer(reply, Err(e), permit)
+            }
+        }
+    }
+
+    fn undo(&mut self, saved_cursor: u64, group: &mut Group, saved_published: usize) {
+        if let Err(e) = self.conn.execute_batch("ROLLBACK TO op; RELEASE op") {
+            tracing::error!(error = %self.err(e), "store: rollback to savepoint failed");
+        }
+        self.next_cursor = saved_cursor;
+        self.origins.clear();
+        group.published.truncate(saved_published);
+    }
+
+    fn reject(&self, op: Op, e: StoreError) -> Deferred {
+        match op {
+            Op::Append { reply, permit, .. } => defer(reply, Err(e), permit),
+            Op::Hello { reply, permit, .. } => defer(reply, Err(e), permit),
+            Op::Liveness { reply, permit, .. } => defer(reply, Err(e), permit),
+            Op::EnsureConsumer { reply, permit, .. } => defer(reply, Err(e), permit),
+            Op::AckConsumer { reply, permit, .. } => defer(reply, Err(e), permit),
+            Op::DeleteConsumer { reply, permit, .. } => defer(reply, Err(e), permit),
+            Op::Retain { reply, permit, .. } => defer(reply, Err(e), permit),
+            Op::Close { .. } => Box::new(|_| {}),
+        }
+    }
+
+    fn origin_id(&mut self, key: String) -> Result<i64> {
+        if let Some(id) = self.origins.get(&key) {
+            return Ok(*id);
+        }
+        let mut stmt = self
+            .conn
+            .prepare_cached("INSERT INTO origins (key) VALUES (?1) ON CONFLICT (key) DO UPDATE SET key = key RETURNING id")
+            .map_err(|e| self.err(e))?;
+        let id: i64 = stmt.query_row([&key], |r| r.get(0)).map_err(|e| self.err(e))?;
+        drop(stmt);
+        if self.origins.len() > 100_000 {
+            self.origins.clear();
+        }
+        self.origins.insert(key, id);
+        Ok(id)
+    }
+
+    fn received_ms(&mut self) -> i64 {
+        let now = to_unix_ms(SystemTime::now());
+        self.last_received_ms = self.last_received_ms.max(now);
+        self.last_received_ms
+    }
+
+    fn append(&mut self, events: Vec<NewEvent>, published: &mut Vec<Event>) -> Result<Vec<Appended>> {
+        let received_ms = self.received_ms();
+        let mut out = Vec::with_capacity(events.len());
+        for NewEvent { identity, mut event } in events {
+            let origin = self.origin_id(identity.origin_key())?;
+            let origin_seq = match &identity {
+                Identity::Agent { sequence, .. } => *sequence as i64,
+                Identity::Report { .. } => 0,
+                Identity::Center => self.next_cursor as i64,
+            };
+            // Condition events are rare and fold into faults; look for a stored copy first so a
+            // resent one folds nothing twice. Plain events rely on the unique index alone.
+            if event.condition.is_some()
+                && let Some(cursor) = self.find_identity(origin, origin_seq)?
+            {
+                out.push(Appended { cursor, duplicate: true });
+                continue;
+            }
+            let cursor = self.next_cursor;
+            event.received_time = Some(nktime::timestamp_from_unix_ms(received_ms));
+            if event.condition.is_some() {
+                self.fold_condition(&mut event, cursor, &identity)?;
+            }
+            let inserted = self.insert_event(cursor, origin, origin_seq, received_ms, &event)?;
+            if inserted {
+                self.next_cursor += 1;
+                event.cursor = cursor.to_string();
+                published.push(event);
+                out.push(Appended { cursor, duplicate: false });
+            } else {
+                let cursor = self.find_identity(origin, origin_seq)?.ok_or_else(|| StoreError::Corrupt {
+                    table: "events",
+                    message: "conflicting identity vanished".into(),
+                })?;
+                out.push(Appended { cursor, duplicate: true });
+            }
+        }
+        Ok(out)
+    }
+
+    fn find_identity(&self, origin: i64, origin_seq: i64) -> Result<Option<u64>> {
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT cursor FROM events WHERE origin = ?1 AND origin_seq = ?2")
+            .map_err(|e| self.err(e))?;
+        stmt.query_row(params![origin, origin_seq], |r| r.get::<_, i64>(0))
+            .optional()
+            .map(|c| c.map(|c| c as u64))
+            .map_err(|e| self.err(e))
+    }
+
+    fn insert_event(&self, cursor: u64, origin: i64, origin_seq: i64, received_ms: i64, event: &Event) -> Result<bool> {
+        let body = event.encode_to_vec();
+        let fault_id = (event.fault_id != 0).then_some(event.fault_id as i64);
+        let mut stmt = self
+            .conn
+            .prepare_cached(
+                "INSERT INTO events (cursor, origin, origin_seq, received_ms, fault_id, body)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6) ON CONFLICT (origin, origin_seq) DO NOTHING",
+            )
+            .map_err(|e| self.err(e))?;
+        let n = stmt
+            .execute(params![cursor as i64, origin, origin_seq, received_ms, fault_id, body])
+            .map_err(|e| self.err(e))?;
+        Ok(n == 1)
+    }
+
+    /// Appends an event the center generated.
+    fn center_event(&mut self, event: Event, published: &mut Vec<Event>) -> Result<()> {
+        self.append(vec![NewEvent { identity: Identity::Center, event }], published).map(|_| ())
+    }
+
+    /// Folds a condition event into its fault (one per node and condition type while open) and
+    /// records the node's latest condition state. Sets `event.fault_id`.
+    fn fold_condition(&mut self, event: &mut Event, cursor: u64, identity: &Identity) -> Result<()> {
+        let Some(condition) = event.condition.clone() else { return Ok(()) };
+        let producer = match identity {
+            Identity::Agent { .. } => "agent".to_owned(),
+            Identity::Report { producer, .. } => producer.clone(),
+            Identity::Center => "center".to_owned(),
+        };
+        let received = event.received_time;
+        let node_condition = NodeCondition {
+            cluster: event.cluster.clone(),
+            node: event.node.clone(),
+            condition: Some(condition.clone()),
+            producer,
+            updated_time: received,
+        };
+        self.conn
+            .prepare_cached(
+                "INSERT INTO conditions (cluster, node, type, body) VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT (cluster, node, type) DO UPDATE SET body = excluded.body",
+            )
+            .and_then(|mut s| s.execute(params![event.cluster, event.node, condition.r#type, node_condition.encode_to_vec()]))
+            .map_err(|e| self.err(e))?;
+
+        let open = self.open_fault(&event.cluster, &event.node, &condition.r#type)?;
+        let status = ConditionStatus::try_from(condition.status).unwrap_or(ConditionStatus::Unspecified);
+        let time = event.time.or(received);
+        match (status, open) {
+            (ConditionStatus::True, None) => {
+                let boot_id = event.origin.as_ref().map(|o| o.boot_id.clone()).unwrap_or_default();
+                let mut fault = Fault {
+                    id: 0,
+                    cluster: event.cluster.clone(),
+                    node: event.node.clone(),
+                    r#type: condition.r#type.clone(),
+                    state: FaultState::Open as i32,
+                    severity: event.severity,
+                    category: event.category,
+                    action: event.action,
+                    reason: event.reason.clone(),
+                    message: event.message.clone(),
+                    count: 1,
+                    first_seen_time: time,
+                    last_seen_time: time,
+                    resolved_time: None,
+                    boot_id,
+                    opened_cursor: cursor.to_string(),
+                };
+                let id: i64 = self
+                    .conn
+                    .prepare_cached(
+                        "INSERT INTO faults (cluster, node, type, state, body) VALUES (?1, ?2, ?3, ?4, x'') RETURNING id",
+                    )
+                    .and_then(|mut s| {
+                        s.query_row(params![fault.cluster, fault.node, fault.r#type, fault.state], |r| r.get(0))
+                    })
+                    .map_err(|e| self.err(e))?;
+                fault.id = id as u64;
+                self.save_fault(&fault)?;
+                event.fault_id = fault.id;
+            }
+            (ConditionStatus::True | ConditionStatus::Unknown, Some(mut fault)) => {
+                fault.count += 1;
+                fault.last_seen_time = time;
+                if !event.message.is_empty() {
+                    fault.message = event.message.clone();
+                }
+                if !event.reason.is_empty() {
+                    fault.reason = event.reason.clone();
+                }
+                fault.severity = fault.severity.max(event.severity);
+                self.save_fault(&fault)?;
+                event.fault_id = fault.id;
+            }
+            (ConditionStatus::False, Some(mut fault)) => {
+                fault.count += 1;
+                fault.last_seen_time = time;
+                fault.resolved_time = time;
+                fault.state = FAULT_RESOLVED;
+                self.save_fault(&fault)?;
+                event.fault_id = fault.id;
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    fn open_fault(&self, cluster: &str, node: &str, kind: &str) -> Result<Option<Fault>> {
+        let body: Option<Vec<u8>> = self
+            .conn
+            .prepare_cached("SELECT body FROM faults WHERE cluster = ?1 AND node = ?2 AND type = ?3 AND state <> 4")
+            .and_then(|mut s| s.query_row(params![cluster, node, kind], |r| r.get(0)).optional())
+            .map_err(|e| self.err(e))?;
+        body.map(|b| {
+            Fault::decode(b.as_slice()).map_err(|e| StoreError::Corrupt { table: "faults", message: e.to_string() })
+        })
+        .transpose()
+    }
+
+    fn save_fault(&self, fault: &Fault) -> Result<()> {
+        self.conn
+            .prepare_cached("UPDATE faults SET state = ?2, body = ?3 WHERE id = ?1")
+            .and_then(|mut s| s.execute(params![fault.id as i64, fault.state, fault.encode_to_vec()]))
+            .map(|_| ())
+            .map_err(|e| self.err(e))
+    }
+
+    fn hello(&mut self, hello: NodeHello, published: &mut Vec<Event>) -> Result<HelloOutcome> {
+        let now = SystemTime::now();
+        let stored: Option<(Vec<u8>, bool)> = self
+            .conn
+            .prepare_cached("SELECT info, lost FROM nodes WHERE cluster = ?1 AND name = ?2")
+            .and_then(|mut s| s.query_row(params![hello.cluster, hello.node], |r| Ok((r.get(0)?, r.get(1)?))).optional())
+            .map_err(|e| self.err(e))?;
+        let previous = stored
+            .as_ref()
+            .map(|(b, _)| Node::decode(b.as_slice()))
+            .transpose()
+            .map_err(|e| StoreError::Corrupt { table: "nodes", message: e.to_string() })?;
+        let was_lost = stored.as_ref().is_some_and(|(_, lost)| *lost);
+        let info = Node {
+            name: hello.node.clone(),
+            cluster: hello.cluster.clone(),
+            boot_id: hello.boot_id.clone(),
+            agent_version: hello.agent_version.clone(),
+            inventory: Some(hello.inventory.clone()),
+            labels: hello.labels.clone(),
+            registered_time: previous.as_ref().and_then(|p| p.registered_time).or(Some(nktime::to_timestamp(now))),
+            heartbeat_interval: Some(to_duration(hello.heartbeat_interval)),
+            status_port: hello.status_port,
+            ..Default::default()
+        };
+        let base = |kind: &str, message: String| Event {
+            cluster: hello.cluster.clone(),
+            node: hello.node.clone(),
+            kind: EventKind::Node as i32,
+            r#type: kind.to_owned(),
+            message,
+            severity: Severity::Info as i32,
+            category: Category::Lifecycle as i32,
+            time: Some(nktime::to_timestamp(now)),
+            origin: Some(Origin { producer: "center".into(), ..Default::default() }),
+            source: "eventcenter".into(),
+            ..Default::default()
+        };
+        let mut events = Vec::new();
+        match &previous {
+            None => events.push(base("NodeRegistered", format!("node registered, agent {}", hello.agent_version))),
+            Some(p) => {
+                if p.boot_id != hello.boot_id {
+                    let mut e = base("NodeRebooted", format!("boot id changed from {} to {}", p.boot_id, hello.boot_id));
+                    e.attributes.insert("previous_boot_id".into(), p.boot_id.clone());
+                    e.attributes.insert("boot_id".into(), hello.boot_id.clone());
+                    events.push(e);
+                }
+                let changed = inventory_changes(p.inventory.as_ref(), &hello.inventory);
+                if !changed.is_empty() {
+                    let mut e = base("NodeInventoryChanged", format!("inventory changed: {}", changed.join(", ")));
+                    e.attributes.insert("changed".into(), changed.join(","));
+                    events.push(e);
+                }
+            }
+        }
+        for e in events {
+            self.center_event(e, published)?;
+        }
+        let now_ms = to_unix_ms(now);
+        self.conn
+            .prepare_cached(
+                "INSERT INTO nodes (cluster, name, lost, liveness_changed_ms, info) VALUES (?1, ?2, 0, ?3, ?4)
+                 ON CONFLICT (cluster, name) DO UPDATE SET info = excluded.info",
+            )
+            .and_then(|mut s| s.execute(params![hello.cluster, hello.node, now_ms, info.encode_to_vec()]))
+            .map_err(|e| self.err(e))?;
+        let origin = self.origin_id(super::agent_origin(&hello.cluster, &hello.node, &hello.boot_id))?;
+        let last: i64 = self
+            .conn
+            .prepare_cached("SELECT COALESCE(MAX(origin_seq), 0) FROM events WHERE origin = ?1")
+            .and_then(|mut s| s.query_row([origin], |r| r.get(0)))
+            .map_err(|e| self.err(e))?;
+        Ok(HelloOutcome { last_stored_sequence: last as u64, was_lost })
+    }
+
+    fn liveness(&mut self, key: NodeKey, lost: bool, grace: Duration, published: &mut Vec<Event>) -> Result<()> {
+        let now = SystemTime::now();
+        let n = self
+            .conn
+            .prepare_cached("UPDATE nodes SET lost = ?3, liveness_changed_ms = ?4 WHERE cluster = ?1 AND name = ?2")
+            .and_then(|mut s| s.execute(params![key.cluster, key.node, lost, to_unix_ms(now)]))
+            .map_err(|e| self.err(e))?;
+        if n == 0 {
+            return Ok(());
+        }
+        let (kind, severity, message) = if lost {
+            ("NodeHeartbeatLost", Severity::Error, format!("no heartbeat for {}", humantime_secs(grace)))
+        } else {
+            ("NodeHeartbeatResumed", Severity::Info, "heartbeats resumed".to_owned())
+        };
+        let mut event = Event {
+            cluster: key.cluster,
+            node: key.node,
+            kind: EventKind::Node as i32,
+            r#type: kind.into(),
+            message,
+            severity: severity as i32,
+            category: Category::Lifecycle as i32,
+            time: Some(nktime::to_timestamp(now)),
+            origin: Some(Origin { producer: "center".into(), ..Default::default() }),
+            source: "eventcenter".into(),
+            ..Default::default()
+        };
+        event.attributes.insert("grace_ms".into(), grace.as_millis().to_string());
+        self.center_event(event, published)
+    }
+
+    fn ensure_consumer(&mut self, name: &str, position: u64) -> Result<u64> {
+        let now = to_unix_ms(SystemTime::now());
+        self.conn
+            .prepare_cached(
+                "INSERT INTO consumers (name, acked_cursor, updated_ms) VALUES (?1, ?2, ?3)
+                 ON CONFLICT (name) DO UPDATE SET name = name RETURNING acked_cursor",
+            )
+            .and_then(|mut s| s.query_row(params![name, position as i64, now], |r| r.get::<_, i64>(0)))
+            .map(|c| c as u64)
+            .map_err(|e| self.err(e))
+    }
+
+    fn ack_consumer(&mut self, name: &str, cursor: u64) -> Result<bool> {
+        let now = to_unix_ms(SystemTime::now());
+        self.conn
+            .prepare_cached(
+                "UPDATE consumers SET acked_cursor = MAX(acked_cursor, ?2), updated_ms = ?3 WHERE name = ?1",
+            )
+            .and_then(|mut s| s.execute(params![name, cursor as i64, now]))
+            .map(|n| n > 0)
+            .map_err(|e| self.err(e))
+    }
+
+    fn retain(&mut self, cutoff_ms: i64, max_rows: usize) -> Result<u64> {
+        let floor = self.floor.load(Ordering::Acquire);
+        // received_ms never decreases with the cursor, so the expired events are a prefix.
+        let last: Option<i64> = self
+            .conn
+            .query_row(
+                "SELECT MAX(cursor) FROM (SELECT cursor FROM events WHERE cursor > ?1 AND received_ms < ?2
+                 ORDER BY cursor LIMIT ?3)",
+                params![floor as i64, cutoff_ms, max_rows as i64],
+                |r| r.get(0),
+            )
+            .map_err(|e| self.err(e))?;
+        let Some(last) = last else { return Ok(0) };
+        let deleted = self
+            .conn
+            .execute("DELETE FROM events WHERE cursor > ?1 AND cursor <= ?2", params![floor as i64, last])
+            .map_err(|e| self.err(e))?;
+        self.conn
+            .execute(
+                "INSERT INTO meta (key, value) VALUES ('retention_floor', ?1)
+                 ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                [last],
+            )
+            .map_err(|e| self.err(e))?;
+        // Raised before the commit: a reader that sees the new floor early refuses a cursor that is
+        // about to become unreadable, which is the safe direction.
+        self.floor.store(last as u64, Ordering::Release);
+        Ok(deleted as u64)
+    }
+}
+
+fn humantime_secs(d: Duration) -> String {
+    format!("{:.1}s", d.as_secs_f64())
+}
+
+/// Names of the inventory fields that differ.
+fn inventory_changes(old: Option<&nodekeeper_proto::v1::Inventory>, new: &nodekeeper_proto::v1::Inventory) -> Vec<&'static str> {
+    let default = nodekeeper_proto::v1::Inventory::default();
+    let old = old.unwrap_or(&default);
+    let mut changed = Vec::new();
+    let mut check = |name: &'static str, differs: bool| {
+        if differs {
+            changed.push(name);
+        }
+    };
+    check("hostname", old.hostname != new.hostname);
+    check("interfaces", old.interfaces != new.interfaces);
+    check("kernel_version", old.kernel_version != new.kernel_version);
+    check("os", old.os_name != new.os_name || old.os_version != new.os_version);
+    check("cpu", old.cpu_model != new.cpu_model || old.cpu_count != new.cpu_count);
+    check("memory_bytes", old.memory_bytes != new.memory_bytes);
+    check("disks", old.disks != new.disks);
+    check("iscsi_initiator_name", old.iscsi_initiator_name != new.iscsi_initiator_name);
+    check("machine_id", old.machine_id != new.machine_id);
+    changed
+}

@@ -1,0 +1,48 @@
+//! Checks on what producers send, before anything reaches the store. Each failure is an
+//! INVALID_ARGUMENT status naming the field and why.
+
+use nodekeeper_common::names;
+use nodekeeper_proto::v1::{ConditionStatus, Observation};
+use tonic::Status;
+
+use crate::config::LimitsConfig;
+
+pub fn name(r: Result<(), names::NameError>) -> Result<(), Status> {
+    r.map_err(|e| Status::invalid_argument(e.to_string()))
+}
+
+/// Validates one observation; `what` names it in errors (e.g. "observation 3").
+pub fn observation(o: &Observation, limits: &LimitsConfig, what: &dyn Fn() -> String) -> Result<(), Status> {
+    let bad = |msg: String| Status::invalid_argument(format!("{}: {msg}", what()));
+    names::event_type(&o.r#type).map_err(|e| bad(e.to_string()))?;
+    names::reason(&o.reason).map_err(|e| bad(e.to_string()))?;
+    if o.message.len() > limits.max_text_bytes {
+        return Err(bad(format!("message is {} bytes, at most {} allowed", o.message.len(), limits.max_text_bytes)));
+    }
+    if o.attributes.len() > limits.max_attributes {
+        return Err(bad(format!("{} attributes, at most {} allowed", o.attributes.len(), limits.max_attributes)));
+    }
+    for (k, v) in &o.attributes {
+        if k.is_empty() || k.len() > 128 || v.len() > limits.max_text_bytes {
+            return Err(bad(format!("attribute {:?} has an empty or oversize key or value", k.chars().take(40).collect::<String>())));
+        }
+    }
+    if o.source.len() > 128 {
+        return Err(bad("source is longer than 128 bytes".into()));
+    }
+    if let Some(c) = &o.condition {
+        names::event_type(&c.r#type).map_err(|e| bad(format!("condition: {e}")))?;
+        names::reason(&c.reason).map_err(|e| bad(format!("condition: {e}")))?;
+        if c.message.len() > limits.max_text_bytes {
+            return Err(bad("condition message too long".into()));
+        }
+        match ConditionStatus::try_from(c.status) {
+            Ok(ConditionStatus::True | ConditionStatus::False | ConditionStatus::Unknown) => {}
+            _ => return Err(bad(format!("condition {} has no valid status", c.r#type))),
+        }
+        if c.r#type != o.r#type {
+            return Err(bad(format!("condition type {} differs from the observation type {}", c.r#type, o.r#type)));
+        }
+    }
+    Ok(())
+}
