@@ -160,7 +160,7 @@ impl Store {
         std::fs::create_dir_all(dir).map_err(|e| StoreError::sqlite(dir, format!("creating directory: {e}")))?;
         let path = dir.join("eventcenter.db");
         let conn = open_writer(&path)?;
-        let head = conn
+        let max_cursor = conn
             .query_row("SELECT COALESCE(MAX(cursor), 0) FROM events", [], |r| r.get::<_, i64>(0))
             .map_err(|e| StoreError::sqlite(&path, e))? as u64;
         let floor = conn
@@ -168,6 +168,8 @@ impl Store {
                 r.get::<_, i64>(0)
             })
             .map_err(|e| StoreError::sqlite(&path, e))? as u64;
+        // Retention may have emptied the table: cursors continue after the floor, never reused.
+        let head = max_cursor.max(floor);
         let (ops_tx, ops_rx) = std::sync::mpsc::channel();
         let (live, _) = broadcast::channel(1024);
         let (head_tx, head_rx) = watch::channel(head);

@@ -197,10 +197,9 @@ impl Writer {
         }
     }
 
+    /// Publishes the group's events and head, then answers its callers: whoever is told "stored"
+    /// finds the new head already visible.
     fn finish_committed(&mut self, group: Group) {
-        for d in group.deferred {
-            d(None);
-        }
         let head = self.next_cursor - 1;
         if !group.published.is_empty() {
             // No receiver is fine: nobody is subscribed live.
@@ -211,6 +210,9 @@ impl Writer {
             *h = head;
             changed
         });
+        for d in group.deferred {
+            d(None);
+        }
     }
 
     fn finish_failed(&mut self, group: Group, e: &StoreError) {

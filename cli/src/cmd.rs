@@ -1,0 +1,367 @@
+//! Commands of the `nodekeeper` CLI.
+
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use nodekeeper_common::backoff::Backoff;
+use nodekeeper_proto::v1::{
+    Event, EventFilter, GetFaultRequest, ListEventsRequest, ListFaultsRequest, ListNodesRequest, StartPosition,
+    SubscribeRequest, event_service_client::EventServiceClient, fleet_service_client::FleetServiceClient,
+    subscribe_response,
+};
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Code, Status};
+
+use crate::output::{self, enum_name, json_line, table, time};
+
+/// Exit codes, as documented in `--help`.
+pub const EXIT_ERROR: u8 = 1;
+pub const EXIT_UNREACHABLE: u8 = 3;
+pub const EXIT_NOT_FOUND: u8 = 4;
+pub const EXIT_CURSOR_EXPIRED: u8 = 5;
+pub const EXIT_INVALID: u8 = 6;
+
+/// The default event center address: where `nodekeeper dev` listens.
+pub const DEFAULT_SERVER: &str = "http://127.0.0.1:7443";
+
+/// nodekeeper: the operators' view of the fleet and its faults.
+///
+/// Exit codes: 0 success; 1 error reported by the server; 2 bad usage; 3 server unreachable;
+/// 4 not found; 5 cursor expired (resume from the oldest event); 6 invalid argument.
+#[derive(Debug, Parser)]
+#[command(name = "nodekeeper", version)]
+pub struct Cli {
+    /// Event center address.
+    #[arg(long, global = true, env = "NODEKEEPER_SERVER", default_value = DEFAULT_SERVER)]
+    server: String,
+    /// Output format.
+    #[arg(long, short = 'o', global = true, value_enum, default_value_t = Format::Table)]
+    output: Format,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Format {
+    Table,
+    /// Protobuf's canonical JSON mapping, one object per line.
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Nodes known to the event center.
+    #[command(subcommand)]
+    Nodes(NodesCmd),
+    /// The event log.
+    #[command(subcommand)]
+    Events(EventsCmd),
+    /// Faults: one problem on one node over its lifetime.
+    #[command(subcommand)]
+    Faults(FaultsCmd),
+}
+
+#[derive(Debug, Subcommand)]
+enum NodesCmd {
+    /// List nodes with their liveness.
+    List {
+        /// Only nodes of this cluster (repeatable).
+        #[arg(long)]
+        cluster: Vec<String>,
+    },
+}
+
+#[derive(Debug, Args)]
+struct Filter {
+    /// Only events of this node (repeatable).
+    #[arg(long)]
+    node: Vec<String>,
+    /// Only events of this type, e.g. NodeHeartbeatLost (repeatable).
+    #[arg(long = "type")]
+    types: Vec<String>,
+    /// Only events of this cluster (repeatable).
+    #[arg(long)]
+    cluster: Vec<String>,
+}
+
+impl Filter {
+    fn to_proto(&self) -> EventFilter {
+        EventFilter {
+            clusters: self.cluster.clone(),
+            nodes: self.node.clone(),
+            types: self.types.clone(),
+            ..Default::default()
+        }
+    }
+}
+
+#[derive(Debug, Subcommand)]
+enum EventsCmd {
+    /// List stored events after a cursor (default: from the oldest).
+    List {
+        /// Events after this cursor.
+        #[arg(long)]
+        from: Option<String>,
+        /// At most this many events.
+        #[arg(long, default_value_t = 100)]
+        limit: u32,
+        #[command(flatten)]
+        filter: Filter,
+    },
+    /// Follow events as they are stored (from now, or after a cursor). Resumes by itself when the
+    /// connection drops.
+    Watch {
+        /// Events after this cursor; default: from now.
+        #[arg(long)]
+        from: Option<String>,
+        #[command(flatten)]
+        filter: Filter,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum FaultsCmd {
+    /// List faults, newest first.
+    List {
+        /// Only faults of this node (repeatable).
+        #[arg(long)]
+        node: Vec<String>,
+        #[arg(long, default_value_t = 100)]
+        limit: u32,
+    },
+    /// One fault with its timeline of events.
+    Show {
+        /// Fault id.
+        id: u64,
+    },
+}
+
+/// Errors carry the gRPC status so that the exit code can say what went wrong.
+pub fn exit_code(err: &anyhow::Error) -> u8 {
+    if err.downcast_ref::<tonic::transport::Error>().is_some() {
+        return EXIT_UNREACHABLE;
+    }
+    match err.downcast_ref::<Status>() {
+        Some(s) => match s.code() {
+            Code::Unavailable => EXIT_UNREACHABLE,
+            Code::NotFound => EXIT_NOT_FOUND,
+            Code::FailedPrecondition if s.message().starts_with("cursor expired") => EXIT_CURSOR_EXPIRED,
+            Code::InvalidArgument => EXIT_INVALID,
+            _ => EXIT_ERROR,
+        },
+        None => EXIT_ERROR,
+    }
+}
+
+async fn channel(server: &str) -> anyhow::Result<Channel> {
+    let endpoint = Endpoint::from_shared(server.to_owned())
+        .map_err(|e| anyhow::anyhow!("invalid --server {server:?}: {e}"))?
+        .connect_timeout(Duration::from_secs(5));
+    endpoint.connect().await.map_err(|e| {
+        anyhow::Error::new(e).context(format!("cannot reach the event center at {server} (is it running? see --server)"))
+    })
+}
+
+fn status(s: Status) -> anyhow::Error {
+    let msg = format!("{}: {}", s.code().description(), s.message());
+    anyhow::Error::new(s).context(msg)
+}
+
+pub async fn run(cli: Cli) -> anyhow::Result<()> {
+    let ch = channel(&cli.server).await?;
+    let json = cli.output == Format::Json;
+    match cli.command {
+        Command::Nodes(NodesCmd::List { cluster }) => nodes_list(ch, json, cluster).await,
+        Command::Events(EventsCmd::List { from, limit, filter }) => events_list(ch, json, from, limit, filter).await,
+        Command::Events(EventsCmd::Watch { from, filter }) => events_watch(ch, json, from, filter).await,
+        Command::Faults(FaultsCmd::List { node, limit }) => faults_list(ch, json, node, limit).await,
+        Command::Faults(FaultsCmd::Show { id }) => faults_show(ch, json, id).await,
+    }
+}
+
+async fn nodes_list(ch: Channel, json: bool, clusters: Vec<String>) -> anyhow::Result<()> {
+    let nodes = FleetServiceClient::new(ch).list_nodes(ListNodesRequest { clusters }).await.map_err(status)?.into_inner().nodes;
+    if json {
+        for n in &nodes {
+            json_line("nodekeeper.v1.Node", n)?;
+        }
+        return Ok(());
+    }
+    let rows: Vec<Vec<String>> = nodes
+        .iter()
+        .map(|n| {
+            let open = n.conditions.iter().filter(|c| c.condition.as_ref().is_some_and(|c| c.status == 1)).count();
+            vec![
+                n.cluster.clone(),
+                n.name.clone(),
+                enum_name(n.liveness().as_str_name(), "LIVENESS_"),
+                if n.connected { "yes".into() } else { "no".into() },
+                time(n.last_heartbeat_time.as_ref()),
+                n.agent_version.clone(),
+                n.inventory.as_ref().map(|i| i.kernel_version.clone()).unwrap_or_default(),
+                open.to_string(),
+            ]
+        })
+        .collect();
+    table(&["CLUSTER", "NODE", "LIVENESS", "CONNECTED", "LAST HEARTBEAT", "AGENT", "KERNEL", "CONDITIONS"], &rows)?;
+    Ok(())
+}
+
+fn event_row(e: &Event) -> Vec<String> {
+    let condition = e
+        .condition
+        .as_ref()
+        .map(|c| format!("{}={}", c.r#type, enum_name(c.status().as_str_name(), "CONDITION_STATUS_")))
+        .unwrap_or_default();
+    vec![
+        e.cursor.clone(),
+        time(e.received_time.as_ref()),
+        e.cluster.clone(),
+        e.node.clone(),
+        e.r#type.clone(),
+        enum_name(e.severity().as_str_name(), "SEVERITY_"),
+        condition,
+        e.message.clone(),
+    ]
+}
+
+const EVENT_HEADER: [&str; 8] = ["CURSOR", "RECEIVED", "CLUSTER", "NODE", "TYPE", "SEVERITY", "CONDITION", "MESSAGE"];
+
+async fn events_list(ch: Channel, json: bool, from: Option<String>, limit: u32, filter: Filter) -> anyhow::Result<()> {
+    let resp = EventServiceClient::new(ch)
+        .list_events(ListEventsRequest { after_cursor: from.unwrap_or_default(), filter: Some(filter.to_proto()), limit })
+        .await
+        .map_err(status)?
+        .into_inner();
+    if json {
+        return json_line("nodekeeper.v1.ListEventsResponse", &resp);
+    }
+    table(&EVENT_HEADER, &resp.events.iter().map(event_row).collect::<Vec<_>>())?;
+    output::eprintln(&format!("next cursor: {} (head {})", resp.next_cursor, resp.head_cursor))?;
+    Ok(())
+}
+
+async fn events_watch(ch: Channel, json: bool, from: Option<String>, filter: Filter) -> anyhow::Result<()> {
+    let mut client = EventServiceClient::new(ch);
+    let mut after = from;
+    let mut backoff = Backoff::default();
+    if !json {
+        output::println(&EVENT_HEADER.join("  "))?;
+    }
+    loop {
+        let req = SubscribeRequest {
+            after_cursor: after.clone().unwrap_or_default(),
+            start: if after.is_some() { StartPosition::Unspecified } else { StartPosition::Now } as i32,
+            filter: Some(filter.to_proto()),
+            ..Default::default()
+        };
+        let mut stream = match client.subscribe(req).await {
+            Ok(s) => s.into_inner(),
+            Err(s) if s.code() == Code::Unavailable && after.is_some() => {
+                reconnect_pause(&mut backoff, &s).await?;
+                continue;
+            }
+            Err(s) => return Err(status(s)),
+        };
+        loop {
+            match stream.message().await {
+                Ok(Some(msg)) => {
+                    backoff.reset();
+                    if json {
+                        json_line("nodekeeper.v1.SubscribeResponse", &msg)?;
+                    }
+                    match msg.msg {
+                        Some(subscribe_response::Msg::Event(e)) => {
+                            if !json {
+                                output::println(&event_row(&e).join("  "))?;
+                            }
+                            after = Some(e.cursor);
+                        }
+                        Some(subscribe_response::Msg::Bookmark(b)) => after = Some(b.cursor),
+                        None => {}
+                    }
+                }
+                Ok(None) => break,
+                Err(s) if s.code() == Code::Unavailable || s.code() == Code::Unknown || s.code() == Code::Internal => {
+                    reconnect_pause(&mut backoff, &s).await?;
+                    break;
+                }
+                Err(s) => return Err(status(s)),
+            }
+        }
+        if after.is_none() {
+            return Ok(());
+        }
+    }
+}
+
+async fn reconnect_pause(backoff: &mut Backoff, s: &Status) -> anyhow::Result<()> {
+    let d = backoff.next_delay();
+    output::eprintln(&format!("stream interrupted ({}); resuming in {:.1}s", s.message(), d.as_secs_f64()))?;
+    tokio::time::sleep(d).await;
+    Ok(())
+}
+
+async fn faults_list(ch: Channel, json: bool, nodes: Vec<String>, limit: u32) -> anyhow::Result<()> {
+    let faults = FleetServiceClient::new(ch)
+        .list_faults(ListFaultsRequest { nodes, limit, ..Default::default() })
+        .await
+        .map_err(status)?
+        .into_inner()
+        .faults;
+    if json {
+        for f in &faults {
+            json_line("nodekeeper.v1.Fault", f)?;
+        }
+        return Ok(());
+    }
+    let rows: Vec<Vec<String>> = faults
+        .iter()
+        .map(|f| {
+            vec![
+                f.id.to_string(),
+                f.cluster.clone(),
+                f.node.clone(),
+                f.r#type.clone(),
+                enum_name(f.state().as_str_name(), "FAULT_STATE_"),
+                enum_name(f.severity().as_str_name(), "SEVERITY_"),
+                f.count.to_string(),
+                time(f.first_seen_time.as_ref()),
+                time(f.last_seen_time.as_ref()),
+                f.message.clone(),
+            ]
+        })
+        .collect();
+    table(&["ID", "CLUSTER", "NODE", "TYPE", "STATE", "SEVERITY", "COUNT", "FIRST SEEN", "LAST SEEN", "MESSAGE"], &rows)?;
+    Ok(())
+}
+
+async fn faults_show(ch: Channel, json: bool, id: u64) -> anyhow::Result<()> {
+    let resp = FleetServiceClient::new(ch).get_fault(GetFaultRequest { id }).await.map_err(status)?.into_inner();
+    if json {
+        return json_line("nodekeeper.v1.GetFaultResponse", &resp);
+    }
+    let f = resp.fault.unwrap_or_default();
+    let fields = [
+        ("Fault", f.id.to_string()),
+        ("Node", format!("{}/{}", f.cluster, f.node)),
+        ("Type", f.r#type.clone()),
+        ("State", enum_name(f.state().as_str_name(), "FAULT_STATE_")),
+        ("Severity", enum_name(f.severity().as_str_name(), "SEVERITY_")),
+        ("Action", enum_name(f.action().as_str_name(), "RECOMMENDED_ACTION_")),
+        ("Reason", f.reason.clone()),
+        ("Message", f.message.clone()),
+        ("Count", f.count.to_string()),
+        ("Boot id", f.boot_id.clone()),
+        ("First seen", time(f.first_seen_time.as_ref())),
+        ("Last seen", time(f.last_seen_time.as_ref())),
+        ("Resolved", time(f.resolved_time.as_ref())),
+    ];
+    for (k, v) in fields {
+        output::println(&format!("{k:<11} {v}"))?;
+    }
+    output::println("")?;
+    output::println("Timeline:")?;
+    table(&EVENT_HEADER, &resp.events.iter().map(event_row).collect::<Vec<_>>())?;
+    Ok(())
+}
