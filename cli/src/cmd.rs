@@ -158,7 +158,8 @@ async fn channel(server: &str) -> anyhow::Result<Channel> {
         .map_err(|e| anyhow::anyhow!("invalid --server {server:?}: {e}"))?
         .connect_timeout(Duration::from_secs(5));
     endpoint.connect().await.map_err(|e| {
-        anyhow::Error::new(e).context(format!("cannot reach the event center at {server} (is it running? see --server)"))
+        anyhow::Error::new(e)
+            .context(format!("cannot reach the event center at {server} (is it running? see --server)"))
     })
 }
 
@@ -180,7 +181,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
 }
 
 async fn nodes_list(ch: Channel, json: bool, clusters: Vec<String>) -> anyhow::Result<()> {
-    let nodes = FleetServiceClient::new(ch).list_nodes(ListNodesRequest { clusters }).await.map_err(status)?.into_inner().nodes;
+    let nodes =
+        FleetServiceClient::new(ch).list_nodes(ListNodesRequest { clusters }).await.map_err(status)?.into_inner().nodes;
     if json {
         for n in &nodes {
             json_line("nodekeeper.v1.Node", n)?;
@@ -229,7 +231,11 @@ const EVENT_HEADER: [&str; 8] = ["CURSOR", "RECEIVED", "CLUSTER", "NODE", "TYPE"
 
 async fn events_list(ch: Channel, json: bool, from: Option<String>, limit: u32, filter: Filter) -> anyhow::Result<()> {
     let resp = EventServiceClient::new(ch)
-        .list_events(ListEventsRequest { after_cursor: from.unwrap_or_default(), filter: Some(filter.to_proto()), limit })
+        .list_events(ListEventsRequest {
+            after_cursor: from.unwrap_or_default(),
+            filter: Some(filter.to_proto()),
+            limit,
+        })
         .await
         .map_err(status)?
         .into_inner();
@@ -332,7 +338,10 @@ async fn faults_list(ch: Channel, json: bool, nodes: Vec<String>, limit: u32) ->
             ]
         })
         .collect();
-    table(&["ID", "CLUSTER", "NODE", "TYPE", "STATE", "SEVERITY", "COUNT", "FIRST SEEN", "LAST SEEN", "MESSAGE"], &rows)?;
+    table(
+        &["ID", "CLUSTER", "NODE", "TYPE", "STATE", "SEVERITY", "COUNT", "FIRST SEEN", "LAST SEEN", "MESSAGE"],
+        &rows,
+    )?;
     Ok(())
 }
 

@@ -41,8 +41,7 @@ pub fn parse<T: DeserializeOwned>(path: &Path, text: &str) -> Result<T, ConfigEr
 
 /// Reads and parses the config file at `path`.
 pub fn load<T: DeserializeOwned>(path: &Path) -> Result<T, ConfigError> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
     parse(path, &text)
 }
 
@@ -77,8 +76,9 @@ pub mod duration {
 
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
         let s = String::deserialize(d)?;
-        humantime::parse_duration(&s)
-            .map_err(|e| serde::de::Error::custom(format!("expected a duration like \"10s\" or \"5m\", got {s:?}: {e}")))
+        humantime::parse_duration(&s).map_err(|e| {
+            serde::de::Error::custom(format!("expected a duration like \"10s\" or \"5m\", got {s:?}: {e}"))
+        })
     }
 
     pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
@@ -123,9 +123,7 @@ mod tests {
     fn wrong_type_names_key_and_expectation() {
         let e = parse::<Cfg>(Path::new("c.toml"), "name = 5\n").unwrap_err().to_string();
         assert!(e.contains("key `name`") && e.contains("expected a string"), "{e}");
-        let e = parse::<Cfg>(Path::new("c.toml"), "name = \"a\"\n[store]\ndelay = \"soon\"\n")
-            .unwrap_err()
-            .to_string();
+        let e = parse::<Cfg>(Path::new("c.toml"), "name = \"a\"\n[store]\ndelay = \"soon\"\n").unwrap_err().to_string();
         assert!(e.contains("`store.delay`") && e.contains("expected a duration"), "{e}");
     }
 

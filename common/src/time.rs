@@ -16,9 +16,7 @@ pub fn now_timestamp() -> prost_types::Timestamp {
 
 /// Milliseconds since the Unix epoch; 0 for times before it.
 pub fn to_unix_ms(t: SystemTime) -> i64 {
-    t.duration_since(UNIX_EPOCH)
-        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-        .unwrap_or(0)
+    t.duration_since(UNIX_EPOCH).map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX)).unwrap_or(0)
 }
 
 pub fn timestamp_from_unix_ms(ms: i64) -> prost_types::Timestamp {

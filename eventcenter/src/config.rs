@@ -150,9 +150,12 @@ mod tests {
 
     #[test]
     fn unknown_key_rejected() {
-        let e = nodekeeper_common::config::parse::<Config>(std::path::Path::new("ec.toml"), "[store]\nretension = \"1d\"\n")
-            .unwrap_err()
-            .to_string();
+        let e = nodekeeper_common::config::parse::<Config>(
+            std::path::Path::new("ec.toml"),
+            "[store]\nretension = \"1d\"\n",
+        )
+        .unwrap_err()
+        .to_string();
         assert!(e.contains("store.retension"), "{e}");
     }
 }

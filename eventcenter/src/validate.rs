@@ -24,7 +24,10 @@ pub fn observation(o: &Observation, limits: &LimitsConfig, what: &dyn Fn() -> St
     }
     for (k, v) in &o.attributes {
         if k.is_empty() || k.len() > 128 || v.len() > limits.max_text_bytes {
-            return Err(bad(format!("attribute {:?} has an empty or oversize key or value", k.chars().take(40).collect::<String>())));
+            return Err(bad(format!(
+                "attribute {:?} has an empty or oversize key or value",
+                k.chars().take(40).collect::<String>()
+            )));
         }
     }
     if o.source.len() > 128 {

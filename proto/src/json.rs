@@ -9,8 +9,7 @@ use prost_reflect::{DescriptorPool, DynamicMessage, SerializeOptions};
 fn pool() -> &'static DescriptorPool {
     static POOL: OnceLock<DescriptorPool> = OnceLock::new();
     POOL.get_or_init(|| {
-        DescriptorPool::decode(crate::FILE_DESCRIPTOR_SET)
-            .expect("the embedded descriptor set is valid")
+        DescriptorPool::decode(crate::FILE_DESCRIPTOR_SET).expect("the embedded descriptor set is valid")
     })
 }
 
@@ -30,9 +29,8 @@ impl std::error::Error for JsonError {}
 /// (e.g. `nodekeeper.v1.Event`). Enum values are written by name, default fields are left out,
 /// 64-bit integers are strings, timestamps are RFC 3339: as protobuf specifies.
 pub fn to_json<M: Message>(full_name: &str, msg: &M) -> Result<serde_json::Value, JsonError> {
-    let desc = pool()
-        .get_message_by_name(full_name)
-        .ok_or_else(|| JsonError(format!("unknown message type {full_name}")))?;
+    let desc =
+        pool().get_message_by_name(full_name).ok_or_else(|| JsonError(format!("unknown message type {full_name}")))?;
     let dynamic = DynamicMessage::decode(desc, msg.encode_to_vec().as_slice())
         .map_err(|e| JsonError(format!("re-decoding {full_name}: {e}")))?;
     let options = SerializeOptions::new().skip_default_fields(true);

@@ -1,1 +1,263 @@
-//! placeholder
+//! Harness for system tests: start the real binaries as separate processes, talk to them with
+//! real gRPC clients, wait for conditions with deadlines (never fixed sleeps).
+//!
+//! The binaries are taken from the same target directory as the test binary; the README's test
+//! command builds them first (`cargo build --workspace --bins`).
+
+use std::future::Future;
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use nodekeeper_proto::v1::{
+    Ack, AgentMessage, CenterMessage, Hello, Observation, ObservationBatch, Welcome, agent_message,
+    agent_service_client::AgentServiceClient, center_message,
+};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::Streaming;
+use tonic::transport::Channel;
+
+/// Path of a workspace binary next to the running test binary.
+pub fn bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    // target/<profile>/deps/<test> -> target/<profile>/<name>
+    let dir = exe.parent().and_then(Path::parent).expect("target dir");
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: build the binaries first with `cargo build --workspace --bins` (the README's test command does)",
+        path.display()
+    );
+    path
+}
+
+/// A port that was free a moment ago on 127.0.0.1.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").expect("bind port 0").local_addr().expect("local addr").port()
+}
+
+/// Polls `check` until it returns `Some`, or panics after `timeout` naming `what`.
+pub async fn wait_for<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut pause = Duration::from_millis(10);
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_millis(200));
+    }
+}
+
+/// A running nodekeeper-eventcenter process with its own data directory and port.
+pub struct EventCenter {
+    pub addr: SocketAddr,
+    pub data_dir: PathBuf,
+    config: Option<PathBuf>,
+    child: Option<Child>,
+    _tmp: Option<tempfile::TempDir>,
+}
+
+impl EventCenter {
+    /// Starts a center on a fresh data directory; `config_toml` is written to a config file.
+    pub async fn start(config_toml: &str) -> EventCenter {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let data_dir = tmp.path().join("data");
+        let config = tmp.path().join("eventcenter.toml");
+        std::fs::write(&config, config_toml).expect("write config");
+        let mut c = EventCenter {
+            addr: SocketAddr::from(([127, 0, 0, 1], free_port())),
+            data_dir,
+            config: Some(config),
+            child: None,
+            _tmp: Some(tmp),
+        };
+        c.spawn().await;
+        c
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Starts the process (again) on the same directory and port, and waits until it serves.
+    pub async fn spawn(&mut self) {
+        assert!(self.child.is_none(), "already running");
+        let mut cmd = Command::new(bin("nodekeeper-eventcenter"));
+        cmd.arg("--listen").arg(self.addr.to_string()).arg("--data-dir").arg(&self.data_dir);
+        if let Some(c) = &self.config {
+            cmd.arg("--config").arg(c);
+        }
+        cmd.env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()))
+            .stdin(Stdio::null())
+            .stdout(Stdio::inherit())
+            .stderr(Stdio::inherit());
+        self.child = Some(cmd.spawn().expect("spawn nodekeeper-eventcenter"));
+        let url = self.url();
+        wait_for("the event center to serve", Duration::from_secs(20), || {
+            let url = url.clone();
+            async move { health_ok(&url).await.then_some(()) }
+        })
+        .await;
+    }
+
+    /// SIGKILL: no chance to flush anything.
+    pub fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            child.kill().expect("kill -9 the event center");
+            child.wait().expect("reap the event center");
+        }
+    }
+
+    /// SIGTERM and wait for exit; returns the exit status.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        let mut child = self.child.take().expect("running");
+        signal(child.id(), "TERM");
+        child.wait().expect("wait for the event center")
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        self.child.as_mut().is_some_and(|c| c.try_wait().expect("try_wait").is_none())
+    }
+
+    pub async fn channel(&self) -> Channel {
+        Channel::from_shared(self.url()).expect("url").connect().await.expect("connect to the event center")
+    }
+}
+
+impl Drop for EventCenter {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// Sends a signal with kill(1); the tests crate stays free of unsafe code.
+pub fn signal(pid: u32, sig: &str) {
+    let status = Command::new("kill").arg(format!("-{sig}")).arg(pid.to_string()).status().expect("run kill");
+    assert!(status.success(), "kill -{sig} {pid} failed");
+}
+
+/// The gRPC health check (grpc.health.v1) answers SERVING.
+pub async fn health_ok(url: &str) -> bool {
+    use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient};
+    let Ok(endpoint) = tonic::transport::Endpoint::from_shared(url.to_owned()) else { return false };
+    let Ok(channel) = endpoint.connect_timeout(Duration::from_millis(500)).connect().await else { return false };
+    match HealthClient::new(channel).check(HealthCheckRequest { service: String::new() }).await {
+        Ok(r) => r.into_inner().status == ServingStatus::Serving as i32,
+        Err(_) => false,
+    }
+}
+
+/// A test agent: one Session stream, driven by hand.
+pub struct AgentConn {
+    pub welcome: Welcome,
+    tx: mpsc::Sender<AgentMessage>,
+    rx: Streaming<CenterMessage>,
+}
+
+pub fn hello(cluster: &str, node: &str, boot_id: &str) -> Hello {
+    Hello {
+        node: node.into(),
+        cluster: cluster.into(),
+        boot_id: boot_id.into(),
+        agent_version: "test".into(),
+        ..Default::default()
+    }
+}
+
+/// A test observation with sequence `seq` and a 256-byte-ish message.
+pub fn observation(seq: u64) -> Observation {
+    Observation {
+        sequence: seq,
+        time: Some(nodekeeper_common::time::now_timestamp()),
+        r#type: "TestEvent".into(),
+        message: format!("test observation {seq}"),
+        severity: nodekeeper_proto::v1::Severity::Info as i32,
+        ..Default::default()
+    }
+}
+
+impl AgentConn {
+    pub async fn connect(url: &str, hello: Hello) -> Result<AgentConn, tonic::Status> {
+        let channel = Channel::from_shared(url.to_owned())
+            .expect("url")
+            .connect()
+            .await
+            .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+        let (tx, rx) = mpsc::channel(256);
+        tx.send(AgentMessage { msg: Some(agent_message::Msg::Hello(hello)) }).await.expect("queue hello");
+        let mut rx = AgentServiceClient::new(channel).session(ReceiverStream::new(rx)).await?.into_inner();
+        let welcome = match rx.message().await?.and_then(|m| m.msg) {
+            Some(center_message::Msg::Welcome(w)) => w,
+            other => panic!("expected a welcome, got {other:?}"),
+        };
+        Ok(AgentConn { welcome, tx, rx })
+    }
+
+    pub async fn send(&self, msg: agent_message::Msg) {
+        self.tx.send(AgentMessage { msg: Some(msg) }).await.expect("stream open");
+    }
+
+    pub async fn send_batch(&self, batch_id: u64, observations: Vec<Observation>) {
+        self.send(agent_message::Msg::Observations(ObservationBatch { batch_id, observations })).await;
+    }
+
+    /// The next acknowledgement; an error status if the stream ended with one.
+    pub async fn next_ack(&mut self) -> Result<Ack, tonic::Status> {
+        loop {
+            match self.rx.message().await? {
+                Some(CenterMessage { msg: Some(center_message::Msg::Ack(a)) }) => return Ok(a),
+                Some(_) => continue,
+                None => return Err(tonic::Status::aborted("stream ended")),
+            }
+        }
+    }
+
+    /// Sends a batch and waits for its acknowledgement.
+    pub async fn send_acked(&mut self, batch_id: u64, observations: Vec<Observation>) -> Ack {
+        self.send_batch(batch_id, observations).await;
+        let ack = self.next_ack().await.expect("ack");
+        assert_eq!(ack.batch_id, batch_id);
+        ack
+    }
+
+    /// The status the stream ends with.
+    pub async fn closed_status(&mut self) -> tonic::Status {
+        loop {
+            match self.rx.message().await {
+                Ok(Some(_)) => continue,
+                Ok(None) => return tonic::Status::ok("closed"),
+                Err(s) => return s,
+            }
+        }
+    }
+}
+
+/// Runs the CLI with `args` against `server`; returns (exit code, stdout, stderr).
+pub async fn cli(server: &str, args: &[&str]) -> (i32, String, String) {
+    let out = tokio::process::Command::new(bin("nodekeeper"))
+        .arg("--server")
+        .arg(server)
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .output()
+        .await
+        .expect("run nodekeeper");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Parses one JSON object per line.
+pub fn json_lines(s: &str) -> Vec<serde_json::Value> {
+    s.lines().filter(|l| !l.trim().is_empty()).map(|l| serde_json::from_str(l).expect("a JSON line")).collect()
+}

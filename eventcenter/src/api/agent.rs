@@ -49,7 +49,10 @@ fn check_hello(h: &Hello) -> Result<(), Status> {
 impl agent_service_server::AgentService for AgentApi {
     type SessionStream = Pin<Box<dyn Stream<Item = Result<CenterMessage, Status>> + Send>>;
 
-    async fn session(&self, request: Request<Streaming<AgentMessage>>) -> Result<Response<Self::SessionStream>, Status> {
+    async fn session(
+        &self,
+        request: Request<Streaming<AgentMessage>>,
+    ) -> Result<Response<Self::SessionStream>, Status> {
         let ctx = self.0.clone();
         let mut inbound = request.into_inner();
         let first = tokio::time::timeout(HELLO_TIMEOUT, inbound.message())
@@ -89,7 +92,8 @@ impl agent_service_server::AgentService for AgentApi {
         tx.send(Ok(CenterMessage { msg: Some(center_message::Msg::Welcome(welcome)) }))
             .await
             .map_err(|_| Status::cancelled("client went away"))?;
-        let session = Session { ctx, key, boot_id: hello.boot_id, tx, in_flight: Arc::new(Semaphore::new(MAX_IN_FLIGHT)) };
+        let session =
+            Session { ctx, key, boot_id: hello.boot_id, tx, in_flight: Arc::new(Semaphore::new(MAX_IN_FLIGHT)) };
         tokio::spawn(session.run(inbound));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
@@ -110,10 +114,8 @@ impl Session {
                     }
                 }
                 Ok(None) => break None,
-                Err(status) => {
-                    tracing::info!(node = %self.key.node, error = %status, "agent stream ended with an error");
-                    break None;
-                }
+                // Undecodable or oversize input, or a broken connection: say why, if anyone listens.
+                Err(status) => break Some(status),
             }
         };
         self.ctx.liveness.disconnected(&self.key);
@@ -132,7 +134,9 @@ impl Session {
                 self.batch(batch).await?;
             }
             Some(agent_message::Msg::Hello(_)) => {
-                return Err(Status::invalid_argument("a stream carries one hello; open a new stream to change identity"));
+                return Err(Status::invalid_argument(
+                    "a stream carries one hello; open a new stream to change identity",
+                ));
             }
             Some(agent_message::Msg::ComponentStatus(_)) | Some(agent_message::Msg::CommandResult(_)) => {
                 // Stored by the component-manager issue; accepted and counted as a sign of life.

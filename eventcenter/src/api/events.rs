@@ -78,7 +78,8 @@ impl event_service_server::EventService for EventApi {
         if !req.consumer.is_empty() {
             validate::name(names::consumer(&req.consumer))?;
         }
-        let start = StartPosition::try_from(req.start).map_err(|_| Status::invalid_argument("unknown start position"))?;
+        let start =
+            StartPosition::try_from(req.start).map_err(|_| Status::invalid_argument("unknown start position"))?;
         let mut after = if !req.after_cursor.is_empty() {
             cursor::parse(&req.after_cursor)?
         } else {
@@ -117,7 +118,10 @@ impl event_service_server::EventService for EventApi {
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
-    async fn ack_consumer(&self, request: Request<AckConsumerRequest>) -> Result<Response<AckConsumerResponse>, Status> {
+    async fn ack_consumer(
+        &self,
+        request: Request<AckConsumerRequest>,
+    ) -> Result<Response<AckConsumerResponse>, Status> {
         let req = request.into_inner();
         validate::name(names::consumer(&req.consumer))?;
         let c = cursor::parse(&req.cursor)?;
@@ -130,7 +134,10 @@ impl event_service_server::EventService for EventApi {
         Ok(Response::new(AckConsumerResponse {}))
     }
 
-    async fn list_consumers(&self, _: Request<ListConsumersRequest>) -> Result<Response<ListConsumersResponse>, Status> {
+    async fn list_consumers(
+        &self,
+        _: Request<ListConsumersRequest>,
+    ) -> Result<Response<ListConsumersResponse>, Status> {
         let consumers = self.0.store.list_consumers().await.map_err(store_status)?;
         Ok(Response::new(ListConsumersResponse { consumers }))
     }

@@ -17,10 +17,16 @@ fn unimplemented<T>() -> Result<Response<T>, Status> {
 
 #[tonic::async_trait]
 impl permit_service_server::PermitService for PermitApi {
-    async fn acquire_permit(&self, _: Request<AcquirePermitRequest>) -> Result<Response<AcquirePermitResponse>, Status> {
+    async fn acquire_permit(
+        &self,
+        _: Request<AcquirePermitRequest>,
+    ) -> Result<Response<AcquirePermitResponse>, Status> {
         unimplemented()
     }
-    async fn release_permit(&self, _: Request<ReleasePermitRequest>) -> Result<Response<ReleasePermitResponse>, Status> {
+    async fn release_permit(
+        &self,
+        _: Request<ReleasePermitRequest>,
+    ) -> Result<Response<ReleasePermitResponse>, Status> {
         unimplemented()
     }
     async fn list_permits(&self, _: Request<ListPermitsRequest>) -> Result<Response<ListPermitsResponse>, Status> {

@@ -27,9 +27,12 @@ impl report_service_server::ReportService for ReportApi {
         let mut events = Vec::with_capacity(req.reports.len());
         let mut ids = Vec::with_capacity(req.reports.len());
         for (i, r) in req.reports.into_iter().enumerate() {
-            validate::name(names::report_id(&r.report_id)).map_err(|s| Status::invalid_argument(format!("report {i}: {}", s.message())))?;
-            validate::name(names::cluster(&r.cluster)).map_err(|s| Status::invalid_argument(format!("report {i}: {}", s.message())))?;
-            validate::name(names::node(&r.node)).map_err(|s| Status::invalid_argument(format!("report {i}: {}", s.message())))?;
+            validate::name(names::report_id(&r.report_id))
+                .map_err(|s| Status::invalid_argument(format!("report {i}: {}", s.message())))?;
+            validate::name(names::cluster(&r.cluster))
+                .map_err(|s| Status::invalid_argument(format!("report {i}: {}", s.message())))?;
+            validate::name(names::node(&r.node))
+                .map_err(|s| Status::invalid_argument(format!("report {i}: {}", s.message())))?;
             let o = r.observation.ok_or_else(|| Status::invalid_argument(format!("report {i} has no observation")))?;
             validate::observation(&o, limits, &|| format!("report {i}"))?;
             let origin = Origin {

@@ -95,9 +95,8 @@ impl Store {
 
     pub async fn list_faults(&self, filter: FaultFilter) -> Result<Vec<Fault>> {
         self.read(move |c| {
-            let mut stmt = c
-                .prepare_cached("SELECT cluster, node, state, body FROM faults ORDER BY id DESC")
-                .map_err(sql)?;
+            let mut stmt =
+                c.prepare_cached("SELECT cluster, node, state, body FROM faults ORDER BY id DESC").map_err(sql)?;
             let mut rows = stmt.query([]).map_err(sql)?;
             let mut out = Vec::new();
             while let Some(r) = rows.next().map_err(sql)? {
@@ -130,12 +129,10 @@ impl Store {
                 .map_err(sql)?;
             let Some(body) = body else { return Ok(None) };
             let fault: Fault = decode("faults", &body)?;
-            let mut stmt = c
-                .prepare_cached("SELECT cursor, body FROM events WHERE fault_id = ?1 ORDER BY cursor")
-                .map_err(sql)?;
-            let rows = stmt
-                .query_map([id as i64], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, Vec<u8>>(1)?)))
-                .map_err(sql)?;
+            let mut stmt =
+                c.prepare_cached("SELECT cursor, body FROM events WHERE fault_id = ?1 ORDER BY cursor").map_err(sql)?;
+            let rows =
+                stmt.query_map([id as i64], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, Vec<u8>>(1)?))).map_err(sql)?;
             let mut events = Vec::new();
             for row in rows {
                 let (cursor, body) = row.map_err(sql)?;

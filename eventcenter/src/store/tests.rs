@@ -82,12 +82,10 @@ fn duplicates_are_stored_once_and_cursors_stay_contiguous() {
         let mut mixed = batch[2..].to_vec();
         mixed.push(agent_event("n1", "b1", 6));
         let second = store.append(mixed).await.unwrap();
-        assert_eq!(second.iter().map(|a| (a.cursor, a.duplicate)).collect::<Vec<_>>(), vec![
-            (3, true),
-            (4, true),
-            (5, true),
-            (6, false)
-        ]);
+        assert_eq!(
+            second.iter().map(|a| (a.cursor, a.duplicate)).collect::<Vec<_>>(),
+            vec![(3, true), (4, true), (5, true), (6, false)]
+        );
         // Same sequence, other boot: a different identity.
         assert!(!store.append(vec![agent_event("n1", "b2", 1)]).await.unwrap()[0].duplicate);
         assert_eq!(store.head(), 7);

@@ -86,7 +86,11 @@ impl Op {
 /// An answer held back until the group commits: called with `None` on success.
 type Deferred = Box<dyn FnOnce(Option<&StoreError>) + Send>;
 
-fn defer<T: Send + 'static>(reply: oneshot::Sender<Result<T>>, value: Result<T>, permit: OwnedSemaphorePermit) -> Deferred {
+fn defer<T: Send + 'static>(
+    reply: oneshot::Sender<Result<T>>,
+    value: Result<T>,
+    permit: OwnedSemaphorePermit,
+) -> Deferred {
     Box::new(move |commit_error| {
         drop(permit);
         let outcome = match (commit_error, value) {
@@ -150,7 +154,8 @@ impl Writer {
         while close_reply.is_none() {
             let Ok(first) = ops.recv() else { break };
             let started = Instant::now();
-            let mut group = Group { deferred: Vec::new(), published: Vec::new(), rows: 0, start_cursor: self.next_cursor };
+            let mut group =
+                Group { deferred: Vec::new(), published: Vec::new(), rows: 0, start_cursor: self.next_cursor };
             if let Err(e) = self.conn.execute_batch("BEGIN IMMEDIATE") {
                 let e = self.err(e);
                 tracing::error!(error = %e, "store: cannot begin transaction");
@@ -330,7 +335,9 @@ impl Writer {
         }
         let mut stmt = self
             .conn
-            .prepare_cached("INSERT INTO origins (key) VALUES (?1) ON CONFLICT (key) DO UPDATE SET key = key RETURNING id")
+            .prepare_cached(
+                "INSERT INTO origins (key) VALUES (?1) ON CONFLICT (key) DO UPDATE SET key = key RETURNING id",
+            )
             .map_err(|e| self.err(e))?;
         let id: i64 = stmt.query_row([&key], |r| r.get(0)).map_err(|e| self.err(e))?;
         drop(stmt);
@@ -441,7 +448,9 @@ impl Writer {
                 "INSERT INTO conditions (cluster, node, type, body) VALUES (?1, ?2, ?3, ?4)
                  ON CONFLICT (cluster, node, type) DO UPDATE SET body = excluded.body",
             )
-            .and_then(|mut s| s.execute(params![event.cluster, event.node, condition.r#type, node_condition.encode_to_vec()]))
+            .and_then(|mut s| {
+                s.execute(params![event.cluster, event.node, condition.r#type, node_condition.encode_to_vec()])
+            })
             .map_err(|e| self.err(e))?;
 
         let open = self.open_fault(&event.cluster, &event.node, &condition.r#type)?;
@@ -532,7 +541,9 @@ impl Writer {
         let stored: Option<(Vec<u8>, bool)> = self
             .conn
             .prepare_cached("SELECT info, lost FROM nodes WHERE cluster = ?1 AND name = ?2")
-            .and_then(|mut s| s.query_row(params![hello.cluster, hello.node], |r| Ok((r.get(0)?, r.get(1)?))).optional())
+            .and_then(|mut s| {
+                s.query_row(params![hello.cluster, hello.node], |r| Ok((r.get(0)?, r.get(1)?))).optional()
+            })
             .map_err(|e| self.err(e))?;
         let previous = stored
             .as_ref()
@@ -570,7 +581,8 @@ impl Writer {
             None => events.push(base("NodeRegistered", format!("node registered, agent {}", hello.agent_version))),
             Some(p) => {
                 if p.boot_id != hello.boot_id {
-                    let mut e = base("NodeRebooted", format!("boot id changed from {} to {}", p.boot_id, hello.boot_id));
+                    let mut e =
+                        base("NodeRebooted", format!("boot id changed from {} to {}", p.boot_id, hello.boot_id));
                     e.attributes.insert("previous_boot_id".into(), p.boot_id.clone());
                     e.attributes.insert("boot_id".into(), hello.boot_id.clone());
                     events.push(e);
@@ -694,7 +706,10 @@ fn humantime_secs(d: Duration) -> String {
 }
 
 /// Names of the inventory fields that differ.
-fn inventory_changes(old: Option<&nodekeeper_proto::v1::Inventory>, new: &nodekeeper_proto::v1::Inventory) -> Vec<&'static str> {
+fn inventory_changes(
+    old: Option<&nodekeeper_proto::v1::Inventory>,
+    new: &nodekeeper_proto::v1::Inventory,
+) -> Vec<&'static str> {
     let default = nodekeeper_proto::v1::Inventory::default();
     let old = old.unwrap_or(&default);
     let mut changed = Vec::new();

@@ -1,0 +1,23 @@
+//! nodekeeper-remediator: the remediator. Not built yet: this binary only exists so that the workspace has its final
+//! shape; it refuses to run rather than pretend to work. The remediation issue fills it.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+
+/// nodekeeper: the remediator (not implemented in this version).
+#[derive(Debug, Parser)]
+#[command(name = "nodekeeper-remediator", version)]
+struct Args {
+    /// TOML configuration file.
+    #[arg(long, short = 'c')]
+    config: Option<PathBuf>,
+}
+
+fn main() -> ExitCode {
+    let _args = Args::parse();
+    nodekeeper_common::logging::init(nodekeeper_common::logging::LogFormat::Text);
+    tracing::error!("nodekeeper-remediator is not implemented in this version of nodekeeper");
+    ExitCode::from(nodekeeper_common::config::EXIT_FAILURE as u8)
+}

@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Installs the system tools the test suite uses, when they are missing (Debian/Ubuntu, as root or
+# with sudo). Each entry is "command:package". Safe to run again: it installs only what is absent.
+set -euo pipefail
+
+needs=(
+    "kill:procps"        # signals to the services under test (SIGTERM, SIGKILL)
+)
+
+missing=()
+for entry in "${needs[@]}"; do
+    cmd=${entry%%:*}
+    pkg=${entry#*:}
+    command -v "$cmd" >/dev/null 2>&1 || missing+=("$pkg")
+done
+if [ ${#missing[@]} -eq 0 ]; then
+    exit 0
+fi
+echo "installing test dependencies: ${missing[*]}"
+sudo=""
+[ "$(id -u)" -eq 0 ] || sudo="sudo"
+export DEBIAN_FRONTEND=noninteractive
+$sudo apt-get update -qq
+$sudo apt-get install -y -qq --no-install-recommends "${missing[@]}"
