@@ -123,6 +123,10 @@ impl EventCenter {
         child.wait().expect("wait for the event center")
     }
 
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     pub fn is_running(&mut self) -> bool {
         self.child.as_mut().is_some_and(|c| c.try_wait().expect("try_wait").is_none())
     }
@@ -226,6 +230,11 @@ impl AgentConn {
         let ack = self.next_ack().await.expect("ack");
         assert_eq!(ack.batch_id, batch_id);
         ack
+    }
+
+    /// The sending and receiving halves, for callers that pipeline batches.
+    pub fn into_parts(self) -> (mpsc::Sender<AgentMessage>, Streaming<CenterMessage>) {
+        (self.tx, self.rx)
     }
 
     /// The status the stream ends with.

@@ -15,7 +15,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use super::{Ctx, store_status, to_event};
-use crate::store::{Identity, NewEvent, NodeHello, NodeKey};
+use crate::store::{self, Identity, NewEvent, NodeHello, NodeKey};
 use crate::validate;
 
 /// How long a new stream may take to send its hello.
@@ -31,6 +31,7 @@ struct Session {
     ctx: Ctx,
     key: NodeKey,
     boot_id: String,
+    origin: store::OriginKey,
     tx: Tx,
     in_flight: Arc<Semaphore>,
 }
@@ -92,8 +93,14 @@ impl agent_service_server::AgentService for AgentApi {
         tx.send(Ok(CenterMessage { msg: Some(center_message::Msg::Welcome(welcome)) }))
             .await
             .map_err(|_| Status::cancelled("client went away"))?;
-        let session =
-            Session { ctx, key, boot_id: hello.boot_id, tx, in_flight: Arc::new(Semaphore::new(MAX_IN_FLIGHT)) };
+        let session = Session {
+            origin: store::agent_origin(&key.cluster, &key.node, &hello.boot_id),
+            ctx,
+            key,
+            boot_id: hello.boot_id,
+            tx,
+            in_flight: Arc::new(Semaphore::new(MAX_IN_FLIGHT)),
+        };
         tokio::spawn(session.run(inbound));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
@@ -179,15 +186,10 @@ impl Session {
                     sequence,
                     report_id: String::new(),
                 };
-                NewEvent {
-                    identity: Identity::Agent {
-                        cluster: self.key.cluster.clone(),
-                        node: self.key.node.clone(),
-                        boot_id: self.boot_id.clone(),
-                        sequence,
-                    },
-                    event: to_event(&self.key.cluster, &self.key.node, o, origin),
-                }
+                NewEvent::new(
+                    Identity::agent(&self.origin, sequence),
+                    to_event(&self.key.cluster, &self.key.node, o, origin),
+                )
             })
             .collect();
         let permit = self.in_flight.clone().acquire_owned().await.map_err(|_| Status::internal("session closed"))?;

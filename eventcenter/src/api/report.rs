@@ -42,10 +42,10 @@ impl report_service_server::ReportService for ReportApi {
                 report_id: r.report_id.clone(),
             };
             ids.push(r.report_id.clone());
-            events.push(NewEvent {
-                identity: Identity::Report { producer: req.producer.clone(), report_id: r.report_id },
-                event: to_event(&r.cluster, &r.node, o, origin),
-            });
+            events.push(NewEvent::new(
+                Identity::report(&req.producer, &r.report_id),
+                to_event(&r.cluster, &r.node, o, origin),
+            ));
         }
         let appended = self.0.store.append(events).await.map_err(store_status)?;
         let results = ids

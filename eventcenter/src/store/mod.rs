@@ -54,36 +54,54 @@ impl StoreError {
 
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
 
-/// The identity that makes ingest idempotent.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+/// The identity that makes ingest idempotent: an origin and a sequence within it. Agent events
+/// are (cluster, node, boot id) + sequence; a report is (producer, report id) + 0. The store keeps
+/// one event per identity.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Identity {
-    /// An agent observation: (cluster, node, boot id, sequence).
-    Agent { cluster: String, node: String, boot_id: String, sequence: u64 },
-    /// A report of another producer, by its chosen id.
-    Report { producer: String, report_id: String },
+    Keyed {
+        origin: OriginKey,
+        sequence: u64,
+    },
     /// An event the center itself generated; always new.
     Center,
 }
 
+/// An interned origin key; share one per agent session so the writer resolves it once per batch.
+pub type OriginKey = Arc<str>;
+
 impl Identity {
-    fn origin_key(&self) -> String {
-        match self {
-            Identity::Agent { cluster, node, boot_id, .. } => agent_origin(cluster, node, boot_id),
-            Identity::Report { producer, report_id } => format!("p/{producer}/{report_id}"),
-            Identity::Center => "c".to_owned(),
-        }
+    pub fn agent(origin: &OriginKey, sequence: u64) -> Self {
+        Identity::Keyed { origin: origin.clone(), sequence }
+    }
+
+    pub fn report(producer: &str, report_id: &str) -> Self {
+        Identity::Keyed { origin: format!("p/{producer}/{report_id}").into(), sequence: 0 }
     }
 }
 
-pub(crate) fn agent_origin(cluster: &str, node: &str, boot_id: &str) -> String {
-    format!("a/{cluster}/{node}/{boot_id}")
+/// The origin of one agent boot.
+pub fn agent_origin(cluster: &str, node: &str, boot_id: &str) -> OriginKey {
+    format!("a/{cluster}/{node}/{boot_id}").into()
 }
 
-/// An event to append; `event.cursor`, `received_time` and `fault_id` are set by the store.
+const CENTER_ORIGIN: &str = "c";
+
+/// An event to append. The body is encoded by the caller (off the writer thread) with
+/// `received_time` set; the store assigns the cursor and, for condition events, the fault.
 #[derive(Debug, Clone)]
 pub struct NewEvent {
     pub identity: Identity,
     pub event: Event,
+    body: Vec<u8>,
+}
+
+impl NewEvent {
+    pub fn new(identity: Identity, mut event: Event) -> Self {
+        event.received_time = Some(nodekeeper_common::time::now_timestamp());
+        let body = prost::Message::encode_to_vec(&event);
+        NewEvent { identity, event, body }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -151,6 +169,8 @@ struct Inner {
     head: watch::Receiver<u64>,
     floor: Arc<AtomicU64>,
     writer: Mutex<Option<std::thread::JoinHandle<()>>>,
+    /// Dropping the sender stops the checkpointer thread.
+    checkpointer: Mutex<Option<(std::sync::mpsc::Sender<()>, std::thread::JoinHandle<()>)>>,
 }
 
 impl Store {
@@ -179,6 +199,7 @@ impl Store {
             .name("store-writer".into())
             .spawn(move || w.run(ops_rx))
             .map_err(|e| StoreError::sqlite(&path, format!("spawning writer thread: {e}")))?;
+        let checkpointer = spawn_checkpointer(&path)?;
         Ok(Store {
             inner: Arc::new(Inner {
                 path,
@@ -190,6 +211,7 @@ impl Store {
                 head: head_rx,
                 floor,
                 writer: Mutex::new(Some(handle)),
+                checkpointer: Mutex::new(Some(checkpointer)),
             }),
         })
     }
@@ -320,6 +342,13 @@ impl Store {
                 tracing::warn!("store writer stopped before acknowledging close");
             }
         }
+        let checkpointer = self.inner.checkpointer.lock().expect("checkpointer lock").take();
+        if let Some((stop, handle)) = checkpointer {
+            drop(stop);
+            if tokio::task::spawn_blocking(move || handle.join()).await.is_err() {
+                tracing::error!("store checkpointer thread panicked");
+            }
+        }
         let handle = self.inner.writer.lock().expect("writer handle lock").take();
         if let Some(handle) = handle
             && tokio::task::spawn_blocking(move || handle.join()).await.is_err()
@@ -336,8 +365,11 @@ fn open_writer(path: &Path) -> Result<Connection> {
     if !mode.eq_ignore_ascii_case("wal") {
         return Err(StoreError::NotWal { path: path.to_owned(), found: mode });
     }
-    conn.execute_batch("PRAGMA synchronous = FULL; PRAGMA cache_size = -65536; PRAGMA busy_timeout = 5000;")
-        .map_err(sqlite)?;
+    conn.execute_batch(
+        "PRAGMA synchronous = FULL; PRAGMA cache_size = -65536; PRAGMA busy_timeout = 5000; \
+         PRAGMA wal_autocheckpoint = 0;",
+    )
+    .map_err(sqlite)?;
     let sync: i64 = conn.query_row("PRAGMA synchronous", [], |r| r.get(0)).map_err(sqlite)?;
     if sync != 2 {
         return Err(StoreError::NotSynchronousFull { path: path.to_owned(), found: sync });
@@ -349,6 +381,31 @@ fn open_writer(path: &Path) -> Result<Connection> {
         }
     })?;
     Ok(conn)
+}
+
+/// How often the WAL is copied back into the database.
+const CHECKPOINT_EVERY: Duration = Duration::from_millis(200);
+
+/// Checkpoints run on their own connection and thread, in PASSIVE mode, so that they never stall
+/// the writer's commits (SQLite's automatic checkpoint would run inside a commit and show up as
+/// latency spikes for every caller of that group). The writer disables the automatic one.
+fn spawn_checkpointer(path: &Path) -> Result<(std::sync::mpsc::Sender<()>, std::thread::JoinHandle<()>)> {
+    let conn = Connection::open(path).map_err(|e| StoreError::sqlite(path, e))?;
+    conn.execute_batch("PRAGMA busy_timeout = 5000;").map_err(|e| StoreError::sqlite(path, e))?;
+    let (stop_tx, stop_rx) = std::sync::mpsc::channel::<()>();
+    let store_path = path.display().to_string();
+    let handle = std::thread::Builder::new()
+        .name("store-checkpoint".into())
+        .spawn(move || {
+            // recv_timeout doubles as a stoppable timer: the sender is dropped on close.
+            while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = stop_rx.recv_timeout(CHECKPOINT_EVERY) {
+                if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
+                    tracing::warn!(store = %store_path, error = %e, "checkpoint failed");
+                }
+            }
+        })
+        .map_err(|e| StoreError::sqlite(path, format!("spawning checkpoint thread: {e}")))?;
+    Ok((stop_tx, handle))
 }
 
 fn open_reader(path: &Path) -> Result<Connection> {

@@ -15,26 +15,28 @@ fn rt() -> tokio::runtime::Runtime {
 }
 
 fn agent_event(node: &str, boot: &str, seq: u64) -> NewEvent {
-    NewEvent {
-        identity: Identity::Agent { cluster: "c1".into(), node: node.into(), boot_id: boot.into(), sequence: seq },
-        event: Event {
-            cluster: "c1".into(),
-            node: node.into(),
-            kind: EventKind::Observation as i32,
-            r#type: "TestEvent".into(),
-            message: format!("{node} {boot} {seq}"),
-            ..Default::default()
-        },
-    }
+    observation_event(Identity::agent(&agent_origin("c1", node, boot), seq), node, format!("{node} {boot} {seq}"))
+}
+
+fn observation_event(identity: Identity, node: &str, message: String) -> NewEvent {
+    let event = Event {
+        cluster: "c1".into(),
+        node: node.into(),
+        kind: EventKind::Observation as i32,
+        r#type: "TestEvent".into(),
+        message,
+        origin: Some(nodekeeper_proto::v1::Origin { producer: "agent".into(), ..Default::default() }),
+        ..Default::default()
+    };
+    NewEvent::new(identity, event)
 }
 
 fn condition_event(node: &str, seq: u64, status: ConditionStatus) -> NewEvent {
-    let mut e = agent_event(node, "b1", seq);
-    e.event.kind = EventKind::Condition as i32;
-    e.event.r#type = "KernelDeadlock".into();
-    e.event.condition =
-        Some(Condition { r#type: "KernelDeadlock".into(), status: status as i32, ..Default::default() });
-    e
+    let mut e = agent_event(node, "b1", seq).event;
+    e.kind = EventKind::Condition as i32;
+    e.r#type = "KernelDeadlock".into();
+    e.condition = Some(Condition { r#type: "KernelDeadlock".into(), status: status as i32, ..Default::default() });
+    NewEvent::new(Identity::agent(&agent_origin("c1", node, "b1"), seq), e)
 }
 
 fn schema_of(conn: &Connection) -> Vec<(String, String, String)> {
@@ -202,9 +204,7 @@ proptest! {
                         prop_assert_eq!(got, want);
                     }
                     Op::Report(id) => {
-                        let mut e = agent_event("n0", "b0", 0);
-                        e.identity = Identity::Report { producer: "p".into(), report_id: format!("r{id}") };
-                        e.event.message = format!("report r{id}");
+                        let e = observation_event(Identity::report("p", &format!("r{id}")), "n0", format!("report r{id}"));
                         let got = store.append(vec![e]).await.unwrap();
                         prop_assert_eq!(got, vec![model.append(format!("report r{id}"))]);
                     }

@@ -24,8 +24,8 @@ use rusqlite::{Connection, OptionalExtension, params};
 use tokio::sync::{OwnedSemaphorePermit, broadcast, oneshot, watch};
 
 use super::{
-    Appended, FAULT_RESOLVED, HelloOutcome, Identity, LiveBatch, NewEvent, NodeHello, NodeKey, Result, StoreError,
-    StoreOptions,
+    Appended, FAULT_RESOLVED, HelloOutcome, Identity, LiveBatch, NewEvent, NodeHello, NodeKey, OriginKey, Result,
+    StoreError, StoreOptions,
 };
 
 pub(crate) enum Op {
@@ -108,7 +108,8 @@ pub(crate) struct Writer {
     options: StoreOptions,
     next_cursor: u64,
     last_received_ms: i64,
-    origins: HashMap<String, i64>,
+    origins: HashMap<OriginKey, i64>,
+    center_origin: OriginKey,
     live: broadcast::Sender<LiveBatch>,
     head: watch::Sender<u64>,
     floor: Arc<AtomicU64>,
@@ -139,6 +140,7 @@ impl Writer {
             next_cursor: head + 1,
             last_received_ms: 0,
             origins: HashMap::new(),
+            center_origin: OriginKey::from(super::CENTER_ORIGIN),
             live,
             head: head_tx,
             floor,
@@ -329,8 +331,8 @@ impl Writer {
         }
     }
 
-    fn origin_id(&mut self, key: String) -> Result<i64> {
-        if let Some(id) = self.origins.get(&key) {
+    fn origin_id(&mut self, key: &OriginKey) -> Result<i64> {
+        if let Some(id) = self.origins.get(key) {
             return Ok(*id);
         }
         let mut stmt = self
@@ -339,12 +341,12 @@ impl Writer {
                 "INSERT INTO origins (key) VALUES (?1) ON CONFLICT (key) DO UPDATE SET key = key RETURNING id",
             )
             .map_err(|e| self.err(e))?;
-        let id: i64 = stmt.query_row([&key], |r| r.get(0)).map_err(|e| self.err(e))?;
+        let id: i64 = stmt.query_row([&**key], |r| r.get(0)).map_err(|e| self.err(e))?;
         drop(stmt);
         if self.origins.len() > 100_000 {
             self.origins.clear();
         }
-        self.origins.insert(key, id);
+        self.origins.insert(key.clone(), id);
         Ok(id)
     }
 
@@ -356,33 +358,55 @@ impl Writer {
 
     fn append(&mut self, events: Vec<NewEvent>, published: &mut Vec<Event>) -> Result<Vec<Appended>> {
         let received_ms = self.received_ms();
+        // Resolve origins first (a batch of one agent shares one), then insert with one statement.
+        let mut origin_ids = Vec::with_capacity(events.len());
+        let mut last: Option<(&OriginKey, i64)> = None;
+        for e in &events {
+            let id = match &e.identity {
+                Identity::Center => self.origin_id(&self.center_origin.clone())?,
+                Identity::Keyed { origin, .. } => match last {
+                    Some((o, id)) if Arc::ptr_eq(o, origin) || **o == **origin => id,
+                    _ => self.origin_id(origin)?,
+                },
+            };
+            if let Identity::Keyed { origin, .. } = &e.identity {
+                last = Some((origin, id));
+            }
+            origin_ids.push(id);
+        }
+        let mut next = self.next_cursor;
         let mut out = Vec::with_capacity(events.len());
-        for NewEvent { identity, mut event } in events {
-            let origin = self.origin_id(identity.origin_key())?;
+        let mut insert = self
+            .conn
+            .prepare_cached(
+                "INSERT INTO events (cursor, origin, origin_seq, received_ms, fault_id, body)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6) ON CONFLICT (origin, origin_seq) DO NOTHING",
+            )
+            .map_err(|e| self.err(e))?;
+        for (NewEvent { identity, mut event, mut body }, origin) in events.into_iter().zip(origin_ids) {
             let origin_seq = match &identity {
-                Identity::Agent { sequence, .. } => *sequence as i64,
-                Identity::Report { .. } => 0,
-                Identity::Center => self.next_cursor as i64,
+                Identity::Keyed { sequence, .. } => *sequence as i64,
+                Identity::Center => next as i64,
             };
             // Condition events are rare and fold into faults; look for a stored copy first so a
             // resent one folds nothing twice. Plain events rely on the unique index alone.
-            if event.condition.is_some()
-                && let Some(cursor) = self.find_identity(origin, origin_seq)?
-            {
-                out.push(Appended { cursor, duplicate: true });
-                continue;
-            }
-            let cursor = self.next_cursor;
-            event.received_time = Some(nktime::timestamp_from_unix_ms(received_ms));
             if event.condition.is_some() {
-                self.fold_condition(&mut event, cursor, &identity)?;
+                if let Some(cursor) = self.find_identity(origin, origin_seq)? {
+                    out.push(Appended { cursor, duplicate: true });
+                    continue;
+                }
+                self.fold_condition(&mut event, next)?;
+                body = event.encode_to_vec();
             }
-            let inserted = self.insert_event(cursor, origin, origin_seq, received_ms, &event)?;
-            if inserted {
-                self.next_cursor += 1;
-                event.cursor = cursor.to_string();
+            let fault_id = (event.fault_id != 0).then_some(event.fault_id as i64);
+            let n = insert
+                .execute(params![next as i64, origin, origin_seq, received_ms, fault_id, body])
+                .map_err(|e| self.err(e))?;
+            if n == 1 {
+                event.cursor = next.to_string();
                 published.push(event);
-                out.push(Appended { cursor, duplicate: false });
+                out.push(Appended { cursor: next, duplicate: false });
+                next += 1;
             } else {
                 let cursor = self.find_identity(origin, origin_seq)?.ok_or_else(|| StoreError::Corrupt {
                     table: "events",
@@ -391,6 +415,8 @@ impl Writer {
                 out.push(Appended { cursor, duplicate: true });
             }
         }
+        drop(insert);
+        self.next_cursor = next;
         Ok(out)
     }
 
@@ -405,36 +431,16 @@ impl Writer {
             .map_err(|e| self.err(e))
     }
 
-    fn insert_event(&self, cursor: u64, origin: i64, origin_seq: i64, received_ms: i64, event: &Event) -> Result<bool> {
-        let body = event.encode_to_vec();
-        let fault_id = (event.fault_id != 0).then_some(event.fault_id as i64);
-        let mut stmt = self
-            .conn
-            .prepare_cached(
-                "INSERT INTO events (cursor, origin, origin_seq, received_ms, fault_id, body)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6) ON CONFLICT (origin, origin_seq) DO NOTHING",
-            )
-            .map_err(|e| self.err(e))?;
-        let n = stmt
-            .execute(params![cursor as i64, origin, origin_seq, received_ms, fault_id, body])
-            .map_err(|e| self.err(e))?;
-        Ok(n == 1)
-    }
-
     /// Appends an event the center generated.
     fn center_event(&mut self, event: Event, published: &mut Vec<Event>) -> Result<()> {
-        self.append(vec![NewEvent { identity: Identity::Center, event }], published).map(|_| ())
+        self.append(vec![NewEvent::new(Identity::Center, event)], published).map(|_| ())
     }
 
     /// Folds a condition event into its fault (one per node and condition type while open) and
     /// records the node's latest condition state. Sets `event.fault_id`.
-    fn fold_condition(&mut self, event: &mut Event, cursor: u64, identity: &Identity) -> Result<()> {
+    fn fold_condition(&self, event: &mut Event, cursor: u64) -> Result<()> {
         let Some(condition) = event.condition.clone() else { return Ok(()) };
-        let producer = match identity {
-            Identity::Agent { .. } => "agent".to_owned(),
-            Identity::Report { producer, .. } => producer.clone(),
-            Identity::Center => "center".to_owned(),
-        };
+        let producer = event.origin.as_ref().map(|o| o.producer.clone()).unwrap_or_default();
         let received = event.received_time;
         let node_condition = NodeCondition {
             cluster: event.cluster.clone(),
@@ -606,7 +612,7 @@ impl Writer {
             )
             .and_then(|mut s| s.execute(params![hello.cluster, hello.node, now_ms, info.encode_to_vec()]))
             .map_err(|e| self.err(e))?;
-        let origin = self.origin_id(super::agent_origin(&hello.cluster, &hello.node, &hello.boot_id))?;
+        let origin = self.origin_id(&super::agent_origin(&hello.cluster, &hello.node, &hello.boot_id))?;
         let last: i64 = self
             .conn
             .prepare_cached("SELECT COALESCE(MAX(origin_seq), 0) FROM events WHERE origin = ?1")

@@ -1,0 +1,408 @@
+//! Durable ingest of the event center against NATS JetStream, side by side in one run.
+//!
+//! ```text
+//! cargo build --release --workspace --bins
+//! cargo bench -p nodekeeper-bench --bench ingest [-- --streams 500 --seconds 10 --no-peer]
+//! ```
+//!
+//! Phases, each against a fresh store:
+//! 1. throughput: N agent streams send 256-byte observations as fast as acknowledgements allow
+//!    (batches of 50, 4 batches in flight per stream); events acknowledged per second;
+//! 2. latency: the same streams paced to 50,000 events/s in total; batch send → ack latency;
+//! 3. fan-out: 10 subscribers following everything while 10,000 events/s arrive; latency from
+//!    the producer's timestamp to each subscriber.
+//!
+//! The peer runs phases 1 and 2 with the same payloads and producer ids: NATS JetStream (file
+//! storage, deduplication by `Nats-Msg-Id`, publish acknowledgements awaited), one connection per
+//! producer like the agents.
+
+use std::collections::{HashMap, VecDeque};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant, SystemTime};
+
+use hdrhistogram::Histogram;
+use nodekeeper_bench::{ProcUsage, histogram, proc_usage, summary};
+use nodekeeper_proto::v1::{
+    AgentMessage, EventFilter, Observation, ObservationBatch, Severity, StartPosition, SubscribeRequest, agent_message,
+    center_message, event_service_client::EventServiceClient, subscribe_response,
+};
+use nodekeeper_tests::{AgentConn, EventCenter, free_port, hello, wait_for};
+use tokio::sync::Mutex;
+
+const PAYLOAD: usize = 256;
+const BATCH: u64 = 50;
+const WINDOW: usize = 4;
+
+struct Args {
+    streams: usize,
+    seconds: u64,
+    peer: bool,
+}
+
+fn args() -> Args {
+    let mut a = Args { streams: 500, seconds: 10, peer: true };
+    let mut it = std::env::args().skip(1);
+    while let Some(arg) = it.next() {
+        match arg.as_str() {
+            "--streams" => a.streams = it.next().and_then(|v| v.parse().ok()).expect("--streams N"),
+            "--seconds" => a.seconds = it.next().and_then(|v| v.parse().ok()).expect("--seconds N"),
+            "--no-peer" => a.peer = false,
+            _ => {} // cargo bench passes --bench
+        }
+    }
+    a
+}
+
+fn payload(seq: u64) -> String {
+    let mut s = format!("observation {seq} ");
+    while s.len() < PAYLOAD {
+        s.push('x');
+    }
+    s
+}
+
+fn observation(seq: u64) -> Observation {
+    Observation {
+        sequence: seq,
+        time: Some(nodekeeper_common::time::now_timestamp()),
+        r#type: "BenchEvent".into(),
+        message: payload(seq),
+        severity: Severity::Info as i32,
+        ..Default::default()
+    }
+}
+
+/// What a load phase measured.
+struct Outcome {
+    events: u64,
+    elapsed: Duration,
+    latency: Histogram<u64>,
+    server: Option<(ProcUsage, ProcUsage)>,
+}
+
+impl Outcome {
+    fn rate(&self) -> f64 {
+        self.events as f64 / self.elapsed.as_secs_f64()
+    }
+
+    fn server_line(&self) -> String {
+        match self.server {
+            Some((a, b)) => format!(
+                "server CPU {:.2} cores, RSS {} MiB",
+                (b.cpu - a.cpu).as_secs_f64() / self.elapsed.as_secs_f64(),
+                b.rss_bytes >> 20
+            ),
+            None => String::new(),
+        }
+    }
+}
+
+/// One agent stream: batches of BATCH with up to WINDOW in flight; paced to `per_second` events
+/// when given. Counts acknowledged events while `measuring`, records batch latencies.
+async fn agent_stream(
+    url: String,
+    node: String,
+    per_second: Option<u64>,
+    stop: Arc<AtomicBool>,
+    measuring: Arc<AtomicBool>,
+    acked: Arc<AtomicU64>,
+    latencies: Arc<Mutex<Histogram<u64>>>,
+) {
+    let conn = AgentConn::connect(&url, hello("bench", &node, "b1")).await.expect("connect");
+    let (tx, mut rx) = conn.into_parts();
+    let (batch_size, mut pace) = match per_second {
+        Some(rate) => {
+            let batches_per_second = (rate / 10).max(1);
+            let mut t = tokio::time::interval(Duration::from_secs_f64(1.0 / batches_per_second as f64));
+            t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            (rate.div_ceil(batches_per_second), Some(t))
+        }
+        None => (BATCH, None),
+    };
+    let mut sent: HashMap<u64, Instant> = HashMap::new();
+    let mut local = histogram();
+    let mut seq = 1;
+    let mut batch_id = 0;
+    loop {
+        let stopping = stop.load(Ordering::Relaxed);
+        if stopping && sent.is_empty() {
+            break;
+        }
+        let can_send = !stopping && sent.len() < WINDOW;
+        tokio::select! {
+            _ = tick(&mut pace), if can_send => {
+                batch_id += 1;
+                let observations: Vec<Observation> = (seq..seq + batch_size).map(observation).collect();
+                seq += batch_size;
+                let msg = AgentMessage {
+                    msg: Some(agent_message::Msg::Observations(ObservationBatch { batch_id, observations })),
+                };
+                if tx.send(msg).await.is_err() {
+                    break;
+                }
+                sent.insert(batch_id, Instant::now());
+            }
+            m = rx.message(), if !sent.is_empty() => match m {
+                Ok(Some(m)) => {
+                    if let Some(center_message::Msg::Ack(a)) = m.msg
+                        && let Some(t0) = sent.remove(&a.batch_id)
+                        && measuring.load(Ordering::Relaxed)
+                    {
+                        acked.fetch_add(u64::from(a.stored + a.duplicates), Ordering::Relaxed);
+                        local.record(t0.elapsed().as_micros().max(1) as u64).ok();
+                    }
+                }
+                _ => break,
+            },
+            _ = tokio::time::sleep(Duration::from_millis(50)) => {} // re-check `stop`
+        }
+    }
+    latencies.lock().await.add(&local).ok();
+}
+
+/// Ready at once when unpaced, else at the next tick.
+async fn tick(pace: &mut Option<tokio::time::Interval>) {
+    if let Some(p) = pace {
+        p.tick().await;
+    }
+}
+
+/// Runs `spawn(i)` for i in 0..n, warms up, measures for `seconds`, then stops them.
+async fn load_phase<F, Fut>(n: usize, seconds: u64, server_pid: Option<u32>, spawn: F) -> Outcome
+where
+    F: Fn(usize, Arc<AtomicBool>, Arc<AtomicBool>, Arc<AtomicU64>, Arc<Mutex<Histogram<u64>>>) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let stop = Arc::new(AtomicBool::new(false));
+    let measuring = Arc::new(AtomicBool::new(false));
+    let acked = Arc::new(AtomicU64::new(0));
+    let latencies = Arc::new(Mutex::new(histogram()));
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..n {
+        tasks.spawn(spawn(i, stop.clone(), measuring.clone(), acked.clone(), latencies.clone()));
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await; // connect and warm up
+    let before = server_pid.and_then(proc_usage);
+    measuring.store(true, Ordering::SeqCst);
+    let t0 = Instant::now();
+    tokio::time::sleep(Duration::from_secs(seconds)).await;
+    measuring.store(false, Ordering::SeqCst);
+    let elapsed = t0.elapsed();
+    let after = server_pid.and_then(proc_usage);
+    let events = acked.load(Ordering::SeqCst);
+    stop.store(true, Ordering::SeqCst);
+    while tasks.join_next().await.is_some() {}
+    let latency = latencies.lock().await.clone();
+    Outcome { events, elapsed, latency, server: before.zip(after) }
+}
+
+async fn center_phase(args: &Args, per_stream: Option<u64>) -> Outcome {
+    let center = EventCenter::start("").await;
+    let url = center.url();
+    let pid = center.pid();
+    load_phase(args.streams, args.seconds, pid, |i, stop, measuring, acked, lat| {
+        agent_stream(url.clone(), format!("node-{i}"), per_stream, stop, measuring, acked, lat)
+    })
+    .await
+}
+
+async fn fanout_phase(args: &Args) -> (Outcome, Histogram<u64>) {
+    let center = EventCenter::start("").await;
+    let url = center.url();
+    let subscribers = 10;
+    let received = Arc::new(AtomicU64::new(0));
+    let fan = Arc::new(Mutex::new(histogram()));
+    let done = Arc::new(AtomicBool::new(false));
+    let mut subs = Vec::new();
+    for _ in 0..subscribers {
+        let mut client = EventServiceClient::new(center.channel().await);
+        let req = SubscribeRequest {
+            start: StartPosition::Now as i32,
+            filter: Some(EventFilter { types: vec!["BenchEvent".into()], ..Default::default() }),
+            ..Default::default()
+        };
+        let mut stream = client.subscribe(req).await.expect("subscribe").into_inner();
+        let (received, fan, done) = (received.clone(), fan.clone(), done.clone());
+        subs.push(tokio::spawn(async move {
+            let mut local = histogram();
+            while !done.load(Ordering::Relaxed) {
+                let Ok(Ok(Some(m))) = tokio::time::timeout(Duration::from_millis(200), stream.message()).await else {
+                    continue;
+                };
+                if let Some(subscribe_response::Msg::Event(e)) = m.msg
+                    && let Some(t) = e.time
+                {
+                    let sent = SystemTime::UNIX_EPOCH + Duration::new(t.seconds as u64, t.nanos as u32);
+                    let lat = SystemTime::now().duration_since(sent).unwrap_or_default();
+                    local.record(lat.as_micros().max(1) as u64).ok();
+                    received.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            fan.lock().await.add(&local).ok();
+        }));
+    }
+    // 50 streams × 200 events/s = 10,000 events/s.
+    let outcome = load_phase(50, args.seconds, center.pid(), |i, stop, measuring, acked, lat| {
+        agent_stream(url.clone(), format!("node-{i}"), Some(200), stop, measuring, acked, lat)
+    })
+    .await;
+    done.store(true, Ordering::SeqCst);
+    for s in subs {
+        s.await.ok();
+    }
+    let fan = fan.lock().await.clone();
+    (outcome, fan)
+}
+
+// ---- NATS JetStream peer ----
+
+struct Nats {
+    child: Child,
+    url: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Nats {
+    fn drop(&mut self) {
+        self.child.kill().ok();
+        self.child.wait().ok();
+    }
+}
+
+async fn start_nats() -> Nats {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let port = free_port();
+    let child = Command::new("nats-server")
+        .args(["-js", "-a", "127.0.0.1", "-p", &port.to_string(), "-sd"])
+        .arg(dir.path())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start nats-server (apt-get install nats-server)");
+    let url = format!("nats://127.0.0.1:{port}");
+    let u = url.clone();
+    wait_for("nats-server", Duration::from_secs(20), || {
+        let u = u.clone();
+        async move { async_nats::connect(u).await.ok().map(|_| ()) }
+    })
+    .await;
+    let js = async_nats::jetstream::new(async_nats::connect(&url).await.expect("connect nats"));
+    js.get_or_create_stream(async_nats::jetstream::stream::Config {
+        name: "BENCH".into(),
+        subjects: vec!["bench.>".into()],
+        storage: async_nats::jetstream::stream::StorageType::File,
+        duplicate_window: Duration::from_secs(120),
+        ..Default::default()
+    })
+    .await
+    .expect("create stream");
+    Nats { child, url, _dir: dir }
+}
+
+/// One producer: publishes with a message id (node/boot/sequence) and awaits acknowledgements,
+/// keeping BATCH × WINDOW in flight like an agent stream, or paced like it.
+async fn nats_producer(
+    url: String,
+    node: String,
+    per_second: Option<u64>,
+    stop: Arc<AtomicBool>,
+    measuring: Arc<AtomicBool>,
+    acked: Arc<AtomicU64>,
+    latencies: Arc<Mutex<Histogram<u64>>>,
+) {
+    let client = async_nats::connect(url).await.expect("connect nats");
+    let js = async_nats::jetstream::new(client);
+    let subject = format!("bench.{node}");
+    let (batch_size, mut pace) = match per_second {
+        Some(rate) => {
+            let batches_per_second = (rate / 10).max(1);
+            let mut t = tokio::time::interval(Duration::from_secs_f64(1.0 / batches_per_second as f64));
+            t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            (rate.div_ceil(batches_per_second), Some(t))
+        }
+        None => (BATCH, None),
+    };
+    let mut in_flight: VecDeque<(Instant, Vec<async_nats::jetstream::context::PublishAckFuture>)> = VecDeque::new();
+    let mut local = histogram();
+    let mut seq = 1;
+    while !stop.load(Ordering::Relaxed) {
+        if let Some(p) = pace.as_mut() {
+            p.tick().await;
+        }
+        let t0 = Instant::now();
+        let mut acks = Vec::with_capacity(batch_size as usize);
+        for _ in 0..batch_size {
+            let mut headers = async_nats::HeaderMap::new();
+            headers.insert("Nats-Msg-Id", format!("{node}/b1/{seq}").as_str());
+            match js.publish_with_headers(subject.clone(), headers, payload(seq).into()).await {
+                Ok(f) => acks.push(f),
+                Err(_) => return,
+            }
+            seq += 1;
+        }
+        in_flight.push_back((t0, acks));
+        let limit = if pace.is_some() { 0 } else { WINDOW - 1 };
+        while in_flight.len() > limit {
+            let (t0, acks) = in_flight.pop_front().expect("non-empty");
+            let n = acks.len() as u64;
+            for a in acks {
+                if a.await.is_err() {
+                    return;
+                }
+            }
+            if measuring.load(Ordering::Relaxed) {
+                acked.fetch_add(n, Ordering::Relaxed);
+                local.record(t0.elapsed().as_micros().max(1) as u64).ok();
+            }
+        }
+    }
+    latencies.lock().await.add(&local).ok();
+}
+
+async fn nats_phase(args: &Args, per_stream: Option<u64>) -> Outcome {
+    let nats = start_nats().await;
+    let url = nats.url.clone();
+    let pid = Some(nats.child.id());
+    load_phase(args.streams, args.seconds, pid, |i, stop, measuring, acked, lat| {
+        nats_producer(url.clone(), format!("node-{i}"), per_stream, stop, measuring, acked, lat)
+    })
+    .await
+}
+
+fn report(name: &str, o: &Outcome) -> String {
+    format!("| {name} | {:.0} | {} | {} |", o.rate(), summary(&o.latency), o.server_line())
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() {
+    let args = args();
+    let paced = 50_000 / args.streams as u64;
+    let mut rows = vec!["| phase | events/s | batch send → ack | server |".to_owned(), "|---|---|---|---|".to_owned()];
+    eprintln!("event center: throughput with {} streams for {} s", args.streams, args.seconds);
+    let ec_max = center_phase(&args, None).await;
+    rows.push(report("nodekeeper-eventcenter, max rate (fsync per group commit)", &ec_max));
+    eprintln!("event center: latency at 50,000 events/s");
+    let ec_paced = center_phase(&args, Some(paced)).await;
+    rows.push(report("nodekeeper-eventcenter, paced to 50,000/s", &ec_paced));
+    if args.peer {
+        eprintln!("NATS JetStream: throughput");
+        let nats_max = nats_phase(&args, None).await;
+        rows.push(report("NATS JetStream 2.9 (file, dedup, acks awaited), max rate", &nats_max));
+        eprintln!("NATS JetStream: latency at 50,000 events/s");
+        let nats_paced = nats_phase(&args, Some(paced)).await;
+        rows.push(report("NATS JetStream 2.9, paced to 50,000/s", &nats_paced));
+        rows.push(format!("\nratio event center / JetStream at max rate: {:.2}", ec_max.rate() / nats_max.rate()));
+    }
+    eprintln!("event center: fan-out to 10 subscribers at 10,000 events/s");
+    let (fan_load, fan) = fanout_phase(&args).await;
+    rows.push(format!(
+        "\nfan-out: 10 subscribers, producers at {:.0} events/s; event → subscriber latency: {}",
+        fan_load.rate(),
+        summary(&fan)
+    ));
+    for r in rows {
+        println!("{r}");
+    }
+}
