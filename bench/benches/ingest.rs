@@ -16,6 +16,8 @@
 //! storage, deduplication by `Nats-Msg-Id`, publish acknowledgements awaited), one connection per
 //! producer like the agents.
 
+#![allow(clippy::print_stdout, clippy::print_stderr, reason = "a benchmark reports on the terminal")]
+
 use std::collections::{HashMap, VecDeque};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
