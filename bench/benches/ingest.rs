@@ -41,27 +41,36 @@ struct Args {
     streams: usize,
     seconds: u64,
     peer: bool,
+    /// Run only this phase: max, paced, fanout.
+    only: Option<String>,
+}
+
+impl Args {
+    fn runs(&self, phase: &str) -> bool {
+        self.only.as_deref().is_none_or(|o| o == phase)
+    }
 }
 
 fn args() -> Args {
-    let mut a = Args { streams: 500, seconds: 10, peer: true };
+    let mut a = Args { streams: 500, seconds: 10, peer: true, only: None };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
         match arg.as_str() {
             "--streams" => a.streams = it.next().and_then(|v| v.parse().ok()).expect("--streams N"),
             "--seconds" => a.seconds = it.next().and_then(|v| v.parse().ok()).expect("--seconds N"),
             "--no-peer" => a.peer = false,
+            "--only" => a.only = it.next(),
             _ => {} // cargo bench passes --bench
         }
     }
     a
 }
 
+/// A 256-byte message naming its sequence.
 fn payload(seq: u64) -> String {
     let mut s = format!("observation {seq} ");
-    while s.len() < PAYLOAD {
-        s.push('x');
-    }
+    let fill = PAYLOAD.saturating_sub(s.len());
+    s.push_str(&"x".repeat(fill));
     s
 }
 
@@ -382,28 +391,43 @@ async fn main() {
     let args = args();
     let paced = 50_000 / args.streams as u64;
     let mut rows = vec!["| phase | events/s | batch send → ack | server |".to_owned(), "|---|---|---|---|".to_owned()];
-    eprintln!("event center: throughput with {} streams for {} s", args.streams, args.seconds);
-    let ec_max = center_phase(&args, None).await;
-    rows.push(report("nodekeeper-eventcenter, max rate (fsync per group commit)", &ec_max));
-    eprintln!("event center: latency at 50,000 events/s");
-    let ec_paced = center_phase(&args, Some(paced)).await;
-    rows.push(report("nodekeeper-eventcenter, paced to 50,000/s", &ec_paced));
-    if args.peer {
-        eprintln!("NATS JetStream: throughput");
-        let nats_max = nats_phase(&args, None).await;
-        rows.push(report("NATS JetStream 2.9 (file, dedup, acks awaited), max rate", &nats_max));
-        eprintln!("NATS JetStream: latency at 50,000 events/s");
-        let nats_paced = nats_phase(&args, Some(paced)).await;
-        rows.push(report("NATS JetStream 2.9, paced to 50,000/s", &nats_paced));
-        rows.push(format!("\nratio event center / JetStream at max rate: {:.2}", ec_max.rate() / nats_max.rate()));
+    let mut ec_max = None;
+    if args.runs("max") {
+        eprintln!("event center: throughput with {} streams for {} s", args.streams, args.seconds);
+        let o = center_phase(&args, None).await;
+        rows.push(report("nodekeeper-eventcenter, max rate (fsync per group commit)", &o));
+        ec_max = Some(o.rate());
     }
-    eprintln!("event center: fan-out to 10 subscribers at 10,000 events/s");
-    let (fan_load, fan) = fanout_phase(&args).await;
-    rows.push(format!(
-        "\nfan-out: 10 subscribers, producers at {:.0} events/s; event → subscriber latency: {}",
-        fan_load.rate(),
-        summary(&fan)
-    ));
+    if args.peer && args.runs("max") {
+        eprintln!("NATS JetStream: throughput");
+        let o = nats_phase(&args, None).await;
+        rows.push(report("NATS JetStream 2.9 (file, dedup, acks awaited), max rate", &o));
+        if let Some(ec) = ec_max {
+            rows.push(format!("| ratio event center / JetStream at max rate | {:.2} | | |", ec / o.rate()));
+        }
+    }
+    if args.runs("paced") {
+        eprintln!("event center: latency at 50,000 events/s");
+        let o = center_phase(&args, Some(paced)).await;
+        rows.push(report("nodekeeper-eventcenter, paced to 50,000/s", &o));
+    }
+    if args.peer && args.runs("paced") {
+        eprintln!("NATS JetStream: latency at 50,000 events/s");
+        let o = nats_phase(&args, Some(paced)).await;
+        rows.push(report("NATS JetStream 2.9, paced to 50,000/s", &o));
+    }
+    if args.runs("fanout") {
+        eprintln!("event center: fan-out to 10 subscribers at 10,000 events/s");
+        let (load, fan) = fanout_phase(&args).await;
+        rows.push(format!(
+            "\nfan-out: 10 subscribers, producers at {:.0} events/s; event → subscriber latency: {}; \
+             producers' batch send → ack: {}; {}",
+            load.rate(),
+            summary(&fan),
+            summary(&load.latency),
+            load.server_line()
+        ));
+    }
     for r in rows {
         println!("{r}");
     }

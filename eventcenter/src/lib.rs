@@ -77,7 +77,6 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: impl Future<Ou
 
     let local = listener.local_addr().ok();
     let server = tonic::transport::Server::builder()
-        .tcp_nodelay(true)
         .initial_connection_window_size(Some(8 << 20))
         .initial_stream_window_size(Some(2 << 20))
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
@@ -90,7 +89,7 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: impl Future<Ou
         .add_service(FleetServiceServer::new(api::fleet::FleetApi(ctx.clone())).max_decoding_message_size(max))
         .add_service(ReportServiceServer::new(api::report::ReportApi(ctx.clone())).max_decoding_message_size(max))
         .add_service(PermitServiceServer::new(api::permits::PermitApi).max_decoding_message_size(max))
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), cancel.clone().cancelled_owned());
+        .serve_with_incoming_shutdown(incoming(listener), cancel.clone().cancelled_owned());
     drop(ctx);
     tracing::info!(listen = ?local, data_dir = %config.data_dir.display(), "event center serving");
 
@@ -117,6 +116,20 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: impl Future<Ou
     store.close().await;
     tracing::info!("event center stopped");
     served.map_err(RunError::from)
+}
+
+/// Accepted connections with TCP_NODELAY: tonic's own `tcp_nodelay` applies only to listeners it
+/// binds itself, and without it Nagle's algorithm meets delayed ACKs and holds small frames (acks,
+/// subscription events) for 40 ms.
+fn incoming(listener: TcpListener) -> impl tokio_stream::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
+    use tokio_stream::StreamExt;
+    TcpListenerStream::new(listener).map(|conn| {
+        let conn = conn?;
+        if let Err(err) = conn.set_nodelay(true) {
+            tracing::warn!(error = %err, "cannot set TCP_NODELAY on a connection");
+        }
+        Ok(conn)
+    })
 }
 
 /// Deletes events older than the retention, a chunk at a time so that ingest is not held up.
