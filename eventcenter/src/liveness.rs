@@ -69,17 +69,14 @@ impl Liveness {
         Ok((this, vec![persist, check]))
     }
 
-    fn grace(&self, interval: Option<Duration>) -> Duration {
-        interval.unwrap_or(self.config.default_heartbeat_interval) * self.config.grace_multiplier
-    }
-
+    /// The grace of a node announcing `interval` (or none).
     pub fn grace_for(&self, interval: Option<Duration>) -> Duration {
-        self.grace(interval)
+        interval.unwrap_or(self.config.default_heartbeat_interval) * self.config.grace_multiplier
     }
 
     fn with_entry(&self, key: &NodeKey, interval: Option<Duration>, f: impl FnOnce(&mut Entry)) {
         let mut entries = self.entries.lock().expect("liveness lock");
-        let grace = self.grace(interval);
+        let grace = self.grace_for(interval);
         let entry = entries.entry(key.clone()).or_insert_with(|| Entry {
             last_seen: Instant::now(),
             grace,

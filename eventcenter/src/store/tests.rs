@@ -149,6 +149,8 @@ enum Op {
     EnsureConsumer(u8),
     Ack(u8, u16),
     Read(u16),
+    /// Retention removes everything received so far, at most this many rows.
+    Retain(u8),
     Restart,
 }
 
@@ -159,6 +161,7 @@ fn op() -> impl Strategy<Value = Op> {
         1 => (0u8..2).prop_map(Op::EnsureConsumer),
         1 => (0u8..2, any::<u16>()).prop_map(|(c, p)| Op::Ack(c, p)),
         2 => any::<u16>().prop_map(Op::Read),
+        1 => (1u8..20).prop_map(Op::Retain),
         1 => Just(Op::Restart),
     ]
 }
@@ -167,6 +170,8 @@ fn op() -> impl Strategy<Value = Op> {
 #[derive(Default)]
 struct Model {
     log: Vec<String>,
+    /// Events at or below it were removed by retention.
+    floor: u64,
     index: HashMap<String, u64>,
     consumers: HashMap<String, u64>,
 }
@@ -228,13 +233,27 @@ proptest! {
                     Op::Read(p) => {
                         let after = if model.log.is_empty() { 0 } else { u64::from(p) % (model.log.len() as u64 + 1) };
                         let got: Vec<String> = store.read_after(after, 1000).await.unwrap().into_iter().map(|e| e.message).collect();
-                        let want: Vec<String> = model.log[after as usize..].to_vec();
+                        let want: Vec<String> = model.log[after.max(model.floor) as usize..].to_vec();
                         prop_assert_eq!(got, want);
+                    }
+                    Op::Retain(max) => {
+                        let future = nodekeeper_common::time::to_unix_ms(std::time::SystemTime::now()) + 60_000;
+                        let deleted = store.retain(future, usize::from(max)).await.unwrap();
+                        let want = (model.log.len() as u64 - model.floor).min(u64::from(max));
+                        prop_assert_eq!(deleted, want);
+                        // Identities are remembered while their event is retained: the
+                        // deduplication window is the retention.
+                        for id in &model.log[model.floor as usize..(model.floor + want) as usize] {
+                            model.index.remove(id);
+                        }
+                        model.floor += want;
+                        prop_assert_eq!(store.floor(), model.floor);
                     }
                     Op::Restart => {
                         store.close().await;
                         store = Store::open(dir.path(), StoreOptions::default()).unwrap();
                         prop_assert_eq!(store.head(), model.log.len() as u64);
+                        prop_assert_eq!(store.floor(), model.floor);
                         for (name, pos) in &model.consumers {
                             prop_assert_eq!(store.consumer_position(name.clone()).await.unwrap(), Some(*pos));
                         }
