@@ -25,7 +25,11 @@ impl std::str::FromStr for LogFormat {
 /// Installs the global subscriber. Logs go to stderr.
 pub fn init(format: LogFormat) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    use std::io::IsTerminal;
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal());
     // A second init (tests running several services in one process) keeps the first subscriber.
     let result = match format {
         LogFormat::Text => builder.try_init(),

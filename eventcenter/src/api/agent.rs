@@ -32,6 +32,8 @@ struct Session {
     key: NodeKey,
     boot_id: String,
     origin: store::OriginKey,
+    /// What the hello said, for inventory updates.
+    hello: NodeHello,
     tx: Tx,
     in_flight: Arc<Semaphore>,
 }
@@ -66,20 +68,17 @@ impl agent_service_server::AgentService for AgentApi {
         check_hello(&hello)?;
         let key = NodeKey { cluster: hello.cluster.clone(), node: hello.node.clone() };
         let interval = nktime::from_duration(hello.heartbeat_interval.as_ref());
-        let outcome = ctx
-            .store
-            .hello(NodeHello {
-                cluster: hello.cluster.clone(),
-                node: hello.node.clone(),
-                boot_id: hello.boot_id.clone(),
-                agent_version: hello.agent_version.clone(),
-                inventory: hello.inventory.clone().unwrap_or_default(),
-                labels: hello.labels.clone(),
-                heartbeat_interval: interval.unwrap_or(ctx.config.nodes.default_heartbeat_interval),
-                status_port: hello.status_port,
-            })
-            .await
-            .map_err(store_status)?;
+        let node_hello = NodeHello {
+            cluster: hello.cluster.clone(),
+            node: hello.node.clone(),
+            boot_id: hello.boot_id.clone(),
+            agent_version: hello.agent_version.clone(),
+            inventory: hello.inventory.clone().unwrap_or_default(),
+            labels: hello.labels.clone(),
+            heartbeat_interval: interval.unwrap_or(ctx.config.nodes.default_heartbeat_interval),
+            status_port: hello.status_port,
+        };
+        let outcome = ctx.store.hello(node_hello.clone()).await.map_err(store_status)?;
         ctx.liveness.hello(&key, interval);
         tracing::info!(cluster = %key.cluster, node = %key.node, boot_id = %hello.boot_id,
             agent_version = %hello.agent_version, last_stored_sequence = outcome.last_stored_sequence, "agent connected");
@@ -95,6 +94,7 @@ impl agent_service_server::AgentService for AgentApi {
             .map_err(|_| Status::cancelled("client went away"))?;
         let session = Session {
             origin: store::agent_origin(&key.cluster, &key.node, &hello.boot_id),
+            hello: node_hello,
             ctx,
             key,
             boot_id: hello.boot_id,
@@ -139,6 +139,11 @@ impl Session {
             Some(agent_message::Msg::Observations(batch)) => {
                 self.ctx.liveness.seen(&self.key);
                 self.batch(batch).await?;
+            }
+            Some(agent_message::Msg::Inventory(inventory)) => {
+                self.ctx.liveness.seen(&self.key);
+                let hello = NodeHello { inventory, ..self.hello.clone() };
+                self.ctx.store.hello(hello).await.map_err(store_status)?;
             }
             Some(agent_message::Msg::Hello(_)) => {
                 return Err(Status::invalid_argument(

@@ -66,6 +66,14 @@ impl Store {
                 node.liveness_changed_time = Some(timestamp_from_unix_ms(changed));
                 out.push(node);
             }
+            let mut by_node: std::collections::HashMap<(String, String), Vec<NodeCondition>> =
+                std::collections::HashMap::new();
+            for c in conditions(c, &clusters, &[])? {
+                by_node.entry((c.cluster.clone(), c.node.clone())).or_default().push(c);
+            }
+            for node in &mut out {
+                node.conditions = by_node.remove(&(node.cluster.clone(), node.name.clone())).unwrap_or_default();
+            }
             Ok(out)
         })
         .await

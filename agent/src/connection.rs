@@ -1,0 +1,240 @@
+//! The one long-lived stream to the event center.
+//!
+//! Connect (backoff with jitter between attempts), hello, then: heartbeats on a timer, batches
+//! from the outbox with a window of unacknowledged ones, and acknowledgements that delete what
+//! they cover. After a reconnect everything still in the outbox is sent again; the center stores
+//! each observation once. On shutdown the session flushes: it stops taking new batches, waits up
+//! to `flush_timeout` for the acknowledgements in flight, and closes the stream.
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use nodekeeper_common::backoff::Backoff;
+use nodekeeper_common::time as nktime;
+use nodekeeper_proto::v1::{
+    AgentMessage, CenterMessage, Heartbeat, Hello, Inventory, ObservationBatch, agent_message,
+    agent_service_client::AgentServiceClient, center_message,
+};
+use rand::RngExt;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Endpoint;
+
+use crate::config::Config;
+use crate::metrics::Metrics;
+use crate::outbox::Outbox;
+use crate::systemd;
+
+/// What the rest of the agent can see of the connection.
+#[derive(Debug, Default, Clone)]
+pub struct ConnState {
+    pub connected: bool,
+    pub last_error: String,
+}
+
+pub struct Connection {
+    pub config: Arc<Config>,
+    pub hello: Hello,
+    pub outbox: Outbox,
+    pub metrics: Metrics,
+    pub state: Arc<Mutex<ConnState>>,
+    pub inventory_paths: crate::config::Paths,
+}
+
+enum End {
+    /// Shutdown requested and handled.
+    Shutdown,
+    /// The stream broke; reconnect.
+    Broken(String),
+}
+
+struct InFlight {
+    batch_id: u64,
+    first: u64,
+    last: u64,
+    count: u64,
+}
+
+impl Connection {
+    pub async fn run(mut self, cancel: CancellationToken) {
+        let mut backoff = Backoff::default();
+        loop {
+            if cancel.is_cancelled() {
+                return;
+            }
+            match self.session(&cancel).await {
+                End::Shutdown => return,
+                End::Broken(reason) => {
+                    self.set_connected(false, &reason);
+                    let delay = backoff.next_delay();
+                    let stats = self.outbox.stats();
+                    tracing::warn!(center = %self.config.center, error = %reason, retry_in = ?delay, outbox_depth = stats.depth, "connection to the event center lost");
+                    systemd::status(&format!(
+                        "center unreachable ({reason}); {} observations waiting; retry in {:.1}s",
+                        stats.depth,
+                        delay.as_secs_f64()
+                    ));
+                    tokio::select! {
+                        _ = cancel.cancelled() => return,
+                        _ = tokio::time::sleep(delay) => {}
+                    }
+                }
+            }
+            if self.state.lock().expect("state lock").connected {
+                backoff.reset();
+            }
+        }
+    }
+
+    fn set_connected(&self, connected: bool, error: &str) {
+        let mut s = self.state.lock().expect("state lock");
+        s.connected = connected;
+        s.last_error = error.to_owned();
+        self.metrics.connected.set(i64::from(connected));
+    }
+
+    async fn session(&mut self, cancel: &CancellationToken) -> End {
+        let endpoint = match Endpoint::from_shared(self.config.center.clone()) {
+            Ok(e) => e
+                .connect_timeout(Duration::from_secs(5))
+                .http2_keep_alive_interval(Duration::from_secs(30))
+                .keep_alive_timeout(Duration::from_secs(20)),
+            Err(e) => return End::Broken(format!("invalid center address: {e}")),
+        };
+        let channel = tokio::select! {
+            _ = cancel.cancelled() => return End::Shutdown,
+            c = endpoint.connect() => match c {
+                Ok(c) => c,
+                Err(e) => return End::Broken(format!("connect: {e}")),
+            },
+        };
+        let (tx, rx) = mpsc::channel::<AgentMessage>(self.config.outbox.window + 8);
+        let send_hello = tx.send(AgentMessage { msg: Some(agent_message::Msg::Hello(self.hello.clone())) });
+        if send_hello.await.is_err() {
+            return End::Broken("stream closed before hello".into());
+        }
+        let mut inbound = match AgentServiceClient::new(channel).session(ReceiverStream::new(rx)).await {
+            Ok(r) => r.into_inner(),
+            Err(status) => return End::Broken(format!("session refused: {}", status.message())),
+        };
+        match inbound.message().await {
+            Ok(Some(CenterMessage { msg: Some(center_message::Msg::Welcome(w)) })) => {
+                tracing::info!(center = %self.config.center, center_version = %w.center_version,
+                    last_stored_sequence = w.last_stored_sequence, "connected to the event center");
+            }
+            Ok(_) => return End::Broken("the center did not welcome the hello".into()),
+            Err(status) => return End::Broken(format!("hello refused: {}", status.message())),
+        }
+        self.metrics.reconnects.inc();
+        self.set_connected(true, "");
+        let outbox = self.outbox.clone();
+        match tokio::task::spawn_blocking(move || outbox.report_drops_blocking()).await {
+            Ok(Ok(Some(dropped))) => tracing::warn!(dropped, "reporting observations the full outbox dropped"),
+            Ok(Ok(None)) => {}
+            Ok(Err(e)) => tracing::error!(error = %e, "cannot record the outbox's drop count"),
+            Err(e) => tracing::error!(error = %e, "drop report task failed"),
+        }
+        systemd::status(&format!("connected to {}", self.config.center));
+
+        let mut heartbeat = jittered_interval(self.config.heartbeat_interval);
+        let mut inventory_check = jittered_interval(self.config.inventory_interval);
+        let mut in_flight: VecDeque<InFlight> = VecDeque::new();
+        let mut sent_upto = 0u64;
+        let mut batch_id = 0u64;
+        let mut draining: Option<tokio::time::Instant> = None;
+        loop {
+            // Fill the window from the outbox (not while draining for shutdown).
+            while draining.is_none() && in_flight.len() < self.config.outbox.window {
+                let batch = match self.outbox.pending(sent_upto, self.config.outbox.batch_size).await {
+                    Ok(b) => b,
+                    Err(e) => return End::Broken(format!("reading the outbox: {e}")),
+                };
+                let (Some(first), Some(last)) = (batch.first(), batch.last()) else { break };
+                let (first, last, count) = (first.sequence, last.sequence, batch.len() as u64);
+                batch_id += 1;
+                let msg = agent_message::Msg::Observations(ObservationBatch { batch_id, observations: batch });
+                if tx.send(AgentMessage { msg: Some(msg) }).await.is_err() {
+                    return End::Broken("stream closed".into());
+                }
+                self.metrics.sent.inc_by(count);
+                sent_upto = last;
+                in_flight.push_back(InFlight { batch_id, first, last, count });
+            }
+            if draining.is_some() && in_flight.is_empty() {
+                tracing::info!("outbox flushed; closing the stream");
+                return End::Shutdown;
+            }
+            let drain_deadline = draining.unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(86_400));
+            tokio::select! {
+                _ = cancel.cancelled(), if draining.is_none() => {
+                    tracing::info!(in_flight = in_flight.len(), "shutting down: waiting for acknowledgements in flight");
+                    draining = Some(tokio::time::Instant::now() + self.config.flush_timeout);
+                }
+                _ = tokio::time::sleep_until(drain_deadline), if draining.is_some() => {
+                    tracing::warn!(in_flight = in_flight.len(), "flush timed out; unacknowledged observations stay in the outbox");
+                    return End::Shutdown;
+                }
+                _ = heartbeat.tick() => {
+                    let stats = self.outbox.stats();
+                    let hb = Heartbeat {
+                        time: Some(nktime::now_timestamp()),
+                        outbox_depth: stats.depth,
+                        outbox_dropped_total: stats.dropped_total,
+                    };
+                    if tx.send(AgentMessage { msg: Some(agent_message::Msg::Heartbeat(hb)) }).await.is_err() {
+                        return End::Broken("stream closed".into());
+                    }
+                }
+                _ = inventory_check.tick() => {
+                    if let Some(inv) = self.inventory_changed()
+                        && tx.send(AgentMessage { msg: Some(agent_message::Msg::Inventory(inv)) }).await.is_err()
+                    {
+                        return End::Broken("stream closed".into());
+                    }
+                }
+                _ = self.outbox.pushed.notified(), if draining.is_none() => {}
+                m = inbound.message() => match m {
+                    Ok(Some(CenterMessage { msg: Some(center_message::Msg::Ack(ack)) })) => {
+                        let Some(pos) = in_flight.iter().position(|b| b.batch_id == ack.batch_id) else {
+                            tracing::warn!(batch_id = ack.batch_id, "acknowledgement for an unknown batch");
+                            continue;
+                        };
+                        let b = in_flight.remove(pos).expect("position is valid");
+                        if let Err(e) = self.outbox.ack(b.first, b.last).await {
+                            return End::Broken(format!("deleting acknowledged observations: {e}"));
+                        }
+                        self.metrics.acked.inc_by(b.count);
+                    }
+                    Ok(Some(other)) => {
+                        // Desired state and commands arrive with the component manager.
+                        tracing::debug!(message = ?other.msg.map(|m| std::mem::discriminant(&m)), "message from the center not handled by this agent version");
+                    }
+                    Ok(None) => return End::Broken("the center closed the stream".into()),
+                    Err(status) => return End::Broken(format!("{}: {}", status.code().description(), status.message())),
+                },
+            }
+        }
+    }
+
+    /// A fresh inventory if it differs from the one the center has.
+    fn inventory_changed(&mut self) -> Option<Inventory> {
+        let now = crate::identity::inventory(&self.inventory_paths);
+        if Some(&now) == self.hello.inventory.as_ref() {
+            return None;
+        }
+        tracing::info!("inventory changed; sending it to the center");
+        self.hello.inventory = Some(now.clone());
+        Some(now)
+    }
+}
+
+/// An interval whose first tick comes after a random part of the period, so that a fleet started
+/// together does not tick together.
+fn jittered_interval(period: Duration) -> tokio::time::Interval {
+    let offset = period.mul_f64(rand::rng().random_range(0.0..1.0));
+    let mut i = tokio::time::interval_at(tokio::time::Instant::now() + offset, period);
+    i.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    i
+}
