@@ -4,7 +4,8 @@
 set -euo pipefail
 
 needs=(
-    "kill:procps"        # signals to the services under test (SIGTERM, SIGKILL)
+    "kill:procps"                 # signals to the services under test (SIGTERM, SIGKILL)
+    "systemd-analyze:systemd"     # verifies the unit files in systemd/
 )
 
 missing=()

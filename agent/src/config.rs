@@ -139,11 +139,13 @@ mod tests {
 
     #[test]
     fn bad_values_name_their_key() {
-        let cfg: Config = nodekeeper_common::config::parse(std::path::Path::new("a.toml"), "cluster = \"Bad_Cluster\"").unwrap();
+        let cfg: Config =
+            nodekeeper_common::config::parse(std::path::Path::new("a.toml"), "cluster = \"Bad_Cluster\"").unwrap();
         assert!(cfg.validate().unwrap_err().starts_with("cluster:"));
-        let e = nodekeeper_common::config::parse::<Config>(std::path::Path::new("a.toml"), "[outbox]\nmax_bytes = \"big\"")
-            .unwrap_err()
-            .to_string();
+        let e =
+            nodekeeper_common::config::parse::<Config>(std::path::Path::new("a.toml"), "[outbox]\nmax_bytes = \"big\"")
+                .unwrap_err()
+                .to_string();
         assert!(e.contains("`outbox.max_bytes`"), "{e}");
     }
 }

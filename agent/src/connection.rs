@@ -25,7 +25,7 @@ use tonic::transport::Endpoint;
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::outbox::Outbox;
-use crate::systemd;
+use nodekeeper_common::systemd;
 
 /// What the rest of the agent can see of the connection.
 #[derive(Debug, Default, Clone)]

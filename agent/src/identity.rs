@@ -16,9 +16,7 @@ pub enum IdentityError {
         #[source]
         source: std::io::Error,
     },
-    #[error(
-        "the hostname {hostname:?} is not a valid node name ({reason}); set node_name in the config"
-    )]
+    #[error("the hostname {hostname:?} is not a valid node name ({reason}); set node_name in the config")]
     BadHostname { hostname: String, reason: String },
 }
 
@@ -185,7 +183,11 @@ mod tests {
         write(r, "proc/sys/kernel/hostname", "Worker-17\n");
         write(r, "proc/sys/kernel/osrelease", "6.1.0-18-amd64\n");
         write(r, "proc/sys/kernel/random/boot_id", "0b7c2b2e-7a3d-4bb8-9a52-9f0f1a1c2d3e\n");
-        write(r, "proc/cpuinfo", "processor\t: 0\nmodel name\t: AMD EPYC 7B13\n\nprocessor\t: 1\nmodel name\t: AMD EPYC 7B13\n");
+        write(
+            r,
+            "proc/cpuinfo",
+            "processor\t: 0\nmodel name\t: AMD EPYC 7B13\n\nprocessor\t: 1\nmodel name\t: AMD EPYC 7B13\n",
+        );
         write(r, "proc/meminfo", "MemTotal:       16384000 kB\nMemFree:         1000 kB\n");
         write(r, "etc/os-release", "NAME=\"Rocky Linux\"\nVERSION_ID=\"9.3\"\n");
         write(r, "etc/iscsi/initiatorname.iscsi", "## comment\nInitiatorName=iqn.1994-05.com.redhat:abc123\n");

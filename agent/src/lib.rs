@@ -11,7 +11,6 @@ pub mod identity;
 pub mod metrics;
 pub mod outbox;
 pub mod status;
-pub mod systemd;
 
 use std::future::Future;
 use std::net::{IpAddr, Ipv4Addr};
@@ -23,6 +22,7 @@ use thiserror::Error;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
+use nodekeeper_common::systemd;
 
 #[derive(Debug, Error)]
 pub enum AgentError {

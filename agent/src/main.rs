@@ -92,7 +92,10 @@ fn main() -> ExitCode {
                 }
             };
             runtime
-                .block_on(nodekeeper_agent::run(config, nodekeeper_common::shutdown::signal()))
+                .block_on(async {
+                    let shutdown = nodekeeper_common::shutdown::signal();
+                    nodekeeper_agent::run(config, shutdown).await
+                })
                 .map_err(anyhow::Error::from)
         }
         Command::Emit { kind, message, reason, severity, condition, port } => {
@@ -148,13 +151,21 @@ async fn emit(
         source: "nodekeeper-agent emit".into(),
         ..Default::default()
     };
-    let r = client(port).await?.emit(EmitRequest { observations: vec![o] }).await.map_err(|s| anyhow::anyhow!("{}", s.message()))?;
+    let r = client(port)
+        .await?
+        .emit(EmitRequest { observations: vec![o] })
+        .await
+        .map_err(|s| anyhow::anyhow!("{}", s.message()))?;
     tracing::info!(sequences = ?r.into_inner().sequences, "stored in the outbox");
     Ok(())
 }
 
 async fn status(port: u16) -> anyhow::Result<()> {
-    let s = client(port).await?.get_status(GetAgentStatusRequest {}).await.map_err(|s| anyhow::anyhow!("{}", s.message()))?;
+    let s = client(port)
+        .await?
+        .get_status(GetAgentStatusRequest {})
+        .await
+        .map_err(|s| anyhow::anyhow!("{}", s.message()))?;
     let s = s.into_inner();
     let json = nodekeeper_proto::json::to_json("nodekeeper.v1.AgentStatus", &s)?;
     use std::io::Write;

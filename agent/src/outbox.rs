@@ -70,8 +70,10 @@ impl Outbox {
     pub fn open(dir: &Path, max_bytes: u64) -> Result<Outbox> {
         let path = dir.join("outbox.db");
         let err = |e: rusqlite::Error| OutboxError::Sqlite { path: path.clone(), message: e.to_string() };
-        std::fs::create_dir_all(dir)
-            .map_err(|e| OutboxError::Sqlite { path: path.clone(), message: format!("creating {}: {e}", dir.display()) })?;
+        std::fs::create_dir_all(dir).map_err(|e| OutboxError::Sqlite {
+            path: path.clone(),
+            message: format!("creating {}: {e}", dir.display()),
+        })?;
         let conn = Connection::open(&path).map_err(err)?;
         // A small page cache: the agent must stay within a few MiB.
         conn.execute_batch("PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; PRAGMA cache_size = -256;")
@@ -112,11 +114,12 @@ impl Outbox {
     /// Assigns sequence numbers, stores the observations durably (one fsync), enforces the bound,
     /// and returns the sequences. Blocking: call from a blocking context.
     pub fn push_blocking(&self, observations: Vec<Observation>) -> Result<Vec<u64>> {
-        self.push_inner(observations, false)
+        self.push_inner(observations, false, true)
     }
 
-    /// `keep`: store as never droppable, like a condition transition.
-    fn push_inner(&self, mut observations: Vec<Observation>, keep: bool) -> Result<Vec<u64>> {
+    /// `keep`: store as never droppable, like a condition transition. `evict`: make room by
+    /// dropping others when over the bound.
+    fn push_inner(&self, mut observations: Vec<Observation>, keep: bool, evict: bool) -> Result<Vec<u64>> {
         let mut inner = self.inner.lock().expect("outbox lock");
         let Inner { conn, stats } = &mut *inner;
         let tx = conn.transaction().map_err(|e| self.err(e))?;
@@ -124,14 +127,22 @@ impl Outbox {
         let mut added_bytes = 0;
         {
             let mut insert = tx
-                .prepare_cached("INSERT INTO outbox (seq, severity, transition, size, body) VALUES (?1, ?2, ?3, ?4, ?5)")
+                .prepare_cached(
+                    "INSERT INTO outbox (seq, severity, transition, size, body) VALUES (?1, ?2, ?3, ?4, ?5)",
+                )
                 .map_err(|e| self.err(e))?;
             for (i, o) in observations.iter_mut().enumerate() {
                 o.sequence = stats.last_sequence + 1 + i as u64;
                 let body = o.encode_to_vec();
                 added_bytes += body.len() as u64;
                 insert
-                    .execute(params![o.sequence as i64, o.severity, keep || o.condition.is_some(), body.len() as i64, body])
+                    .execute(params![
+                        o.sequence as i64,
+                        o.severity,
+                        keep || o.condition.is_some(),
+                        body.len() as i64,
+                        body
+                    ])
                     .map_err(|e| self.err(e))?;
                 seqs.push(o.sequence);
             }
@@ -146,7 +157,7 @@ impl Outbox {
         let mut bytes = stats.bytes + added_bytes;
         let mut dropped = 0u64;
         let mut freed_depth = 0u64;
-        if bytes > self.max_bytes {
+        if evict && bytes > self.max_bytes {
             let victims: Vec<(i64, i64)> = {
                 let mut q = tx
                     .prepare_cached("SELECT seq, size FROM outbox WHERE transition = 0 ORDER BY severity, seq")
@@ -182,7 +193,11 @@ impl Outbox {
         stats.depth = stats.depth + observations.len() as u64 - freed_depth;
         stats.dropped_total += dropped;
         if dropped > 0 {
-            tracing::warn!(dropped, dropped_total = stats.dropped_total, "outbox full: dropped the oldest low-severity observations");
+            tracing::warn!(
+                dropped,
+                dropped_total = stats.dropped_total,
+                "outbox full: dropped the oldest low-severity observations"
+            );
         }
         drop(inner);
         self.pushed.notify_one();
@@ -218,7 +233,8 @@ impl Outbox {
         };
         o.attributes.insert("dropped".into(), delta.to_string());
         o.attributes.insert("dropped_total".into(), total.to_string());
-        self.push_inner(vec![o], true)?;
+        // Kept and evicting nothing: the report of drops must not cause drops it does not count.
+        self.push_inner(vec![o], true, false)?;
         let inner = self.inner.lock().expect("outbox lock");
         inner
             .conn

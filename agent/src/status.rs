@@ -95,7 +95,11 @@ pub async fn bind(addrs: &[IpAddr], port: u16) -> std::io::Result<Vec<TcpListene
     Ok(out)
 }
 
-pub async fn serve(listeners: Vec<TcpListener>, local: Local, cancel: CancellationToken) -> Result<(), tonic::transport::Error> {
+pub async fn serve(
+    listeners: Vec<TcpListener>,
+    local: Local,
+    cancel: CancellationToken,
+) -> Result<(), tonic::transport::Error> {
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<LocalAgentServiceServer<Local>>().await;
     let metrics = local.metrics.clone();
@@ -107,9 +111,7 @@ pub async fn serve(listeners: Vec<TcpListener>, local: Local, cancel: Cancellati
             "/metrics",
             axum::routing::get(move || {
                 let body = metrics.render(&outbox);
-                async move {
-                    ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], body)
-                }
+                async move { ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], body) }
             }),
         );
     tonic::transport::Server::builder()

@@ -59,6 +59,18 @@ enum Command {
     /// Faults: one problem on one node over its lifetime.
     #[command(subcommand)]
     Faults(FaultsCmd),
+    /// Run an event center and an agent for this machine, for a first look.
+    Dev {
+        /// Where the event center's store and the agent's state live.
+        #[arg(long, default_value = ".nodekeeper")]
+        data_dir: std::path::PathBuf,
+        /// The event center's address.
+        #[arg(long, default_value = "127.0.0.1:7443")]
+        listen: std::net::SocketAddr,
+        /// The agent's status port.
+        #[arg(long, default_value_t = 7444)]
+        status_port: u16,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -169,6 +181,9 @@ fn status(s: Status) -> anyhow::Error {
 }
 
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
+    if let Command::Dev { data_dir, listen, status_port } = cli.command {
+        return crate::dev::run(crate::dev::DevArgs { data_dir, listen, status_port }).await;
+    }
     let ch = channel(&cli.server).await?;
     let json = cli.output == Format::Json;
     match cli.command {
@@ -177,6 +192,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Events(EventsCmd::Watch { from, filter }) => events_watch(ch, json, from, filter).await,
         Command::Faults(FaultsCmd::List { node, limit }) => faults_list(ch, json, node, limit).await,
         Command::Faults(FaultsCmd::Show { id }) => faults_show(ch, json, id).await,
+        Command::Dev { .. } => unreachable!("handled above"),
     }
 }
 

@@ -7,6 +7,7 @@ pub mod config;
 pub mod logging;
 pub mod names;
 pub mod shutdown;
+pub mod systemd;
 pub mod time;
 
 /// Version of every nodekeeper binary, reported in hellos and `--version`.

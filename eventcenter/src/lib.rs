@@ -92,11 +92,15 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: impl Future<Ou
         .serve_with_incoming_shutdown(incoming(listener), cancel.clone().cancelled_owned());
     drop(ctx);
     tracing::info!(listen = ?local, data_dir = %config.data_dir.display(), "event center serving");
+    let watchdog = nodekeeper_common::systemd::spawn_watchdog(cancel.child_token());
+    nodekeeper_common::systemd::ready();
+    nodekeeper_common::systemd::status(&format!("serving on {local:?}, head cursor {}", store.head()));
 
     tokio::pin!(server);
     let served = tokio::select! {
         r = &mut server => r,
         _ = shutdown => {
+            nodekeeper_common::systemd::stopping();
             cancel.cancel();
             match tokio::time::timeout(config.drain_timeout, &mut server).await {
                 Ok(r) => r,
@@ -112,6 +116,9 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: impl Future<Ou
         if let Err(err) = t.await {
             tracing::error!(error = %err, "background task failed");
         }
+    }
+    if let Some(w) = watchdog {
+        w.abort();
     }
     store.close().await;
     tracing::info!("event center stopped");

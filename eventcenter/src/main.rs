@@ -66,10 +66,11 @@ fn main() -> ExitCode {
         }
     };
     let result = runtime.block_on(async {
+        let shutdown = nodekeeper_common::shutdown::signal();
         let listener = tokio::net::TcpListener::bind(config.listen)
             .await
             .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", config.listen))?;
-        nodekeeper_eventcenter::run(config, listener, nodekeeper_common::shutdown::signal()).await?;
+        nodekeeper_eventcenter::run(config, listener, shutdown).await?;
         anyhow::Ok(())
     });
     match result {

@@ -11,8 +11,9 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use nodekeeper_proto::v1::{
-    Ack, AgentMessage, CenterMessage, Hello, Observation, ObservationBatch, Welcome, agent_message,
-    agent_service_client::AgentServiceClient, center_message,
+    Ack, AgentMessage, AgentStatus, CenterMessage, EmitRequest, GetAgentStatusRequest, Hello, Observation,
+    ObservationBatch, Welcome, agent_message, agent_service_client::AgentServiceClient, center_message,
+    local_agent_service_client::LocalAgentServiceClient,
 };
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -68,19 +69,24 @@ pub struct EventCenter {
 impl EventCenter {
     /// Starts a center on a fresh data directory; `config_toml` is written to a config file.
     pub async fn start(config_toml: &str) -> EventCenter {
+        let mut c = EventCenter::new(config_toml);
+        c.spawn().await;
+        c
+    }
+
+    /// A center with its directory, config and port chosen, not started yet.
+    pub fn new(config_toml: &str) -> EventCenter {
         let tmp = tempfile::tempdir().expect("tempdir");
         let data_dir = tmp.path().join("data");
         let config = tmp.path().join("eventcenter.toml");
         std::fs::write(&config, config_toml).expect("write config");
-        let mut c = EventCenter {
+        EventCenter {
             addr: SocketAddr::from(([127, 0, 0, 1], free_port())),
             data_dir,
             config: Some(config),
             child: None,
             _tmp: Some(tmp),
-        };
-        c.spawn().await;
-        c
+        }
     }
 
     pub fn url(&self) -> String {
@@ -269,4 +275,120 @@ pub async fn cli(server: &str, args: &[&str]) -> (i32, String, String) {
 /// Parses one JSON object per line.
 pub fn json_lines(s: &str) -> Vec<serde_json::Value> {
     s.lines().filter(|l| !l.trim().is_empty()).map(|l| serde_json::from_str(l).expect("a JSON line")).collect()
+}
+
+/// A running nodekeeper-agent process with its own state directory and status port.
+pub struct Agent {
+    pub node: String,
+    pub status_port: u16,
+    pub config_path: PathBuf,
+    pub state_dir: PathBuf,
+    env: Vec<(String, String)>,
+    child: Option<Child>,
+    _tmp: tempfile::TempDir,
+}
+
+/// Settings of a test agent.
+pub struct AgentSpec<'a> {
+    pub node: &'a str,
+    pub center: &'a str,
+    pub heartbeat: &'a str,
+    /// Extra TOML appended to the config.
+    pub extra: &'a str,
+}
+
+impl<'a> AgentSpec<'a> {
+    pub fn new(node: &'a str, center: &'a str) -> Self {
+        AgentSpec { node, center, heartbeat: "500ms", extra: "" }
+    }
+}
+
+impl Agent {
+    pub fn config_for(spec: &AgentSpec<'_>, state_dir: &Path, status_port: u16) -> String {
+        format!(
+            "node_name = \"{}\"\ncluster = \"c1\"\nstate_dir = \"{}\"\ncenter = \"{}\"\nheartbeat_interval = \"{}\"\n{}\n[status]\nport = {status_port}\nlisten = [\"127.0.0.1\"]\n",
+            spec.node,
+            state_dir.display(),
+            spec.center,
+            spec.heartbeat,
+            spec.extra
+        )
+    }
+
+    /// Writes the config and starts the agent; waits until its status listener answers.
+    pub async fn start(spec: AgentSpec<'_>) -> Agent {
+        Self::start_with_env(spec, Vec::new()).await
+    }
+
+    pub async fn start_with_env(spec: AgentSpec<'_>, env: Vec<(String, String)>) -> Agent {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let state_dir = tmp.path().join("state");
+        let status_port = free_port();
+        let config_path = tmp.path().join("agent.toml");
+        std::fs::write(&config_path, Self::config_for(&spec, &state_dir, status_port)).expect("write config");
+        let mut a =
+            Agent { node: spec.node.to_owned(), status_port, config_path, state_dir, env, child: None, _tmp: tmp };
+        a.spawn().await;
+        a
+    }
+
+    pub async fn spawn(&mut self) {
+        assert!(self.child.is_none(), "already running");
+        let mut cmd = Command::new(bin("nodekeeper-agent"));
+        cmd.arg("--config")
+            .arg(&self.config_path)
+            .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()))
+            .stdin(Stdio::null());
+        for (k, v) in &self.env {
+            cmd.env(k, v);
+        }
+        self.child = Some(cmd.spawn().expect("spawn nodekeeper-agent"));
+        let url = self.status_url();
+        wait_for("the agent's status listener", Duration::from_secs(20), || {
+            let url = url.clone();
+            async move { health_ok(&url).await.then_some(()) }
+        })
+        .await;
+    }
+
+    pub fn status_url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.status_port)
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    pub fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            child.kill().expect("kill -9 the agent");
+            child.wait().expect("reap the agent");
+        }
+    }
+
+    /// SIGTERM and wait; returns the exit status.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        let mut child = self.child.take().expect("running");
+        signal(child.id(), "TERM");
+        child.wait().expect("wait for the agent")
+    }
+
+    async fn local(&self) -> LocalAgentServiceClient<Channel> {
+        LocalAgentServiceClient::connect(self.status_url()).await.expect("connect to the local agent")
+    }
+
+    /// Hands observations to the agent; returns the sequences it assigned.
+    pub async fn emit(&self, observations: Vec<Observation>) -> Vec<u64> {
+        self.local().await.emit(EmitRequest { observations }).await.expect("emit").into_inner().sequences
+    }
+
+    pub async fn status(&self) -> AgentStatus {
+        self.local().await.get_status(GetAgentStatusRequest {}).await.expect("agent status").into_inner()
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        self.kill9();
+    }
 }

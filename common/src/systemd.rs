@@ -1,9 +1,5 @@
-//! systemd integration: READY, WATCHDOG pings at half of WatchdogSec, STATUS lines. Without a
-//! NOTIFY_SOCKET (not run by systemd) every call is a no-op.
-//!
-//! READY is sent once the outbox is open, not once the center answers: a node must finish booting
-//! and keep recording observations when the center is unreachable. STATUS says whether it is
-//! connected.
+//! systemd integration (`Type=notify`): READY, WATCHDOG pings at half of WatchdogSec, STATUS
+//! lines, STOPPING. Without a NOTIFY_SOCKET (not run by systemd) every call is a no-op.
 
 use std::time::Duration;
 

@@ -1,0 +1,186 @@
+//! `nodekeeper dev`: the whole system on one machine for a first look. Starts an event center on
+//! SQLite in the data folder and an agent for this machine pointed at it, as child processes of
+//! this one, prints where everything listens, and stops them cleanly on Ctrl-C (the agent first,
+//! so that it flushes its outbox to the center). Running it again resumes with the same data.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use tokio::process::{Child, Command};
+
+use crate::output::println;
+
+pub struct DevArgs {
+    pub data_dir: PathBuf,
+    pub listen: SocketAddr,
+    pub status_port: u16,
+}
+
+/// A binary installed next to this one (as cargo and the packages lay them out).
+fn sibling(name: &str) -> anyhow::Result<PathBuf> {
+    let exe = std::env::current_exe().context("locating the nodekeeper binary")?;
+    let path = exe.parent().map(|d| d.join(name)).context("the nodekeeper binary has no folder")?;
+    if !path.exists() {
+        bail!(
+            "{} not found next to nodekeeper; build every binary first: cargo build --release --bins",
+            path.display()
+        );
+    }
+    Ok(path)
+}
+
+/// This machine's node name: the hostname, lowercased, with characters a node name cannot hold
+/// replaced by '-'.
+fn node_name() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_else(|_| "localhost".into());
+    let mut name: String = host
+        .trim()
+        .to_ascii_lowercase()
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() || c == '.' || c == '-' { c } else { '-' })
+        .collect();
+    name = name.trim_matches(|c| c == '-' || c == '.').to_owned();
+    if nodekeeper_common::names::node(&name).is_err() { "dev-node".into() } else { name }
+}
+
+fn spawn(bin: &Path, args: &[&str], log: &Path) -> anyhow::Result<Child> {
+    let out = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .with_context(|| format!("opening {}", log.display()))?;
+    let err = out.try_clone()?;
+    Command::new(bin)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(out)
+        .stderr(err)
+        // Their own process group: a terminal's Ctrl-C reaches `dev` only, which stops them in order.
+        .process_group(0)
+        .kill_on_drop(true)
+        .spawn()
+        .with_context(|| format!("starting {}", bin.display()))
+}
+
+async fn healthy(url: &str) -> bool {
+    use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient};
+    let Ok(ch) = tonic::transport::Endpoint::from_shared(url.to_owned()) else { return false };
+    let Ok(ch) = ch.connect_timeout(Duration::from_millis(300)).connect().await else { return false };
+    matches!(HealthClient::new(ch).check(HealthCheckRequest::default()).await,
+        Ok(r) if r.get_ref().status == ServingStatus::Serving as i32)
+}
+
+async fn wait_healthy(url: &str, child: &mut Child, what: &str, log: &Path) -> anyhow::Result<()> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while !healthy(url).await {
+        if let Some(status) = child.try_wait()? {
+            bail!("{what} exited ({status}) during start; see {}", log.display());
+        }
+        if tokio::time::Instant::now() > deadline {
+            bail!("{what} did not become healthy at {url} within 30s; see {}", log.display());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Ok(())
+}
+
+/// SIGTERM, then up to `grace` for it to exit, then SIGKILL.
+async fn stop(child: &mut Child, what: &str, grace: Duration) {
+    let Some(pid) = child.id() else { return };
+    if let Err(err) = kill(Pid::from_raw(pid as i32), Signal::SIGTERM) {
+        tracing::warn!(error = %err, "cannot signal {what}");
+    }
+    match tokio::time::timeout(grace, child.wait()).await {
+        Ok(Ok(status)) if status.success() => {}
+        Ok(Ok(status)) => tracing::warn!(%status, "{what} stopped with an error"),
+        Ok(Err(err)) => tracing::warn!(error = %err, "waiting for {what}"),
+        Err(_) => {
+            tracing::warn!("{what} did not stop within {grace:?}; killing it");
+            if let Err(err) = child.kill().await {
+                tracing::warn!(error = %err, "cannot kill {what}");
+            }
+        }
+    }
+}
+
+pub async fn run(args: DevArgs) -> anyhow::Result<()> {
+    // Handlers first: a Ctrl-C during start-up is then handled once the children run.
+    let shutdown = nodekeeper_common::shutdown::signal();
+    let center_bin = sibling("nodekeeper-eventcenter")?;
+    let agent_bin = sibling("nodekeeper-agent")?;
+    std::fs::create_dir_all(&args.data_dir).with_context(|| format!("creating {}", args.data_dir.display()))?;
+    let dir = args.data_dir.canonicalize()?;
+    let node = node_name();
+    let center_url = format!("http://{}", args.listen);
+    let agent_config = dir.join("agent.toml");
+    std::fs::write(
+        &agent_config,
+        format!(
+            "# Written by `nodekeeper dev` at every start.\nnode_name = \"{node}\"\ncluster = \"dev\"\nstate_dir = \"{}\"\ncenter = \"{center_url}\"\n\n[status]\nport = {}\nlisten = [\"127.0.0.1\"]\n",
+            dir.join("agent").display(),
+            args.status_port
+        ),
+    )?;
+
+    let center_log = dir.join("eventcenter.log");
+    let agent_log = dir.join("agent.log");
+    let listen = args.listen.to_string();
+    let ec_data = dir.join("eventcenter");
+    let ec_data = ec_data.to_string_lossy();
+    let mut center = spawn(&center_bin, &["--listen", &listen, "--data-dir", &ec_data], &center_log)?;
+    wait_healthy(&center_url, &mut center, "the event center", &center_log).await?;
+    let config = agent_config.to_string_lossy();
+    let mut agent = spawn(&agent_bin, &["--config", &config], &agent_log)?;
+    let status_url = format!("http://127.0.0.1:{}", args.status_port);
+    if let Err(err) = wait_healthy(&status_url, &mut agent, "the agent", &agent_log).await {
+        stop(&mut center, "the event center", Duration::from_secs(10)).await;
+        return Err(err);
+    }
+
+    let server_flag =
+        if center_url == crate::cmd::DEFAULT_SERVER { String::new() } else { format!(" --server {center_url}") };
+    for line in [
+        format!("nodekeeper dev is running; data in {}", dir.display()),
+        String::new(),
+        format!("  event center  {center_url}  (gRPC with health and reflection; log {})", center_log.display()),
+        format!(
+            "  agent         node {node} in cluster dev; status {status_url}/metrics  (log {})",
+            agent_log.display()
+        ),
+        "  detector, remediator: not part of this version yet".into(),
+        String::new(),
+        "Try:".into(),
+        format!("  nodekeeper{server_flag} nodes list"),
+        format!("  nodekeeper{server_flag} events watch"),
+        format!(
+            "  nodekeeper-agent emit --port {} --type KernelDeadlock --message 'test' --condition true",
+            args.status_port
+        ),
+        format!("  nodekeeper{server_flag} faults list"),
+        String::new(),
+        "Ctrl-C stops everything.".into(),
+    ] {
+        println(&line)?;
+    }
+
+    let failed = tokio::select! {
+        _ = shutdown => None,
+        s = center.wait() => Some(format!("the event center exited ({}); see {}", s.map(|s| s.to_string()).unwrap_or_default(), center_log.display())),
+        s = agent.wait() => Some(format!("the agent exited ({}); see {}", s.map(|s| s.to_string()).unwrap_or_default(), agent_log.display())),
+    };
+    // The agent first: it flushes its outbox to the center before the center stops.
+    stop(&mut agent, "the agent", Duration::from_secs(10)).await;
+    stop(&mut center, "the event center", Duration::from_secs(10)).await;
+    match failed {
+        None => {
+            println("stopped")?;
+            Ok(())
+        }
+        Some(why) => bail!(why),
+    }
+}
