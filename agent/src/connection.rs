@@ -3,8 +3,9 @@
 //! Connect (backoff with jitter between attempts), hello, then: heartbeats on a timer, batches
 //! from the outbox with a window of unacknowledged ones, and acknowledgements that delete what
 //! they cover. After a reconnect everything still in the outbox is sent again; the center stores
-//! each observation once. On shutdown the session flushes: it stops taking new batches, waits up
-//! to `flush_timeout` for the acknowledgements in flight, and closes the stream.
+//! each observation once. On shutdown the session flushes: it keeps sending until the outbox is
+//! empty and acknowledged, for at most `flush_timeout`, then closes the stream; what is left stays
+//! in the outbox for the next start.
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
@@ -145,8 +146,9 @@ impl Connection {
         let mut batch_id = 0u64;
         let mut draining: Option<tokio::time::Instant> = None;
         loop {
-            // Fill the window from the outbox (not while draining for shutdown).
-            while draining.is_none() && in_flight.len() < self.config.outbox.window {
+            // Fill the window from the outbox; while draining for shutdown too, so that the flush
+            // sends everything stored, within flush_timeout.
+            while in_flight.len() < self.config.outbox.window {
                 let batch = match self.outbox.pending(sent_upto, self.config.outbox.batch_size).await {
                     Ok(b) => b,
                     Err(e) => return End::Broken(format!("reading the outbox: {e}")),
@@ -162,6 +164,7 @@ impl Connection {
                 sent_upto = last;
                 in_flight.push_back(InFlight { batch_id, first, last, count });
             }
+            // Nothing in flight after filling the window: the outbox is empty.
             if draining.is_some() && in_flight.is_empty() {
                 tracing::info!("outbox flushed; closing the stream");
                 return End::Shutdown;
@@ -169,7 +172,7 @@ impl Connection {
             let drain_deadline = draining.unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(86_400));
             tokio::select! {
                 _ = cancel.cancelled(), if draining.is_none() => {
-                    tracing::info!(in_flight = in_flight.len(), "shutting down: waiting for acknowledgements in flight");
+                    tracing::info!(in_flight = in_flight.len(), outbox_depth = self.outbox.stats().depth, "shutting down: flushing the outbox");
                     draining = Some(tokio::time::Instant::now() + self.config.flush_timeout);
                 }
                 _ = tokio::time::sleep_until(drain_deadline), if draining.is_some() => {

@@ -40,3 +40,55 @@ pub fn proc_usage(pid: u32) -> Option<ProcUsage> {
     // Linux reports in USER_HZ (100 on every mainstream configuration) and 4 KiB pages.
     Some(ProcUsage { cpu: Duration::from_millis(ticks * 10), rss_bytes: rss_pages * 4096 })
 }
+
+/// The cargo target directory this benchmark binary was built in (`target/`).
+pub fn target_dir() -> std::path::PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    // target/<profile>/deps/<bench>
+    exe.ancestors().nth(3).expect("target dir").to_owned()
+}
+
+/// Samples a process's CPU and memory over a window.
+pub struct Sampler {
+    pub name: String,
+    pub pid: u32,
+    start: Option<ProcUsage>,
+    rss_sum: u64,
+    rss_max: u64,
+    samples: u64,
+}
+
+impl Sampler {
+    pub fn new(name: &str, pid: u32) -> Self {
+        Sampler { name: name.to_owned(), pid, start: None, rss_sum: 0, rss_max: 0, samples: 0 }
+    }
+
+    /// Starts the window (CPU counted from here).
+    pub fn begin(&mut self) {
+        self.start = proc_usage(self.pid);
+    }
+
+    pub fn sample(&mut self) {
+        if let Some(u) = proc_usage(self.pid) {
+            self.rss_sum += u.rss_bytes;
+            self.rss_max = self.rss_max.max(u.rss_bytes);
+            self.samples += 1;
+        }
+    }
+
+    /// "| name | cpu % of a core | rss avg | rss max |" over `window`.
+    pub fn row(&self, window: Duration) -> String {
+        let end = proc_usage(self.pid);
+        let cpu = match (self.start, end) {
+            (Some(a), Some(b)) => format!("{:.3} %", 100.0 * (b.cpu - a.cpu).as_secs_f64() / window.as_secs_f64()),
+            _ => "process gone".into(),
+        };
+        let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
+        format!(
+            "| {} | {cpu} | {:.2} MiB | {:.2} MiB |",
+            self.name,
+            mib(self.rss_sum / self.samples.max(1)),
+            mib(self.rss_max)
+        )
+    }
+}

@@ -371,3 +371,60 @@ async fn every_systemd_unit_passes_systemd_analyze_verify() {
     }
     assert_eq!(checked, 4);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_changed_inventory_reaches_the_center_as_an_event() {
+    let center = EventCenter::start(QUICK).await;
+    let etc = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(etc.path().join("iscsi")).unwrap();
+    let initiator = etc.path().join("iscsi/initiatorname.iscsi");
+    std::fs::write(&initiator, "InitiatorName=iqn.2004-10.com.example:node-a-old\n").unwrap();
+    let extra = format!("inventory_interval = \"200ms\"\n[paths]\netc = \"{}\"\n", etc.path().display());
+    let _agent = Agent::start(AgentSpec { extra: &extra, ..AgentSpec::new("node-a", &center.url()) }).await;
+    let ch = center.channel().await;
+    let node = |ch: Channel| async move {
+        FleetServiceClient::new(ch)
+            .get_node(nodekeeper_proto::v1::GetNodeRequest { cluster: "c1".into(), node: "node-a".into() })
+            .await
+            .ok()
+            .map(|n| n.into_inner())
+    };
+    let c = ch.clone();
+    wait_for("the node's first inventory", Duration::from_secs(10), || {
+        let c = c.clone();
+        async move {
+            let n = node(c).await?;
+            (n.inventory?.iscsi_initiator_name == "iqn.2004-10.com.example:node-a-old").then_some(())
+        }
+    })
+    .await;
+    // The node was re-imaged with a new initiator name: storage ACLs must follow.
+    std::fs::write(&initiator, "InitiatorName=iqn.2004-10.com.example:node-a-new\n").unwrap();
+    let c = ch.clone();
+    let changed = wait_for("NodeInventoryChanged", Duration::from_secs(10), || {
+        let c = c.clone();
+        async move { events(c, "node-a", "NodeInventoryChanged").await.into_iter().next() }
+    })
+    .await;
+    assert_eq!(changed.attributes["changed"], "iscsi_initiator_name");
+    let n = node(ch).await.unwrap();
+    assert_eq!(n.inventory.unwrap().iscsi_initiator_name, "iqn.2004-10.com.example:node-a-new");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_flushes_the_outbox_before_the_agent_exits() {
+    let center = EventCenter::start(QUICK).await;
+    // Small batches, one in flight: most of the outbox is still unsent when SIGTERM arrives.
+    let extra = "flush_timeout = \"20s\"\n[outbox]\nbatch_size = 10\nwindow = 1\n";
+    let mut agent = Agent::start(AgentSpec { extra, ..AgentSpec::new("node-a", &center.url()) }).await;
+    let mut emitted = Vec::new();
+    for chunk in 0..2 {
+        emitted.extend(agent.emit((chunk * 1000 + 1..=chunk * 1000 + 1000).map(test_observation).collect()).await);
+    }
+    assert!(agent.status().await.outbox_depth > 500, "the test needs a backlog at SIGTERM");
+    let status = agent.terminate();
+    assert!(status.success(), "{status:?}");
+    // The agent is gone: whatever the center has, it had before the agent exited.
+    let got = sequences(&events(center.channel().await, "node-a", "TestEvent").await);
+    assert_eq!(got, emitted, "everything stored was delivered before exit");
+}
