@@ -123,15 +123,7 @@ async fn agent_stream(
 ) {
     let conn = AgentConn::connect(&url, hello("bench", &node, "b1")).await.expect("connect");
     let (tx, mut rx) = conn.into_parts();
-    let (batch_size, mut pace) = match per_second {
-        Some(rate) => {
-            let batches_per_second = (rate / 10).max(1);
-            let mut t = tokio::time::interval(Duration::from_secs_f64(1.0 / batches_per_second as f64));
-            t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            (rate.div_ceil(batches_per_second), Some(t))
-        }
-        None => (BATCH, None),
-    };
+    let (batch_size, mut pace) = pacing(per_second);
     let mut sent: HashMap<u64, Instant> = HashMap::new();
     let mut local = histogram();
     let mut seq = 1;
@@ -171,6 +163,20 @@ async fn agent_stream(
         }
     }
     latencies.lock().await.add(&local).ok();
+}
+
+/// Batch size and pace: unpaced, BATCH per batch as fast as acknowledged; paced to `rate` events/s,
+/// ten batches a second.
+fn pacing(per_second: Option<u64>) -> (u64, Option<tokio::time::Interval>) {
+    match per_second {
+        Some(rate) => {
+            let batches_per_second = (rate / 10).max(1);
+            let mut t = tokio::time::interval(Duration::from_secs_f64(1.0 / batches_per_second as f64));
+            t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            (rate.div_ceil(batches_per_second), Some(t))
+        }
+        None => (BATCH, None),
+    }
 }
 
 /// Ready at once when unpaced, else at the next tick.
@@ -326,15 +332,7 @@ async fn nats_producer(
     let client = async_nats::connect(url).await.expect("connect nats");
     let js = async_nats::jetstream::new(client);
     let subject = format!("bench.{node}");
-    let (batch_size, mut pace) = match per_second {
-        Some(rate) => {
-            let batches_per_second = (rate / 10).max(1);
-            let mut t = tokio::time::interval(Duration::from_secs_f64(1.0 / batches_per_second as f64));
-            t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            (rate.div_ceil(batches_per_second), Some(t))
-        }
-        None => (BATCH, None),
-    };
+    let (batch_size, mut pace) = pacing(per_second);
     let mut in_flight: VecDeque<(Instant, Vec<async_nats::jetstream::context::PublishAckFuture>)> = VecDeque::new();
     let mut local = histogram();
     let mut seq = 1;

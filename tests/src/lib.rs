@@ -392,3 +392,32 @@ impl Drop for Agent {
         self.kill9();
     }
 }
+
+/// Every stored event of `node` with type `kind`, paging through the log.
+pub async fn stored_events(ch: Channel, node: &str, kind: &str) -> Vec<nodekeeper_proto::v1::Event> {
+    use nodekeeper_proto::v1::{EventFilter, ListEventsRequest, event_service_client::EventServiceClient};
+    let mut client = EventServiceClient::new(ch);
+    let mut after = String::new();
+    let mut out = Vec::new();
+    loop {
+        let r = client
+            .list_events(ListEventsRequest {
+                after_cursor: after,
+                filter: Some(EventFilter { nodes: vec![node.into()], types: vec![kind.into()], ..Default::default() }),
+                limit: 10_000,
+            })
+            .await
+            .expect("list events")
+            .into_inner();
+        out.extend(r.events);
+        if r.next_cursor == r.head_cursor {
+            return out;
+        }
+        after = r.next_cursor;
+    }
+}
+
+/// The agent sequence numbers of `events`, in order.
+pub fn sequences(events: &[nodekeeper_proto::v1::Event]) -> Vec<u64> {
+    events.iter().map(|e| e.origin.as_ref().expect("origin").sequence).collect()
+}

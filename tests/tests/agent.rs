@@ -5,10 +5,11 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use nodekeeper_proto::v1::{
-    Condition, ConditionStatus, EventFilter, ListEventsRequest, ListNodesRequest, Observation, Severity,
-    event_service_client::EventServiceClient, fleet_service_client::FleetServiceClient,
+    Condition, ConditionStatus, ListNodesRequest, Observation, Severity, fleet_service_client::FleetServiceClient,
 };
-use nodekeeper_tests::{Agent, AgentSpec, EventCenter, bin, cli, free_port, json_lines, signal, wait_for};
+use nodekeeper_tests::{
+    Agent, AgentSpec, EventCenter, bin, cli, free_port, json_lines, sequences, signal, stored_events, wait_for,
+};
 use tonic::transport::Channel;
 
 const QUICK: &str = "[nodes]\ncheck_interval = \"50ms\"\n";
@@ -36,33 +37,6 @@ fn transition(open: bool) -> Observation {
     }
 }
 
-/// Every stored event of `node` with type `kind`, paging through the log.
-async fn events(ch: Channel, node: &str, kind: &str) -> Vec<nodekeeper_proto::v1::Event> {
-    let mut client = EventServiceClient::new(ch);
-    let mut after = String::new();
-    let mut out = Vec::new();
-    loop {
-        let r = client
-            .list_events(ListEventsRequest {
-                after_cursor: after,
-                filter: Some(EventFilter { nodes: vec![node.into()], types: vec![kind.into()], ..Default::default() }),
-                limit: 10_000,
-            })
-            .await
-            .expect("list events")
-            .into_inner();
-        out.extend(r.events);
-        if r.next_cursor == r.head_cursor {
-            return out;
-        }
-        after = r.next_cursor;
-    }
-}
-
-fn sequences(events: &[nodekeeper_proto::v1::Event]) -> Vec<u64> {
-    events.iter().map(|e| e.origin.as_ref().unwrap().sequence).collect()
-}
-
 /// Waits until the agent's outbox is empty: everything it holds was acknowledged.
 async fn drained(agent: &Agent) {
     wait_for("the agent's outbox to drain", Duration::from_secs(60), || async {
@@ -85,7 +59,7 @@ async fn three_agents_register_heartbeat_and_report() {
     let ch = center.channel().await;
     for a in &agents {
         drained(a).await;
-        assert_eq!(sequences(&events(ch.clone(), &a.node, "TestEvent").await), vec![1, 2, 3, 4, 5]);
+        assert_eq!(sequences(&stored_events(ch.clone(), &a.node, "TestEvent").await), vec![1, 2, 3, 4, 5]);
     }
     let c = ch.clone();
     wait_for("heartbeats from every node", Duration::from_secs(10), || {
@@ -150,7 +124,7 @@ async fn center_kill_9_under_steady_load_loses_and_duplicates_nothing() {
         drained(a).await;
         let want = &emitted[&a.node];
         assert!(want.windows(2).all(|w| w[1] == w[0] + 1), "agent sequences are contiguous");
-        let got = sequences(&events(ch.clone(), &a.node, "TestEvent").await);
+        let got = sequences(&stored_events(ch.clone(), &a.node, "TestEvent").await);
         assert_eq!(&got, want, "{}: every observation stored exactly once, in order", a.node);
     }
 }
@@ -169,7 +143,7 @@ async fn agent_kill_9_mid_stream_resends_from_its_outbox() {
     let second = agent.emit((1..=10).map(test_observation).collect()).await;
     assert_eq!(second[0], first.last().unwrap() + 1, "the sequence continues after the restart");
     drained(&agent).await;
-    let got = sequences(&events(center.channel().await, "node-a", "TestEvent").await);
+    let got = sequences(&stored_events(center.channel().await, "node-a", "TestEvent").await);
     assert_eq!(got, (1..=3010).collect::<Vec<_>>(), "nothing lost, nothing duplicated");
 }
 
@@ -182,7 +156,7 @@ async fn a_stopped_agent_is_lost_within_its_grace_and_resumes_when_started() {
     let c = ch.clone();
     wait_for("the node to register", Duration::from_secs(10), || {
         let c = c.clone();
-        async move { (!events(c, "node-a", "NodeRegistered").await.is_empty()).then_some(()) }
+        async move { (!stored_events(c, "node-a", "NodeRegistered").await.is_empty()).then_some(()) }
     })
     .await;
     let status = agent.terminate();
@@ -191,7 +165,7 @@ async fn a_stopped_agent_is_lost_within_its_grace_and_resumes_when_started() {
     let c = ch.clone();
     wait_for("NodeHeartbeatLost", Duration::from_secs(10), || {
         let c = c.clone();
-        async move { (!events(c, "node-a", "NodeHeartbeatLost").await.is_empty()).then_some(()) }
+        async move { (!stored_events(c, "node-a", "NodeHeartbeatLost").await.is_empty()).then_some(()) }
     })
     .await;
     // Its last heartbeat came at most one interval before the stop.
@@ -200,7 +174,7 @@ async fn a_stopped_agent_is_lost_within_its_grace_and_resumes_when_started() {
     let c = ch.clone();
     wait_for("NodeHeartbeatResumed", Duration::from_secs(10), || {
         let c = c.clone();
-        async move { (!events(c, "node-a", "NodeHeartbeatResumed").await.is_empty()).then_some(()) }
+        async move { (!stored_events(c, "node-a", "NodeHeartbeatResumed").await.is_empty()).then_some(()) }
     })
     .await;
 }
@@ -225,12 +199,12 @@ async fn a_full_outbox_drops_as_documented_and_reports_it_when_the_center_return
     center.spawn().await;
     drained(&agent).await;
     let ch = center.channel().await;
-    let overflow = events(ch.clone(), "node-a", "OutboxOverflow").await;
+    let overflow = stored_events(ch.clone(), "node-a", "OutboxOverflow").await;
     assert_eq!(overflow.len(), 1, "one report of the drops");
     assert_eq!(overflow[0].attributes["dropped"], dropped.to_string());
-    let transitions = events(ch.clone(), "node-a", "KernelDeadlock").await;
+    let transitions = stored_events(ch.clone(), "node-a", "KernelDeadlock").await;
     assert_eq!(transitions.len(), 2, "condition transitions are never dropped");
-    let kept = sequences(&events(ch.clone(), "node-a", "TestEvent").await);
+    let kept = sequences(&stored_events(ch.clone(), "node-a", "TestEvent").await);
     assert_eq!(kept.len() as u64 + dropped, 200, "what was not dropped arrived");
     // The oldest were dropped first: what arrived is the newest.
     assert_eq!(kept.last(), Some(&201), "{kept:?}");
@@ -403,7 +377,7 @@ async fn a_changed_inventory_reaches_the_center_as_an_event() {
     let c = ch.clone();
     let changed = wait_for("NodeInventoryChanged", Duration::from_secs(10), || {
         let c = c.clone();
-        async move { events(c, "node-a", "NodeInventoryChanged").await.into_iter().next() }
+        async move { stored_events(c, "node-a", "NodeInventoryChanged").await.into_iter().next() }
     })
     .await;
     assert_eq!(changed.attributes["changed"], "iscsi_initiator_name");
@@ -425,6 +399,6 @@ async fn sigterm_flushes_the_outbox_before_the_agent_exits() {
     let status = agent.terminate();
     assert!(status.success(), "{status:?}");
     // The agent is gone: whatever the center has, it had before the agent exited.
-    let got = sequences(&events(center.channel().await, "node-a", "TestEvent").await);
+    let got = sequences(&stored_events(center.channel().await, "node-a", "TestEvent").await);
     assert_eq!(got, emitted, "everything stored was delivered before exit");
 }

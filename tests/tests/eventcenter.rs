@@ -12,42 +12,17 @@ use nodekeeper_proto::v1::{
     event_service_client::EventServiceClient, fleet_service_client::FleetServiceClient,
     report_service_client::ReportServiceClient, subscribe_response,
 };
-use nodekeeper_tests::{AgentConn, EventCenter, cli, hello, json_lines, observation, wait_for};
+use nodekeeper_tests::{
+    AgentConn, EventCenter, cli, hello, json_lines, observation, sequences, stored_events, wait_for,
+};
 use tonic::Code;
 use tonic::transport::Channel;
 
 const QUICK: &str = "[nodes]\ncheck_interval = \"50ms\"\n";
 
-/// Every event of `node`, paging through ListEvents.
+/// Every test event of `node`.
 async fn events_of(ch: Channel, node: &str) -> Vec<nodekeeper_proto::v1::Event> {
-    let mut client = EventServiceClient::new(ch);
-    let mut after = String::new();
-    let mut out = Vec::new();
-    loop {
-        let resp = client
-            .list_events(ListEventsRequest {
-                after_cursor: after.clone(),
-                filter: Some(EventFilter {
-                    nodes: vec![node.into()],
-                    types: vec!["TestEvent".into()],
-                    ..Default::default()
-                }),
-                limit: 10_000,
-            })
-            .await
-            .expect("list events")
-            .into_inner();
-        let done = resp.next_cursor == resp.head_cursor;
-        out.extend(resp.events);
-        after = resp.next_cursor;
-        if done {
-            return out;
-        }
-    }
-}
-
-fn sequences(events: &[nodekeeper_proto::v1::Event]) -> Vec<u64> {
-    events.iter().map(|e| e.origin.as_ref().expect("origin").sequence).collect()
+    stored_events(ch, node, "TestEvent").await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -315,16 +290,7 @@ async fn a_cursor_older_than_retention_gets_the_expired_error() {
 }
 
 async fn lifecycle_events(ch: Channel, node: &str, kind: &str) -> Vec<nodekeeper_proto::v1::Event> {
-    EventServiceClient::new(ch)
-        .list_events(ListEventsRequest {
-            filter: Some(EventFilter { nodes: vec![node.into()], types: vec![kind.into()], ..Default::default() }),
-            limit: 1000,
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .events
+    stored_events(ch, node, kind).await
 }
 
 fn with_interval(mut h: nodekeeper_proto::v1::Hello, ms: u64) -> nodekeeper_proto::v1::Hello {
