@@ -33,6 +33,10 @@ pub struct Config {
     /// How long shutdown waits for the center to acknowledge what is in flight.
     #[serde(with = "duration")]
     pub flush_timeout: Duration,
+    /// Mutual TLS to the center (an https:// center): this node's certificate and key, and the CA.
+    pub tls: Option<nodekeeper_common::tls::TlsFiles>,
+    /// Allow an http:// center (no TLS): development and tests only.
+    pub insecure: bool,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -78,6 +82,8 @@ impl Default for Config {
             status: StatusConfig::default(),
             paths: Paths::default(),
             flush_timeout: Duration::from_secs(5),
+            tls: None,
+            insecure: false,
         }
     }
 }
@@ -107,8 +113,19 @@ impl Config {
         if let Some(n) = &self.node_name {
             nodekeeper_common::names::node(n).map_err(|e| format!("node_name: {e}"))?;
         }
-        if !(self.center.starts_with("http://") || self.center.starts_with("https://")) {
-            return Err(format!("center: expected an http:// or https:// address, got {:?}", self.center));
+        if self.center.starts_with("https://") {
+            if self.tls.is_none() {
+                return Err("tls: an https:// center needs tls.ca, tls.cert and tls.key".into());
+            }
+        } else if self.center.starts_with("http://") {
+            if !self.insecure {
+                return Err(format!(
+                    "center: {:?} is plaintext; use https:// with [tls], or set insecure = true (development only)",
+                    self.center
+                ));
+            }
+        } else {
+            return Err(format!("center: expected an https:// (or, insecure, http://) address, got {:?}", self.center));
         }
         if self.heartbeat_interval < Duration::from_millis(100) {
             return Err("heartbeat_interval must be at least 100ms".into());

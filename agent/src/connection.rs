@@ -97,13 +97,22 @@ impl Connection {
     }
 
     async fn session(&mut self, cancel: &CancellationToken) -> End {
-        let endpoint = match Endpoint::from_shared(self.config.center.clone()) {
+        let mut endpoint = match Endpoint::from_shared(self.config.center.clone()) {
             Ok(e) => e
                 .connect_timeout(Duration::from_secs(5))
                 .http2_keep_alive_interval(Duration::from_secs(30))
                 .keep_alive_timeout(Duration::from_secs(20)),
             Err(e) => return End::Broken(format!("invalid center address: {e}")),
         };
+        // Read at every connection: a rotated certificate is used from the next reconnect.
+        if let Some(files) = &self.config.tls {
+            endpoint = match nodekeeper_common::tls::client_config(files).and_then(|t| {
+                endpoint.tls_config(t).map_err(|e| nodekeeper_common::tls::TlsError::Config(e.to_string()))
+            }) {
+                Ok(e) => e,
+                Err(e) => return End::Broken(format!("TLS: {e}")),
+            };
+        }
         let channel = tokio::select! {
             _ = cancel.cancelled() => return End::Shutdown,
             c = endpoint.connect() => match c {

@@ -75,7 +75,7 @@ async fn main() {
     std::fs::write(
         &agent_conf,
         format!(
-            "cluster = \"bench\"\nstate_dir = \"{}\"\ncenter = \"{}\"\n[status]\nport = {status_port}\nlisten = [\"127.0.0.1\"]\n",
+            "cluster = \"bench\"\nstate_dir = \"{}\"\ncenter = \"{}\"\ninsecure = true\n[status]\nport = {status_port}\nlisten = [\"127.0.0.1\"]\n",
             tmp.path().join("agent").display(),
             center.url()
         ),

@@ -59,6 +59,9 @@ enum Command {
     /// Faults: one problem on one node over its lifetime.
     #[command(subcommand)]
     Faults(FaultsCmd),
+    /// A small CA for development and small fleets.
+    #[command(subcommand)]
+    Certs(CertsCmd),
     /// Run an event center and an agent for this machine, for a first look.
     Dev {
         /// Where the event center's store and the agent's state live.
@@ -70,6 +73,41 @@ enum Command {
         /// The agent's status port.
         #[arg(long, default_value_t = 7444)]
         status_port: u16,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum CertsCmd {
+    /// Create a CA (ca.pem, ca-key.pem) in the folder.
+    Init {
+        #[arg(long, default_value = "pki")]
+        dir: std::path::PathBuf,
+        /// Validity in days.
+        #[arg(long, default_value_t = 3650)]
+        days: u32,
+        /// Replace an existing CA.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Issue a certificate (<name>.pem, <name>-key.pem) signed by the folder's CA.
+    Issue {
+        #[arg(long, default_value = "pki")]
+        dir: std::path::PathBuf,
+        /// node, detector, subscriber, admin or server.
+        #[arg(long)]
+        kind: nodekeeper_common::tls::Kind,
+        /// The holder's name; for a node, the node name.
+        #[arg(long)]
+        name: String,
+        /// A cluster the holder may act for (repeatable; default: every cluster, not for nodes).
+        #[arg(long)]
+        cluster: Vec<String>,
+        /// A DNS name or IP address the holder serves under (servers; repeatable).
+        #[arg(long)]
+        san: Vec<String>,
+        /// Validity in days.
+        #[arg(long, default_value_t = 365)]
+        days: u32,
     },
 }
 
@@ -181,8 +219,19 @@ fn status(s: Status) -> anyhow::Error {
 }
 
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
-    if let Command::Dev { data_dir, listen, status_port } = cli.command {
-        return crate::dev::run(crate::dev::DevArgs { data_dir, listen, status_port }).await;
+    match cli.command {
+        Command::Dev { data_dir, listen, status_port } => {
+            return crate::dev::run(crate::dev::DevArgs { data_dir, listen, status_port }).await;
+        }
+        Command::Certs(CertsCmd::Init { dir, days, force }) => return crate::certs::init(&dir, days, force),
+        Command::Certs(CertsCmd::Issue { dir, kind, name, cluster, san, days }) => {
+            if kind == nodekeeper_common::tls::Kind::Node && (cluster.len() != 1 || cluster[0] == "*") {
+                anyhow::bail!("a node certificate names exactly one --cluster");
+            }
+            let args = crate::certs::IssueArgs { dir, kind, name, clusters: cluster, sans: san, days };
+            return crate::certs::issue(&args);
+        }
+        _ => {}
     }
     let ch = channel(&cli.server).await?;
     let json = cli.output == Format::Json;
@@ -192,7 +241,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Events(EventsCmd::Watch { from, filter }) => events_watch(ch, json, from, filter).await,
         Command::Faults(FaultsCmd::List { node, limit }) => faults_list(ch, json, node, limit).await,
         Command::Faults(FaultsCmd::Show { id }) => faults_show(ch, json, id).await,
-        Command::Dev { .. } => unreachable!("handled above"),
+        Command::Dev { .. } | Command::Certs(_) => unreachable!("handled above"),
     }
 }
 

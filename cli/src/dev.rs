@@ -121,7 +121,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     std::fs::write(
         &agent_config,
         format!(
-            "# Written by `nodekeeper dev` at every start.\nnode_name = \"{node}\"\ncluster = \"dev\"\nstate_dir = \"{}\"\ncenter = \"{center_url}\"\n\n[status]\nport = {}\nlisten = [\"127.0.0.1\"]\n",
+            "# Written by `nodekeeper dev` at every start.\nnode_name = \"{node}\"\ncluster = \"dev\"\nstate_dir = \"{}\"\ncenter = \"{center_url}\"\ninsecure = true\n\n[status]\nport = {}\nlisten = [\"127.0.0.1\"]\n",
             dir.join("agent").display(),
             args.status_port
         ),
@@ -132,7 +132,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     let listen = args.listen.to_string();
     let ec_data = dir.join("eventcenter");
     let ec_data = ec_data.to_string_lossy();
-    let mut center = spawn(&center_bin, &["--listen", &listen, "--data-dir", &ec_data], &center_log)?;
+    let mut center = spawn(&center_bin, &["--insecure", "--listen", &listen, "--data-dir", &ec_data], &center_log)?;
     wait_healthy(&center_url, &mut center, "the event center", &center_log).await?;
     let config = agent_config.to_string_lossy();
     let mut agent = spawn(&agent_bin, &["--config", &config], &agent_log)?;

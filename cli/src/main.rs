@@ -4,6 +4,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
+mod certs;
 mod cmd;
 mod dev;
 mod output;

@@ -9,6 +9,7 @@ pub mod names;
 pub mod shutdown;
 pub mod systemd;
 pub mod time;
+pub mod tls;
 
 /// Version of every nodekeeper binary, reported in hellos and `--version`.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");

@@ -27,6 +27,10 @@ pub struct Config {
     /// How long shutdown waits for streams to drain before closing them.
     #[serde(with = "duration")]
     pub drain_timeout: Duration,
+    /// Mutual TLS: the center's certificate and key, and the CA clients must chain to.
+    pub tls: Option<nodekeeper_common::tls::TlsFiles>,
+    /// Serve plaintext without client identities. Development and tests only; logged at start.
+    pub insecure: bool,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -83,6 +87,8 @@ impl Default for Config {
             limits: LimitsConfig::default(),
             bookmark_interval: Duration::from_secs(5),
             drain_timeout: Duration::from_secs(5),
+            tls: None,
+            insecure: false,
         }
     }
 }
@@ -129,6 +135,11 @@ impl Config {
         }
         if self.nodes.grace_multiplier == 0 {
             return Err("nodes.grace_multiplier must be at least 1".into());
+        }
+        if self.tls.is_none() && !self.insecure {
+            return Err("tls: mutual TLS is the default; set tls.ca, tls.cert and tls.key, or insecure = true \
+                        (--insecure) for development"
+                .into());
         }
         if self.limits.max_batch == 0 {
             return Err("limits.max_batch must be at least 1".into());

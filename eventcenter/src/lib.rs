@@ -28,6 +28,7 @@ use tokio_util::sync::CancellationToken;
 use crate::api::Ctx;
 use crate::config::Config;
 use crate::store::{Store, StoreError, StoreOptions};
+use nodekeeper_common::tls::ServerTls;
 
 #[derive(Debug, Error)]
 pub enum RunError {
@@ -37,12 +38,24 @@ pub enum RunError {
     Serve(#[from] tonic::transport::Error),
     #[error("reflection service: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
+    #[error(transparent)]
+    Tls(#[from] nodekeeper_common::tls::TlsError),
+    #[error("no [tls] configured: mutual TLS is the default; set tls.ca, tls.cert and tls.key, or run with --insecure")]
+    NoTls,
 }
 
 /// Serves until `shutdown` resolves, then stops accepting, ends open streams with UNAVAILABLE
 /// (clients resume from their cursor or resend), waits up to `drain_timeout`, and closes the store
 /// after its last commit.
 pub async fn run(config: Config, listener: TcpListener, shutdown: impl Future<Output = ()>) -> Result<(), RunError> {
+    let tls = match (&config.tls, config.insecure) {
+        (Some(files), _) => Some(ServerTls::new(files.clone())?),
+        (None, true) => {
+            tracing::warn!("serving WITHOUT TLS (insecure): any client can act as any node; for development only");
+            None
+        }
+        (None, false) => return Err(RunError::NoTls),
+    };
     let store = Store::open(
         &config.data_dir,
         StoreOptions {
@@ -60,7 +73,13 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: impl Future<Ou
         cancel.clone(),
     )));
     let config = Arc::new(config);
-    let ctx = Ctx { store: store.clone(), liveness, config: config.clone(), cancel: cancel.clone() };
+    let ctx = Ctx {
+        store: store.clone(),
+        liveness,
+        config: config.clone(),
+        cancel: cancel.clone(),
+        authenticated: tls.is_some(),
+    };
 
     let max = config.limits.max_message_bytes;
     let (health, health_service) = tonic_health::server::health_reporter();
@@ -88,8 +107,15 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: impl Future<Ou
         .add_service(EventServiceServer::new(api::events::EventApi(ctx.clone())).max_decoding_message_size(max))
         .add_service(FleetServiceServer::new(api::fleet::FleetApi(ctx.clone())).max_decoding_message_size(max))
         .add_service(ReportServiceServer::new(api::report::ReportApi(ctx.clone())).max_decoding_message_size(max))
-        .add_service(PermitServiceServer::new(api::permits::PermitApi).max_decoding_message_size(max))
-        .serve_with_incoming_shutdown(incoming(listener), cancel.clone().cancelled_owned());
+        .add_service(PermitServiceServer::new(api::permits::PermitApi).max_decoding_message_size(max));
+    let stop = cancel.clone().cancelled_owned();
+    let server: std::pin::Pin<Box<dyn Future<Output = Result<(), tonic::transport::Error>> + Send>> = match &tls {
+        Some(tls) => {
+            tasks.push(tokio::spawn(reload_on_sighup(tls.clone(), cancel.clone())));
+            Box::pin(server.serve_with_incoming_shutdown(tls.clone().incoming(listener), stop))
+        }
+        None => Box::pin(server.serve_with_incoming_shutdown(incoming(listener), stop)),
+    };
     drop(ctx);
     tracing::info!(listen = ?local, data_dir = %config.data_dir.display(), "event center serving");
     let watchdog = nodekeeper_common::systemd::spawn_watchdog(cancel.child_token());
@@ -123,6 +149,26 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: impl Future<Ou
     store.close().await;
     tracing::info!("event center stopped");
     served.map_err(RunError::from)
+}
+
+/// SIGHUP re-reads the TLS certificate, key and CA (they are also re-read when they change).
+async fn reload_on_sighup(tls: std::sync::Arc<ServerTls>, cancel: CancellationToken) {
+    let mut hup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+        Ok(s) => s,
+        Err(err) => {
+            tracing::warn!(error = %err, "cannot listen for SIGHUP; TLS files are still re-read when they change");
+            return;
+        }
+    };
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = hup.recv() => {
+                tracing::info!("SIGHUP: reloading TLS files");
+                tls.reload();
+            }
+        }
+    }
 }
 
 /// Accepted connections with TCP_NODELAY: tonic's own `tcp_nodelay` applies only to listeners it

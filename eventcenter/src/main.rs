@@ -27,6 +27,9 @@ struct Args {
     /// How long events are kept, e.g. "30days".
     #[arg(long, value_parser = humantime::parse_duration)]
     retention: Option<std::time::Duration>,
+    /// Serve plaintext gRPC without client certificates (development and tests only).
+    #[arg(long)]
+    insecure: bool,
     /// Log format: text or json.
     #[arg(long, default_value = "text")]
     log_format: LogFormat,
@@ -50,6 +53,9 @@ fn main() -> ExitCode {
     }
     if let Some(d) = args.data_dir {
         config.data_dir = d;
+    }
+    if args.insecure {
+        config.insecure = true;
     }
     if let Some(r) = args.retention {
         config.store.retention = r;

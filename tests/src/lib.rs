@@ -100,6 +100,9 @@ impl EventCenter {
         cmd.arg("--listen").arg(self.addr.to_string()).arg("--data-dir").arg(&self.data_dir);
         if let Some(c) = &self.config {
             cmd.arg("--config").arg(c);
+            if !std::fs::read_to_string(c).unwrap_or_default().contains("[tls]") {
+                cmd.arg("--insecure");
+            }
         }
         cmd.env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()))
             .stdin(Stdio::null())
@@ -306,7 +309,7 @@ impl<'a> AgentSpec<'a> {
 impl Agent {
     pub fn config_for(spec: &AgentSpec<'_>, state_dir: &Path, status_port: u16) -> String {
         format!(
-            "node_name = \"{}\"\ncluster = \"c1\"\nstate_dir = \"{}\"\ncenter = \"{}\"\nheartbeat_interval = \"{}\"\n{}\n[status]\nport = {status_port}\nlisten = [\"127.0.0.1\"]\n",
+            "node_name = \"{}\"\ncluster = \"c1\"\nstate_dir = \"{}\"\ncenter = \"{}\"\nheartbeat_interval = \"{}\"\ninsecure = true\n{}\n[status]\nport = {status_port}\nlisten = [\"127.0.0.1\"]\n",
             spec.node,
             state_dir.display(),
             spec.center,

@@ -24,6 +24,8 @@ pub struct Ctx {
     pub liveness: Arc<Liveness>,
     pub config: Arc<Config>,
     pub cancel: CancellationToken,
+    /// Connections are mutual TLS: every request has a verified client identity.
+    pub authenticated: bool,
 }
 
 pub fn store_status(e: StoreError) -> Status {

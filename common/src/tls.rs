@@ -1,0 +1,346 @@
+//! Mutual TLS for every gRPC connection: TLS 1.3 only, client certificates required and verified
+//! against the configured CA, identities taken from the certificate, never from message fields.
+//!
+//! An identity is a URI in the certificate's subject alternative names, SPIFFE-style:
+//! `spiffe://nodekeeper/<kind>/<cluster>/<name>`, one URI per cluster the holder may act for
+//! (`*` for every cluster). Any CA that can put a URI SAN in a certificate (cert-manager, Vault
+//! PKI, `nodekeeper certs`) can issue them.
+//!
+//! The server re-reads its certificate, key and CA when the files change (checked at most once a
+//! second, at the next handshake) or when `reload` is called (SIGHUP): new connections use the new
+//! ones, open connections keep theirs.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::server::WebPkiClientVerifier;
+use serde::Deserialize;
+use thiserror::Error;
+use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::server::TlsStream;
+use tokio_stream::wrappers::ReceiverStream;
+
+/// The trust domain in identity URIs.
+pub const TRUST_DOMAIN: &str = "nodekeeper";
+
+#[derive(Debug, Error)]
+pub enum TlsError {
+    #[error("cannot read {what} {path}: {message}")]
+    Read { what: &'static str, path: PathBuf, message: String },
+    #[error("TLS configuration: {0}")]
+    Config(String),
+}
+
+/// Where a service's certificate, key and CA bundle are.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct TlsFiles {
+    /// CA bundle that peers' certificates must chain to.
+    pub ca: PathBuf,
+    /// This service's certificate (chain), PEM.
+    pub cert: PathBuf,
+    /// This service's private key, PEM.
+    pub key: PathBuf,
+}
+
+impl TlsFiles {
+    /// The conventional file names in a folder: `ca.pem`, `<name>.pem`, `<name>-key.pem`.
+    pub fn in_dir(dir: &Path, name: &str) -> TlsFiles {
+        TlsFiles {
+            ca: dir.join("ca.pem"),
+            cert: dir.join(format!("{name}.pem")),
+            key: dir.join(format!("{name}-key.pem")),
+        }
+    }
+
+    fn mtimes(&self) -> [Option<SystemTime>; 3] {
+        let m = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+        [m(&self.ca), m(&self.cert), m(&self.key)]
+    }
+}
+
+/// What a certificate lets its holder be.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Kind {
+    /// An agent: reports about its own node only.
+    Node,
+    /// A detector: reports reachability of nodes of its clusters.
+    Detector,
+    /// A subscriber (remediators, downstream systems): reads its clusters' events.
+    Subscriber,
+    /// An operator: freezes, resets breakers, sets desired state.
+    Admin,
+    /// A server (the event center).
+    Server,
+}
+
+impl Kind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::Node => "node",
+            Kind::Detector => "detector",
+            Kind::Subscriber => "subscriber",
+            Kind::Admin => "admin",
+            Kind::Server => "server",
+        }
+    }
+}
+
+impl std::str::FromStr for Kind {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        Ok(match s {
+            "node" => Kind::Node,
+            "detector" => Kind::Detector,
+            "subscriber" => Kind::Subscriber,
+            "admin" => Kind::Admin,
+            "server" => Kind::Server,
+            other => {
+                return Err(format!(
+                    "unknown identity kind {other:?}: expected node, detector, subscriber, admin or server"
+                ));
+            }
+        })
+    }
+}
+
+/// Who a peer is, from its certificate.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Identity {
+    pub kind: Kind,
+    pub name: String,
+    /// Clusters it may act for; `*` means all.
+    pub clusters: Vec<String>,
+}
+
+impl Identity {
+    /// The URI SANs that encode this identity.
+    pub fn uris(&self) -> Vec<String> {
+        self.clusters
+            .iter()
+            .map(|c| format!("spiffe://{TRUST_DOMAIN}/{}/{c}/{}", self.kind.as_str(), self.name))
+            .collect()
+    }
+
+    pub fn covers(&self, cluster: &str) -> bool {
+        self.clusters.iter().any(|c| c == "*" || c == cluster)
+    }
+
+    /// Parses one identity URI.
+    fn parse_uri(uri: &str) -> Option<(Kind, String, String)> {
+        let rest = uri.strip_prefix("spiffe://")?.strip_prefix(TRUST_DOMAIN)?.strip_prefix('/')?;
+        let mut parts = rest.splitn(3, '/');
+        let kind = parts.next()?.parse().ok()?;
+        let cluster = parts.next()?.to_owned();
+        let name = parts.next()?.to_owned();
+        if cluster.is_empty() || name.is_empty() || name.contains('/') {
+            return None;
+        }
+        Some((kind, cluster, name))
+    }
+
+    /// The identity in a DER certificate: every nodekeeper URI SAN must agree on kind and name.
+    pub fn from_der(der: &[u8]) -> Result<Identity, String> {
+        use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
+        let (_, cert) = X509Certificate::from_der(der).map_err(|e| format!("unreadable certificate: {e}"))?;
+        let san = cert
+            .subject_alternative_name()
+            .map_err(|e| format!("bad subject alternative names: {e}"))?
+            .ok_or("the certificate has no subject alternative names")?;
+        let mut found: Option<Identity> = None;
+        for name in &san.value.general_names {
+            let GeneralName::URI(uri) = name else { continue };
+            let Some((kind, cluster, n)) = Self::parse_uri(uri) else { continue };
+            match &mut found {
+                None => found = Some(Identity { kind, name: n, clusters: vec![cluster] }),
+                Some(id) if id.kind == kind && id.name == n => id.clusters.push(cluster),
+                Some(_) => return Err("the certificate names more than one nodekeeper identity".into()),
+            }
+        }
+        found.ok_or_else(|| format!("the certificate has no spiffe://{TRUST_DOMAIN}/ identity URI"))
+    }
+}
+
+pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let err = |message: String| TlsError::Read { what: "certificates", path: path.to_owned(), message };
+    let certs: Vec<_> = CertificateDer::pem_file_iter(path)
+        .map_err(|e| err(e.to_string()))?
+        .collect::<Result<_, _>>()
+        .map_err(|e| err(e.to_string()))?;
+    if certs.is_empty() {
+        return Err(err("no PEM certificate in it".into()));
+    }
+    Ok(certs)
+}
+
+pub fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
+    PrivateKeyDer::from_pem_file(path).map_err(|e| TlsError::Read {
+        what: "private key",
+        path: path.to_owned(),
+        message: e.to_string(),
+    })
+}
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// A server config: TLS 1.3, client certificate required and verified against `files.ca`, h2.
+pub fn server_config(files: &TlsFiles) -> Result<Arc<rustls::ServerConfig>, TlsError> {
+    let mut roots = rustls::RootCertStore::empty();
+    for c in load_certs(&files.ca)? {
+        roots.add(c).map_err(|e| TlsError::Config(format!("CA {}: {e}", files.ca.display())))?;
+    }
+    let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
+        .build()
+        .map_err(|e| TlsError::Config(format!("client verifier: {e}")))?;
+    let mut config = rustls::ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| TlsError::Config(e.to_string()))?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(load_certs(&files.cert)?, load_key(&files.key)?)
+        .map_err(|e| {
+            TlsError::Config(format!("certificate {} and key {}: {e}", files.cert.display(), files.key.display()))
+        })?;
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// A client config for tonic: trusts `files.ca`, presents `files.cert`.
+pub fn client_config(files: &TlsFiles) -> Result<tonic::transport::ClientTlsConfig, TlsError> {
+    let read = |what: &'static str, p: &Path| {
+        std::fs::read(p).map_err(|e| TlsError::Read { what, path: p.to_owned(), message: e.to_string() })
+    };
+    Ok(tonic::transport::ClientTlsConfig::new()
+        .ca_certificate(tonic::transport::Certificate::from_pem(read("CA", &files.ca)?))
+        .identity(tonic::transport::Identity::from_pem(
+            read("certificate", &files.cert)?,
+            read("private key", &files.key)?,
+        )))
+}
+
+/// The server side, reloading its files when they change.
+pub struct ServerTls {
+    files: TlsFiles,
+    state: Mutex<Loaded>,
+}
+
+struct Loaded {
+    config: Arc<rustls::ServerConfig>,
+    mtimes: [Option<SystemTime>; 3],
+    checked: Instant,
+}
+
+impl ServerTls {
+    pub fn new(files: TlsFiles) -> Result<Arc<ServerTls>, TlsError> {
+        let mtimes = files.mtimes();
+        let config = server_config(&files)?;
+        Ok(Arc::new(ServerTls { files, state: Mutex::new(Loaded { config, mtimes, checked: Instant::now() }) }))
+    }
+
+    /// The config for the next handshake, re-read if the files changed.
+    pub fn config(&self) -> Arc<rustls::ServerConfig> {
+        let mut s = self.state.lock().expect("tls state lock");
+        if s.checked.elapsed() >= Duration::from_secs(1) {
+            s.checked = Instant::now();
+            let now = self.files.mtimes();
+            if now != s.mtimes {
+                s.mtimes = now;
+                self.load_into(&mut s);
+            }
+        }
+        s.config.clone()
+    }
+
+    /// Re-reads the files now (SIGHUP).
+    pub fn reload(&self) {
+        let mut s = self.state.lock().expect("tls state lock");
+        s.mtimes = self.files.mtimes();
+        self.load_into(&mut s);
+    }
+
+    fn load_into(&self, s: &mut Loaded) {
+        match server_config(&self.files) {
+            Ok(c) => {
+                s.config = c;
+                tracing::info!(cert = %self.files.cert.display(), "TLS certificate, key and CA reloaded");
+            }
+            // A half-written file (cert updated before its key) must not take the server down:
+            // keep serving with what worked and try again at the next change.
+            Err(err) => {
+                tracing::error!(error = %err, "TLS files changed but cannot be loaded; keeping the previous ones")
+            }
+        }
+    }
+
+    /// Accepted connections after their TLS handshake. Handshakes run in their own tasks, with a
+    /// deadline, so a slow or hostile client cannot hold up the others.
+    pub fn incoming(self: Arc<Self>, listener: TcpListener) -> ReceiverStream<std::io::Result<TlsStream<TcpStream>>> {
+        let (tx, rx) = tokio::sync::mpsc::channel(128);
+        tokio::spawn(async move {
+            loop {
+                let (tcp, peer) = tokio::select! {
+                    _ = tx.closed() => return,
+                    a = listener.accept() => match a {
+                        Ok(a) => a,
+                        Err(err) => {
+                            tracing::warn!(error = %err, "accept failed");
+                            continue;
+                        }
+                    },
+                };
+                if let Err(err) = tcp.set_nodelay(true) {
+                    tracing::warn!(error = %err, "cannot set TCP_NODELAY");
+                }
+                let acceptor = tokio_rustls::TlsAcceptor::from(self.config());
+                let tx = tx.clone();
+                tokio::spawn(async move {
+                    match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
+                        Ok(Ok(tls)) => {
+                            // The server stopped accepting: nothing to hand the connection to.
+                            let _ = tx.send(Ok(tls)).await;
+                        }
+                        Ok(Err(err)) => tracing::info!(peer = %peer, error = %err, "TLS handshake refused"),
+                        Err(_) => tracing::info!(peer = %peer, "TLS handshake timed out"),
+                    }
+                });
+            }
+        });
+        ReceiverStream::new(rx)
+    }
+}
+
+/// The identity of the peer of a request on a TLS connection.
+pub fn peer_identity<T>(req: &tonic::Request<T>) -> Result<Identity, tonic::Status> {
+    let certs =
+        req.peer_certs().ok_or_else(|| tonic::Status::unauthenticated("no client certificate on this connection"))?;
+    let leaf =
+        certs.first().ok_or_else(|| tonic::Status::unauthenticated("no client certificate on this connection"))?;
+    Identity::from_der(leaf.as_ref()).map_err(|e| tonic::Status::permission_denied(format!("client certificate: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn identity_uris_round_trip() {
+        let id =
+            Identity { kind: Kind::Subscriber, name: "remediator-a".into(), clusters: vec!["c1".into(), "c2".into()] };
+        let uris = id.uris();
+        assert_eq!(uris[0], "spiffe://nodekeeper/subscriber/c1/remediator-a");
+        for u in &uris {
+            let (k, _, n) = Identity::parse_uri(u).unwrap();
+            assert_eq!((k, n.as_str()), (Kind::Subscriber, "remediator-a"));
+        }
+        assert!(id.covers("c2") && !id.covers("c3"));
+        for bad in
+            ["spiffe://other/node/c1/n", "spiffe://nodekeeper/root/c1/n", "spiffe://nodekeeper/node/c1/", "https://x"]
+        {
+            assert!(Identity::parse_uri(bad).is_none(), "{bad}");
+        }
+    }
+}
