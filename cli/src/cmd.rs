@@ -2,6 +2,7 @@
 
 use std::time::Duration;
 
+use anyhow::Context;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use nodekeeper_common::backoff::Backoff;
 use nodekeeper_proto::v1::{
@@ -37,6 +38,13 @@ pub struct Cli {
     /// Output format.
     #[arg(long, short = 'o', global = true, value_enum, default_value_t = Format::Table)]
     output: Format,
+    /// Folder with ca.pem and the identity's certificate and key, for an https:// server
+    /// (default: ~/.config/nodekeeper/pki).
+    #[arg(long, global = true, env = "NODEKEEPER_CERTS")]
+    certs: Option<std::path::PathBuf>,
+    /// Which certificate in --certs to present: <identity>.pem and <identity>-key.pem.
+    #[arg(long, global = true, env = "NODEKEEPER_IDENTITY", default_value = "admin")]
+    identity: String,
     #[command(subcommand)]
     command: Command,
 }
@@ -203,10 +211,22 @@ pub fn exit_code(err: &anyhow::Error) -> u8 {
     }
 }
 
-async fn channel(server: &str) -> anyhow::Result<Channel> {
-    let endpoint = Endpoint::from_shared(server.to_owned())
+/// Where the CLI looks for its credentials by default.
+pub fn default_certs_dir() -> std::path::PathBuf {
+    let home = std::env::var_os("HOME").map(std::path::PathBuf::from).unwrap_or_else(|| ".".into());
+    home.join(".config/nodekeeper/pki")
+}
+
+async fn channel(server: &str, certs: Option<&std::path::Path>, identity: &str) -> anyhow::Result<Channel> {
+    let mut endpoint = Endpoint::from_shared(server.to_owned())
         .map_err(|e| anyhow::anyhow!("invalid --server {server:?}: {e}"))?
         .connect_timeout(Duration::from_secs(5));
+    if server.starts_with("https://") {
+        let dir = certs.map(std::path::Path::to_path_buf).unwrap_or_else(default_certs_dir);
+        let files = nodekeeper_common::tls::TlsFiles::in_dir(&dir, identity);
+        let tls = nodekeeper_common::tls::client_config(&files).context("loading credentials (see --certs)")?;
+        endpoint = endpoint.tls_config(tls)?;
+    }
     endpoint.connect().await.map_err(|e| {
         anyhow::Error::new(e)
             .context(format!("cannot reach the event center at {server} (is it running? see --server)"))
@@ -233,7 +253,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         _ => {}
     }
-    let ch = channel(&cli.server).await?;
+    let ch = channel(&cli.server, cli.certs.as_deref(), &cli.identity).await?;
     let json = cli.output == Format::Json;
     match cli.command {
         Command::Nodes(NodesCmd::List { cluster }) => nodes_list(ch, json, cluster).await,

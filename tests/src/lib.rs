@@ -61,6 +61,8 @@ where
 pub struct EventCenter {
     pub addr: SocketAddr,
     pub data_dir: PathBuf,
+    /// Set for a mutual-TLS center: the credentials the harness uses to check it is serving.
+    pub client_tls: Option<nodekeeper_common::tls::TlsFiles>,
     config: Option<PathBuf>,
     child: Option<Child>,
     _tmp: Option<tempfile::TempDir>,
@@ -83,14 +85,25 @@ impl EventCenter {
         EventCenter {
             addr: SocketAddr::from(([127, 0, 0, 1], free_port())),
             data_dir,
+            client_tls: None,
             config: Some(config),
             child: None,
             _tmp: Some(tmp),
         }
     }
 
+    /// A mutual-TLS center; `config_toml` holds its [tls] section, `admin` the harness's
+    /// credentials.
+    pub async fn start_tls(config_toml: &str, admin: nodekeeper_common::tls::TlsFiles) -> EventCenter {
+        let mut c = EventCenter::new(config_toml);
+        c.client_tls = Some(admin);
+        c.spawn().await;
+        c
+    }
+
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        let scheme = if self.client_tls.is_some() { "https" } else { "http" };
+        format!("{scheme}://{}", self.addr)
     }
 
     /// Starts the process (again) on the same directory and port, and waits until it serves.
@@ -110,9 +123,18 @@ impl EventCenter {
             .stderr(Stdio::inherit());
         self.child = Some(cmd.spawn().expect("spawn nodekeeper-eventcenter"));
         let url = self.url();
+        let tls = self.client_tls.clone();
         wait_for("the event center to serve", Duration::from_secs(20), || {
-            let url = url.clone();
-            async move { health_ok(&url).await.then_some(()) }
+            let (url, tls) = (url.clone(), tls.clone());
+            async move {
+                match tls {
+                    None => health_ok(&url).await.then_some(()),
+                    Some(files) => {
+                        let ch = tls_channel(&url, &files).await.ok()?;
+                        health_ok_on(ch).await.then_some(())
+                    }
+                }
+            }
         })
         .await;
     }
@@ -141,7 +163,12 @@ impl EventCenter {
     }
 
     pub async fn channel(&self) -> Channel {
-        Channel::from_shared(self.url()).expect("url").connect().await.expect("connect to the event center")
+        match &self.client_tls {
+            Some(files) => tls_channel(&self.url(), files).await.expect("connect to the event center"),
+            None => {
+                Channel::from_shared(self.url()).expect("url").connect().await.expect("connect to the event center")
+            }
+        }
     }
 }
 
@@ -159,9 +186,13 @@ pub fn signal(pid: u32, sig: &str) {
 
 /// The gRPC health check (grpc.health.v1) answers SERVING.
 pub async fn health_ok(url: &str) -> bool {
-    use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient};
     let Ok(endpoint) = tonic::transport::Endpoint::from_shared(url.to_owned()) else { return false };
     let Ok(channel) = endpoint.connect_timeout(Duration::from_millis(500)).connect().await else { return false };
+    health_ok_on(channel).await
+}
+
+pub async fn health_ok_on(channel: Channel) -> bool {
+    use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient};
     match HealthClient::new(channel).check(HealthCheckRequest { service: String::new() }).await {
         Ok(r) => r.into_inner().status == ServingStatus::Serving as i32,
         Err(_) => false,
@@ -197,6 +228,18 @@ pub fn observation(seq: u64) -> Observation {
     }
 }
 
+/// A mutual-TLS channel to `url` presenting `files`' certificate.
+pub async fn tls_channel(url: &str, files: &nodekeeper_common::tls::TlsFiles) -> Result<Channel, String> {
+    let tls = nodekeeper_common::tls::client_config(files).map_err(|e| e.to_string())?;
+    Channel::from_shared(url.to_owned())
+        .expect("url")
+        .tls_config(tls)
+        .map_err(|e| e.to_string())?
+        .connect()
+        .await
+        .map_err(|e| format!("{e:?}"))
+}
+
 impl AgentConn {
     pub async fn connect(url: &str, hello: Hello) -> Result<AgentConn, tonic::Status> {
         let channel = Channel::from_shared(url.to_owned())
@@ -204,6 +247,10 @@ impl AgentConn {
             .connect()
             .await
             .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+        Self::connect_channel(channel, hello).await
+    }
+
+    pub async fn connect_channel(channel: Channel, hello: Hello) -> Result<AgentConn, tonic::Status> {
         let (tx, rx) = mpsc::channel(256);
         tx.send(AgentMessage { msg: Some(agent_message::Msg::Hello(hello)) }).await.expect("queue hello");
         let mut rx = AgentServiceClient::new(channel).session(ReceiverStream::new(rx)).await?.into_inner();

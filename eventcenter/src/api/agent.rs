@@ -14,7 +14,9 @@ use tokio_stream::Stream;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
-use super::{Ctx, store_status, to_event};
+use nodekeeper_common::tls::Kind;
+
+use super::{Ctx, deny, store_status, to_event};
 use crate::store::{self, Identity, NewEvent, NodeHello, NodeKey};
 use crate::validate;
 
@@ -57,6 +59,7 @@ impl agent_service_server::AgentService for AgentApi {
         request: Request<Streaming<AgentMessage>>,
     ) -> Result<Response<Self::SessionStream>, Status> {
         let ctx = self.0.clone();
+        let caller = ctx.caller(&request)?;
         let mut inbound = request.into_inner();
         let first = tokio::time::timeout(HELLO_TIMEOUT, inbound.message())
             .await
@@ -66,6 +69,21 @@ impl agent_service_server::AgentService for AgentApi {
             _ => return Err(Status::invalid_argument("the first message of a stream must be a hello naming the node")),
         };
         check_hello(&hello)?;
+        // A node reports about itself only.
+        if let Some(id) = &caller
+            && (id.kind != Kind::Node || id.name != hello.node || !id.covers(&hello.cluster))
+        {
+            return Err(deny(
+                id,
+                format!(
+                    "the {} certificate of {} may not report as node {} in cluster {}",
+                    id.kind.as_str(),
+                    id.name,
+                    hello.node,
+                    hello.cluster
+                ),
+            ));
+        }
         let key = NodeKey { cluster: hello.cluster.clone(), node: hello.node.clone() };
         let interval = nktime::from_duration(hello.heartbeat_interval.as_ref());
         let node_hello = NodeHello {

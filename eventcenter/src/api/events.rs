@@ -14,19 +14,29 @@ use tokio_stream::Stream;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
-use super::{Ctx, store_status};
+use super::{Caller, Ctx, READERS, require, scope_clusters, store_status};
 use crate::cursor;
 use crate::subscribe::{Matcher, Subscription};
 use crate::validate;
 
 pub struct EventApi(pub Ctx);
 
+/// Limits a filter to the clusters the caller may read.
+fn scope_filter(caller: &Caller, filter: &mut Option<nodekeeper_proto::v1::EventFilter>) -> Result<(), Status> {
+    let f = filter.get_or_insert_with(Default::default);
+    f.clusters = scope_clusters(caller, std::mem::take(&mut f.clusters))?;
+    Ok(())
+}
+
 const MAX_LIST: usize = 10_000;
 
 #[tonic::async_trait]
 impl event_service_server::EventService for EventApi {
     async fn list_events(&self, request: Request<ListEventsRequest>) -> Result<Response<ListEventsResponse>, Status> {
-        let req = request.into_inner();
+        let caller = self.0.caller(&request)?;
+        require(&caller, READERS, "read events")?;
+        let mut req = request.into_inner();
+        scope_filter(&caller, &mut req.filter)?;
         let store = &self.0.store;
         let after = cursor::parse(&req.after_cursor)?;
         let floor = store.floor();
@@ -72,7 +82,10 @@ impl event_service_server::EventService for EventApi {
     type SubscribeStream = Pin<Box<dyn Stream<Item = Result<SubscribeResponse, Status>> + Send>>;
 
     async fn subscribe(&self, request: Request<SubscribeRequest>) -> Result<Response<Self::SubscribeStream>, Status> {
-        let req = request.into_inner();
+        let caller = self.0.caller(&request)?;
+        require(&caller, READERS, "subscribe to events")?;
+        let mut req = request.into_inner();
+        scope_filter(&caller, &mut req.filter)?;
         let ctx = &self.0;
         let store = &ctx.store;
         if !req.consumer.is_empty() {
@@ -146,6 +159,7 @@ impl event_service_server::EventService for EventApi {
         &self,
         request: Request<DeleteConsumerRequest>,
     ) -> Result<Response<DeleteConsumerResponse>, Status> {
+        require(&self.0.caller(&request)?, READERS, "delete a consumer")?;
         let req = request.into_inner();
         validate::name(names::consumer(&req.consumer))?;
         if !self.0.store.delete_consumer(req.consumer.clone()).await.map_err(store_status)? {
@@ -154,7 +168,8 @@ impl event_service_server::EventService for EventApi {
         Ok(Response::new(DeleteConsumerResponse {}))
     }
 
-    async fn get_log_info(&self, _: Request<GetLogInfoRequest>) -> Result<Response<LogInfo>, Status> {
+    async fn get_log_info(&self, request: Request<GetLogInfoRequest>) -> Result<Response<LogInfo>, Status> {
+        require(&self.0.caller(&request)?, READERS, "read the log's extent")?;
         let store = &self.0.store;
         Ok(Response::new(LogInfo {
             retention: Some(nktime::to_duration(self.0.config.store.retention)),

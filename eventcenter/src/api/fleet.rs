@@ -8,7 +8,7 @@ use nodekeeper_proto::v1::{
 };
 use tonic::{Request, Response, Status};
 
-use super::{Ctx, store_status};
+use super::{Ctx, READERS, require, require_cluster, scope_clusters, store_status};
 use crate::store::{FaultFilter, NodeKey};
 use crate::validate;
 
@@ -17,8 +17,10 @@ pub struct FleetApi(pub Ctx);
 #[tonic::async_trait]
 impl fleet_service_server::FleetService for FleetApi {
     async fn list_nodes(&self, request: Request<ListNodesRequest>) -> Result<Response<ListNodesResponse>, Status> {
-        let req = request.into_inner();
-        let mut nodes = self.0.store.list_nodes(req.clusters).await.map_err(store_status)?;
+        let caller = self.0.caller(&request)?;
+        require(&caller, READERS, "list nodes")?;
+        let clusters = scope_clusters(&caller, request.into_inner().clusters)?;
+        let mut nodes = self.0.store.list_nodes(clusters).await.map_err(store_status)?;
         for n in &mut nodes {
             self.0.liveness.annotate(n);
         }
@@ -26,7 +28,10 @@ impl fleet_service_server::FleetService for FleetApi {
     }
 
     async fn get_node(&self, request: Request<GetNodeRequest>) -> Result<Response<Node>, Status> {
+        let caller = self.0.caller(&request)?;
+        require(&caller, READERS, "read nodes")?;
         let req = request.into_inner();
+        require_cluster(&caller, &req.cluster)?;
         validate::name(names::cluster(&req.cluster))?;
         validate::name(names::node(&req.node))?;
         let key = NodeKey { cluster: req.cluster, node: req.node };
@@ -42,7 +47,10 @@ impl fleet_service_server::FleetService for FleetApi {
     }
 
     async fn list_faults(&self, request: Request<ListFaultsRequest>) -> Result<Response<ListFaultsResponse>, Status> {
-        let req = request.into_inner();
+        let caller = self.0.caller(&request)?;
+        require(&caller, READERS, "list faults")?;
+        let mut req = request.into_inner();
+        req.clusters = scope_clusters(&caller, req.clusters)?;
         let limit = match req.limit as usize {
             0 => 100,
             n => n.min(10_000),
@@ -57,6 +65,8 @@ impl fleet_service_server::FleetService for FleetApi {
     }
 
     async fn get_fault(&self, request: Request<GetFaultRequest>) -> Result<Response<GetFaultResponse>, Status> {
+        let caller = self.0.caller(&request)?;
+        require(&caller, READERS, "read faults")?;
         let id = request.into_inner().id;
         let (fault, events) = self
             .0
@@ -65,6 +75,10 @@ impl fleet_service_server::FleetService for FleetApi {
             .await
             .map_err(store_status)?
             .ok_or_else(|| Status::not_found(format!("no fault {id}")))?;
+        // Another cluster's fault does not exist for this caller.
+        if caller.as_ref().is_some_and(|c| !c.covers(&fault.cluster)) {
+            return Err(Status::not_found(format!("no fault {id}")));
+        }
         Ok(Response::new(GetFaultResponse { fault: Some(fault), events }))
     }
 
@@ -72,8 +86,11 @@ impl fleet_service_server::FleetService for FleetApi {
         &self,
         request: Request<ListConditionsRequest>,
     ) -> Result<Response<ListConditionsResponse>, Status> {
+        let caller = self.0.caller(&request)?;
+        require(&caller, READERS, "list conditions")?;
         let req = request.into_inner();
-        let conditions = self.0.store.list_conditions(req.clusters, req.nodes).await.map_err(store_status)?;
+        let clusters = scope_clusters(&caller, req.clusters)?;
+        let conditions = self.0.store.list_conditions(clusters, req.nodes).await.map_err(store_status)?;
         Ok(Response::new(ListConditionsResponse { conditions }))
     }
 

@@ -9,6 +9,7 @@ pub mod report;
 
 use std::sync::Arc;
 
+use nodekeeper_common::tls::{self, Identity, Kind};
 use nodekeeper_proto::v1::{Category, Event, EventKind, Observation, Origin};
 use tokio_util::sync::CancellationToken;
 use tonic::Status;
@@ -27,6 +28,64 @@ pub struct Ctx {
     /// Connections are mutual TLS: every request has a verified client identity.
     pub authenticated: bool,
 }
+
+/// What a caller may do, from its certificate. `None` on an insecure center: everything.
+pub type Caller = Option<Identity>;
+
+impl Ctx {
+    /// The caller's verified identity (mutual TLS), or `None` when the center runs insecure.
+    pub fn caller<T>(&self, req: &tonic::Request<T>) -> Result<Caller, Status> {
+        if !self.authenticated {
+            return Ok(None);
+        }
+        tls::peer_identity(req).map(Some).inspect_err(|s| tracing::warn!(reason = s.message(), "request refused"))
+    }
+}
+
+/// PERMISSION_DENIED with the reason, logged.
+pub fn deny(id: &Identity, why: String) -> Status {
+    tracing::warn!(kind = id.kind.as_str(), name = %id.name, reason = %why, "permission denied");
+    Status::permission_denied(why)
+}
+
+/// The caller must be one of `kinds`.
+pub fn require(caller: &Caller, kinds: &[Kind], what: &str) -> Result<(), Status> {
+    match caller {
+        Some(id) if !kinds.contains(&id.kind) => {
+            Err(deny(id, format!("a {} certificate may not {what}", id.kind.as_str())))
+        }
+        _ => Ok(()),
+    }
+}
+
+/// The clusters a read may cover: the requested ones if the caller may see them all, or, when
+/// none are requested, the caller's own (empty = every cluster).
+pub fn scope_clusters(caller: &Caller, requested: Vec<String>) -> Result<Vec<String>, Status> {
+    let Some(id) = caller else { return Ok(requested) };
+    if id.covers("*") {
+        return Ok(requested);
+    }
+    if requested.is_empty() {
+        return Ok(id.clusters.clone());
+    }
+    if let Some(c) = requested.iter().find(|c| !id.covers(c)) {
+        return Err(deny(id, format!("{} {} may not read cluster {c}", id.kind.as_str(), id.name)));
+    }
+    Ok(requested)
+}
+
+/// The caller may act on `cluster`.
+pub fn require_cluster(caller: &Caller, cluster: &str) -> Result<(), Status> {
+    match caller {
+        Some(id) if !id.covers(cluster) => {
+            Err(deny(id, format!("{} {} may not act on cluster {cluster}", id.kind.as_str(), id.name)))
+        }
+        _ => Ok(()),
+    }
+}
+
+/// Readers of events and fleet state.
+pub const READERS: &[Kind] = &[Kind::Subscriber, Kind::Detector, Kind::Admin];
 
 pub fn store_status(e: StoreError) -> Status {
     tracing::error!(error = %e, "store error");

@@ -4,7 +4,9 @@ use nodekeeper_common::names;
 use nodekeeper_proto::v1::{Origin, ReportRequest, ReportResponse, ReportResult, report_service_server};
 use tonic::{Request, Response, Status};
 
-use super::{Ctx, store_status, to_event};
+use nodekeeper_common::tls::Kind;
+
+use super::{Ctx, deny, require, require_cluster, store_status, to_event};
 use crate::cursor;
 use crate::store::{Identity, NewEvent};
 use crate::validate;
@@ -14,7 +16,16 @@ pub struct ReportApi(pub Ctx);
 #[tonic::async_trait]
 impl report_service_server::ReportService for ReportApi {
     async fn report(&self, request: Request<ReportRequest>) -> Result<Response<ReportResponse>, Status> {
-        let req = request.into_inner();
+        let caller = self.0.caller(&request)?;
+        require(&caller, &[Kind::Detector, Kind::Admin], "report about nodes")?;
+        let mut req = request.into_inner();
+        // The producer is who the certificate says, never what the message claims.
+        if let Some(id) = &caller {
+            if !req.producer.is_empty() && req.producer != id.name {
+                return Err(deny(id, format!("{} may not report as producer {}", id.name, req.producer)));
+            }
+            req.producer = id.name.clone();
+        }
         let limits = &self.0.config.limits;
         validate::name(names::producer(&req.producer))?;
         if req.reports.len() > limits.max_batch {
@@ -33,6 +44,7 @@ impl report_service_server::ReportService for ReportApi {
                 .map_err(|s| Status::invalid_argument(format!("report {i}: {}", s.message())))?;
             validate::name(names::node(&r.node))
                 .map_err(|s| Status::invalid_argument(format!("report {i}: {}", s.message())))?;
+            require_cluster(&caller, &r.cluster)?;
             let o = r.observation.ok_or_else(|| Status::invalid_argument(format!("report {i} has no observation")))?;
             validate::observation(&o, limits, &|| format!("report {i}"))?;
             let origin = Origin {

@@ -1,0 +1,282 @@
+//! Mutual TLS and identities: the real event center with certificates made by the real
+//! `nodekeeper certs`, real gRPC clients presenting them.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use nodekeeper_common::tls::TlsFiles;
+use nodekeeper_proto::v1::{
+    Condition, ConditionStatus, EventFilter, ListEventsRequest, ListNodesRequest, Observation, Report, ReportRequest,
+    StartPosition, SubscribeRequest, event_service_client::EventServiceClient,
+    fleet_service_client::FleetServiceClient, report_service_client::ReportServiceClient, subscribe_response,
+};
+use nodekeeper_tests::{AgentConn, EventCenter, bin, hello, observation, stored_events, tls_channel, wait_for};
+use tonic::Code;
+
+/// A CA and the certificates the tests present, made with `nodekeeper certs`.
+struct Pki {
+    dir: tempfile::TempDir,
+}
+
+async fn certs(dir: &Path, args: &[&str]) {
+    let out = tokio::process::Command::new(bin("nodekeeper"))
+        .arg("certs")
+        .args(args)
+        .arg("--dir")
+        .arg(dir)
+        .output()
+        .await
+        .expect("run nodekeeper certs");
+    assert!(out.status.success(), "nodekeeper certs {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+impl Pki {
+    async fn new() -> Pki {
+        let pki = Pki { dir: tempfile::tempdir().unwrap() };
+        let d = pki.dir.path();
+        certs(d, &["init"]).await;
+        certs(d, &["issue", "--kind", "server", "--name", "eventcenter", "--san", "127.0.0.1"]).await;
+        certs(d, &["issue", "--kind", "admin", "--name", "admin"]).await;
+        certs(d, &["issue", "--kind", "node", "--name", "node-a", "--cluster", "a"]).await;
+        certs(d, &["issue", "--kind", "node", "--name", "node-b", "--cluster", "b"]).await;
+        certs(d, &["issue", "--kind", "subscriber", "--name", "subscriber-a", "--cluster", "a"]).await;
+        certs(d, &["issue", "--kind", "detector", "--name", "detector-a", "--cluster", "a"]).await;
+        pki
+    }
+
+    fn path(&self) -> PathBuf {
+        self.dir.path().to_owned()
+    }
+
+    fn files(&self, name: &str) -> TlsFiles {
+        TlsFiles::in_dir(self.dir.path(), name)
+    }
+
+    fn center_config(&self) -> String {
+        let f = self.files("eventcenter");
+        format!(
+            "[nodes]\ncheck_interval = \"50ms\"\n[tls]\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n",
+            f.ca.display(),
+            f.cert.display(),
+            f.key.display()
+        )
+    }
+
+    async fn center(&self) -> EventCenter {
+        EventCenter::start_tls(&self.center_config(), self.files("admin")).await
+    }
+}
+
+fn condition_report(id: &str, cluster: &str, node: &str) -> Report {
+    Report {
+        report_id: id.into(),
+        cluster: cluster.into(),
+        node: node.into(),
+        observation: Some(Observation {
+            r#type: "NodeUnreachable".into(),
+            condition: Some(Condition {
+                r#type: "NodeUnreachable".into(),
+                status: ConditionStatus::True as i32,
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_certificate_reporting_for_another_node_is_denied_and_nothing_is_stored() {
+    let pki = Pki::new().await;
+    let center = pki.center().await;
+    let url = center.url();
+    let as_node_a = || async { tls_channel(&url, &pki.files("node-a")).await.unwrap() };
+    for (cluster, node) in [("b", "node-b"), ("a", "node-b"), ("b", "node-a")] {
+        let err =
+            AgentConn::connect_channel(as_node_a().await, hello(cluster, node, "b1")).await.err().expect("denied");
+        assert_eq!(err.code(), Code::PermissionDenied, "{cluster}/{node}: {err:?}");
+        assert!(err.message().contains("may not report as node"), "{}", err.message());
+    }
+    // A subscriber certificate cannot pose as an agent either.
+    let sub = tls_channel(&url, &pki.files("subscriber-a")).await.unwrap();
+    let err = AgentConn::connect_channel(sub, hello("a", "node-a", "b1")).await.err().expect("denied");
+    assert_eq!(err.code(), Code::PermissionDenied);
+    // As itself it works.
+    let mut a = AgentConn::connect_channel(as_node_a().await, hello("a", "node-a", "b1")).await.unwrap();
+    assert_eq!(a.send_acked(1, vec![observation(1)]).await.stored, 1);
+
+    // Reports: only detectors (and admins), for their clusters, under their own name.
+    let mut as_node = ReportServiceClient::new(as_node_a().await);
+    let req = ReportRequest { producer: String::new(), reports: vec![condition_report("r1", "a", "node-a")] };
+    assert_eq!(as_node.report(req).await.unwrap_err().code(), Code::PermissionDenied);
+    let mut detector = ReportServiceClient::new(tls_channel(&url, &pki.files("detector-a")).await.unwrap());
+    let other_cluster = ReportRequest { producer: String::new(), reports: vec![condition_report("r2", "b", "node-b")] };
+    assert_eq!(detector.report(other_cluster).await.unwrap_err().code(), Code::PermissionDenied);
+    let posing = ReportRequest { producer: "detector-z".into(), reports: vec![condition_report("r3", "a", "node-a")] };
+    assert_eq!(detector.report(posing).await.unwrap_err().code(), Code::PermissionDenied);
+    let own = ReportRequest { producer: String::new(), reports: vec![condition_report("r4", "a", "node-a")] };
+    detector.report(own).await.unwrap();
+
+    // Nothing from the denied calls is stored.
+    let ch = center.channel().await;
+    let nodes =
+        FleetServiceClient::new(ch.clone()).list_nodes(ListNodesRequest::default()).await.unwrap().into_inner().nodes;
+    assert_eq!(nodes.iter().map(|n| n.name.as_str()).collect::<Vec<_>>(), vec!["node-a"]);
+    assert!(stored_events(ch.clone(), "node-b", "NodeRegistered").await.is_empty());
+    let unreachable = stored_events(ch, "node-a", "NodeUnreachable").await;
+    assert_eq!(unreachable.len(), 1);
+    assert_eq!(
+        unreachable[0].origin.as_ref().unwrap().producer,
+        "detector-a",
+        "the producer comes from the certificate"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscriber_for_cluster_a_sees_none_of_cluster_b() {
+    let pki = Pki::new().await;
+    let center = pki.center().await;
+    let url = center.url();
+    for (cluster, node) in [("a", "node-a"), ("b", "node-b")] {
+        let ch = tls_channel(&url, &pki.files(node)).await.unwrap();
+        let mut conn = AgentConn::connect_channel(ch, hello(cluster, node, "b1")).await.unwrap();
+        conn.send_acked(1, (1..=5).map(observation).collect()).await;
+    }
+    let ch = tls_channel(&url, &pki.files("subscriber-a")).await.unwrap();
+    let mut events = EventServiceClient::new(ch.clone());
+    let all =
+        events.list_events(ListEventsRequest { limit: 1000, ..Default::default() }).await.unwrap().into_inner().events;
+    assert!(!all.is_empty());
+    assert!(all.iter().all(|e| e.cluster == "a"), "{all:?}");
+    assert_eq!(all.iter().filter(|e| e.r#type == "TestEvent").count(), 5);
+    let ask_b = ListEventsRequest {
+        filter: Some(EventFilter { clusters: vec!["b".into()], ..Default::default() }),
+        ..Default::default()
+    };
+    assert_eq!(events.list_events(ask_b).await.unwrap_err().code(), Code::PermissionDenied);
+    // The stream too: everything up to the first bookmark is cluster a's.
+    let req = SubscribeRequest {
+        start: StartPosition::Oldest as i32,
+        bookmark_interval: Some(prost_types::Duration { seconds: 0, nanos: 200_000_000 }),
+        ..Default::default()
+    };
+    let mut stream = events.subscribe(req).await.unwrap().into_inner();
+    let mut seen = 0;
+    loop {
+        let m = tokio::time::timeout(Duration::from_secs(10), stream.message()).await.unwrap().unwrap().unwrap();
+        match m.msg {
+            Some(subscribe_response::Msg::Event(e)) => {
+                assert_eq!(e.cluster, "a");
+                seen += 1;
+            }
+            Some(subscribe_response::Msg::Bookmark(_)) => break,
+            None => {}
+        }
+    }
+    assert_eq!(seen, all.len());
+    let nodes = FleetServiceClient::new(ch).list_nodes(ListNodesRequest::default()).await.unwrap().into_inner().nodes;
+    assert_eq!(nodes.iter().map(|n| n.cluster.as_str()).collect::<Vec<_>>(), vec!["a"]);
+    // A node certificate reads nothing.
+    let as_node = tls_channel(&url, &pki.files("node-a")).await.unwrap();
+    let err = EventServiceClient::new(as_node).list_events(ListEventsRequest::default()).await.unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied);
+}
+
+/// Writes a certificate for `uri` valid in [not_before, not_after], signed by the CA in `ca_dir`
+/// or, without one, self-signed.
+fn forge(dir: &Path, name: &str, uri: &str, ca_dir: Option<&Path>, days: (i64, i64)) -> TlsFiles {
+    use rcgen::{CertificateParams, Issuer, KeyPair, SanType};
+    let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    params.subject_alt_names.push(SanType::URI(uri.try_into().unwrap()));
+    let now = time::OffsetDateTime::now_utc();
+    params.not_before = now + time::Duration::days(days.0);
+    params.not_after = now + time::Duration::days(days.1);
+    let key = KeyPair::generate().unwrap();
+    let cert = match ca_dir {
+        Some(ca) => {
+            let ca_key = KeyPair::from_pem(&std::fs::read_to_string(ca.join("ca-key.pem")).unwrap()).unwrap();
+            let issuer =
+                Issuer::from_ca_cert_pem(&std::fs::read_to_string(ca.join("ca.pem")).unwrap(), ca_key).unwrap();
+            params.signed_by(&key, &issuer).unwrap()
+        }
+        None => params.self_signed(&key).unwrap(),
+    };
+    let files = TlsFiles {
+        ca: dir.join("server-ca.pem"),
+        cert: dir.join(format!("{name}.pem")),
+        key: dir.join(format!("{name}-key.pem")),
+    };
+    std::fs::write(&files.cert, cert.pem()).unwrap();
+    std::fs::write(&files.key, key.serialize_pem()).unwrap();
+    files
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expired_untrusted_and_self_signed_client_certificates_are_rejected() {
+    let pki = Pki::new().await;
+    let center = pki.center().await;
+    let url = center.url();
+    let tmp = tempfile::tempdir().unwrap();
+    // Clients still trust the real server.
+    std::fs::copy(pki.files("admin").ca, tmp.path().join("server-ca.pem")).unwrap();
+    let admin_uri = "spiffe://nodekeeper/admin/*/admin";
+    let other_ca = tempfile::tempdir().unwrap();
+    certs(other_ca.path(), &["init"]).await;
+    let cases = [
+        ("expired", forge(tmp.path(), "expired", admin_uri, Some(&pki.path()), (-30, -1))),
+        ("untrusted", forge(tmp.path(), "untrusted", admin_uri, Some(other_ca.path()), (-1, 30))),
+        ("self-signed", forge(tmp.path(), "selfsigned", admin_uri, None, (-1, 30))),
+    ];
+    for (what, files) in &cases {
+        let result = match tls_channel(&url, files).await {
+            Err(e) => Err(e),
+            Ok(ch) => FleetServiceClient::new(ch)
+                .list_nodes(ListNodesRequest::default())
+                .await
+                .map(|_| ())
+                .map_err(|s| format!("{s:?}")),
+        };
+        assert!(result.is_err(), "{what} certificate accepted");
+    }
+    // A certificate from the right CA without a nodekeeper identity is refused at the request.
+    let anonymous = forge(tmp.path(), "anonymous", "spiffe://elsewhere/workload", Some(&pki.path()), (-1, 30));
+    let ch = tls_channel(&url, &anonymous).await.unwrap();
+    let err = FleetServiceClient::new(ch).list_nodes(ListNodesRequest::default()).await.unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+    // And the real admin still gets in.
+    FleetServiceClient::new(center.channel().await).list_nodes(ListNodesRequest::default()).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rotated_ca_and_certificate_are_picked_up_without_a_restart() {
+    let old = Pki::new().await;
+    let mut center = old.center().await;
+    let pid = center.pid();
+    let new = Pki::new().await;
+    // Replace the files the center was started with, in place, as a certificate manager does.
+    for (from, to) in [
+        (new.files("eventcenter").key, old.files("eventcenter").key),
+        (new.files("eventcenter").cert, old.files("eventcenter").cert),
+        (new.files("eventcenter").ca, old.files("eventcenter").ca),
+    ] {
+        std::fs::copy(from, to).unwrap();
+    }
+    let url = center.url();
+    let new_admin = new.files("admin");
+    wait_for("the new CA and certificate to be served", Duration::from_secs(15), || {
+        let (url, files) = (url.clone(), new_admin.clone());
+        async move {
+            let ch = tls_channel(&url, &files).await.ok()?;
+            FleetServiceClient::new(ch).list_nodes(ListNodesRequest::default()).await.ok().map(|_| ())
+        }
+    })
+    .await;
+    // Clients of the old CA are now refused, and the center never restarted.
+    let old_admin = TlsFiles { ca: new.files("admin").ca, ..old.files("admin") };
+    let refused = match tls_channel(&url, &old_admin).await {
+        Err(_) => true,
+        Ok(ch) => FleetServiceClient::new(ch).list_nodes(ListNodesRequest::default()).await.is_err(),
+    };
+    assert!(refused, "a certificate of the replaced CA still works");
+    assert!(center.is_running());
+    assert_eq!(center.pid(), pid);
+}
