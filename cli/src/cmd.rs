@@ -23,7 +23,7 @@ pub const EXIT_CURSOR_EXPIRED: u8 = 5;
 pub const EXIT_INVALID: u8 = 6;
 
 /// The default event center address: where `nodekeeper dev` listens.
-pub const DEFAULT_SERVER: &str = "http://127.0.0.1:7443";
+pub const DEFAULT_SERVER: &str = "https://127.0.0.1:7443";
 
 /// nodekeeper: the operators' view of the fleet and its faults.
 ///
@@ -72,6 +72,9 @@ enum Command {
     Certs(CertsCmd),
     /// Run an event center and an agent for this machine, for a first look.
     Dev {
+        /// Plaintext without certificates (otherwise a development CA in <data-dir>/pki is used).
+        #[arg(long)]
+        insecure: bool,
         /// Where the event center's store and the agent's state live.
         #[arg(long, default_value = ".nodekeeper")]
         data_dir: std::path::PathBuf,
@@ -240,8 +243,8 @@ fn status(s: Status) -> anyhow::Error {
 
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Dev { data_dir, listen, status_port } => {
-            return crate::dev::run(crate::dev::DevArgs { data_dir, listen, status_port }).await;
+        Command::Dev { insecure, data_dir, listen, status_port } => {
+            return crate::dev::run(crate::dev::DevArgs { insecure, data_dir, listen, status_port }).await;
         }
         Command::Certs(CertsCmd::Init { dir, days, force }) => return crate::certs::init(&dir, days, force),
         Command::Certs(CertsCmd::Issue { dir, kind, name, cluster, san, days }) => {

@@ -14,8 +14,11 @@ use nix::unistd::Pid;
 use tokio::process::{Child, Command};
 
 use crate::output::println;
+use nodekeeper_common::tls::TlsFiles;
 
 pub struct DevArgs {
+    /// Plaintext, no certificates.
+    pub insecure: bool,
     pub data_dir: PathBuf,
     pub listen: SocketAddr,
     pub status_port: u16,
@@ -67,17 +70,28 @@ fn spawn(bin: &Path, args: &[&str], log: &Path) -> anyhow::Result<Child> {
         .with_context(|| format!("starting {}", bin.display()))
 }
 
-async fn healthy(url: &str) -> bool {
+async fn healthy(url: &str, tls: Option<&TlsFiles>) -> bool {
     use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient};
-    let Ok(ch) = tonic::transport::Endpoint::from_shared(url.to_owned()) else { return false };
+    let Ok(mut ch) = tonic::transport::Endpoint::from_shared(url.to_owned()) else { return false };
+    if let Some(files) = tls {
+        let Ok(config) = nodekeeper_common::tls::client_config(files) else { return false };
+        let Ok(with_tls) = ch.tls_config(config) else { return false };
+        ch = with_tls;
+    }
     let Ok(ch) = ch.connect_timeout(Duration::from_millis(300)).connect().await else { return false };
     matches!(HealthClient::new(ch).check(HealthCheckRequest::default()).await,
         Ok(r) if r.get_ref().status == ServingStatus::Serving as i32)
 }
 
-async fn wait_healthy(url: &str, child: &mut Child, what: &str, log: &Path) -> anyhow::Result<()> {
+async fn wait_healthy(
+    url: &str,
+    tls: Option<&TlsFiles>,
+    child: &mut Child,
+    what: &str,
+    log: &Path,
+) -> anyhow::Result<()> {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    while !healthy(url).await {
+    while !healthy(url, tls).await {
         if let Some(status) = child.try_wait()? {
             bail!("{what} exited ({status}) during start; see {}", log.display());
         }
@@ -108,6 +122,57 @@ async fn stop(child: &mut Child, what: &str, grace: Duration) {
     }
 }
 
+/// The development CA and certificates in `pki` (made once, reused by later runs), and the admin
+/// credentials copied to where the CLI looks by default, unless credentials are already there.
+fn dev_certs(pki: &Path, node: &str) -> anyhow::Result<TlsFiles> {
+    use crate::certs::{IssueArgs, init, issue};
+    use nodekeeper_common::tls::Kind;
+    if !pki.join("ca.pem").exists() {
+        init(pki, 3650, false)?;
+        let mut args = IssueArgs {
+            dir: pki.to_owned(),
+            kind: Kind::Server,
+            name: "eventcenter".into(),
+            clusters: vec![],
+            sans: vec!["127.0.0.1".into(), "localhost".into()],
+            days: 3650,
+        };
+        issue(&args)?;
+        args.kind = Kind::Admin;
+        args.name = "admin".into();
+        args.sans = vec![];
+        issue(&args)?;
+    }
+    if !pki.join(format!("{node}.pem")).exists() {
+        let args = IssueArgs {
+            dir: pki.to_owned(),
+            kind: Kind::Node,
+            name: node.to_owned(),
+            clusters: vec!["dev".into()],
+            sans: vec![],
+            days: 3650,
+        };
+        issue(&args)?;
+    }
+    let cli_dir = crate::cmd::default_certs_dir();
+    if cli_dir.join("admin.pem").exists() {
+        if std::fs::read(cli_dir.join("ca.pem")).ok() != std::fs::read(pki.join("ca.pem")).ok() {
+            println(&format!(
+                "note: {} holds other credentials; use `--certs {}` with the CLI",
+                cli_dir.display(),
+                pki.display()
+            ))?;
+        }
+    } else {
+        std::fs::create_dir_all(&cli_dir).with_context(|| format!("creating {}", cli_dir.display()))?;
+        for f in ["ca.pem", "admin.pem", "admin-key.pem"] {
+            std::fs::copy(pki.join(f), cli_dir.join(f))
+                .with_context(|| format!("copying {f} to {}", cli_dir.display()))?;
+        }
+    }
+    Ok(TlsFiles::in_dir(pki, "admin"))
+}
+
 pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     // Handlers first: a Ctrl-C during start-up is then handled once the children run.
     let shutdown = nodekeeper_common::shutdown::signal();
@@ -116,12 +181,31 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     std::fs::create_dir_all(&args.data_dir).with_context(|| format!("creating {}", args.data_dir.display()))?;
     let dir = args.data_dir.canonicalize()?;
     let node = node_name();
-    let center_url = format!("http://{}", args.listen);
+    let scheme = if args.insecure { "http" } else { "https" };
+    let center_url = format!("{scheme}://{}", args.listen);
+    let pki = dir.join("pki");
+    let (center_tls, agent_tls, admin) = if args.insecure {
+        ("insecure = true\n".to_owned(), "insecure = true\n".to_owned(), None)
+    } else {
+        let admin = dev_certs(&pki, &node)?;
+        let section = |name: &str| {
+            let f = TlsFiles::in_dir(&pki, name);
+            format!(
+                "[tls]\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n",
+                f.ca.display(),
+                f.cert.display(),
+                f.key.display()
+            )
+        };
+        (section("eventcenter"), section(&node), Some(admin))
+    };
+    let center_config = dir.join("eventcenter.toml");
+    std::fs::write(&center_config, format!("# Written by `nodekeeper dev` at every start.\n{center_tls}"))?;
     let agent_config = dir.join("agent.toml");
     std::fs::write(
         &agent_config,
         format!(
-            "# Written by `nodekeeper dev` at every start.\nnode_name = \"{node}\"\ncluster = \"dev\"\nstate_dir = \"{}\"\ncenter = \"{center_url}\"\ninsecure = true\n\n[status]\nport = {}\nlisten = [\"127.0.0.1\"]\n",
+            "# Written by `nodekeeper dev` at every start.\nnode_name = \"{node}\"\ncluster = \"dev\"\nstate_dir = \"{}\"\ncenter = \"{center_url}\"\n\n[status]\nport = {}\nlisten = [\"127.0.0.1\"]\n\n{agent_tls}",
             dir.join("agent").display(),
             args.status_port
         ),
@@ -132,12 +216,13 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     let listen = args.listen.to_string();
     let ec_data = dir.join("eventcenter");
     let ec_data = ec_data.to_string_lossy();
-    let mut center = spawn(&center_bin, &["--insecure", "--listen", &listen, "--data-dir", &ec_data], &center_log)?;
-    wait_healthy(&center_url, &mut center, "the event center", &center_log).await?;
+    let cfg = center_config.to_string_lossy();
+    let mut center = spawn(&center_bin, &["--config", &cfg, "--listen", &listen, "--data-dir", &ec_data], &center_log)?;
+    wait_healthy(&center_url, admin.as_ref(), &mut center, "the event center", &center_log).await?;
     let config = agent_config.to_string_lossy();
     let mut agent = spawn(&agent_bin, &["--config", &config], &agent_log)?;
     let status_url = format!("http://127.0.0.1:{}", args.status_port);
-    if let Err(err) = wait_healthy(&status_url, &mut agent, "the agent", &agent_log).await {
+    if let Err(err) = wait_healthy(&status_url, None, &mut agent, "the agent", &agent_log).await {
         stop(&mut center, "the event center", Duration::from_secs(10)).await;
         return Err(err);
     }

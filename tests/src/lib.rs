@@ -307,14 +307,17 @@ impl AgentConn {
 
 /// Runs the CLI with `args` against `server`; returns (exit code, stdout, stderr).
 pub async fn cli(server: &str, args: &[&str]) -> (i32, String, String) {
-    let out = tokio::process::Command::new(bin("nodekeeper"))
-        .arg("--server")
-        .arg(server)
-        .args(args)
-        .env("RUST_LOG", "warn")
-        .output()
-        .await
-        .expect("run nodekeeper");
+    cli_in(None, server, args).await
+}
+
+/// Like [`cli`], with HOME set (where the CLI looks for its default credentials).
+pub async fn cli_in(home: Option<&Path>, server: &str, args: &[&str]) -> (i32, String, String) {
+    let mut cmd = tokio::process::Command::new(bin("nodekeeper"));
+    cmd.arg("--server").arg(server).args(args).env("RUST_LOG", "warn");
+    if let Some(h) = home {
+        cmd.env("HOME", h);
+    }
+    let out = cmd.output().await.expect("run nodekeeper");
     (
         out.status.code().unwrap_or(-1),
         String::from_utf8_lossy(&out.stdout).into_owned(),
