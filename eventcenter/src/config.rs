@@ -75,6 +75,12 @@ pub struct LimitsConfig {
     pub max_text_bytes: usize,
     /// Most attributes on one observation.
     pub max_attributes: usize,
+    /// Observations (agent batches and reports) one identity may send per second...
+    pub observations_per_second: u32,
+    /// ...and at once above that rate. At least max_batch.
+    pub observations_burst: u32,
+    /// Streams (agent sessions, subscriptions) one identity may hold open at once.
+    pub max_streams_per_identity: u32,
 }
 
 impl Default for Config {
@@ -117,7 +123,15 @@ impl Default for NodesConfig {
 
 impl Default for LimitsConfig {
     fn default() -> Self {
-        Self { max_message_bytes: 4 << 20, max_batch: 1000, max_text_bytes: 8 << 10, max_attributes: 32 }
+        Self {
+            max_message_bytes: 4 << 20,
+            max_batch: 1000,
+            max_text_bytes: 8 << 10,
+            max_attributes: 32,
+            observations_per_second: 5000,
+            observations_burst: 10_000,
+            max_streams_per_identity: 16,
+        }
     }
 }
 
@@ -140,6 +154,16 @@ impl Config {
             return Err("tls: mutual TLS is the default; set tls.ca, tls.cert and tls.key, or insecure = true \
                         (--insecure) for development"
                 .into());
+        }
+        if (self.limits.observations_burst as usize) < self.limits.max_batch || self.limits.observations_per_second == 0
+        {
+            return Err(
+                "limits.observations_burst must be at least limits.max_batch, and observations_per_second above 0"
+                    .into(),
+            );
+        }
+        if self.limits.max_streams_per_identity == 0 {
+            return Err("limits.max_streams_per_identity must be at least 1".into());
         }
         if self.limits.max_batch == 0 {
             return Err("limits.max_batch must be at least 1".into());

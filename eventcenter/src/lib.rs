@@ -6,6 +6,7 @@
 pub mod api;
 pub mod config;
 pub mod cursor;
+pub mod limits;
 pub mod liveness;
 pub mod store;
 pub mod subscribe;
@@ -79,6 +80,7 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: impl Future<Ou
         config: config.clone(),
         cancel: cancel.clone(),
         authenticated: tls.is_some(),
+        limits: Arc::new(limits::Limits::new(&config.limits)),
     };
 
     let max = config.limits.max_message_bytes;

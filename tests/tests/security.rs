@@ -41,6 +41,7 @@ impl Pki {
         certs(d, &["issue", "--kind", "node", "--name", "node-b", "--cluster", "b"]).await;
         certs(d, &["issue", "--kind", "subscriber", "--name", "subscriber-a", "--cluster", "a"]).await;
         certs(d, &["issue", "--kind", "detector", "--name", "detector-a", "--cluster", "a"]).await;
+        certs(d, &["issue", "--kind", "detector", "--name", "detector-b", "--cluster", "a"]).await;
         pki
     }
 
@@ -53,9 +54,13 @@ impl Pki {
     }
 
     fn center_config(&self) -> String {
+        self.center_config_with("")
+    }
+
+    fn center_config_with(&self, limits: &str) -> String {
         let f = self.files("eventcenter");
         format!(
-            "[nodes]\ncheck_interval = \"50ms\"\n[tls]\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n",
+            "[nodes]\ncheck_interval = \"50ms\"\n{limits}\n[tls]\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n",
             f.ca.display(),
             f.cert.display(),
             f.key.display()
@@ -279,4 +284,71 @@ async fn a_rotated_ca_and_certificate_are_picked_up_without_a_restart() {
     assert!(refused, "a certificate of the replaced CA still works");
     assert!(center.is_running());
     assert_eq!(center.pid(), pid);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_from_one_identity_is_limited_while_another_keeps_flowing() {
+    let pki = Pki::new().await;
+    let limits = "[limits]\nobservations_per_second = 200\nobservations_burst = 1000\nmax_streams_per_identity = 2\n";
+    let center = EventCenter::start_tls(&pki.center_config_with(limits), pki.files("admin")).await;
+    let url = center.url();
+    let flooder = ReportServiceClient::new(tls_channel(&url, &pki.files("detector-a")).await.unwrap());
+    let mut steady = ReportServiceClient::new(tls_channel(&url, &pki.files("detector-b")).await.unwrap());
+
+    let flood_for = Duration::from_secs(2);
+    let started = std::time::Instant::now();
+    let mut floods = tokio::task::JoinSet::new();
+    for t in 0..4 {
+        let mut c = flooder.clone();
+        floods.spawn(async move {
+            let (mut accepted, mut refused, mut i) = (0u64, 0u64, 0u64);
+            while started.elapsed() < flood_for {
+                i += 1;
+                let reports = (0..50).map(|j| condition_report(&format!("flood-{t}-{i}-{j}"), "a", "node-a")).collect();
+                match c.report(ReportRequest { producer: String::new(), reports }).await {
+                    Ok(_) => accepted += 50,
+                    Err(s) => {
+                        assert_eq!(s.code(), Code::ResourceExhausted, "{s:?}");
+                        refused += 50;
+                    }
+                }
+            }
+            (accepted, refused)
+        });
+    }
+    // The other identity reports at its normal pace meanwhile.
+    let mut latencies = Vec::new();
+    let mut n = 0;
+    while started.elapsed() < flood_for {
+        n += 1;
+        let req = ReportRequest {
+            producer: String::new(),
+            reports: vec![condition_report(&format!("steady-{n}"), "a", "node-a")],
+        };
+        let t0 = std::time::Instant::now();
+        steady.report(req).await.expect("the steady identity is never refused");
+        latencies.push(t0.elapsed());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (mut accepted, mut refused) = (0, 0);
+    while let Some(r) = floods.join_next().await {
+        let (a, r) = r.unwrap();
+        accepted += a;
+        refused += r;
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    assert!(refused > 0, "the flood was not limited");
+    assert!(accepted as f64 <= 1000.0 + 200.0 * elapsed + 50.0, "accepted {accepted} in {elapsed:.1}s");
+    latencies.sort();
+    let median = latencies[latencies.len() / 2];
+    assert!(latencies.len() >= 20, "{} steady reports", latencies.len());
+    assert!(median < Duration::from_millis(100), "steady median {median:?}, all {latencies:?}");
+
+    // Streams: at most two per identity.
+    let sub = tls_channel(&url, &pki.files("subscriber-a")).await.unwrap();
+    let mut events = EventServiceClient::new(sub);
+    let _first = events.subscribe(SubscribeRequest::default()).await.unwrap();
+    let _second = events.subscribe(SubscribeRequest::default()).await.unwrap();
+    let third = events.subscribe(SubscribeRequest::default()).await.unwrap_err();
+    assert_eq!(third.code(), Code::ResourceExhausted, "{third:?}");
 }

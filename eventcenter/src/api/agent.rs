@@ -30,6 +30,8 @@ pub struct AgentApi(pub Ctx);
 type Tx = mpsc::Sender<Result<CenterMessage, Status>>;
 
 struct Session {
+    caller: super::Caller,
+    _slot: crate::limits::StreamSlot,
     ctx: Ctx,
     key: NodeKey,
     boot_id: String,
@@ -84,6 +86,7 @@ impl agent_service_server::AgentService for AgentApi {
                 ),
             ));
         }
+        let slot = ctx.limits.open_stream(&caller)?;
         let key = NodeKey { cluster: hello.cluster.clone(), node: hello.node.clone() };
         let interval = nktime::from_duration(hello.heartbeat_interval.as_ref());
         let node_hello = NodeHello {
@@ -111,6 +114,8 @@ impl agent_service_server::AgentService for AgentApi {
             .await
             .map_err(|_| Status::cancelled("client went away"))?;
         let session = Session {
+            caller,
+            _slot: slot,
             origin: store::agent_origin(&key.cluster, &key.node, &hello.boot_id),
             hello: node_hello,
             ctx,
@@ -215,6 +220,8 @@ impl Session {
                 )
             })
             .collect();
+        // Over its rate, the node waits here: it stops reading, and its stream slows down.
+        self.ctx.limits.throttle(&self.caller, events.len()).await?;
         let permit = self.in_flight.clone().acquire_owned().await.map_err(|_| Status::internal("session closed"))?;
         // Queued in stream order; acknowledged from a task once committed, so reading continues.
         let committed = self.ctx.store.append_queued(events).await.map_err(store_status)?;

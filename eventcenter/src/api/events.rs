@@ -84,6 +84,7 @@ impl event_service_server::EventService for EventApi {
     async fn subscribe(&self, request: Request<SubscribeRequest>) -> Result<Response<Self::SubscribeStream>, Status> {
         let caller = self.0.caller(&request)?;
         require(&caller, READERS, "subscribe to events")?;
+        let slot = self.0.limits.open_stream(&caller)?;
         let mut req = request.into_inner();
         scope_filter(&caller, &mut req.filter)?;
         let ctx = &self.0;
@@ -127,7 +128,10 @@ impl event_service_server::EventService for EventApi {
             cancel: ctx.cancel.clone(),
         };
         tracing::debug!(consumer = %req.consumer, after, "subscription started");
-        tokio::spawn(sub.run(tx));
+        tokio::spawn(async move {
+            sub.run(tx).await;
+            drop(slot);
+        });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 

@@ -27,6 +27,7 @@ pub struct Ctx {
     pub cancel: CancellationToken,
     /// Connections are mutual TLS: every request has a verified client identity.
     pub authenticated: bool,
+    pub limits: Arc<crate::limits::Limits>,
 }
 
 /// What a caller may do, from its certificate. `None` on an insecure center: everything.

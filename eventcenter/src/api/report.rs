@@ -28,6 +28,7 @@ impl report_service_server::ReportService for ReportApi {
         }
         let limits = &self.0.config.limits;
         validate::name(names::producer(&req.producer))?;
+        self.0.limits.admit(&caller, req.reports.len())?;
         if req.reports.len() > limits.max_batch {
             return Err(Status::resource_exhausted(format!(
                 "{} reports in one request, at most {} allowed",
