@@ -2,7 +2,7 @@
 //! INVALID_ARGUMENT status naming the field and why.
 
 use nodekeeper_common::names;
-use nodekeeper_proto::v1::{ConditionStatus, Observation};
+use nodekeeper_proto::v1::{ConditionStatus, Hello, Observation, ObservationBatch};
 use tonic::Status;
 
 use crate::config::LimitsConfig;
@@ -48,4 +48,40 @@ pub fn observation(o: &Observation, limits: &LimitsConfig, what: &dyn Fn() -> St
         }
     }
     Ok(())
+}
+
+/// A hello names a valid node, cluster and boot id.
+pub fn hello(h: &Hello) -> Result<(), Status> {
+    name(names::node(&h.node))?;
+    name(names::cluster(&h.cluster))?;
+    name(names::boot_id(&h.boot_id))?;
+    if h.agent_version.len() > 64 {
+        return Err(Status::invalid_argument("agent_version is longer than 64 bytes"));
+    }
+    Ok(())
+}
+
+/// A batch is within the limits, its sequences positive and increasing, every observation valid.
+/// Returns its last sequence.
+pub fn batch(batch: &ObservationBatch, limits: &LimitsConfig) -> Result<u64, Status> {
+    if batch.observations.len() > limits.max_batch {
+        return Err(Status::resource_exhausted(format!(
+            "batch {} has {} observations, at most {} allowed",
+            batch.batch_id,
+            batch.observations.len(),
+            limits.max_batch
+        )));
+    }
+    let mut last = 0;
+    for (i, o) in batch.observations.iter().enumerate() {
+        if o.sequence <= last {
+            return Err(Status::invalid_argument(format!(
+                "batch {}: observation {i} has sequence {}, sequences must be positive and increasing",
+                batch.batch_id, o.sequence
+            )));
+        }
+        last = o.sequence;
+        observation(o, limits, &|| format!("batch {} observation {i}", batch.batch_id))?;
+    }
+    Ok(last)
 }

@@ -4,9 +4,9 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use nodekeeper_common::{names, time as nktime};
+use nodekeeper_common::time as nktime;
 use nodekeeper_proto::v1::{
-    Ack, AgentMessage, CenterMessage, Hello, ObservationBatch, Origin, Welcome, agent_message, agent_service_server,
+    Ack, AgentMessage, CenterMessage, ObservationBatch, Origin, Welcome, agent_message, agent_service_server,
     center_message,
 };
 use tokio::sync::{Semaphore, mpsc};
@@ -42,16 +42,6 @@ struct Session {
     in_flight: Arc<Semaphore>,
 }
 
-fn check_hello(h: &Hello) -> Result<(), Status> {
-    validate::name(names::node(&h.node))?;
-    validate::name(names::cluster(&h.cluster))?;
-    validate::name(names::boot_id(&h.boot_id))?;
-    if h.agent_version.len() > 64 {
-        return Err(Status::invalid_argument("agent_version is longer than 64 bytes"));
-    }
-    Ok(())
-}
-
 #[tonic::async_trait]
 impl agent_service_server::AgentService for AgentApi {
     type SessionStream = Pin<Box<dyn Stream<Item = Result<CenterMessage, Status>> + Send>>;
@@ -70,7 +60,7 @@ impl agent_service_server::AgentService for AgentApi {
             Some(agent_message::Msg::Hello(h)) => h,
             _ => return Err(Status::invalid_argument("the first message of a stream must be a hello naming the node")),
         };
-        check_hello(&hello)?;
+        validate::hello(&hello)?;
         // A node reports about itself only.
         if let Some(id) = &caller
             && (id.kind != Kind::Node || id.name != hello.node || !id.covers(&hello.cluster))
@@ -183,26 +173,7 @@ impl Session {
     }
 
     async fn batch(&self, batch: ObservationBatch) -> Result<(), Status> {
-        let limits = &self.ctx.config.limits;
-        if batch.observations.len() > limits.max_batch {
-            return Err(Status::resource_exhausted(format!(
-                "batch {} has {} observations, at most {} allowed",
-                batch.batch_id,
-                batch.observations.len(),
-                limits.max_batch
-            )));
-        }
-        let mut last = 0;
-        for (i, o) in batch.observations.iter().enumerate() {
-            if o.sequence <= last {
-                return Err(Status::invalid_argument(format!(
-                    "batch {}: observation {i} has sequence {}, sequences must be positive and increasing",
-                    batch.batch_id, o.sequence
-                )));
-            }
-            last = o.sequence;
-            validate::observation(o, limits, &|| format!("batch {} observation {i}", batch.batch_id))?;
-        }
+        let last = validate::batch(&batch, &self.ctx.config.limits)?;
         let events: Vec<NewEvent> = batch
             .observations
             .into_iter()
