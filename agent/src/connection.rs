@@ -120,6 +120,7 @@ impl Connection {
                 Err(e) => return End::Broken(format!("connect: {e}")),
             },
         };
+        self.hello.last_acked_sequence = self.outbox.stats().acked_upto;
         let (tx, rx) = mpsc::channel::<AgentMessage>(self.config.outbox.window + 8);
         let send_hello = tx.send(AgentMessage { msg: Some(agent_message::Msg::Hello(self.hello.clone())) });
         if send_hello.await.is_err() {

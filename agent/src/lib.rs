@@ -56,7 +56,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         boot_id: boot_id.clone(),
         agent_version: nodekeeper_common::VERSION.to_owned(),
         inventory: Some(identity::inventory(&config.paths)),
-        last_acked_sequence: 0,
+        last_acked_sequence: stats.acked_upto,
         heartbeat_interval: Some(nodekeeper_common::time::to_duration(config.heartbeat_interval)),
         labels: config.labels.clone(),
         status_port: u32::from(status_port),

@@ -50,6 +50,8 @@ pub struct Stats {
     pub bytes: u64,
     pub dropped_total: u64,
     pub last_sequence: u64,
+    /// Highest sequence the center acknowledged.
+    pub acked_upto: u64,
 }
 
 struct Inner {
@@ -94,6 +96,7 @@ impl Outbox {
             bytes: bytes as u64,
             dropped_total: meta("dropped_total")?,
             last_sequence: meta("last_sequence")?.max(max_seq as u64),
+            acked_upto: meta("acked_upto")?,
         };
         Ok(Outbox {
             inner: Arc::new(Mutex::new(Inner { conn, stats })),
@@ -297,6 +300,14 @@ impl Outbox {
             .map_err(|e| self.err(e))?;
         conn.execute("DELETE FROM outbox WHERE seq BETWEEN ?1 AND ?2", params![first as i64, last as i64])
             .map_err(|e| self.err(e))?;
+        if last > stats.acked_upto {
+            conn.execute(
+                "INSERT INTO meta (key, value) VALUES ('acked_upto', ?1) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                [last as i64],
+            )
+            .map_err(|e| self.err(e))?;
+            stats.acked_upto = last;
+        }
         stats.depth = stats.depth.saturating_sub(n as u64);
         stats.bytes = stats.bytes.saturating_sub(size as u64);
         Ok(n as u64)
@@ -338,6 +349,7 @@ mod tests {
         assert_eq!(o.stats().depth, 0);
         drop(o);
         let o = Outbox::open(t.path(), 1 << 20).unwrap();
+        assert_eq!(o.stats().acked_upto, 3, "the acknowledged position survives a restart");
         assert_eq!(o.push_blocking(vec![obs(Severity::Info, false)]).unwrap(), vec![4]);
         assert_eq!(o.pending_blocking(0, 10).unwrap().iter().map(|o| o.sequence).collect::<Vec<_>>(), vec![4]);
     }
