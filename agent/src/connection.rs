@@ -14,8 +14,8 @@ use std::time::Duration;
 use nodekeeper_common::backoff::Backoff;
 use nodekeeper_common::time as nktime;
 use nodekeeper_proto::v1::{
-    AgentMessage, CenterMessage, Heartbeat, Hello, Inventory, ObservationBatch, agent_message,
-    agent_service_client::AgentServiceClient, center_message,
+    AgentMessage, CenterMessage, Command, CommandResult, Heartbeat, Hello, Inventory, ObservationBatch, agent_message,
+    agent_service_client::AgentServiceClient, center_message, command,
 };
 use rand::RngExt;
 use tokio::sync::mpsc;
@@ -220,6 +220,12 @@ impl Connection {
                         }
                         self.metrics.acked.inc_by(b.count);
                     }
+                    Ok(Some(CenterMessage { msg: Some(center_message::Msg::Command(cmd)) })) => {
+                        let result = answer_command(&cmd, &self.hello.node);
+                        if tx.send(AgentMessage { msg: Some(agent_message::Msg::CommandResult(result)) }).await.is_err() {
+                            return End::Broken("stream closed".into());
+                        }
+                    }
                     Ok(Some(other)) => {
                         // Desired state and commands arrive with the component manager.
                         tracing::debug!(message = ?other.msg.map(|m| std::mem::discriminant(&m)), "message from the center not handled by this agent version");
@@ -243,6 +249,37 @@ impl Connection {
     }
 }
 
+/// The agent's answer to a command: refused unless addressed to this node, and for a reboot unless
+/// it carries a permit. Carrying out commands is the component manager's (not in this version),
+/// so a valid command is answered as unsupported rather than silently dropped.
+pub fn answer_command(cmd: &Command, node: &str) -> CommandResult {
+    let refusal = if cmd.node != node {
+        Some(format!("refused: addressed to node {:?}, this is node {node:?}", cmd.node))
+    } else if matches!(cmd.action, Some(command::Action::Reboot(_))) && cmd.permit_id.is_empty() {
+        Some("refused: a reboot needs a permit id".to_owned())
+    } else if cmd.action.is_none() {
+        Some("refused: the command has no action".to_owned())
+    } else {
+        None
+    };
+    let message = match refusal {
+        Some(r) => {
+            tracing::warn!(command_id = %cmd.command_id, issuer = %cmd.issuer, reason = %r, "command refused");
+            r
+        }
+        None => {
+            tracing::info!(command_id = %cmd.command_id, issuer = %cmd.issuer, "command not supported by this agent version");
+            "not supported by this agent version".to_owned()
+        }
+    };
+    CommandResult {
+        command_id: cmd.command_id.clone(),
+        success: false,
+        message,
+        finished_time: Some(nktime::now_timestamp()),
+    }
+}
+
 /// An interval whose first tick comes after a random part of the period, so that a fleet started
 /// together does not tick together.
 fn jittered_interval(period: Duration) -> tokio::time::Interval {
@@ -250,4 +287,34 @@ fn jittered_interval(period: Duration) -> tokio::time::Interval {
     let mut i = tokio::time::interval_at(tokio::time::Instant::now() + offset, period);
     i.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     i
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use nodekeeper_proto::v1::{Reboot, RestartComponent};
+
+    fn cmd(node: &str, action: command::Action, permit: &str) -> Command {
+        Command {
+            command_id: "c1".into(),
+            node: node.into(),
+            permit_id: permit.into(),
+            action: Some(action),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn commands_for_another_node_or_reboots_without_permit_are_refused() {
+        let restart = command::Action::RestartComponent(RestartComponent { component: "kubelet".into() });
+        let r = answer_command(&cmd("node-b", restart.clone(), ""), "node-a");
+        assert!(!r.success && r.message.contains("addressed to node \"node-b\""), "{r:?}");
+        let r = answer_command(&cmd("node-a", command::Action::Reboot(Reboot {}), ""), "node-a");
+        assert!(!r.success && r.message.contains("permit"), "{r:?}");
+        let r = answer_command(&cmd("node-a", restart, ""), "node-a");
+        assert_eq!(
+            (r.success, r.message.as_str(), r.command_id.as_str()),
+            (false, "not supported by this agent version", "c1")
+        );
+    }
 }

@@ -81,6 +81,7 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: impl Future<Ou
         cancel: cancel.clone(),
         authenticated: tls.is_some(),
         limits: Arc::new(limits::Limits::new(&config.limits)),
+        sessions: Arc::default(),
     };
 
     let max = config.limits.max_message_bytes;

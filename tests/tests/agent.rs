@@ -411,3 +411,33 @@ async fn sigterm_flushes_the_outbox_before_the_agent_exits() {
     let got = sequences(&stored_events(center.channel().await, "node-a", "TestEvent").await);
     assert_eq!(got, emitted, "everything stored was delivered before exit");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_agent_answers_every_command_it_receives() {
+    use nodekeeper_proto::v1::{RestartComponent, SendCommandRequest, send_command_request};
+    let center = EventCenter::start(QUICK).await;
+    let _agent = Agent::start(AgentSpec::new("node-a", &center.url())).await;
+    let ch = center.channel().await;
+    let req = SendCommandRequest {
+        cluster: "c1".into(),
+        node: "node-a".into(),
+        action: Some(send_command_request::Action::RestartComponent(RestartComponent { component: "kubelet".into() })),
+        ..Default::default()
+    };
+    let c = ch.clone();
+    // Until the agent's stream is registered the node is "not connected".
+    let sent = wait_for("the command to be accepted", Duration::from_secs(10), || {
+        let (c, req) = (c.clone(), req.clone());
+        async move { FleetServiceClient::new(c).send_command(req).await.ok().map(|r| r.into_inner()) }
+    })
+    .await;
+    let c = ch.clone();
+    let result = wait_for("the agent's answer", Duration::from_secs(10), || {
+        let c = c.clone();
+        async move { stored_events(c, "node-a", "CommandResult").await.into_iter().next() }
+    })
+    .await;
+    assert_eq!(result.attributes["command_id"], sent.command_id);
+    assert_eq!(result.attributes["success"], "false");
+    assert!(result.message.contains("not supported by this agent version"), "{}", result.message);
+}

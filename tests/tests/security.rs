@@ -352,3 +352,62 @@ async fn a_flood_from_one_identity_is_limited_while_another_keeps_flowing() {
     let third = events.subscribe(SubscribeRequest::default()).await.unwrap_err();
     assert_eq!(third.code(), Code::ResourceExhausted, "{third:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commands_carry_their_issuer_are_recorded_and_are_authorized() {
+    use nodekeeper_proto::v1::{
+        CommandResult, Reboot, RestartComponent, SendCommandRequest, agent_message, send_command_request,
+    };
+    let pki = Pki::new().await;
+    let center = pki.center().await;
+    let url = center.url();
+    let ch = tls_channel(&url, &pki.files("node-a")).await.unwrap();
+    let mut agent = AgentConn::connect_channel(ch, hello("a", "node-a", "b1")).await.unwrap();
+    let restart = |cluster: &str, node: &str| SendCommandRequest {
+        cluster: cluster.into(),
+        node: node.into(),
+        action: Some(send_command_request::Action::RestartComponent(RestartComponent { component: "kubelet".into() })),
+        ..Default::default()
+    };
+
+    let mut admin = FleetServiceClient::new(center.channel().await);
+    let sent = admin.send_command(restart("a", "node-a")).await.unwrap().into_inner();
+    let cmd = agent.next_command().await.unwrap();
+    assert_eq!(
+        (cmd.command_id.as_str(), cmd.node.as_str(), cmd.issuer.as_str()),
+        (sent.command_id.as_str(), "node-a", "admin/admin")
+    );
+    agent
+        .send(agent_message::Msg::CommandResult(CommandResult {
+            command_id: cmd.command_id.clone(),
+            success: true,
+            message: "restarted".into(),
+            ..Default::default()
+        }))
+        .await;
+    let ch = center.channel().await;
+    let c = ch.clone();
+    let result = wait_for("the command's result", Duration::from_secs(10), || {
+        let c = c.clone();
+        async move { stored_events(c, "node-a", "CommandResult").await.into_iter().next() }
+    })
+    .await;
+    assert_eq!(
+        (result.attributes["command_id"].as_str(), result.attributes["success"].as_str()),
+        (sent.command_id.as_str(), "true")
+    );
+    let issued = stored_events(ch, "node-a", "CommandIssued").await;
+    assert_eq!(issued.len(), 1);
+    assert_eq!(issued[0].attributes["issuer"], "admin/admin");
+
+    // A node cannot command, a subscriber only its clusters, a reboot needs a permit, and a node
+    // that is not connected cannot be commanded.
+    let mut as_node = FleetServiceClient::new(tls_channel(&url, &pki.files("node-a")).await.unwrap());
+    assert_eq!(as_node.send_command(restart("a", "node-a")).await.unwrap_err().code(), Code::PermissionDenied);
+    let mut sub = FleetServiceClient::new(tls_channel(&url, &pki.files("subscriber-a")).await.unwrap());
+    assert_eq!(sub.send_command(restart("b", "node-b")).await.unwrap_err().code(), Code::PermissionDenied);
+    let reboot =
+        SendCommandRequest { action: Some(send_command_request::Action::Reboot(Reboot {})), ..restart("a", "node-a") };
+    assert_eq!(sub.send_command(reboot).await.unwrap_err().code(), Code::FailedPrecondition);
+    assert_eq!(sub.send_command(restart("a", "node-z")).await.unwrap_err().code(), Code::Unavailable);
+}

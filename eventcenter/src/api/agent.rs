@@ -27,6 +27,116 @@ const MAX_IN_FLIGHT: usize = 64;
 
 pub struct AgentApi(pub Ctx);
 
+/// The open agent sessions, by node: where commands for a node are sent.
+#[derive(Default)]
+pub struct Sessions {
+    open: std::sync::Mutex<std::collections::HashMap<NodeKey, (u64, Tx)>>,
+    next_id: std::sync::atomic::AtomicU64,
+}
+
+impl Sessions {
+    /// The newest session of a node receives its commands.
+    fn register(&self, key: NodeKey, tx: Tx) -> u64 {
+        let id = self.next_id.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.open.lock().expect("sessions lock").insert(key, (id, tx));
+        id
+    }
+
+    fn unregister(&self, key: &NodeKey, id: u64) {
+        let mut open = self.open.lock().expect("sessions lock");
+        if open.get(key).is_some_and(|(i, _)| *i == id) {
+            open.remove(key);
+        }
+    }
+
+    fn sender(&self, key: &NodeKey) -> Option<Tx> {
+        self.open.lock().expect("sessions lock").get(key).map(|(_, tx)| tx.clone())
+    }
+}
+
+/// An action event the center records about a node (commands and their results).
+fn action_event(key: &NodeKey, kind: &str, message: String, attributes: Vec<(&str, String)>) -> NewEvent {
+    let event = nodekeeper_proto::v1::Event {
+        cluster: key.cluster.clone(),
+        node: key.node.clone(),
+        kind: nodekeeper_proto::v1::EventKind::Action as i32,
+        r#type: kind.to_owned(),
+        message,
+        severity: nodekeeper_proto::v1::Severity::Info as i32,
+        category: nodekeeper_proto::v1::Category::Action as i32,
+        time: Some(nktime::now_timestamp()),
+        origin: Some(Origin { producer: "center".into(), ..Default::default() }),
+        source: "eventcenter".into(),
+        attributes: attributes.into_iter().map(|(k, v)| (k.to_owned(), v)).collect(),
+        ..Default::default()
+    };
+    NewEvent::new(Identity::Center, event)
+}
+
+/// Sends a command to a connected node, recording it first (FleetService.SendCommand).
+pub async fn send_command(
+    ctx: &Ctx,
+    request: Request<nodekeeper_proto::v1::SendCommandRequest>,
+) -> Result<Response<nodekeeper_proto::v1::SendCommandResponse>, Status> {
+    use nodekeeper_proto::v1::{Command, command, send_command_request};
+    let caller = ctx.caller(&request)?;
+    super::require(&caller, &[Kind::Subscriber, Kind::Admin], "send commands to nodes")?;
+    let req = request.into_inner();
+    validate::name(nodekeeper_common::names::cluster(&req.cluster))?;
+    validate::name(nodekeeper_common::names::node(&req.node))?;
+    super::require_cluster(&caller, &req.cluster)?;
+    let (action, name) = match req.action {
+        Some(send_command_request::Action::RestartComponent(c)) => {
+            (command::Action::RestartComponent(c), "restart-component")
+        }
+        Some(send_command_request::Action::ReinstallComponent(c)) => {
+            (command::Action::ReinstallComponent(c), "reinstall-component")
+        }
+        Some(send_command_request::Action::Reboot(r)) => {
+            if req.permit_id.is_empty() {
+                return Err(Status::failed_precondition(
+                    "a reboot needs the id of a permit from the rate-limit center",
+                ));
+            }
+            (command::Action::Reboot(r), "reboot")
+        }
+        None => return Err(Status::invalid_argument("no action in the command")),
+    };
+    let key = NodeKey { cluster: req.cluster, node: req.node };
+    let tx = ctx
+        .sessions
+        .sender(&key)
+        .ok_or_else(|| Status::unavailable(format!("node {} of cluster {} is not connected", key.node, key.cluster)))?;
+    let issuer =
+        caller.as_ref().map_or_else(|| "insecure".to_owned(), |id| format!("{}/{}", id.kind.as_str(), id.name));
+    let command_id = format!("{:016x}", rand::random::<u64>());
+    let issued = action_event(
+        &key,
+        "CommandIssued",
+        format!("{name} issued by {issuer}"),
+        vec![
+            ("command_id", command_id.clone()),
+            ("action", name.to_owned()),
+            ("issuer", issuer.clone()),
+            ("permit_id", req.permit_id.clone()),
+        ],
+    );
+    let cursor = ctx.store.append(vec![issued]).await.map_err(store_status)?[0].cursor;
+    let cmd = Command {
+        command_id: command_id.clone(),
+        node: key.node.clone(),
+        issuer,
+        permit_id: req.permit_id,
+        fault_id: req.fault_id,
+        deadline: None,
+        action: Some(action),
+    };
+    tx.send(Ok(CenterMessage { msg: Some(center_message::Msg::Command(cmd)) }))
+        .await
+        .map_err(|_| Status::unavailable("the node's stream closed before the command was sent"))?;
+    Ok(Response::new(nodekeeper_proto::v1::SendCommandResponse { command_id, cursor: cursor.to_string() }))
+}
+
 type Tx = mpsc::Sender<Result<CenterMessage, Status>>;
 
 struct Session {
@@ -114,7 +224,12 @@ impl agent_service_server::AgentService for AgentApi {
             tx,
             in_flight: Arc::new(Semaphore::new(MAX_IN_FLIGHT)),
         };
-        tokio::spawn(session.run(inbound));
+        let id = session.ctx.sessions.register(session.key.clone(), session.tx.clone());
+        tokio::spawn(async move {
+            let (sessions, key) = (session.ctx.sessions.clone(), session.key.clone());
+            session.run(inbound).await;
+            sessions.unregister(&key, id);
+        });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 }
@@ -163,7 +278,19 @@ impl Session {
                     "a stream carries one hello; open a new stream to change identity",
                 ));
             }
-            Some(agent_message::Msg::ComponentStatus(_)) | Some(agent_message::Msg::CommandResult(_)) => {
+            Some(agent_message::Msg::CommandResult(r)) => {
+                self.ctx.liveness.seen(&self.key);
+                let outcome = if r.success { "succeeded" } else { "failed" };
+                let message: String = r.message.chars().take(self.ctx.config.limits.max_text_bytes / 4).collect();
+                let event = action_event(
+                    &self.key,
+                    "CommandResult",
+                    format!("command {} {outcome}: {message}", r.command_id),
+                    vec![("command_id", r.command_id.chars().take(64).collect()), ("success", r.success.to_string())],
+                );
+                self.ctx.store.append(vec![event]).await.map_err(store_status)?;
+            }
+            Some(agent_message::Msg::ComponentStatus(_)) => {
                 // Stored by the component-manager issue; accepted and counted as a sign of life.
                 self.ctx.liveness.seen(&self.key);
             }

@@ -101,6 +101,13 @@ impl fleet_service_server::FleetService for FleetApi {
         Err(Status::unimplemented("component state is not served by this version of the event center"))
     }
 
+    async fn send_command(
+        &self,
+        request: Request<nodekeeper_proto::v1::SendCommandRequest>,
+    ) -> Result<Response<nodekeeper_proto::v1::SendCommandResponse>, Status> {
+        super::agent::send_command(&self.0, request).await
+    }
+
     async fn set_desired_components(
         &self,
         _: Request<SetDesiredComponentsRequest>,

@@ -28,6 +28,7 @@ pub struct Ctx {
     /// Connections are mutual TLS: every request has a verified client identity.
     pub authenticated: bool,
     pub limits: Arc<crate::limits::Limits>,
+    pub sessions: Arc<agent::Sessions>,
 }
 
 /// What a caller may do, from its certificate. `None` on an insecure center: everything.

@@ -2470,6 +2470,39 @@ pub struct SetDesiredComponentsResponse {
     #[prost(uint32, tag = "2")]
     pub nodes_matched: u32,
 }
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct SendCommandRequest {
+    #[prost(string, tag = "1")]
+    pub cluster: ::prost::alloc::string::String,
+    #[prost(string, tag = "2")]
+    pub node: ::prost::alloc::string::String,
+    #[prost(string, tag = "6")]
+    pub permit_id: ::prost::alloc::string::String,
+    #[prost(uint64, tag = "7")]
+    pub fault_id: u64,
+    #[prost(oneof = "send_command_request::Action", tags = "3, 4, 5")]
+    pub action: ::core::option::Option<send_command_request::Action>,
+}
+/// Nested message and enum types in `SendCommandRequest`.
+pub mod send_command_request {
+    #[derive(Clone, PartialEq, Eq, Hash, ::prost::Oneof)]
+    pub enum Action {
+        #[prost(message, tag = "3")]
+        RestartComponent(super::RestartComponent),
+        #[prost(message, tag = "4")]
+        ReinstallComponent(super::ReinstallComponent),
+        #[prost(message, tag = "5")]
+        Reboot(super::Reboot),
+    }
+}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct SendCommandResponse {
+    #[prost(string, tag = "1")]
+    pub command_id: ::prost::alloc::string::String,
+    /// Cursor of the CommandIssued event.
+    #[prost(string, tag = "2")]
+    pub cursor: ::prost::alloc::string::String,
+}
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, ::prost::Enumeration)]
 #[repr(i32)]
 pub enum Liveness {
@@ -2798,6 +2831,33 @@ pub mod fleet_service_client {
                 );
             self.inner.unary(req, path, codec).await
         }
+        /// Sends a command to a connected node's agent. The issuer is taken from the caller's
+        /// certificate; the command and the agent's result are recorded as events. A reboot needs the id
+        /// of a permit.
+        pub async fn send_command(
+            &mut self,
+            request: impl tonic::IntoRequest<super::SendCommandRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::SendCommandResponse>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/nodekeeper.v1.FleetService/SendCommand",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("nodekeeper.v1.FleetService", "SendCommand"));
+            self.inner.unary(req, path, codec).await
+        }
     }
 }
 /// Generated server implementations.
@@ -2859,6 +2919,16 @@ pub mod fleet_service_server {
             request: tonic::Request<super::SetDesiredComponentsRequest>,
         ) -> std::result::Result<
             tonic::Response<super::SetDesiredComponentsResponse>,
+            tonic::Status,
+        >;
+        /// Sends a command to a connected node's agent. The issuer is taken from the caller's
+        /// certificate; the command and the agent's result are recorded as events. A reboot needs the id
+        /// of a permit.
+        async fn send_command(
+            &self,
+            request: tonic::Request<super::SendCommandRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::SendCommandResponse>,
             tonic::Status,
         >;
     }
@@ -3239,6 +3309,51 @@ pub mod fleet_service_server {
                     let inner = self.inner.clone();
                     let fut = async move {
                         let method = SetDesiredComponentsSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/nodekeeper.v1.FleetService/SendCommand" => {
+                    #[allow(non_camel_case_types)]
+                    struct SendCommandSvc<T: FleetService>(pub Arc<T>);
+                    impl<
+                        T: FleetService,
+                    > tonic::server::UnaryService<super::SendCommandRequest>
+                    for SendCommandSvc<T> {
+                        type Response = super::SendCommandResponse;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::SendCommandRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as FleetService>::send_command(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = SendCommandSvc(inner);
                         let codec = tonic_prost::ProstCodec::default();
                         let mut grpc = tonic::server::Grpc::new(codec)
                             .apply_compression_config(
