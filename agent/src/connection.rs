@@ -21,7 +21,6 @@ use rand::RngExt;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::Endpoint;
 
 use crate::config::Config;
 use crate::metrics::Metrics;
@@ -32,7 +31,6 @@ use nodekeeper_common::systemd;
 #[derive(Debug, Default, Clone)]
 pub struct ConnState {
     pub connected: bool,
-    pub last_error: String,
 }
 
 pub struct Connection {
@@ -68,7 +66,7 @@ impl Connection {
             match self.session(&cancel).await {
                 End::Shutdown => return,
                 End::Broken(reason) => {
-                    self.set_connected(false, &reason);
+                    self.set_connected(false);
                     let delay = backoff.next_delay();
                     let stats = self.outbox.stats();
                     tracing::warn!(center = %self.config.center, error = %reason, retry_in = ?delay, outbox_depth = stats.depth, "connection to the event center lost");
@@ -89,30 +87,20 @@ impl Connection {
         }
     }
 
-    fn set_connected(&self, connected: bool, error: &str) {
-        let mut s = self.state.lock().expect("state lock");
-        s.connected = connected;
-        s.last_error = error.to_owned();
+    fn set_connected(&self, connected: bool) {
+        self.state.lock().expect("state lock").connected = connected;
         self.metrics.connected.set(i64::from(connected));
     }
 
     async fn session(&mut self, cancel: &CancellationToken) -> End {
-        let mut endpoint = match Endpoint::from_shared(self.config.center.clone()) {
+        // Made at every connection: a rotated certificate is used from the next reconnect.
+        let endpoint = match nodekeeper_common::tls::endpoint(&self.config.center, self.config.tls.as_ref()) {
             Ok(e) => e
                 .connect_timeout(Duration::from_secs(5))
                 .http2_keep_alive_interval(Duration::from_secs(30))
                 .keep_alive_timeout(Duration::from_secs(20)),
-            Err(e) => return End::Broken(format!("invalid center address: {e}")),
+            Err(e) => return End::Broken(e.to_string()),
         };
-        // Read at every connection: a rotated certificate is used from the next reconnect.
-        if let Some(files) = &self.config.tls {
-            endpoint = match nodekeeper_common::tls::client_config(files).and_then(|t| {
-                endpoint.tls_config(t).map_err(|e| nodekeeper_common::tls::TlsError::Config(e.to_string()))
-            }) {
-                Ok(e) => e,
-                Err(e) => return End::Broken(format!("TLS: {e}")),
-            };
-        }
         let channel = tokio::select! {
             _ = cancel.cancelled() => return End::Shutdown,
             c = endpoint.connect() => match c {
@@ -139,7 +127,7 @@ impl Connection {
             Err(status) => return End::Broken(format!("hello refused: {}", status.message())),
         }
         self.metrics.reconnects.inc();
-        self.set_connected(true, "");
+        self.set_connected(true);
         let outbox = self.outbox.clone();
         match tokio::task::spawn_blocking(move || outbox.report_drops_blocking()).await {
             Ok(Ok(Some(dropped))) => tracing::warn!(dropped, "reporting observations the full outbox dropped"),

@@ -10,7 +10,7 @@ use nodekeeper_proto::v1::{
     SubscribeRequest, event_service_client::EventServiceClient, fleet_service_client::FleetServiceClient,
     subscribe_response,
 };
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 use tonic::{Code, Status};
 
 use crate::output::{self, enum_name, json_line, table, time};
@@ -221,15 +221,13 @@ pub fn default_certs_dir() -> std::path::PathBuf {
 }
 
 async fn channel(server: &str, certs: Option<&std::path::Path>, identity: &str) -> anyhow::Result<Channel> {
-    let mut endpoint = Endpoint::from_shared(server.to_owned())
-        .map_err(|e| anyhow::anyhow!("invalid --server {server:?}: {e}"))?
-        .connect_timeout(Duration::from_secs(5));
-    if server.starts_with("https://") {
+    let files = server.starts_with("https://").then(|| {
         let dir = certs.map(std::path::Path::to_path_buf).unwrap_or_else(default_certs_dir);
-        let files = nodekeeper_common::tls::TlsFiles::in_dir(&dir, identity);
-        let tls = nodekeeper_common::tls::client_config(&files).context("loading credentials (see --certs)")?;
-        endpoint = endpoint.tls_config(tls)?;
-    }
+        nodekeeper_common::tls::TlsFiles::in_dir(&dir, identity)
+    });
+    let endpoint = nodekeeper_common::tls::endpoint(server, files.as_ref())
+        .context("--server and the credentials in --certs")?
+        .connect_timeout(Duration::from_secs(5));
     endpoint.connect().await.map_err(|e| {
         anyhow::Error::new(e)
             .context(format!("cannot reach the event center at {server} (is it running? see --server)"))

@@ -72,12 +72,7 @@ fn spawn(bin: &Path, args: &[&str], log: &Path) -> anyhow::Result<Child> {
 
 async fn healthy(url: &str, tls: Option<&TlsFiles>) -> bool {
     use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient};
-    let Ok(mut ch) = tonic::transport::Endpoint::from_shared(url.to_owned()) else { return false };
-    if let Some(files) = tls {
-        let Ok(config) = nodekeeper_common::tls::client_config(files) else { return false };
-        let Ok(with_tls) = ch.tls_config(config) else { return false };
-        ch = with_tls;
-    }
+    let Ok(ch) = nodekeeper_common::tls::endpoint(url, tls) else { return false };
     let Ok(ch) = ch.connect_timeout(Duration::from_millis(300)).connect().await else { return false };
     matches!(HealthClient::new(ch).check(HealthCheckRequest::default()).await,
         Ok(r) if r.get_ref().status == ServingStatus::Serving as i32)

@@ -209,17 +209,23 @@ pub fn server_config(files: &TlsFiles) -> Result<Arc<rustls::ServerConfig>, TlsE
     Ok(Arc::new(config))
 }
 
-/// A client config for tonic: trusts `files.ca`, presents `files.cert`.
-pub fn client_config(files: &TlsFiles) -> Result<tonic::transport::ClientTlsConfig, TlsError> {
+/// A client endpoint for `url`; with `tls`, mutual TLS trusting `tls.ca` and presenting
+/// `tls.cert`. The files are read now, so an endpoint made for each connection picks up rotated
+/// credentials.
+pub fn endpoint(url: &str, tls: Option<&TlsFiles>) -> Result<tonic::transport::Endpoint, TlsError> {
+    let endpoint = tonic::transport::Endpoint::from_shared(url.to_owned())
+        .map_err(|e| TlsError::Config(format!("invalid address {url:?}: {e}")))?;
+    let Some(files) = tls else { return Ok(endpoint) };
     let read = |what: &'static str, p: &Path| {
         std::fs::read(p).map_err(|e| TlsError::Read { what, path: p.to_owned(), message: e.to_string() })
     };
-    Ok(tonic::transport::ClientTlsConfig::new()
+    let config = tonic::transport::ClientTlsConfig::new()
         .ca_certificate(tonic::transport::Certificate::from_pem(read("CA", &files.ca)?))
         .identity(tonic::transport::Identity::from_pem(
             read("certificate", &files.cert)?,
             read("private key", &files.key)?,
-        )))
+        ));
+    endpoint.tls_config(config).map_err(|e| TlsError::Config(e.to_string()))
 }
 
 /// The server side, reloading its files when they change.

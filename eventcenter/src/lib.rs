@@ -125,7 +125,7 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: impl Future<Ou
     nodekeeper_common::systemd::ready();
     nodekeeper_common::systemd::status(&format!("serving on {local:?}, head cursor {}", store.head()));
 
-    tokio::pin!(server);
+    let mut server = server;
     let served = tokio::select! {
         r = &mut server => r,
         _ = shutdown => {
@@ -141,9 +141,14 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: impl Future<Ou
         }
     };
     cancel.cancel();
+    // The server's handlers hold the liveness tracker, whose persister ends when the last of them
+    // is gone: drop it even when draining timed out, and bound the wait anyway.
+    drop(server);
     for t in tasks {
-        if let Err(err) = t.await {
-            tracing::error!(error = %err, "background task failed");
+        match tokio::time::timeout(config.drain_timeout, t).await {
+            Ok(Ok(())) => {}
+            Ok(Err(err)) => tracing::error!(error = %err, "background task failed"),
+            Err(_) => tracing::warn!("a background task did not stop in time"),
         }
     }
     if let Some(w) = watchdog {

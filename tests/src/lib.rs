@@ -230,10 +230,7 @@ pub fn observation(seq: u64) -> Observation {
 
 /// A mutual-TLS channel to `url` presenting `files`' certificate.
 pub async fn tls_channel(url: &str, files: &nodekeeper_common::tls::TlsFiles) -> Result<Channel, String> {
-    let tls = nodekeeper_common::tls::client_config(files).map_err(|e| e.to_string())?;
-    Channel::from_shared(url.to_owned())
-        .expect("url")
-        .tls_config(tls)
+    nodekeeper_common::tls::endpoint(url, Some(files))
         .map_err(|e| e.to_string())?
         .connect()
         .await

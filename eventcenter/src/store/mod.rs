@@ -128,8 +128,6 @@ pub struct NodeHello {
 pub struct HelloOutcome {
     /// Highest sequence stored for this node and boot id (0 if none).
     pub last_stored_sequence: u64,
-    /// The node was stored as lost.
-    pub was_lost: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -194,7 +192,7 @@ impl Store {
         let (live, _) = broadcast::channel(1024);
         let (head_tx, head_rx) = watch::channel(head);
         let floor = Arc::new(AtomicU64::new(floor));
-        let w = writer::Writer::new(conn, path.clone(), options.clone(), head, live.clone(), head_tx, floor.clone())?;
+        let w = writer::Writer::new(conn, path.clone(), options.clone(), head, live.clone(), head_tx, floor.clone());
         let handle = std::thread::Builder::new()
             .name("store-writer".into())
             .spawn(move || w.run(ops_rx))
@@ -216,18 +214,9 @@ impl Store {
         })
     }
 
-    pub fn path(&self) -> &Path {
-        &self.inner.path
-    }
-
     /// The newest committed cursor.
     pub fn head(&self) -> u64 {
         *self.inner.head.borrow()
-    }
-
-    /// A receiver that changes whenever new events commit.
-    pub fn watch_head(&self) -> watch::Receiver<u64> {
-        self.inner.head.clone()
     }
 
     /// The highest cursor removed by retention; resuming after an older cursor is impossible.

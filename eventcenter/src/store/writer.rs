@@ -132,8 +132,8 @@ impl Writer {
         live: broadcast::Sender<LiveBatch>,
         head_tx: watch::Sender<u64>,
         floor: Arc<AtomicU64>,
-    ) -> Result<Self> {
-        Ok(Self {
+    ) -> Self {
+        Self {
             conn,
             path,
             options,
@@ -144,7 +144,7 @@ impl Writer {
             live,
             head: head_tx,
             floor,
-        })
+        }
     }
 
     fn err(&self, e: impl std::fmt::Display) -> StoreError {
@@ -544,19 +544,15 @@ impl Writer {
 
     fn hello(&mut self, hello: NodeHello, published: &mut Vec<Event>) -> Result<HelloOutcome> {
         let now = SystemTime::now();
-        let stored: Option<(Vec<u8>, bool)> = self
+        let stored: Option<Vec<u8>> = self
             .conn
-            .prepare_cached("SELECT info, lost FROM nodes WHERE cluster = ?1 AND name = ?2")
-            .and_then(|mut s| {
-                s.query_row(params![hello.cluster, hello.node], |r| Ok((r.get(0)?, r.get(1)?))).optional()
-            })
+            .prepare_cached("SELECT info FROM nodes WHERE cluster = ?1 AND name = ?2")
+            .and_then(|mut s| s.query_row(params![hello.cluster, hello.node], |r| r.get(0)).optional())
             .map_err(|e| self.err(e))?;
         let previous = stored
-            .as_ref()
-            .map(|(b, _)| Node::decode(b.as_slice()))
+            .map(|b| Node::decode(b.as_slice()))
             .transpose()
             .map_err(|e| StoreError::Corrupt { table: "nodes", message: e.to_string() })?;
-        let was_lost = stored.as_ref().is_some_and(|(_, lost)| *lost);
         let info = Node {
             name: hello.node.clone(),
             cluster: hello.cluster.clone(),
@@ -618,7 +614,7 @@ impl Writer {
             .prepare_cached("SELECT COALESCE(MAX(origin_seq), 0) FROM events WHERE origin = ?1")
             .and_then(|mut s| s.query_row([origin], |r| r.get(0)))
             .map_err(|e| self.err(e))?;
-        Ok(HelloOutcome { last_stored_sequence: last as u64, was_lost })
+        Ok(HelloOutcome { last_stored_sequence: last as u64 })
     }
 
     fn liveness(&mut self, key: NodeKey, lost: bool, grace: Duration, published: &mut Vec<Event>) -> Result<()> {
