@@ -411,3 +411,32 @@ async fn commands_carry_their_issuer_are_recorded_and_are_authorized() {
     assert_eq!(sub.send_command(reboot).await.unwrap_err().code(), Code::FailedPrecondition);
     assert_eq!(sub.send_command(restart("a", "node-z")).await.unwrap_err().code(), Code::Unavailable);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn durable_consumers_belong_to_the_identity_that_made_them() {
+    use nodekeeper_proto::v1::{AckConsumerRequest, DeleteConsumerRequest, ListConsumersRequest};
+    let pki = Pki::new().await;
+    let center = pki.center().await;
+    let url = center.url();
+    let mut sub = EventServiceClient::new(tls_channel(&url, &pki.files("subscriber-a")).await.unwrap());
+    let req =
+        SubscribeRequest { consumer: "remediator".into(), start: StartPosition::Oldest as i32, ..Default::default() };
+    let _stream = sub.subscribe(req).await.unwrap();
+    let mine = sub.list_consumers(ListConsumersRequest {}).await.unwrap().into_inner().consumers;
+    assert_eq!(mine.iter().map(|c| c.name.as_str()).collect::<Vec<_>>(), vec!["remediator"]);
+    sub.ack_consumer(AckConsumerRequest { consumer: "remediator".into(), cursor: "0".into() }).await.unwrap();
+
+    // Another identity, even an admin, neither sees nor moves it.
+    let mut admin = EventServiceClient::new(center.channel().await);
+    assert!(admin.list_consumers(ListConsumersRequest {}).await.unwrap().into_inner().consumers.is_empty());
+    let ack = AckConsumerRequest { consumer: "remediator".into(), cursor: "0".into() };
+    assert_eq!(admin.ack_consumer(ack).await.unwrap_err().code(), Code::NotFound);
+    let del = DeleteConsumerRequest { consumer: "remediator".into() };
+    assert_eq!(admin.delete_consumer(del).await.unwrap_err().code(), Code::NotFound);
+    // A node reads no consumers at all.
+    let mut node = EventServiceClient::new(tls_channel(&url, &pki.files("node-a")).await.unwrap());
+    assert_eq!(node.list_consumers(ListConsumersRequest {}).await.unwrap_err().code(), Code::PermissionDenied);
+    let ack = AckConsumerRequest { consumer: "remediator".into(), cursor: "0".into() };
+    assert_eq!(node.ack_consumer(ack).await.unwrap_err().code(), Code::PermissionDenied);
+    assert_eq!(sub.list_consumers(ListConsumersRequest {}).await.unwrap().into_inner().consumers.len(), 1);
+}

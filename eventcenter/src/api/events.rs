@@ -21,6 +21,15 @@ use crate::validate;
 
 pub struct EventApi(pub Ctx);
 
+/// The stored name of a durable consumer: prefixed with the caller's identity, so that one
+/// tenant can neither see nor move another's consumers. ':' cannot occur in a consumer name.
+fn consumer_key(caller: &Caller, name: &str) -> String {
+    match caller {
+        Some(id) => format!("{}/{}:{name}", id.kind.as_str(), id.name),
+        None => name.to_owned(),
+    }
+}
+
 /// Limits a filter to the clusters the caller may read.
 fn scope_filter(caller: &Caller, filter: &mut Option<nodekeeper_proto::v1::EventFilter>) -> Result<(), Status> {
     let f = filter.get_or_insert_with(Default::default);
@@ -87,6 +96,7 @@ impl event_service_server::EventService for EventApi {
         let slot = self.0.limits.open_stream(&caller)?;
         let mut req = request.into_inner();
         scope_filter(&caller, &mut req.filter)?;
+        let consumer = consumer_key(&caller, &req.consumer);
         let ctx = &self.0;
         let store = &ctx.store;
         if !req.consumer.is_empty() {
@@ -104,14 +114,14 @@ impl event_service_server::EventService for EventApi {
                     let known = if req.consumer.is_empty() {
                         None
                     } else {
-                        store.consumer_position(req.consumer.clone()).await.map_err(store_status)?
+                        store.consumer_position(consumer.clone()).await.map_err(store_status)?
                     };
                     known.unwrap_or_else(|| store.head())
                 }
             }
         };
         if !req.consumer.is_empty() {
-            after = store.ensure_consumer(req.consumer.clone(), after).await.map_err(store_status)?.max(after);
+            after = store.ensure_consumer(consumer, after).await.map_err(store_status)?.max(after);
         }
         if after < store.floor() {
             return Err(cursor::expired(after, store.floor()));
@@ -139,13 +149,15 @@ impl event_service_server::EventService for EventApi {
         &self,
         request: Request<AckConsumerRequest>,
     ) -> Result<Response<AckConsumerResponse>, Status> {
+        let caller = self.0.caller(&request)?;
+        require(&caller, READERS, "acknowledge a consumer")?;
         let req = request.into_inner();
         validate::name(names::consumer(&req.consumer))?;
         let c = cursor::parse(&req.cursor)?;
         if c > self.0.store.head() {
             return Err(Status::invalid_argument(format!("cursor {c} is beyond the newest event")));
         }
-        if !self.0.store.ack_consumer(req.consumer.clone(), c).await.map_err(store_status)? {
+        if !self.0.store.ack_consumer(consumer_key(&caller, &req.consumer), c).await.map_err(store_status)? {
             return Err(Status::not_found(format!("no consumer named {}; subscribe with it first", req.consumer)));
         }
         Ok(Response::new(AckConsumerResponse {}))
@@ -153,9 +165,23 @@ impl event_service_server::EventService for EventApi {
 
     async fn list_consumers(
         &self,
-        _: Request<ListConsumersRequest>,
+        request: Request<ListConsumersRequest>,
     ) -> Result<Response<ListConsumersResponse>, Status> {
-        let consumers = self.0.store.list_consumers().await.map_err(store_status)?;
+        let caller = self.0.caller(&request)?;
+        require(&caller, READERS, "list consumers")?;
+        let prefix = consumer_key(&caller, "");
+        let consumers = self
+            .0
+            .store
+            .list_consumers()
+            .await
+            .map_err(store_status)?
+            .into_iter()
+            .filter_map(|mut c| {
+                c.name = c.name.strip_prefix(&prefix)?.to_owned();
+                Some(c)
+            })
+            .collect();
         Ok(Response::new(ListConsumersResponse { consumers }))
     }
 
@@ -163,10 +189,11 @@ impl event_service_server::EventService for EventApi {
         &self,
         request: Request<DeleteConsumerRequest>,
     ) -> Result<Response<DeleteConsumerResponse>, Status> {
-        require(&self.0.caller(&request)?, READERS, "delete a consumer")?;
+        let caller = self.0.caller(&request)?;
+        require(&caller, READERS, "delete a consumer")?;
         let req = request.into_inner();
         validate::name(names::consumer(&req.consumer))?;
-        if !self.0.store.delete_consumer(req.consumer.clone()).await.map_err(store_status)? {
+        if !self.0.store.delete_consumer(consumer_key(&caller, &req.consumer)).await.map_err(store_status)? {
             return Err(Status::not_found(format!("no consumer named {}", req.consumer)));
         }
         Ok(Response::new(DeleteConsumerResponse {}))
