@@ -37,6 +37,79 @@ pub struct Config {
     pub tls: Option<nodekeeper_common::tls::TlsFiles>,
     /// Allow an http:// center (no TLS): development and tests only.
     pub insecure: bool,
+    /// Health monitors.
+    pub monitors: MonitorsConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MonitorsConfig {
+    pub enabled: bool,
+    /// The built-in kernel log rules (packaging/rules/kernel-monitor.toml) on `paths.kmsg`.
+    pub kernel_rules: bool,
+    /// More monitors: rule files in node-problem-detector's JSON format (unmodified) or
+    /// nodekeeper's TOML format; log monitors and custom plugin monitors.
+    pub rule_files: Vec<PathBuf>,
+    /// Each log monitor's budget: lines matched per second, and the burst above it. Lines beyond
+    /// it are counted and dropped (a LogFlood event says so).
+    pub lines_per_second: f64,
+    pub burst: f64,
+    /// Custom plugin commands running at once, for the whole agent.
+    pub plugin_concurrency: usize,
+    pub hardware: HardwareConfig,
+    pub components: ComponentsConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HardwareConfig {
+    pub enabled: bool,
+    #[serde(with = "duration")]
+    pub interval: Duration,
+    pub edac: bool,
+    pub thermal: bool,
+    pub nic: bool,
+    /// Interfaces to watch; empty: every physical one.
+    pub interfaces: Vec<String>,
+    /// Carrier changes within `flap_window` that make a link flapping.
+    pub flap_threshold: u64,
+    #[serde(with = "duration")]
+    pub flap_window: Duration,
+    /// Mount points that must be read-write when they are mounted.
+    pub writable_mounts: Vec<String>,
+    /// Paths whose file systems' disk and inode usage are watched.
+    pub disk_paths: Vec<PathBuf>,
+    pub disk_threshold_percent: f64,
+    pub inode_threshold_percent: f64,
+    pub psi: bool,
+    pub psi_cpu_some_percent: f64,
+    pub psi_memory_full_percent: f64,
+    pub psi_io_full_percent: f64,
+    pub clock: bool,
+    #[serde(with = "duration")]
+    pub clock_max_error: Duration,
+    /// smartctl to run for SMART health; empty: off. Skipped when not installed.
+    pub smartctl: PathBuf,
+    #[serde(with = "duration")]
+    pub smart_interval: Duration,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ComponentsConfig {
+    pub enabled: bool,
+    #[serde(with = "duration")]
+    pub interval: Duration,
+    pub systemctl: PathBuf,
+    /// Timeout of each probe (systemctl, health endpoint, socket).
+    #[serde(with = "duration")]
+    pub timeout: Duration,
+    /// Starts within `restart_window` that make a component restart frequently.
+    pub restart_count: usize,
+    #[serde(with = "duration")]
+    pub restart_window: Duration,
+    /// The components; default containerd, docker and kubelet.
+    pub watch: Vec<crate::monitor::components::ComponentWatch>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -66,6 +139,8 @@ pub struct Paths {
     pub proc: PathBuf,
     pub sys: PathBuf,
     pub etc: PathBuf,
+    /// The kernel log the built-in kernel rules read.
+    pub kmsg: PathBuf,
 }
 
 impl Default for Config {
@@ -84,6 +159,65 @@ impl Default for Config {
             flush_timeout: Duration::from_secs(5),
             tls: None,
             insecure: false,
+            monitors: MonitorsConfig::default(),
+        }
+    }
+}
+
+const WATCHED_PATHS: [&str; 5] = ["/", "/var/lib/kubelet", "/var/lib/containerd", "/var/lib/docker", "/var/log"];
+
+impl Default for MonitorsConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            kernel_rules: true,
+            rule_files: Vec::new(),
+            lines_per_second: 1000.0,
+            burst: 5000.0,
+            plugin_concurrency: 3,
+            hardware: HardwareConfig::default(),
+            components: ComponentsConfig::default(),
+        }
+    }
+}
+
+impl Default for HardwareConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            interval: Duration::from_secs(60),
+            edac: true,
+            thermal: true,
+            nic: true,
+            interfaces: Vec::new(),
+            flap_threshold: 6,
+            flap_window: Duration::from_secs(600),
+            writable_mounts: WATCHED_PATHS.iter().map(|s| s.to_string()).collect(),
+            disk_paths: WATCHED_PATHS.iter().map(PathBuf::from).collect(),
+            disk_threshold_percent: 90.0,
+            inode_threshold_percent: 90.0,
+            psi: true,
+            psi_cpu_some_percent: 80.0,
+            psi_memory_full_percent: 20.0,
+            psi_io_full_percent: 30.0,
+            clock: true,
+            clock_max_error: Duration::from_secs(1),
+            smartctl: PathBuf::from("smartctl"),
+            smart_interval: Duration::from_secs(3600),
+        }
+    }
+}
+
+impl Default for ComponentsConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            interval: Duration::from_secs(30),
+            systemctl: PathBuf::from("systemctl"),
+            timeout: Duration::from_secs(5),
+            restart_count: 5,
+            restart_window: Duration::from_secs(1200),
+            watch: crate::monitor::components::default_components(),
         }
     }
 }
@@ -102,7 +236,7 @@ impl Default for StatusConfig {
 
 impl Default for Paths {
     fn default() -> Self {
-        Self { proc: "/proc".into(), sys: "/sys".into(), etc: "/etc".into() }
+        Self { proc: "/proc".into(), sys: "/sys".into(), etc: "/etc".into(), kmsg: "/dev/kmsg".into() }
     }
 }
 
@@ -138,6 +272,31 @@ impl Config {
         }
         if self.outbox.max_bytes < 4096 {
             return Err("outbox.max_bytes must be at least 4096".into());
+        }
+        let m = &self.monitors;
+        if !(m.lines_per_second > 0.0) || m.burst < 1.0 {
+            return Err("monitors.lines_per_second must be above 0 and monitors.burst at least 1".into());
+        }
+        if m.plugin_concurrency == 0 {
+            return Err("monitors.plugin_concurrency must be at least 1".into());
+        }
+        for (key, d) in [
+            ("monitors.hardware.interval", m.hardware.interval),
+            ("monitors.hardware.smart_interval", m.hardware.smart_interval),
+            ("monitors.components.interval", m.components.interval),
+        ] {
+            if d < Duration::from_millis(100) {
+                return Err(format!("{key} must be at least 100ms"));
+            }
+        }
+        if m.components.restart_count == 0 {
+            return Err("monitors.components.restart_count must be at least 1".into());
+        }
+        for w in &m.components.watch {
+            nodekeeper_common::names::component(&w.name).map_err(|e| format!("monitors.components.watch name: {e}"))?;
+        }
+        for f in &m.rule_files {
+            crate::monitor::rules::load(f).map_err(|e| format!("monitors.rule_files: {e}"))?;
         }
         Ok(())
     }

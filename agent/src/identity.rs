@@ -197,7 +197,7 @@ mod tests {
         write(r, "sys/block/sda/queue/rotational", "0\n");
         write(r, "sys/block/loop0/size", "8\n");
         write(r, "sys/class/net/eth0/address", "52:54:00:12:34:56\n");
-        let paths = Paths { proc: r.join("proc"), sys: r.join("sys"), etc: r.join("etc") };
+        let paths = Paths { proc: r.join("proc"), sys: r.join("sys"), etc: r.join("etc"), kmsg: r.join("kmsg") };
         assert_eq!(node_name(None, &paths).unwrap(), "worker-17");
         assert_eq!(boot_id(&paths).unwrap(), "0b7c2b2e-7a3d-4bb8-9a52-9f0f1a1c2d3e");
         let inv = inventory(&paths);

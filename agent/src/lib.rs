@@ -3,12 +3,14 @@
 //!
 //! `run` wires the parts: identity and inventory (`identity`), the durable outbox (`outbox`), the
 //! stream to the center (`connection`), the local status listener (`status`), metrics and systemd
-//! notifications. The health monitors and the component manager come with their own issues.
+//! notifications, and the health monitors (`monitor`). The component manager comes with its own
+//! issue.
 
 pub mod config;
 pub mod connection;
 pub mod identity;
 pub mod metrics;
+pub mod monitor;
 pub mod outbox;
 pub mod status;
 
@@ -32,6 +34,8 @@ pub enum AgentError {
     Outbox(#[from] outbox::OutboxError),
     #[error("{0}")]
     Listen(std::io::Error),
+    #[error(transparent)]
+    Rules(#[from] monitor::rules::RuleError),
 }
 
 /// Runs the agent until `shutdown` resolves, then flushes what is in flight and stops.
@@ -65,6 +69,8 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     let metrics = metrics::Metrics::default();
     let state = Arc::new(Mutex::new(connection::ConnState::default()));
     let cancel = CancellationToken::new();
+    let reporter = monitor::state::Reporter::open(outbox.clone(), &boot_id)?;
+    let monitors = monitor::start(&config, reporter, metrics.clone(), &boot_id)?;
 
     let local = status::Local {
         node,
@@ -99,6 +105,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         }
     }
     systemd::stopping();
+    monitors.stop().await;
     conn_cancel.cancel();
     let flush = config.flush_timeout + Duration::from_secs(1);
     if tokio::time::timeout(flush, &mut conn_task).await.is_err() {

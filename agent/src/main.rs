@@ -57,6 +57,47 @@ enum Command {
         #[arg(long, default_value_t = DEFAULT_STATUS_PORT)]
         port: u16,
     },
+    /// Work with monitor rule files.
+    Rules {
+        #[command(subcommand)]
+        command: RulesCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum RulesCommand {
+    /// Replay a log offline and print what the agent would report: temporary problems for every
+    /// match, conditions when they change. Exit 0 whether or not anything matched; 78 when a rule
+    /// file is invalid; 1 when the log cannot be read.
+    Test {
+        /// Rule file (node-problem-detector JSON or nodekeeper TOML); repeat for several. Default:
+        /// the agent's built-in kernel rules.
+        #[arg(long = "rules")]
+        rules: Vec<PathBuf>,
+        /// The log to replay.
+        #[arg(long)]
+        log: PathBuf,
+        /// kmsg (/dev/kmsg records), journal-json (`journalctl -o json`) or plain (one message per
+        /// line). Default: guessed from the first line.
+        #[arg(long, value_enum)]
+        format: Option<LogFormatArg>,
+        /// text, or json (one object per finding).
+        #[arg(long, short = 'o', value_enum, default_value = "text")]
+        output: OutputArg,
+    },
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum LogFormatArg {
+    Kmsg,
+    JournalJson,
+    Plain,
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum OutputArg {
+    Text,
+    Json,
 }
 
 fn load_config(path: Option<&PathBuf>) -> Result<Config, String> {
@@ -102,6 +143,9 @@ fn main() -> ExitCode {
             runtime.block_on(emit(port, kind, message, reason, &severity, condition))
         }
         Command::Status { port } => runtime.block_on(status(port)),
+        Command::Rules { command: RulesCommand::Test { rules, log, format, output } } => {
+            return rules_test(&rules, &log, format, output);
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -171,4 +215,74 @@ async fn status(port: u16) -> anyhow::Result<()> {
     use std::io::Write;
     writeln!(std::io::stdout().lock(), "{}", serde_json::to_string_pretty(&json)?)?;
     Ok(())
+}
+
+fn rules_test(files: &[PathBuf], log: &PathBuf, format: Option<LogFormatArg>, output: OutputArg) -> ExitCode {
+    use nodekeeper_agent::monitor::{Problem, logs, rules};
+    let mut specs = Vec::new();
+    if files.is_empty() {
+        specs.push(rules::default_kernel_monitor(std::path::Path::new("/dev/kmsg")));
+    }
+    for f in files {
+        match rules::load(f) {
+            Ok(rules::MonitorSpec::Log(l)) => specs.push(l),
+            Ok(rules::MonitorSpec::Plugin(p)) => {
+                tracing::error!(file = %f.display(), monitor = %p.source, "a custom plugin monitor has no log to replay");
+                return ExitCode::from(EXIT_CONFIG as u8);
+            }
+            Err(err) => {
+                tracing::error!(error = %err, "rule file rejected");
+                return ExitCode::from(EXIT_CONFIG as u8);
+            }
+        }
+    }
+    let text = match std::fs::read(log) {
+        Ok(b) => String::from_utf8_lossy(&b).into_owned(),
+        Err(err) => {
+            tracing::error!(log = %log.display(), error = %err, "cannot read the log");
+            return ExitCode::from(EXIT_FAILURE as u8);
+        }
+    };
+    let format = match format {
+        Some(LogFormatArg::Kmsg) => logs::Format::Kmsg,
+        Some(LogFormatArg::JournalJson) => logs::Format::JournalJson,
+        Some(LogFormatArg::Plain) => logs::Format::Plain,
+        None => logs::Format::detect(&text),
+    };
+    use std::io::Write;
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    for r in logs::replay(&specs, &text, format) {
+        let f = &r.finding;
+        let (kind, condition, status) = match &f.problem {
+            Problem::Temporary => ("temporary", None, None),
+            Problem::Permanent { condition, status } => {
+                ("permanent", Some(condition.as_str()), Some(status.as_str_name()))
+            }
+        };
+        let status = status.map(|s| s.trim_start_matches("CONDITION_STATUS_").to_ascii_lowercase());
+        let line = match output {
+            OutputArg::Json => serde_json::json!({
+                "line": r.line,
+                "type": kind,
+                "source": f.source,
+                "reason": f.reason,
+                "condition": condition,
+                "status": status,
+                "message": f.message,
+                "severity": f.severity.as_str_name().trim_start_matches("SEVERITY_").to_ascii_lowercase(),
+                "category": f.category.as_str_name().trim_start_matches("CATEGORY_").to_ascii_lowercase(),
+                "action": f.action.as_str_name().trim_start_matches("RECOMMENDED_ACTION_").to_ascii_lowercase().replace('_', "-"),
+            })
+            .to_string(),
+            OutputArg::Text => match condition {
+                Some(c) => format!("line {}: {c} {} ({}): {}", r.line, status.unwrap_or_default(), f.reason, f.message),
+                None => format!("line {}: {} (temporary): {}", r.line, f.reason, f.message),
+            },
+        };
+        if writeln!(out, "{line}").is_err() {
+            break;
+        }
+    }
+    let _ = out.flush();
+    ExitCode::SUCCESS
 }

@@ -16,6 +16,12 @@ pub struct Metrics {
     pub acked: Counter,
     pub reconnects: Counter,
     pub connected: Gauge,
+    /// Log lines read by the log monitors.
+    pub log_lines: Counter,
+    /// Log lines dropped unmatched because a monitor was over its budget.
+    pub log_lines_dropped: Counter,
+    /// Rule matches in log lines.
+    pub log_matches: Counter,
 }
 
 impl Metrics {
@@ -40,6 +46,13 @@ impl Metrics {
         registry.register("observations_acked", "Observations the center acknowledged", self.acked.clone());
         registry.register("reconnects", "Connections opened to the center", self.reconnects.clone());
         registry.register("connected", "1 while a stream to the center is open", self.connected.clone());
+        registry.register("log_lines", "Log lines read by the log monitors", self.log_lines.clone());
+        registry.register(
+            "log_lines_dropped",
+            "Log lines dropped unmatched because a monitor was over its line budget",
+            self.log_lines_dropped.clone(),
+        );
+        registry.register("log_matches", "Rule matches in log lines", self.log_matches.clone());
         let mut out = String::new();
         if let Err(err) = encode(&mut out, &registry) {
             tracing::error!(error = %err, "cannot encode metrics");

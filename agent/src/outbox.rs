@@ -37,6 +37,12 @@ CREATE TABLE IF NOT EXISTS outbox (
     body       BLOB NOT NULL
 );
 CREATE INDEX IF NOT EXISTS outbox_droppable ON outbox (severity, seq) WHERE transition = 0;
+-- Monitor state (open conditions, log positions), written in the same transaction as the
+-- observations it goes with.
+CREATE TABLE IF NOT EXISTS state (
+    key   TEXT PRIMARY KEY,
+    value BLOB NOT NULL
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS meta (
     key   TEXT PRIMARY KEY,
     value INTEGER NOT NULL
@@ -117,15 +123,52 @@ impl Outbox {
     /// Assigns sequence numbers, stores the observations durably (one fsync), enforces the bound,
     /// and returns the sequences. Blocking: call from a blocking context.
     pub fn push_blocking(&self, observations: Vec<Observation>) -> Result<Vec<u64>> {
-        self.push_inner(observations, false, true)
+        self.push_inner(observations, &[], false, true)
+    }
+
+    /// Like `push_blocking`, and in the same transaction sets (Some) or deletes (None) state
+    /// entries: a monitor's condition state or log position never disagrees with what was sent.
+    pub fn push_with_state_blocking(
+        &self,
+        observations: Vec<Observation>,
+        state: &[(String, Option<Vec<u8>>)],
+    ) -> Result<Vec<u64>> {
+        self.push_inner(observations, state, false, true)
+    }
+
+    /// The state entries whose key starts with `prefix`.
+    pub fn state_blocking(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>> {
+        let inner = self.inner.lock().expect("outbox lock");
+        let mut q = inner
+            .conn
+            .prepare_cached("SELECT key, value FROM state WHERE substr(key, 1, length(?1)) = ?1 ORDER BY key")
+            .map_err(|e| self.err(e))?;
+        let rows = q.query_map([prefix], |r| Ok((r.get(0)?, r.get(1)?))).map_err(|e| self.err(e))?;
+        rows.collect::<std::result::Result<Vec<_>, _>>().map_err(|e| self.err(e))
     }
 
     /// `keep`: store as never droppable, like a condition transition. `evict`: make room by
     /// dropping others when over the bound.
-    fn push_inner(&self, mut observations: Vec<Observation>, keep: bool, evict: bool) -> Result<Vec<u64>> {
+    fn push_inner(
+        &self,
+        mut observations: Vec<Observation>,
+        state: &[(String, Option<Vec<u8>>)],
+        keep: bool,
+        evict: bool,
+    ) -> Result<Vec<u64>> {
         let mut inner = self.inner.lock().expect("outbox lock");
         let Inner { conn, stats } = &mut *inner;
         let tx = conn.transaction().map_err(|e| self.err(e))?;
+        for (key, value) in state {
+            match value {
+                Some(v) => tx.execute(
+                    "INSERT INTO state (key, value) VALUES (?1, ?2) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                    params![key, v],
+                ),
+                None => tx.execute("DELETE FROM state WHERE key = ?1", [key]),
+            }
+            .map_err(|e| self.err(e))?;
+        }
         let mut seqs = Vec::with_capacity(observations.len());
         let mut added_bytes = 0;
         {
@@ -203,7 +246,9 @@ impl Outbox {
             );
         }
         drop(inner);
-        self.pushed.notify_one();
+        if !seqs.is_empty() {
+            self.pushed.notify_one();
+        }
         Ok(seqs)
     }
 
@@ -237,7 +282,7 @@ impl Outbox {
         o.attributes.insert("dropped".into(), delta.to_string());
         o.attributes.insert("dropped_total".into(), total.to_string());
         // Kept and evicting nothing: the report of drops must not cause drops it does not count.
-        self.push_inner(vec![o], true, false)?;
+        self.push_inner(vec![o], &[], true, false)?;
         let inner = self.inner.lock().expect("outbox lock");
         inner
             .conn

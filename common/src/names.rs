@@ -48,6 +48,15 @@ pub fn producer(value: &str) -> Result<(), NameError> {
     dns_subdomain("producer id", value)
 }
 
+/// A component's name (containerd, kubelet, node-exporter): a DNS-1123 label.
+pub fn component(value: &str) -> Result<(), NameError> {
+    const WHAT: &str = "component name";
+    if value.is_empty() || value.len() > 63 {
+        return Err(err(WHAT, value, "must be 1 to 63 characters"));
+    }
+    dns_label(WHAT, value)
+}
+
 /// A durable consumer's name.
 pub fn consumer(value: &str) -> Result<(), NameError> {
     dns_subdomain("consumer name", value)
