@@ -6,13 +6,19 @@ set -euo pipefail
 needs=(
     "kill:procps"                 # signals to the services under test (SIGTERM, SIGKILL)
     "systemd-analyze:systemd"     # verifies the unit files in systemd/
+    "journalctl:systemd"          # the agent's journal source follows journalctl
+    "/lib/systemd/systemd-journal-remote:systemd-journal-remote"  # writes real journal files for tests
 )
 
 missing=()
 for entry in "${needs[@]}"; do
     cmd=${entry%%:*}
     pkg=${entry#*:}
-    command -v "$cmd" >/dev/null 2>&1 || missing+=("$pkg")
+    if [[ $cmd == /* ]]; then
+        [ -x "$cmd" ] || missing+=("$pkg")
+    else
+        command -v "$cmd" >/dev/null 2>&1 || missing+=("$pkg")
+    fi
 done
 if [ ${#missing[@]} -eq 0 ]; then
     exit 0

@@ -274,7 +274,7 @@ impl Config {
             return Err("outbox.max_bytes must be at least 4096".into());
         }
         let m = &self.monitors;
-        if !(m.lines_per_second > 0.0) || m.burst < 1.0 {
+        if m.lines_per_second.is_nan() || m.lines_per_second <= 0.0 || m.burst.is_nan() || m.burst < 1.0 {
             return Err("monitors.lines_per_second must be above 0 and monitors.burst at least 1".into());
         }
         if m.plugin_concurrency == 0 {

@@ -356,23 +356,27 @@ pub struct AgentSpec<'a> {
     pub heartbeat: &'a str,
     /// Extra TOML appended to the config.
     pub extra: &'a str,
+    /// The `[monitors]` tables, last in the config. Default: monitors off, so that tests of the
+    /// core see only what they send (not this machine's kernel log, clock and disks).
+    pub monitors: &'a str,
 }
 
 impl<'a> AgentSpec<'a> {
     pub fn new(node: &'a str, center: &'a str) -> Self {
-        AgentSpec { node, center, heartbeat: "500ms", extra: "" }
+        AgentSpec { node, center, heartbeat: "500ms", extra: "", monitors: "[monitors]\nenabled = false\n" }
     }
 }
 
 impl Agent {
     pub fn config_for(spec: &AgentSpec<'_>, state_dir: &Path, status_port: u16) -> String {
         format!(
-            "node_name = \"{}\"\ncluster = \"c1\"\nstate_dir = \"{}\"\ncenter = \"{}\"\nheartbeat_interval = \"{}\"\ninsecure = true\n{}\n[status]\nport = {status_port}\nlisten = [\"127.0.0.1\"]\n",
+            "node_name = \"{}\"\ncluster = \"c1\"\nstate_dir = \"{}\"\ncenter = \"{}\"\nheartbeat_interval = \"{}\"\ninsecure = true\n{}\n[status]\nport = {status_port}\nlisten = [\"127.0.0.1\"]\n\n{}",
             spec.node,
             state_dir.display(),
             spec.center,
             spec.heartbeat,
-            spec.extra
+            spec.extra,
+            spec.monitors,
         )
     }
 
@@ -481,4 +485,41 @@ pub async fn stored_events(ch: Channel, node: &str, kind: &str) -> Vec<nodekeepe
 /// The agent sequence numbers of `events`, in order.
 pub fn sequences(events: &[nodekeeper_proto::v1::Event]) -> Vec<u64> {
     events.iter().map(|e| e.origin.as_ref().expect("origin").sequence).collect()
+}
+
+/// The body of an HTTP GET on loopback (the agent's /metrics).
+pub async fn http_get(url: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let rest = url.strip_prefix("http://").expect("an http:// URL");
+    let (authority, path) = rest.split_once('/').map_or((rest, "/".to_owned()), |(a, p)| (a, format!("/{p}")));
+    let mut s = tokio::net::TcpStream::connect(authority).await.expect("connect");
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: {authority}\r\nConnection: close\r\n\r\n").as_bytes())
+        .await
+        .expect("send the request");
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.expect("read the answer");
+    out.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default()
+}
+
+/// A counter or gauge from a Prometheus text exposition.
+pub fn metric(text: &str, name: &str) -> Option<f64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find_map(|l| l.strip_prefix(name).and_then(|r| r.strip_prefix(' ')).and_then(|v| v.trim().parse().ok()))
+}
+
+/// CPU seconds (user + system) and resident bytes of a process, from /proc.
+pub fn cpu_and_rss(pid: u32) -> (f64, u64) {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("read stat");
+    let after_comm = &stat[stat.rfind(')').expect("comm") + 2..];
+    let f: Vec<&str> = after_comm.split_whitespace().collect();
+    let ticks: f64 = f[11].parse::<f64>().expect("utime") + f[12].parse::<f64>().expect("stime");
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("read status");
+    let rss_kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .expect("VmRSS");
+    (ticks / 100.0, rss_kib * 1024)
 }

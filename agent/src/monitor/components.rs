@@ -98,6 +98,8 @@ struct Tracked {
     invocation: Option<String>,
     n_restarts: Option<u64>,
     starts: VecDeque<Instant>,
+    /// The last error reading the unit, logged once until it changes.
+    last_error: Option<String>,
 }
 
 /// Runs the component checks until cancelled.
@@ -109,7 +111,14 @@ pub async fn run(
 ) {
     let mut tracked: Vec<Tracked> = watch
         .into_iter()
-        .map(|w| Tracked { watch: w, present: None, invocation: None, n_restarts: None, starts: VecDeque::new() })
+        .map(|w| Tracked {
+            watch: w,
+            present: None,
+            invocation: None,
+            n_restarts: None,
+            starts: VecDeque::new(),
+            last_error: None,
+        })
         .collect();
     for t in &mut tracked {
         for d in conditions(&t.watch.name) {
@@ -168,10 +177,14 @@ async fn check(t: &mut Tracked, s: &Settings) -> (Vec<Finding>, Option<bool>) {
     let props = match show(&s.systemctl, &t.watch.unit, s.timeout).await {
         Ok(p) => p,
         Err(err) => {
-            tracing::warn!(component = %name, error = %err, "cannot read the unit's state");
+            if t.last_error.as_ref() != Some(&err) {
+                tracing::warn!(component = %name, error = %err, "cannot read the unit's state; retrying quietly");
+                t.last_error = Some(err);
+            }
             return (Vec::new(), None);
         }
     };
+    t.last_error = None;
     let present = props.get("LoadState").is_some_and(|l| l != "not-found");
     let mut out = Vec::new();
     let mut presence = None;

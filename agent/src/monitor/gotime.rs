@@ -70,7 +70,7 @@ pub fn parse_layout(layout: &str, text: &str) -> Option<SystemTime> {
         *t = &t[n..];
         Some(v)
     }
-    fn word<'a>(t: &mut &str, words: &[&'a str]) -> Option<usize> {
+    fn word(t: &mut &str, words: &[&str]) -> Option<usize> {
         let i = words.iter().position(|w| t.starts_with(w))?;
         *t = &t[words[i].len()..];
         Some(i)

@@ -245,12 +245,11 @@ impl Check for Nics {
             if admin_up && read_trim(&p.join("carrier")).as_deref() == Some("0") {
                 down.push(name.clone());
             }
-            if let Some(c) = read_u64(&p.join("carrier_changes")) {
-                if let Some(prev) = self.last.insert(name.clone(), c)
-                    && c > prev
-                {
-                    self.changes.push_back((now, name, c - prev));
-                }
+            if let Some(c) = read_u64(&p.join("carrier_changes"))
+                && let Some(prev) = self.last.insert(name.clone(), c)
+                && c > prev
+            {
+                self.changes.push_back((now, name, c - prev));
             }
         }
         while self.changes.front().is_some_and(|(t, _, _)| now.duration_since(*t) > self.flap_window) {

@@ -78,12 +78,14 @@ fn unescape_kmsg(s: &str) -> String {
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
     while i < b.len() {
-        if b[i] == b'\\' && i + 3 < b.len() && b[i + 1] == b'x' {
-            if let Ok(v) = u8::from_str_radix(&s[i + 2..i + 4], 16) {
-                out.push(v);
-                i += 4;
-                continue;
-            }
+        if b[i] == b'\\'
+            && i + 3 < b.len()
+            && b[i + 1] == b'x'
+            && let Ok(v) = u8::from_str_radix(&s[i + 2..i + 4], 16)
+        {
+            out.push(v);
+            i += 4;
+            continue;
         }
         out.push(b[i]);
         i += 1;
@@ -629,9 +631,6 @@ impl Monitor {
             let has_time = matches!(&self.engine.spec.input, Input::File { timestamp: Some(_), .. });
             if resume {
                 reader.seek(self.stored.offset)?;
-            } else if first && !has_time {
-                // No position and no timestamps to apply the lookback with: only new lines.
-                reader.seek(meta.len())?;
             }
             let backlog_cutoff = (first && !resume && has_time).then(|| SystemTime::now() - lookback);
             first = false;
@@ -721,7 +720,7 @@ impl Monitor {
             if line.last() != Some(&b'\n') {
                 // Longer than we keep: skip the rest of it.
                 let mut rest = Vec::new();
-                (&mut reader).read_until(b'\n', &mut rest)?;
+                reader.read_until(b'\n', &mut rest)?;
                 continue;
             }
             let text = String::from_utf8_lossy(&line);
@@ -729,7 +728,13 @@ impl Monitor {
                 self.position.cursor = r.cursor;
                 let time = UNIX_EPOCH + Duration::from_micros(r.realtime_usec);
                 let mut msg = r.message;
-                msg.truncate(msg.floor_char_boundary(MAX_LINE));
+                if msg.len() > MAX_LINE {
+                    let mut cut = MAX_LINE;
+                    while !msg.is_char_boundary(cut) {
+                        cut -= 1;
+                    }
+                    msg.truncate(cut);
+                }
                 self.line(&msg, Some(time), false)?;
             }
             if reader.buffer().is_empty() {
