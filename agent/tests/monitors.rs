@@ -337,8 +337,9 @@ async fn components_unit_state_restarts_and_health() {
         let p = pending(&outbox);
         p.iter().any(|(t, s, _)| t == kind && *s == status).then_some(p)
     };
-    let p = wait_until("docker reported absent", || has("ComponentAbsent", None)).await;
-    assert!(p.iter().any(|(t, _, m)| t == "ComponentPresent" && m.contains("kubelet")), "{p:?}");
+    // docker is checked first, kubelet second.
+    let p = wait_until("kubelet reported present", || has("ComponentPresent", None)).await;
+    assert!(p.iter().any(|(t, _, m)| t == "ComponentAbsent" && m.contains("docker")), "{p:?}");
     assert!(
         !p.iter().any(|(t, _, _)| t.starts_with("Docker") || t.starts_with("FrequentDocker")),
         "absent is not failed: {p:?}"

@@ -1,5 +1,7 @@
-//! The agent at rest, side by side with the node agents operators already run: Debian's
-//! prometheus-node-exporter (scraped every 15 s) and collectd (Debian's default plugins, 10 s).
+//! The agent at rest with every monitor on at its default interval (the built-in kernel rules on
+//! this machine's /dev/kmsg, hardware and resource checks every 60 s, component checks every 30 s),
+//! side by side with the node agents operators already run: Debian's prometheus-node-exporter
+//! (scraped every 15 s) and collectd (Debian's default plugins, 10 s).
 //!
 //! ```text
 //! cargo build --release --workspace --bins
@@ -102,7 +104,7 @@ async fn main() {
     .await;
 
     let mut samplers = vec![
-        Sampler::new("nodekeeper-agent (heartbeat 10 s)", agent.0.id()),
+        Sampler::new("nodekeeper-agent (all monitors on, default intervals; heartbeat 10 s)", agent.0.id()),
         Sampler::new("prometheus-node-exporter (scraped every 15 s)", exporter.0.id()),
         Sampler::new("collectd (default plugins, 10 s)", collectd.0.id()),
     ];

@@ -250,10 +250,13 @@ async fn sd_notify_ready_then_watchdog_pings_at_half_the_interval() {
             }
         }
     }
-    // Half of WatchdogSec (400 ms): about 200 ms apart.
+    // Half of WatchdogSec (400 ms): about 200 ms apart on average. Each gap is measured when the
+    // test reads the message, so one late read shortens the next gap: single gaps get a wide band.
     let gaps: Vec<Duration> = pings.windows(2).map(|w| w[1] - w[0]).collect();
+    let mean = gaps.iter().sum::<Duration>() / gaps.len() as u32;
+    assert!(mean >= Duration::from_millis(170) && mean <= Duration::from_millis(250), "{gaps:?}");
     for g in &gaps {
-        assert!(*g >= Duration::from_millis(150) && *g <= Duration::from_millis(320), "{gaps:?}");
+        assert!(*g >= Duration::from_millis(80) && *g <= Duration::from_millis(320), "{gaps:?}");
     }
 }
 

@@ -303,12 +303,10 @@ impl Bucket {
     }
 
     fn take(&mut self) -> bool {
-        if self.tokens < 1.0 {
-            let now = Instant::now();
-            let dt = now.duration_since(self.last).as_secs_f64();
-            self.last = now;
-            self.tokens = (self.tokens + dt * self.budget.lines_per_second).min(self.budget.burst);
-        }
+        let now = Instant::now();
+        let dt = now.duration_since(self.last).as_secs_f64();
+        self.last = now;
+        self.tokens = (self.tokens + dt * self.budget.lines_per_second).min(self.budget.burst);
         if self.tokens >= 1.0 {
             self.tokens -= 1.0;
             true
