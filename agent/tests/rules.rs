@@ -428,3 +428,53 @@ fn malformed_rule_files_name_the_file_the_rule_and_the_reason() {
     let unknown_key = write("key.toml", "source = \"x\"\nbogus = 1\n[log]\nkind = \"kmsg\"\n");
     assert!(rules::load(&unknown_key).unwrap_err().to_string().contains("unknown field `bogus`"));
 }
+
+#[test]
+fn a_clearing_pattern_closes_its_condition() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("nfs.toml");
+    std::fs::write(
+        &path,
+        r#"
+source = "nfs-monitor"
+[log]
+kind = "kmsg"
+[[conditions]]
+type = "NFSServerUnreachable"
+reason = "NFSServerReachable"
+message = "NFS servers answer"
+clear = "never"
+[[rules]]
+type = "permanent"
+condition = "NFSServerUnreachable"
+reason = "NFSServerNotResponding"
+pattern = 'nfs: server \S+ not responding, still trying'
+category = "network"
+action = "manual"
+[[rules]]
+type = "permanent"
+condition = "NFSServerUnreachable"
+reason = "NFSServerOK"
+pattern = 'nfs: server \S+ OK'
+clears = true
+"#,
+    )
+    .unwrap();
+    let MonitorSpec::Log(spec) = rules::load(&path).unwrap() else { panic!("a log monitor") };
+    assert_eq!(spec.conditions[0].clear, rules::Clear::Never);
+    let log = "nfs: server 10.0.0.5 OK\nnfs: server 10.0.0.5 not responding, still trying\nnfs: server 10.0.0.5 not responding, still trying\nnfs: server 10.0.0.5 OK\n";
+    let found = replay(std::slice::from_ref(&spec), log, Format::Plain);
+    let got: Vec<(usize, Problem, &str)> =
+        found.iter().map(|r| (r.line, r.finding.problem.clone(), r.finding.reason.as_str())).collect();
+    let cond = |status| Problem::Permanent { condition: "NFSServerUnreachable".into(), status };
+    assert_eq!(
+        got,
+        vec![
+            (2, cond(ConditionStatus::True), "NFSServerNotResponding"),
+            (4, cond(ConditionStatus::False), "NFSServerOK")
+        ],
+        "a clear of a condition that is not open is not reported; an open one is reported once"
+    );
+    assert_eq!(found[0].finding.action, nodekeeper_proto::v1::RecommendedAction::Manual);
+    assert_eq!(found[0].finding.category, nodekeeper_proto::v1::Category::Network);
+}
