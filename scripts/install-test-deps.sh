@@ -8,6 +8,10 @@ needs=(
     "systemd-analyze:systemd"     # verifies the unit files in systemd/
     "journalctl:systemd"          # the agent's journal source follows journalctl
     "/lib/systemd/systemd-journal-remote:systemd-journal-remote"  # writes real journal files for tests
+    "rpm:rpm"                     # the component manager reads the RPM database
+    "rpmbuild:rpm"                # the tests build real RPMs
+    "dnf:dnf"                     # the component manager installs with dnf --installroot
+    "createrepo_c:createrepo-c"   # the tests publish their RPMs as a repository
 )
 
 missing=()

@@ -6,6 +6,7 @@
 //! notifications, and the health monitors (`monitor`). The component manager comes with its own
 //! issue.
 
+pub mod components;
 pub mod config;
 pub mod connection;
 pub mod identity;

@@ -62,6 +62,35 @@ enum Command {
         #[command(subcommand)]
         command: RulesCommand,
     },
+    /// Manage this node's components without a center.
+    Components {
+        #[command(subcommand)]
+        command: ComponentsCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum ComponentsCommand {
+    /// One reconciliation pass from a local spec file, printing each step. Finishes or undoes a
+    /// change an earlier run left half done first. Exit 0: converged; 3: a change was rolled back;
+    /// 4: failed, nothing changed; 78: the spec file is invalid.
+    Apply {
+        /// The spec file (TOML, `[[component]]` tables; see packaging/components.toml).
+        #[arg(long)]
+        spec: PathBuf,
+        /// Install into this root instead of / (rpm and dnf --installroot; config files go there too).
+        #[arg(long)]
+        installroot: Option<PathBuf>,
+        /// Where journals and backups are kept (the agent's state directory).
+        #[arg(long, default_value = "/var/lib/nodekeeper")]
+        state_dir: PathBuf,
+        /// Directories config files may be written to (repeat); default /etc.
+        #[arg(long = "config-root")]
+        config_roots: Vec<PathBuf>,
+        /// systemctl to restart units with.
+        #[arg(long, default_value = "systemctl")]
+        systemctl: PathBuf,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -145,6 +174,11 @@ fn main() -> ExitCode {
         Command::Status { port } => runtime.block_on(status(port)),
         Command::Rules { command: RulesCommand::Test { rules, log, format, output } } => {
             return rules_test(&rules, &log, format, output);
+        }
+        Command::Components {
+            command: ComponentsCommand::Apply { spec, installroot, state_dir, config_roots, systemctl },
+        } => {
+            return runtime.block_on(components_apply(spec, installroot, state_dir, config_roots, systemctl));
         }
     };
     match result {
@@ -285,4 +319,62 @@ fn rules_test(files: &[PathBuf], log: &PathBuf, format: Option<LogFormatArg>, ou
     }
     let _ = out.flush();
     ExitCode::SUCCESS
+}
+
+async fn components_apply(
+    spec: PathBuf,
+    installroot: Option<PathBuf>,
+    state_dir: PathBuf,
+    config_roots: Vec<PathBuf>,
+    systemctl: PathBuf,
+) -> ExitCode {
+    use nodekeeper_agent::components::{Manager, Outcome, Settings, spec as cspec};
+    let specs = match cspec::load(&spec) {
+        Ok(s) => s,
+        Err(err) => {
+            tracing::error!(error = %err, "spec file rejected");
+            return ExitCode::from(EXIT_CONFIG as u8);
+        }
+    };
+    let settings = Settings {
+        installroot,
+        rpm: "rpm".into(),
+        dnf: "dnf".into(),
+        systemctl,
+        config_roots: if config_roots.is_empty() { vec!["/etc".into()] } else { config_roots },
+        state_dir,
+        releasever: "1".into(),
+        step_timeout: std::time::Duration::from_secs(600),
+    };
+    let mut manager = Manager::new(settings);
+    let mut print = |line: String| {
+        use std::io::Write;
+        let _ = writeln!(std::io::stdout().lock(), "{line}");
+    };
+    let mut outcomes = manager.recover(&specs, &mut print).await;
+    outcomes.extend(manager.reconcile(&specs, &mut print).await);
+    let mut code = 0u8;
+    for (name, o) in &outcomes {
+        match o {
+            Outcome::Converged { .. } => {}
+            Outcome::RolledBack(m) => {
+                print(format!("{name}: ROLLED BACK: {m}"));
+                code = code.max(3);
+            }
+            Outcome::Failed(m) => {
+                print(format!("{name}: FAILED: {m}"));
+                code = code.max(4);
+            }
+        }
+    }
+    for s in manager.statuses() {
+        let phase = s.phase().as_str_name().trim_start_matches("COMPONENT_PHASE_").to_ascii_lowercase();
+        print(format!(
+            "{}: {phase}, installed {}, desired {}",
+            s.name,
+            if s.installed_version.is_empty() { "none" } else { &s.installed_version },
+            s.desired_version
+        ));
+    }
+    ExitCode::from(code)
 }

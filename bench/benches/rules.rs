@@ -16,6 +16,7 @@ use std::path::Path;
 use std::time::Instant;
 
 use nodekeeper_agent::monitor::logs::{Format, RuleEngine, replay};
+use nodekeeper_agent::monitor::matcher::compile;
 use nodekeeper_agent::monitor::rules::default_kernel_monitor;
 
 /// What a busy Kubernetes node's kernel log looks like: mostly container networking and audit
@@ -53,7 +54,7 @@ fn mix(n: usize) -> Vec<String> {
 }
 
 /// node-problem-detector's method: every rule on the joined buffer.
-fn npd_method(patterns: &[regex::Regex], buffer_size: usize, lines: &[String]) -> usize {
+fn npd_method(patterns: &[regex::bytes::Regex], buffer_size: usize, lines: &[String]) -> usize {
     let mut buffer: std::collections::VecDeque<&str> = Default::default();
     let mut found = 0;
     for l in lines {
@@ -63,7 +64,7 @@ fn npd_method(patterns: &[regex::Regex], buffer_size: usize, lines: &[String]) -
         buffer.push_back(l);
         let joined = buffer.iter().copied().collect::<Vec<_>>().join("\n");
         for re in patterns {
-            if re.is_match(&joined) {
+            if re.is_match(joined.as_bytes()) {
                 found += 1;
             }
         }
@@ -106,8 +107,8 @@ fn main() {
         n as f64 / t.elapsed().as_secs_f64()
     );
     // node-problem-detector's method, same rules, same regex engine.
-    let patterns: Vec<regex::Regex> =
-        spec.rules.iter().map(|r| regex::Regex::new(&format!("(?:{})\\z", r.pattern)).unwrap()).collect();
+    let patterns: Vec<regex::bytes::Regex> =
+        spec.rules.iter().map(|r| compile(&format!("(?:{})\\z", r.pattern)).unwrap()).collect();
     let sample = &lines[..(n / 10).max(1)];
     let t = Instant::now();
     let npd = npd_method(&patterns, spec.buffer_size, sample);

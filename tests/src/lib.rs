@@ -523,3 +523,86 @@ pub fn cpu_and_rss(pid: u32) -> (f64, u64) {
         .expect("VmRSS");
     (ticks / 100.0, rss_kib * 1024)
 }
+
+/// Real RPMs built once per test binary with rpmbuild and published with createrepo_c:
+/// `nk-demo` 1.0-1, 1.1-1 (healthy) and 1.2-1 (its HEALTH file says "broken"), each with a
+/// `%config(noreplace)` file /etc/nk-demo/demo.conf and a unit file; `nk-conflict` 1.0-1, which
+/// requires a package no repository has.
+pub struct RpmRepo {
+    pub dir: PathBuf,
+}
+
+impl RpmRepo {
+    pub fn url(&self) -> String {
+        format!("file://{}", self.dir.join("repo").display())
+    }
+}
+
+pub fn rpm_repo() -> &'static RpmRepo {
+    static REPO: std::sync::OnceLock<RpmRepo> = std::sync::OnceLock::new();
+    REPO.get_or_init(|| {
+        let dir = tempfile::Builder::new().prefix("nk-rpms-").tempdir().expect("tempdir").keep();
+        let top = dir.join("top");
+        std::fs::create_dir_all(top.join("SPECS")).unwrap();
+        let build = |name: &str, spec: String| {
+            let path = top.join("SPECS").join(format!("{name}.spec"));
+            std::fs::write(&path, spec).unwrap();
+            let ok = std::process::Command::new("rpmbuild")
+                .args(["--quiet", "--define", &format!("_topdir {}", top.display()), "-bb"])
+                .arg(&path)
+                .stdout(Stdio::null())
+                .status()
+                .expect("rpmbuild (scripts/install-test-deps.sh installs it)")
+                .success();
+            assert!(ok, "rpmbuild {name}");
+        };
+        for (v, health) in [("1.0", "ok"), ("1.1", "ok"), ("1.2", "broken")] {
+            build(
+                &format!("nk-demo-{v}"),
+                format!(
+                    "Name: nk-demo\nVersion: {v}\nRelease: 1\nSummary: nodekeeper test component\nLicense: MIT\nBuildArch: noarch\n\
+                     %description\nA test component.\n\
+                     %install\nmkdir -p %{{buildroot}}/usr/lib/nk-demo %{{buildroot}}/etc/nk-demo %{{buildroot}}/usr/lib/systemd/system\n\
+                     echo {v} > %{{buildroot}}/usr/lib/nk-demo/VERSION\necho {health} > %{{buildroot}}/usr/lib/nk-demo/HEALTH\n\
+                     echo 'setting = default' > %{{buildroot}}/etc/nk-demo/demo.conf\n\
+                     printf '[Service]\\nExecStart=/bin/true\\n' > %{{buildroot}}/usr/lib/systemd/system/nk-demo.service\n\
+                     %files\n/usr/lib/nk-demo/VERSION\n/usr/lib/nk-demo/HEALTH\n/usr/lib/systemd/system/nk-demo.service\n%config(noreplace) /etc/nk-demo/demo.conf\n"
+                ),
+            );
+        }
+        build(
+            "nk-conflict",
+            "Name: nk-conflict\nVersion: 1.0\nRelease: 1\nSummary: needs what nobody has\nLicense: MIT\nBuildArch: noarch\nRequires: nk-libmissing >= 2\n\
+             %description\nUnsatisfiable.\n%files\n"
+                .into(),
+        );
+        let repo = dir.join("repo");
+        std::fs::create_dir_all(&repo).unwrap();
+        for e in std::fs::read_dir(top.join("RPMS/noarch")).unwrap() {
+            let p = e.unwrap().path();
+            std::fs::copy(&p, repo.join(p.file_name().unwrap())).unwrap();
+        }
+        let ok = std::process::Command::new("createrepo_c")
+            .arg("--quiet")
+            .arg(&repo)
+            .status()
+            .expect("createrepo_c (scripts/install-test-deps.sh installs it)")
+            .success();
+        assert!(ok, "createrepo_c");
+        RpmRepo { dir }
+    })
+}
+
+/// The installed `epoch:version-release` of a package in an installroot, from the RPM database.
+pub fn rpm_installed(root: &Path, package: &str) -> Option<String> {
+    let out = std::process::Command::new("rpm")
+        .arg("--root")
+        .arg(root)
+        .args(["-q", "--qf", "%{EPOCHNUM}:%{VERSION}-%{RELEASE}", package])
+        .stderr(Stdio::null())
+        .stdout(Stdio::piped())
+        .spawn()
+        .and_then(|c| c.wait_with_output())
+        .expect("rpm -q");
+    out.status.success().then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+}

@@ -22,7 +22,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use nodekeeper_proto::v1::{Category, ConditionStatus, RecommendedAction, Severity};
-use regex::Regex;
+use regex::bytes::Regex;
 use serde::{Deserialize, Serialize};
 
 use super::matcher::{Match, Matcher};
@@ -133,8 +133,8 @@ impl Translator {
                 timestamp
                     .as_ref()
                     .zip(timestamp_format.as_ref())
-                    .and_then(|(r, f)| Regex::new(r).ok().map(|r| (r, f.clone()))),
-                message.as_ref().and_then(|m| Regex::new(m).ok()),
+                    .and_then(|(r, f)| super::matcher::compile(r).ok().map(|r| (r, f.clone()))),
+                message.as_ref().and_then(|m| super::matcher::compile(m).ok()),
             ),
             _ => (None, None),
         };
@@ -150,16 +150,17 @@ impl Translator {
         }
         let time = match &self.timestamp {
             Some((re, layout)) => {
-                let caps = re.captures(line)?;
-                let text = caps.iter().flatten().last()?.as_str();
+                let caps = re.captures(line.as_bytes())?;
+                let text = line.get(caps.iter().flatten().last()?.range())?;
                 Some(super::gotime::parse_layout(layout, text)?)
             }
             None => None,
         };
         let message = match &self.message {
             Some(re) => {
-                let caps = re.captures(line)?;
-                caps.iter().flatten().last().map_or("", |m| m.as_str())
+                let caps = re.captures(line.as_bytes())?;
+                // A match that ends inside a multi-byte character: no message of this shape.
+                caps.iter().flatten().last().map_or(Some(""), |m| line.get(m.range()))?
             }
             None => line,
         };

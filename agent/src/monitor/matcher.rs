@@ -9,7 +9,7 @@
 
 use std::collections::VecDeque;
 
-use regex::{Regex, RegexSet};
+use regex::bytes::{Regex, RegexBuilder, RegexSet, RegexSetBuilder};
 use regex_syntax::hir::{Class, Hir, HirKind};
 
 /// The pattern as it is matched: anchored at the end of the text.
@@ -17,9 +17,19 @@ pub fn anchored(pattern: &str) -> String {
     format!("(?:{pattern})\\z")
 }
 
+/// Memory for each regex's lazy DFA cache: plenty for rule sets, small enough for the agent.
+const DFA_CACHE: usize = 256 * 1024;
+
+/// Compiles a pattern as rules are matched: on bytes, in ASCII mode like Go's regexp (RE2), so
+/// `\\d`, `\\w` and `\\s` are ASCII and `.` is any byte but a newline.
+pub fn compile(pattern: &str) -> Result<Regex, regex::Error> {
+    RegexBuilder::new(pattern).unicode(false).dfa_size_limit(DFA_CACHE).build()
+}
+
 /// Whether the pattern can match text that contains a newline.
 fn spans_lines(pattern: &str) -> bool {
-    match regex_syntax::parse(pattern) {
+    let mut parser = regex_syntax::ParserBuilder::new().unicode(false).utf8(false).build();
+    match parser.parse(pattern) {
         Ok(hir) => can_match_newline(&hir),
         Err(_) => true,
     }
@@ -65,14 +75,14 @@ impl Matcher {
         let mut multi = Vec::new();
         for (i, p) in patterns.iter().enumerate() {
             if spans_lines(p) {
-                multi.push((i, Regex::new(&anchored(p))?));
+                multi.push((i, compile(&anchored(p))?));
             } else {
                 single.push(anchored(p));
                 set_rules.push(i);
             }
         }
         Ok(Matcher {
-            set: RegexSet::new(&single)?,
+            set: RegexSetBuilder::new(&single).unicode(false).dfa_size_limit(DFA_CACHE).build()?,
             set_rules,
             multi,
             buffer: VecDeque::with_capacity(buffer_size.max(1)),
@@ -100,7 +110,7 @@ impl Matcher {
         self.push(line);
         self.hits.clear();
         if !self.set_rules.is_empty() {
-            for i in self.set.matches(line).iter() {
+            for i in self.set.matches(line.as_bytes()).iter() {
                 self.hits.push(self.set_rules[i]);
             }
         }
@@ -117,9 +127,10 @@ impl Matcher {
                 self.joined.push_str(l);
             }
             for (rule, re) in &self.multi {
-                if let Some(m) = re.find(&self.joined) {
+                if let Some(m) = re.find(self.joined.as_bytes()) {
                     // The whole lines the match covers.
-                    let start = self.joined[..m.start()].rfind('\n').map_or(0, |p| p + 1);
+                    let start =
+                        self.joined.as_bytes()[..m.start()].iter().rposition(|b| *b == b'\n').map_or(0, |p| p + 1);
                     out.push(Match { rule: *rule, message: self.joined[start..].to_owned() });
                 }
             }

@@ -48,10 +48,10 @@ pub struct Finding {
 }
 
 impl Finding {
-    pub fn temporary(source: &str, reason: &str, message: String, class: Class) -> Finding {
+    fn new(source: &str, problem: Problem, reason: &str, message: String, class: Class) -> Finding {
         Finding {
             source: source.into(),
-            problem: Problem::Temporary,
+            problem,
             reason: reason.into(),
             message,
             severity: class.severity,
@@ -60,6 +60,10 @@ impl Finding {
             attributes: Vec::new(),
             time: std::time::SystemTime::now(),
         }
+    }
+
+    pub fn temporary(source: &str, reason: &str, message: String, class: Class) -> Finding {
+        Finding::new(source, Problem::Temporary, reason, message, class)
     }
 
     /// A condition's status; `class` describes the problem when it is present.
@@ -71,17 +75,7 @@ impl Finding {
         message: String,
         class: Class,
     ) -> Finding {
-        Finding {
-            source: source.into(),
-            problem: Problem::Permanent { condition: condition.into(), status },
-            reason: reason.into(),
-            message,
-            severity: class.severity,
-            category: class.category,
-            action: class.action,
-            attributes: Vec::new(),
-            time: std::time::SystemTime::now(),
-        }
+        Finding::new(source, Problem::Permanent { condition: condition.into(), status }, reason, message, class)
     }
 
     pub fn with(mut self, key: &str, value: impl ToString) -> Finding {

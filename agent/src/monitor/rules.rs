@@ -159,7 +159,7 @@ fn check_pattern(path: &Path, index: usize, reason: &str, pattern: &str) -> Resu
     if pattern.is_empty() {
         return Err(rule_err(path, index, reason, "empty pattern"));
     }
-    regex::Regex::new(&super::matcher::anchored(pattern))
+    super::matcher::compile(&super::matcher::anchored(pattern))
         .map(|_| ())
         .map_err(|e| rule_err(path, index, reason, format!("bad pattern {pattern:?}: {e}")))
 }
@@ -421,7 +421,7 @@ fn check_input(path: &Path, input: &Input) -> Result<(), RuleError> {
     if let Input::File { timestamp, message, timestamp_format, .. } = input {
         for (key, re) in [("timestamp", timestamp), ("message", message)] {
             if let Some(re) = re {
-                regex::Regex::new(re).map_err(|e| RuleError::File {
+                super::matcher::compile(re).map_err(|e| RuleError::File {
                     path: path.to_owned(),
                     message: format!("{key}: bad regex {re:?}: {e}"),
                 })?;

@@ -1,0 +1,719 @@
+//! The component manager: brings the node's software to its desired state (RPM packages, their
+//! config files and units) and rolls back what does not come up healthy.
+//!
+//! One reconciliation pass reads every installed version with one `rpm -q`, and for each
+//! component that differs (version or config files) walks a typed state machine:
+//!
+//! ```text
+//! Begun ─pre-hook─▶ Installing ─dnf─▶ Installed ─configs─▶ Configured ─restart, post-hook─▶ Verifying
+//!                                                                                          │
+//!                          Converged ◀──────────── health check passes within the deadline ┤
+//!                          Failed (rolled back) ◀─ RollingBack ◀── fails ───────────────────┘
+//! ```
+//!
+//! Every step is journaled (state_dir/components/<name>.journal, written and fsynced before the
+//! step is taken), so an agent killed in the middle resumes or rolls back when it starts again
+//! (`recover`), and says which. A version that was rolled back is not tried again until the
+//! desired state changes or a reinstall is asked for. Errors that change nothing (bad specs,
+//! unreachable repositories, missing packages, dependency conflicts) leave the running version
+//! and its config as they were.
+
+pub mod rpm;
+pub mod spec;
+pub mod version;
+
+use std::collections::{BTreeMap, HashMap};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use nodekeeper_proto::v1::{
+    Category, ComponentPhase, ComponentSpec, ComponentStatus, ConditionStatus, ExecCheck, RecommendedAction,
+    RestartPolicy, Severity, health_check::Check,
+};
+use serde::{Deserialize, Serialize};
+
+use crate::monitor::{Class, Finding};
+use rpm::{ToolError, Tools, Verb};
+use version::Evr;
+
+const SOURCE: &str = "component-manager";
+
+/// Where and how the manager works.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// Install into this root instead of `/` (rpm/dnf `--installroot`; config files go there too).
+    pub installroot: Option<PathBuf>,
+    pub rpm: PathBuf,
+    pub dnf: PathBuf,
+    pub systemctl: PathBuf,
+    /// Config files may only be written below these directories (inside the installroot).
+    pub config_roots: Vec<PathBuf>,
+    /// Journals, backups and the record of rolled-back versions.
+    pub state_dir: PathBuf,
+    pub releasever: String,
+    /// The longest a package transaction, a hook or a unit restart may take.
+    pub step_timeout: Duration,
+}
+
+/// How one component's pass ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// At the desired state; `changed` if this pass changed something.
+    Converged { changed: bool },
+    /// The change failed its checks and was undone; the previous version runs.
+    RolledBack(String),
+    /// Nothing could be done (bad spec, tool error); nothing was changed.
+    Failed(String),
+}
+
+/// A journaled step of a transition.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+enum Step {
+    Begun,
+    Installed,
+    Configured,
+    Verifying,
+    RollingBack,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Backup {
+    path: String,
+    /// None: the file did not exist.
+    content: Option<Vec<u8>>,
+    mode: u32,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Journal {
+    component: String,
+    package: String,
+    step: Step,
+    from: Option<String>,
+    to: String,
+    package_changes: bool,
+    unit: String,
+    backups: Vec<Backup>,
+    /// Why a rollback started.
+    #[serde(default)]
+    reason: String,
+}
+
+pub struct Manager {
+    s: Settings,
+    tools: Tools,
+    status: BTreeMap<String, ComponentStatus>,
+    /// Component → the desired version that was rolled back (not tried again until it changes).
+    rejected: HashMap<String, String>,
+    /// Findings for the center (faults for rollbacks, events for recoveries).
+    pub findings: Vec<Finding>,
+}
+
+fn class(action: RecommendedAction) -> Class {
+    Class::new(Severity::Error, Category::Component, action)
+}
+
+/// `<Title>UpgradeFailed`, the condition a rollback opens.
+pub fn failed_condition(name: &str) -> String {
+    let t: String = name
+        .split(['-', '_', '.'])
+        .map(|p| {
+            let mut c = p.chars();
+            c.next().map(|f| f.to_uppercase().chain(c).collect::<String>()).unwrap_or_default()
+        })
+        .collect();
+    format!("{t}UpgradeFailed")
+}
+
+fn io(what: &str, p: &Path, e: std::io::Error) -> String {
+    format!("{what} {}: {e}", p.display())
+}
+
+/// Writes a file atomically: a temporary file in the same directory, fsynced, then renamed.
+fn write_atomic(path: &Path, content: &[u8], mode: u32, owner: &str, group: &str) -> Result<(), String> {
+    use std::io::Write;
+    let dir = path.parent().ok_or_else(|| format!("{} has no directory", path.display()))?;
+    std::fs::create_dir_all(dir).map_err(|e| io("creating", dir, e))?;
+    let tmp = dir.join(format!(".{}.nodekeeper-tmp", path.file_name().unwrap_or_default().to_string_lossy()));
+    let mut f = std::fs::File::create(&tmp).map_err(|e| io("creating", &tmp, e))?;
+    f.write_all(content).map_err(|e| io("writing", &tmp, e))?;
+    f.set_permissions(std::fs::Permissions::from_mode(mode)).map_err(|e| io("setting the mode of", &tmp, e))?;
+    if !owner.is_empty() || !group.is_empty() {
+        let uid = if owner.is_empty() {
+            None
+        } else {
+            Some(
+                nix::unistd::User::from_name(owner)
+                    .ok()
+                    .flatten()
+                    .ok_or_else(|| format!("unknown user {owner:?}"))?
+                    .uid,
+            )
+        };
+        let gid = if group.is_empty() {
+            None
+        } else {
+            Some(
+                nix::unistd::Group::from_name(group)
+                    .ok()
+                    .flatten()
+                    .ok_or_else(|| format!("unknown group {group:?}"))?
+                    .gid,
+            )
+        };
+        nix::unistd::chown(&tmp, uid, gid).map_err(|e| format!("chown {}: {e}", tmp.display()))?;
+    }
+    f.sync_all().map_err(|e| io("syncing", &tmp, e))?;
+    std::fs::rename(&tmp, path).map_err(|e| io("renaming onto", path, e))?;
+    std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(|e| io("syncing", dir, e))
+}
+
+impl Manager {
+    pub fn new(s: Settings) -> Manager {
+        let tools = Tools::new(
+            s.rpm.clone(),
+            s.dnf.clone(),
+            s.installroot.clone(),
+            s.state_dir.join("components/dnf-cache"),
+            s.releasever.clone(),
+            s.step_timeout,
+        );
+        let rejected = std::fs::read(s.state_dir.join("components/rejected.json"))
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_default();
+        Manager { s, tools, status: BTreeMap::new(), rejected, findings: Vec::new() }
+    }
+
+    fn dir(&self) -> PathBuf {
+        self.s.state_dir.join("components")
+    }
+
+    fn journal_path(&self, name: &str) -> PathBuf {
+        self.dir().join(format!("{name}.journal"))
+    }
+
+    fn write_journal(&self, j: &Journal) -> Result<(), String> {
+        write_atomic(&self.journal_path(&j.component), &serde_json::to_vec(j).expect("serializable"), 0o600, "", "")
+    }
+
+    fn clear_journal(&self, name: &str) {
+        let _ = std::fs::remove_file(self.journal_path(name));
+    }
+
+    fn save_rejected(&self) {
+        if let Err(e) = write_atomic(
+            &self.dir().join("rejected.json"),
+            &serde_json::to_vec(&self.rejected).expect("serializable"),
+            0o600,
+            "",
+            "",
+        ) {
+            tracing::error!(error = %e, "cannot record the rolled-back versions");
+        }
+    }
+
+    /// The status of every component seen, by name.
+    pub fn statuses(&self) -> Vec<ComponentStatus> {
+        self.status.values().cloned().collect()
+    }
+
+    fn set(
+        &mut self,
+        spec: &ComponentSpec,
+        installed: Option<&Evr>,
+        phase: ComponentPhase,
+        error: &str,
+        running: Option<bool>,
+    ) {
+        let s = self.status.entry(spec.name.clone()).or_default();
+        s.name = spec.name.clone();
+        s.desired_version = spec.version.clone();
+        s.installed_version = installed.map(Evr::to_string).unwrap_or_default();
+        s.phase = phase as i32;
+        s.last_error = error.to_owned();
+        if let Some(r) = running {
+            s.running = r;
+        }
+        s.updated_time = Some(nodekeeper_common::time::now_timestamp());
+    }
+
+    /// Forgets components no longer desired.
+    pub fn retain(&mut self, specs: &[ComponentSpec]) {
+        self.status.retain(|k, _| specs.iter().any(|s| &s.name == k));
+    }
+
+    /// Config files of `spec` whose content, mode or owner differ from the spec.
+    fn drift(&self, spec: &ComponentSpec) -> Vec<String> {
+        let mut out = Vec::new();
+        for f in &spec.config_files {
+            let p = self.tools.path(Path::new(&f.path));
+            let same = match (std::fs::read(&p), std::fs::metadata(&p)) {
+                (Ok(content), Ok(meta)) => {
+                    content == f.content
+                        && meta.permissions().mode() & 0o7777 == f.mode
+                        && (f.owner.is_empty()
+                            || nix::unistd::User::from_name(&f.owner)
+                                .ok()
+                                .flatten()
+                                .is_some_and(|u| std::os::unix::fs::MetadataExt::uid(&meta) == u.uid.as_raw()))
+                }
+                _ => false,
+            };
+            if !same {
+                out.push(f.path.clone());
+            }
+        }
+        out
+    }
+
+    fn backups(&self, spec: &ComponentSpec) -> Vec<Backup> {
+        spec.config_files
+            .iter()
+            .map(|f| {
+                let p = self.tools.path(Path::new(&f.path));
+                Backup {
+                    path: f.path.clone(),
+                    content: std::fs::read(&p).ok(),
+                    mode: std::fs::metadata(&p).map(|m| m.permissions().mode() & 0o7777).unwrap_or(0o644),
+                }
+            })
+            .collect()
+    }
+
+    async fn exec(&self, argv: &[String], timeout: Duration, what: &str) -> Result<(), String> {
+        let (exe, args) = argv.split_first().ok_or_else(|| format!("{what}: empty command"))?;
+        let child = tokio::process::Command::new(exe)
+            .args(args)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(|e| format!("{what}: cannot run {exe}: {e}"))?;
+        match tokio::time::timeout(timeout, child.wait_with_output()).await {
+            Err(_) => Err(format!("{what}: {exe} did not finish within {}", humantime::format_duration(timeout))),
+            Ok(Err(e)) => Err(format!("{what}: {e}")),
+            Ok(Ok(o)) if o.status.success() => Ok(()),
+            Ok(Ok(o)) => Err(format!(
+                "{what}: {exe} exited with {}{}",
+                o.status,
+                String::from_utf8_lossy(&o.stderr).lines().next().map(|l| format!(": {l}")).unwrap_or_default()
+            )),
+        }
+    }
+
+    async fn hook(&self, hook: &Option<ExecCheck>, what: &str) -> Result<(), String> {
+        match hook {
+            Some(h) => self.exec(&h.argv, self.s.step_timeout, what).await,
+            None => Ok(()),
+        }
+    }
+
+    async fn restart_unit(&self, unit: &str) -> Result<(), String> {
+        if unit.is_empty() {
+            return Ok(());
+        }
+        let argv = vec![self.s.systemctl.display().to_string(), "restart".into(), unit.into()];
+        self.exec(&argv, self.s.step_timeout, &format!("restarting {unit}")).await
+    }
+
+    /// Runs the spec's health check until it passes or its deadline passes.
+    async fn verify(&self, spec: &ComponentSpec) -> Result<(), String> {
+        let Some(h) = &spec.health_check else { return Ok(()) };
+        let timeout = nodekeeper_common::time::from_duration(h.timeout.as_ref()).unwrap_or(Duration::from_secs(10));
+        let deadline = nodekeeper_common::time::from_duration(h.deadline.as_ref()).unwrap_or(Duration::from_secs(60));
+        let until = Instant::now() + deadline;
+        loop {
+            let r = match &h.check {
+                None => return Ok(()),
+                Some(Check::Command(c)) => self.exec(&c.argv, timeout, "health check").await,
+                Some(Check::HttpUrl(u)) => crate::monitor::components::http_get(u, timeout).await,
+                Some(Check::UnitActive(false)) => return Ok(()),
+                Some(Check::UnitActive(true)) => {
+                    let argv = vec![
+                        self.s.systemctl.display().to_string(),
+                        "is-active".into(),
+                        "--quiet".into(),
+                        spec.systemd_unit.clone(),
+                    ];
+                    self.exec(&argv, timeout, "health check (unit active)").await
+                }
+            };
+            match r {
+                Ok(()) => return Ok(()),
+                Err(e) if Instant::now() + Duration::from_secs(1) >= until => {
+                    return Err(format!("not healthy within {}: {e}", humantime::format_duration(deadline)));
+                }
+                Err(_) => tokio::time::sleep(Duration::from_secs(1)).await,
+            }
+        }
+    }
+
+    fn write_configs(&self, spec: &ComponentSpec) -> Result<(), String> {
+        for f in &spec.config_files {
+            write_atomic(&self.tools.path(Path::new(&f.path)), &f.content, f.mode, &f.owner, &f.group)?;
+        }
+        Ok(())
+    }
+
+    fn restore(&self, backups: &[Backup]) -> Result<(), String> {
+        for b in backups {
+            let p = self.tools.path(Path::new(&b.path));
+            match &b.content {
+                Some(c) => write_atomic(&p, c, b.mode, "", "")?,
+                None => match std::fs::remove_file(&p) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(e) => return Err(io("removing", &p, e)),
+                },
+            }
+        }
+        Ok(())
+    }
+
+    /// One pass over every component, with one `rpm -q` for all of them.
+    pub async fn reconcile(
+        &mut self,
+        specs: &[ComponentSpec],
+        log: &mut (dyn FnMut(String) + Send),
+    ) -> Vec<(String, Outcome)> {
+        self.retain(specs);
+        let packages: Vec<&str> =
+            specs.iter().filter(|s| version::package_name(&s.package).is_ok()).map(|s| s.package.as_str()).collect();
+        let installed = match self.tools.installed(&packages).await {
+            Ok(i) => i,
+            Err(e) => {
+                let msg = format!("cannot read the installed packages: {e}");
+                for s in specs {
+                    self.set(s, None, ComponentPhase::Failed, &msg, None);
+                }
+                return specs.iter().map(|s| (s.name.clone(), Outcome::Failed(msg.clone()))).collect();
+            }
+        };
+        let mut out = Vec::new();
+        for spec in specs {
+            let current = installed.get(&spec.package).cloned();
+            let o = self.apply_one(spec, current, false, log).await;
+            out.push((spec.name.clone(), o));
+        }
+        out
+    }
+
+    /// Brings one component to its spec. `reinstall`: even if it looks converged (and even if
+    /// this version was rolled back before).
+    pub async fn apply_one(
+        &mut self,
+        spec: &ComponentSpec,
+        installed: Option<Evr>,
+        reinstall: bool,
+        log: &mut (dyn FnMut(String) + Send),
+    ) -> Outcome {
+        let target = match spec::validate(spec, &self.s.config_roots) {
+            Ok(t) => t,
+            Err(e) => {
+                log(format!("{}: invalid spec, nothing changed: {e}", spec.name));
+                self.set(spec, installed.as_ref(), ComponentPhase::Failed, &e, None);
+                return Outcome::Failed(e);
+            }
+        };
+        if !reinstall && self.rejected.get(&spec.name) == Some(&spec.version) {
+            let e = self.status.get(&spec.name).map(|s| s.last_error.clone()).filter(|e| !e.is_empty()).unwrap_or_else(
+                || format!("version {} was rolled back; set another version or reinstall", spec.version),
+            );
+            self.set(spec, installed.as_ref(), ComponentPhase::Failed, &e, None);
+            return Outcome::Failed(e);
+        }
+        let drift = self.drift(spec);
+        let verb = if reinstall {
+            Some(if installed.is_some() { Verb::Reinstall } else { Verb::Install })
+        } else {
+            Verb::between(installed.as_ref(), &target)
+        };
+        if verb.is_none() && drift.is_empty() {
+            self.set(spec, installed.as_ref(), ComponentPhase::Converged, "", None);
+            return Outcome::Converged { changed: false };
+        }
+        let what = match (verb, &installed) {
+            (Some(v), Some(from)) => format!("{} {} from {from} to {target}", v_name(v), spec.package),
+            (Some(v), None) => format!("{} {} {target}", v_name(v), spec.package),
+            (None, _) => format!("repair config {}", drift.join(", ")),
+        };
+        log(format!("{}: {what}", spec.name));
+        let mut j = Journal {
+            component: spec.name.clone(),
+            package: spec.package.clone(),
+            step: Step::Begun,
+            from: installed.as_ref().map(Evr::to_string),
+            to: target.to_string(),
+            package_changes: verb.is_some(),
+            unit: spec.systemd_unit.clone(),
+            backups: self.backups(spec),
+            reason: String::new(),
+        };
+        if let Err(e) = self.write_journal(&j) {
+            self.set(spec, installed.as_ref(), ComponentPhase::Failed, &e, None);
+            return Outcome::Failed(e);
+        }
+        self.set(spec, installed.as_ref(), ComponentPhase::Installing, "", None);
+        if let Err(e) = self.hook(&spec.pre_hook, "pre-hook").await {
+            log(format!("{}: {e}; nothing changed", spec.name));
+            self.clear_journal(&spec.name);
+            self.set(spec, installed.as_ref(), ComponentPhase::Failed, &e, None);
+            return Outcome::Failed(e);
+        }
+        if let Some(v) = verb {
+            if let Err(e) = self.tools.transaction(v, &spec.package, &target, &spec.repositories).await {
+                let e = e.to_string();
+                log(format!("{}: {e}; nothing changed", spec.name));
+                self.clear_journal(&spec.name);
+                self.set(spec, installed.as_ref(), ComponentPhase::Failed, &e, None);
+                return Outcome::Failed(e);
+            }
+            log(format!("{}: {} {target} installed", spec.name, spec.package));
+        }
+        j.step = Step::Installed;
+        if let Err(e) = self.write_journal(&j) {
+            return self.rollback(spec, j, e, true, log).await;
+        }
+        self.finish(spec, j, log).await
+    }
+
+    /// From Installed on: configs, restart, post-hook, verification; rollback on failure.
+    async fn finish(&mut self, spec: &ComponentSpec, mut j: Journal, log: &mut (dyn FnMut(String) + Send)) -> Outcome {
+        let target = Evr::parse(&j.to).ok();
+        let steps = async {
+            self.write_configs(spec)?;
+            j.step = Step::Configured;
+            self.write_journal(&j)?;
+            if spec.restart_policy() != RestartPolicy::Never {
+                self.restart_unit(&spec.systemd_unit).await?;
+            }
+            self.hook(&spec.post_hook, "post-hook").await?;
+            j.step = Step::Verifying;
+            self.write_journal(&j)?;
+            Ok::<(), String>(())
+        };
+        if let Err(e) = steps.await {
+            return self.rollback(spec, j, e, true, log).await;
+        }
+        self.set(spec, target.as_ref(), ComponentPhase::Verifying, "", None);
+        log(format!("{}: verifying", spec.name));
+        match self.verify(spec).await {
+            Ok(()) => {
+                self.clear_journal(&spec.name);
+                if self.rejected.remove(&spec.name).is_some() {
+                    self.save_rejected();
+                }
+                self.set(spec, target.as_ref(), ComponentPhase::Converged, "", Some(true));
+                log(format!("{}: converged at {}", spec.name, j.to));
+                let cond = failed_condition(&spec.name);
+                self.findings.push(
+                    Finding::condition(
+                        SOURCE,
+                        &cond,
+                        ConditionStatus::False,
+                        "ComponentConverged",
+                        format!("{} converged at {}", spec.name, j.to),
+                        class(RecommendedAction::Manual),
+                    )
+                    .with("component", &spec.name),
+                );
+                Outcome::Converged { changed: true }
+            }
+            Err(e) => self.rollback(spec, j, e, true, log).await,
+        }
+    }
+
+    /// Undoes a transition: the previous package version, the previous config files, a restart.
+    /// `reject`: the version failed its checks; do not try it again until the desired state
+    /// changes.
+    async fn rollback(
+        &mut self,
+        spec: &ComponentSpec,
+        mut j: Journal,
+        reason: String,
+        reject: bool,
+        log: &mut (dyn FnMut(String) + Send),
+    ) -> Outcome {
+        log(format!("{}: {reason}; rolling back to {}", spec.name, j.from.as_deref().unwrap_or("not installed")));
+        j.step = Step::RollingBack;
+        if j.reason.is_empty() {
+            j.reason = reason.clone();
+        }
+        let _ = self.write_journal(&j);
+        let to = Evr::parse(&j.to).ok();
+        self.set(spec, to.as_ref(), ComponentPhase::RollingBack, &reason, Some(false));
+        let from = j.from.as_deref().and_then(|f| Evr::parse(f).ok());
+        let mut result: Result<(), String> = Ok(());
+        if j.package_changes {
+            let installed = self.tools.installed(&[&j.package]).await.ok().and_then(|m| m.get(&j.package).cloned());
+            let step = match (&from, &installed) {
+                (Some(f), Some(i)) if f == i => None,
+                (Some(f), i) => Verb::between(i.as_ref(), f).map(|v| (v, f.clone())),
+                (None, Some(i)) => Some((Verb::Remove, i.clone())),
+                (None, None) => None,
+            };
+            if let Some((v, evr)) = step {
+                result = self
+                    .tools
+                    .transaction(v, &j.package, &evr, &spec.repositories)
+                    .await
+                    .map_err(|e: ToolError| e.to_string());
+            }
+        }
+        if result.is_ok() {
+            result = self.restore(&j.backups);
+        }
+        if result.is_ok() {
+            result = self.restart_unit(&j.unit).await;
+        }
+        self.clear_journal(&spec.name);
+        if reject {
+            self.rejected.insert(spec.name.clone(), spec.version.clone());
+            self.save_rejected();
+        }
+        let installed_now = self.tools.installed(&[&j.package]).await.ok().and_then(|m| m.get(&j.package).cloned());
+        let cond = failed_condition(&spec.name);
+        match result {
+            Ok(()) => {
+                let msg = format!(
+                    "{} {} was rolled back to {}: {}",
+                    spec.name,
+                    j.to,
+                    j.from.as_deref().unwrap_or("not installed"),
+                    j.reason
+                );
+                log(format!("{}: rolled back", spec.name));
+                self.set(spec, installed_now.as_ref(), ComponentPhase::Failed, &msg, None);
+                self.findings.push(
+                    Finding::condition(
+                        SOURCE,
+                        &cond,
+                        ConditionStatus::True,
+                        "RolledBack",
+                        msg.clone(),
+                        class(RecommendedAction::Manual),
+                    )
+                    .with("component", &spec.name)
+                    .with("rejected_version", &j.to),
+                );
+                Outcome::RolledBack(msg)
+            }
+            Err(e) => {
+                let msg = format!("{} {}: {}; and the rollback failed: {e}", spec.name, j.to, j.reason);
+                log(format!("{}: rollback failed: {e}", spec.name));
+                self.set(spec, installed_now.as_ref(), ComponentPhase::Failed, &msg, Some(false));
+                self.findings.push(
+                    Finding::condition(
+                        SOURCE,
+                        &cond,
+                        ConditionStatus::True,
+                        "RollbackFailed",
+                        msg.clone(),
+                        class(RecommendedAction::ReinstallComponent),
+                    )
+                    .with("component", &spec.name),
+                );
+                Outcome::Failed(msg)
+            }
+        }
+    }
+
+    /// After a restart: finishes or undoes every transition a journal says was under way. A
+    /// transition is resumed when the package is where the journal says and the desired state
+    /// still wants it; otherwise it is rolled back.
+    pub async fn recover(
+        &mut self,
+        specs: &[ComponentSpec],
+        log: &mut (dyn FnMut(String) + Send),
+    ) -> Vec<(String, Outcome)> {
+        let mut out = Vec::new();
+        let Ok(rd) = std::fs::read_dir(self.dir()) else { return out };
+        let mut journals = Vec::new();
+        for e in rd.flatten() {
+            let p = e.path();
+            if p.extension().is_some_and(|x| x == "journal") {
+                match std::fs::read(&p).ok().and_then(|b| serde_json::from_slice::<Journal>(&b).ok()) {
+                    Some(j) => journals.push(j),
+                    None => {
+                        tracing::error!(journal = %p.display(), "unreadable component journal; removing it");
+                        let _ = std::fs::remove_file(&p);
+                    }
+                }
+            }
+        }
+        for j in journals {
+            let name = j.component.clone();
+            let installed = self.tools.installed(&[&j.package]).await.ok().and_then(|m| m.get(&j.package).cloned());
+            let at_target = installed.as_ref().map(Evr::to_string).as_deref() == Some(j.to.as_str());
+            let current = specs.iter().find(|s| s.name == j.component);
+            // The desired state still asks for the version the journal was taking it to.
+            let wanted = current
+                .filter(|s| Evr::parse(&s.version).ok().map(|e| e.to_string()).as_deref() == Some(j.to.as_str()));
+            // For a rollback: the component's repositories and unit as the desired state has them now.
+            let mut undo = current.cloned().unwrap_or_else(|| ComponentSpec {
+                name: j.component.clone(),
+                package: j.package.clone(),
+                systemd_unit: j.unit.clone(),
+                ..Default::default()
+            });
+            undo.version = j.to.clone();
+            let step = j.step;
+            let (verdict, outcome) = match (step, wanted) {
+                (Step::RollingBack, _) => {
+                    let reason = j.reason.clone();
+                    ("rolled back", self.rollback(&undo, j, reason, true, log).await)
+                }
+                (Step::Begun, Some(spec)) if !at_target => {
+                    // Nothing was changed yet: start the same transition again.
+                    self.clear_journal(&spec.name);
+                    let o = self.apply_one(spec, installed, false, log).await;
+                    ("resumed", o)
+                }
+                (_, Some(spec)) if at_target || !j.package_changes => {
+                    let spec = spec.clone();
+                    ("resumed", self.finish(&spec, j, log).await)
+                }
+                _ => {
+                    let reason = format!("interrupted at step {step:?} and the desired state no longer asks for it");
+                    ("rolled back", self.rollback(&undo, j, reason, false, log).await)
+                }
+            };
+            let msg = format!("the agent restarted during a change of {name} (step {step:?}): {verdict}");
+            log(format!("{name}: {msg}"));
+            out.push((name, outcome));
+            self.findings.push(
+                Finding::temporary(
+                    SOURCE,
+                    "ComponentChangeInterrupted",
+                    msg,
+                    Class::new(Severity::Warning, Category::Component, RecommendedAction::None),
+                )
+                .with("verdict", verdict),
+            );
+        }
+        out
+    }
+
+    /// The `restart component` command: restart its unit and check its health.
+    pub async fn restart(&mut self, spec: &ComponentSpec) -> Result<String, String> {
+        if spec.systemd_unit.is_empty() {
+            return Err(format!("{} has no systemd unit to restart", spec.name));
+        }
+        self.restart_unit(&spec.systemd_unit).await?;
+        self.verify(spec).await?;
+        Ok(format!("{} restarted and healthy", spec.systemd_unit))
+    }
+}
+
+fn v_name(v: Verb) -> &'static str {
+    match v {
+        Verb::Install => "install",
+        Verb::Upgrade => "upgrade",
+        Verb::Downgrade => "downgrade",
+        Verb::Reinstall => "reinstall",
+        Verb::Remove => "remove",
+    }
+}

@@ -1,0 +1,292 @@
+//! The package tools: `rpm` to read what is installed, `dnf` to change it. Always an argument
+//! vector (never a shell), every name and version validated first, one transaction at a time, an
+//! optional installroot (the whole path testable without touching the machine's own packages).
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use nodekeeper_proto::v1::Repository;
+use tokio::sync::Mutex;
+
+use super::version::{Evr, package_name};
+
+/// Why a package tool failed; `Unchanged` errors left the system as it was.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ToolError {
+    RepositoryUnreachable(String),
+    PackageMissing(String),
+    DependencyConflict(String),
+    Timeout(String),
+    Failed(String),
+}
+
+impl std::fmt::Display for ToolError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ToolError::RepositoryUnreachable(m) => write!(f, "repository unreachable: {m}"),
+            ToolError::PackageMissing(m) => write!(f, "package or version not found: {m}"),
+            ToolError::DependencyConflict(m) => write!(f, "dependency conflict: {m}"),
+            ToolError::Timeout(m) => write!(f, "timed out: {m}"),
+            ToolError::Failed(m) => write!(f, "{m}"),
+        }
+    }
+}
+
+/// What a transaction does to a package.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verb {
+    Install,
+    Upgrade,
+    Downgrade,
+    Reinstall,
+    Remove,
+}
+
+impl Verb {
+    fn as_str(self) -> &'static str {
+        match self {
+            Verb::Install => "install",
+            Verb::Upgrade => "upgrade",
+            Verb::Downgrade => "downgrade",
+            Verb::Reinstall => "reinstall",
+            Verb::Remove => "remove",
+        }
+    }
+
+    /// The verb that takes a package from `from` to `to`.
+    pub fn between(from: Option<&Evr>, to: &Evr) -> Option<Verb> {
+        match from {
+            None => Some(Verb::Install),
+            Some(f) if f < to => Some(Verb::Upgrade),
+            Some(f) if f > to => Some(Verb::Downgrade),
+            Some(_) => None,
+        }
+    }
+}
+
+pub struct Tools {
+    pub rpm: PathBuf,
+    pub dnf: PathBuf,
+    pub installroot: Option<PathBuf>,
+    pub cache_dir: PathBuf,
+    pub releasever: String,
+    pub timeout: Duration,
+    /// One transaction at a time on this node.
+    lock: Mutex<()>,
+}
+
+/// A repository id: letters, digits and `. _ -`.
+pub fn repository(r: &Repository) -> Result<(), String> {
+    let id_ok = !r.id.is_empty()
+        && r.id.len() <= 100
+        && r.id.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
+    if !id_ok {
+        return Err(format!("invalid repository id {:?}: letters, digits and . _ - only", r.id));
+    }
+    for (what, url) in [("base_url", &r.base_url), ("gpg_key_url", &r.gpg_key_url)] {
+        if what == "gpg_key_url" && url.is_empty() {
+            continue;
+        }
+        let scheme_ok = ["https://", "http://", "file:///"].iter().any(|s| url.starts_with(s));
+        if !scheme_ok || url.chars().any(|c| c.is_whitespace() || c.is_control() || c == ',') {
+            return Err(format!(
+                "repository {}: invalid {what} {url:?}: an http(s):// or file:/// URL without spaces or commas",
+                r.id
+            ));
+        }
+    }
+    Ok(())
+}
+
+impl Tools {
+    pub fn new(
+        rpm: PathBuf,
+        dnf: PathBuf,
+        installroot: Option<PathBuf>,
+        cache_dir: PathBuf,
+        releasever: String,
+        timeout: Duration,
+    ) -> Tools {
+        Tools { rpm, dnf, installroot, cache_dir, releasever, timeout, lock: Mutex::new(()) }
+    }
+
+    /// The installed version of each of `packages` that is installed.
+    pub async fn installed(&self, packages: &[&str]) -> Result<HashMap<String, Evr>, ToolError> {
+        let mut cmd = tokio::process::Command::new(&self.rpm);
+        if let Some(root) = &self.installroot {
+            cmd.arg("--root").arg(root);
+        }
+        cmd.args(["-q", "--qf", "%{NAME}\t%{EPOCHNUM}:%{VERSION}-%{RELEASE}\n"]);
+        for p in packages {
+            package_name(p).map_err(ToolError::Failed)?;
+            cmd.arg(p);
+        }
+        let (_, out, err) = self.run(cmd, "rpm -q").await?;
+        let mut found = HashMap::new();
+        for line in out.lines() {
+            if let Some((name, evr)) = line.split_once('\t')
+                && let Ok(evr) = Evr::parse(evr)
+            {
+                // Several installed versions of one package (a kernel): the newest counts.
+                let e = found.entry(name.to_owned()).or_insert_with(|| evr.clone());
+                if evr > *e {
+                    *e = evr;
+                }
+            }
+        }
+        // rpm exits non-zero when a package is not installed; anything else is an error.
+        if found.is_empty() && !packages.is_empty() && !out.contains("is not installed") && !err.is_empty() {
+            return Err(ToolError::Failed(format!("rpm -q: {}", err.trim())));
+        }
+        Ok(found)
+    }
+
+    /// One dnf transaction: `verb` the package at `evr` (ignored for Remove) from `repos` (none:
+    /// the system's repositories).
+    pub async fn transaction(
+        &self,
+        verb: Verb,
+        package: &str,
+        evr: &Evr,
+        repos: &[Repository],
+    ) -> Result<(), ToolError> {
+        package_name(package).map_err(ToolError::Failed)?;
+        for r in repos {
+            repository(r).map_err(ToolError::Failed)?;
+        }
+        let _one = self.lock.lock().await;
+        let mut cmd = tokio::process::Command::new(&self.dnf);
+        // An unreachable repository is an error, not a repository to skip silently.
+        cmd.args(["-y", "--quiet", "--setopt=install_weak_deps=False", "--setopt=skip_if_unavailable=False"]);
+        cmd.arg(format!("--setopt=cachedir={}", self.cache_dir.display()));
+        if let Some(root) = &self.installroot {
+            cmd.arg(format!("--installroot={}", root.display()));
+            cmd.arg(format!("--releasever={}", self.releasever));
+        }
+        if !repos.is_empty() {
+            // Only the spec's repositories: the host's or the image's own are not consulted.
+            cmd.arg("--setopt=reposdir=/nonexistent/nodekeeper");
+            cmd.arg("--disablerepo=*");
+            for r in repos {
+                cmd.arg(format!("--repofrompath={},{}", r.id, r.base_url));
+                cmd.arg(format!("--enablerepo={}", r.id));
+                cmd.arg(format!("--setopt={}.gpgcheck={}", r.id, if r.gpg_check { 1 } else { 0 }));
+                if !r.gpg_key_url.is_empty() {
+                    cmd.arg(format!("--setopt={}.gpgkey={}", r.id, r.gpg_key_url));
+                }
+            }
+        }
+        cmd.arg(verb.as_str());
+        cmd.arg(if verb == Verb::Remove { package.to_owned() } else { evr.nevr(package) });
+        let what = format!("dnf {} {}", verb.as_str(), evr.nevr(package));
+        let (ok, out, err) = self.run(cmd, &what).await?;
+        if ok {
+            return Ok(());
+        }
+        Err(classify(&format!("{err}\n{out}"), &what))
+    }
+
+    async fn run(&self, mut cmd: tokio::process::Command, what: &str) -> Result<(bool, String, String), ToolError> {
+        cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).kill_on_drop(true);
+        cmd.env("LC_ALL", "C");
+        let child = cmd.spawn().map_err(|e| ToolError::Failed(format!("cannot run {what}: {e}")))?;
+        let out = tokio::time::timeout(self.timeout, child.wait_with_output())
+            .await
+            .map_err(|_| {
+                ToolError::Timeout(format!("{what} did not finish within {}", humantime::format_duration(self.timeout)))
+            })?
+            .map_err(|e| ToolError::Failed(format!("{what}: {e}")))?;
+        Ok((
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        ))
+    }
+
+    /// A path inside the installroot.
+    pub fn path(&self, p: &Path) -> PathBuf {
+        match &self.installroot {
+            Some(root) => root.join(p.strip_prefix("/").unwrap_or(p)),
+            None => p.to_owned(),
+        }
+    }
+}
+
+/// dnf's messages, sorted into the errors an operator acts on differently.
+fn classify(text: &str, what: &str) -> ToolError {
+    let first = text
+        .lines()
+        .map(str::trim)
+        .find(|l| !l.is_empty() && !l.starts_with("Last metadata") && !l.starts_with("Dependencies resolved"))
+        .unwrap_or("no output")
+        .to_owned();
+    let detail = format!("{what}: {first}");
+    if text.contains("Failed to download metadata")
+        || text.contains("Cannot download repomd.xml")
+        || text.contains("Curl error")
+    {
+        ToolError::RepositoryUnreachable(detail)
+    } else if text.contains("No match for argument")
+        || text.contains("No package")
+        || text.contains("Unable to find a match")
+        || text.contains("No packages marked for")
+    {
+        ToolError::PackageMissing(detail)
+    } else if text.contains("nothing provides") || text.contains("conflicts with") || text.contains("Problem:") {
+        let problem = text
+            .lines()
+            .map(str::trim)
+            .find(|l| l.contains("nothing provides") || l.contains("conflicts with"))
+            .unwrap_or(&first);
+        ToolError::DependencyConflict(format!("{what}: {problem}"))
+    } else {
+        ToolError::Failed(detail)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn repositories_are_validated() {
+        let r = |id: &str, url: &str| Repository { id: id.into(), base_url: url.into(), ..Default::default() };
+        repository(&r("nk", "file:///srv/repo")).unwrap();
+        repository(&r("base-os", "https://mirror.example.com/el9/")).unwrap();
+        assert!(repository(&r("a,b", "file:///srv")).is_err());
+        assert!(repository(&r("nk", "ftp://x")).is_err());
+        assert!(repository(&r("nk", "file:///srv/a,b")).is_err(), "a comma would split --repofrompath");
+        assert!(repository(&r("nk", "https://x/ y")).is_err());
+    }
+
+    #[test]
+    fn verbs_follow_rpm_order() {
+        let v = |s| Evr::parse(s).unwrap();
+        assert_eq!(Verb::between(None, &v("1.0-1")), Some(Verb::Install));
+        assert_eq!(Verb::between(Some(&v("1.0-1")), &v("1.1-1")), Some(Verb::Upgrade));
+        assert_eq!(Verb::between(Some(&v("1:1.0-1")), &v("2.0-1")), Some(Verb::Downgrade));
+        assert_eq!(Verb::between(Some(&v("1.0-1")), &v("0:1.0-1")), None);
+    }
+
+    #[test]
+    fn dnf_messages_are_classified() {
+        assert!(matches!(
+            classify("Error: Failed to download metadata for repo 'nk': Cannot download repomd.xml", "x"),
+            ToolError::RepositoryUnreachable(_)
+        ));
+        assert!(matches!(
+            classify("No match for argument: nk-demo-9.9-1\nError: Unable to find a match: nk-demo-9.9-1", "x"),
+            ToolError::PackageMissing(_)
+        ));
+        let c = classify(
+            "Error: \n Problem: conflicting requests\n  - nothing provides libfoo >= 2 needed by nk-demo-1.2-1.noarch",
+            "x",
+        );
+        assert_eq!(
+            c,
+            ToolError::DependencyConflict("x: - nothing provides libfoo >= 2 needed by nk-demo-1.2-1.noarch".into())
+        );
+    }
+}

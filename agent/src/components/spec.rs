@@ -1,0 +1,258 @@
+//! Component specs: the desired state of a node's software. They come from the event center (as
+//! `ComponentSpec` messages) or from a local TOML file; both are validated here before anything
+//! acts on them: names, versions, repositories, hook commands, and config paths, which must lie
+//! under one of the allowed roots.
+
+use std::collections::HashSet;
+use std::path::{Component, Path, PathBuf};
+use std::time::Duration;
+
+use nodekeeper_proto::v1::{
+    ComponentSpec, ConfigFile, ExecCheck, HealthCheck, Repository, RestartPolicy, health_check::Check,
+};
+use serde::Deserialize;
+
+use super::rpm::repository;
+use super::version::{Evr, package_name};
+
+/// A local spec file (`components apply --spec`, or `components.spec_file`).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SpecFile {
+    #[serde(default)]
+    pub component: Vec<TomlComponent>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TomlComponent {
+    pub name: String,
+    pub package: String,
+    /// epoch:version-release
+    pub version: String,
+    #[serde(default)]
+    pub repositories: Vec<TomlRepository>,
+    #[serde(default)]
+    pub config_files: Vec<TomlConfigFile>,
+    #[serde(default)]
+    pub unit: String,
+    pub health_check: Option<TomlHealthCheck>,
+    #[serde(default)]
+    pub pre_hook: Vec<String>,
+    #[serde(default)]
+    pub post_hook: Vec<String>,
+    /// "on-change" (default) or "never".
+    #[serde(default)]
+    pub restart_policy: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TomlRepository {
+    pub id: String,
+    pub base_url: String,
+    #[serde(default)]
+    pub gpg_check: bool,
+    #[serde(default)]
+    pub gpg_key_url: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TomlConfigFile {
+    pub path: PathBuf,
+    pub content: String,
+    /// Octal, e.g. "0644".
+    #[serde(default)]
+    pub mode: Option<String>,
+    #[serde(default)]
+    pub owner: String,
+    #[serde(default)]
+    pub group: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TomlHealthCheck {
+    #[serde(default)]
+    pub unit_active: bool,
+    pub http_url: Option<String>,
+    pub command: Option<Vec<String>>,
+    #[serde(default, with = "nodekeeper_common::config::duration::option")]
+    pub timeout: Option<Duration>,
+    #[serde(default, with = "nodekeeper_common::config::duration::option")]
+    pub deadline: Option<Duration>,
+}
+
+/// Reads a local spec file into the same messages the center sends.
+pub fn load(path: &Path) -> Result<Vec<ComponentSpec>, String> {
+    let f: SpecFile = nodekeeper_common::config::load(path).map_err(|e| e.to_string())?;
+    let mut out = Vec::new();
+    for c in f.component {
+        let mode = |m: &Option<String>| -> Result<u32, String> {
+            match m {
+                None => Ok(0o644),
+                Some(s) => u32::from_str_radix(s.trim_start_matches("0o"), 8)
+                    .map_err(|_| format!("{}: component {}: mode {s:?} is not octal", path.display(), c.name)),
+            }
+        };
+        let mut config_files = Vec::new();
+        for f in &c.config_files {
+            config_files.push(ConfigFile {
+                path: f.path.display().to_string(),
+                content: f.content.clone().into_bytes(),
+                mode: mode(&f.mode)?,
+                owner: f.owner.clone(),
+                group: f.group.clone(),
+            });
+        }
+        let health_check = c.health_check.as_ref().map(|h| HealthCheck {
+            check: if let Some(argv) = &h.command {
+                Some(Check::Command(ExecCheck { argv: argv.clone() }))
+            } else if let Some(url) = &h.http_url {
+                Some(Check::HttpUrl(url.clone()))
+            } else {
+                Some(Check::UnitActive(h.unit_active))
+            },
+            timeout: h.timeout.map(nodekeeper_common::time::to_duration),
+            deadline: h.deadline.map(nodekeeper_common::time::to_duration),
+        });
+        let restart_policy = match c.restart_policy.as_deref() {
+            None | Some("on-change") => RestartPolicy::OnChange,
+            Some("never") => RestartPolicy::Never,
+            Some(other) => {
+                return Err(format!(
+                    "{}: component {}: restart_policy {other:?}: expected \"on-change\" or \"never\"",
+                    path.display(),
+                    c.name
+                ));
+            }
+        };
+        let hook = |argv: &Vec<String>| (!argv.is_empty()).then(|| ExecCheck { argv: argv.clone() });
+        out.push(ComponentSpec {
+            name: c.name.clone(),
+            package: c.package.clone(),
+            version: c.version.clone(),
+            repositories: c
+                .repositories
+                .iter()
+                .map(|r| Repository {
+                    id: r.id.clone(),
+                    base_url: r.base_url.clone(),
+                    gpg_check: r.gpg_check,
+                    gpg_key_url: r.gpg_key_url.clone(),
+                })
+                .collect(),
+            config_files,
+            systemd_unit: c.unit.clone(),
+            health_check,
+            pre_hook: hook(&c.pre_hook),
+            post_hook: hook(&c.post_hook),
+            restart_policy: restart_policy as i32,
+        });
+    }
+    Ok(out)
+}
+
+/// A systemd unit name.
+fn unit_name(s: &str) -> Result<(), String> {
+    let ok = s.len() <= 256
+        && s.contains('.')
+        && s.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-' | '@' | ':' | '\\'));
+    if ok { Ok(()) } else { Err(format!("invalid systemd unit {s:?}")) }
+}
+
+/// A config path: absolute, without `..`, under one of `roots`.
+pub fn config_path(path: &str, roots: &[PathBuf]) -> Result<PathBuf, String> {
+    let p = PathBuf::from(path);
+    if !p.is_absolute() || p.components().any(|c| matches!(c, Component::ParentDir | Component::CurDir)) {
+        return Err(format!("config path {path:?} must be absolute, without . or .."));
+    }
+    if !roots.iter().any(|r| p.starts_with(r) && p != *r) {
+        let roots: Vec<String> = roots.iter().map(|r| r.display().to_string()).collect();
+        return Err(format!("config path {path:?} is outside the allowed roots ({})", roots.join(", ")));
+    }
+    Ok(p)
+}
+
+/// Checks a whole spec; the error names the component and what is wrong.
+pub fn validate(spec: &ComponentSpec, roots: &[PathBuf]) -> Result<Evr, String> {
+    let what = |e: String| format!("component {:?}: {e}", spec.name);
+    nodekeeper_common::names::component(&spec.name).map_err(|e| what(e.to_string()))?;
+    package_name(&spec.package).map_err(what)?;
+    let evr = Evr::parse(&spec.version).map_err(what)?;
+    for r in &spec.repositories {
+        repository(r).map_err(what)?;
+    }
+    let mut seen = HashSet::new();
+    for f in &spec.config_files {
+        config_path(&f.path, roots).map_err(what)?;
+        if !seen.insert(&f.path) {
+            return Err(what(format!("config path {:?} is listed twice", f.path)));
+        }
+        if f.mode > 0o7777 {
+            return Err(what(format!("config {:?}: mode {:o} is not a file mode", f.path, f.mode)));
+        }
+    }
+    if !spec.systemd_unit.is_empty() {
+        unit_name(&spec.systemd_unit).map_err(what)?;
+    }
+    for (hook, argv) in [("pre_hook", &spec.pre_hook), ("post_hook", &spec.post_hook)] {
+        if let Some(h) = argv
+            && (h.argv.is_empty() || !Path::new(&h.argv[0]).is_absolute())
+        {
+            return Err(what(format!("{hook}: the command must start with an absolute path")));
+        }
+    }
+    if let Some(HealthCheck { check: Some(c), .. }) = &spec.health_check {
+        match c {
+            Check::Command(e) if e.argv.is_empty() || !Path::new(&e.argv[0]).is_absolute() => {
+                return Err(what("health_check.command must start with an absolute path".into()));
+            }
+            Check::HttpUrl(u) if !u.starts_with("http://") => {
+                return Err(what(format!("health_check.http_url {u:?}: only http:// is supported")));
+            }
+            Check::UnitActive(true) if spec.systemd_unit.is_empty() => {
+                return Err(what("health_check.unit_active needs a systemd unit".into()));
+            }
+            _ => {}
+        }
+    }
+    Ok(evr)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn config_paths_stay_under_their_roots() {
+        let roots = vec![PathBuf::from("/etc/nk-demo"), PathBuf::from("/etc/kubernetes")];
+        config_path("/etc/nk-demo/demo.conf", &roots).unwrap();
+        assert!(config_path("/etc/passwd", &roots).unwrap_err().contains("outside the allowed roots"));
+        assert!(config_path("/etc/nk-demo/../passwd", &roots).unwrap_err().contains("without . or .."));
+        assert!(config_path("etc/nk-demo/x", &roots).is_err());
+        assert!(config_path("/etc/nk-demo", &roots).is_err(), "the root itself is not a file");
+    }
+
+    #[test]
+    fn specs_are_validated() {
+        let mut s = ComponentSpec {
+            name: "demo".into(),
+            package: "nk-demo".into(),
+            version: "1.1-1".into(),
+            systemd_unit: "nk-demo.service".into(),
+            ..Default::default()
+        };
+        let roots = vec![PathBuf::from("/etc")];
+        assert_eq!(validate(&s, &roots).unwrap().to_string(), "0:1.1-1");
+        s.version = "1.1".into();
+        assert!(validate(&s, &roots).unwrap_err().contains("expected epoch:version-release"));
+        s.version = "1.1-1".into();
+        s.package = "nk-demo;reboot".into();
+        assert!(validate(&s, &roots).unwrap_err().starts_with("component \"demo\": invalid package name"));
+        s.package = "nk-demo".into();
+        s.pre_hook = Some(ExecCheck { argv: vec!["rm".into()] });
+        assert!(validate(&s, &roots).unwrap_err().contains("absolute path"));
+    }
+}

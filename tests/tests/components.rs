@@ -1,0 +1,360 @@
+//! The component manager with real rpm tooling: RPMs built by rpmbuild, published by createrepo_c,
+//! installed by dnf into an installroot, read back from the RPM database. Driven through
+//! `nodekeeper-agent components apply` (one pass from a local spec), killed with -9 mid-change
+//! and run again.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use nodekeeper_tests::{bin, rpm_installed, rpm_repo};
+
+/// A node's root for one test: an installroot, a state directory, a stand-in systemctl that
+/// records what it is asked (systemd does not run here), and hook marker files.
+struct Node {
+    dir: tempfile::TempDir,
+}
+
+impl Node {
+    fn new() -> Node {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("root")).unwrap();
+        let systemctl = dir.path().join("systemctl");
+        std::fs::write(&systemctl, format!("#!/bin/sh\necho \"$@\" >> {}/systemctl.log\n", dir.path().display()))
+            .unwrap();
+        std::fs::set_permissions(&systemctl, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+        Node { dir }
+    }
+
+    fn root(&self) -> PathBuf {
+        self.dir.path().join("root")
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    fn installed(&self) -> Option<String> {
+        rpm_installed(&self.root(), "nk-demo")
+    }
+
+    fn config(&self) -> Option<String> {
+        std::fs::read_to_string(self.root().join("etc/nk-demo/demo.conf")).ok()
+    }
+
+    fn restarts(&self) -> usize {
+        std::fs::read_to_string(self.path("systemctl.log"))
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.starts_with("restart nk-demo.service"))
+            .count()
+    }
+
+    /// A hook or check that, while `block-<name>` exists, signals `reached-<name>` and waits.
+    fn blocking(&self, name: &str, then: &str) -> String {
+        let (block, reached) = (self.path(&format!("block-{name}")), self.path(&format!("reached-{name}")));
+        format!(
+            r#"["/bin/sh", "-c", "if [ -e {b} ]; then touch {r}; while [ -e {b} ]; do sleep 0.05; done; exit 9; fi; {then}"]"#,
+            b = block.display(),
+            r = reached.display()
+        )
+    }
+
+    fn spec(&self, version: &str, setting: &str, extra: &str) -> PathBuf {
+        let health = format!("grep -qx ok {}/usr/lib/nk-demo/HEALTH", self.root().display());
+        self.spec_with(version, setting, &format!("command = {}\n", self.blocking("check", &health)), extra)
+    }
+
+    fn spec_with(&self, version: &str, setting: &str, health: &str, extra: &str) -> PathBuf {
+        let path = self.path("spec.toml");
+        std::fs::write(
+            &path,
+            format!(
+                r#"[[component]]
+name = "demo"
+package = "nk-demo"
+version = "{version}"
+unit = "nk-demo.service"
+pre_hook = {pre}
+post_hook = {post}
+{extra}
+[[component.repositories]]
+id = "nk-test"
+base_url = "{url}"
+
+[[component.config_files]]
+path = "/etc/nk-demo/demo.conf"
+content = "setting = {setting}\n"
+mode = "0640"
+
+[component.health_check]
+{health}timeout = "2s"
+deadline = "2s"
+"#,
+                pre = self.blocking("pre", "true"),
+                post = self.blocking("post", "true"),
+                url = rpm_repo().url(),
+            ),
+        )
+        .unwrap();
+        path
+    }
+
+    fn command(&self, spec: &Path) -> std::process::Command {
+        let mut c = std::process::Command::new(bin("nodekeeper-agent"));
+        c.args(["components", "apply", "--spec"])
+            .arg(spec)
+            .arg("--installroot")
+            .arg(self.root())
+            .arg("--state-dir")
+            .arg(self.path("state"))
+            .args(["--config-root", "/etc/nk-demo", "--systemctl"])
+            .arg(self.path("systemctl"))
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        c
+    }
+
+    /// Runs one pass; (exit code, stdout + stderr).
+    fn apply(&self, spec: &Path) -> (i32, String) {
+        let out = self.command(spec).spawn().unwrap().wait_with_output().unwrap();
+        let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        (out.status.code().unwrap_or(-1), text)
+    }
+}
+
+fn wait_for_file(p: &Path) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while !p.exists() {
+        assert!(std::time::Instant::now() < deadline, "timed out waiting for {}", p.display());
+        std::thread::park_timeout(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn install_upgrade_downgrade_into_an_installroot() {
+    let n = Node::new();
+    let (code, out) = n.apply(&n.spec("1.0-1", "10", ""));
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("demo: install nk-demo 0:1.0-1") && out.contains("demo: converged at 0:1.0-1"), "{out}");
+    assert_eq!(n.installed().as_deref(), Some("0:1.0-1"));
+    assert_eq!(n.config().as_deref(), Some("setting = 10\n"), "the spec's config replaces the package's");
+    let mode = std::fs::metadata(n.root().join("etc/nk-demo/demo.conf")).unwrap();
+    assert_eq!(std::os::unix::fs::PermissionsExt::mode(&mode.permissions()) & 0o7777, 0o640);
+    assert_eq!(n.restarts(), 1);
+
+    // Converged: a second pass changes nothing.
+    let (code, out) = n.apply(&n.spec("1.0-1", "10", ""));
+    assert_eq!(code, 0, "{out}");
+    assert!(!out.contains("install nk-demo") && out.contains("demo: converged, installed 0:1.0-1"), "{out}");
+    assert_eq!(n.restarts(), 1, "no change, no restart");
+
+    let (code, out) = n.apply(&n.spec("1.1-1", "11", ""));
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("demo: upgrade nk-demo from 0:1.0-1 to 0:1.1-1"), "{out}");
+    assert_eq!(n.installed().as_deref(), Some("0:1.1-1"));
+    assert_eq!(n.config().as_deref(), Some("setting = 11\n"));
+
+    let (code, out) = n.apply(&n.spec("0:1.0-1", "10", ""));
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("demo: downgrade nk-demo from 0:1.1-1 to 0:1.0-1"), "{out}");
+    assert_eq!(n.installed().as_deref(), Some("0:1.0-1"));
+
+    // Drift in the config file is repaired (and the unit restarted).
+    std::fs::write(n.root().join("etc/nk-demo/demo.conf"), "setting = tampered\n").unwrap();
+    let (code, out) = n.apply(&n.spec("1.0-1", "10", ""));
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("demo: repair config /etc/nk-demo/demo.conf"), "{out}");
+    assert_eq!(n.config().as_deref(), Some("setting = 10\n"));
+    assert_eq!(n.restarts(), 4);
+}
+
+#[test]
+fn an_unhealthy_version_is_rolled_back_with_its_config() {
+    let n = Node::new();
+    assert_eq!(n.apply(&n.spec("1.1-1", "11", "")).0, 0);
+    let (code, out) = n.apply(&n.spec("1.2-1", "12", ""));
+    assert_eq!(code, 3, "{out}");
+    assert!(
+        out.contains("not healthy within 2s") && out.contains("rolling back to 0:1.1-1") && out.contains("ROLLED BACK"),
+        "{out}"
+    );
+    assert_eq!(n.installed().as_deref(), Some("0:1.1-1"), "the previous version runs again");
+    assert_eq!(n.config().as_deref(), Some("setting = 11\n"), "and its config");
+    // The rolled-back version is not tried again until the desired state changes.
+    let (code, out) = n.apply(&n.spec("1.2-1", "12", ""));
+    assert_eq!(code, 4, "{out}");
+    assert!(out.contains("was rolled back") && !out.contains("upgrade nk-demo"), "{out}");
+    assert_eq!(n.installed().as_deref(), Some("0:1.1-1"));
+}
+
+#[test]
+fn errors_change_nothing() {
+    let n = Node::new();
+    assert_eq!(n.apply(&n.spec("1.0-1", "10", "")).0, 0);
+    let unchanged = |n: &Node, out: &str| {
+        assert_eq!(n.installed().as_deref(), Some("0:1.0-1"), "{out}");
+        assert_eq!(n.config().as_deref(), Some("setting = 10\n"), "{out}");
+    };
+    // Version missing from the repository.
+    let (code, out) = n.apply(&n.spec("9.9-1", "99", ""));
+    assert_eq!(code, 4, "{out}");
+    assert!(out.contains("package or version not found"), "{out}");
+    unchanged(&n, &out);
+    // Bad version string.
+    let (code, out) = n.apply(&n.spec("1.1", "11", ""));
+    assert_eq!(code, 4, "{out}");
+    assert!(out.contains("invalid version \"1.1\": expected epoch:version-release"), "{out}");
+    unchanged(&n, &out);
+    // Repository unreachable.
+    let spec = n.spec("1.1-1", "11", "");
+    let text = std::fs::read_to_string(&spec).unwrap().replace(&rpm_repo().url(), "file:///nonexistent/nk-repo");
+    std::fs::write(&spec, text).unwrap();
+    let (code, out) = n.apply(&spec);
+    assert_eq!(code, 4, "{out}");
+    assert!(out.contains("repository unreachable"), "{out}");
+    unchanged(&n, &out);
+    // Config path outside the allowed roots.
+    let spec = n.spec("1.1-1", "11", "");
+    std::fs::write(&spec, std::fs::read_to_string(&spec).unwrap().replace("/etc/nk-demo/demo.conf", "/etc/passwd"))
+        .unwrap();
+    let (code, out) = n.apply(&spec);
+    assert_eq!(code, 4, "{out}");
+    assert!(out.contains("config path \"/etc/passwd\" is outside the allowed roots"), "{out}");
+    unchanged(&n, &out);
+    // Dependency conflict.
+    let spec = n.path("conflict.toml");
+    std::fs::write(
+        &spec,
+        format!("[[component]]\nname = \"conflict\"\npackage = \"nk-conflict\"\nversion = \"1.0-1\"\n[[component.repositories]]\nid = \"nk-test\"\nbase_url = \"{}\"\n", rpm_repo().url()),
+    )
+    .unwrap();
+    let (code, out) = n.apply(&spec);
+    assert_eq!(code, 4, "{out}");
+    assert!(out.contains("dependency conflict") && out.contains("nk-libmissing"), "{out}");
+    assert_eq!(rpm_installed(&n.root(), "nk-conflict"), None);
+    unchanged(&n, &out);
+}
+
+/// Kills `components apply` with -9 while it waits at `step`, then runs it again.
+fn kill_at(step: &str, expect_installed_at_kill: &str) -> (Node, String) {
+    let n = Node::new();
+    assert_eq!(n.apply(&n.spec("1.0-1", "10", "")).0, 0);
+    let spec = n.spec("1.1-1", "11", "");
+    std::fs::write(n.path(&format!("block-{step}")), "").unwrap();
+    let mut child = n.command(&spec).spawn().unwrap();
+    wait_for_file(&n.path(&format!("reached-{step}")));
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert_eq!(n.installed().as_deref(), Some(expect_installed_at_kill), "at the kill ({step})");
+    std::fs::remove_file(n.path(&format!("block-{step}"))).unwrap();
+    let (code, out) = n.apply(&spec);
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(n.installed().as_deref(), Some("0:1.1-1"), "{out}");
+    assert_eq!(n.config().as_deref(), Some("setting = 11\n"), "{out}");
+    (n, out)
+}
+
+#[test]
+fn killed_before_the_transaction_it_starts_over() {
+    let (_n, out) = kill_at("pre", "0:1.0-1");
+    assert!(out.contains("the agent restarted during a change of demo (step Begun): resumed"), "{out}");
+}
+
+#[test]
+fn killed_after_the_transaction_it_resumes() {
+    let (_n, out) = kill_at("post", "0:1.1-1");
+    assert!(out.contains("the agent restarted during a change of demo (step Configured): resumed"), "{out}");
+    assert!(!out.contains("upgrade nk-demo"), "the package is not installed twice: {out}");
+}
+
+#[test]
+fn killed_during_verification_it_verifies_again() {
+    let (_n, out) = kill_at("check", "0:1.1-1");
+    assert!(out.contains("the agent restarted during a change of demo (step Verifying): resumed"), "{out}");
+}
+
+#[test]
+fn killed_mid_change_when_the_desired_state_moved_back_it_rolls_back() {
+    let n = Node::new();
+    assert_eq!(n.apply(&n.spec("1.0-1", "10", "")).0, 0);
+    std::fs::write(n.path("block-post"), "").unwrap();
+    let mut child = n.command(&n.spec("1.1-1", "11", "")).spawn().unwrap();
+    wait_for_file(&n.path("reached-post"));
+    child.kill().unwrap();
+    child.wait().unwrap();
+    std::fs::remove_file(n.path("block-post")).unwrap();
+    // The operator went back to 1.0 meanwhile.
+    let (code, out) = n.apply(&n.spec("1.0-1", "10", ""));
+    assert_eq!(code, 3, "{out}");
+    assert!(out.contains("(step Configured): rolled back"), "{out}");
+    assert_eq!(n.installed().as_deref(), Some("0:1.0-1"));
+    assert_eq!(n.config().as_deref(), Some("setting = 10\n"));
+}
+
+#[test]
+fn version_order_equals_rpms_own() {
+    // A generated corpus: epochs, numeric and alphabetic segments, separators, ~ and ^.
+    struct Rng(u64);
+    impl Rng {
+        fn below(&mut self, n: u64) -> u64 {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            self.0 % n
+        }
+        fn part(&mut self) -> String {
+            const ATOMS: [&str; 20] = [
+                "0", "1", "2", "10", "01", "a", "b", "rc", "alpha", "9", "~", "^", ".", "_", "+", "~rc1", "^git",
+                "el9", "1a", "a1",
+            ];
+            let mut s = String::from(["1", "2", "0", "3"][self.below(4) as usize]);
+            for _ in 0..self.below(4) {
+                s.push_str(ATOMS[self.below(ATOMS.len() as u64) as usize]);
+            }
+            s
+        }
+        fn evr(&mut self) -> String {
+            let epoch = if self.below(3) == 0 { format!("{}:", self.below(3)) } else { String::new() };
+            format!("{epoch}{}-{}", self.part(), self.part())
+        }
+    }
+    let mut rng = Rng(0x2545_f491_4f6c_dd1d);
+    let mut pairs: Vec<(String, String)> = Vec::new();
+    for _ in 0..3000 {
+        let a = rng.evr();
+        let b = if rng.below(4) == 0 { a.clone() } else { rng.evr() };
+        pairs.push((a, b));
+    }
+    // rpm's own answers, a few hundred pairs per `rpm --eval` (an argument has a size limit).
+    let mut theirs: Vec<i32> = Vec::new();
+    for chunk in pairs.chunks(500) {
+        let lua: String =
+            chunk.iter().map(|(a, b)| format!("print(rpm.vercmp(\"{a}\", \"{b}\") .. \" \")\n")).collect();
+        let out = std::process::Command::new("rpm")
+            .arg("--eval")
+            .arg(format!("%{{lua:\n{lua}}}"))
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap()
+            .wait_with_output()
+            .unwrap();
+        theirs.extend(String::from_utf8_lossy(&out.stdout).split_whitespace().map(|v| v.parse::<i32>().unwrap()));
+    }
+    assert_eq!(theirs.len(), pairs.len());
+    let mut checked = 0;
+    for ((a, b), rpm) in pairs.iter().zip(theirs) {
+        let (Ok(x), Ok(y)) = (
+            nodekeeper_agent::components::version::Evr::parse(a),
+            nodekeeper_agent::components::version::Evr::parse(b),
+        ) else {
+            continue;
+        };
+        let ours = x.cmp(&y) as i32;
+        assert_eq!(ours, rpm.signum(), "{a} vs {b}: ours {ours}, rpm {rpm}");
+        checked += 1;
+    }
+    assert!(checked > 2500, "only {checked} pairs were valid versions");
+}
