@@ -39,6 +39,47 @@ pub struct Config {
     pub insecure: bool,
     /// Health monitors.
     pub monitors: MonitorsConfig,
+    /// The component manager (desired RPM components).
+    pub component_manager: ComponentManagerConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ComponentManagerConfig {
+    pub enabled: bool,
+    /// Follow this local spec file instead of the center's desired state.
+    pub spec_file: Option<PathBuf>,
+    /// Install into this root instead of / (rpm/dnf --installroot).
+    pub installroot: Option<PathBuf>,
+    /// `$releasever` for dnf in an installroot (empty: dnf's own detection).
+    pub releasever: String,
+    /// Config files may only be written below these directories.
+    pub config_roots: Vec<PathBuf>,
+    #[serde(with = "duration")]
+    pub reconcile_interval: Duration,
+    /// The longest a package transaction, a hook or a unit restart may take.
+    #[serde(with = "duration")]
+    pub step_timeout: Duration,
+    pub rpm: PathBuf,
+    pub dnf: PathBuf,
+    pub systemctl: PathBuf,
+}
+
+impl Default for ComponentManagerConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            spec_file: None,
+            installroot: None,
+            releasever: String::new(),
+            config_roots: vec![PathBuf::from("/etc")],
+            reconcile_interval: Duration::from_secs(300),
+            step_timeout: Duration::from_secs(600),
+            rpm: "rpm".into(),
+            dnf: "dnf".into(),
+            systemctl: "systemctl".into(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -160,6 +201,7 @@ impl Default for Config {
             tls: None,
             insecure: false,
             monitors: MonitorsConfig::default(),
+            component_manager: ComponentManagerConfig::default(),
         }
     }
 }
@@ -294,6 +336,16 @@ impl Config {
         }
         for w in &m.components.watch {
             nodekeeper_common::names::component(&w.name).map_err(|e| format!("monitors.components.watch name: {e}"))?;
+        }
+        let c = &self.component_manager;
+        if c.reconcile_interval < Duration::from_millis(100) {
+            return Err("component_manager.reconcile_interval must be at least 100ms".into());
+        }
+        if c.config_roots.iter().any(|r| !r.is_absolute()) {
+            return Err("component_manager.config_roots must be absolute paths".into());
+        }
+        if let Some(f) = &c.spec_file {
+            crate::components::spec::load(f).map_err(|e| format!("component_manager.spec_file: {e}"))?;
         }
         for f in &m.rule_files {
             crate::monitor::rules::load(f).map_err(|e| format!("monitors.rule_files: {e}"))?;

@@ -40,6 +40,9 @@ pub struct Connection {
     pub metrics: Metrics,
     pub state: Arc<Mutex<ConnState>>,
     pub inventory_paths: crate::config::Paths,
+    /// The component manager's side of the stream: desired state and commands in, status and
+    /// command results out.
+    pub components: Option<crate::components::driver::Link>,
 }
 
 enum End {
@@ -93,6 +96,22 @@ impl Connection {
     }
 
     async fn session(&mut self, cancel: &CancellationToken) -> End {
+        // The component link lives across sessions; lend it to this one.
+        let mut link = self.components.take();
+        let end = self.session_with(cancel, &mut link).await;
+        self.components = link;
+        end
+    }
+
+    async fn session_with(
+        &mut self,
+        cancel: &CancellationToken,
+        link: &mut Option<crate::components::driver::Link>,
+    ) -> End {
+        let (components_input, mut components_status, mut components_results) = match link {
+            Some(l) => (Some(l.input.clone()), Some(&mut l.status), Some(&mut l.results)),
+            None => (None, None, None),
+        };
         // Made at every connection: a rotated certificate is used from the next reconnect.
         let endpoint = match nodekeeper_common::tls::endpoint(&self.config.center, self.config.tls.as_ref()) {
             Ok(e) => e
@@ -136,6 +155,14 @@ impl Connection {
             Err(e) => tracing::error!(error = %e, "drop report task failed"),
         }
         systemd::status(&format!("connected to {}", self.config.center));
+        if let Some(status) = &mut components_status {
+            let report = status.borrow_and_update().clone();
+            if (!report.components.is_empty() || report.generation > 0)
+                && tx.send(AgentMessage { msg: Some(agent_message::Msg::ComponentStatus(report)) }).await.is_err()
+            {
+                return End::Broken("stream closed".into());
+            }
+        }
 
         let mut heartbeat = jittered_interval(self.config.heartbeat_interval);
         let mut inventory_check = jittered_interval(self.config.inventory_interval);
@@ -196,6 +223,16 @@ impl Connection {
                     }
                 }
                 _ = self.outbox.pushed.notified(), if draining.is_none() => {}
+                Some(report) = status_changed(&mut components_status) => {
+                    if tx.send(AgentMessage { msg: Some(agent_message::Msg::ComponentStatus(report)) }).await.is_err() {
+                        return End::Broken("stream closed".into());
+                    }
+                }
+                Some(result) = command_result(&mut components_results) => {
+                    if tx.send(AgentMessage { msg: Some(agent_message::Msg::CommandResult(result)) }).await.is_err() {
+                        return End::Broken("stream closed".into());
+                    }
+                }
                 m = inbound.message() => match m {
                     Ok(Some(CenterMessage { msg: Some(center_message::Msg::Ack(ack)) })) => {
                         let Some(pos) = in_flight.iter().position(|b| b.batch_id == ack.batch_id) else {
@@ -209,13 +246,32 @@ impl Connection {
                         self.metrics.acked.inc_by(b.count);
                     }
                     Ok(Some(CenterMessage { msg: Some(center_message::Msg::Command(cmd)) })) => {
-                        let result = answer_command(&cmd, &self.hello.node);
-                        if tx.send(AgentMessage { msg: Some(agent_message::Msg::CommandResult(result)) }).await.is_err() {
-                            return End::Broken("stream closed".into());
+                        let component_command = matches!(
+                            cmd.action,
+                            Some(command::Action::RestartComponent(_) | command::Action::ReinstallComponent(_))
+                        );
+                        match (refusal(&cmd, &self.hello.node), &components_input) {
+                            (None, Some(input)) if component_command => {
+                                // Carried out by the component manager; its result comes back on `results`.
+                                let _ = input.send(crate::components::driver::Input::Command(cmd)).await;
+                            }
+                            _ => {
+                                let result = answer_command(&cmd, &self.hello.node);
+                                if tx.send(AgentMessage { msg: Some(agent_message::Msg::CommandResult(result)) }).await.is_err() {
+                                    return End::Broken("stream closed".into());
+                                }
+                            }
+                        }
+                    }
+                    Ok(Some(CenterMessage { msg: Some(center_message::Msg::DesiredState(d)) })) => {
+                        match &components_input {
+                            Some(input) => {
+                                let _ = input.send(crate::components::driver::Input::Desired(d)).await;
+                            }
+                            None => tracing::warn!("desired components received, but the component manager is disabled"),
                         }
                     }
                     Ok(Some(other)) => {
-                        // Desired state and commands arrive with the component manager.
                         tracing::debug!(message = ?other.msg.map(|m| std::mem::discriminant(&m)), "message from the center not handled by this agent version");
                     }
                     Ok(None) => return End::Broken("the center closed the stream".into()),
@@ -237,11 +293,9 @@ impl Connection {
     }
 }
 
-/// The agent's answer to a command: refused unless addressed to this node, and for a reboot unless
-/// it carries a permit. Carrying out commands is the component manager's (not in this version),
-/// so a valid command is answered as unsupported rather than silently dropped.
-pub fn answer_command(cmd: &Command, node: &str) -> CommandResult {
-    let refusal = if cmd.node != node {
+/// Why a command must be refused: not addressed to this node, a reboot without a permit, no action.
+fn refusal(cmd: &Command, node: &str) -> Option<String> {
+    if cmd.node != node {
         Some(format!("refused: addressed to node {:?}, this is node {node:?}", cmd.node))
     } else if matches!(cmd.action, Some(command::Action::Reboot(_))) && cmd.permit_id.is_empty() {
         Some("refused: a reboot needs a permit id".to_owned())
@@ -249,8 +303,38 @@ pub fn answer_command(cmd: &Command, node: &str) -> CommandResult {
         Some("refused: the command has no action".to_owned())
     } else {
         None
-    };
-    let message = match refusal {
+    }
+}
+
+/// The next status the component manager published.
+async fn status_changed(
+    status: &mut Option<&mut tokio::sync::watch::Receiver<nodekeeper_proto::v1::ComponentStatusReport>>,
+) -> Option<nodekeeper_proto::v1::ComponentStatusReport> {
+    match status {
+        Some(s) => match s.changed().await {
+            Ok(()) => Some(s.borrow_and_update().clone()),
+            Err(_) => std::future::pending().await,
+        },
+        None => std::future::pending().await,
+    }
+}
+
+/// The next command result of the component manager.
+async fn command_result(results: &mut Option<&mut mpsc::Receiver<CommandResult>>) -> Option<CommandResult> {
+    match results {
+        Some(r) => match r.recv().await {
+            Some(r) => Some(r),
+            None => std::future::pending().await,
+        },
+        None => std::future::pending().await,
+    }
+}
+
+/// The agent's answer to a command it does not carry out: refused unless addressed to this node,
+/// and for a reboot unless it carries a permit; reboots are not carried out by this version (the
+/// remediation issue brings them), so a valid one is answered as unsupported, never dropped.
+pub fn answer_command(cmd: &Command, node: &str) -> CommandResult {
+    let message = match refusal(cmd, node) {
         Some(r) => {
             tracing::warn!(command_id = %cmd.command_id, issuer = %cmd.issuer, reason = %r, "command refused");
             r

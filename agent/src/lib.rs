@@ -71,7 +71,31 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     let state = Arc::new(Mutex::new(connection::ConnState::default()));
     let cancel = CancellationToken::new();
     let reporter = monitor::state::Reporter::open(outbox.clone(), &boot_id)?;
-    let monitors = monitor::start(&config, reporter, metrics.clone(), &boot_id)?;
+    let monitors = monitor::start(&config, reporter.clone(), metrics.clone(), &boot_id)?;
+    let cm = &config.component_manager;
+    let (components, components_task) = if cm.enabled {
+        let settings = components::Settings {
+            installroot: cm.installroot.clone(),
+            rpm: cm.rpm.clone(),
+            dnf: cm.dnf.clone(),
+            systemctl: cm.systemctl.clone(),
+            config_roots: cm.config_roots.clone(),
+            state_dir: config.state_dir.clone(),
+            releasever: cm.releasever.clone(),
+            step_timeout: cm.step_timeout,
+        };
+        let driver = components::driver::Driver {
+            manager: components::Manager::new(settings),
+            reporter,
+            interval: cm.reconcile_interval,
+            spec_file: cm.spec_file.clone(),
+            state_dir: config.state_dir.clone(),
+        };
+        let (link, task) = driver.spawn(cancel.child_token());
+        (Some(link), Some(task))
+    } else {
+        (None, None)
+    };
 
     let local = status::Local {
         node,
@@ -96,6 +120,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         metrics,
         state,
         inventory_paths: config.paths.clone(),
+        components,
     };
     let mut conn_task = tokio::spawn(connection.run(conn_cancel.clone()));
 
@@ -114,6 +139,9 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         conn_task.abort();
     }
     cancel.cancel();
+    if let Some(t) = components_task {
+        let _ = t.await;
+    }
     match status_task.await {
         Ok(Err(err)) => tracing::error!(error = %err, "status listener failed"),
         Err(err) => tracing::error!(error = %err, "status listener task failed"),

@@ -67,6 +67,9 @@ enum Command {
     /// Faults: one problem on one node over its lifetime.
     #[command(subcommand)]
     Faults(FaultsCmd),
+    /// Desired components of nodes and what the nodes report.
+    #[command(subcommand)]
+    Components(ComponentsCmd),
     /// A small CA for development and small fleets.
     #[command(subcommand)]
     Certs(CertsCmd),
@@ -181,6 +184,52 @@ enum EventsCmd {
 }
 
 #[derive(Debug, Subcommand)]
+enum ComponentsCmd {
+    /// Each node's components: desired and installed versions, phase, last error; and whether the
+    /// node passes the readiness gate "components converged".
+    List {
+        /// Only this node (repeatable).
+        #[arg(long)]
+        node: Vec<String>,
+        /// Only this cluster (repeatable).
+        #[arg(long)]
+        cluster: Vec<String>,
+    },
+    /// Set the desired components of one node or of the nodes a label selector matches, from a
+    /// spec file (the format `nodekeeper-agent components apply` reads; see
+    /// packaging/components.toml). The nodes converge to it.
+    Set {
+        #[arg(long)]
+        cluster: String,
+        /// One node.
+        #[arg(long, conflicts_with = "selector", required_unless_present = "selector")]
+        node: Option<String>,
+        /// Nodes whose labels match, e.g. pool=gpu,zone=a.
+        #[arg(long)]
+        selector: Option<String>,
+        /// The spec file.
+        file: std::path::PathBuf,
+    },
+    /// Restart a component on a node (its unit), then check its health; the result is recorded
+    /// as a CommandResult event.
+    Restart {
+        #[arg(long)]
+        cluster: String,
+        #[arg(long)]
+        node: String,
+        component: String,
+    },
+    /// Reinstall a component on a node at its desired version.
+    Reinstall {
+        #[arg(long)]
+        cluster: String,
+        #[arg(long)]
+        node: String,
+        component: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
 enum FaultsCmd {
     /// List faults, newest first.
     List {
@@ -262,6 +311,18 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Events(EventsCmd::Watch { from, filter }) => events_watch(ch, json, from, filter).await,
         Command::Faults(FaultsCmd::List { node, limit }) => faults_list(ch, json, node, limit).await,
         Command::Faults(FaultsCmd::Show { id }) => faults_show(ch, json, id).await,
+        Command::Components(ComponentsCmd::List { node, cluster }) => components_list(ch, json, cluster, node).await,
+        Command::Components(ComponentsCmd::Set { cluster, node, selector, file }) => {
+            components_set(ch, json, cluster, node, selector, &file).await
+        }
+        Command::Components(ComponentsCmd::Restart { cluster, node, component }) => {
+            use nodekeeper_proto::v1::{RestartComponent, send_command_request::Action};
+            send_command(ch, json, cluster, node, Action::RestartComponent(RestartComponent { component })).await
+        }
+        Command::Components(ComponentsCmd::Reinstall { cluster, node, component }) => {
+            use nodekeeper_proto::v1::{ReinstallComponent, send_command_request::Action};
+            send_command(ch, json, cluster, node, Action::ReinstallComponent(ReinstallComponent { component })).await
+        }
         Command::Dev { .. } | Command::Certs(_) => unreachable!("handled above"),
     }
 }
@@ -458,5 +519,91 @@ async fn faults_show(ch: Channel, json: bool, id: u64) -> anyhow::Result<()> {
     output::println("")?;
     output::println("Timeline:")?;
     table(&EVENT_HEADER, &resp.events.iter().map(event_row).collect::<Vec<_>>())?;
+    Ok(())
+}
+
+async fn components_list(ch: Channel, json: bool, clusters: Vec<String>, nodes: Vec<String>) -> anyhow::Result<()> {
+    use nodekeeper_proto::v1::ListComponentsRequest;
+    let resp = FleetServiceClient::new(ch)
+        .list_components(ListComponentsRequest { clusters, nodes })
+        .await
+        .map_err(status)?
+        .into_inner();
+    if json {
+        for n in &resp.nodes {
+            json_line("nodekeeper.v1.NodeComponents", n)?;
+        }
+        return Ok(());
+    }
+    let mut rows = Vec::new();
+    for n in &resp.nodes {
+        for c in &n.components {
+            rows.push(vec![
+                n.cluster.clone(),
+                n.node.clone(),
+                if n.converged { "yes".into() } else { "no".into() },
+                c.name.clone(),
+                c.desired_version.clone(),
+                c.installed_version.clone(),
+                enum_name(c.phase().as_str_name(), "COMPONENT_PHASE_"),
+                c.last_error.clone(),
+            ]);
+        }
+    }
+    table(&["CLUSTER", "NODE", "CONVERGED", "COMPONENT", "DESIRED", "INSTALLED", "PHASE", "LAST ERROR"], &rows)?;
+    Ok(())
+}
+
+async fn components_set(
+    ch: Channel,
+    json: bool,
+    cluster: String,
+    node: Option<String>,
+    selector: Option<String>,
+    file: &std::path::Path,
+) -> anyhow::Result<()> {
+    use nodekeeper_proto::v1::{SetDesiredComponentsRequest, set_desired_components_request::Target};
+    let components = nodekeeper_agent::components::spec::load(file)
+        .map_err(|e| anyhow::Error::new(Status::invalid_argument(e.clone())).context(e))?;
+    let target = match (node, selector) {
+        (Some(n), _) => Target::Node(n),
+        (None, Some(s)) => Target::Selector(s),
+        (None, None) => anyhow::bail!("name a --node or a --selector"),
+    };
+    let resp = FleetServiceClient::new(ch)
+        .set_desired_components(SetDesiredComponentsRequest { cluster, target: Some(target), components })
+        .await
+        .map_err(status)?
+        .into_inner();
+    if json {
+        return json_line("nodekeeper.v1.SetDesiredComponentsResponse", &resp);
+    }
+    output::println(&format!(
+        "desired components set: generation {}, {} nodes matched",
+        resp.generation, resp.nodes_matched
+    ))?;
+    Ok(())
+}
+
+async fn send_command(
+    ch: Channel,
+    json: bool,
+    cluster: String,
+    node: String,
+    action: nodekeeper_proto::v1::send_command_request::Action,
+) -> anyhow::Result<()> {
+    use nodekeeper_proto::v1::SendCommandRequest;
+    let resp = FleetServiceClient::new(ch)
+        .send_command(SendCommandRequest { cluster, node, action: Some(action), ..Default::default() })
+        .await
+        .map_err(status)?
+        .into_inner();
+    if json {
+        return json_line("nodekeeper.v1.SendCommandResponse", &resp);
+    }
+    output::println(&format!(
+        "command {} sent (CommandIssued at cursor {}); its CommandResult event follows",
+        resp.command_id, resp.cursor
+    ))?;
     Ok(())
 }

@@ -57,6 +57,38 @@ pub fn component(value: &str) -> Result<(), NameError> {
     dns_label(WHAT, value)
 }
 
+/// An RPM package name: letters, digits and `. _ + -`, starting with a letter or digit, at most
+/// 200 characters.
+pub fn package(value: &str) -> Result<(), NameError> {
+    const WHAT: &str = "package name";
+    let ok = !value.is_empty()
+        && value.len() <= 200
+        && value.starts_with(|c: char| c.is_ascii_alphanumeric())
+        && value.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '+' | '-'));
+    if ok { Ok(()) } else { Err(err(WHAT, value, "letters, digits and . _ + - only, starting with a letter or digit")) }
+}
+
+/// An exact RPM version `[epoch:]version-release`; version and release take letters, digits and
+/// `. _ + ~ ^` (at most 128 characters each), the epoch digits.
+pub fn evr(value: &str) -> Result<(), NameError> {
+    const WHAT: &str = "version";
+    let part = |s: &str| {
+        !s.is_empty()
+            && s.len() <= 128
+            && s.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '+' | '~' | '^'))
+    };
+    let rest = match value.split_once(':') {
+        Some((e, rest)) if !e.is_empty() && e.len() <= 10 && e.chars().all(|c| c.is_ascii_digit()) => rest,
+        Some(_) => return Err(err(WHAT, value, "the epoch before ':' must be a number")),
+        None => value,
+    };
+    match rest.rsplit_once('-') {
+        Some((v, r)) if part(v) && part(r) => Ok(()),
+        Some(_) => Err(err(WHAT, value, "version and release take letters, digits and . _ + ~ ^")),
+        None => Err(err(WHAT, value, "expected epoch:version-release, e.g. 1:1.7.2-1.el9")),
+    }
+}
+
 /// A durable consumer's name.
 pub fn consumer(value: &str) -> Result<(), NameError> {
     dns_subdomain("consumer name", value)

@@ -85,3 +85,24 @@ pub fn batch(batch: &ObservationBatch, limits: &LimitsConfig) -> Result<u64, Sta
     }
     Ok(last)
 }
+
+/// A component status report: names checked, text bounded, at most 256 components.
+pub fn component_status(r: &nodekeeper_proto::v1::ComponentStatusReport, max_text: usize) -> Result<(), Status> {
+    if r.components.len() > 256 {
+        return Err(Status::invalid_argument(format!(
+            "{} components in one status report; at most 256",
+            r.components.len()
+        )));
+    }
+    for c in &r.components {
+        name(names::component(&c.name))?;
+        let text = c.desired_version.len() + c.installed_version.len() + c.last_error.len();
+        if text > max_text {
+            return Err(Status::invalid_argument(format!(
+                "status of component {:?}: {text} bytes of text, at most {max_text}",
+                c.name
+            )));
+        }
+    }
+    Ok(())
+}

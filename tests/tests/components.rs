@@ -358,3 +358,84 @@ fn version_order_equals_rpms_own() {
     }
     assert!(checked > 2500, "only {checked} pairs were valid versions");
 }
+
+/// End to end with real processes: the desired version set in the event center reaches the agent,
+/// which converges; the center lists it; a restart command round-trips; a rollback opens a fault.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn desired_state_from_the_center_converges_and_commands_round_trip() {
+    use nodekeeper_tests::{Agent, AgentSpec, EventCenter, cli, json_lines, stored_events, wait_for};
+    let center = EventCenter::start("[nodes]\ncheck_interval = \"50ms\"\n").await;
+    let url = center.url();
+    let n = Node::new();
+    let extra = format!(
+        "[component_manager]\ninstallroot = \"{}\"\nreleasever = \"1\"\nconfig_roots = [\"/etc/nk-demo\"]\nsystemctl = \"{}\"\nreconcile_interval = \"1h\"\n",
+        n.root().display(),
+        n.path("systemctl").display()
+    );
+    let agent = Agent::start(AgentSpec { extra: &extra, ..AgentSpec::new("node-c", &url) }).await;
+    wait_for("the agent to connect", Duration::from_secs(20), || async {
+        agent.status().await.connected.then_some(())
+    })
+    .await;
+
+    let converged_at = |version: &'static str| {
+        let url = url.clone();
+        async move {
+            let (code, out, _) = cli(&url, &["components", "list", "--node", "node-c", "-o", "json"]).await;
+            if code != 0 {
+                return None;
+            }
+            let nodes = json_lines(&out);
+            let n = nodes.first()?;
+            let c = &n["components"][0];
+            (n["converged"] == true && c["installedVersion"] == version && c["phase"] == "COMPONENT_PHASE_CONVERGED")
+                .then(|| n.clone())
+        }
+    };
+    for (version, installed) in [("1.0-1", "0:1.0-1"), ("1.1-1", "0:1.1-1")] {
+        let spec = n.spec(version, "x", "");
+        let (code, out, err) =
+            cli(&url, &["components", "set", "--cluster", "c1", "--node", "node-c", spec.to_str().unwrap()]).await;
+        assert_eq!(code, 0, "{out}{err}");
+        assert!(out.contains("1 nodes matched"), "{out}");
+        let listed =
+            wait_for(&format!("node-c converged at {installed}"), Duration::from_secs(60), || converged_at(installed))
+                .await;
+        assert_eq!(listed["components"][0]["desiredVersion"], version);
+        assert_eq!(n.installed().as_deref(), Some(installed), "the RPM database agrees");
+    }
+
+    // A restart command round-trips: issued, carried out (the unit restarted), result recorded.
+    let restarts = n.restarts();
+    let (code, out, err) =
+        cli(&url, &["components", "restart", "--cluster", "c1", "--node", "node-c", "demo", "-o", "json"]).await;
+    assert_eq!(code, 0, "{out}{err}");
+    let command_id = json_lines(&out)[0]["commandId"].as_str().unwrap().to_owned();
+    let result = wait_for("the command result", Duration::from_secs(30), || async {
+        stored_events(center.channel().await, "node-c", "CommandResult")
+            .await
+            .into_iter()
+            .find(|e| e.attributes.get("command_id") == Some(&command_id))
+    })
+    .await;
+    assert_eq!(result.attributes["success"], "true", "{}", result.message);
+    assert!(result.message.contains("nk-demo.service restarted and healthy"), "{}", result.message);
+    assert_eq!(n.restarts(), restarts + 1);
+
+    // An unhealthy version is rolled back; the fault reaches the center.
+    let spec = n.spec("1.2-1", "x", "");
+    let (code, _, err) =
+        cli(&url, &["components", "set", "--cluster", "c1", "--node", "node-c", spec.to_str().unwrap()]).await;
+    assert_eq!(code, 0, "{err}");
+    let fault = wait_for("the DemoUpgradeFailed fault", Duration::from_secs(60), || async {
+        let (_, out, _) = cli(&url, &["faults", "list", "-o", "json"]).await;
+        json_lines(&out).into_iter().find(|f| f["type"] == "DemoUpgradeFailed")
+    })
+    .await;
+    assert!(fault["message"].as_str().unwrap().contains("rolled back to 0:1.1-1"), "{fault}");
+    assert_eq!(n.installed().as_deref(), Some("0:1.1-1"));
+    let (_, out, _) = cli(&url, &["components", "list", "-o", "json"]).await;
+    let node = &json_lines(&out)[0];
+    assert!(!node["converged"].as_bool().unwrap_or(false), "canonical JSON omits false: {node}");
+    assert_eq!(node["components"][0]["phase"], "COMPONENT_PHASE_FAILED", "{node}");
+}

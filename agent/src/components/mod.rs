@@ -18,6 +18,7 @@
 //! unreachable repositories, missing packages, dependency conflicts) leave the running version
 //! and its config as they were.
 
+pub mod driver;
 pub mod rpm;
 pub mod spec;
 pub mod version;
@@ -102,7 +103,7 @@ struct Journal {
 
 pub struct Manager {
     s: Settings,
-    tools: Tools,
+    pub(crate) tools: Tools,
     status: BTreeMap<String, ComponentStatus>,
     /// Component → the desired version that was rolled back (not tried again until it changes).
     rejected: HashMap<String, String>,
@@ -131,7 +132,7 @@ fn io(what: &str, p: &Path, e: std::io::Error) -> String {
 }
 
 /// Writes a file atomically: a temporary file in the same directory, fsynced, then renamed.
-fn write_atomic(path: &Path, content: &[u8], mode: u32, owner: &str, group: &str) -> Result<(), String> {
+pub(crate) fn write_atomic(path: &Path, content: &[u8], mode: u32, owner: &str, group: &str) -> Result<(), String> {
     use std::io::Write;
     let dir = path.parent().ok_or_else(|| format!("{} has no directory", path.display()))?;
     std::fs::create_dir_all(dir).map_err(|e| io("creating", dir, e))?;
@@ -380,6 +381,9 @@ impl Manager {
         log: &mut (dyn FnMut(String) + Send),
     ) -> Vec<(String, Outcome)> {
         self.retain(specs);
+        if specs.is_empty() {
+            return Vec::new();
+        }
         let packages: Vec<&str> =
             specs.iter().filter(|s| version::package_name(&s.package).is_ok()).map(|s| s.package.as_str()).collect();
         let installed = match self.tools.installed(&packages).await {

@@ -163,7 +163,9 @@ impl Tools {
         cmd.arg(format!("--setopt=cachedir={}", self.cache_dir.display()));
         if let Some(root) = &self.installroot {
             cmd.arg(format!("--installroot={}", root.display()));
-            cmd.arg(format!("--releasever={}", self.releasever));
+            if !self.releasever.is_empty() {
+                cmd.arg(format!("--releasever={}", self.releasever));
+            }
         }
         if !repos.is_empty() {
             // Only the spec's repositories: the host's or the image's own are not consulted.

@@ -13,31 +13,17 @@ pub struct Evr {
     pub release: String,
 }
 
-fn valid_part(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 128
-        && s.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '+' | '~' | '^'))
-}
-
 impl Evr {
-    /// Parses `[E:]V-R`. Versions and releases take letters, digits and `. _ + ~ ^`.
+    /// Parses `[E:]V-R` (validated by `nodekeeper_common::names::evr`).
     pub fn parse(s: &str) -> Result<Evr, String> {
+        nodekeeper_common::names::evr(s).map_err(|e| e.to_string())?;
         let (epoch, rest) = match s.split_once(':') {
             Some((e, rest)) => {
-                (e.parse::<u64>().map_err(|_| format!("invalid version {s:?}: the epoch {e:?} is not a number"))?, rest)
+                (e.parse::<u64>().map_err(|_| format!("invalid version {s:?}: epoch out of range"))?, rest)
             }
             None => (0, s),
         };
-        let (version, release) = rest
-            .rsplit_once('-')
-            .ok_or_else(|| format!("invalid version {s:?}: expected epoch:version-release, e.g. 1:1.7.2-1.el9"))?;
-        for (what, part) in [("version", version), ("release", release)] {
-            if !valid_part(part) {
-                return Err(format!(
-                    "invalid version {s:?}: the {what} {part:?} must be 1 to 128 letters, digits or . _ + ~ ^"
-                ));
-            }
-        }
+        let (version, release) = rest.rsplit_once('-').expect("validated");
         Ok(Evr { epoch, version: version.to_owned(), release: release.to_owned() })
     }
 
@@ -80,13 +66,9 @@ pub fn vercmp(a: &str, b: &str) -> Ordering {
     rpm_version::rpm_evr_compare(a, b)
 }
 
-/// An RPM package name: letters, digits and `. _ + -`, starting with a letter or digit.
+/// An RPM package name (`nodekeeper_common::names::package`).
 pub fn package_name(s: &str) -> Result<(), String> {
-    let ok = !s.is_empty()
-        && s.len() <= 200
-        && s.starts_with(|c: char| c.is_ascii_alphanumeric())
-        && s.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '+' | '-'));
-    if ok { Ok(()) } else { Err(format!("invalid package name {s:?}: letters, digits and . _ + - only")) }
+    nodekeeper_common::names::package(s).map_err(|e| e.to_string())
 }
 
 #[cfg(test)]

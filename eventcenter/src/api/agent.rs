@@ -49,7 +49,7 @@ impl Sessions {
         }
     }
 
-    fn sender(&self, key: &NodeKey) -> Option<Tx> {
+    pub(crate) fn sender(&self, key: &NodeKey) -> Option<Tx> {
         self.open.lock().expect("sessions lock").get(key).map(|(_, tx)| tx.clone())
     }
 }
@@ -225,6 +225,10 @@ impl agent_service_server::AgentService for AgentApi {
             in_flight: Arc::new(Semaphore::new(MAX_IN_FLIGHT)),
         };
         let id = session.ctx.sessions.register(session.key.clone(), session.tx.clone());
+        // The node's desired components, if any are set.
+        if let Err(status) = super::components::push(&session.ctx, &session.key, &session.hello.labels).await {
+            tracing::warn!(node = %session.key.node, error = %status.message(), "cannot send the desired components");
+        }
         tokio::spawn(async move {
             let (sessions, key) = (session.ctx.sessions.clone(), session.key.clone());
             session.run(inbound).await;
@@ -290,9 +294,15 @@ impl Session {
                 );
                 self.ctx.store.append(vec![event]).await.map_err(store_status)?;
             }
-            Some(agent_message::Msg::ComponentStatus(_)) => {
-                // Stored by the component-manager issue; accepted and counted as a sign of life.
+            Some(agent_message::Msg::ComponentStatus(report)) => {
                 self.ctx.liveness.seen(&self.key);
+                validate::component_status(&report, self.ctx.config.limits.max_text_bytes)?;
+                use prost::Message;
+                self.ctx
+                    .store
+                    .set_component_status(self.key.clone(), report.encode_to_vec())
+                    .await
+                    .map_err(store_status)?;
             }
             None => return Err(Status::invalid_argument("empty agent message")),
         }

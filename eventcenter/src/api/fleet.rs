@@ -96,9 +96,9 @@ impl fleet_service_server::FleetService for FleetApi {
 
     async fn list_components(
         &self,
-        _: Request<ListComponentsRequest>,
+        request: Request<ListComponentsRequest>,
     ) -> Result<Response<ListComponentsResponse>, Status> {
-        Err(Status::unimplemented("component state is not served by this version of the event center"))
+        super::components::list(&self.0, request).await
     }
 
     async fn send_command(
@@ -110,8 +110,8 @@ impl fleet_service_server::FleetService for FleetApi {
 
     async fn set_desired_components(
         &self,
-        _: Request<SetDesiredComponentsRequest>,
+        request: Request<SetDesiredComponentsRequest>,
     ) -> Result<Response<SetDesiredComponentsResponse>, Status> {
-        Err(Status::unimplemented("component state is not served by this version of the event center"))
+        super::components::set_desired(&self.0, request).await
     }
 }

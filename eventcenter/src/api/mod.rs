@@ -2,6 +2,7 @@
 //! tracker and subscriptions; they hold no state of their own.
 
 pub mod agent;
+pub mod components;
 pub mod events;
 pub mod fleet;
 pub mod permits;

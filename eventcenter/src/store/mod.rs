@@ -9,6 +9,8 @@
 //! subscriber that lags re-reads the store, so the channel may drop but the subscriber never skips.
 
 mod read;
+
+pub use read::DesiredRow;
 mod writer;
 
 use std::collections::HashMap;
@@ -25,7 +27,7 @@ use tokio::sync::{Semaphore, broadcast, oneshot, watch};
 pub use read::FaultFilter;
 
 /// Embedded numbered migrations; `PRAGMA user_version` records how many applied.
-const MIGRATIONS: &[&str] = &[include_str!("migrations/0001_init.sql")];
+const MIGRATIONS: &[&str] = &[include_str!("migrations/0001_init.sql"), include_str!("migrations/0002_components.sql")];
 
 /// Fault state numbers as stored (equal to `nodekeeper.v1.FaultState`).
 pub(crate) const FAULT_RESOLVED: i32 = nodekeeper_proto::v1::FaultState::Resolved as i32;
@@ -320,6 +322,19 @@ impl Store {
         })
         .await
         .map_err(|e| StoreError::sqlite(&self.inner.path, format!("reader task failed: {e}")))?
+    }
+
+    /// Sets the desired components of a target of a cluster ("node:<name>" or
+    /// "selector:<k=v,...>"); returns the new generation.
+    pub async fn set_desired(&self, cluster: String, target: String, specs: Vec<u8>) -> Result<u64> {
+        let change = writer::ComponentsChange::Desired { cluster, target, specs };
+        self.submit(1, |reply, permit| writer::Op::Components { change, reply, permit }).await
+    }
+
+    /// Records the component status a node reported.
+    pub async fn set_component_status(&self, key: NodeKey, body: Vec<u8>) -> Result<u64> {
+        let change = writer::ComponentsChange::Status { key, body };
+        self.submit(1, |reply, permit| writer::Op::Components { change, reply, permit }).await
     }
 
     /// Stops the writer after it committed everything submitted so far, and checkpoints the WAL.

@@ -41,7 +41,57 @@ fn read_events(conn: &Connection, after: u64, limit: usize) -> Result<Vec<Event>
     Ok(out)
 }
 
+/// One target's desired components: (target, generation, specs).
+pub type DesiredRow = (String, u64, Vec<nodekeeper_proto::v1::ComponentSpec>);
+
 impl Store {
+    /// Every target's desired components in a cluster, oldest generation first.
+    pub async fn desired_components(&self, cluster: String) -> Result<Vec<DesiredRow>> {
+        self.read(move |c| {
+            let mut stmt = c
+                .prepare_cached(
+                    "SELECT target, generation, specs FROM desired_components WHERE cluster = ?1 ORDER BY generation",
+                )
+                .map_err(sql)?;
+            let rows = stmt
+                .query_map([cluster], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?, r.get::<_, Vec<u8>>(2)?)))
+                .map_err(sql)?;
+            let mut out = Vec::new();
+            for row in rows {
+                let (target, generation, specs) = row.map_err(sql)?;
+                let state: nodekeeper_proto::v1::DesiredState = decode("desired_components", &specs)?;
+                out.push((target, generation as u64, state.components));
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    /// The component status each node reported last, by (cluster, node).
+    pub async fn component_statuses(
+        &self,
+        clusters: Vec<String>,
+    ) -> Result<Vec<(String, String, nodekeeper_proto::v1::ComponentStatusReport)>> {
+        self.read(move |c| {
+            let mut stmt = c
+                .prepare_cached("SELECT cluster, node, body FROM component_status ORDER BY cluster, node")
+                .map_err(sql)?;
+            let rows = stmt
+                .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, Vec<u8>>(2)?)))
+                .map_err(sql)?;
+            let mut out = Vec::new();
+            for row in rows {
+                let (cluster, node, body) = row.map_err(sql)?;
+                if !clusters.is_empty() && !clusters.contains(&cluster) {
+                    continue;
+                }
+                out.push((cluster, node, decode("component_status", &body)?));
+            }
+            Ok(out)
+        })
+        .await
+    }
+
     /// Up to `limit` events with a cursor greater than `after`, in cursor order.
     pub async fn read_after(&self, after: u64, limit: usize) -> Result<Vec<Event>> {
         self.read(move |c| read_events(c, after, limit)).await

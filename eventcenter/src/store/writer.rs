@@ -69,9 +69,19 @@ pub(crate) enum Op {
         reply: oneshot::Sender<Result<u64>>,
         permit: OwnedSemaphorePermit,
     },
+    Components {
+        change: ComponentsChange,
+        reply: oneshot::Sender<Result<u64>>,
+        permit: OwnedSemaphorePermit,
+    },
     Close {
         reply: oneshot::Sender<()>,
     },
+}
+
+pub(crate) enum ComponentsChange {
+    Desired { cluster: String, target: String, specs: Vec<u8> },
+    Status { key: NodeKey, body: Vec<u8> },
 }
 
 impl Op {
@@ -277,6 +287,10 @@ impl Writer {
                 let r = self.retain(cutoff_ms, max_rows);
                 self.settle(r, reply, permit, saved_cursor, group, saved_published)
             }
+            Op::Components { change, reply, permit } => {
+                let r = self.components(change);
+                self.settle(r, reply, permit, saved_cursor, group, saved_published)
+            }
             Op::Close { .. } => unreachable!("handled above"),
         };
         group.deferred.push(deferred);
@@ -327,7 +341,48 @@ impl Writer {
             Op::AckConsumer { reply, permit, .. } => defer(reply, Err(e), permit),
             Op::DeleteConsumer { reply, permit, .. } => defer(reply, Err(e), permit),
             Op::Retain { reply, permit, .. } => defer(reply, Err(e), permit),
+            Op::Components { reply, permit, .. } => defer(reply, Err(e), permit),
             Op::Close { .. } => Box::new(|_| {}),
+        }
+    }
+
+    fn components(&mut self, change: ComponentsChange) -> Result<u64> {
+        let now = nodekeeper_common::time::to_unix_ms(std::time::SystemTime::now());
+        match change {
+            ComponentsChange::Desired { cluster, target, specs } => {
+                let generation: i64 = self
+                    .conn
+                    .query_row(
+                        "SELECT COALESCE((SELECT value FROM meta WHERE key = 'components_generation'), 0) + 1",
+                        [],
+                        |r| r.get(0),
+                    )
+                    .map_err(|e| self.err(e))?;
+                self.conn
+                    .execute(
+                        "INSERT INTO meta (key, value) VALUES ('components_generation', ?1) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                        [generation],
+                    )
+                    .map_err(|e| self.err(e))?;
+                self.conn
+                    .execute(
+                        "INSERT INTO desired_components (cluster, target, generation, specs) VALUES (?1, ?2, ?3, ?4)
+                         ON CONFLICT (cluster, target) DO UPDATE SET generation = excluded.generation, specs = excluded.specs",
+                        rusqlite::params![cluster, target, generation, specs],
+                    )
+                    .map_err(|e| self.err(e))?;
+                Ok(generation as u64)
+            }
+            ComponentsChange::Status { key, body } => {
+                self.conn
+                    .execute(
+                        "INSERT INTO component_status (cluster, node, updated_ms, body) VALUES (?1, ?2, ?3, ?4)
+                         ON CONFLICT (cluster, node) DO UPDATE SET updated_ms = excluded.updated_ms, body = excluded.body",
+                        rusqlite::params![key.cluster, key.node, now, body],
+                    )
+                    .map_err(|e| self.err(e))?;
+                Ok(0)
+            }
         }
     }
 

@@ -557,6 +557,9 @@ pub struct ObservationBatch {
 pub struct ComponentStatusReport {
     #[prost(message, repeated, tag = "1")]
     pub components: ::prost::alloc::vec::Vec<ComponentStatus>,
+    /// The desired generation these statuses are about (0: a local spec file).
+    #[prost(uint64, tag = "2")]
+    pub generation: u64,
 }
 #[derive(Clone, PartialEq, ::prost::Message)]
 pub struct CenterMessage {
@@ -2430,6 +2433,13 @@ pub struct NodeComponents {
     pub components: ::prost::alloc::vec::Vec<ComponentStatus>,
     #[prost(uint64, tag = "4")]
     pub desired_generation: u64,
+    /// The readiness gate "components converged": the node reported every desired component
+    /// converged at its desired version, for the newest desired generation.
+    #[prost(bool, tag = "5")]
+    pub converged: bool,
+    /// The desired generation the node's last report was about.
+    #[prost(uint64, tag = "6")]
+    pub reported_generation: u64,
 }
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct ListComponentsRequest {

@@ -1,0 +1,222 @@
+//! Desired components and their status: `SetDesiredComponents` stores specs per node or per label
+//! selector and pushes each affected connected node its new desired state; `ListComponents`
+//! answers what every node reported, with the readiness gate "components converged".
+
+use std::collections::{BTreeMap, HashMap};
+
+use nodekeeper_common::tls::Kind;
+use nodekeeper_proto::v1::{
+    CenterMessage, ComponentPhase, ComponentSpec, ComponentStatus, ComponentStatusReport, DesiredState,
+    ListComponentsRequest, ListComponentsResponse, NodeComponents, SetDesiredComponentsRequest,
+    SetDesiredComponentsResponse, center_message, set_desired_components_request::Target,
+};
+use prost::Message;
+use tonic::{Request, Response, Status};
+
+use super::{Ctx, READERS, require, require_cluster, scope_clusters, store_status};
+use crate::store::DesiredRow;
+use crate::store::NodeKey;
+use crate::validate;
+
+/// "k=v,k2=v2" → pairs; every key and value non-empty.
+pub fn parse_selector(s: &str) -> Result<Vec<(String, String)>, String> {
+    let mut out = Vec::new();
+    for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        match part.split_once('=') {
+            Some((k, v)) if !k.trim().is_empty() && !v.trim().is_empty() => {
+                out.push((k.trim().to_owned(), v.trim().to_owned()))
+            }
+            _ => return Err(format!("invalid selector {s:?}: expected key=value pairs separated by commas")),
+        }
+    }
+    if out.is_empty() {
+        return Err("empty selector".into());
+    }
+    Ok(out)
+}
+
+/// The desired state of one node: the specs of every selector its labels match (older
+/// generations first, a newer one replacing a component of the same name), then its own.
+pub fn effective(rows: &[DesiredRow], node: &str, labels: &HashMap<String, String>) -> DesiredState {
+    let mut by_name: BTreeMap<String, ComponentSpec> = BTreeMap::new();
+    let mut generation = 0;
+    let own = format!("node:{node}");
+    let mut apply = |g: u64, specs: &[ComponentSpec], by_name: &mut BTreeMap<String, ComponentSpec>| {
+        generation = generation.max(g);
+        for s in specs {
+            by_name.insert(s.name.clone(), s.clone());
+        }
+    };
+    for (target, g, specs) in rows {
+        if let Some(sel) = target.strip_prefix("selector:")
+            && parse_selector(sel).is_ok_and(|pairs| pairs.iter().all(|(k, v)| labels.get(k) == Some(v)))
+        {
+            apply(*g, specs, &mut by_name);
+        }
+    }
+    for (target, g, specs) in rows {
+        if target == &own {
+            apply(*g, specs, &mut by_name);
+        }
+    }
+    DesiredState { generation, components: by_name.into_values().collect() }
+}
+
+/// Sends a connected node its desired state (if anything is desired of it).
+pub async fn push(ctx: &Ctx, key: &NodeKey, labels: &HashMap<String, String>) -> Result<bool, Status> {
+    let rows = ctx.store.desired_components(key.cluster.clone()).await.map_err(store_status)?;
+    let state = effective(&rows, &key.node, labels);
+    if state.generation == 0 {
+        return Ok(false);
+    }
+    let Some(tx) = ctx.sessions.sender(key) else { return Ok(false) };
+    Ok(tx.send(Ok(CenterMessage { msg: Some(center_message::Msg::DesiredState(state)) })).await.is_ok())
+}
+
+fn check_spec(s: &ComponentSpec) -> Result<(), Status> {
+    let bad = |e: String| Status::invalid_argument(format!("component {:?}: {e}", s.name));
+    nodekeeper_common::names::component(&s.name).map_err(|e| bad(e.to_string()))?;
+    nodekeeper_common::names::package(&s.package).map_err(|e| bad(e.to_string()))?;
+    nodekeeper_common::names::evr(&s.version).map_err(|e| bad(e.to_string()))?;
+    Ok(())
+}
+
+pub async fn set_desired(
+    ctx: &Ctx,
+    request: Request<SetDesiredComponentsRequest>,
+) -> Result<Response<SetDesiredComponentsResponse>, Status> {
+    let caller = ctx.caller(&request)?;
+    require(&caller, &[Kind::Admin], "set desired components")?;
+    let req = request.into_inner();
+    validate::name(nodekeeper_common::names::cluster(&req.cluster))?;
+    require_cluster(&caller, &req.cluster)?;
+    let target = match &req.target {
+        Some(Target::Node(n)) => {
+            validate::name(nodekeeper_common::names::node(n))?;
+            format!("node:{n}")
+        }
+        Some(Target::Selector(s)) => {
+            let pairs = parse_selector(s).map_err(Status::invalid_argument)?;
+            let canonical: Vec<String> = pairs.iter().map(|(k, v)| format!("{k}={v}")).collect();
+            format!("selector:{}", canonical.join(","))
+        }
+        None => return Err(Status::invalid_argument("name a node or a label selector")),
+    };
+    let mut names = std::collections::HashSet::new();
+    for s in &req.components {
+        check_spec(s)?;
+        if !names.insert(&s.name) {
+            return Err(Status::invalid_argument(format!("component {:?} is listed twice", s.name)));
+        }
+    }
+    let body = DesiredState { generation: 0, components: req.components.clone() }.encode_to_vec();
+    let generation = ctx.store.set_desired(req.cluster.clone(), target.clone(), body).await.map_err(store_status)?;
+    // Which known nodes it concerns, and push to those connected.
+    let nodes = ctx.store.list_nodes(vec![req.cluster.clone()]).await.map_err(store_status)?;
+    let mut matched = 0;
+    for n in nodes {
+        let hit = match &req.target {
+            Some(Target::Node(name)) => &n.name == name,
+            Some(Target::Selector(s)) => {
+                parse_selector(s).is_ok_and(|p| p.iter().all(|(k, v)| n.labels.get(k) == Some(v)))
+            }
+            None => false,
+        };
+        if hit {
+            matched += 1;
+            push(ctx, &NodeKey { cluster: n.cluster.clone(), node: n.name.clone() }, &n.labels).await?;
+        }
+    }
+    tracing::info!(cluster = %req.cluster, target = %target, generation, nodes = matched, components = req.components.len(), "desired components set");
+    Ok(Response::new(SetDesiredComponentsResponse { generation, nodes_matched: matched }))
+}
+
+pub async fn list(
+    ctx: &Ctx,
+    request: Request<ListComponentsRequest>,
+) -> Result<Response<ListComponentsResponse>, Status> {
+    let caller = ctx.caller(&request)?;
+    require(&caller, READERS, "list components")?;
+    let req = request.into_inner();
+    let clusters = scope_clusters(&caller, req.clusters)?;
+    let nodes = ctx.store.list_nodes(clusters.clone()).await.map_err(store_status)?;
+    let mut reports: HashMap<(String, String), ComponentStatusReport> = ctx
+        .store
+        .component_statuses(clusters)
+        .await
+        .map_err(store_status)?
+        .into_iter()
+        .map(|(c, n, r)| ((c, n), r))
+        .collect();
+    let mut desired_by_cluster: HashMap<String, Vec<DesiredRow>> = HashMap::new();
+    let mut out = Vec::new();
+    for n in nodes {
+        if !req.nodes.is_empty() && !req.nodes.contains(&n.name) {
+            continue;
+        }
+        if !desired_by_cluster.contains_key(&n.cluster) {
+            let rows = ctx.store.desired_components(n.cluster.clone()).await.map_err(store_status)?;
+            desired_by_cluster.insert(n.cluster.clone(), rows);
+        }
+        let desired = effective(&desired_by_cluster[&n.cluster], &n.name, &n.labels);
+        let report = reports.remove(&(n.cluster.clone(), n.name.clone())).unwrap_or_default();
+        if desired.components.is_empty() && report.components.is_empty() {
+            continue;
+        }
+        let mut components = report.components.clone();
+        // Desired but not reported yet: pending.
+        for d in &desired.components {
+            if !components.iter().any(|c| c.name == d.name) {
+                components.push(ComponentStatus {
+                    name: d.name.clone(),
+                    desired_version: d.version.clone(),
+                    phase: ComponentPhase::Pending as i32,
+                    ..Default::default()
+                });
+            }
+        }
+        components.sort_by(|a, b| a.name.cmp(&b.name));
+        let converged = report.generation == desired.generation
+            && desired.components.iter().all(|d| {
+                components.iter().any(|c| {
+                    c.name == d.name && c.desired_version == d.version && c.phase() == ComponentPhase::Converged
+                })
+            });
+        out.push(NodeComponents {
+            cluster: n.cluster,
+            node: n.name,
+            components,
+            desired_generation: desired.generation,
+            converged,
+            reported_generation: report.generation,
+        });
+    }
+    Ok(Response::new(ListComponentsResponse { nodes: out }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(name: &str, version: &str) -> ComponentSpec {
+        ComponentSpec { name: name.into(), package: name.into(), version: version.into(), ..Default::default() }
+    }
+
+    #[test]
+    fn node_targets_override_selectors_and_newer_selectors_override_older() {
+        let rows: Vec<DesiredRow> = vec![
+            ("selector:pool=gpu".into(), 1, vec![spec("kubelet", "1.28-1"), spec("containerd", "1.7-1")]),
+            ("node:n1".into(), 2, vec![spec("kubelet", "1.29-1")]),
+            ("selector:pool=gpu,zone=a".into(), 3, vec![spec("containerd", "1.8-1")]),
+            ("selector:pool=cpu".into(), 4, vec![spec("docker", "24-1")]),
+        ];
+        let labels: HashMap<String, String> = [("pool".into(), "gpu".into()), ("zone".into(), "a".into())].into();
+        let s = effective(&rows, "n1", &labels);
+        let got: Vec<(String, String)> = s.components.iter().map(|c| (c.name.clone(), c.version.clone())).collect();
+        assert_eq!(got, vec![("containerd".into(), "1.8-1".into()), ("kubelet".into(), "1.29-1".into())]);
+        assert_eq!(s.generation, 3);
+        assert_eq!(effective(&rows, "n2", &HashMap::new()).generation, 0, "nothing desired of an unlabelled node");
+        assert!(parse_selector("a").is_err());
+        assert!(parse_selector("a=,b=c").is_err());
+    }
+}
