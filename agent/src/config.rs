@@ -366,6 +366,14 @@ mod tests {
     }
 
     #[test]
+    fn shipped_component_spec_parses_and_validates() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../packaging/components.toml");
+        let specs = crate::components::spec::load(&path).unwrap();
+        assert_eq!(specs.len(), 1);
+        crate::components::spec::validate(&specs[0], &[PathBuf::from("/etc")]).unwrap();
+    }
+
+    #[test]
     fn bad_values_name_their_key() {
         let cfg: Config =
             nodekeeper_common::config::parse(std::path::Path::new("a.toml"), "cluster = \"Bad_Cluster\"").unwrap();

@@ -442,5 +442,6 @@ async fn the_agent_answers_every_command_it_receives() {
     .await;
     assert_eq!(result.attributes["command_id"], sent.command_id);
     assert_eq!(result.attributes["success"], "false");
-    assert!(result.message.contains("not supported by this agent version"), "{}", result.message);
+    // No component named kubelet is desired of this node: refused with the reason, not dropped.
+    assert!(result.message.contains("no component \"kubelet\" is desired on this node"), "{}", result.message);
 }
