@@ -422,6 +422,27 @@ async fn desired_state_from_the_center_converges_and_commands_round_trip() {
     assert!(result.message.contains("nk-demo.service restarted and healthy"), "{}", result.message);
     assert_eq!(n.restarts(), restarts + 1);
 
+    // A reinstall command too: the same version installed again, verified.
+    std::fs::write(n.root().join("usr/lib/nk-demo/VERSION"), "damaged\n").unwrap();
+    let (code, out, err) =
+        cli(&url, &["components", "reinstall", "--cluster", "c1", "--node", "node-c", "demo", "-o", "json"]).await;
+    assert_eq!(code, 0, "{out}{err}");
+    let command_id = json_lines(&out)[0]["commandId"].as_str().unwrap().to_owned();
+    let result = wait_for("the reinstall result", Duration::from_secs(60), || async {
+        stored_events(center.channel().await, "node-c", "CommandResult")
+            .await
+            .into_iter()
+            .find(|e| e.attributes.get("command_id") == Some(&command_id))
+    })
+    .await;
+    assert_eq!(result.attributes["success"], "true", "{}", result.message);
+    assert!(result.message.contains("demo reinstalled at 1.1-1"), "{}", result.message);
+    assert_eq!(
+        std::fs::read_to_string(n.root().join("usr/lib/nk-demo/VERSION")).unwrap(),
+        "1.1\n",
+        "the package's files are back"
+    );
+
     // An unhealthy version is rolled back; the fault reaches the center.
     let spec = n.spec("1.2-1", "x", "");
     let (code, _, err) =
