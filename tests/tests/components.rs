@@ -359,11 +359,23 @@ fn version_order_equals_rpms_own() {
     assert!(checked > 2500, "only {checked} pairs were valid versions");
 }
 
+/// The CommandResult event of the command whose `SendCommandResponse` (JSON) is `sent`.
+async fn command_result(center: &nodekeeper_tests::EventCenter, sent: &str) -> nodekeeper_proto::v1::Event {
+    let command_id = nodekeeper_tests::json_lines(sent)[0]["commandId"].as_str().unwrap().to_owned();
+    nodekeeper_tests::wait_for("the command result", Duration::from_secs(60), || async {
+        nodekeeper_tests::stored_events(center.channel().await, "node-c", "CommandResult")
+            .await
+            .into_iter()
+            .find(|e| e.attributes.get("command_id") == Some(&command_id))
+    })
+    .await
+}
+
 /// End to end with real processes: the desired version set in the event center reaches the agent,
 /// which converges; the center lists it; a restart command round-trips; a rollback opens a fault.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn desired_state_from_the_center_converges_and_commands_round_trip() {
-    use nodekeeper_tests::{Agent, AgentSpec, EventCenter, cli, json_lines, stored_events, wait_for};
+    use nodekeeper_tests::{Agent, AgentSpec, EventCenter, cli, json_lines, wait_for};
     let center = EventCenter::start("[nodes]\ncheck_interval = \"50ms\"\n").await;
     let url = center.url();
     let n = Node::new();
@@ -410,14 +422,7 @@ async fn desired_state_from_the_center_converges_and_commands_round_trip() {
     let (code, out, err) =
         cli(&url, &["components", "restart", "--cluster", "c1", "--node", "node-c", "demo", "-o", "json"]).await;
     assert_eq!(code, 0, "{out}{err}");
-    let command_id = json_lines(&out)[0]["commandId"].as_str().unwrap().to_owned();
-    let result = wait_for("the command result", Duration::from_secs(30), || async {
-        stored_events(center.channel().await, "node-c", "CommandResult")
-            .await
-            .into_iter()
-            .find(|e| e.attributes.get("command_id") == Some(&command_id))
-    })
-    .await;
+    let result = command_result(&center, &out).await;
     assert_eq!(result.attributes["success"], "true", "{}", result.message);
     assert!(result.message.contains("nk-demo.service restarted and healthy"), "{}", result.message);
     assert_eq!(n.restarts(), restarts + 1);
@@ -427,14 +432,7 @@ async fn desired_state_from_the_center_converges_and_commands_round_trip() {
     let (code, out, err) =
         cli(&url, &["components", "reinstall", "--cluster", "c1", "--node", "node-c", "demo", "-o", "json"]).await;
     assert_eq!(code, 0, "{out}{err}");
-    let command_id = json_lines(&out)[0]["commandId"].as_str().unwrap().to_owned();
-    let result = wait_for("the reinstall result", Duration::from_secs(60), || async {
-        stored_events(center.channel().await, "node-c", "CommandResult")
-            .await
-            .into_iter()
-            .find(|e| e.attributes.get("command_id") == Some(&command_id))
-    })
-    .await;
+    let result = command_result(&center, &out).await;
     assert_eq!(result.attributes["success"], "true", "{}", result.message);
     assert!(result.message.contains("demo reinstalled at 1.1-1"), "{}", result.message);
     assert_eq!(

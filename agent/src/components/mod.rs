@@ -117,14 +117,7 @@ fn class(action: RecommendedAction) -> Class {
 
 /// `<Title>UpgradeFailed`, the condition a rollback opens.
 pub fn failed_condition(name: &str) -> String {
-    let t: String = name
-        .split(['-', '_', '.'])
-        .map(|p| {
-            let mut c = p.chars();
-            c.next().map(|f| f.to_uppercase().chain(c).collect::<String>()).unwrap_or_default()
-        })
-        .collect();
-    format!("{t}UpgradeFailed")
+    format!("{}UpgradeFailed", crate::monitor::components::title(name))
 }
 
 fn io(what: &str, p: &Path, e: std::io::Error) -> String {

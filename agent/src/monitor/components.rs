@@ -69,7 +69,7 @@ pub fn default_components() -> Vec<ComponentWatch> {
 
 /// "kubelet" → "Kubelet", "node-exporter" → "NodeExporter": the component's part of its
 /// condition types.
-fn title(name: &str) -> String {
+pub fn title(name: &str) -> String {
     name.split(['-', '_', '.'])
         .map(|part| {
             let mut c = part.chars();
