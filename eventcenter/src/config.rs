@@ -21,6 +21,8 @@ pub struct Config {
     pub store: StoreConfig,
     pub nodes: NodesConfig,
     pub limits: LimitsConfig,
+    /// Remote detectors: how many replicas must agree before their verdict opens a fault.
+    pub detectors: DetectorsConfig,
     /// Idle time after which a subscription gets a bookmark.
     #[serde(with = "duration")]
     pub bookmark_interval: Duration,
@@ -66,6 +68,21 @@ pub struct NodesConfig {
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
+pub struct DetectorsConfig {
+    /// Detector replicas that must report the same verdict (AgentDown, KubeletDown,
+    /// NodeUnreachable) about a node before it opens a fault; it clears when fewer than `quorum`
+    /// still hold it.
+    pub quorum: usize,
+}
+
+impl Default for DetectorsConfig {
+    fn default() -> Self {
+        Self { quorum: 1 }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
 pub struct LimitsConfig {
     /// Largest gRPC message accepted, in bytes.
     pub max_message_bytes: usize,
@@ -91,6 +108,7 @@ impl Default for Config {
             store: StoreConfig::default(),
             nodes: NodesConfig::default(),
             limits: LimitsConfig::default(),
+            detectors: DetectorsConfig::default(),
             bookmark_interval: Duration::from_secs(5),
             drain_timeout: Duration::from_secs(5),
             tls: None,
@@ -138,6 +156,9 @@ impl Default for LimitsConfig {
 impl Config {
     /// Checks what types alone cannot; returns a message naming the key.
     pub fn validate(&self) -> Result<(), String> {
+        if self.detectors.quorum == 0 {
+            return Err("detectors.quorum must be at least 1".into());
+        }
         if self.store.commit_max_rows == 0 {
             return Err("store.commit_max_rows must be at least 1".into());
         }

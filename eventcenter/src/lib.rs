@@ -8,6 +8,7 @@ pub mod config;
 pub mod cursor;
 pub mod limits;
 pub mod liveness;
+pub mod quorum;
 pub mod store;
 pub mod subscribe;
 pub mod validate;
@@ -74,6 +75,18 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: impl Future<Ou
         cancel.clone(),
     )));
     let config = Arc::new(config);
+    // The detector verdicts the store holds as open conditions.
+    let open_verdicts = store
+        .list_conditions(Vec::new(), Vec::new())
+        .await?
+        .into_iter()
+        .filter_map(|c| {
+            let cond = c.condition?;
+            (quorum::VERDICTS.contains(&cond.r#type.as_str())
+                && cond.status() == nodekeeper_proto::v1::ConditionStatus::True)
+                .then(|| (c.cluster, c.node, cond.r#type))
+        })
+        .collect::<Vec<_>>();
     let ctx = Ctx {
         store: store.clone(),
         liveness,
@@ -82,6 +95,7 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: impl Future<Ou
         authenticated: tls.is_some(),
         limits: Arc::new(limits::Limits::new(&config.limits)),
         sessions: Arc::default(),
+        quorum: Arc::new(quorum::Quorum::new(open_verdicts)),
     };
 
     let max = config.limits.max_message_bytes;

@@ -86,7 +86,13 @@ pub struct TomlHealthCheck {
 
 /// Reads a local spec file into the same messages the center sends.
 pub fn load(path: &Path) -> Result<Vec<ComponentSpec>, String> {
-    let f: SpecFile = nodekeeper_common::config::load(path).map_err(|e| e.to_string())?;
+    let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read spec file {}: {e}", path.display()))?;
+    parse(path, &text)
+}
+
+/// Parses spec file text (`path` names it in errors).
+pub fn parse(path: &Path, text: &str) -> Result<Vec<ComponentSpec>, String> {
+    let f: SpecFile = nodekeeper_common::config::parse(path, text).map_err(|e| e.to_string())?;
     let mut out = Vec::new();
     for c in f.component {
         let mode = |m: &Option<String>| -> Result<u32, String> {

@@ -129,7 +129,12 @@ impl LogMonitorSpec {
 pub fn load(path: &Path) -> Result<MonitorSpec, RuleError> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| RuleError::File { path: path.to_owned(), message: format!("cannot read: {e}") })?;
-    if path.extension().is_some_and(|e| e == "json") { parse_npd(path, &text) } else { parse_toml(path, &text) }
+    parse(path, &text)
+}
+
+/// Parses rule file text; `path` names it in errors and picks the format (`.json`: NPD's).
+pub fn parse(path: &Path, text: &str) -> Result<MonitorSpec, RuleError> {
+    if path.extension().is_some_and(|e| e == "json") { parse_npd(path, text) } else { parse_toml(path, text) }
 }
 
 /// The built-in kernel monitor, reading `kmsg` (normally /dev/kmsg).

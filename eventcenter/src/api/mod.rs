@@ -30,6 +30,8 @@ pub struct Ctx {
     pub authenticated: bool,
     pub limits: Arc<crate::limits::Limits>,
     pub sessions: Arc<agent::Sessions>,
+    /// Detector replicas' votes, folded into verdicts.
+    pub quorum: Arc<crate::quorum::Quorum>,
 }
 
 /// What a caller may do, from its certificate. `None` on an insecure center: everything.

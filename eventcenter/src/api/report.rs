@@ -38,6 +38,8 @@ impl report_service_server::ReportService for ReportApi {
         }
         let mut events = Vec::with_capacity(req.reports.len());
         let mut ids = Vec::with_capacity(req.reports.len());
+        // Detector verdicts are votes: stored as evidence, folded by the quorum.
+        let mut votes = Vec::new();
         for (i, r) in req.reports.into_iter().enumerate() {
             validate::name(names::report_id(&r.report_id))
                 .map_err(|s| Status::invalid_argument(format!("report {i}: {}", s.message())))?;
@@ -46,8 +48,17 @@ impl report_service_server::ReportService for ReportApi {
             validate::name(names::node(&r.node))
                 .map_err(|s| Status::invalid_argument(format!("report {i}: {}", s.message())))?;
             require_cluster(&caller, &r.cluster)?;
-            let o = r.observation.ok_or_else(|| Status::invalid_argument(format!("report {i} has no observation")))?;
+            let mut o =
+                r.observation.ok_or_else(|| Status::invalid_argument(format!("report {i} has no observation")))?;
             validate::observation(&o, limits, &|| format!("report {i}"))?;
+            let detector = caller.as_ref().is_none_or(|id| id.kind == Kind::Detector);
+            if detector && let Some(c) = o.condition.take_if(|c| crate::quorum::VERDICTS.contains(&c.r#type.as_str())) {
+                let holds = c.status() == nodekeeper_proto::v1::ConditionStatus::True;
+                votes.push((r.cluster.clone(), r.node.clone(), c.r#type.clone(), holds, o.message.clone()));
+                o.attributes.insert("verdict".into(), c.r#type.clone());
+                o.attributes.insert("holds".into(), holds.to_string());
+                o.r#type = "DetectorVote".into();
+            }
             let origin = Origin {
                 producer: req.producer.clone(),
                 boot_id: String::new(),
@@ -61,6 +72,16 @@ impl report_service_server::ReportService for ReportApi {
             ));
         }
         let appended = self.0.store.append(events).await.map_err(store_status)?;
+        let quorum = self.0.config.detectors.quorum;
+        let folded: Vec<NewEvent> = votes
+            .into_iter()
+            .filter_map(|(cluster, node, verdict, holds, message)| {
+                self.0.quorum.vote(&cluster, &node, &verdict, &req.producer, holds, &message, quorum)
+            })
+            .collect();
+        if !folded.is_empty() {
+            self.0.store.append(folded).await.map_err(store_status)?;
+        }
         let results = ids
             .into_iter()
             .zip(appended)

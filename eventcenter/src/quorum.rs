@@ -1,0 +1,131 @@
+//! Detector verdicts folded into one: each detector replica reports its own view of a node
+//! (AgentDown, KubeletDown, NodeUnreachable: True or False). The views are stored as
+//! `DetectorVote` events (evidence; they open no fault); when `quorum` replicas hold a verdict the
+//! center records the condition itself, which opens the fault, and clears it when fewer do.
+//!
+//! Votes are kept in memory: detectors repeat their views every probe round, so a restarted
+//! center has them again within a round. The folded state is the stored condition.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Mutex;
+
+use nodekeeper_proto::v1::{Category, Condition, ConditionStatus, Observation, Origin, RecommendedAction, Severity};
+
+use crate::store::{Identity, NewEvent};
+
+/// The condition types detectors report.
+pub const VERDICTS: [&str; 3] = ["AgentDown", "KubeletDown", "NodeUnreachable"];
+
+type Key = (String, String, String);
+
+#[derive(Default)]
+pub struct Quorum {
+    /// (cluster, node, verdict) → producer → (holds, message).
+    votes: Mutex<HashMap<Key, BTreeMap<String, (bool, String)>>>,
+    /// Verdicts the center has declared (the stored condition is True).
+    declared: Mutex<HashMap<Key, bool>>,
+}
+
+impl Quorum {
+    /// Starts from the conditions the store holds.
+    pub fn new(open: impl IntoIterator<Item = (String, String, String)>) -> Quorum {
+        let q = Quorum::default();
+        let mut d = q.declared.lock().expect("quorum lock");
+        for k in open {
+            d.insert(k, true);
+        }
+        drop(d);
+        q
+    }
+
+    /// Records one detector's view; returns the condition event to store if the folded verdict
+    /// changed.
+    pub fn vote(
+        &self,
+        cluster: &str,
+        node: &str,
+        verdict: &str,
+        producer: &str,
+        holds: bool,
+        message: &str,
+        quorum: usize,
+    ) -> Option<NewEvent> {
+        let key = (cluster.to_owned(), node.to_owned(), verdict.to_owned());
+        let mut votes = self.votes.lock().expect("quorum lock");
+        let v = votes.entry(key.clone()).or_default();
+        v.insert(producer.to_owned(), (holds, message.to_owned()));
+        let holding: Vec<(&String, &String)> = v.iter().filter(|(_, (h, _))| *h).map(|(p, (_, m))| (p, m)).collect();
+        let now = holding.len() >= quorum;
+        let mut declared = self.declared.lock().expect("quorum lock");
+        let was = declared.get(&key).copied().unwrap_or(false);
+        if now == was {
+            return None;
+        }
+        declared.insert(key, now);
+        let (status, reason, text) = if now {
+            let evidence: Vec<String> = holding.iter().map(|(p, m)| format!("{p}: {m}")).collect();
+            (
+                ConditionStatus::True,
+                verdict.to_owned(),
+                format!(
+                    "{verdict} confirmed by {} detector(s), quorum {quorum}: {}",
+                    holding.len(),
+                    evidence.join("; ")
+                ),
+            )
+        } else {
+            (
+                ConditionStatus::False,
+                format!("No{verdict}"),
+                format!("{verdict} cleared: {} detector(s) still hold it, quorum {quorum}", holding.len()),
+            )
+        };
+        let (severity, action) = match verdict {
+            "NodeUnreachable" => (Severity::Critical, RecommendedAction::Manual),
+            "KubeletDown" => (Severity::Error, RecommendedAction::RestartComponent),
+            _ => (Severity::Error, RecommendedAction::Manual),
+        };
+        let now_ts = nodekeeper_common::time::now_timestamp();
+        let o = Observation {
+            time: Some(now_ts),
+            r#type: verdict.to_owned(),
+            reason: reason.clone(),
+            message: text.clone(),
+            severity: severity as i32,
+            category: Category::Network as i32,
+            action: action as i32,
+            condition: Some(Condition {
+                r#type: verdict.to_owned(),
+                status: status as i32,
+                reason,
+                message: text,
+                last_transition_time: Some(now_ts),
+            }),
+            source: "eventcenter/detector-quorum".into(),
+            ..Default::default()
+        };
+        let origin = Origin { producer: "center".into(), ..Default::default() };
+        Some(NewEvent::new(Identity::Center, crate::api::to_event(cluster, node, o, origin)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_verdict_needs_the_quorum_and_clears_below_it() {
+        let q = Quorum::default();
+        assert!(q.vote("c", "n", "NodeUnreachable", "det-a", true, "no answer", 2).is_none(), "one of two");
+        let e = q.vote("c", "n", "NodeUnreachable", "det-b", true, "no answer", 2).expect("two of two");
+        assert_eq!(e_status(&e), ConditionStatus::True);
+        assert!(q.vote("c", "n", "NodeUnreachable", "det-b", true, "still", 2).is_none(), "unchanged");
+        let e = q.vote("c", "n", "NodeUnreachable", "det-a", false, "answers", 2).expect("below the quorum");
+        assert_eq!(e_status(&e), ConditionStatus::False);
+        assert!(q.vote("c", "n", "AgentDown", "det-a", false, "fine", 2).is_none(), "never declared: nothing to clear");
+    }
+
+    fn e_status(e: &NewEvent) -> ConditionStatus {
+        e.event.condition.as_ref().unwrap().status()
+    }
+}
