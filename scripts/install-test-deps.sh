@@ -12,6 +12,9 @@ needs=(
     "rpmbuild:rpm"                # the tests build real RPMs
     "dnf:dnf"                     # the component manager installs with dnf --installroot
     "createrepo_c:createrepo-c"   # the tests publish their RPMs as a repository
+    "ip:iproute2"                 # the detector's tests put hosts in network namespaces
+    "tc:iproute2"                 # and shape their links with netem
+    "iptables:iptables"           # packet loss where the kernel has no netem
 )
 
 missing=()

@@ -1,23 +1,107 @@
-//! nodekeeper-detector: the remote fault detector. Not built yet: this binary only exists so that the workspace has its final
-//! shape; it refuses to run rather than pretend to work. The fault detector issue fills it.
+//! The nodekeeper-detector binary.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::atomic::Ordering;
 
 use clap::Parser;
+use nodekeeper_common::config::{EXIT_CONFIG, EXIT_FAILURE};
+use nodekeeper_common::logging::{self, LogFormat};
+use nodekeeper_detector::config::Config;
 
-/// nodekeeper: the remote fault detector (not implemented in this version).
+/// nodekeeper-detector: probes nodes from outside and reports AgentDown, KubeletDown and
+/// NodeUnreachable to the event center.
+///
+/// Exit codes: 0 stopped cleanly; 1 runtime failure; 2 bad flags; 78 bad configuration.
 #[derive(Debug, Parser)]
 #[command(name = "nodekeeper-detector", version)]
 struct Args {
-    /// TOML configuration file.
-    #[arg(long, short = 'c')]
+    /// TOML configuration file (see packaging/detector.toml).
+    #[arg(long, short = 'c', env = "NODEKEEPER_DETECTOR_CONFIG")]
     config: Option<PathBuf>,
+    /// Log format: text or json.
+    #[arg(long, default_value = "text")]
+    log_format: LogFormat,
 }
 
 fn main() -> ExitCode {
-    let _args = Args::parse();
-    nodekeeper_common::logging::init(nodekeeper_common::logging::LogFormat::Text);
-    tracing::error!("nodekeeper-detector is not implemented in this version of nodekeeper");
-    ExitCode::from(nodekeeper_common::config::EXIT_FAILURE as u8)
+    let args = Args::parse();
+    logging::init(args.log_format);
+    let config = match &args.config {
+        Some(p) => nodekeeper_common::config::load::<Config>(p).map_err(|e| e.to_string()),
+        None => Ok(Config::default()),
+    }
+    .and_then(|c| {
+        c.validate().map_err(|e| match &args.config {
+            Some(p) => format!("invalid config file {}: {e}", p.display()),
+            None => e,
+        })?;
+        Ok(c)
+    });
+    let config = match config {
+        Ok(c) => c,
+        Err(err) => {
+            tracing::error!(error = %err, "configuration rejected");
+            return ExitCode::from(EXIT_CONFIG as u8);
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
+        Ok(r) => r,
+        Err(err) => {
+            tracing::error!(error = %err, "cannot start the async runtime");
+            return ExitCode::from(EXIT_FAILURE as u8);
+        }
+    };
+    let result: anyhow::Result<()> = runtime.block_on(async move {
+        let shutdown = nodekeeper_common::shutdown::signal();
+        let endpoint = nodekeeper_common::tls::endpoint(&config.center, config.tls.as_ref())?
+            .connect_timeout(std::time::Duration::from_secs(5))
+            .timeout(std::time::Duration::from_secs(10));
+        // Connects lazily: a detector that starts before the center waits for it.
+        let channel = endpoint.connect_lazy();
+        if config.insecure {
+            tracing::warn!("talking to the center WITHOUT TLS (insecure): development and tests only");
+        }
+        tracing::info!(name = %config.name, center = %config.center, replica = config.replica, replicas = config.replicas, "detector starting");
+        let metrics_listen = config.metrics_listen;
+        let detector = nodekeeper_detector::Detector::new(config, channel);
+        if let Some(addr) = metrics_listen {
+            let stats = detector.stats.clone();
+            let listener = tokio::net::TcpListener::bind(addr).await?;
+            tokio::spawn(async move {
+                let app = axum::Router::new().route(
+                    "/metrics",
+                    axum::routing::get(move || {
+                        let s = stats.clone();
+                        async move {
+                            let g = |n: &str, help: &str, kind: &str, v: u64| format!("# HELP nodekeeper_detector_{n} {help}\n# TYPE nodekeeper_detector_{n} {kind}\nnodekeeper_detector_{n} {v}\n");
+                            [
+                                g("probes_total", "Probes made", "counter", s.probes.load(Ordering::Relaxed)),
+                                g("probes_failed_total", "Probes whose agent was not healthy", "counter", s.probes_failed.load(Ordering::Relaxed)),
+                                g("probe_seconds_total", "Time spent in probes (divide by probes_total for the mean latency)", "counter", s.probe_micros.load(Ordering::Relaxed) / 1_000_000),
+                                g("reports_total", "Reports sent to the center", "counter", s.reports.load(Ordering::Relaxed)),
+                                g("suspected_nodes", "Nodes probed as suspects", "gauge", s.suspected.load(Ordering::Relaxed)),
+                                g("partitioned", "1 while the detector suspects itself", "gauge", s.partitioned.load(Ordering::Relaxed)),
+                            ]
+                            .concat()
+                        }
+                    }),
+                );
+                if let Err(e) = axum::serve(listener, app).await {
+                    tracing::error!(error = %e, "metrics listener failed");
+                }
+            });
+        }
+        nodekeeper_common::systemd::ready();
+        detector.run(shutdown).await;
+        nodekeeper_common::systemd::stopping();
+        Ok(())
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            tracing::error!(error = format!("{err:#}"), "nodekeeper-detector failed");
+            ExitCode::from(EXIT_FAILURE as u8)
+        }
+    }
 }

@@ -84,7 +84,7 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: impl Future<Ou
             let cond = c.condition?;
             (quorum::VERDICTS.contains(&cond.r#type.as_str())
                 && cond.status() == nodekeeper_proto::v1::ConditionStatus::True)
-                .then(|| (c.cluster, c.node, cond.r#type))
+                .then_some((c.cluster, c.node, cond.r#type))
         })
         .collect::<Vec<_>>();
     let ctx = Ctx {

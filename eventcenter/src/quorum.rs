@@ -17,11 +17,23 @@ use crate::store::{Identity, NewEvent};
 pub const VERDICTS: [&str; 3] = ["AgentDown", "KubeletDown", "NodeUnreachable"];
 
 type Key = (String, String, String);
+/// Producer → (holds, message).
+type Views = BTreeMap<String, (bool, String)>;
+
+/// One detector's view of one verdict about one node.
+pub struct Vote<'a> {
+    pub cluster: &'a str,
+    pub node: &'a str,
+    pub verdict: &'a str,
+    pub producer: &'a str,
+    pub holds: bool,
+    pub message: &'a str,
+}
 
 #[derive(Default)]
 pub struct Quorum {
     /// (cluster, node, verdict) → producer → (holds, message).
-    votes: Mutex<HashMap<Key, BTreeMap<String, (bool, String)>>>,
+    votes: Mutex<HashMap<Key, Views>>,
     /// Verdicts the center has declared (the stored condition is True).
     declared: Mutex<HashMap<Key, bool>>,
 }
@@ -40,21 +52,14 @@ impl Quorum {
 
     /// Records one detector's view; returns the condition event to store if the folded verdict
     /// changed.
-    pub fn vote(
-        &self,
-        cluster: &str,
-        node: &str,
-        verdict: &str,
-        producer: &str,
-        holds: bool,
-        message: &str,
-        quorum: usize,
-    ) -> Option<NewEvent> {
+    pub fn vote(&self, v: Vote<'_>, quorum: usize) -> Option<NewEvent> {
+        let Vote { cluster, node, verdict, producer, holds, message } = v;
         let key = (cluster.to_owned(), node.to_owned(), verdict.to_owned());
         let mut votes = self.votes.lock().expect("quorum lock");
-        let v = votes.entry(key.clone()).or_default();
-        v.insert(producer.to_owned(), (holds, message.to_owned()));
-        let holding: Vec<(&String, &String)> = v.iter().filter(|(_, (h, _))| *h).map(|(p, (_, m))| (p, m)).collect();
+        let views = votes.entry(key.clone()).or_default();
+        views.insert(producer.to_owned(), (holds, message.to_owned()));
+        let holding: Vec<(&String, &String)> =
+            views.iter().filter(|(_, (h, _))| *h).map(|(p, (_, m))| (p, m)).collect();
         let now = holding.len() >= quorum;
         let mut declared = self.declared.lock().expect("quorum lock");
         let was = declared.get(&key).copied().unwrap_or(false);
@@ -116,13 +121,14 @@ mod tests {
     #[test]
     fn a_verdict_needs_the_quorum_and_clears_below_it() {
         let q = Quorum::default();
-        assert!(q.vote("c", "n", "NodeUnreachable", "det-a", true, "no answer", 2).is_none(), "one of two");
-        let e = q.vote("c", "n", "NodeUnreachable", "det-b", true, "no answer", 2).expect("two of two");
+        let v = |verdict, producer, holds| Vote { cluster: "c", node: "n", verdict, producer, holds, message: "m" };
+        assert!(q.vote(v("NodeUnreachable", "det-a", true), 2).is_none(), "one of two");
+        let e = q.vote(v("NodeUnreachable", "det-b", true), 2).expect("two of two");
         assert_eq!(e_status(&e), ConditionStatus::True);
-        assert!(q.vote("c", "n", "NodeUnreachable", "det-b", true, "still", 2).is_none(), "unchanged");
-        let e = q.vote("c", "n", "NodeUnreachable", "det-a", false, "answers", 2).expect("below the quorum");
+        assert!(q.vote(v("NodeUnreachable", "det-b", true), 2).is_none(), "unchanged");
+        let e = q.vote(v("NodeUnreachable", "det-a", false), 2).expect("below the quorum");
         assert_eq!(e_status(&e), ConditionStatus::False);
-        assert!(q.vote("c", "n", "AgentDown", "det-a", false, "fine", 2).is_none(), "never declared: nothing to clear");
+        assert!(q.vote(v("AgentDown", "det-a", false), 2).is_none(), "never declared: nothing to clear");
     }
 
     fn e_status(e: &NewEvent) -> ConditionStatus {

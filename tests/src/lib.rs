@@ -4,6 +4,8 @@
 //! The binaries are taken from the same target directory as the test binary; the README's test
 //! command builds them first (`cargo build --workspace --bins`).
 
+pub mod netns;
+
 use std::future::Future;
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
@@ -60,6 +62,8 @@ where
 /// A running nodekeeper-eventcenter process with its own data directory and port.
 pub struct EventCenter {
     pub addr: SocketAddr,
+    /// Where it listens (default: `addr`; `listen_everywhere` for test hosts in namespaces).
+    listen: Option<SocketAddr>,
     pub data_dir: PathBuf,
     /// Set for a mutual-TLS center: the credentials the harness uses to check it is serving.
     pub client_tls: Option<nodekeeper_common::tls::TlsFiles>,
@@ -84,6 +88,7 @@ impl EventCenter {
         std::fs::write(&config, config_toml).expect("write config");
         EventCenter {
             addr: SocketAddr::from(([127, 0, 0, 1], free_port())),
+            listen: None,
             data_dir,
             client_tls: None,
             config: Some(config),
@@ -101,6 +106,11 @@ impl EventCenter {
         c
     }
 
+    /// Listens on every address (same port), so that hosts in network namespaces reach it.
+    pub fn listen_everywhere(&mut self) {
+        self.listen = Some(SocketAddr::from(([0, 0, 0, 0], self.addr.port())));
+    }
+
     pub fn url(&self) -> String {
         let scheme = if self.client_tls.is_some() { "https" } else { "http" };
         format!("{scheme}://{}", self.addr)
@@ -110,7 +120,7 @@ impl EventCenter {
     pub async fn spawn(&mut self) {
         assert!(self.child.is_none(), "already running");
         let mut cmd = Command::new(bin("nodekeeper-eventcenter"));
-        cmd.arg("--listen").arg(self.addr.to_string()).arg("--data-dir").arg(&self.data_dir);
+        cmd.arg("--listen").arg(self.listen.unwrap_or(self.addr).to_string()).arg("--data-dir").arg(&self.data_dir);
         if let Some(c) = &self.config {
             cmd.arg("--config").arg(c);
             if !std::fs::read_to_string(c).unwrap_or_default().contains("[tls]") {
@@ -342,6 +352,8 @@ pub fn json_lines(s: &str) -> Vec<serde_json::Value> {
 pub struct Agent {
     pub node: String,
     pub status_port: u16,
+    /// Network namespace and status address, for an agent on a test host.
+    netns: Option<(String, std::net::IpAddr)>,
     pub config_path: PathBuf,
     pub state_dir: PathBuf,
     env: Vec<(String, String)>,
@@ -359,23 +371,33 @@ pub struct AgentSpec<'a> {
     /// The `[monitors]` tables, last in the config. Default: monitors off, so that tests of the
     /// core see only what they send (not this machine's kernel log, clock and disks).
     pub monitors: &'a str,
+    /// Run in this network namespace, with the status listener on this address.
+    pub netns: Option<(&'a str, std::net::IpAddr)>,
 }
 
 impl<'a> AgentSpec<'a> {
     pub fn new(node: &'a str, center: &'a str) -> Self {
-        AgentSpec { node, center, heartbeat: "500ms", extra: "", monitors: "[monitors]\nenabled = false\n" }
+        AgentSpec {
+            node,
+            center,
+            heartbeat: "500ms",
+            extra: "",
+            monitors: "[monitors]\nenabled = false\n",
+            netns: None,
+        }
     }
 }
 
 impl Agent {
     pub fn config_for(spec: &AgentSpec<'_>, state_dir: &Path, status_port: u16) -> String {
         format!(
-            "node_name = \"{}\"\ncluster = \"c1\"\nstate_dir = \"{}\"\ncenter = \"{}\"\nheartbeat_interval = \"{}\"\ninsecure = true\n{}\n[status]\nport = {status_port}\nlisten = [\"127.0.0.1\"]\n\n{}",
+            "node_name = \"{}\"\ncluster = \"c1\"\nstate_dir = \"{}\"\ncenter = \"{}\"\nheartbeat_interval = \"{}\"\ninsecure = true\n{}\n[status]\nport = {status_port}\nlisten = [\"{}\"]\n\n{}",
             spec.node,
             state_dir.display(),
             spec.center,
             spec.heartbeat,
             spec.extra,
+            spec.netns.map_or_else(|| "127.0.0.1".to_owned(), |(_, ip)| ip.to_string()),
             spec.monitors,
         )
     }
@@ -391,15 +413,27 @@ impl Agent {
         let status_port = free_port();
         let config_path = tmp.path().join("agent.toml");
         std::fs::write(&config_path, Self::config_for(&spec, &state_dir, status_port)).expect("write config");
-        let mut a =
-            Agent { node: spec.node.to_owned(), status_port, config_path, state_dir, env, child: None, _tmp: tmp };
+        let netns = spec.netns.map(|(ns, ip)| (ns.to_owned(), ip));
+        let mut a = Agent {
+            node: spec.node.to_owned(),
+            status_port,
+            netns,
+            config_path,
+            state_dir,
+            env,
+            child: None,
+            _tmp: tmp,
+        };
         a.spawn().await;
         a
     }
 
     pub async fn spawn(&mut self) {
         assert!(self.child.is_none(), "already running");
-        let mut cmd = Command::new(bin("nodekeeper-agent"));
+        let mut cmd = match &self.netns {
+            Some((ns, _)) => netns::Net::command(ns, &bin("nodekeeper-agent")),
+            None => Command::new(bin("nodekeeper-agent")),
+        };
         cmd.arg("--config")
             .arg(&self.config_path)
             .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()))
@@ -417,7 +451,10 @@ impl Agent {
     }
 
     pub fn status_url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.status_port)
+        match &self.netns {
+            Some((_, ip)) => format!("http://{ip}:{}", self.status_port),
+            None => format!("http://127.0.0.1:{}", self.status_port),
+        }
     }
 
     pub fn pid(&self) -> Option<u32> {

@@ -76,7 +76,15 @@ impl report_service_server::ReportService for ReportApi {
         let folded: Vec<NewEvent> = votes
             .into_iter()
             .filter_map(|(cluster, node, verdict, holds, message)| {
-                self.0.quorum.vote(&cluster, &node, &verdict, &req.producer, holds, &message, quorum)
+                let vote = crate::quorum::Vote {
+                    cluster: &cluster,
+                    node: &node,
+                    verdict: &verdict,
+                    producer: &req.producer,
+                    holds,
+                    message: &message,
+                };
+                self.0.quorum.vote(vote, quorum)
             })
             .collect();
         if !folded.is_empty() {
