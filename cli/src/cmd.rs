@@ -70,6 +70,25 @@ enum Command {
     /// Desired components of nodes and what the nodes report.
     #[command(subcommand)]
     Components(ComponentsCmd),
+    /// Permits for risky operations held now.
+    #[command(subcommand)]
+    Permits(PermitsCmd),
+    /// Stop granting permits for disruptive operations (releases stay allowed).
+    Freeze {
+        /// One cluster; default: every cluster.
+        #[arg(long)]
+        cluster: Option<String>,
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
+    /// Grant permits again after a freeze.
+    Unfreeze {
+        #[arg(long)]
+        cluster: Option<String>,
+    },
+    /// The circuit breaker of a cluster.
+    #[command(subcommand)]
+    Breaker(BreakerCmd),
     /// A small CA for development and small fleets.
     #[command(subcommand)]
     Certs(CertsCmd),
@@ -180,6 +199,24 @@ enum EventsCmd {
         from: Option<String>,
         #[command(flatten)]
         filter: Filter,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum PermitsCmd {
+    /// Active permits, and the freezes and breakers in force.
+    List {
+        #[arg(long)]
+        cluster: Vec<String>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum BreakerCmd {
+    /// Reset a tripped breaker: disruptive operations are granted again.
+    Reset {
+        #[arg(long)]
+        cluster: String,
     },
 }
 
@@ -311,6 +348,36 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Events(EventsCmd::Watch { from, filter }) => events_watch(ch, json, from, filter).await,
         Command::Faults(FaultsCmd::List { node, limit }) => faults_list(ch, json, node, limit).await,
         Command::Faults(FaultsCmd::Show { id }) => faults_show(ch, json, id).await,
+        Command::Permits(PermitsCmd::List { cluster }) => permits_list(ch, json, cluster).await,
+        Command::Freeze { cluster, reason } => {
+            use nodekeeper_proto::v1::{FreezeRequest, permit_service_client::PermitServiceClient};
+            let cluster = cluster.unwrap_or_default();
+            PermitServiceClient::new(ch)
+                .freeze(FreezeRequest { cluster: cluster.clone(), reason })
+                .await
+                .map_err(status)?;
+            output::println(&format!("frozen: {}", if cluster.is_empty() { "every cluster" } else { &cluster }))?;
+            Ok(())
+        }
+        Command::Unfreeze { cluster } => {
+            use nodekeeper_proto::v1::{UnfreezeRequest, permit_service_client::PermitServiceClient};
+            let cluster = cluster.unwrap_or_default();
+            PermitServiceClient::new(ch)
+                .unfreeze(UnfreezeRequest { cluster: cluster.clone() })
+                .await
+                .map_err(status)?;
+            output::println(&format!("unfrozen: {}", if cluster.is_empty() { "every cluster" } else { &cluster }))?;
+            Ok(())
+        }
+        Command::Breaker(BreakerCmd::Reset { cluster }) => {
+            use nodekeeper_proto::v1::{ResetBreakerRequest, permit_service_client::PermitServiceClient};
+            PermitServiceClient::new(ch)
+                .reset_breaker(ResetBreakerRequest { cluster: cluster.clone() })
+                .await
+                .map_err(status)?;
+            output::println(&format!("breaker of {cluster} reset"))?;
+            Ok(())
+        }
         Command::Components(ComponentsCmd::List { node, cluster }) => components_list(ch, json, cluster, node).await,
         Command::Components(ComponentsCmd::Set { cluster, node, selector, file }) => {
             components_set(ch, json, cluster, node, selector, &file).await
@@ -605,5 +672,43 @@ async fn send_command(
         "command {} sent (CommandIssued at cursor {}); its CommandResult event follows",
         resp.command_id, resp.cursor
     ))?;
+    Ok(())
+}
+
+async fn permits_list(ch: Channel, json: bool, clusters: Vec<String>) -> anyhow::Result<()> {
+    use nodekeeper_proto::v1::{GetGuardStateRequest, ListPermitsRequest, permit_service_client::PermitServiceClient};
+    let mut client = PermitServiceClient::new(ch);
+    let permits = client.list_permits(ListPermitsRequest { clusters }).await.map_err(status)?.into_inner().permits;
+    let guards = client.get_guard_state(GetGuardStateRequest {}).await.map_err(status)?.into_inner();
+    if json {
+        for p in &permits {
+            json_line("nodekeeper.v1.Permit", p)?;
+        }
+        return Ok(());
+    }
+    if guards.global_frozen {
+        output::println("every cluster is FROZEN")?;
+    }
+    for g in &guards.clusters {
+        if g.frozen || g.breaker_tripped {
+            let what = if g.breaker_tripped { "BREAKER TRIPPED" } else { "FROZEN" };
+            output::println(&format!("cluster {}: {what}: {}", g.cluster, g.reason))?;
+        }
+    }
+    let rows: Vec<Vec<String>> = permits
+        .iter()
+        .map(|p| {
+            vec![
+                p.id.clone(),
+                p.cluster.clone(),
+                p.node.clone(),
+                enum_name(p.operation().as_str_name(), "OPERATION_"),
+                p.holder.clone(),
+                time(p.granted_time.as_ref()),
+                time(p.lease_expiry_time.as_ref()),
+            ]
+        })
+        .collect();
+    table(&["PERMIT", "CLUSTER", "NODE", "OPERATION", "HOLDER", "GRANTED", "LEASE UNTIL"], &rows)?;
     Ok(())
 }

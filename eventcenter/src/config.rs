@@ -23,6 +23,8 @@ pub struct Config {
     pub limits: LimitsConfig,
     /// Remote detectors: how many replicas must agree before their verdict opens a fault.
     pub detectors: DetectorsConfig,
+    /// The rate-limit center: permits for risky operations, the circuit breaker.
+    pub permits: PermitsConfig,
     /// Idle time after which a subscription gets a bookmark.
     #[serde(with = "duration")]
     pub bookmark_interval: Duration,
@@ -83,6 +85,77 @@ impl Default for DetectorsConfig {
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
+pub struct PermitsConfig {
+    /// Lease of a permit when the request names none.
+    #[serde(with = "duration")]
+    pub default_lease: Duration,
+    /// The longest lease granted.
+    #[serde(with = "duration")]
+    pub max_lease: Duration,
+    /// Per operation (isolate, evict, reboot, restart-component, reinstall-component,
+    /// reinstall-os, hardware-repair, release) and cluster ("*": every cluster without its own).
+    pub policy: Vec<PermitPolicy>,
+    /// The breaker trips when faults open on more than this share of a cluster's nodes within
+    /// `breaker_window`; then only releases are granted until a person resets it.
+    pub breaker_fault_share: f64,
+    #[serde(with = "duration")]
+    pub breaker_window: Duration,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PermitPolicy {
+    pub operation: String,
+    #[serde(default = "any_cluster")]
+    pub cluster: String,
+    /// Permits held at once.
+    pub max_in_flight: Option<u32>,
+    /// Permits granted within `window`.
+    pub max_per_window: Option<u32>,
+    #[serde(default = "default_window", with = "duration")]
+    pub window: Duration,
+    /// Isolation only: the largest share of the cluster's nodes isolated at once.
+    pub max_share: Option<f64>,
+}
+
+fn any_cluster() -> String {
+    "*".into()
+}
+
+fn default_window() -> Duration {
+    Duration::from_secs(3600)
+}
+
+impl Default for PermitsConfig {
+    fn default() -> Self {
+        let p = |operation: &str, in_flight: u32, per_hour: u32, share: Option<f64>| PermitPolicy {
+            operation: operation.into(),
+            cluster: any_cluster(),
+            max_in_flight: Some(in_flight),
+            max_per_window: Some(per_hour),
+            window: default_window(),
+            max_share: share,
+        };
+        Self {
+            default_lease: Duration::from_secs(1800),
+            max_lease: Duration::from_secs(6 * 3600),
+            policy: vec![
+                p("isolate", 20, 100, Some(0.1)),
+                p("evict", 20, 200, None),
+                p("reboot", 5, 30, None),
+                p("restart-component", 20, 200, None),
+                p("reinstall-component", 10, 50, None),
+                p("reinstall-os", 2, 10, None),
+                p("hardware-repair", 5, 20, None),
+            ],
+            breaker_fault_share: 0.3,
+            breaker_window: Duration::from_secs(300),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
 pub struct LimitsConfig {
     /// Largest gRPC message accepted, in bytes.
     pub max_message_bytes: usize,
@@ -109,6 +182,7 @@ impl Default for Config {
             nodes: NodesConfig::default(),
             limits: LimitsConfig::default(),
             detectors: DetectorsConfig::default(),
+            permits: PermitsConfig::default(),
             bookmark_interval: Duration::from_secs(5),
             drain_timeout: Duration::from_secs(5),
             tls: None,
@@ -156,6 +230,17 @@ impl Default for LimitsConfig {
 impl Config {
     /// Checks what types alone cannot; returns a message naming the key.
     pub fn validate(&self) -> Result<(), String> {
+        for p in &self.permits.policy {
+            if crate::permits::operation(&p.operation).is_none() {
+                return Err(format!(
+                    "permits.policy: unknown operation {:?}: expected isolate, evict, reboot, restart-component, reinstall-component, reinstall-os, hardware-repair or release",
+                    p.operation
+                ));
+            }
+        }
+        if !(0.0..=1.0).contains(&self.permits.breaker_fault_share) {
+            return Err("permits.breaker_fault_share must be between 0 and 1".into());
+        }
         if self.detectors.quorum == 0 {
             return Err("detectors.quorum must be at least 1".into());
         }

@@ -8,6 +8,7 @@ pub mod config;
 pub mod cursor;
 pub mod limits;
 pub mod liveness;
+pub mod permits;
 pub mod quorum;
 pub mod store;
 pub mod subscribe;
@@ -96,6 +97,7 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: impl Future<Ou
         limits: Arc::new(limits::Limits::new(&config.limits)),
         sessions: Arc::default(),
         quorum: Arc::new(quorum::Quorum::new(open_verdicts)),
+        permits: Arc::new(permits::RateLimiter::load(config.permits.clone(), &store).await?),
     };
 
     let max = config.limits.max_message_bytes;
@@ -124,7 +126,7 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: impl Future<Ou
         .add_service(EventServiceServer::new(api::events::EventApi(ctx.clone())).max_decoding_message_size(max))
         .add_service(FleetServiceServer::new(api::fleet::FleetApi(ctx.clone())).max_decoding_message_size(max))
         .add_service(ReportServiceServer::new(api::report::ReportApi(ctx.clone())).max_decoding_message_size(max))
-        .add_service(PermitServiceServer::new(api::permits::PermitApi).max_decoding_message_size(max));
+        .add_service(PermitServiceServer::new(api::permits::PermitApi(ctx.clone())).max_decoding_message_size(max));
     let stop = cancel.clone().cancelled_owned();
     let server: std::pin::Pin<Box<dyn Future<Output = Result<(), tonic::transport::Error>> + Send>> = match &tls {
         Some(tls) => {

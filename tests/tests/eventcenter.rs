@@ -474,6 +474,8 @@ async fn bad_input_gets_a_status_and_leaves_the_store_intact() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reports_are_idempotent_by_producer_id_and_fold_into_faults() {
+    // An operator's own condition (detector verdicts are votes folded by a quorum: see the
+    // detector tests).
     let center = EventCenter::start(QUICK).await;
     let mut reports = ReportServiceClient::new(center.channel().await);
     let report = |id: &str, status: ConditionStatus| Report {
@@ -481,10 +483,10 @@ async fn reports_are_idempotent_by_producer_id_and_fold_into_faults() {
         cluster: "c1".into(),
         node: "n1".into(),
         observation: Some(Observation {
-            r#type: "NodeUnreachable".into(),
+            r#type: "StorageUnreachable".into(),
             message: "no probe answered".into(),
             condition: Some(Condition {
-                r#type: "NodeUnreachable".into(),
+                r#type: "StorageUnreachable".into(),
                 status: status as i32,
                 ..Default::default()
             }),
@@ -505,7 +507,7 @@ async fn reports_are_idempotent_by_producer_id_and_fold_into_faults() {
     assert_eq!(code, 0, "{err}");
     let faults = json_lines(&out);
     assert_eq!(faults.len(), 1);
-    assert_eq!(faults[0]["type"], "NodeUnreachable");
+    assert_eq!(faults[0]["type"], "StorageUnreachable");
     assert_eq!(faults[0]["state"], "FAULT_STATE_OPEN");
     assert_eq!(faults[0]["count"], "2");
 

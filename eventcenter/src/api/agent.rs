@@ -98,6 +98,11 @@ pub async fn send_command(
                     "a reboot needs the id of a permit from the rate-limit center",
                 ));
             }
+            // The permit must have been granted by this center, for a reboot of this node, and
+            // still be active.
+            ctx.permits
+                .check(&req.permit_id, nodekeeper_proto::v1::Operation::Reboot, &req.cluster, &req.node)
+                .map_err(|e| Status::failed_precondition(format!("reboot refused: {e}")))?;
             (command::Action::Reboot(r), "reboot")
         }
         None => return Err(Status::invalid_argument("no action in the command")),

@@ -32,6 +32,8 @@ pub struct Ctx {
     pub sessions: Arc<agent::Sessions>,
     /// Detector replicas' votes, folded into verdicts.
     pub quorum: Arc<crate::quorum::Quorum>,
+    /// The rate-limit center.
+    pub permits: Arc<crate::permits::RateLimiter>,
 }
 
 /// What a caller may do, from its certificate. `None` on an insecure center: everything.

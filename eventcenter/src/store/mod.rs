@@ -27,7 +27,11 @@ use tokio::sync::{Semaphore, broadcast, oneshot, watch};
 pub use read::FaultFilter;
 
 /// Embedded numbered migrations; `PRAGMA user_version` records how many applied.
-const MIGRATIONS: &[&str] = &[include_str!("migrations/0001_init.sql"), include_str!("migrations/0002_components.sql")];
+const MIGRATIONS: &[&str] = &[
+    include_str!("migrations/0001_init.sql"),
+    include_str!("migrations/0002_components.sql"),
+    include_str!("migrations/0003_permits.sql"),
+];
 
 /// Fault state numbers as stored (equal to `nodekeeper.v1.FaultState`).
 pub(crate) const FAULT_RESOLVED: i32 = nodekeeper_proto::v1::FaultState::Resolved as i32;
@@ -335,6 +339,26 @@ impl Store {
     pub async fn set_component_status(&self, key: NodeKey, body: Vec<u8>) -> Result<u64> {
         let change = writer::ComponentsChange::Status { key, body };
         self.submit(1, |reply, permit| writer::Op::Components { change, reply, permit }).await
+    }
+
+    /// Stores a permit (granted, released or expired) and the events that record the decision.
+    pub async fn put_permit(
+        &self,
+        id: String,
+        cluster: String,
+        granted_ms: i64,
+        active: bool,
+        body: Vec<u8>,
+        events: Vec<NewEvent>,
+    ) -> Result<u64> {
+        let change = writer::ComponentsChange::Permit { id, cluster, granted_ms, active, body, events };
+        self.submit(2, |reply, permit| writer::Op::Components { change, reply, permit }).await
+    }
+
+    /// Stores a cluster's guard ("" for the global freeze) with the events that record it.
+    pub async fn put_guard(&self, cluster: String, body: Vec<u8>, events: Vec<NewEvent>) -> Result<u64> {
+        let change = writer::ComponentsChange::Guard { cluster, body, events };
+        self.submit(2, |reply, permit| writer::Op::Components { change, reply, permit }).await
     }
 
     /// Stops the writer after it committed everything submitted so far, and checkpoints the WAL.

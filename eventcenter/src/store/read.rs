@@ -67,6 +67,40 @@ impl Store {
         .await
     }
 
+    /// Permits granted since `since_ms`, and every active one, with whether it is active.
+    pub async fn permits_since(&self, since_ms: i64) -> Result<Vec<(nodekeeper_proto::v1::Permit, bool)>> {
+        self.read(move |c| {
+            let mut stmt = c
+                .prepare_cached(
+                    "SELECT body, active FROM permits WHERE granted_ms >= ?1 OR active = 1 ORDER BY granted_ms",
+                )
+                .map_err(sql)?;
+            let rows =
+                stmt.query_map([since_ms], |r| Ok((r.get::<_, Vec<u8>>(0)?, r.get::<_, bool>(1)?))).map_err(sql)?;
+            let mut out = Vec::new();
+            for row in rows {
+                let (body, active) = row.map_err(sql)?;
+                out.push((decode("permits", &body)?, active));
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    /// Every stored freeze and breaker ("" cluster: the global freeze).
+    pub async fn guards(&self) -> Result<Vec<nodekeeper_proto::v1::ClusterGuard>> {
+        self.read(move |c| {
+            let mut stmt = c.prepare_cached("SELECT body FROM guards ORDER BY cluster").map_err(sql)?;
+            let rows = stmt.query_map([], |r| r.get::<_, Vec<u8>>(0)).map_err(sql)?;
+            let mut out = Vec::new();
+            for row in rows {
+                out.push(decode("guards", &row.map_err(sql)?)?);
+            }
+            Ok(out)
+        })
+        .await
+    }
+
     /// The component status each node reported last, by (cluster, node).
     pub async fn component_statuses(
         &self,

@@ -79,9 +79,13 @@ pub(crate) enum Op {
     },
 }
 
+/// Small state kept beside the log (desired components, component status, permits, guards),
+/// written with the events that record it.
 pub(crate) enum ComponentsChange {
     Desired { cluster: String, target: String, specs: Vec<u8> },
     Status { key: NodeKey, body: Vec<u8> },
+    Permit { id: String, cluster: String, granted_ms: i64, active: bool, body: Vec<u8>, events: Vec<NewEvent> },
+    Guard { cluster: String, body: Vec<u8>, events: Vec<NewEvent> },
 }
 
 impl Op {
@@ -288,7 +292,7 @@ impl Writer {
                 self.settle(r, reply, permit, saved_cursor, group, saved_published)
             }
             Op::Components { change, reply, permit } => {
-                let r = self.components(change);
+                let r = self.components(change, &mut group.published);
                 self.settle(r, reply, permit, saved_cursor, group, saved_published)
             }
             Op::Close { .. } => unreachable!("handled above"),
@@ -346,7 +350,7 @@ impl Writer {
         }
     }
 
-    fn components(&mut self, change: ComponentsChange) -> Result<u64> {
+    fn components(&mut self, change: ComponentsChange, published: &mut Vec<Event>) -> Result<u64> {
         let now = nodekeeper_common::time::to_unix_ms(std::time::SystemTime::now());
         match change {
             ComponentsChange::Desired { cluster, target, specs } => {
@@ -372,6 +376,25 @@ impl Writer {
                     )
                     .map_err(|e| self.err(e))?;
                 Ok(generation as u64)
+            }
+            ComponentsChange::Permit { id, cluster, granted_ms, active, body, events } => {
+                self.conn
+                    .execute(
+                        "INSERT INTO permits (id, cluster, granted_ms, active, body) VALUES (?1, ?2, ?3, ?4, ?5)
+                         ON CONFLICT (id) DO UPDATE SET active = excluded.active, body = excluded.body",
+                        rusqlite::params![id, cluster, granted_ms, active, body],
+                    )
+                    .map_err(|e| self.err(e))?;
+                self.append(events, published).map(|_| 0)
+            }
+            ComponentsChange::Guard { cluster, body, events } => {
+                self.conn
+                    .execute(
+                        "INSERT INTO guards (cluster, body) VALUES (?1, ?2) ON CONFLICT (cluster) DO UPDATE SET body = excluded.body",
+                        rusqlite::params![cluster, body],
+                    )
+                    .map_err(|e| self.err(e))?;
+                self.append(events, published).map(|_| 0)
             }
             ComponentsChange::Status { key, body } => {
                 self.conn

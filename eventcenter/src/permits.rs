@@ -1,0 +1,447 @@
+//! The rate-limit center: permits for risky operations, freezes, and the circuit breaker.
+//!
+//! A permit is granted when no guard forbids it (a global or cluster freeze, a tripped breaker:
+//! both let releases through) and the operation's policy for the cluster allows it (permits in
+//! flight, permits per window, and for isolation the share of the cluster's nodes isolated at
+//! once). Permits carry a lease; they end when released or when the lease expires. The breaker
+//! trips when faults opened on more than `breaker_fault_share` of a cluster's nodes within
+//! `breaker_window`, and stays tripped until a person resets it. Every decision is an event, and
+//! permits and guards are stored, so a restart of the center forgets none.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Mutex;
+use std::time::{Duration, SystemTime};
+
+use nodekeeper_common::time::{self as nktime, timestamp_to_unix_ms, to_unix_ms};
+use nodekeeper_proto::v1::{Category, ClusterGuard, Event, EventKind, Operation, Origin, Permit, Severity};
+use prost::Message;
+
+use crate::config::PermitsConfig;
+use crate::store::{Identity, NewEvent, Store, StoreError};
+
+/// The operation named in configuration.
+pub fn operation(name: &str) -> Option<Operation> {
+    Some(match name {
+        "isolate" => Operation::Isolate,
+        "evict" => Operation::Evict,
+        "reboot" => Operation::Reboot,
+        "restart-component" => Operation::RestartComponent,
+        "reinstall-component" => Operation::ReinstallComponent,
+        "reinstall-os" => Operation::ReinstallOs,
+        "hardware-repair" => Operation::HardwareRepair,
+        "release" => Operation::Release,
+        _ => return None,
+    })
+}
+
+pub fn operation_name(op: Operation) -> String {
+    op.as_str_name().trim_start_matches("OPERATION_").to_ascii_lowercase().replace('_', "-")
+}
+
+/// What a caller is told.
+pub enum Decision {
+    Granted(Permit),
+    Denied(String),
+}
+
+#[derive(Default)]
+struct State {
+    active: HashMap<String, Permit>,
+    /// (cluster, operation, granted ms) of recent grants, for the per-window limits.
+    recent: Vec<(String, i32, i64)>,
+    /// By cluster; "" is the global freeze.
+    guards: HashMap<String, ClusterGuard>,
+}
+
+pub struct RateLimiter {
+    config: PermitsConfig,
+    state: Mutex<State>,
+    /// Decisions are made one at a time: two concurrent requests cannot both take the last slot.
+    decide: tokio::sync::Mutex<()>,
+}
+
+fn event(
+    cluster: &str,
+    node: &str,
+    kind: &str,
+    message: String,
+    severity: Severity,
+    attributes: Vec<(&str, String)>,
+) -> NewEvent {
+    NewEvent::new(
+        Identity::Center,
+        Event {
+            cluster: cluster.to_owned(),
+            node: node.to_owned(),
+            kind: EventKind::Action as i32,
+            r#type: kind.to_owned(),
+            message,
+            severity: severity as i32,
+            category: Category::Action as i32,
+            time: Some(nktime::now_timestamp()),
+            origin: Some(Origin { producer: "center".into(), ..Default::default() }),
+            source: "eventcenter/permits".into(),
+            attributes: attributes.into_iter().map(|(k, v)| (k.to_owned(), v)).collect(),
+            ..Default::default()
+        },
+    )
+}
+
+fn now_ms() -> i64 {
+    to_unix_ms(SystemTime::now())
+}
+
+impl RateLimiter {
+    pub async fn load(config: PermitsConfig, store: &Store) -> Result<RateLimiter, StoreError> {
+        let longest = config.policy.iter().map(|p| p.window).max().unwrap_or_default().max(config.breaker_window);
+        let since = now_ms() - longest.as_millis() as i64;
+        let mut state = State::default();
+        for (p, active) in store.permits_since(since).await? {
+            let granted = p.granted_time.as_ref().map(timestamp_to_unix_ms).unwrap_or(0);
+            state.recent.push((p.cluster.clone(), p.operation, granted));
+            if active {
+                state.active.insert(p.id.clone(), p);
+            }
+        }
+        for g in store.guards().await? {
+            state.guards.insert(g.cluster.clone(), g);
+        }
+        Ok(RateLimiter { config, state: Mutex::new(state), decide: tokio::sync::Mutex::new(()) })
+    }
+
+    fn policy(&self, op: Operation, cluster: &str) -> Option<&crate::config::PermitPolicy> {
+        let name = operation_name(op);
+        let mine = self.config.policy.iter().find(|p| p.operation == name && p.cluster == cluster);
+        mine.or_else(|| self.config.policy.iter().find(|p| p.operation == name && p.cluster == "*"))
+    }
+
+    /// Ends the permits whose lease passed; returns them.
+    fn expire(&self) -> Vec<Permit> {
+        let now = now_ms();
+        let mut st = self.state.lock().expect("permits lock");
+        let gone: Vec<String> = st
+            .active
+            .values()
+            .filter(|p| p.lease_expiry_time.as_ref().is_some_and(|t| timestamp_to_unix_ms(t) <= now))
+            .map(|p| p.id.clone())
+            .collect();
+        gone.iter().filter_map(|id| st.active.remove(id)).collect()
+    }
+
+    async fn store_expired(&self, store: &Store) -> Result<(), StoreError> {
+        for p in self.expire() {
+            let e = event(
+                &p.cluster,
+                &p.node,
+                "PermitExpired",
+                format!("permit {} for {} expired", p.id, operation_name(p.operation())),
+                Severity::Warning,
+                vec![("permit_id", p.id.clone())],
+            );
+            let granted = p.granted_time.as_ref().map(timestamp_to_unix_ms).unwrap_or(0);
+            store.put_permit(p.id.clone(), p.cluster.clone(), granted, false, p.encode_to_vec(), vec![e]).await?;
+        }
+        Ok(())
+    }
+
+    /// The guard that forbids `op` in `cluster`, if any.
+    fn blocked(&self, cluster: &str, op: Operation) -> Option<String> {
+        if op == Operation::Release {
+            return None;
+        }
+        let st = self.state.lock().expect("permits lock");
+        if let Some(g) = st.guards.get("").filter(|g| g.frozen) {
+            return Some(format!("frozen (global): {}", g.reason));
+        }
+        let g = st.guards.get(cluster)?;
+        if g.frozen {
+            return Some(format!("frozen: {}", g.reason));
+        }
+        if g.breaker_tripped {
+            return Some(format!("breaker tripped: {}", g.reason));
+        }
+        None
+    }
+
+    /// Trips the cluster's breaker if faults opened on more than the configured share of its
+    /// nodes within the window.
+    async fn check_breaker(&self, store: &Store, cluster: &str) -> Result<(), StoreError> {
+        // A reset (or an unfreeze) starts the count afresh: the faults it acknowledged do not
+        // trip the breaker again.
+        let counted_from = {
+            let st = self.state.lock().expect("permits lock");
+            let g = st.guards.get(cluster);
+            if g.is_some_and(|g| g.breaker_tripped) {
+                return Ok(());
+            }
+            g.filter(|g| g.reason.is_empty()).and_then(|g| g.since_time.as_ref()).map(timestamp_to_unix_ms).unwrap_or(0)
+        };
+        let nodes = store.list_nodes(vec![cluster.to_owned()]).await?.len();
+        if nodes == 0 {
+            return Ok(());
+        }
+        let since = (now_ms() - self.config.breaker_window.as_millis() as i64).max(counted_from);
+        let faults = store
+            .list_faults(crate::store::FaultFilter {
+                clusters: vec![cluster.to_owned()],
+                limit: 100_000,
+                ..Default::default()
+            })
+            .await?;
+        let faulty: HashSet<&str> = faults
+            .iter()
+            .filter(|f| f.first_seen_time.as_ref().is_some_and(|t| timestamp_to_unix_ms(t) >= since))
+            .map(|f| f.node.as_str())
+            .collect();
+        let share = faulty.len() as f64 / nodes as f64;
+        if share <= self.config.breaker_fault_share {
+            return Ok(());
+        }
+        let reason = format!(
+            "faults opened on {} of {} nodes ({:.0}%) within {}, above {:.0}%",
+            faulty.len(),
+            nodes,
+            share * 100.0,
+            humantime::format_duration(self.config.breaker_window),
+            self.config.breaker_fault_share * 100.0
+        );
+        tracing::warn!(cluster, reason = %reason, "breaker tripped");
+        let mut g = self.state.lock().expect("permits lock").guards.get(cluster).cloned().unwrap_or_default();
+        g.cluster = cluster.to_owned();
+        g.breaker_tripped = true;
+        g.reason = reason.clone();
+        g.since_time = Some(nktime::now_timestamp());
+        let e = event(cluster, "", "BreakerTripped", reason, Severity::Critical, vec![]);
+        store.put_guard(cluster.to_owned(), g.encode_to_vec(), vec![e]).await?;
+        self.state.lock().expect("permits lock").guards.insert(cluster.to_owned(), g);
+        Ok(())
+    }
+
+    /// Decides a request; the decision is stored as an event before it is answered.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn acquire(
+        &self,
+        store: &Store,
+        holder: &str,
+        op: Operation,
+        cluster: &str,
+        node: &str,
+        fault_id: u64,
+        lease: Option<Duration>,
+    ) -> Result<Decision, StoreError> {
+        let _one = self.decide.lock().await;
+        self.store_expired(store).await?;
+        self.check_breaker(store, cluster).await?;
+        let opname = operation_name(op);
+        let mut denied = self.blocked(cluster, op);
+        let mut share_check = None;
+        if denied.is_none() {
+            let st = self.state.lock().expect("permits lock");
+            if let Some(p) =
+                st.active.values().find(|p| p.cluster == cluster && p.node == node && p.operation == op as i32)
+            {
+                denied = Some(format!("node {node} already holds permit {} for {opname}", p.id));
+            } else if let Some(policy) = self.policy(op, cluster) {
+                let in_flight =
+                    st.active.values().filter(|p| p.cluster == cluster && p.operation == op as i32).count() as u32;
+                let since = now_ms() - policy.window.as_millis() as i64;
+                let recent =
+                    st.recent.iter().filter(|(c, o, t)| c == cluster && *o == op as i32 && *t >= since).count() as u32;
+                if let Some(max) = policy.max_in_flight.filter(|m| in_flight >= *m) {
+                    denied = Some(format!(
+                        "max in flight: {in_flight} {opname} permits held in cluster {cluster}, at most {max}"
+                    ));
+                } else if let Some(max) = policy.max_per_window.filter(|m| recent >= *m) {
+                    denied = Some(format!(
+                        "max per window: {recent} {opname} permits granted in cluster {cluster} within {}, at most {max}",
+                        humantime::format_duration(policy.window)
+                    ));
+                } else {
+                    share_check = policy.max_share.map(|share| (in_flight, share));
+                }
+            }
+        }
+        if let Some((in_flight, share)) = share_check {
+            let nodes = store.list_nodes(vec![cluster.to_owned()]).await?.len().max(1);
+            if (in_flight + 1) as f64 / nodes as f64 > share {
+                denied = Some(format!(
+                    "max share: {} of {nodes} nodes of cluster {cluster} would be isolated, at most {:.0}%",
+                    in_flight + 1,
+                    share * 100.0
+                ));
+            }
+        }
+        if let Some(reason) = denied {
+            let e = event(
+                cluster,
+                node,
+                "PermitDenied",
+                format!("{opname} for {holder} denied: {reason}"),
+                Severity::Warning,
+                vec![("operation", opname.clone()), ("holder", holder.to_owned()), ("fault_id", fault_id.to_string())],
+            );
+            store.append(vec![e]).await?;
+            return Ok(Decision::Denied(reason));
+        }
+        let lease = lease.unwrap_or(self.config.default_lease).min(self.config.max_lease);
+        let now = SystemTime::now();
+        let permit = Permit {
+            id: format!("{:016x}", rand::random::<u64>()),
+            operation: op as i32,
+            cluster: cluster.to_owned(),
+            node: node.to_owned(),
+            fault_id,
+            holder: holder.to_owned(),
+            granted_time: Some(nktime::to_timestamp(now)),
+            lease_expiry_time: Some(nktime::to_timestamp(now + lease)),
+        };
+        let e = event(
+            cluster,
+            node,
+            "PermitGranted",
+            format!("{opname} granted to {holder} for {} (permit {})", humantime::format_duration(lease), permit.id),
+            Severity::Info,
+            vec![
+                ("operation", opname),
+                ("holder", holder.to_owned()),
+                ("permit_id", permit.id.clone()),
+                ("fault_id", fault_id.to_string()),
+            ],
+        );
+        store
+            .put_permit(permit.id.clone(), cluster.to_owned(), to_unix_ms(now), true, permit.encode_to_vec(), vec![e])
+            .await?;
+        let mut st = self.state.lock().expect("permits lock");
+        st.recent.push((cluster.to_owned(), op as i32, to_unix_ms(now)));
+        st.active.insert(permit.id.clone(), permit.clone());
+        Ok(Decision::Granted(permit))
+    }
+
+    /// Ends a permit. Ok(None): no such active permit.
+    pub async fn release(
+        &self,
+        store: &Store,
+        id: &str,
+        success: bool,
+        by: &str,
+    ) -> Result<Option<Permit>, StoreError> {
+        let _one = self.decide.lock().await;
+        let Some(p) = self.state.lock().expect("permits lock").active.remove(id) else { return Ok(None) };
+        let e = event(
+            &p.cluster,
+            &p.node,
+            "PermitReleased",
+            format!(
+                "permit {id} for {} released by {by} ({})",
+                operation_name(p.operation()),
+                if success { "succeeded" } else { "failed" }
+            ),
+            Severity::Info,
+            vec![("permit_id", id.to_owned()), ("success", success.to_string())],
+        );
+        let granted = p.granted_time.as_ref().map(timestamp_to_unix_ms).unwrap_or(0);
+        store.put_permit(p.id.clone(), p.cluster.clone(), granted, false, p.encode_to_vec(), vec![e]).await?;
+        Ok(Some(p))
+    }
+
+    /// The active permit `id` if it allows `op` on `node` of `cluster` now.
+    pub fn check(&self, id: &str, op: Operation, cluster: &str, node: &str) -> Result<Permit, String> {
+        let st = self.state.lock().expect("permits lock");
+        let p = st.active.get(id).ok_or_else(|| format!("permit {id:?} was not granted, or is no longer active"))?;
+        if p.operation != op as i32 || p.cluster != cluster || p.node != node {
+            return Err(format!(
+                "permit {id} is for {} on node {} of cluster {}, not {} on {node}",
+                operation_name(p.operation()),
+                p.node,
+                p.cluster,
+                operation_name(op)
+            ));
+        }
+        if p.lease_expiry_time.as_ref().is_some_and(|t| timestamp_to_unix_ms(t) <= now_ms()) {
+            return Err(format!("permit {id} expired"));
+        }
+        Ok(p.clone())
+    }
+
+    /// The active permit `id`, whatever it is for.
+    pub fn check_any(&self, id: &str) -> Result<Permit, String> {
+        self.state
+            .lock()
+            .expect("permits lock")
+            .active
+            .get(id)
+            .cloned()
+            .ok_or_else(|| format!("no active permit {id:?}"))
+    }
+
+    pub fn active(&self, clusters: &[String]) -> Vec<Permit> {
+        let st = self.state.lock().expect("permits lock");
+        let mut v: Vec<Permit> =
+            st.active.values().filter(|p| clusters.is_empty() || clusters.contains(&p.cluster)).cloned().collect();
+        v.sort_by(|a, b| a.id.cmp(&b.id));
+        v
+    }
+
+    /// Freezes or unfreezes a cluster ("" for every cluster).
+    pub async fn set_frozen(
+        &self,
+        store: &Store,
+        cluster: &str,
+        frozen: bool,
+        reason: &str,
+        by: &str,
+    ) -> Result<(), StoreError> {
+        let _one = self.decide.lock().await;
+        let mut g = self.state.lock().expect("permits lock").guards.get(cluster).cloned().unwrap_or_default();
+        g.cluster = cluster.to_owned();
+        g.frozen = frozen;
+        if frozen || !g.breaker_tripped {
+            g.reason = reason.to_owned();
+            g.since_time = Some(nktime::now_timestamp());
+        }
+        let scope = if cluster.is_empty() { "every cluster".to_owned() } else { format!("cluster {cluster}") };
+        let (kind, message) = if frozen {
+            ("Frozen", format!("{scope} frozen by {by}: {reason}"))
+        } else {
+            ("Unfrozen", format!("{scope} unfrozen by {by}"))
+        };
+        store
+            .put_guard(
+                cluster.to_owned(),
+                g.encode_to_vec(),
+                vec![event(cluster, "", kind, message, Severity::Warning, vec![("by", by.to_owned())])],
+            )
+            .await?;
+        self.state.lock().expect("permits lock").guards.insert(cluster.to_owned(), g);
+        Ok(())
+    }
+
+    pub async fn reset_breaker(&self, store: &Store, cluster: &str, by: &str) -> Result<(), StoreError> {
+        let _one = self.decide.lock().await;
+        let mut g = self.state.lock().expect("permits lock").guards.get(cluster).cloned().unwrap_or_default();
+        g.cluster = cluster.to_owned();
+        g.breaker_tripped = false;
+        g.reason = String::new();
+        g.since_time = Some(nktime::now_timestamp());
+        let e = event(
+            cluster,
+            "",
+            "BreakerReset",
+            format!("breaker of cluster {cluster} reset by {by}"),
+            Severity::Warning,
+            vec![("by", by.to_owned())],
+        );
+        store.put_guard(cluster.to_owned(), g.encode_to_vec(), vec![e]).await?;
+        self.state.lock().expect("permits lock").guards.insert(cluster.to_owned(), g);
+        Ok(())
+    }
+
+    pub fn guards(&self) -> (bool, Vec<ClusterGuard>) {
+        let st = self.state.lock().expect("permits lock");
+        let global = st.guards.get("").is_some_and(|g| g.frozen);
+        let mut v: Vec<ClusterGuard> =
+            st.guards.iter().filter(|(k, _)| !k.is_empty()).map(|(_, g)| g.clone()).collect();
+        v.sort_by(|a, b| a.cluster.cmp(&b.cluster));
+        (global, v)
+    }
+}

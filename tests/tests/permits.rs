@@ -1,0 +1,196 @@
+//! The rate-limit center with real processes: policies (in flight, per window, share), freezes,
+//! the circuit breaker, leases, persistence across a restart, decisions as events, and reboot
+//! commands that need a permit the center granted.
+
+use std::time::Duration;
+
+use nodekeeper_proto::v1::{
+    AcquirePermitRequest, Condition, ConditionStatus, ListPermitsRequest, Observation, Operation, Reboot,
+    ReleasePermitRequest, Report, ReportRequest, SendCommandRequest, fleet_service_client::FleetServiceClient,
+    permit_service_client::PermitServiceClient, report_service_client::ReportServiceClient, send_command_request,
+};
+use nodekeeper_tests::{AgentConn, EventCenter, cli, hello, stored_events};
+use tonic::transport::Channel;
+
+const POLICY: &str = r#"
+[permits]
+breaker_fault_share = 0.3
+[[permits.policy]]
+operation = "reboot"
+max_in_flight = 2
+max_per_window = 3
+window = "1h"
+[[permits.policy]]
+operation = "isolate"
+max_in_flight = 10
+max_share = 0.5
+"#;
+
+async fn acquire(ch: &Channel, op: Operation, node: &str, lease: Option<Duration>) -> Result<String, String> {
+    let r = PermitServiceClient::new(ch.clone())
+        .acquire_permit(AcquirePermitRequest {
+            operation: op as i32,
+            cluster: "c1".into(),
+            node: node.into(),
+            fault_id: 7,
+            lease: lease.map(nodekeeper_common::time::to_duration),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    if r.granted { Ok(r.permit.unwrap().id) } else { Err(r.denied_reason) }
+}
+
+async fn release(ch: &Channel, id: &str) {
+    PermitServiceClient::new(ch.clone())
+        .release_permit(ReleasePermitRequest { permit_id: id.into(), success: true })
+        .await
+        .unwrap();
+}
+
+/// Registers nodes n0..n{count} in cluster c1.
+async fn nodes(center: &EventCenter, count: usize) {
+    for i in 0..count {
+        AgentConn::connect(&center.url(), hello("c1", &format!("n{i}"), "b1")).await.unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn policies_limit_permits_and_every_decision_is_an_event() {
+    let mut center = EventCenter::start(POLICY).await;
+    nodes(&center, 10).await;
+    let ch = center.channel().await;
+    let a = acquire(&ch, Operation::Reboot, "n0", None).await.unwrap();
+    assert!(acquire(&ch, Operation::Reboot, "n0", None).await.unwrap_err().contains("already holds"));
+    let _b = acquire(&ch, Operation::Reboot, "n1", None).await.unwrap();
+    let denied = acquire(&ch, Operation::Reboot, "n2", None).await.unwrap_err();
+    assert!(denied.starts_with("max in flight: 2 reboot permits"), "{denied}");
+    release(&ch, &a).await;
+    let c = acquire(&ch, Operation::Reboot, "n2", None).await.unwrap();
+    release(&ch, &c).await;
+    // Three granted within the window: the fourth waits, though none is in flight but one.
+    let denied = acquire(&ch, Operation::Reboot, "n3", None).await.unwrap_err();
+    assert!(denied.starts_with("max per window: 3 reboot permits"), "{denied}");
+    // Isolation: at most half of the 10 nodes.
+    for i in 0..5 {
+        acquire(&ch, Operation::Isolate, &format!("n{i}"), None).await.unwrap();
+    }
+    assert!(acquire(&ch, Operation::Isolate, "n5", None).await.unwrap_err().starts_with("max share: 6 of 10 nodes"));
+
+    let granted = stored_events(ch.clone(), "n0", "PermitGranted").await;
+    assert_eq!(granted.len(), 2, "reboot and isolate of n0");
+    assert_eq!(stored_events(ch.clone(), "n3", "PermitDenied").await.len(), 1);
+    assert_eq!(stored_events(ch.clone(), "n0", "PermitReleased").await.len(), 1);
+
+    // Permits survive a restart of the center: still active, still counted.
+    let before = PermitServiceClient::new(ch.clone())
+        .list_permits(ListPermitsRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .permits;
+    center.kill9();
+    center.spawn().await;
+    let ch = center.channel().await;
+    let after = PermitServiceClient::new(ch.clone())
+        .list_permits(ListPermitsRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .permits;
+    assert_eq!(before, after);
+    assert_eq!(after.len(), 6);
+    assert!(acquire(&ch, Operation::Reboot, "n3", None).await.unwrap_err().starts_with("max per window"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn freezes_and_the_breaker_stop_disruption_but_not_releases() {
+    let center = EventCenter::start(POLICY).await;
+    nodes(&center, 6).await;
+    let ch = center.channel().await;
+    let url = center.url();
+    let (code, out, err) = cli(&url, &["freeze", "--cluster", "c1", "--reason", "change window"]).await;
+    assert_eq!(code, 0, "{out}{err}");
+    assert_eq!(acquire(&ch, Operation::Reboot, "n0", None).await.unwrap_err(), "frozen: change window");
+    acquire(&ch, Operation::Release, "n0", None).await.expect("releasing a healed node stays allowed");
+    assert_eq!(cli(&url, &["unfreeze", "--cluster", "c1"]).await.0, 0);
+    let p = acquire(&ch, Operation::Reboot, "n0", None).await.unwrap();
+    release(&ch, &p).await;
+    // A global freeze.
+    assert_eq!(cli(&url, &["freeze", "--reason", "incident"]).await.0, 0);
+    assert!(acquire(&ch, Operation::Isolate, "n1", None).await.unwrap_err().starts_with("frozen (global)"));
+    assert_eq!(cli(&url, &["unfreeze"]).await.0, 0);
+
+    // Faults open on 2 of 6 nodes (33% > 30%): the breaker trips at the next request.
+    let report = |node: &str| Report {
+        report_id: format!("r-{node}"),
+        cluster: "c1".into(),
+        node: node.into(),
+        observation: Some(Observation {
+            r#type: "StorageUnreachable".into(),
+            condition: Some(Condition {
+                r#type: "StorageUnreachable".into(),
+                status: ConditionStatus::True as i32,
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+    };
+    ReportServiceClient::new(ch.clone())
+        .report(ReportRequest { producer: "storage-operator".into(), reports: vec![report("n2"), report("n3")] })
+        .await
+        .unwrap();
+    let denied = acquire(&ch, Operation::Isolate, "n4", None).await.unwrap_err();
+    assert!(denied.starts_with("breaker tripped: faults opened on 2 of 6 nodes"), "{denied}");
+    assert_eq!(stored_events(ch.clone(), "", "BreakerTripped").await.len(), 1);
+    acquire(&ch, Operation::Release, "n2", None).await.expect("healed nodes can still be released");
+    let (_, listed, _) = cli(&url, &["permits", "list"]).await;
+    assert!(listed.contains("BREAKER TRIPPED"), "{listed}");
+    let (code, _, err) = cli(&url, &["breaker", "reset", "--cluster", "c1"]).await;
+    assert_eq!(code, 0, "{err}");
+    // The faults are still within the window, but the reset acknowledged them: only new ones count.
+    acquire(&ch, Operation::Isolate, "n4", None).await.expect("granted after the reset");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reboot_command_needs_a_permit_the_center_granted() {
+    let center = EventCenter::start(POLICY).await;
+    let ch = center.channel().await;
+    let mut agent = AgentConn::connect(&center.url(), hello("c1", "n0", "b1")).await.unwrap();
+    AgentConn::connect(&center.url(), hello("c1", "n1", "b1")).await.unwrap();
+    let send = |permit: &str| {
+        let ch = ch.clone();
+        let permit = permit.to_owned();
+        async move {
+            FleetServiceClient::new(ch)
+                .send_command(SendCommandRequest {
+                    cluster: "c1".into(),
+                    node: "n0".into(),
+                    action: Some(send_command_request::Action::Reboot(Reboot {})),
+                    permit_id: permit,
+                    fault_id: 7,
+                })
+                .await
+        }
+    };
+    let e = send("0123456789abcdef").await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::FailedPrecondition);
+    assert!(e.message().contains("was not granted"), "{}", e.message());
+    let other = acquire(&ch, Operation::Reboot, "n1", None).await.unwrap();
+    assert!(send(&other).await.unwrap_err().message().contains("is for reboot on node n1"));
+    let isolate = acquire(&ch, Operation::Isolate, "n0", None).await.unwrap();
+    assert!(send(&isolate).await.unwrap_err().message().contains("is for isolate on node n0"));
+    let short = acquire(&ch, Operation::Reboot, "n0", Some(Duration::from_millis(300))).await.unwrap();
+    let sent = send(&short).await.expect("a granted, active permit");
+    let cmd = agent.next_command().await.unwrap();
+    assert_eq!((cmd.command_id, cmd.permit_id.as_str()), (sent.into_inner().command_id, short.as_str()));
+    // The lease passes: the permit no longer allows anything.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        match send(&short).await {
+            Err(e) if e.message().contains("expired") || e.message().contains("no longer active") => break,
+            _ if tokio::time::Instant::now() > deadline => panic!("the permit outlived its lease"),
+            _ => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+}
