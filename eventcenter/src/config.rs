@@ -283,6 +283,18 @@ mod tests {
     use super::*;
 
     #[test]
+    fn shipped_permit_policies_are_the_defaults() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../packaging/eventcenter.toml");
+        let cfg: Config = nodekeeper_common::config::load(&path).unwrap();
+        let key = |p: &PermitPolicy| {
+            (p.operation.clone(), p.cluster.clone(), p.max_in_flight, p.max_per_window, p.window, p.max_share)
+        };
+        let shipped: Vec<_> = cfg.permits.policy.iter().map(key).collect();
+        let defaults: Vec<_> = PermitsConfig::default().policy.iter().map(key).collect();
+        assert_eq!(shipped, defaults);
+    }
+
+    #[test]
     fn shipped_example_config_parses() {
         let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../packaging/eventcenter.toml");
         let cfg: Config = nodekeeper_common::config::load(&path).unwrap();
