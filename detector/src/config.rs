@@ -60,7 +60,7 @@ impl Default for Config {
             sweep_interval: Duration::from_secs(30),
             suspect_interval: Duration::from_secs(1),
             refresh_interval: Duration::from_secs(2),
-            probe_timeout: Duration::from_millis(1500),
+            probe_timeout: Duration::from_secs(2),
             confirmations: 3,
             phi_threshold: 8.0,
             partition_share: 0.5,

@@ -36,6 +36,9 @@ use probe::{ProbeResult, Reach, Target};
 
 pub const VERDICTS: [&str; 3] = ["AgentDown", "KubeletDown", "NodeUnreachable"];
 
+/// Probes of one suspected node in flight at once.
+const MAX_OVERLAP: usize = 3;
+
 /// Counters for /metrics.
 #[derive(Default)]
 pub struct Stats {
@@ -128,8 +131,10 @@ impl Detector {
             let mine = share_of(&n.name, self.cfg.replicas) == self.cfg.replica;
             let st = self.nodes.entry(key).or_insert_with(|| NodeState {
                 target: target.clone(),
-                // Heartbeats may jitter by a quarter interval without raising suspicion.
-                phi: phi::Phi::new(interval.as_secs_f64() / 4.0),
+                // Suspicion only makes a node probed every second (verdicts need failed probes),
+                // so it may come early: a twentieth of the interval as the deviation floor puts
+                // it about 3 s after a 10 s heartbeat is due.
+                phi: phi::Phi::new(interval.as_secs_f64() / 20.0),
                 last_heartbeat: None,
                 failures: 0,
                 kubelet_failures: 0,
@@ -315,7 +320,10 @@ impl Detector {
         refresh.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let limit = Arc::new(tokio::sync::Semaphore::new(self.cfg.concurrency));
         let mut probes: JoinSet<((String, String), ProbeResult)> = JoinSet::new();
-        let mut in_flight: BTreeSet<(String, String)> = BTreeSet::new();
+        // Probes in flight per node: a suspect gets a new probe every suspect_interval even while
+        // earlier ones wait for their timeout (up to MAX_OVERLAP), so that confirmations take
+        // about confirmations × suspect_interval rather than × probe_timeout.
+        let mut in_flight: HashMap<(String, String), usize> = HashMap::new();
         let mut unsent: Vec<Report> = Vec::new();
         loop {
             tokio::select! {
@@ -327,7 +335,12 @@ impl Detector {
                 }
                 Some(done) = probes.join_next() => {
                     if let Ok((key, r)) = done {
-                        in_flight.remove(&key);
+                        if let Some(n) = in_flight.get_mut(&key) {
+                            *n -= 1;
+                            if *n == 0 {
+                                in_flight.remove(&key);
+                            }
+                        }
                         self.apply(&key, r);
                     }
                 }
@@ -340,14 +353,16 @@ impl Detector {
                         let st = &self.nodes[&key];
                         let suspect = self.suspected(st, now_unix);
                         suspected += usize::from(suspect);
-                        if in_flight.contains(&key) || st.next_probe > now || !(suspect || st.mine) {
+                        let flying = in_flight.get(&key).copied().unwrap_or(0);
+                        let overlap = if suspect { MAX_OVERLAP } else { 1 };
+                        if flying >= overlap || st.next_probe > now || !(suspect || st.mine) {
                             continue;
                         }
                         let interval = if suspect { self.cfg.suspect_interval } else { self.cfg.sweep_interval };
                         let target = st.target.clone();
                         self.nodes.get_mut(&key).expect("present").next_probe = now + interval;
                         let (limit, timeout, kubelet) = (limit.clone(), self.cfg.probe_timeout, self.cfg.kubelet_port);
-                        in_flight.insert(key.clone());
+                        *in_flight.entry(key.clone()).or_default() += 1;
                         probes.spawn(async move {
                             let _permit = limit.acquire_owned().await;
                             (key, probe::probe(&target, kubelet, timeout).await)
@@ -363,6 +378,13 @@ impl Detector {
                             tracing::warn!("most nodes are unreachable at once: this detector suspects itself and declares no node faulty");
                         } else {
                             tracing::info!("the nodes answer again: this detector reports again");
+                            // What was seen while cut off is no evidence: back to what was last
+                            // reported, and confirmations start over.
+                            for st in self.nodes.values_mut() {
+                                st.failures = 0;
+                                st.kubelet_failures = 0;
+                                st.view = st.reported.as_ref().map(|(v, _)| v.clone()).unwrap_or_default();
+                            }
                         }
                     }
                     unsent.extend(self.due_reports(changed));

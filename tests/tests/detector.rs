@@ -29,7 +29,7 @@ impl Detector {
             &config,
             format!(
                 "name = \"{name}\"\ncenter = \"{center}\"\ninsecure = true\nreplica = {replica}\nreplicas = {replicas}\nkubelet_port = 0\n\
-                 refresh_interval = \"500ms\"\nsweep_interval = \"3s\"\nsuspect_interval = \"500ms\"\nprobe_timeout = \"1s\"\n{extra}"
+                 refresh_interval = \"500ms\"\nsweep_interval = \"3s\"\nsuspect_interval = \"500ms\"\n{extra}"
             ),
         )
         .unwrap();

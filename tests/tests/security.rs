@@ -440,3 +440,32 @@ async fn durable_consumers_belong_to_the_identity_that_made_them() {
     assert_eq!(node.ack_consumer(ack).await.unwrap_err().code(), Code::PermissionDenied);
     assert_eq!(sub.list_consumers(ListConsumersRequest {}).await.unwrap().into_inner().consumers.len(), 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_admins_freeze_and_nodes_acquire_no_permits() {
+    use nodekeeper_proto::v1::{
+        AcquirePermitRequest, FreezeRequest, Operation, permit_service_client::PermitServiceClient,
+    };
+    let pki = Pki::new().await;
+    let center = pki.center().await;
+    let url = center.url();
+    let acquire = AcquirePermitRequest {
+        operation: Operation::Reboot as i32,
+        cluster: "a".into(),
+        node: "node-a".into(),
+        ..Default::default()
+    };
+    let mut node = PermitServiceClient::new(tls_channel(&url, &pki.files("node-a")).await.unwrap());
+    assert_eq!(node.acquire_permit(acquire.clone()).await.unwrap_err().code(), Code::PermissionDenied);
+    let mut sub = PermitServiceClient::new(tls_channel(&url, &pki.files("subscriber-a")).await.unwrap());
+    assert_eq!(
+        sub.freeze(FreezeRequest { cluster: "a".into(), reason: "x".into() }).await.unwrap_err().code(),
+        Code::PermissionDenied
+    );
+    // A subscriber acquires permits for its own clusters only.
+    assert!(sub.acquire_permit(acquire.clone()).await.unwrap().into_inner().granted);
+    let other = AcquirePermitRequest { cluster: "b".into(), node: "node-b".into(), ..acquire };
+    assert_eq!(sub.acquire_permit(other).await.unwrap_err().code(), Code::PermissionDenied);
+    let mut admin = PermitServiceClient::new(center.channel().await);
+    admin.freeze(FreezeRequest { cluster: "a".into(), reason: "maintenance".into() }).await.unwrap();
+}
