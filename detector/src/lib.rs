@@ -134,7 +134,7 @@ impl Detector {
                 // Suspicion only makes a node probed every second (verdicts need failed probes),
                 // so it may come early: a twentieth of the interval as the deviation floor puts
                 // it about 3 s after a 10 s heartbeat is due.
-                phi: phi::Phi::new(interval.as_secs_f64() / 20.0),
+                phi: phi::Phi::new(interval.as_secs_f64() / 20.0, interval.as_secs_f64() * 2.0),
                 last_heartbeat: None,
                 failures: 0,
                 kubelet_failures: 0,

@@ -9,19 +9,23 @@ pub struct Phi {
     last: Option<f64>,
     /// A floor on the deviation, so that a very regular sender is not suspected at the first delay.
     min_std: f64,
+    /// Gaps longer than this are outages, not the sender's rhythm: they are not learned (one
+    /// outage would otherwise make the next one look normal).
+    max_interval: f64,
 }
 
 const WINDOW: usize = 100;
 
 impl Phi {
-    pub fn new(min_std: f64) -> Phi {
-        Phi { intervals: VecDeque::new(), last: None, min_std }
+    pub fn new(min_std: f64, max_interval: f64) -> Phi {
+        Phi { intervals: VecDeque::new(), last: None, min_std, max_interval }
     }
 
     /// A heartbeat arrived at `t` (seconds).
     pub fn arrival(&mut self, t: f64) {
         if let Some(l) = self.last
             && t > l
+            && t - l <= self.max_interval
         {
             if self.intervals.len() == WINDOW {
                 self.intervals.pop_front();
@@ -54,7 +58,7 @@ mod tests {
 
     #[test]
     fn suspicion_grows_with_silence() {
-        let mut p = Phi::new(1.0);
+        let mut p = Phi::new(1.0, 20.0);
         for i in 0..20 {
             p.arrival(i as f64 * 10.0);
         }
@@ -63,6 +67,10 @@ mod tests {
         assert!(p.phi(last + 12.0) < 8.0, "a little late");
         assert!(p.phi(last + 16.0) > 8.0, "six seconds late with a 1 s deviation floor: suspected");
         assert!(p.phi(last + 30.0) > p.phi(last + 16.0));
-        assert_eq!(Phi::new(1.0).phi(5.0), 0.0, "no history, no suspicion");
+        assert_eq!(Phi::new(1.0, 20.0).phi(5.0), 0.0, "no history, no suspicion");
+        // An outage is not learned as the rhythm: the next silence is suspected as fast.
+        p.arrival(last + 100.0);
+        p.arrival(last + 110.0);
+        assert!(p.phi(last + 110.0 + 16.0) > 8.0);
     }
 }
