@@ -13,38 +13,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use nodekeeper_bench::Sampler;
-use nodekeeper_proto::v1::{AgentMessage, Heartbeat, agent_message};
-use nodekeeper_tests::{AgentConn, EventCenter, hello, wait_for};
-use rand::RngExt;
-
-/// One simulated agent: hello, then a heartbeat every `interval` (random phase), until the end.
-async fn agent(url: String, i: usize, interval: Duration, connected: Arc<AtomicU64>, beats: Arc<AtomicU64>) {
-    let mut h = hello("bench", &format!("node-{i:05}"), "b1");
-    h.heartbeat_interval = Some(nodekeeper_common::time::to_duration(interval));
-    let conn = loop {
-        match AgentConn::connect(&url, h.clone()).await {
-            Ok(c) => break c,
-            Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
-        }
-    };
-    connected.fetch_add(1, Ordering::Relaxed);
-    let (tx, mut rx) = conn.into_parts();
-    let phase = interval.mul_f64(rand::rng().random_range(0.0..1.0));
-    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + phase, interval);
-    loop {
-        tokio::select! {
-            _ = tick.tick() => {
-                let hb = AgentMessage { msg: Some(agent_message::Msg::Heartbeat(Heartbeat::default())) };
-                if tx.send(hb).await.is_err() {
-                    return;
-                }
-                beats.fetch_add(1, Ordering::Relaxed);
-            }
-            m = rx.message() => if !matches!(m, Ok(Some(_))) { return },
-        }
-    }
-}
+use nodekeeper_bench::{Sampler, simulated_agent};
+use nodekeeper_tests::{EventCenter, hello, wait_for};
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
@@ -69,7 +39,8 @@ async fn main() {
     let started = Instant::now();
     let mut tasks = tokio::task::JoinSet::new();
     for i in 0..streams {
-        tasks.spawn(agent(center.url(), i, Duration::from_secs(10), connected.clone(), beats.clone()));
+        let h = hello("bench", &format!("node-{i:05}"), "b1");
+        tasks.spawn(simulated_agent(center.url(), h, Duration::from_secs(10), connected.clone(), beats.clone()));
         // Connect in waves so the listen backlog is not overrun.
         if i % 250 == 249 {
             let want = (i + 1) as u64;

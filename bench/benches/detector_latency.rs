@@ -13,7 +13,7 @@
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use nodekeeper_bench::target_dir;
+use nodekeeper_bench::{KillOnDrop, target_dir};
 use nodekeeper_proto::v1::{ConditionStatus, EventFilter, ListEventsRequest, event_service_client::EventServiceClient};
 use nodekeeper_tests::netns::Net;
 use nodekeeper_tests::{Agent, AgentSpec, EventCenter, wait_for};
@@ -72,14 +72,15 @@ async fn main() {
         format!("name = \"bench\"\ncenter = \"{}\"\ninsecure = true\nkubelet_port = 0\n", center.url()),
     )
     .unwrap();
-    let mut detector = Command::new(target_dir().join("release/nodekeeper-detector"))
+    let detector = Command::new(target_dir().join("release/nodekeeper-detector"))
         .arg("--config")
         .arg(&config)
-        .env("RUST_LOG", "warn")
+        .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()))
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .spawn()
         .expect("spawn the detector (cargo build --release --workspace --bins)");
+    let detector = KillOnDrop(detector);
     eprintln!("warming up 45 s: heartbeat history and the first sweep");
     tokio::time::sleep(Duration::from_secs(45)).await;
     let mut samples = Vec::new();
@@ -103,8 +104,7 @@ async fn main() {
         })
         .await;
     }
-    let _ = detector.kill();
-    let _ = detector.wait();
+    drop(detector);
     drop(agents);
     let max = samples.iter().max().copied().unwrap_or_default();
     let mean = samples.iter().sum::<Duration>() / samples.len().max(1) as u32;

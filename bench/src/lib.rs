@@ -92,3 +92,50 @@ impl Sampler {
         )
     }
 }
+
+/// A child process killed when dropped, so that a failed benchmark leaves nothing running.
+pub struct KillOnDrop(pub std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// One simulated agent: `hello`, then a heartbeat every `interval` (random phase) until the center
+/// ends the stream; counts connections and heartbeats.
+pub async fn simulated_agent(
+    url: String,
+    mut hello: nodekeeper_proto::v1::Hello,
+    interval: Duration,
+    connected: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    beats: std::sync::Arc<std::sync::atomic::AtomicU64>,
+) {
+    use nodekeeper_proto::v1::{AgentMessage, Heartbeat, agent_message};
+    use rand::RngExt;
+    use std::sync::atomic::Ordering;
+    hello.heartbeat_interval = Some(nodekeeper_common::time::to_duration(interval));
+    let conn = loop {
+        match nodekeeper_tests::AgentConn::connect(&url, hello.clone()).await {
+            Ok(c) => break c,
+            Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+        }
+    };
+    connected.fetch_add(1, Ordering::Relaxed);
+    let (tx, mut rx) = conn.into_parts();
+    let phase = interval.mul_f64(rand::rng().random_range(0.0..1.0));
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + phase, interval);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {
+                let hb = AgentMessage { msg: Some(agent_message::Msg::Heartbeat(Heartbeat::default())) };
+                if tx.send(hb).await.is_err() {
+                    return;
+                }
+                beats.fetch_add(1, Ordering::Relaxed);
+            }
+            m = rx.message() => if !matches!(m, Ok(Some(_))) { return },
+        }
+    }
+}

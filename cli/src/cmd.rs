@@ -395,8 +395,12 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
 }
 
 async fn nodes_list(ch: Channel, json: bool, clusters: Vec<String>) -> anyhow::Result<()> {
-    let nodes =
-        FleetServiceClient::new(ch).list_nodes(ListNodesRequest { clusters }).await.map_err(status)?.into_inner().nodes;
+    let nodes = FleetServiceClient::new(ch)
+        .list_nodes(ListNodesRequest { clusters, brief: false })
+        .await
+        .map_err(status)?
+        .into_inner()
+        .nodes;
     if json {
         for n in &nodes {
             json_line("nodekeeper.v1.Node", n)?;

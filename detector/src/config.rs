@@ -38,6 +38,10 @@ pub struct Config {
     pub partition_share: f64,
     /// The kubelet's port (TCP connect); 0: not probed.
     pub kubelet_port: u16,
+    /// An ICMP echo in the probes of suspects (it tells a node whose ports are filtered from one
+    /// that is gone), where this process may open a ping or raw socket (the
+    /// `net.ipv4.ping_group_range` sysctl, or CAP_NET_RAW); without, it is skipped with a warning.
+    pub icmp: bool,
     /// How often views that a node is down are sent again (so that a restarted center has them).
     #[serde(with = "duration")]
     pub repeat_interval: Duration,
@@ -65,6 +69,7 @@ impl Default for Config {
             phi_threshold: 8.0,
             partition_share: 0.5,
             kubelet_port: 10250,
+            icmp: true,
             repeat_interval: Duration::from_secs(300),
             concurrency: 256,
             metrics_listen: None,

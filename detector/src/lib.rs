@@ -4,13 +4,16 @@
 //!
 //! - The node list, addresses, agent status ports and heartbeat times come from the event center
 //!   (`ListNodes`, every `refresh_interval`). Heartbeat arrivals feed a phi-accrual suspicion
-//!   level per node; a suspected node (phi above the threshold, or a failed probe) is probed every
-//!   `suspect_interval` by every replica, the others once per `sweep_interval` by the replica
-//!   whose share they are.
+//!   level per node; a suspected node (phi above the threshold, or a failed probe) is probed at
+//!   once and then every `suspect_interval` by every replica, with the agent's gRPC health check;
+//!   the others once per `sweep_interval` by the replica whose share they are, with a light probe
+//!   (TCP connects and the ICMP echo).
 //! - A verdict needs `confirmations` consecutive failed probes. The center folds the replicas'
 //!   views with its quorum; a detector that finds more than `partition_share` of the nodes it
-//!   probed unreachable at once suspects itself, reports `DetectorPartitioned`, and declares no
-//!   node faulty until that passes.
+//!   probed in the last few seconds unreachable suspects itself, reports `DetectorPartitioned`,
+//!   and declares no node faulty until that passes. So that the last few seconds hold evidence
+//!   before any verdict, a node that stops answering makes the detector probe a few others at
+//!   once (witnesses): if they answer, the fault is the node's; if not, the detector's.
 //! - Views are reported when they change (and at start), and views that a node is down again every
 //!   `repeat_interval`.
 
@@ -39,6 +42,9 @@ pub const VERDICTS: [&str; 3] = ["AgentDown", "KubeletDown", "NodeUnreachable"];
 /// Probes of one suspected node in flight at once.
 const MAX_OVERLAP: usize = 3;
 
+/// Other nodes probed at once when a node stops answering.
+const WITNESSES: usize = 5;
+
 /// Counters for /metrics.
 #[derive(Default)]
 pub struct Stats {
@@ -56,7 +62,16 @@ struct NodeState {
     last_heartbeat: Option<f64>,
     failures: u32,
     kubelet_failures: u32,
-    next_probe: Instant,
+    /// When the last probe was started: a suspect is probed again `suspect_interval` later.
+    last_probe: Option<Instant>,
+    /// Probes in flight: a suspect gets a new probe every suspect_interval even while earlier
+    /// ones wait for their timeout (up to MAX_OVERLAP), so that confirmations take about
+    /// confirmations × suspect_interval rather than × probe_timeout.
+    flying: usize,
+    /// The node list generation that last named this node.
+    seen: u64,
+    /// When the sweep probes the node next (if it is this replica's share).
+    next_sweep: Instant,
     /// The last probe's outcome: did anything on the node answer?
     answered: Option<(bool, Instant)>,
     evidence: String,
@@ -67,23 +82,31 @@ struct NodeState {
     mine: bool,
 }
 
+impl NodeState {
+    fn suspected(&self, phi_threshold: f64, now_unix: f64) -> bool {
+        self.failures > 0
+            || self.kubelet_failures > 0
+            || !self.view.is_empty()
+            || self.phi.phi(now_unix) >= phi_threshold
+    }
+}
+
 fn unix_now() -> f64 {
     SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_secs_f64()
 }
 
 /// The address a detector probes: the node's first non-loopback IPv4 address, else IPv6.
 pub fn address(n: &Node) -> Option<IpAddr> {
-    let mut addrs: Vec<IpAddr> = n
+    let mut usable = n
         .inventory
         .as_ref()?
         .interfaces
         .iter()
         .flat_map(|i| i.addresses.iter())
         .filter_map(|a| a.split('/').next()?.parse().ok())
-        .filter(|a: &IpAddr| !a.is_loopback() && !a.is_unspecified())
-        .collect();
-    addrs.sort_by_key(|a| !a.is_ipv4());
-    addrs.first().copied()
+        .filter(|a: &IpAddr| !a.is_loopback() && !a.is_unspecified());
+    let first = usable.next()?;
+    if first.is_ipv4() { Some(first) } else { Some(usable.find(IpAddr::is_ipv4).unwrap_or(first)) }
 }
 
 fn share_of(node: &str, replicas: usize) -> usize {
@@ -103,50 +126,69 @@ pub struct Detector {
     partitioned: bool,
     pub stats: Arc<Stats>,
     counter: u64,
+    generation: u64,
+    /// A node stopped answering: witnesses are wanted.
+    witnesses_wanted: bool,
+    icmp: Option<probe::Icmp>,
 }
 
 impl Detector {
     pub fn new(cfg: Config, channel: Channel) -> Detector {
-        Detector { cfg, channel, nodes: HashMap::new(), partitioned: false, stats: Arc::default(), counter: 0 }
+        let icmp = if cfg.icmp { probe::Icmp::new() } else { None };
+        if cfg.icmp && icmp.is_none() {
+            tracing::warn!(
+                "ICMP echo is not permitted (neither a ping socket, see net.ipv4.ping_group_range, nor CAP_NET_RAW): probing with TCP and gRPC only"
+            );
+        }
+        Detector {
+            cfg,
+            channel,
+            nodes: HashMap::new(),
+            partitioned: false,
+            stats: Arc::default(),
+            counter: 0,
+            generation: 0,
+            witnesses_wanted: false,
+            icmp,
+        }
     }
 
     /// Reads the node list and heartbeat times.
     async fn refresh(&mut self) -> Result<(), tonic::Status> {
         let nodes = FleetServiceClient::new(self.channel.clone())
-            .list_nodes(ListNodesRequest { clusters: self.cfg.clusters.clone() })
+            .list_nodes(ListNodesRequest { clusters: self.cfg.clusters.clone(), brief: true })
             .await?
             .into_inner()
             .nodes;
         let now = Instant::now();
-        let mut seen = BTreeSet::new();
+        self.generation += 1;
+        let (generation, sweep) = (self.generation, self.cfg.sweep_interval);
         for n in nodes {
             let Some(addr) = address(&n) else { continue };
-            let key = (n.cluster.clone(), n.name.clone());
-            seen.insert(key.clone());
-            let target =
-                Target { cluster: n.cluster.clone(), node: n.name.clone(), addr, status_port: n.status_port as u16 };
+            let status_port = n.status_port as u16;
             let interval = nodekeeper_common::time::from_duration(n.heartbeat_interval.as_ref())
                 .unwrap_or(Duration::from_secs(10));
-            let sweep = self.cfg.sweep_interval;
             let mine = share_of(&n.name, self.cfg.replicas) == self.cfg.replica;
-            let st = self.nodes.entry(key).or_insert_with(|| NodeState {
-                target: target.clone(),
-                // Suspicion only makes a node probed every second (verdicts need failed probes),
-                // so it may come early: a twentieth of the interval as the deviation floor puts
-                // it about 3 s after a 10 s heartbeat is due.
-                phi: phi::Phi::new(interval.as_secs_f64() / 20.0, interval.as_secs_f64() * 2.0),
+            let st = self.nodes.entry((n.cluster, n.name)).or_insert_with_key(|(cluster, node)| NodeState {
+                target: Target { cluster: cluster.clone(), node: node.clone(), addr, status_port },
+                phi: phi::Phi::new(interval.as_secs_f64()),
                 last_heartbeat: None,
                 failures: 0,
                 kubelet_failures: 0,
+                last_probe: None,
+                flying: 0,
+                seen: generation,
                 // Spread the first sweep over the interval.
-                next_probe: now + sweep.mul_f64(rand::random::<f64>()),
+                next_sweep: now + sweep.mul_f64(rand::random::<f64>()),
                 answered: None,
                 evidence: String::new(),
                 view: BTreeSet::new(),
                 reported: None,
                 mine,
             });
-            st.target = target;
+            st.seen = generation;
+            st.target.addr = addr;
+            st.target.status_port = status_port;
             st.mine = mine;
             if let Some(hb) = n.last_heartbeat_time.as_ref() {
                 let t = hb.seconds as f64 + f64::from(hb.nanos) / 1e9;
@@ -156,15 +198,8 @@ impl Detector {
                 }
             }
         }
-        self.nodes.retain(|k, _| seen.contains(k));
+        self.nodes.retain(|_, st| st.seen == generation);
         Ok(())
-    }
-
-    fn suspected(&self, st: &NodeState, now_unix: f64) -> bool {
-        st.failures > 0
-            || st.kubelet_failures > 0
-            || !st.view.is_empty()
-            || st.phi.phi(now_unix) >= self.cfg.phi_threshold
     }
 
     /// Applies one probe's result to a node's state.
@@ -173,8 +208,10 @@ impl Detector {
         let Some(st) = self.nodes.get_mut(key) else { return };
         self.stats.probes.fetch_add(1, Ordering::Relaxed);
         self.stats.probe_micros.fetch_add(r.latency.as_micros() as u64, Ordering::Relaxed);
-        let answered = r.agent != Reach::NoAnswer || r.kubelet.is_some_and(|k| k != Reach::NoAnswer);
+        let answered =
+            r.agent != Reach::NoAnswer || r.kubelet.is_some_and(|k| k != Reach::NoAnswer) || r.echo == Some(true);
         st.answered = Some((answered, Instant::now()));
+        tracing::debug!(node = %key.1, answered, agent = ?r.agent, healthy = r.agent_healthy, ms = r.latency.as_millis() as u64, "probe");
         st.evidence = r.evidence();
         let agent_ok = r.agent_healthy;
         if agent_ok {
@@ -184,6 +221,9 @@ impl Detector {
         } else {
             self.stats.probes_failed.fetch_add(1, Ordering::Relaxed);
             st.failures += 1;
+            if st.failures == 1 && !answered {
+                self.witnesses_wanted = true;
+            }
             if st.failures >= confirmations {
                 let (set, clear) =
                     if answered { ("AgentDown", "NodeUnreachable") } else { ("NodeUnreachable", "AgentDown") };
@@ -210,13 +250,14 @@ impl Detector {
         }
     }
 
-    /// True when more than `partition_share` of the nodes probed recently did not answer at all.
-    fn partition_check(&self) -> bool {
-        let recent = self.cfg.sweep_interval + self.cfg.suspect_interval * 2;
+    /// True when more than `partition_share` of the nodes probed in the last few seconds (the
+    /// time a verdict takes to confirm) did not answer at all.
+    fn partition_check(&self, now: Instant) -> (bool, usize, usize) {
+        let recent = self.cfg.suspect_interval * (self.cfg.confirmations + 2) + self.cfg.probe_timeout;
         let (mut probed, mut silent) = (0usize, 0usize);
         for st in self.nodes.values() {
             if let Some((answered, at)) = st.answered
-                && at.elapsed() <= recent
+                && now.saturating_duration_since(at) <= recent
             {
                 probed += 1;
                 if !answered {
@@ -224,52 +265,45 @@ impl Detector {
                 }
             }
         }
-        probed >= 2 && silent as f64 > self.cfg.partition_share * probed as f64
+        (probed >= 2 && silent as f64 > self.cfg.partition_share * probed as f64, probed, silent)
     }
 
     fn report_id(&mut self, what: &str) -> String {
-        self.counter += 1;
-        let t = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_millis();
-        format!("{}-{what}-{t}-{}", self.cfg.name, self.counter)
+        report_id(&self.cfg.name, &mut self.counter, what)
     }
 
     /// The reports due: changed views, views repeated, the partition status.
     fn due_reports(&mut self, partition_changed: bool) -> Vec<Report> {
         let mut out = Vec::new();
-        let repeat = self.cfg.repeat_interval;
-        let keys: Vec<(String, String)> = self.nodes.keys().cloned().collect();
-        let mut clusters = BTreeSet::new();
-        for key in keys {
-            let (cluster, node) = key.clone();
-            clusters.insert(cluster.clone());
-            let st = &self.nodes[&key];
+        let (repeat, now) = (self.cfg.repeat_interval, Instant::now());
+        for ((cluster, node), st) in &mut self.nodes {
             // While partitioned, only recoveries are reported: nothing is declared faulty.
-            let mut view = st.view.clone();
-            if self.partitioned {
-                let held = st.reported.as_ref().map(|(v, _)| v.clone()).unwrap_or_default();
-                view.retain(|v| held.contains(v));
-            }
-            let due = match &st.reported {
-                None => true,
-                Some((v, at)) => *v != view || (!view.is_empty() && at.elapsed() >= repeat),
+            let view: BTreeSet<&'static str> = match &st.reported {
+                Some((held, _)) if self.partitioned => st.view.intersection(held).copied().collect(),
+                None if self.partitioned => BTreeSet::new(),
+                _ => st.view.clone(),
             };
-            if !due {
-                continue;
-            }
-            let previous = st.reported.as_ref().map(|(v, _)| v.clone());
+            let previous = match &st.reported {
+                None => None,
+                Some((v, at)) if *v != view || (!view.is_empty() && now.saturating_duration_since(*at) >= repeat) => {
+                    Some(v)
+                }
+                Some(_) => continue,
+            };
             let evidence = format!("{} (detector {})", st.evidence, self.cfg.name);
             for verdict in VERDICTS {
                 let holds = view.contains(verdict);
                 // Report a verdict that holds, changed, or the first time a node is seen.
-                if !holds && previous.as_ref().is_some_and(|p| !p.contains(verdict)) {
+                if !holds && previous.is_some_and(|p| !p.contains(verdict)) {
                     continue;
                 }
-                let id = self.report_id(&format!("{node}-{verdict}"));
-                out.push(verdict_report(&cluster, &node, verdict, holds, &evidence, id));
+                let id = report_id(&self.cfg.name, &mut self.counter, &format!("{node}-{verdict}"));
+                out.push(verdict_report(cluster, node, verdict, holds, &evidence, id));
             }
-            self.nodes.get_mut(&key).expect("present").reported = Some((view, Instant::now()));
+            st.reported = Some((view, now));
         }
         if partition_changed {
+            let clusters: BTreeSet<String> = self.nodes.keys().map(|(c, _)| c.clone()).collect();
             for cluster in clusters {
                 let (reason, message, severity) = if self.partitioned {
                     (
@@ -314,17 +348,18 @@ impl Detector {
     /// Runs until `shutdown` resolves.
     pub async fn run(mut self, shutdown: impl std::future::Future<Output = ()>) {
         tokio::pin!(shutdown);
-        let mut tick = tokio::time::interval(Duration::from_millis(100));
+        // Suspects are due every suspect_interval: a tick of a fifth of a second keeps them close
+        // to it without scanning every node ten times a second.
+        let mut tick = tokio::time::interval(Duration::from_millis(200));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut refresh = tokio::time::interval(self.cfg.refresh_interval);
         refresh.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let limit = Arc::new(tokio::sync::Semaphore::new(self.cfg.concurrency));
         let mut probes: JoinSet<((String, String), ProbeResult)> = JoinSet::new();
-        // Probes in flight per node: a suspect gets a new probe every suspect_interval even while
-        // earlier ones wait for their timeout (up to MAX_OVERLAP), so that confirmations take
-        // about confirmations × suspect_interval rather than × probe_timeout.
-        let mut in_flight: HashMap<(String, String), usize> = HashMap::new();
         let mut unsent: Vec<Report> = Vec::new();
+        // Views change only with probe results: reports are looked at after those, and once a
+        // second for repeats, a partition that passed and reports to retry.
+        let (mut dirty, mut looked) = (false, Instant::now());
         loop {
             tokio::select! {
                 _ = &mut shutdown => break,
@@ -335,49 +370,69 @@ impl Detector {
                 }
                 Some(done) = probes.join_next() => {
                     if let Ok((key, r)) = done {
-                        if let Some(n) = in_flight.get_mut(&key) {
-                            *n -= 1;
-                            if *n == 0 {
-                                in_flight.remove(&key);
-                            }
+                        if let Some(st) = self.nodes.get_mut(&key) {
+                            st.flying = st.flying.saturating_sub(1);
                         }
                         self.apply(&key, r);
+                        dirty = true;
                     }
                 }
                 _ = tick.tick() => {
                     let now = Instant::now();
                     let now_unix = unix_now();
                     let mut suspected = 0;
-                    let keys: Vec<(String, String)> = self.nodes.keys().cloned().collect();
-                    for key in keys {
-                        let st = &self.nodes[&key];
-                        let suspect = self.suspected(st, now_unix);
-                        suspected += usize::from(suspect);
-                        let flying = in_flight.get(&key).copied().unwrap_or(0);
-                        let overlap = if suspect { MAX_OVERLAP } else { 1 };
-                        if flying >= overlap || st.next_probe > now || !(suspect || st.mine) {
-                            continue;
+                    let mut due = Vec::new();
+                    // Witnesses: a few random nodes that are not suspected (any replica's share).
+                    let witness_odds = if std::mem::take(&mut self.witnesses_wanted) {
+                        WITNESSES as f64 / self.nodes.len().max(1) as f64
+                    } else {
+                        0.0
+                    };
+                    for (key, st) in &mut self.nodes {
+                        let suspect = st.suspected(self.cfg.phi_threshold, now_unix);
+                        if suspect && st.last_probe.is_some_and(|t| t + self.cfg.suspect_interval * 2 < now) && st.flying == 0 {
+                            let (mean, var) = st.phi.rhythm();
+                            tracing::debug!(node = %key.1, phi = st.phi.phi(now_unix), silent_s = now_unix - st.phi.last().unwrap_or(now_unix), mean, std = var.sqrt(), failures = st.failures, "suspected");
                         }
-                        let interval = if suspect { self.cfg.suspect_interval } else { self.cfg.sweep_interval };
-                        let target = st.target.clone();
-                        self.nodes.get_mut(&key).expect("present").next_probe = now + interval;
+                        suspected += usize::from(suspect);
+                        // A suspect is probed at once and then every suspect_interval, whatever
+                        // the sweep's schedule; the others when the sweep comes to them.
+                        let is_due = if suspect {
+                            st.flying < MAX_OVERLAP
+                                && st.last_probe.is_none_or(|t| now >= t + self.cfg.suspect_interval)
+                        } else {
+                            st.flying == 0
+                                && ((st.mine && now >= st.next_sweep) || (witness_odds > 0.0 && rand::random::<f64>() < witness_odds))
+                        };
+                        if is_due {
+                            st.last_probe = Some(now);
+                            st.next_sweep = now + self.cfg.sweep_interval;
+                            st.flying += 1;
+                            due.push((key.clone(), st.target.clone(), suspect));
+                        }
+                    }
+                    for (key, target, full) in due {
                         let (limit, timeout, kubelet) = (limit.clone(), self.cfg.probe_timeout, self.cfg.kubelet_port);
-                        *in_flight.entry(key.clone()).or_default() += 1;
+                        let icmp = self.icmp.clone();
                         probes.spawn(async move {
                             let _permit = limit.acquire_owned().await;
-                            (key, probe::probe(&target, kubelet, timeout).await)
+                            (key, probe::probe(&target, kubelet, icmp.as_ref(), timeout, full).await)
                         });
                     }
                     self.stats.suspected.store(suspected as u64, Ordering::Relaxed);
-                    let partitioned = self.partition_check();
+                    if !dirty && now < looked + Duration::from_secs(1) {
+                        continue;
+                    }
+                    (dirty, looked) = (false, now);
+                    let (partitioned, probed, silent) = self.partition_check(now);
                     let changed = partitioned != self.partitioned;
                     if changed {
                         self.partitioned = partitioned;
                         self.stats.partitioned.store(u64::from(partitioned), Ordering::Relaxed);
                         if partitioned {
-                            tracing::warn!("most nodes are unreachable at once: this detector suspects itself and declares no node faulty");
+                            tracing::warn!(probed, silent, "most nodes are unreachable at once: this detector suspects itself and declares no node faulty");
                         } else {
-                            tracing::info!("the nodes answer again: this detector reports again");
+                            tracing::info!(probed, silent, "the nodes answer again: this detector reports again");
                             // What was seen while cut off is no evidence: back to what was last
                             // reported, and confirmations start over.
                             for st in self.nodes.values_mut() {
@@ -402,6 +457,12 @@ impl Detector {
         }
         tracing::info!("detector stopped");
     }
+}
+
+fn report_id(name: &str, counter: &mut u64, what: &str) -> String {
+    *counter += 1;
+    let t = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_millis();
+    format!("{name}-{what}-{t}-{counter}")
 }
 
 fn verdict_report(cluster: &str, node: &str, verdict: &str, holds: bool, evidence: &str, id: String) -> Report {
@@ -432,6 +493,34 @@ fn verdict_report(cluster: &str, node: &str, verdict: &str, holds: bool, evidenc
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_probed_address_is_the_first_usable_ipv4() {
+        use nodekeeper_proto::v1::{Inventory, NetworkInterface};
+        let node = |addrs: &[&str]| Node {
+            inventory: Some(Inventory {
+                interfaces: vec![
+                    NetworkInterface {
+                        name: "lo".into(),
+                        addresses: vec!["127.0.0.1/8".into(), "::1/128".into()],
+                        ..Default::default()
+                    },
+                    NetworkInterface {
+                        name: "eth0".into(),
+                        addresses: addrs.iter().map(|a| a.to_string()).collect(),
+                        ..Default::default()
+                    },
+                ],
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let ip = |s: &str| Some(s.parse::<IpAddr>().unwrap());
+        assert_eq!(address(&node(&["fd00::5/64", "10.0.0.5/24", "10.0.0.6/24"])), ip("10.0.0.5"));
+        assert_eq!(address(&node(&["fd00::5/64", "fd00::6/64"])), ip("fd00::5"));
+        assert_eq!(address(&node(&["0.0.0.0/0"])), None, "loopback and unspecified name no node");
+        assert_eq!(address(&Node::default()), None);
+    }
 
     #[test]
     fn shares_split_the_nodes() {

@@ -1,6 +1,12 @@
 //! One probe of one node: TCP connect to the agent's status port and its gRPC health, TCP
-//! connect to the kubelet's port. A refused connection is an answer (the host is up); a timeout
-//! or an unreachable route is none.
+//! connect to the kubelet's port, and an ICMP echo where enabled. A refused connection is an
+//! answer (the host is up); a timeout or an unreachable route is none. The echo tells a node whose
+//! ports are filtered from one that is gone.
+//!
+//! The background sweep's probe is light: the agent's port accepting a connection counts as a
+//! healthy agent. The gRPC health check and the echo are for suspects (heartbeats late, or a
+//! failed probe): an agent that accepts connections but does not serve also stops its heartbeats.
+//! Probe connections are closed with a reset (linger 0): no FIN exchange, no TIME_WAIT.
 
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
@@ -23,9 +29,11 @@ pub enum Reach {
 #[derive(Debug, Clone, PartialEq)]
 pub struct ProbeResult {
     pub agent: Reach,
-    /// The agent's gRPC health service answered SERVING.
+    /// The agent's gRPC health service answered SERVING (a light probe: the port accepted).
     pub agent_healthy: bool,
     pub kubelet: Option<Reach>,
+    /// The ICMP echo was answered (None: not probed).
+    pub echo: Option<bool>,
     pub latency: Duration,
 }
 
@@ -44,6 +52,9 @@ impl ProbeResult {
         if let Some(k) = self.kubelet {
             s.push_str(&format!(", kubelet port {}", r(k)));
         }
+        if let Some(e) = self.echo {
+            s.push_str(if e { ", ICMP echo answered" } else { ", ICMP echo unanswered" });
+        }
         s.push_str(&format!(", {} ms", self.latency.as_millis()));
         s
     }
@@ -51,7 +62,10 @@ impl ProbeResult {
 
 pub async fn connect(addr: SocketAddr, timeout: Duration) -> Reach {
     match tokio::time::timeout(timeout, tokio::net::TcpStream::connect(addr)).await {
-        Ok(Ok(_)) => Reach::Ok,
+        Ok(Ok(s)) => {
+            let _ = s.set_zero_linger();
+            Reach::Ok
+        }
         Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionRefused => Reach::Refused,
         _ => Reach::NoAnswer,
     }
@@ -68,7 +82,42 @@ async fn agent_health(addr: SocketAddr, timeout: Duration) -> bool {
     tokio::time::timeout(timeout, check).await.ok().flatten().unwrap_or(false)
 }
 
-pub async fn probe(t: &Target, kubelet_port: u16, timeout: Duration) -> ProbeResult {
+/// ICMP echo over one unprivileged ping socket (`SOCK_DGRAM`, allowed by the
+/// `net.ipv4.ping_group_range` sysctl) or, failing that, a raw socket (CAP_NET_RAW).
+#[derive(Clone)]
+pub struct Icmp {
+    v4: Option<std::sync::Arc<surge_ping::Client>>,
+    v6: Option<std::sync::Arc<surge_ping::Client>>,
+}
+
+impl Icmp {
+    /// None when this process may open neither kind of ICMP socket.
+    pub fn new() -> Option<Self> {
+        // surge-ping tries the ping socket first, then a raw one.
+        let client = |kind| {
+            surge_ping::Client::new(&surge_ping::Config::builder().kind(kind).build()).map(std::sync::Arc::new).ok()
+        };
+        let icmp = Icmp { v4: client(surge_ping::ICMP::V4), v6: client(surge_ping::ICMP::V6) };
+        (icmp.v4.is_some() || icmp.v6.is_some()).then_some(icmp)
+    }
+
+    async fn echo(&self, addr: IpAddr, timeout: Duration) -> Option<bool> {
+        let client = if addr.is_ipv4() { self.v4.as_ref() } else { self.v6.as_ref() }?;
+        let mut pinger = client.pinger(addr, surge_ping::PingIdentifier(rand::random())).await;
+        pinger.timeout(timeout);
+        // Only an echo reply is an answer: surge-ping also returns the "destination unreachable"
+        // that a router (or this host) sends back about the request.
+        let echoed = match pinger.ping(surge_ping::PingSequence(0), &[0; 16]).await {
+            Ok((surge_ping::IcmpPacket::V4(p), _)) => p.get_icmp_type().0 == 0,
+            Ok((surge_ping::IcmpPacket::V6(p), _)) => p.get_icmpv6_type().0 == 129,
+            Err(_) => false,
+        };
+        Some(echoed)
+    }
+}
+
+/// Probes one node; `full`: with the agent's gRPC health check and the echo.
+pub async fn probe(t: &Target, kubelet_port: u16, icmp: Option<&Icmp>, timeout: Duration, full: bool) -> ProbeResult {
     let start = Instant::now();
     let agent_addr = SocketAddr::new(t.addr, t.status_port);
     let kubelet = async {
@@ -76,9 +125,15 @@ pub async fn probe(t: &Target, kubelet_port: u16, timeout: Duration) -> ProbeRes
     };
     let agent = async {
         let reach = connect(agent_addr, timeout).await;
-        let healthy = reach == Reach::Ok && agent_health(agent_addr, timeout).await;
+        let healthy = reach == Reach::Ok && (!full || agent_health(agent_addr, timeout).await);
         (reach, healthy)
     };
-    let ((agent, agent_healthy), kubelet) = tokio::join!(agent, kubelet);
-    ProbeResult { agent, agent_healthy, kubelet, latency: start.elapsed() }
+    let echo = async {
+        match icmp {
+            Some(i) if full => i.echo(t.addr, timeout).await,
+            _ => None,
+        }
+    };
+    let ((agent, agent_healthy), kubelet, echo) = tokio::join!(agent, kubelet, echo);
+    ProbeResult { agent, agent_healthy, kubelet, echo, latency: start.elapsed() }
 }

@@ -526,16 +526,19 @@ pub fn sequences(events: &[nodekeeper_proto::v1::Event]) -> Vec<u64> {
 
 /// The body of an HTTP GET on loopback (the agent's /metrics).
 pub async fn http_get(url: &str) -> String {
+    try_http_get(url).await.unwrap_or_else(|e| panic!("GET {url}: {e}"))
+}
+
+/// The body of an HTTP GET on loopback, or why there is none (e.g. not listening yet).
+pub async fn try_http_get(url: &str) -> std::io::Result<String> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let rest = url.strip_prefix("http://").expect("an http:// URL");
     let (authority, path) = rest.split_once('/').map_or((rest, "/".to_owned()), |(a, p)| (a, format!("/{p}")));
-    let mut s = tokio::net::TcpStream::connect(authority).await.expect("connect");
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: {authority}\r\nConnection: close\r\n\r\n").as_bytes())
-        .await
-        .expect("send the request");
+    let mut s = tokio::net::TcpStream::connect(authority).await?;
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: {authority}\r\nConnection: close\r\n\r\n").as_bytes()).await?;
     let mut out = String::new();
-    s.read_to_string(&mut out).await.expect("read the answer");
-    out.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default()
+    s.read_to_string(&mut out).await?;
+    Ok(out.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default())
 }
 
 /// A counter or gauge from a Prometheus text exposition.

@@ -201,6 +201,29 @@ impl Net {
         }
     }
 
+    /// Drops TCP connections to `ports` on host `i` (its own outgoing connections still work).
+    pub fn filter_tcp_ports(&self, i: usize, ports: &[u16]) {
+        for p in ports {
+            let p = p.to_string();
+            let ns = self.host_ns(i);
+            sh(&["ip", "netns", "exec", &ns, "iptables", "-A", "INPUT", "-p", "tcp", "--dport", &p, "-j", "DROP"]);
+        }
+    }
+
+    /// A TCP listener on `port` inside namespace `ns`, made from this process: a socket belongs
+    /// to the namespace it was created in, so a thread enters the namespace, creates the socket
+    /// and ends.
+    pub fn listen_in(ns: &str, port: u16) -> std::net::TcpListener {
+        let path = format!("/var/run/netns/{ns}");
+        std::thread::spawn(move || {
+            let f = std::fs::File::open(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+            nix::sched::setns(f, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
+            std::net::TcpListener::bind(("0.0.0.0", port)).expect("bind in the namespace")
+        })
+        .join()
+        .expect("the listening thread")
+    }
+
     /// A command run inside namespace `ns`.
     pub fn command(ns: &str, program: &std::path::Path) -> std::process::Command {
         let mut c = std::process::Command::new("ip");

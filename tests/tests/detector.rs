@@ -25,10 +25,12 @@ impl Detector {
     fn start(name: &str, center: &str, netns: Option<&str>, replica: usize, replicas: usize, extra: &str) -> Detector {
         let dir = tempfile::tempdir().unwrap();
         let config = dir.path().join("detector.toml");
+        // No kubelet on the test hosts unless the test starts one.
+        let kubelet = if extra.contains("kubelet_port") { "" } else { "kubelet_port = 0\n" };
         std::fs::write(
             &config,
             format!(
-                "name = \"{name}\"\ncenter = \"{center}\"\ninsecure = true\nreplica = {replica}\nreplicas = {replicas}\nkubelet_port = 0\n\
+                "name = \"{name}\"\ncenter = \"{center}\"\ninsecure = true\nreplica = {replica}\nreplicas = {replicas}\n{kubelet}\
                  refresh_interval = \"500ms\"\nsweep_interval = \"3s\"\nsuspect_interval = \"500ms\"\n{extra}"
             ),
         )
@@ -158,6 +160,57 @@ async fn a_cut_node_is_unreachable_a_dead_agent_is_agent_down_and_both_recover()
     assert!(!verdicts(&center).await.iter().any(|(n, _, h)| n == "host-2" && *h), "host-2 was never declared faulty");
 }
 
+/// A stand-in kubelet port on a test host: accepts connections and closes them.
+fn kubelet(net: &Net, host: usize, port: u16) -> tokio::task::JoinHandle<()> {
+    let l = Net::listen_in(&net.host_ns(host), port);
+    l.set_nonblocking(true).unwrap();
+    let l = tokio::net::TcpListener::from_std(l).unwrap();
+    tokio::spawn(async move {
+        loop {
+            let _ = l.accept().await;
+        }
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_kubelet_is_kubelet_down_and_a_filtered_node_still_answers_the_echo() {
+    let (net, center, agents) = setup(3, CENTER).await;
+    let port = nodekeeper_tests::free_port();
+    let mut kubelets: Vec<_> = (0..3).map(|i| kubelet(&net, i, port)).collect();
+    let _detector = Detector::start("det-a", &center.url(), None, 0, 1, &format!("kubelet_port = {port}\n"));
+    wait_for("the first views", Duration::from_secs(20), || async {
+        (events(&center, &["DetectorVote"]).await.len() >= 9).then_some(())
+    })
+    .await;
+
+    // host-0's kubelet stops (its listener closes): KubeletDown, and nothing else.
+    kubelets[0].abort();
+    wait_verdict(&center, "host-0", "KubeletDown", true, Duration::from_secs(60)).await;
+    assert!(
+        !verdicts(&center).await.iter().any(|(n, t, h)| n == "host-0" && t != "KubeletDown" && *h),
+        "the node and its agent answer"
+    );
+    kubelets[0] = kubelet(&net, 0, port);
+    wait_verdict(&center, "host-0", "KubeletDown", false, Duration::from_secs(60)).await;
+
+    // host-1 drops TCP to its agent and kubelet ports; only the ICMP echo answers (the detector
+    // runs as root here, so it may open a raw socket): the node is there, its agent is not
+    // reachable — AgentDown, not NodeUnreachable.
+    net.filter_tcp_ports(1, &[agents[1].status_port, port]);
+    wait_verdict(&center, "host-1", "AgentDown", true, Duration::from_secs(60)).await;
+    let votes = events(&center, &["DetectorVote"]).await;
+    let vote = votes
+        .iter()
+        .rev()
+        .find(|e| e.node == "host-1" && e.attributes.get("verdict").map(String::as_str) == Some("AgentDown"))
+        .expect("the AgentDown vote");
+    assert!(vote.message.contains("ICMP echo answered"), "{}", vote.message);
+    assert!(
+        !verdicts(&center).await.iter().any(|(n, t, h)| n == "host-1" && t == "NodeUnreachable" && *h),
+        "the echo answers: the node is not unreachable"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_detector_cut_off_suspects_itself_and_declares_nothing() {
     let (net, center, _agents) = setup(3, CENTER).await;
@@ -174,7 +227,8 @@ async fn a_detector_cut_off_suspects_itself_and_declares_nothing() {
     // Well past the confirmations, still nothing declared.
     let deadline = Instant::now() + Duration::from_secs(5);
     while Instant::now() < deadline {
-        assert!(!verdicts(&center).await.iter().any(|(_, _, h)| *h), "a partitioned detector declared a node faulty");
+        let v = verdicts(&center).await;
+        assert!(!v.iter().any(|(_, _, h)| *h), "a partitioned detector declared a node faulty: {v:?}");
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     net.cut_hub(false);

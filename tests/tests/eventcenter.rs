@@ -820,3 +820,43 @@ async fn reflection_lists_and_describes_every_service() {
         other => panic!("unexpected {other:?}"),
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_brief_node_listing_keeps_what_a_prober_needs_and_drops_the_rest() {
+    use nodekeeper_proto::v1::{Inventory, ListNodesRequest, NetworkInterface};
+    let center = EventCenter::start(QUICK).await;
+    let mut h = hello("c1", "n1", "b1");
+    h.status_port = 9101;
+    h.labels.insert("rack".into(), "r7".into());
+    h.inventory = Some(Inventory {
+        hostname: "n1.example".into(),
+        kernel_version: "6.1.0".into(),
+        interfaces: vec![NetworkInterface {
+            name: "eth0".into(),
+            mac: "02:00:00:00:00:01".into(),
+            addresses: vec!["10.0.0.1/24".into()],
+        }],
+        ..Default::default()
+    });
+    let _agent = AgentConn::connect(&center.url(), h).await.unwrap();
+    let fleet = FleetServiceClient::new(center.channel().await);
+    let list = |brief| {
+        let mut f = fleet.clone();
+        async move { f.list_nodes(ListNodesRequest { brief, ..Default::default() }).await.unwrap().into_inner().nodes }
+    };
+    let full = list(false).await;
+    let brief = list(true).await;
+    assert_eq!((full.len(), brief.len()), (1, 1));
+    let (full, brief) = (&full[0], &brief[0]);
+    assert_eq!(full.labels.get("rack").map(String::as_str), Some("r7"));
+    assert_eq!(full.inventory.as_ref().unwrap().kernel_version, "6.1.0");
+    // What the detector probes with stays: identity, liveness, status port, addresses.
+    assert_eq!((brief.name.as_str(), brief.cluster.as_str()), ("n1", "c1"));
+    assert_eq!((brief.liveness, brief.status_port), (full.liveness, 9101));
+    let inv = brief.inventory.as_ref().unwrap();
+    assert_eq!(inv.interfaces[0].name, "eth0");
+    assert_eq!(inv.interfaces[0].addresses, vec!["10.0.0.1/24".to_string()]);
+    // The rest does not travel.
+    assert!(brief.labels.is_empty() && brief.agent_version.is_empty());
+    assert!(inv.hostname.is_empty() && inv.kernel_version.is_empty() && inv.interfaces[0].mac.is_empty());
+}

@@ -2,9 +2,10 @@
 
 use nodekeeper_common::names;
 use nodekeeper_proto::v1::{
-    Fault, GetFaultRequest, GetFaultResponse, GetNodeRequest, ListComponentsRequest, ListComponentsResponse,
+    Fault, GetFaultRequest, GetFaultResponse, GetNodeRequest, Inventory, ListComponentsRequest, ListComponentsResponse,
     ListConditionsRequest, ListConditionsResponse, ListFaultsRequest, ListFaultsResponse, ListNodesRequest,
-    ListNodesResponse, Node, SetDesiredComponentsRequest, SetDesiredComponentsResponse, fleet_service_server,
+    ListNodesResponse, NetworkInterface, Node, SetDesiredComponentsRequest, SetDesiredComponentsResponse,
+    fleet_service_server,
 };
 use tonic::{Request, Response, Status};
 
@@ -19,10 +20,14 @@ impl fleet_service_server::FleetService for FleetApi {
     async fn list_nodes(&self, request: Request<ListNodesRequest>) -> Result<Response<ListNodesResponse>, Status> {
         let caller = self.0.caller(&request)?;
         require(&caller, READERS, "list nodes")?;
-        let clusters = scope_clusters(&caller, request.into_inner().clusters)?;
+        let req = request.into_inner();
+        let clusters = scope_clusters(&caller, req.clusters)?;
         let mut nodes = self.0.store.list_nodes(clusters).await.map_err(store_status)?;
         for n in &mut nodes {
             self.0.liveness.annotate(n);
+            if req.brief {
+                brief(n);
+            }
         }
         Ok(Response::new(ListNodesResponse { nodes }))
     }
@@ -114,4 +119,19 @@ impl fleet_service_server::FleetService for FleetApi {
     ) -> Result<Response<SetDesiredComponentsResponse>, Status> {
         super::components::set_desired(&self.0, request).await
     }
+}
+
+/// What a prober needs of a node (`ListNodesRequest.brief`).
+fn brief(n: &mut Node) {
+    n.labels.clear();
+    n.conditions.clear();
+    n.agent_version.clear();
+    n.inventory = n.inventory.take().map(|inv| Inventory {
+        interfaces: inv
+            .interfaces
+            .into_iter()
+            .map(|i| NetworkInterface { name: i.name, addresses: i.addresses, ..Default::default() })
+            .collect(),
+        ..Default::default()
+    });
 }

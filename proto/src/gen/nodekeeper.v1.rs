@@ -2330,6 +2330,10 @@ pub struct Node {
 pub struct ListNodesRequest {
     #[prost(string, repeated, tag = "1")]
     pub clusters: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
+    /// Only what a prober polling the list needs: identity, liveness, heartbeat times, the status
+    /// port and the inventory's interface addresses (no conditions, labels or other inventory).
+    #[prost(bool, tag = "2")]
+    pub brief: bool,
 }
 #[derive(Clone, PartialEq, ::prost::Message)]
 pub struct ListNodesResponse {
