@@ -38,6 +38,10 @@ pub struct Config {
     pub partition_share: f64,
     /// The kubelet's port (TCP connect); 0: not probed.
     pub kubelet_port: u16,
+    /// The port of the kubelet's plain-HTTP `/healthz` (its `healthzPort`, 10248), GET on every
+    /// probe; 0: not probed. The kubelet binds it to 127.0.0.1 unless its `healthzBindAddress`
+    /// says otherwise, so it is off by default.
+    pub kubelet_healthz_port: u16,
     /// An ICMP echo in the probes of suspects (it tells a node whose ports are filtered from one
     /// that is gone), where this process may open a ping or raw socket (the
     /// `net.ipv4.ping_group_range` sysctl, or CAP_NET_RAW); without, it is skipped with a warning.
@@ -69,6 +73,7 @@ impl Default for Config {
             phi_threshold: 8.0,
             partition_share: 0.5,
             kubelet_port: 10250,
+            kubelet_healthz_port: 0,
             icmp: true,
             repeat_interval: Duration::from_secs(300),
             concurrency: 256,

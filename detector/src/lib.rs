@@ -208,8 +208,10 @@ impl Detector {
         let Some(st) = self.nodes.get_mut(key) else { return };
         self.stats.probes.fetch_add(1, Ordering::Relaxed);
         self.stats.probe_micros.fetch_add(r.latency.as_micros() as u64, Ordering::Relaxed);
-        let answered =
-            r.agent != Reach::NoAnswer || r.kubelet.is_some_and(|k| k != Reach::NoAnswer) || r.echo == Some(true);
+        let answered = r.agent != Reach::NoAnswer
+            || r.kubelet.is_some_and(|k| k != Reach::NoAnswer)
+            || r.echo == Some(true)
+            || r.kubelet_healthz.as_ref().is_some_and(Result::is_ok);
         st.answered = Some((answered, Instant::now()));
         tracing::debug!(node = %key.1, answered, agent = ?r.agent, healthy = r.agent_healthy, ms = r.latency.as_millis() as u64, "probe");
         st.evidence = r.evidence();
@@ -231,19 +233,19 @@ impl Detector {
                 st.view.remove(clear);
             }
         }
-        match r.kubelet {
-            Some(Reach::Ok) | None => {
+        match r.kubelet_up() {
+            Some(true) | None => {
                 st.kubelet_failures = 0;
                 st.view.remove("KubeletDown");
             }
-            // The node answers on another port but the kubelet does not.
-            Some(_) if answered && agent_ok => {
+            // The node and its agent answer but the kubelet does not.
+            Some(false) if answered && agent_ok => {
                 st.kubelet_failures += 1;
                 if st.kubelet_failures >= confirmations {
                     st.view.insert("KubeletDown");
                 }
             }
-            Some(_) => {}
+            Some(false) => {}
         }
         if !answered {
             st.view.remove("KubeletDown");
@@ -412,7 +414,8 @@ impl Detector {
                         }
                     }
                     for (key, target, full) in due {
-                        let (limit, timeout, kubelet) = (limit.clone(), self.cfg.probe_timeout, self.cfg.kubelet_port);
+                        let (limit, timeout) = (limit.clone(), self.cfg.probe_timeout);
+                        let kubelet = probe::KubeletPorts { port: self.cfg.kubelet_port, healthz: self.cfg.kubelet_healthz_port };
                         let icmp = self.icmp.clone();
                         probes.spawn(async move {
                             let _permit = limit.acquire_owned().await;

@@ -1,5 +1,6 @@
 //! One probe of one node: TCP connect to the agent's status port and its gRPC health, TCP
-//! connect to the kubelet's port, and an ICMP echo where enabled. A refused connection is an
+//! connect to the kubelet's port, a GET of the kubelet's `/healthz` where its port is configured,
+//! and an ICMP echo where enabled. A refused connection is an
 //! answer (the host is up); a timeout or an unreachable route is none. The echo tells a node whose
 //! ports are filtered from one that is gone.
 //!
@@ -32,12 +33,22 @@ pub struct ProbeResult {
     /// The agent's gRPC health service answered SERVING (a light probe: the port accepted).
     pub agent_healthy: bool,
     pub kubelet: Option<Reach>,
+    /// The kubelet's `/healthz` (None: not probed).
+    pub kubelet_healthz: Option<Result<(), String>>,
     /// The ICMP echo was answered (None: not probed).
     pub echo: Option<bool>,
     pub latency: Duration,
 }
 
 impl ProbeResult {
+    /// Whether the kubelet answered every kubelet probe (None: none configured).
+    pub fn kubelet_up(&self) -> Option<bool> {
+        if self.kubelet.is_none() && self.kubelet_healthz.is_none() {
+            return None;
+        }
+        Some(self.kubelet.is_none_or(|k| k == Reach::Ok) && self.kubelet_healthz.as_ref().is_none_or(Result::is_ok))
+    }
+
     pub fn evidence(&self) -> String {
         let r = |x: Reach| match x {
             Reach::Ok => "connected",
@@ -51,6 +62,11 @@ impl ProbeResult {
         );
         if let Some(k) = self.kubelet {
             s.push_str(&format!(", kubelet port {}", r(k)));
+        }
+        match &self.kubelet_healthz {
+            Some(Ok(())) => s.push_str(", kubelet healthz ok"),
+            Some(Err(e)) => s.push_str(&format!(", kubelet healthz failed ({e})")),
+            None => {}
         }
         if let Some(e) = self.echo {
             s.push_str(if e { ", ICMP echo answered" } else { ", ICMP echo unanswered" });
@@ -116,12 +132,25 @@ impl Icmp {
     }
 }
 
+/// The kubelet's ports to probe on every node; 0: not probed.
+#[derive(Debug, Clone, Copy)]
+pub struct KubeletPorts {
+    pub port: u16,
+    pub healthz: u16,
+}
+
 /// Probes one node; `full`: with the agent's gRPC health check and the echo.
-pub async fn probe(t: &Target, kubelet_port: u16, icmp: Option<&Icmp>, timeout: Duration, full: bool) -> ProbeResult {
+pub async fn probe(t: &Target, k: KubeletPorts, icmp: Option<&Icmp>, timeout: Duration, full: bool) -> ProbeResult {
     let start = Instant::now();
     let agent_addr = SocketAddr::new(t.addr, t.status_port);
-    let kubelet = async {
-        if kubelet_port == 0 { None } else { Some(connect(SocketAddr::new(t.addr, kubelet_port), timeout).await) }
+    let kubelet =
+        async { if k.port == 0 { None } else { Some(connect(SocketAddr::new(t.addr, k.port), timeout).await) } };
+    let kubelet_healthz = async {
+        if k.healthz == 0 {
+            return None;
+        }
+        let url = format!("http://{}/healthz", SocketAddr::new(t.addr, k.healthz));
+        Some(nodekeeper_common::http::get(&url, timeout).await)
     };
     let agent = async {
         let reach = connect(agent_addr, timeout).await;
@@ -134,6 +163,31 @@ pub async fn probe(t: &Target, kubelet_port: u16, icmp: Option<&Icmp>, timeout: 
             _ => None,
         }
     };
-    let ((agent, agent_healthy), kubelet, echo) = tokio::join!(agent, kubelet, echo);
-    ProbeResult { agent, agent_healthy, kubelet, echo, latency: start.elapsed() }
+    let ((agent, agent_healthy), kubelet, kubelet_healthz, echo) = tokio::join!(agent, kubelet, kubelet_healthz, echo);
+    ProbeResult { agent, agent_healthy, kubelet, kubelet_healthz, echo, latency: start.elapsed() }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_kubelet_is_up_only_when_every_configured_probe_says_so() {
+        let r = |kubelet, kubelet_healthz| ProbeResult {
+            agent: Reach::Ok,
+            agent_healthy: true,
+            kubelet,
+            kubelet_healthz,
+            echo: None,
+            latency: Duration::ZERO,
+        };
+        assert_eq!(r(None, None).kubelet_up(), None);
+        assert_eq!(r(Some(Reach::Ok), None).kubelet_up(), Some(true));
+        assert_eq!(r(Some(Reach::Refused), None).kubelet_up(), Some(false));
+        assert_eq!(r(Some(Reach::Ok), Some(Ok(()))).kubelet_up(), Some(true));
+        let failed = r(Some(Reach::Ok), Some(Err("answered \"HTTP/1.1 500\"".into())));
+        assert_eq!(failed.kubelet_up(), Some(false));
+        assert!(failed.evidence().contains("kubelet healthz failed"), "{}", failed.evidence());
+        assert_eq!(r(None, Some(Ok(()))).kubelet_up(), Some(true));
+    }
 }

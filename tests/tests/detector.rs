@@ -5,6 +5,8 @@
 
 use std::net::IpAddr;
 use std::process::{Child, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use nodekeeper_proto::v1::{
@@ -161,13 +163,23 @@ async fn a_cut_node_is_unreachable_a_dead_agent_is_agent_down_and_both_recover()
 }
 
 /// A stand-in kubelet port on a test host: accepts connections and closes them.
-fn kubelet(net: &Net, host: usize, port: u16) -> tokio::task::JoinHandle<()> {
+/// A stand-in kubelet in host `host`'s namespace: accepts on `port` and answers a `/healthz` GET
+/// with 200 while `healthy` holds, 500 after.
+fn kubelet(net: &Net, host: usize, port: u16, healthy: Arc<AtomicBool>) -> tokio::task::JoinHandle<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let l = Net::listen_in(&net.host_ns(host), port);
     l.set_nonblocking(true).unwrap();
     let l = tokio::net::TcpListener::from_std(l).unwrap();
     tokio::spawn(async move {
-        loop {
-            let _ = l.accept().await;
+        while let Ok((mut s, _)) = l.accept().await {
+            let healthy = healthy.clone();
+            tokio::spawn(async move {
+                let mut buf = [0u8; 1024];
+                if matches!(s.read(&mut buf).await, Ok(n) if n > 0) {
+                    let status = if healthy.load(Ordering::SeqCst) { "200 OK" } else { "500 Internal Server Error" };
+                    let _ = s.write_all(format!("HTTP/1.1 {status}\r\nContent-Length: 2\r\n\r\nok").as_bytes()).await;
+                }
+            });
         }
     })
 }
@@ -176,8 +188,11 @@ fn kubelet(net: &Net, host: usize, port: u16) -> tokio::task::JoinHandle<()> {
 async fn a_dead_kubelet_is_kubelet_down_and_a_filtered_node_still_answers_the_echo() {
     let (net, center, agents) = setup(3, CENTER).await;
     let port = nodekeeper_tests::free_port();
-    let mut kubelets: Vec<_> = (0..3).map(|i| kubelet(&net, i, port)).collect();
-    let _detector = Detector::start("det-a", &center.url(), None, 0, 1, &format!("kubelet_port = {port}\n"));
+    let healthy: Vec<_> = (0..3).map(|_| Arc::new(AtomicBool::new(true))).collect();
+    let mut kubelets: Vec<_> = (0..3).map(|i| kubelet(&net, i, port, healthy[i].clone())).collect();
+    // The stand-in serves its healthz on the kubelet port itself.
+    let extra = format!("kubelet_port = {port}\nkubelet_healthz_port = {port}\n");
+    let _detector = Detector::start("det-a", &center.url(), None, 0, 1, &extra);
     wait_for("the first views", Duration::from_secs(20), || async {
         (events(&center, &["DetectorVote"]).await.len() >= 9).then_some(())
     })
@@ -190,8 +205,22 @@ async fn a_dead_kubelet_is_kubelet_down_and_a_filtered_node_still_answers_the_ec
         !verdicts(&center).await.iter().any(|(n, t, h)| n == "host-0" && t != "KubeletDown" && *h),
         "the node and its agent answer"
     );
-    kubelets[0] = kubelet(&net, 0, port);
+    kubelets[0] = kubelet(&net, 0, port, healthy[0].clone());
     wait_verdict(&center, "host-0", "KubeletDown", false, Duration::from_secs(60)).await;
+
+    // host-2's kubelet still accepts connections but its /healthz fails: KubeletDown too, with
+    // the healthz answer as evidence; healthy again, cleared.
+    healthy[2].store(false, Ordering::SeqCst);
+    wait_verdict(&center, "host-2", "KubeletDown", true, Duration::from_secs(60)).await;
+    let votes = events(&center, &["DetectorVote"]).await;
+    let vote = votes
+        .iter()
+        .rev()
+        .find(|e| e.node == "host-2" && e.attributes.get("verdict").map(String::as_str) == Some("KubeletDown"))
+        .expect("the KubeletDown vote");
+    assert!(vote.message.contains("kubelet healthz failed") && vote.message.contains("500"), "{}", vote.message);
+    healthy[2].store(true, Ordering::SeqCst);
+    wait_verdict(&center, "host-2", "KubeletDown", false, Duration::from_secs(60)).await;
 
     // host-1 drops TCP to its agent and kubelet ports; only the ICMP echo answers (the detector
     // runs as root here, so it may open a raw socket): the node is there, its agent is not

@@ -323,7 +323,7 @@ impl Manager {
             let r = match &h.check {
                 None => return Ok(()),
                 Some(Check::Command(c)) => self.exec(&c.argv, timeout, "health check").await,
-                Some(Check::HttpUrl(u)) => crate::monitor::components::http_get(u, timeout).await,
+                Some(Check::HttpUrl(u)) => nodekeeper_common::http::get(u, timeout).await,
                 Some(Check::UnitActive(false)) => return Ok(()),
                 Some(Check::UnitActive(true)) => {
                     let argv = vec![

@@ -16,7 +16,6 @@ use std::time::{Duration, Instant};
 
 use nodekeeper_proto::v1::{Category, ConditionStatus, RecommendedAction, Severity};
 use serde::Deserialize;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use super::rules::{Clear, ConditionDef};
 use super::state::Reporter;
@@ -262,7 +261,7 @@ async fn check(t: &mut Tracked, s: &Settings) -> (Vec<Finding>, Option<bool>) {
     }
     if active == "active" {
         if let Some(url) = &t.watch.health_url
-            && let Err(e) = http_get(url, s.timeout).await
+            && let Err(e) = nodekeeper_common::http::get(url, s.timeout).await
         {
             problems.push(format!("health check {url}: {e}"));
         }
@@ -310,50 +309,11 @@ async fn show(systemctl: &PathBuf, unit: &str, timeout: Duration) -> Result<Hash
     Ok(parse_show(&String::from_utf8_lossy(&out.stdout)))
 }
 
-/// Sends an HTTP/1.1 GET and checks for a 2xx status.
-async fn http_request<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
-    mut s: S,
-    host: &str,
-    path: &str,
-) -> Result<(), String> {
-    let req =
-        format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: nodekeeper-agent\r\nConnection: close\r\n\r\n");
-    s.write_all(req.as_bytes()).await.map_err(|e| e.to_string())?;
-    let mut buf = [0u8; 64];
-    let mut n = 0;
-    while n < 12 {
-        let r = s.read(&mut buf[n..]).await.map_err(|e| e.to_string())?;
-        if r == 0 {
-            break;
-        }
-        n += r;
-    }
-    let head = String::from_utf8_lossy(&buf[..n]);
-    let code = head.split_whitespace().nth(1).unwrap_or("");
-    if head.starts_with("HTTP/") && code.starts_with('2') {
-        Ok(())
-    } else {
-        Err(format!("answered {:?}", head.lines().next().unwrap_or("nothing")))
-    }
-}
-
-pub async fn http_get(url: &str, timeout: Duration) -> Result<(), String> {
-    let rest = url.strip_prefix("http://").ok_or_else(|| format!("only http:// URLs are supported, got {url:?}"))?;
-    let (authority, path) = rest.split_once('/').map_or((rest, "/".to_owned()), |(a, p)| (a, format!("/{p}")));
-    let addr = if authority.contains(':') { authority.to_owned() } else { format!("{authority}:80") };
-    tokio::time::timeout(timeout, async {
-        let s = tokio::net::TcpStream::connect(&addr).await.map_err(|e| e.to_string())?;
-        http_request(s, authority, &path).await
-    })
-    .await
-    .map_err(|_| format!("no answer within {timeout:?}"))?
-}
-
 async fn socket_check(path: &std::path::Path, http_path: Option<&str>, timeout: Duration) -> Result<(), String> {
     tokio::time::timeout(timeout, async {
         let s = tokio::net::UnixStream::connect(path).await.map_err(|e| e.to_string())?;
         match http_path {
-            Some(p) => http_request(s, "localhost", p).await,
+            Some(p) => nodekeeper_common::http::request(s, "localhost", p).await,
             None => Ok(()),
         }
     })
@@ -372,22 +332,5 @@ mod tests {
         let p = parse_show("LoadState=loaded\nActiveState=active\nSubState=running\nNRestarts=3\nInvocationID=abc\n");
         assert_eq!(p["NRestarts"], "3");
         assert_eq!(p["ActiveState"], "active");
-    }
-
-    #[tokio::test]
-    async fn http_checks_against_a_real_listener() {
-        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = l.local_addr().unwrap();
-        tokio::spawn(async move {
-            for status in ["200 OK", "500 Internal Server Error"] {
-                let (mut s, _) = l.accept().await.unwrap();
-                let mut buf = [0u8; 1024];
-                let _ = s.read(&mut buf).await.unwrap();
-                s.write_all(format!("HTTP/1.1 {status}\r\nContent-Length: 2\r\n\r\nok").as_bytes()).await.unwrap();
-            }
-        });
-        let url = format!("http://{addr}/healthz");
-        assert_eq!(http_get(&url, Duration::from_secs(2)).await, Ok(()));
-        assert!(http_get(&url, Duration::from_secs(2)).await.unwrap_err().contains("500"));
     }
 }
