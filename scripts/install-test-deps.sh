@@ -15,6 +15,7 @@ needs=(
     "ip:iproute2"                 # the detector's tests put hosts in network namespaces
     "tc:iproute2"                 # and shape their links with netem
     "iptables:iptables"           # packet loss where the kernel has no netem
+    "prometheus-alertmanager:prometheus-alertmanager"  # ops alerts and the business-health gate run against a real Alertmanager
 )
 
 missing=()

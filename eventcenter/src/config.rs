@@ -23,6 +23,8 @@ pub struct Config {
     pub limits: LimitsConfig,
     /// Remote detectors: how many replicas must agree before their verdict opens a fault.
     pub detectors: DetectorsConfig,
+    /// Alertmanager: where ops alerts go and what the business-health gates read.
+    pub alertmanager: AlertmanagerConfig,
     /// The rate-limit center: permits for risky operations, the circuit breaker.
     pub permits: PermitsConfig,
     /// Idle time after which a subscription gets a bookmark.
@@ -100,6 +102,68 @@ pub struct PermitsConfig {
     pub breaker_fault_share: f64,
     #[serde(with = "duration")]
     pub breaker_window: Duration,
+    /// Business-health gates: while one is closed for a cluster, only releases are granted there.
+    pub gate: Vec<GateConfig>,
+}
+
+/// One business-health gate: an Alertmanager query (`alerts`) or a metric reported to the center
+/// (`metric` with `min` and/or `max`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GateConfig {
+    /// A cluster, or "*" for every cluster.
+    #[serde(default = "any_cluster")]
+    pub cluster: String,
+    /// Alertmanager matchers, e.g. `alertname="PodCreationFailing"`; `{cluster}` is replaced by
+    /// the cluster asking. Closed while an active, unsilenced alert matches them all.
+    #[serde(default)]
+    pub alerts: Vec<String>,
+    /// A metric reported with `ReportMetric`, e.g. "pod_creation_success_rate".
+    pub metric: Option<String>,
+    pub min: Option<f64>,
+    pub max: Option<f64>,
+    /// A metric value older than this is unknown.
+    #[serde(default = "default_max_age", with = "duration")]
+    pub max_age: Duration,
+    /// What an unknown state (Alertmanager not answering, no fresh metric) means: "deny" or "allow".
+    #[serde(default = "default_when_unknown")]
+    pub when_unknown: String,
+}
+
+fn default_max_age() -> Duration {
+    Duration::from_secs(300)
+}
+
+fn default_when_unknown() -> String {
+    "deny".into()
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AlertmanagerConfig {
+    /// Base URL of Alertmanager (its v2 API), e.g. "http://alertmanager:9093"; unset: no ops
+    /// alerts, and no alert gates.
+    pub url: Option<String>,
+    /// Firing alerts are sent again this often; each says it ends after three of these, so that
+    /// Alertmanager resolves what a stopped center no longer sends.
+    #[serde(with = "duration")]
+    pub resend_interval: Duration,
+    /// How long a gate's Alertmanager answer is used before it is asked again.
+    #[serde(with = "duration")]
+    pub query_interval: Duration,
+    #[serde(with = "duration")]
+    pub timeout: Duration,
+}
+
+impl Default for AlertmanagerConfig {
+    fn default() -> Self {
+        Self {
+            url: None,
+            resend_interval: Duration::from_secs(60),
+            query_interval: Duration::from_secs(15),
+            timeout: Duration::from_secs(5),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -150,6 +214,7 @@ impl Default for PermitsConfig {
             ],
             breaker_fault_share: 0.3,
             breaker_window: Duration::from_secs(300),
+            gate: Vec::new(),
         }
     }
 }
@@ -182,6 +247,7 @@ impl Default for Config {
             nodes: NodesConfig::default(),
             limits: LimitsConfig::default(),
             detectors: DetectorsConfig::default(),
+            alertmanager: AlertmanagerConfig::default(),
             permits: PermitsConfig::default(),
             bookmark_interval: Duration::from_secs(5),
             drain_timeout: Duration::from_secs(5),
@@ -237,6 +303,28 @@ impl Config {
                     p.operation
                 ));
             }
+        }
+        for (i, g) in self.permits.gate.iter().enumerate() {
+            let key = format!("permits.gate[{i}]");
+            match (g.alerts.is_empty(), &g.metric) {
+                (false, None) if self.alertmanager.url.is_none() => {
+                    return Err(format!("{key}.alerts: needs alertmanager.url"));
+                }
+                (false, None) => {}
+                (true, Some(_)) if g.min.is_none() && g.max.is_none() => {
+                    return Err(format!("{key}.metric: expected min, max or both"));
+                }
+                (true, Some(_)) => {}
+                _ => return Err(format!("{key}: expected either alerts (matchers) or metric, not both")),
+            }
+            if !matches!(g.when_unknown.as_str(), "deny" | "allow") {
+                return Err(format!("{key}.when_unknown: expected \"deny\" or \"allow\", got {:?}", g.when_unknown));
+            }
+        }
+        if let Some(url) = &self.alertmanager.url
+            && !(url.starts_with("http://") || url.starts_with("https://"))
+        {
+            return Err(format!("alertmanager.url: expected an http:// or https:// URL, got {url:?}"));
         }
         if !(0.0..=1.0).contains(&self.permits.breaker_fault_share) {
             return Err("permits.breaker_fault_share must be between 0 and 1".into());
@@ -299,6 +387,27 @@ mod tests {
         let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../packaging/eventcenter.toml");
         let cfg: Config = nodekeeper_common::config::load(&path).unwrap();
         cfg.validate().unwrap();
+    }
+
+    #[test]
+    fn gates_are_checked_and_their_errors_name_the_key() {
+        let check = |toml: &str| {
+            nodekeeper_common::config::parse::<Config>(
+                std::path::Path::new("ec.toml"),
+                &format!("insecure = true\n{toml}"),
+            )
+            .unwrap()
+            .validate()
+        };
+        let e = check("[[permits.gate]]\nalerts = ['alertname=\"X\"']\n").unwrap_err();
+        assert_eq!(e, "permits.gate[0].alerts: needs alertmanager.url");
+        let e = check("[[permits.gate]]\nmetric = \"m\"\n").unwrap_err();
+        assert_eq!(e, "permits.gate[0].metric: expected min, max or both");
+        let e = check("[[permits.gate]]\nmetric = \"m\"\nmin = 1.0\nwhen_unknown = \"maybe\"\n").unwrap_err();
+        assert!(e.starts_with("permits.gate[0].when_unknown: expected"), "{e}");
+        let e = check("[alertmanager]\nurl = \"alertmanager:9093\"\n").unwrap_err();
+        assert!(e.starts_with("alertmanager.url: expected an http:// or https:// URL"), "{e}");
+        check("[alertmanager]\nurl = \"http://am:9093\"\n[[permits.gate]]\nalerts = ['alertname=\"X\"']\n").unwrap();
     }
 
     #[test]

@@ -3,9 +3,12 @@
 //! `run` takes an already bound listener (tests bind port 0) and a shutdown future; the binary in
 //! `main.rs` only parses flags, loads the config and maps the result to an exit code.
 
+pub mod alertmanager;
+pub mod alerts;
 pub mod api;
 pub mod config;
 pub mod cursor;
+pub mod gate;
 pub mod limits;
 pub mod liveness;
 pub mod permits;
@@ -43,6 +46,8 @@ pub enum RunError {
     Reflection(#[from] tonic_reflection::server::Error),
     #[error(transparent)]
     Tls(#[from] nodekeeper_common::tls::TlsError),
+    #[error("{0}")]
+    Alertmanager(String),
     #[error("no [tls] configured: mutual TLS is the default; set tls.ca, tls.cert and tls.key, or run with --insecure")]
     NoTls,
 }
@@ -88,6 +93,19 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: impl Future<Ou
                 .then_some((c.cluster, c.node, cond.r#type))
         })
         .collect::<Vec<_>>();
+    let alertmanager =
+        alertmanager::Alertmanager::new(&config.alertmanager).map_err(RunError::Alertmanager)?.map(Arc::new);
+    let gates = gate::Gates::new(config.permits.gate.clone(), alertmanager.clone(), config.alertmanager.query_interval);
+    let permits = Arc::new(permits::RateLimiter::load(config.permits.clone(), gates, &store).await?);
+    if let Some(am) = alertmanager {
+        tasks.push(tokio::spawn(alerts::run(
+            am,
+            permits.clone(),
+            store.clone(),
+            config.alertmanager.resend_interval,
+            cancel.clone(),
+        )));
+    }
     let ctx = Ctx {
         store: store.clone(),
         liveness,
@@ -97,7 +115,7 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: impl Future<Ou
         limits: Arc::new(limits::Limits::new(&config.limits)),
         sessions: Arc::default(),
         quorum: Arc::new(quorum::Quorum::new(open_verdicts)),
-        permits: Arc::new(permits::RateLimiter::load(config.permits.clone(), &store).await?),
+        permits,
     };
 
     let max = config.limits.max_message_bytes;

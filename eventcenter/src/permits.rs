@@ -5,7 +5,8 @@
 //! flight, permits per window, and for isolation the share of the cluster's nodes isolated at
 //! once). Permits carry a lease; they end when released or when the lease expires. The breaker
 //! trips when faults opened on more than `breaker_fault_share` of a cluster's nodes within
-//! `breaker_window`, and stays tripped until a person resets it. Every decision is an event, and
+//! `breaker_window`, and stays tripped until a person resets it. Business-health gates
+//! (`crate::gate`) deny like a freeze while they are closed. Every decision is an event, and
 //! permits and guards are stored, so a restart of the center forgets none.
 
 use std::collections::{HashMap, HashSet};
@@ -58,6 +59,9 @@ pub struct RateLimiter {
     state: Mutex<State>,
     /// Decisions are made one at a time: two concurrent requests cannot both take the last slot.
     decide: tokio::sync::Mutex<()>,
+    gates: crate::gate::Gates,
+    /// Notified when a breaker trips or is reset (ops alerts follow).
+    pub changed: tokio::sync::Notify,
 }
 
 fn event(
@@ -92,7 +96,11 @@ fn now_ms() -> i64 {
 }
 
 impl RateLimiter {
-    pub async fn load(config: PermitsConfig, store: &Store) -> Result<RateLimiter, StoreError> {
+    pub async fn load(
+        config: PermitsConfig,
+        gates: crate::gate::Gates,
+        store: &Store,
+    ) -> Result<RateLimiter, StoreError> {
         let longest = config.policy.iter().map(|p| p.window).max().unwrap_or_default().max(config.breaker_window);
         let since = now_ms() - longest.as_millis() as i64;
         let mut state = State::default();
@@ -106,7 +114,13 @@ impl RateLimiter {
         for g in store.guards().await? {
             state.guards.insert(g.cluster.clone(), g);
         }
-        Ok(RateLimiter { config, state: Mutex::new(state), decide: tokio::sync::Mutex::new(()) })
+        Ok(RateLimiter {
+            config,
+            state: Mutex::new(state),
+            decide: tokio::sync::Mutex::new(()),
+            gates,
+            changed: tokio::sync::Notify::new(),
+        })
     }
 
     fn policy(&self, op: Operation, cluster: &str) -> Option<&crate::config::PermitPolicy> {
@@ -214,7 +228,12 @@ impl RateLimiter {
         let e = event(cluster, "", "BreakerTripped", reason, Severity::Critical, vec![]);
         store.put_guard(cluster.to_owned(), g.encode_to_vec(), vec![e]).await?;
         self.state.lock().expect("permits lock").guards.insert(cluster.to_owned(), g);
+        self.changed.notify_one();
         Ok(())
+    }
+
+    pub fn report_metric(&self, cluster: &str, name: &str, value: f64) {
+        self.gates.report_metric(cluster, name, value);
     }
 
     /// Decides a request; the decision is stored as an event before it is answered.
@@ -229,11 +248,13 @@ impl RateLimiter {
         fault_id: u64,
         lease: Option<Duration>,
     ) -> Result<Decision, StoreError> {
+        // Gates may ask Alertmanager: outside the decision lock, which they take no slot under.
+        let gate = if op == Operation::Release { None } else { self.gates.closed(cluster).await };
         let _one = self.decide.lock().await;
         self.store_expired(store).await?;
         self.check_breaker(store, cluster).await?;
         let opname = operation_name(op);
-        let mut denied = self.blocked(cluster, op);
+        let mut denied = self.blocked(cluster, op).or(gate);
         let mut share_check = None;
         if denied.is_none() {
             let st = self.state.lock().expect("permits lock");
@@ -433,6 +454,7 @@ impl RateLimiter {
         );
         store.put_guard(cluster.to_owned(), g.encode_to_vec(), vec![e]).await?;
         self.state.lock().expect("permits lock").guards.insert(cluster.to_owned(), g);
+        self.changed.notify_one();
         Ok(())
     }
 

@@ -4,6 +4,7 @@
 //! The binaries are taken from the same target directory as the test binary; the README's test
 //! command builds them first (`cargo build --workspace --bins`).
 
+pub mod alertmanager;
 pub mod netns;
 
 use std::future::Future;

@@ -6,10 +6,12 @@ use std::time::Duration;
 
 use nodekeeper_proto::v1::{
     AcquirePermitRequest, Condition, ConditionStatus, ListPermitsRequest, Observation, Operation, Reboot,
-    ReleasePermitRequest, Report, ReportRequest, SendCommandRequest, fleet_service_client::FleetServiceClient,
-    permit_service_client::PermitServiceClient, report_service_client::ReportServiceClient, send_command_request,
+    ReleasePermitRequest, Report, ReportMetricRequest, ReportRequest, SendCommandRequest,
+    fleet_service_client::FleetServiceClient, permit_service_client::PermitServiceClient,
+    report_service_client::ReportServiceClient, send_command_request,
 };
-use nodekeeper_tests::{AgentConn, EventCenter, cli, hello, stored_events};
+use nodekeeper_tests::alertmanager::Alertmanager;
+use nodekeeper_tests::{AgentConn, EventCenter, cli, hello, stored_events, wait_for};
 use tonic::transport::Channel;
 
 const POLICY: &str = r#"
@@ -105,7 +107,8 @@ async fn policies_limit_permits_and_every_decision_is_an_event() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn freezes_and_the_breaker_stop_disruption_but_not_releases() {
-    let center = EventCenter::start(POLICY).await;
+    let am = Alertmanager::start().await;
+    let center = EventCenter::start(&format!("{POLICY}\n[alertmanager]\nurl = \"{}\"\n", am.url)).await;
     nodes(&center, 6).await;
     let ch = center.channel().await;
     let url = center.url();
@@ -143,6 +146,15 @@ async fn freezes_and_the_breaker_stop_disruption_but_not_releases() {
     let denied = acquire(&ch, Operation::Isolate, "n4", None).await.unwrap_err();
     assert!(denied.starts_with("breaker tripped: faults opened on 2 of 6 nodes"), "{denied}");
     assert_eq!(stored_events(ch.clone(), "", "BreakerTripped").await.len(), 1);
+    // The ops alert fires in Alertmanager.
+    let tripped = ["alertname=\"NodekeeperBreakerTripped\"", "cluster=\"c1\""];
+    let alert = wait_for("the breaker alert", Duration::from_secs(20), || async {
+        am.active(&tripped).await.into_iter().next()
+    })
+    .await;
+    assert_eq!(alert["labels"]["severity"], "critical");
+    let summary = alert["annotations"]["summary"].as_str().unwrap();
+    assert!(summary.contains("faults opened on 2 of 6 nodes"), "{summary}");
     acquire(&ch, Operation::Release, "n2", None).await.expect("healed nodes can still be released");
     let (_, listed, _) = cli(&url, &["permits", "list"]).await;
     assert!(listed.contains("BREAKER TRIPPED"), "{listed}");
@@ -150,6 +162,84 @@ async fn freezes_and_the_breaker_stop_disruption_but_not_releases() {
     assert_eq!(code, 0, "{err}");
     // The faults are still within the window, but the reset acknowledged them: only new ones count.
     acquire(&ch, Operation::Isolate, "n4", None).await.expect("granted after the reset");
+    // And the alert resolves.
+    wait_for("the breaker alert resolved", Duration::from_secs(20), || async {
+        am.active(&tripped).await.is_empty().then_some(())
+    })
+    .await;
+}
+
+const GATED: &str = r#"
+[[permits.policy]]
+operation = "isolate"
+max_in_flight = 100
+[[permits.gate]]
+alerts = ['alertname="PodCreationFailing"', 'cluster="{cluster}"']
+[[permits.gate]]
+metric = "pod_creation_success_rate"
+min = 0.99
+"#;
+
+async fn report_metric(ch: &Channel, value: f64) {
+    PermitServiceClient::new(ch.clone())
+        .report_metric(ReportMetricRequest { cluster: "c1".into(), name: "pod_creation_success_rate".into(), value })
+        .await
+        .unwrap();
+}
+
+/// A reboot of `node` is granted now (and released at once).
+async fn reboot_granted(ch: &Channel, node: &str) -> Result<(), String> {
+    let id = acquire(ch, Operation::Reboot, node, None).await?;
+    release(ch, &id).await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_firing_alert_or_a_metric_out_of_range_holds_disruption_until_it_clears() {
+    let mut am = Alertmanager::start().await;
+    let config = format!("{GATED}\n[alertmanager]\nurl = \"{}\"\nquery_interval = \"200ms\"\n", am.url);
+    let center = EventCenter::start(&config).await;
+    nodes(&center, 2).await;
+    let ch = center.channel().await;
+    // No value of the metric yet: unknown, and unknown denies.
+    let denied = reboot_granted(&ch, "n0").await.unwrap_err();
+    assert!(denied.starts_with("business health unknown: no value of pod_creation_success_rate"), "{denied}");
+    report_metric(&ch, 1.0).await;
+    reboot_granted(&ch, "n0").await.expect("healthy business: granted");
+
+    // Another cluster's alert does not gate c1; c1's does.
+    am.post(&[("alertname", "PodCreationFailing"), ("cluster", "c2")], false).await;
+    reboot_granted(&ch, "n0").await.expect("c2's alert says nothing of c1");
+    am.post(&[("alertname", "PodCreationFailing"), ("cluster", "c1")], false).await;
+    let denied =
+        wait_for("the gate to close", Duration::from_secs(20), || async { reboot_granted(&ch, "n0").await.err() })
+            .await;
+    assert!(
+        denied.starts_with("business health: 1 alert(s) firing") && denied.contains("PodCreationFailing"),
+        "{denied}"
+    );
+    acquire(&ch, Operation::Release, "n1", None).await.expect("releases pass a closed gate");
+    let events = stored_events(ch.clone(), "n0", "PermitDenied").await;
+    assert!(events.iter().any(|e| e.message.contains("PodCreationFailing")), "the denial is an event");
+    am.post(&[("alertname", "PodCreationFailing"), ("cluster", "c1")], true).await;
+    wait_for("the gate to open", Duration::from_secs(20), || async { reboot_granted(&ch, "n0").await.ok() }).await;
+
+    // The metric out of its range closes it; back in range opens it.
+    report_metric(&ch, 0.93).await;
+    let denied = reboot_granted(&ch, "n0").await.unwrap_err();
+    assert!(
+        denied.contains("pod_creation_success_rate = 0.93 in cluster c1") && denied.contains("below 0.99"),
+        "{denied}"
+    );
+    report_metric(&ch, 0.999).await;
+    reboot_granted(&ch, "n0").await.expect("back in range");
+
+    // Alertmanager gone: business health is unknown, and unknown denies.
+    am.kill();
+    let denied =
+        wait_for("the gate to notice", Duration::from_secs(20), || async { reboot_granted(&ch, "n0").await.err() })
+            .await;
+    assert!(denied.starts_with("business health unknown: Alertmanager"), "{denied}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

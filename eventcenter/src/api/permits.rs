@@ -1,12 +1,14 @@
 //! The rate-limit center's API (`crate::permits` decides). Remediators (subscriber
 //! certificates) and admins acquire and release permits; only admins freeze, unfreeze and reset
-//! breakers; readers list permits and guards of their clusters.
+//! breakers; readers list permits and guards of their clusters; detectors and admins report
+//! business-health metrics for their clusters.
 
 use nodekeeper_common::tls::Kind;
 use nodekeeper_proto::v1::{
     AcquirePermitRequest, AcquirePermitResponse, FreezeRequest, FreezeResponse, GetGuardStateRequest, GuardState,
     ListPermitsRequest, ListPermitsResponse, Operation, ReleasePermitRequest, ReleasePermitResponse,
-    ResetBreakerRequest, ResetBreakerResponse, UnfreezeRequest, UnfreezeResponse, permit_service_server,
+    ReportMetricRequest, ReportMetricResponse, ResetBreakerRequest, ResetBreakerResponse, UnfreezeRequest,
+    UnfreezeResponse, permit_service_server,
 };
 use tonic::{Request, Response, Status};
 
@@ -129,6 +131,38 @@ impl permit_service_server::PermitService for PermitApi {
             clusters.retain(|g| scope.contains(&g.cluster));
         }
         Ok(Response::new(GuardState { global_frozen, clusters }))
+    }
+
+    async fn report_metric(
+        &self,
+        request: Request<ReportMetricRequest>,
+    ) -> Result<Response<ReportMetricResponse>, Status> {
+        let caller = self.0.caller(&request)?;
+        require(&caller, &[Kind::Detector, Kind::Admin], "report business-health metrics")?;
+        let req = request.into_inner();
+        validate::name(nodekeeper_common::names::cluster(&req.cluster))?;
+        require_cluster(&caller, &req.cluster)?;
+        let valid_name = req.name.len() <= 200
+            && req
+                .name
+                .chars()
+                .enumerate()
+                .all(|(i, c)| c.is_ascii_alphabetic() || c == '_' || c == ':' || (i > 0 && c.is_ascii_digit()))
+            && !req.name.is_empty();
+        if !valid_name {
+            return Err(Status::invalid_argument(format!(
+                "metric name {:?}: expected [a-zA-Z_:][a-zA-Z0-9_:]*, at most 200 characters",
+                req.name
+            )));
+        }
+        if !req.value.is_finite() {
+            return Err(Status::invalid_argument(format!(
+                "metric {}: value {} is not a finite number",
+                req.name, req.value
+            )));
+        }
+        self.0.permits.report_metric(&req.cluster, &req.name, req.value);
+        Ok(Response::new(ReportMetricResponse {}))
     }
 }
 

@@ -3530,6 +3530,20 @@ pub struct GuardState {
     #[prost(message, repeated, tag = "2")]
     pub clusters: ::prost::alloc::vec::Vec<ClusterGuard>,
 }
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct ReportMetricRequest {
+    #[prost(string, tag = "1")]
+    pub cluster: ::prost::alloc::string::String,
+    /// A metric name (\[a-zA-Z\_:\]\[a-zA-Z0-9\_:\]\*), as gates name it.
+    #[prost(string, tag = "2")]
+    pub name: ::prost::alloc::string::String,
+    #[prost(double, tag = "3")]
+    pub value: f64,
+}
+/// Values are kept in memory: after a center restart a gate on a metric is unknown until the next
+/// report.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct ReportMetricResponse {}
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, ::prost::Enumeration)]
 #[repr(i32)]
 pub enum Operation {
@@ -3831,6 +3845,31 @@ pub mod permit_service_client {
                 .insert(GrpcMethod::new("nodekeeper.v1.PermitService", "GetGuardState"));
             self.inner.unary(req, path, codec).await
         }
+        /// A business-health value that gates read, e.g. a cluster's pod creation success rate.
+        pub async fn report_metric(
+            &mut self,
+            request: impl tonic::IntoRequest<super::ReportMetricRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::ReportMetricResponse>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/nodekeeper.v1.PermitService/ReportMetric",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("nodekeeper.v1.PermitService", "ReportMetric"));
+            self.inner.unary(req, path, codec).await
+        }
     }
 }
 /// Generated server implementations.
@@ -3889,6 +3928,14 @@ pub mod permit_service_server {
             &self,
             request: tonic::Request<super::GetGuardStateRequest>,
         ) -> std::result::Result<tonic::Response<super::GuardState>, tonic::Status>;
+        /// A business-health value that gates read, e.g. a cluster's pod creation success rate.
+        async fn report_metric(
+            &self,
+            request: tonic::Request<super::ReportMetricRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::ReportMetricResponse>,
+            tonic::Status,
+        >;
     }
     #[derive(Debug)]
     pub struct PermitServiceServer<T> {
@@ -4266,6 +4313,51 @@ pub mod permit_service_server {
                     let inner = self.inner.clone();
                     let fut = async move {
                         let method = GetGuardStateSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/nodekeeper.v1.PermitService/ReportMetric" => {
+                    #[allow(non_camel_case_types)]
+                    struct ReportMetricSvc<T: PermitService>(pub Arc<T>);
+                    impl<
+                        T: PermitService,
+                    > tonic::server::UnaryService<super::ReportMetricRequest>
+                    for ReportMetricSvc<T> {
+                        type Response = super::ReportMetricResponse;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::ReportMetricRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as PermitService>::report_metric(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = ReportMetricSvc(inner);
                         let codec = tonic_prost::ProstCodec::default();
                         let mut grpc = tonic::server::Grpc::new(codec)
                             .apply_compression_config(
