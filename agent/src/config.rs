@@ -41,6 +41,8 @@ pub struct Config {
     pub monitors: MonitorsConfig,
     /// The component manager (desired RPM components).
     pub component_manager: ComponentManagerConfig,
+    /// What a permitted reboot command runs (an argument vector, no shell).
+    pub reboot_command: Vec<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -201,6 +203,7 @@ impl Default for Config {
             tls: None,
             insecure: false,
             monitors: MonitorsConfig::default(),
+            reboot_command: vec!["systemctl".into(), "reboot".into()],
             component_manager: ComponentManagerConfig::default(),
         }
     }
@@ -285,6 +288,9 @@ impl Default for Paths {
 impl Config {
     /// Checks what types alone cannot; the message names the key.
     pub fn validate(&self) -> Result<(), String> {
+        if self.reboot_command.first().is_none_or(String::is_empty) {
+            return Err("reboot_command: expected a program and its arguments, e.g. [\"systemctl\", \"reboot\"]".into());
+        }
         nodekeeper_common::names::cluster(&self.cluster).map_err(|e| format!("cluster: {e}"))?;
         if let Some(n) = &self.node_name {
             nodekeeper_common::names::node(n).map_err(|e| format!("node_name: {e}"))?;

@@ -250,10 +250,18 @@ impl Connection {
                             cmd.action,
                             Some(command::Action::RestartComponent(_) | command::Action::ReinstallComponent(_))
                         );
+                        let reboot = matches!(cmd.action, Some(command::Action::Reboot(_)));
                         match (refusal(&cmd, &self.hello.node), &components_input) {
                             (None, Some(input)) if component_command => {
                                 // Carried out by the component manager; its result comes back on `results`.
                                 let _ = input.send(crate::components::driver::Input::Command(cmd)).await;
+                            }
+                            (None, _) if reboot => {
+                                let (tx, argv) = (tx.clone(), self.config.reboot_command.clone());
+                                tokio::spawn(async move {
+                                    let result = run_reboot(&cmd, &argv).await;
+                                    let _ = tx.send(AgentMessage { msg: Some(agent_message::Msg::CommandResult(result)) }).await;
+                                });
                             }
                             _ => {
                                 let result = answer_command(&cmd, &self.hello.node);
@@ -331,8 +339,9 @@ async fn command_result(results: &mut Option<&mut mpsc::Receiver<CommandResult>>
 }
 
 /// The agent's answer to a command it does not carry out: refused unless addressed to this node,
-/// and for a reboot unless it carries a permit; reboots are not carried out by this version (the
-/// remediation issue brings them), so a valid one is answered as unsupported, never dropped.
+/// and for a reboot unless it carries a permit; a valid command this agent cannot carry out (a
+/// component command with the component manager disabled) is answered as unsupported, never
+/// dropped.
 pub fn answer_command(cmd: &Command, node: &str) -> CommandResult {
     let message = match refusal(cmd, node) {
         Some(r) => {
@@ -350,6 +359,30 @@ pub fn answer_command(cmd: &Command, node: &str) -> CommandResult {
         message,
         finished_time: Some(nktime::now_timestamp()),
     }
+}
+
+/// Carries out a permitted reboot command: runs `argv` (no shell) and answers with its outcome.
+/// A real reboot stops the agent soon after; the node comes back with a new boot id.
+async fn run_reboot(cmd: &Command, argv: &[String]) -> CommandResult {
+    tracing::warn!(command_id = %cmd.command_id, issuer = %cmd.issuer, permit_id = %cmd.permit_id, fault_id = cmd.fault_id, command = ?argv, "rebooting the node");
+    let run = tokio::process::Command::new(&argv[0])
+        .args(&argv[1..])
+        .stdin(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .output();
+    let (success, message) = match tokio::time::timeout(Duration::from_secs(60), run).await {
+        Ok(Ok(out)) if out.status.success() => (true, "reboot started".to_owned()),
+        Ok(Ok(out)) => {
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            (false, format!("{} exited with {}: {}", argv[0], out.status, stderr.trim()))
+        }
+        Ok(Err(e)) => (false, format!("cannot run {}: {e}", argv[0])),
+        Err(_) => (false, format!("{} did not finish within 60s", argv[0])),
+    };
+    if !success {
+        tracing::error!(command_id = %cmd.command_id, error = %message, "reboot failed");
+    }
+    CommandResult { command_id: cmd.command_id.clone(), success, message, finished_time: Some(nktime::now_timestamp()) }
 }
 
 /// An interval whose first tick comes after a random part of the period, so that a fleet started

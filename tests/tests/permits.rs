@@ -284,3 +284,69 @@ async fn a_reboot_command_needs_a_permit_the_center_granted() {
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn remediation_steps_join_the_fault_timeline_and_move_its_state() {
+    use nodekeeper_proto::v1::{FaultState, GetFaultRequest, RecordStepRequest};
+    let center = EventCenter::start(POLICY).await;
+    let ch = center.channel().await;
+    let report = Report {
+        report_id: "r-1".into(),
+        cluster: "c1".into(),
+        node: "n0".into(),
+        observation: Some(Observation {
+            r#type: "KernelDeadlock".into(),
+            condition: Some(Condition {
+                r#type: "KernelDeadlock".into(),
+                status: ConditionStatus::True as i32,
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+    };
+    ReportServiceClient::new(ch.clone())
+        .report(ReportRequest { producer: "kernel-watch".into(), reports: vec![report] })
+        .await
+        .unwrap();
+    let fleet = FleetServiceClient::new(ch.clone());
+    let fault_id = fleet
+        .clone()
+        .list_faults(nodekeeper_proto::v1::ListFaultsRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .faults[0]
+        .id;
+    let step = |id: &str, step: &str, state: FaultState| RecordStepRequest {
+        step_id: id.into(),
+        fault_id,
+        step: step.into(),
+        message: format!("{step} done"),
+        success: true,
+        state: state as i32,
+        ..Default::default()
+    };
+    let first = fleet.clone().record_step(step("s-1", "isolate", FaultState::Isolated)).await.unwrap().into_inner();
+    // Resent: the same event, nothing new.
+    let again = fleet.clone().record_step(step("s-1", "isolate", FaultState::Isolated)).await.unwrap().into_inner();
+    assert_eq!(first.cursor, again.cursor);
+    fleet.clone().record_step(step("s-2", "reboot", FaultState::Recovering)).await.unwrap();
+    let e = fleet.clone().record_step(step("s-3", "resolve", FaultState::Resolved)).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument);
+    let unknown = RecordStepRequest { fault_id: 999, ..step("s-4", "x", FaultState::Unspecified) };
+    assert_eq!(fleet.clone().record_step(unknown).await.unwrap_err().code(), tonic::Code::NotFound);
+
+    let got = fleet.clone().get_fault(GetFaultRequest { id: fault_id }).await.unwrap().into_inner();
+    assert_eq!(got.fault.unwrap().state(), FaultState::Recovering);
+    let steps: Vec<_> = got
+        .events
+        .iter()
+        .filter(|e| e.r#type == "RemediationStep")
+        .map(|e| (e.attributes["step"].as_str(), e.attributes["fault_state"].as_str()))
+        .collect();
+    assert_eq!(steps, [("isolate", "isolated"), ("reboot", "recovering")]);
+    // `faults show` lists the steps.
+    let (code, out, err) = cli(&center.url(), &["faults", "show", &fault_id.to_string()]).await;
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("isolate: isolate done") && out.contains("reboot: reboot done"), "{out}");
+}

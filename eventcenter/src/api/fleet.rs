@@ -1,16 +1,17 @@
 //! Nodes, faults and conditions.
 
 use nodekeeper_common::names;
+use nodekeeper_common::tls::Kind;
 use nodekeeper_proto::v1::{
-    Fault, GetFaultRequest, GetFaultResponse, GetNodeRequest, Inventory, ListComponentsRequest, ListComponentsResponse,
-    ListConditionsRequest, ListConditionsResponse, ListFaultsRequest, ListFaultsResponse, ListNodesRequest,
-    ListNodesResponse, NetworkInterface, Node, SetDesiredComponentsRequest, SetDesiredComponentsResponse,
-    fleet_service_server,
+    Category, Event, EventKind, Fault, FaultState, GetFaultRequest, GetFaultResponse, GetNodeRequest, Inventory,
+    ListComponentsRequest, ListComponentsResponse, ListConditionsRequest, ListConditionsResponse, ListFaultsRequest,
+    ListFaultsResponse, ListNodesRequest, ListNodesResponse, NetworkInterface, Node, Origin, RecordStepRequest,
+    RecordStepResponse, SetDesiredComponentsRequest, SetDesiredComponentsResponse, Severity, fleet_service_server,
 };
 use tonic::{Request, Response, Status};
 
 use super::{Ctx, READERS, require, require_cluster, scope_clusters, store_status};
-use crate::store::{FaultFilter, NodeKey};
+use crate::store::{FaultFilter, Identity, NewEvent, NodeKey};
 use crate::validate;
 
 pub struct FleetApi(pub Ctx);
@@ -111,6 +112,78 @@ impl fleet_service_server::FleetService for FleetApi {
         request: Request<nodekeeper_proto::v1::SendCommandRequest>,
     ) -> Result<Response<nodekeeper_proto::v1::SendCommandResponse>, Status> {
         super::agent::send_command(&self.0, request).await
+    }
+
+    async fn record_step(&self, request: Request<RecordStepRequest>) -> Result<Response<RecordStepResponse>, Status> {
+        let caller = self.0.caller(&request)?;
+        require(&caller, &[Kind::Subscriber, Kind::Admin], "record remediation steps")?;
+        let req = request.into_inner();
+        validate::name(names::report_id(&req.step_id))?;
+        let bounded = |what: &str, v: &str, max: usize| {
+            if v.len() > max {
+                Err(Status::invalid_argument(format!("{what} is {} bytes, at most {max}", v.len())))
+            } else {
+                Ok(())
+            }
+        };
+        bounded("step", &req.step, 64)?;
+        bounded("message", &req.message, self.0.config.limits.max_text_bytes)?;
+        if req.step.is_empty() {
+            return Err(Status::invalid_argument("name the step"));
+        }
+        if req.attributes.len() > self.0.config.limits.max_attributes {
+            return Err(Status::invalid_argument(format!(
+                "{} attributes, at most {}",
+                req.attributes.len(),
+                self.0.config.limits.max_attributes
+            )));
+        }
+        let state = req.state();
+        if matches!(state, FaultState::Open | FaultState::Resolved) {
+            return Err(Status::invalid_argument(
+                "a step may move a fault to isolated, recovering or escalated; it opens and resolves with its condition",
+            ));
+        }
+        let (fault, _) = self
+            .0
+            .store
+            .get_fault(req.fault_id)
+            .await
+            .map_err(store_status)?
+            .ok_or_else(|| Status::not_found(format!("no fault {}", req.fault_id)))?;
+        require_cluster(&caller, &fault.cluster)?;
+        let producer = caller.as_ref().map_or_else(|| "insecure".to_owned(), |id| id.name.clone());
+        let mut attributes = req.attributes;
+        attributes.insert("step".into(), req.step.clone());
+        attributes.insert("success".into(), req.success.to_string());
+        if req.dry_run {
+            attributes.insert("dry_run".into(), "true".into());
+        }
+        if state != FaultState::Unspecified {
+            attributes.insert(
+                "fault_state".into(),
+                state.as_str_name().trim_start_matches("FAULT_STATE_").to_ascii_lowercase(),
+            );
+        }
+        let event = Event {
+            cluster: fault.cluster.clone(),
+            node: fault.node.clone(),
+            kind: EventKind::Action as i32,
+            r#type: "RemediationStep".into(),
+            message: format!("{}{}: {}", if req.dry_run { "[dry run] " } else { "" }, req.step, req.message),
+            severity: if req.success { Severity::Info } else { Severity::Warning } as i32,
+            category: Category::Action as i32,
+            time: Some(nodekeeper_common::time::now_timestamp()),
+            origin: Some(Origin { producer: producer.clone(), report_id: req.step_id.clone(), ..Default::default() }),
+            source: "remediator".into(),
+            fault_id: fault.id,
+            attributes,
+            ..Default::default()
+        };
+        let new = NewEvent::new(Identity::report(&producer, &req.step_id), event);
+        let state = if req.dry_run { 0 } else { state as i32 };
+        let cursor = self.0.store.fault_action(new, state).await.map_err(store_status)?;
+        Ok(Response::new(RecordStepResponse { cursor: crate::cursor::format(cursor) }))
     }
 
     async fn set_desired_components(

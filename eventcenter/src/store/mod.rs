@@ -361,6 +361,14 @@ impl Store {
         self.submit(2, |reply, permit| writer::Op::Components { change, reply, permit }).await
     }
 
+    /// Records a remediation step on a fault (`event.fault_id`) and moves the fault to `state`
+    /// (0: unchanged; a resolved fault stays resolved). Returns the event's cursor; a resent step
+    /// (same identity) changes nothing.
+    pub async fn fault_action(&self, event: NewEvent, state: i32) -> Result<u64> {
+        let change = writer::ComponentsChange::FaultAction { event: Box::new(event), state };
+        self.submit(1, |reply, permit| writer::Op::Components { change, reply, permit }).await
+    }
+
     /// Stops the writer after it committed everything submitted so far, and checkpoints the WAL.
     pub async fn close(&self) {
         let (tx, rx) = oneshot::channel();

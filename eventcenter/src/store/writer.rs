@@ -82,10 +82,33 @@ pub(crate) enum Op {
 /// Small state kept beside the log (desired components, component status, permits, guards),
 /// written with the events that record it.
 pub(crate) enum ComponentsChange {
-    Desired { cluster: String, target: String, specs: Vec<u8> },
-    Status { key: NodeKey, body: Vec<u8> },
-    Permit { id: String, cluster: String, granted_ms: i64, active: bool, body: Vec<u8>, events: Vec<NewEvent> },
-    Guard { cluster: String, body: Vec<u8>, events: Vec<NewEvent> },
+    Desired {
+        cluster: String,
+        target: String,
+        specs: Vec<u8>,
+    },
+    Status {
+        key: NodeKey,
+        body: Vec<u8>,
+    },
+    Permit {
+        id: String,
+        cluster: String,
+        granted_ms: i64,
+        active: bool,
+        body: Vec<u8>,
+        events: Vec<NewEvent>,
+    },
+    /// A remediation step on a fault: its event, and the fault's new state (0: unchanged).
+    FaultAction {
+        event: Box<NewEvent>,
+        state: i32,
+    },
+    Guard {
+        cluster: String,
+        body: Vec<u8>,
+        events: Vec<NewEvent>,
+    },
 }
 
 impl Op {
@@ -395,6 +418,28 @@ impl Writer {
                     )
                     .map_err(|e| self.err(e))?;
                 self.append(events, published).map(|_| 0)
+            }
+            ComponentsChange::FaultAction { event, state } => {
+                let fault_id = event.event.fault_id;
+                let appended = self.append(vec![*event], published)?;
+                let Some(a) = appended.first() else { return Ok(0) };
+                // A resent step changes nothing; a resolved fault is not reopened.
+                if !a.duplicate && state != 0 {
+                    let body: Option<Vec<u8>> = self
+                        .conn
+                        .prepare_cached("SELECT body FROM faults WHERE id = ?1")
+                        .and_then(|mut s| s.query_row([fault_id as i64], |r| r.get(0)).optional())
+                        .map_err(|e| self.err(e))?;
+                    if let Some(body) = body {
+                        let mut fault = Fault::decode(body.as_slice())
+                            .map_err(|e| StoreError::Corrupt { table: "faults", message: e.to_string() })?;
+                        if fault.state != FAULT_RESOLVED {
+                            fault.state = state;
+                            self.save_fault(&fault)?;
+                        }
+                    }
+                }
+                Ok(a.cursor)
             }
             ComponentsChange::Status { key, body } => {
                 self.conn

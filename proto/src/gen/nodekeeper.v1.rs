@@ -2517,6 +2517,38 @@ pub struct SendCommandResponse {
     #[prost(string, tag = "2")]
     pub cursor: ::prost::alloc::string::String,
 }
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct RecordStepRequest {
+    /// Chosen by the remediator, unique per remediator; resending the same id is a no-op.
+    #[prost(string, tag = "1")]
+    pub step_id: ::prost::alloc::string::String,
+    #[prost(uint64, tag = "2")]
+    pub fault_id: u64,
+    /// What was done, e.g. "isolate", "label-pods", "reboot", "release", "escalate".
+    #[prost(string, tag = "3")]
+    pub step: ::prost::alloc::string::String,
+    #[prost(string, tag = "4")]
+    pub message: ::prost::alloc::string::String,
+    #[prost(bool, tag = "5")]
+    pub success: bool,
+    /// The fault's new state; UNSPECIFIED: unchanged.
+    #[prost(enumeration = "FaultState", tag = "6")]
+    pub state: i32,
+    /// Planned only (dry run): nothing was done.
+    #[prost(bool, tag = "7")]
+    pub dry_run: bool,
+    #[prost(map = "string, string", tag = "8")]
+    pub attributes: ::std::collections::HashMap<
+        ::prost::alloc::string::String,
+        ::prost::alloc::string::String,
+    >,
+}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct RecordStepResponse {
+    /// Of the step's event (of the stored copy when the step was resent).
+    #[prost(string, tag = "1")]
+    pub cursor: ::prost::alloc::string::String,
+}
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, ::prost::Enumeration)]
 #[repr(i32)]
 pub enum Liveness {
@@ -2872,6 +2904,33 @@ pub mod fleet_service_client {
                 .insert(GrpcMethod::new("nodekeeper.v1.FleetService", "SendCommand"));
             self.inner.unary(req, path, codec).await
         }
+        /// A remediation step on a fault: stored as a RemediationStep event in the fault's timeline, and
+        /// the fault moved to `state` when one is given (a resolved fault stays resolved). Idempotent by
+        /// (caller, step_id).
+        pub async fn record_step(
+            &mut self,
+            request: impl tonic::IntoRequest<super::RecordStepRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::RecordStepResponse>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/nodekeeper.v1.FleetService/RecordStep",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("nodekeeper.v1.FleetService", "RecordStep"));
+            self.inner.unary(req, path, codec).await
+        }
     }
 }
 /// Generated server implementations.
@@ -2943,6 +3002,16 @@ pub mod fleet_service_server {
             request: tonic::Request<super::SendCommandRequest>,
         ) -> std::result::Result<
             tonic::Response<super::SendCommandResponse>,
+            tonic::Status,
+        >;
+        /// A remediation step on a fault: stored as a RemediationStep event in the fault's timeline, and
+        /// the fault moved to `state` when one is given (a resolved fault stays resolved). Idempotent by
+        /// (caller, step_id).
+        async fn record_step(
+            &self,
+            request: tonic::Request<super::RecordStepRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::RecordStepResponse>,
             tonic::Status,
         >;
     }
@@ -3368,6 +3437,51 @@ pub mod fleet_service_server {
                     let inner = self.inner.clone();
                     let fut = async move {
                         let method = SendCommandSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/nodekeeper.v1.FleetService/RecordStep" => {
+                    #[allow(non_camel_case_types)]
+                    struct RecordStepSvc<T: FleetService>(pub Arc<T>);
+                    impl<
+                        T: FleetService,
+                    > tonic::server::UnaryService<super::RecordStepRequest>
+                    for RecordStepSvc<T> {
+                        type Response = super::RecordStepResponse;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::RecordStepRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as FleetService>::record_step(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = RecordStepSvc(inner);
                         let codec = tonic_prost::ProstCodec::default();
                         let mut grpc = tonic::server::Grpc::new(codec)
                             .apply_compression_config(
