@@ -48,6 +48,10 @@ enum Command {
         /// Make it a condition change: true (open) or false (cleared).
         #[arg(long)]
         condition: Option<bool>,
+        /// Recommended action: none, restart-component, reinstall-component, reboot, reinstall-os,
+        /// hardware-repair or manual.
+        #[arg(long, default_value = "none")]
+        action: String,
         /// Port of the local agent's status listener.
         #[arg(long, default_value_t = DEFAULT_STATUS_PORT)]
         port: u16,
@@ -168,8 +172,8 @@ fn main() -> ExitCode {
                 })
                 .map_err(anyhow::Error::from)
         }
-        Command::Emit { kind, message, reason, severity, condition, port } => {
-            runtime.block_on(emit(port, kind, message, reason, &severity, condition))
+        Command::Emit { kind, message, reason, severity, condition, action, port } => {
+            runtime.block_on(emit(port, kind, message, reason, &severity, condition, &action))
         }
         Command::Status { port } => runtime.block_on(status(port)),
         Command::Rules { command: RulesCommand::Test { rules, log, format, output } } => {
@@ -204,7 +208,12 @@ async fn emit(
     reason: String,
     severity: &str,
     condition: Option<bool>,
+    action: &str,
 ) -> anyhow::Result<()> {
+    let name = format!("RECOMMENDED_ACTION_{}", action.to_ascii_uppercase().replace('-', "_"));
+    let action = nodekeeper_proto::v1::RecommendedAction::from_str_name(&name).ok_or_else(|| {
+        anyhow::anyhow!("unknown action {action:?}: expected none, restart-component, reinstall-component, reboot, reinstall-os, hardware-repair or manual")
+    })?;
     let severity = match severity {
         "info" => Severity::Info,
         "warning" => Severity::Warning,
@@ -226,6 +235,7 @@ async fn emit(
         message,
         severity: severity as i32,
         condition,
+        action: action as i32,
         source: "nodekeeper-agent emit".into(),
         ..Default::default()
     };

@@ -1,7 +1,8 @@
 //! `nodekeeper dev`: the whole system on one machine for a first look. Starts an event center on
-//! SQLite in the data folder and an agent for this machine pointed at it, as child processes of
-//! this one, prints where everything listens, and stops them cleanly on Ctrl-C (the agent first,
-//! so that it flushes its outbox to the center). Running it again resumes with the same data.
+//! SQLite in the data folder, an agent for this machine, a detector and a remediator in dry run
+//! (it plans and records, and touches nothing: there is no Kubernetes here), as child processes of
+//! this one, prints where everything listens, and stops them cleanly on Ctrl-C (the agent before
+//! the center, so that it flushes its outbox). Running it again resumes with the same data.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -138,16 +139,18 @@ fn dev_certs(pki: &Path, node: &str) -> anyhow::Result<TlsFiles> {
         args.sans = vec![];
         issue(&args)?;
     }
-    if !pki.join(format!("{node}.pem")).exists() {
-        let args = IssueArgs {
-            dir: pki.to_owned(),
-            kind: Kind::Node,
-            name: node.to_owned(),
-            clusters: vec!["dev".into()],
-            sans: vec![],
-            days: 3650,
-        };
-        issue(&args)?;
+    for (kind, name) in [(Kind::Node, node), (Kind::Detector, "detector"), (Kind::Subscriber, "remediator")] {
+        if !pki.join(format!("{name}.pem")).exists() {
+            let args = IssueArgs {
+                dir: pki.to_owned(),
+                kind,
+                name: name.to_owned(),
+                clusters: vec!["dev".into()],
+                sans: vec![],
+                days: 3650,
+            };
+            issue(&args)?;
+        }
     }
     let cli_dir = crate::cmd::default_certs_dir();
     if cli_dir.join("admin.pem").exists() {
@@ -173,14 +176,17 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     let shutdown = nodekeeper_common::shutdown::signal();
     let center_bin = sibling("nodekeeper-eventcenter")?;
     let agent_bin = sibling("nodekeeper-agent")?;
+    let detector_bin = sibling("nodekeeper-detector")?;
+    let remediator_bin = sibling("nodekeeper-remediator")?;
     std::fs::create_dir_all(&args.data_dir).with_context(|| format!("creating {}", args.data_dir.display()))?;
     let dir = args.data_dir.canonicalize()?;
     let node = node_name();
     let scheme = if args.insecure { "http" } else { "https" };
     let center_url = format!("{scheme}://{}", args.listen);
     let pki = dir.join("pki");
-    let (center_tls, agent_tls, admin) = if args.insecure {
-        ("insecure = true\n".to_owned(), "insecure = true\n".to_owned(), None)
+    let (center_tls, agent_tls, detector_tls, remediator_tls, admin) = if args.insecure {
+        let insecure = || "insecure = true\n".to_owned();
+        (insecure(), insecure(), insecure(), insecure(), None)
     } else {
         let admin = dev_certs(&pki, &node)?;
         let section = |name: &str| {
@@ -192,7 +198,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
                 f.key.display()
             )
         };
-        (section("eventcenter"), section(&node), Some(admin))
+        (section("eventcenter"), section(&node), section("detector"), section("remediator"), Some(admin))
     };
     let center_config = dir.join("eventcenter.toml");
     std::fs::write(&center_config, format!("# Written by `nodekeeper dev` at every start.\n{center_tls}"))?;
@@ -203,6 +209,21 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
             "# Written by `nodekeeper dev` at every start.\nnode_name = \"{node}\"\ncluster = \"dev\"\nstate_dir = \"{}\"\ncenter = \"{center_url}\"\n\n[status]\nport = {}\nlisten = [\"127.0.0.1\"]\n\n{agent_tls}",
             dir.join("agent").display(),
             args.status_port
+        ),
+    )?;
+
+    let detector_config = dir.join("detector.toml");
+    std::fs::write(
+        &detector_config,
+        format!(
+            "# Written by `nodekeeper dev` at every start.\nname = \"detector\"\ncenter = \"{center_url}\"\nclusters = [\"dev\"]\n# No kubelet on a development machine.\nkubelet_port = 0\n\n{detector_tls}"
+        ),
+    )?;
+    let remediator_config = dir.join("remediator.toml");
+    std::fs::write(
+        &remediator_config,
+        format!(
+            "# Written by `nodekeeper dev` at every start.\nname = \"remediator\"\ncluster = \"dev\"\ncenter = \"{center_url}\"\n# Plans only: there is no Kubernetes here.\ndry_run = true\n\n{remediator_tls}"
         ),
     )?;
 
@@ -222,6 +243,11 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         return Err(err);
     }
 
+    let detector_log = dir.join("detector.log");
+    let remediator_log = dir.join("remediator.log");
+    let mut detector = spawn(&detector_bin, &["--config", &detector_config.to_string_lossy()], &detector_log)?;
+    let mut remediator = spawn(&remediator_bin, &["--config", &remediator_config.to_string_lossy()], &remediator_log)?;
+
     let server_flag =
         if center_url == crate::cmd::DEFAULT_SERVER { String::new() } else { format!(" --server {center_url}") };
     for line in [
@@ -232,16 +258,21 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
             "  agent         node {node} in cluster dev; status {status_url}/metrics  (log {})",
             agent_log.display()
         ),
-        "  detector, remediator: not part of this version yet".into(),
+        format!("  detector      probes cluster dev from outside  (log {})", detector_log.display()),
+        format!(
+            "  remediator    cluster dev, dry run: plans are recorded on the faults, nothing is done  (log {})",
+            remediator_log.display()
+        ),
         String::new(),
         "Try:".into(),
         format!("  nodekeeper{server_flag} nodes list"),
         format!("  nodekeeper{server_flag} events watch"),
         format!(
-            "  nodekeeper-agent emit --port {} --type KernelDeadlock --message 'test' --condition true",
+            "  nodekeeper-agent emit --port {} --type KernelDeadlock --message 'test' --condition true --action reboot",
             args.status_port
         ),
         format!("  nodekeeper{server_flag} faults list"),
+        format!("  nodekeeper{server_flag} faults show <id>     (the remediator's plan is in the timeline)"),
         String::new(),
         "Ctrl-C stops everything.".into(),
     ] {
@@ -252,8 +283,12 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         _ = shutdown => None,
         s = center.wait() => Some(format!("the event center exited ({}); see {}", s.map(|s| s.to_string()).unwrap_or_default(), center_log.display())),
         s = agent.wait() => Some(format!("the agent exited ({}); see {}", s.map(|s| s.to_string()).unwrap_or_default(), agent_log.display())),
+        s = detector.wait() => Some(format!("the detector exited ({}); see {}", s.map(|s| s.to_string()).unwrap_or_default(), detector_log.display())),
+        s = remediator.wait() => Some(format!("the remediator exited ({}); see {}", s.map(|s| s.to_string()).unwrap_or_default(), remediator_log.display())),
     };
-    // The agent first: it flushes its outbox to the center before the center stops.
+    stop(&mut remediator, "the remediator", Duration::from_secs(10)).await;
+    stop(&mut detector, "the detector", Duration::from_secs(10)).await;
+    // The agent before the center: it flushes its outbox to the center before the center stops.
     stop(&mut agent, "the agent", Duration::from_secs(10)).await;
     stop(&mut center, "the event center", Duration::from_secs(10)).await;
     match failed {

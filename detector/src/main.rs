@@ -92,8 +92,12 @@ fn main() -> ExitCode {
                 }
             });
         }
+        let watchdog = nodekeeper_common::systemd::spawn_watchdog(tokio_util::sync::CancellationToken::new());
         nodekeeper_common::systemd::ready();
         detector.run(shutdown).await;
+        if let Some(w) = watchdog {
+            w.abort();
+        }
         nodekeeper_common::systemd::stopping();
         Ok(())
     });

@@ -1,23 +1,79 @@
-//! nodekeeper-remediator: the remediator. Not built yet: this binary only exists so that the workspace has its final
-//! shape; it refuses to run rather than pretend to work. The remediation issue fills it.
+//! The nodekeeper-remediator binary.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
+use nodekeeper_common::config::{EXIT_CONFIG, EXIT_FAILURE};
+use nodekeeper_common::logging::{self, LogFormat};
+use nodekeeper_remediator::config::Config;
 
-/// nodekeeper: the remediator (not implemented in this version).
+/// nodekeeper-remediator: follows one cluster's faults, isolates faulty nodes, labels their pods
+/// to be migrated, recovers them, releases them when their readiness gates hold, and escalates
+/// what it cannot heal.
+///
+/// Exit codes: 0 stopped cleanly; 1 runtime failure; 2 bad flags; 78 bad configuration.
 #[derive(Debug, Parser)]
 #[command(name = "nodekeeper-remediator", version)]
 struct Args {
-    /// TOML configuration file.
-    #[arg(long, short = 'c')]
-    config: Option<PathBuf>,
+    /// TOML configuration file (see packaging/remediator.toml).
+    #[arg(long, short = 'c', env = "NODEKEEPER_REMEDIATOR_CONFIG")]
+    config: PathBuf,
+    /// Plan only: record and print the steps, do nothing (overrides the config).
+    #[arg(long)]
+    dry_run: bool,
+    /// Log format: text or json.
+    #[arg(long, default_value = "text")]
+    log_format: LogFormat,
 }
 
 fn main() -> ExitCode {
-    let _args = Args::parse();
-    nodekeeper_common::logging::init(nodekeeper_common::logging::LogFormat::Text);
-    tracing::error!("nodekeeper-remediator is not implemented in this version of nodekeeper");
-    ExitCode::from(nodekeeper_common::config::EXIT_FAILURE as u8)
+    let args = Args::parse();
+    logging::init(args.log_format);
+    let config =
+        nodekeeper_common::config::load::<Config>(&args.config).map_err(|e| e.to_string()).and_then(|mut c| {
+            c.dry_run |= args.dry_run;
+            c.validate().map_err(|e| format!("invalid config file {}: {e}", args.config.display()))?;
+            Ok(c)
+        });
+    let config = match config {
+        Ok(c) => c,
+        Err(err) => {
+            tracing::error!(error = %err, "configuration rejected");
+            return ExitCode::from(EXIT_CONFIG as u8);
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
+        Ok(r) => r,
+        Err(err) => {
+            tracing::error!(error = %err, "cannot start the async runtime");
+            return ExitCode::from(EXIT_FAILURE as u8);
+        }
+    };
+    let result: anyhow::Result<()> = runtime.block_on(async move {
+        if config.tls.is_none() {
+            tracing::warn!("talking to the center WITHOUT TLS (insecure): development and tests only");
+        }
+        let channel = nodekeeper_common::tls::endpoint(&config.center, config.tls.as_ref())?
+            .connect_timeout(std::time::Duration::from_secs(5))
+            .timeout(std::time::Duration::from_secs(30))
+            .connect_lazy();
+        let cancel = tokio_util::sync::CancellationToken::new();
+        let remediator = nodekeeper_remediator::Remediator::new(config, channel, cancel.clone()).await?;
+        let running = tokio::spawn(remediator.run());
+        let _watchdog = nodekeeper_common::systemd::spawn_watchdog(cancel.child_token());
+        nodekeeper_common::systemd::ready();
+        nodekeeper_common::shutdown::signal().await;
+        nodekeeper_common::systemd::stopping();
+        cancel.cancel();
+        let _ = running.await;
+        Ok(())
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            tracing::error!(error = %format!("{err:#}"), "remediator failed");
+            ExitCode::from(EXIT_FAILURE as u8)
+        }
+    }
 }

@@ -5,6 +5,7 @@
 //! command builds them first (`cargo build --workspace --bins`).
 
 pub mod alertmanager;
+pub mod kubeapi;
 pub mod netns;
 
 use std::future::Future;

@@ -315,6 +315,28 @@ async fn nodekeeper_dev_runs_shows_this_machine_stops_on_sigint_and_resumes() {
         assert!(home.join(".config/nodekeeper/pki/admin.pem").exists());
         let (code, out, _) = cli(&server.replace("https", "http"), &["nodes", "list"]).await;
         assert!(code != 0 && out.is_empty(), "plaintext is refused");
+        if run == 0 {
+            // A fault on this machine: the remediator, in dry run, records its plan on the fault.
+            let emitted = tokio::process::Command::new(bin("nodekeeper-agent"))
+                .args(["emit", "--port", &status_port.to_string(), "--type", "KernelDeadlock"])
+                .args(["--message", "test", "--condition", "true", "--action", "reboot"])
+                .output()
+                .await
+                .unwrap();
+            assert!(emitted.status.success(), "{}", String::from_utf8_lossy(&emitted.stderr));
+            let (s, h) = (server.clone(), home.clone());
+            let plan = wait_for("the remediator's plan", Duration::from_secs(30), || {
+                let (s, h) = (s.clone(), h.clone());
+                async move {
+                    let (_, out, _) = cli_in(Some(&h), &s, &["faults", "show", "1"]).await;
+                    out.contains("[dry run] release").then_some(out)
+                }
+            })
+            .await;
+            for step in ["[dry run] isolate", "[dry run] label-pods", "[dry run] reboot"] {
+                assert!(plan.contains(step), "{plan}");
+            }
+        }
         if run == 1 {
             // The second run found the first run's data: the node registered once, rebooted never.
             let (_, out, _) =

@@ -1,0 +1,183 @@
+//! The remediator's configuration (TOML). Unknown keys are rejected.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use nodekeeper_common::config::duration;
+use serde::Deserialize;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// This remediator's name: its durable consumer on the center, and the owner written on the
+    /// nodes it isolates.
+    pub name: String,
+    /// The cluster it remediates (one remediator per cluster).
+    pub cluster: String,
+    /// The event center.
+    pub center: String,
+    pub tls: Option<nodekeeper_common::tls::TlsFiles>,
+    /// Allow an http:// center (no TLS): development and tests only.
+    pub insecure: bool,
+    /// Plans are recorded in the faults' timelines and printed; nothing is done.
+    pub dry_run: bool,
+    /// A kubeconfig; unset: the in-cluster config, else the default kubeconfig.
+    pub kubeconfig: Option<PathBuf>,
+    /// Where a new durable consumer starts: "now", or "oldest" (every retained event; faults
+    /// that are no longer open are left alone). A known consumer resumes where it acknowledged.
+    pub start_from: String,
+    /// Active remediations are looked at again this often.
+    #[serde(with = "duration")]
+    pub poll_interval: Duration,
+    /// At most this many remediations of one node within `budget_window`; beyond, the node stays
+    /// isolated and its fault is escalated.
+    pub budget_attempts: u32,
+    #[serde(with = "duration")]
+    pub budget_window: Duration,
+    /// How long a step may take (a permit denied and asked again, a node coming back from a
+    /// reboot, a repair) before the fault is escalated.
+    #[serde(with = "duration")]
+    pub step_deadline: Duration,
+    /// How long to wait for labelled pods to leave before going on.
+    #[serde(with = "duration")]
+    pub migration_timeout: Duration,
+    /// Evict the labelled pods through the Eviction API (honours PodDisruptionBudgets).
+    pub evict: bool,
+    /// Conditions other operators report that must be True before a node is released.
+    pub gate_conditions: Vec<String>,
+    /// Webhooks (POST, JSON) for hardware repair and OS reinstall tickets.
+    pub hardware_repair_webhook: Option<String>,
+    pub reinstall_os_webhook: Option<String>,
+    /// Playbooks, by recommended action or fault type; the first that matches applies.
+    pub playbook: Vec<Playbook>,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Playbook {
+    /// Recommended actions (restart-component, reinstall-component, reboot, reinstall-os,
+    /// hardware-repair, manual) this playbook handles...
+    #[serde(default)]
+    pub actions: Vec<String>,
+    /// ...or fault types (e.g. NodeUnreachable).
+    #[serde(default)]
+    pub types: Vec<String>,
+    /// Steps in order: isolate, label-pods, evict, wait-migration, restart-component,
+    /// reinstall-component, reboot, hardware-repair, reinstall-os, verify, release, escalate.
+    pub steps: Vec<String>,
+}
+
+pub const STEPS: [&str; 12] = [
+    "isolate",
+    "label-pods",
+    "evict",
+    "wait-migration",
+    "restart-component",
+    "reinstall-component",
+    "reboot",
+    "hardware-repair",
+    "reinstall-os",
+    "verify",
+    "release",
+    "escalate",
+];
+
+fn playbook(actions: &[&str], types: &[&str], steps: &[&str]) -> Playbook {
+    Playbook {
+        actions: actions.iter().map(|s| (*s).to_owned()).collect(),
+        types: types.iter().map(|s| (*s).to_owned()).collect(),
+        steps: steps.iter().map(|s| (*s).to_owned()).collect(),
+    }
+}
+
+/// The default playbooks. `verify` ends the remediation when the node healed (then releases it if
+/// it was isolated) and otherwise goes on to the next step.
+pub fn default_playbooks() -> Vec<Playbook> {
+    vec![
+        // The node is gone for us: fence it and call a person.
+        playbook(&[], &["NodeUnreachable", "AgentDown"], &["isolate", "label-pods", "escalate"]),
+        playbook(
+            &["restart-component", "reinstall-component"],
+            &[],
+            &[
+                "restart-component",
+                "verify",
+                "reinstall-component",
+                "verify",
+                "isolate",
+                "label-pods",
+                "wait-migration",
+                "reboot",
+                "verify",
+                "release",
+                "escalate",
+            ],
+        ),
+        playbook(
+            &["reboot"],
+            &[],
+            &["isolate", "label-pods", "wait-migration", "reboot", "verify", "release", "escalate"],
+        ),
+        playbook(
+            &["hardware-repair"],
+            &[],
+            &["isolate", "label-pods", "wait-migration", "hardware-repair", "verify", "release", "escalate"],
+        ),
+        playbook(
+            &["reinstall-os"],
+            &[],
+            &["isolate", "label-pods", "wait-migration", "reinstall-os", "verify", "release", "escalate"],
+        ),
+        playbook(&["manual"], &[], &["isolate", "label-pods", "escalate"]),
+    ]
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            name: "remediator".into(),
+            cluster: String::new(),
+            center: "https://127.0.0.1:7443".into(),
+            tls: None,
+            insecure: false,
+            dry_run: false,
+            kubeconfig: None,
+            start_from: "now".into(),
+            poll_interval: Duration::from_secs(2),
+            budget_attempts: 5,
+            budget_window: Duration::from_secs(7 * 24 * 3600),
+            step_deadline: Duration::from_secs(30 * 60),
+            migration_timeout: Duration::from_secs(10 * 60),
+            evict: false,
+            gate_conditions: Vec::new(),
+            hardware_repair_webhook: None,
+            reinstall_os_webhook: None,
+            playbook: default_playbooks(),
+        }
+    }
+}
+
+impl Config {
+    pub fn validate(&self) -> Result<(), String> {
+        nodekeeper_common::names::cluster(&self.cluster).map_err(|e| format!("cluster: {e}"))?;
+        nodekeeper_common::names::producer(&self.name).map_err(|e| format!("name: {e}"))?;
+        for (i, p) in self.playbook.iter().enumerate() {
+            if p.actions.is_empty() && p.types.is_empty() {
+                return Err(format!("playbook[{i}]: expected actions or types to match"));
+            }
+            if let Some(s) = p.steps.iter().find(|s| !STEPS.contains(&s.as_str())) {
+                return Err(format!("playbook[{i}].steps: unknown step {s:?}: expected one of {}", STEPS.join(", ")));
+            }
+        }
+        if !matches!(self.start_from.as_str(), "now" | "oldest") {
+            return Err(format!("start_from: expected \"now\" or \"oldest\", got {:?}", self.start_from));
+        }
+        if self.budget_attempts == 0 {
+            return Err("budget_attempts must be at least 1".into());
+        }
+        if self.tls.is_none() && !self.insecure {
+            return Err("tls: mutual TLS is the default; set tls.ca, tls.cert and tls.key, or insecure = true".into());
+        }
+        Ok(())
+    }
+}

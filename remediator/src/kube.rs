@@ -1,0 +1,260 @@
+//! What the remediator does to Kubernetes: isolate a node (cordon and taint it, annotated with
+//! the owner and the fault), label its pods to be migrated, evict them through the Eviction API,
+//! and release the node. Node changes are merge patches carrying the resourceVersion they were
+//! computed from: a 409 (someone else changed the node) is read again and retried.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use k8s_openapi::api::core::v1::{Node, Pod, Taint};
+use kube::api::{Api, EvictParams, ListParams, Patch, PatchParams};
+use serde_json::json;
+
+pub const TAINT_KEY: &str = "nodekeeper.io/fault";
+pub const MIGRATE_LABEL: &str = "nodekeeper.io/to-be-migrated";
+pub const ISOLATED_BY: &str = "nodekeeper.io/isolated-by";
+pub const FAULT_ID: &str = "nodekeeper.io/fault-id";
+/// Set when the node was already cordoned by someone else when we isolated it: release leaves it
+/// cordoned.
+pub const WAS_CORDONED: &str = "nodekeeper.io/was-cordoned";
+
+#[derive(Debug, thiserror::Error)]
+pub enum KubeError {
+    #[error("Kubernetes: {0}")]
+    Api(String),
+    #[error("node {0} not found in Kubernetes")]
+    NoNode(String),
+    #[error("node {node} changed under us {attempts} times in a row (409 Conflict)")]
+    Conflicts { node: String, attempts: u32 },
+}
+
+fn api_error(e: kube::Error) -> KubeError {
+    match e {
+        kube::Error::Api(s) => KubeError::Api(format!("{} {}: {}", s.code, s.reason, s.message)),
+        other => KubeError::Api(other.to_string()),
+    }
+}
+
+fn is_conflict(e: &kube::Error) -> bool {
+    matches!(e, kube::Error::Api(s) if s.code == 409)
+}
+
+#[derive(Clone)]
+pub struct Kube {
+    nodes: Api<Node>,
+    pods: Api<Pod>,
+    client: kube::Client,
+    /// Who we are, in the isolation annotation.
+    owner: String,
+}
+
+/// What isolation found and did.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Isolation {
+    /// The node was cordoned by someone else before.
+    pub was_cordoned: bool,
+    /// Already isolated by us (nothing changed).
+    pub already: bool,
+}
+
+/// What a release did.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Released {
+    /// Taint and annotations removed, node schedulable again.
+    Uncordoned,
+    /// Taint and annotations removed; left cordoned, as someone else had cordoned it.
+    LeftCordoned,
+    /// We had not isolated the node: nothing touched.
+    NotOurs,
+}
+
+impl Kube {
+    /// From `kubeconfig`, or else the in-cluster config or the default kubeconfig.
+    pub async fn connect(kubeconfig: Option<&Path>, owner: &str) -> Result<Kube, KubeError> {
+        let config = match kubeconfig {
+            Some(path) => {
+                let kc = kube::config::Kubeconfig::read_from(path)
+                    .map_err(|e| KubeError::Api(format!("kubeconfig {}: {e}", path.display())))?;
+                kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default())
+                    .await
+                    .map_err(|e| KubeError::Api(format!("kubeconfig {}: {e}", path.display())))?
+            }
+            None => kube::Config::infer().await.map_err(|e| KubeError::Api(format!("Kubernetes config: {e}")))?,
+        };
+        let client = kube::Client::try_from(config).map_err(api_error)?;
+        Ok(Kube { nodes: Api::all(client.clone()), pods: Api::all(client.clone()), client, owner: owner.to_owned() })
+    }
+
+    async fn node(&self, name: &str) -> Result<Node, KubeError> {
+        self.nodes.get_opt(name).await.map_err(api_error)?.ok_or_else(|| KubeError::NoNode(name.to_owned()))
+    }
+
+    /// Applies `change` (computing a merge patch from the node as read) until it lands without a
+    /// conflict; None from `change`: nothing to do.
+    async fn patch_node<T>(
+        &self,
+        name: &str,
+        mut change: impl FnMut(&Node) -> Option<(serde_json::Value, T)>,
+    ) -> Result<Option<T>, KubeError> {
+        const ATTEMPTS: u32 = 5;
+        for _ in 0..ATTEMPTS {
+            let node = self.node(name).await?;
+            let Some((mut patch, out)) = change(&node) else { return Ok(None) };
+            patch["metadata"]["resourceVersion"] = json!(node.metadata.resource_version);
+            match self.nodes.patch(name, &PatchParams::default(), &Patch::Merge(&patch)).await {
+                Ok(_) => return Ok(Some(out)),
+                Err(e) if is_conflict(&e) => {
+                    tracing::debug!(node = name, "node changed under us; reading it again");
+                }
+                Err(e) => return Err(api_error(e)),
+            }
+        }
+        Err(KubeError::Conflicts { node: name.to_owned(), attempts: ATTEMPTS })
+    }
+
+    /// Cordons the node and taints it `nodekeeper.io/fault:NoSchedule`, annotated with the owner
+    /// and the fault.
+    pub async fn isolate(&self, name: &str, fault_id: u64) -> Result<Isolation, KubeError> {
+        let owner = self.owner.clone();
+        let done = self
+            .patch_node(name, |node| {
+                let annotations = node.metadata.annotations.clone().unwrap_or_default();
+                if annotations.get(ISOLATED_BY) == Some(&owner) && has_taint(node) {
+                    return None;
+                }
+                let spec = node.spec.clone().unwrap_or_default();
+                let was_cordoned = annotations.get(WAS_CORDONED).map(|v| v == "true").unwrap_or(false)
+                    || (spec.unschedulable == Some(true) && !annotations.contains_key(ISOLATED_BY));
+                let mut taints = spec.taints.unwrap_or_default();
+                if !taints.iter().any(|t| t.key == TAINT_KEY) {
+                    taints.push(Taint {
+                        key: TAINT_KEY.into(),
+                        value: Some(fault_id.to_string()),
+                        effect: "NoSchedule".into(),
+                        time_added: None,
+                    });
+                }
+                let patch = json!({
+                    "metadata": { "annotations": {
+                        ISOLATED_BY: owner,
+                        FAULT_ID: fault_id.to_string(),
+                        WAS_CORDONED: was_cordoned.to_string(),
+                    }},
+                    "spec": { "unschedulable": true, "taints": taints },
+                });
+                Some((patch, was_cordoned))
+            })
+            .await?;
+        Ok(match done {
+            Some(was_cordoned) => Isolation { was_cordoned, already: false },
+            None => Isolation { was_cordoned: false, already: true },
+        })
+    }
+
+    /// Whether we hold the node isolated.
+    pub async fn isolated_by_us(&self, name: &str) -> Result<bool, KubeError> {
+        let node = self.node(name).await?;
+        Ok(node.metadata.annotations.as_ref().and_then(|a| a.get(ISOLATED_BY)) == Some(&self.owner))
+    }
+
+    /// Removes our taint and annotations; uncordons unless someone else had cordoned the node.
+    pub async fn release(&self, name: &str) -> Result<Released, KubeError> {
+        let owner = self.owner.clone();
+        let done = self
+            .patch_node(name, |node| {
+                let annotations = node.metadata.annotations.clone().unwrap_or_default();
+                if annotations.get(ISOLATED_BY) != Some(&owner) {
+                    return None;
+                }
+                let was_cordoned = annotations.get(WAS_CORDONED).is_some_and(|v| v == "true");
+                let taints: Vec<Taint> = node
+                    .spec
+                    .as_ref()
+                    .and_then(|s| s.taints.clone())
+                    .unwrap_or_default()
+                    .into_iter()
+                    .filter(|t| t.key != TAINT_KEY)
+                    .collect();
+                let mut spec = json!({ "taints": taints });
+                if !was_cordoned {
+                    spec["unschedulable"] = json!(null);
+                }
+                let patch = json!({
+                    "metadata": { "annotations": { ISOLATED_BY: null, FAULT_ID: null, WAS_CORDONED: null } },
+                    "spec": spec,
+                });
+                Some((patch, if was_cordoned { Released::LeftCordoned } else { Released::Uncordoned }))
+            })
+            .await?;
+        Ok(done.unwrap_or(Released::NotOurs))
+    }
+
+    /// The node's pods that migrate: not DaemonSet pods, not mirror (static) pods, not finished.
+    async fn movable_pods(&self, node: &str) -> Result<Vec<Pod>, KubeError> {
+        let list =
+            self.pods.list(&ListParams::default().fields(&format!("spec.nodeName={node}"))).await.map_err(api_error)?;
+        Ok(list.items.into_iter().filter(movable).collect())
+    }
+
+    /// Labels the node's movable pods `nodekeeper.io/to-be-migrated=true` with the fault id;
+    /// returns how many were labelled now.
+    pub async fn label_pods(&self, node: &str, fault_id: u64) -> Result<usize, KubeError> {
+        let mut labelled = 0;
+        for pod in self.movable_pods(node).await? {
+            let labels = pod.metadata.labels.clone().unwrap_or_default();
+            if labels.get(MIGRATE_LABEL).is_some_and(|v| v == "true") {
+                continue;
+            }
+            let (ns, name) =
+                (pod.metadata.namespace.clone().unwrap_or_default(), pod.metadata.name.clone().unwrap_or_default());
+            let patch = json!({ "metadata": {
+                "labels": { MIGRATE_LABEL: "true" },
+                "annotations": { FAULT_ID: fault_id.to_string() },
+            }});
+            let api: Api<Pod> = Api::namespaced(self.client.clone(), &ns);
+            match api.patch(&name, &PatchParams::default(), &Patch::Merge(&patch)).await {
+                Ok(_) => labelled += 1,
+                // Gone meanwhile: nothing to migrate.
+                Err(kube::Error::Api(s)) if s.code == 404 => {}
+                Err(e) => return Err(api_error(e)),
+            }
+        }
+        Ok(labelled)
+    }
+
+    /// Asks the Eviction API to evict every movable pod; a PodDisruptionBudget that does not allow
+    /// it now answers 429, and that pod is left for the next try. Returns (evicted, held back).
+    pub async fn evict(&self, node: &str) -> Result<(usize, usize), KubeError> {
+        let (mut evicted, mut held) = (0, 0);
+        for pod in self.movable_pods(node).await? {
+            let (ns, name) =
+                (pod.metadata.namespace.clone().unwrap_or_default(), pod.metadata.name.clone().unwrap_or_default());
+            let api: Api<Pod> = Api::namespaced(self.client.clone(), &ns);
+            match api.evict(&name, &EvictParams::default()).await {
+                Ok(_) => evicted += 1,
+                Err(kube::Error::Api(s)) if s.code == 429 => held += 1,
+                Err(kube::Error::Api(s)) if s.code == 404 => {}
+                Err(e) => return Err(api_error(e)),
+            }
+        }
+        Ok((evicted, held))
+    }
+
+    /// Movable pods still on the node.
+    pub async fn pods_left(&self, node: &str) -> Result<usize, KubeError> {
+        Ok(self.movable_pods(node).await?.len())
+    }
+}
+
+fn has_taint(node: &Node) -> bool {
+    node.spec.as_ref().and_then(|s| s.taints.as_ref()).is_some_and(|t| t.iter().any(|t| t.key == TAINT_KEY))
+}
+
+fn movable(pod: &Pod) -> bool {
+    let annotations: BTreeMap<String, String> = pod.metadata.annotations.clone().unwrap_or_default();
+    let mirror = annotations.contains_key("kubernetes.io/config.mirror");
+    let daemon = pod.metadata.owner_references.as_ref().is_some_and(|o| o.iter().any(|r| r.kind == "DaemonSet"));
+    let finished =
+        pod.status.as_ref().and_then(|s| s.phase.as_deref()).is_some_and(|p| p == "Succeeded" || p == "Failed");
+    !mirror && !daemon && !finished
+}

@@ -1,0 +1,857 @@
+//! nodekeeper-remediator: a durable subscriber of one cluster's faults that isolates faulty nodes,
+//! labels their pods to be migrated, recovers them, releases them when their readiness gates hold,
+//! and escalates to people when it cannot heal them.
+//!
+//! Every step is recorded on the fault (`RecordStep`), which is also where a restarted remediator
+//! learns how far it got: the state lives in the center and on the Kubernetes node (our
+//! annotations), not in this process. Before each disruptive step the fault must still be open and
+//! the node still in the boot the fault saw, so replayed or stale events never act.
+
+pub mod config;
+pub mod kube;
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use nodekeeper_common::time::timestamp_to_unix_ms;
+use nodekeeper_proto::v1::{
+    AckConsumerRequest, AcquirePermitRequest, ConditionStatus, EventFilter, Fault, FaultState, GetFaultRequest,
+    GetNodeRequest, ListComponentsRequest, ListConsumersRequest, ListEventsRequest, ListFaultsRequest, Liveness, Node,
+    Operation, Reboot, RecordStepRequest, ReinstallComponent, ReleasePermitRequest, RestartComponent,
+    SendCommandRequest, StartPosition, SubscribeRequest, event_service_client::EventServiceClient,
+    fleet_service_client::FleetServiceClient, permit_service_client::PermitServiceClient, send_command_request,
+    subscribe_response,
+};
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Channel;
+
+use crate::config::{Config, Playbook};
+use crate::kube::Kube;
+
+/// Node components a component fault may name (its type contains the name).
+const COMPONENTS: [&str; 3] = ["containerd", "docker", "kubelet"];
+
+pub struct Remediator {
+    cfg: Config,
+    ch: Channel,
+    kube: Option<Kube>,
+    http: reqwest::Client,
+    /// Nodes with a remediation in progress (one at a time per node).
+    busy: Mutex<HashSet<String>>,
+    cancel: CancellationToken,
+}
+
+/// How a remediation ended, or why a step could not go on.
+#[derive(Debug)]
+enum Stop {
+    /// The fault is no longer what we acted on (resolved, escalated by someone, another boot).
+    Stale(String),
+    /// Shutting down: the next start resumes from the fault's timeline.
+    Shutdown,
+    /// A step failed beyond its deadline: escalate.
+    Failed(String),
+}
+
+type Step<T> = Result<T, Stop>;
+
+fn rpc(what: &str) -> impl FnOnce(tonic::Status) -> Stop + '_ {
+    move |s| Stop::Failed(format!("{what}: {}", s.message()))
+}
+
+/// One remediation of one node, for the fault that started it.
+struct Run {
+    fault: Fault,
+    playbook: Playbook,
+    /// The boot the node must still be in for disruptive steps (the fault's, then the one it came
+    /// back in after our reboot).
+    boot_id: String,
+    isolate_permit: Option<String>,
+    isolated: bool,
+    rebooted: bool,
+    deadline: Instant,
+}
+
+impl Remediator {
+    pub async fn new(cfg: Config, ch: Channel, cancel: CancellationToken) -> anyhow::Result<Arc<Remediator>> {
+        let kube = if cfg.dry_run && cfg.kubeconfig.is_none() {
+            None
+        } else {
+            Some(Kube::connect(cfg.kubeconfig.as_deref(), &cfg.name).await?)
+        };
+        nodekeeper_common::tls::install_default_provider();
+        let http = reqwest::Client::builder().timeout(Duration::from_secs(30)).build()?;
+        Ok(Arc::new(Remediator { cfg, ch, kube, http, busy: Mutex::default(), cancel }))
+    }
+
+    fn fleet(&self) -> FleetServiceClient<Channel> {
+        FleetServiceClient::new(self.ch.clone())
+    }
+
+    /// Resumes the remediations the center shows in progress, then follows the cluster's events
+    /// from the consumer's acknowledged position (reconnecting with backoff) until cancelled.
+    pub async fn run(self: Arc<Self>) {
+        let mut backoff = nodekeeper_common::backoff::Backoff::default();
+        let mut resumed = false;
+        while !self.cancel.is_cancelled() {
+            if !resumed {
+                match self.resume().await {
+                    Ok(()) => resumed = true,
+                    Err(e) => tracing::warn!(error = %e, "cannot list open faults yet"),
+                }
+            }
+            if resumed {
+                match self.clone().follow().await {
+                    Ok(()) => return,
+                    Err(e) => tracing::warn!(error = %e, "subscription ended; resubscribing"),
+                }
+            }
+            tokio::select! {
+                _ = self.cancel.cancelled() => return,
+                _ = tokio::time::sleep(backoff.next_delay()) => {}
+            }
+        }
+    }
+
+    async fn resume(self: &Arc<Self>) -> Result<(), String> {
+        let active = [FaultState::Open, FaultState::Isolated, FaultState::Recovering];
+        let faults = self
+            .fleet()
+            .list_faults(ListFaultsRequest {
+                clusters: vec![self.cfg.cluster.clone()],
+                states: active.iter().map(|s| *s as i32).collect(),
+                limit: 10_000,
+                ..Default::default()
+            })
+            .await
+            .map_err(|s| s.message().to_owned())?
+            .into_inner()
+            .faults;
+        for f in faults {
+            self.clone().consider(f.id).await;
+        }
+        Ok(())
+    }
+
+    async fn follow(self: Arc<Self>) -> Result<(), String> {
+        let mut events = EventServiceClient::new(self.ch.clone());
+        // A known consumer resumes where it acknowledged; a new one starts where configured.
+        let known = events
+            .list_consumers(ListConsumersRequest {})
+            .await
+            .map_err(|s| s.message().to_owned())?
+            .into_inner()
+            .consumers
+            .iter()
+            .any(|c| c.name == self.cfg.name);
+        let start = match (known, self.cfg.start_from.as_str()) {
+            (true, _) => StartPosition::Unspecified,
+            (false, "oldest") => StartPosition::Oldest,
+            (false, _) => StartPosition::Now,
+        };
+        let mut stream = events
+            .subscribe(SubscribeRequest {
+                consumer: self.cfg.name.clone(),
+                start: start as i32,
+                filter: Some(EventFilter { clusters: vec![self.cfg.cluster.clone()], ..Default::default() }),
+                ..Default::default()
+            })
+            .await
+            .map_err(|s| s.message().to_owned())?
+            .into_inner();
+        tracing::info!(consumer = %self.cfg.name, cluster = %self.cfg.cluster, "following the cluster's faults");
+        loop {
+            let msg = tokio::select! {
+                _ = self.cancel.cancelled() => return Ok(()),
+                m = stream.message() => m.map_err(|s| s.message().to_owned())?,
+            };
+            let Some(msg) = msg else { return Err("the center ended the stream".into()) };
+            let cursor = match msg.msg {
+                Some(subscribe_response::Msg::Event(e)) => {
+                    if e.fault_id != 0 && e.condition.as_ref().is_some_and(|c| c.status() == ConditionStatus::True) {
+                        self.clone().consider(e.fault_id).await;
+                    }
+                    e.cursor
+                }
+                Some(subscribe_response::Msg::Bookmark(b)) => b.cursor,
+                None => continue,
+            };
+            // What an event asked for is in the center (the fault) once considered: acknowledging
+            // it loses nothing.
+            events
+                .ack_consumer(AckConsumerRequest { consumer: self.cfg.name.clone(), cursor })
+                .await
+                .map_err(|s| s.message().to_owned())?;
+        }
+    }
+
+    /// Starts remediating the fault's node unless the fault is stale or the node is in hand.
+    async fn consider(self: Arc<Self>, fault_id: u64) {
+        let fault = match self.fleet().get_fault(GetFaultRequest { id: fault_id }).await {
+            Ok(r) => match r.into_inner().fault {
+                Some(f) => f,
+                None => return,
+            },
+            Err(s) => {
+                tracing::warn!(fault_id, error = %s.message(), "cannot read the fault");
+                return;
+            }
+        };
+        if !matches!(fault.state(), FaultState::Open | FaultState::Isolated | FaultState::Recovering) {
+            return;
+        }
+        let Some(playbook) = self.playbook(&fault) else {
+            tracing::debug!(fault_id, kind = %fault.r#type, "no playbook for this fault");
+            return;
+        };
+        if !self.busy.lock().expect("busy lock").insert(fault.node.clone()) {
+            return;
+        }
+        let this = self.clone();
+        tokio::spawn(async move {
+            let node = fault.node.clone();
+            let id = fault.id;
+            let outcome = this.remediate(fault, playbook).await;
+            match &outcome {
+                Ok(()) => tracing::info!(node = %node, fault_id = id, "remediation ended"),
+                Err(Stop::Stale(why)) => {
+                    tracing::info!(node = %node, fault_id = id, reason = %why, "stale fault: nothing done")
+                }
+                Err(Stop::Shutdown) => {}
+                Err(Stop::Failed(why)) => {
+                    tracing::warn!(node = %node, fault_id = id, reason = %why, "remediation escalated")
+                }
+            }
+            this.busy.lock().expect("busy lock").remove(&node);
+        });
+    }
+
+    fn playbook(&self, fault: &Fault) -> Option<Playbook> {
+        let action = fault
+            .action()
+            .as_str_name()
+            .trim_start_matches("RECOMMENDED_ACTION_")
+            .to_ascii_lowercase()
+            .replace('_', "-");
+        self.cfg.playbook.iter().find(|p| p.types.contains(&fault.r#type) || p.actions.contains(&action)).cloned()
+    }
+
+    async fn remediate(&self, fault: Fault, playbook: Playbook) -> Step<()> {
+        let mut run = Run {
+            boot_id: fault.boot_id.clone(),
+            fault,
+            playbook,
+            isolate_permit: None,
+            isolated: false,
+            rebooted: false,
+            deadline: Instant::now(),
+        };
+        // How far an earlier run got, from the fault's timeline.
+        let (done, planned) = self.steps_done(run.fault.id).await?;
+        if self.cfg.dry_run && planned {
+            return Ok(());
+        }
+        if let Some(kube) = &self.kube {
+            run.isolated = kube.isolated_by_us(&run.fault.node).await.unwrap_or(false);
+        }
+        run.rebooted = done.iter().any(|(_, s)| s == "reboot");
+        if run.rebooted {
+            // Our reboot happened: the boot to hold to is the node's current one.
+            run.boot_id = self.node(&run.fault.node).await?.boot_id;
+        }
+        let mut next = done.iter().map(|(i, _)| i + 1).max().unwrap_or(0);
+        if done.is_empty() {
+            self.fresh(&run).await?;
+            let attempts = self.attempts(&run.fault).await?;
+            if attempts >= self.cfg.budget_attempts {
+                let why = format!(
+                    "{attempts} remediations of node {} within {}: the budget of {} is spent",
+                    run.fault.node,
+                    humantime::format_duration(self.cfg.budget_window),
+                    self.cfg.budget_attempts
+                );
+                self.record(&run, usize::MAX, "start", &why, false, FaultState::Unspecified).await?;
+                if !run.isolated {
+                    let _ = self.isolate(&mut run).await;
+                }
+                return self.escalate(&run, &why).await;
+            }
+            let plan = run.playbook.steps.join(" → ");
+            self.record(&run, usize::MAX, "start", &format!("playbook: {plan}"), true, FaultState::Unspecified).await?;
+            if self.cfg.dry_run {
+                for (i, step) in run.playbook.steps.clone().iter().enumerate() {
+                    self.record(&run, i, step, "planned", true, FaultState::Unspecified).await?;
+                }
+                return Ok(());
+            }
+        }
+        while let Some(step) = run.playbook.steps.get(next).cloned() {
+            if self.cancel.is_cancelled() {
+                return Err(Stop::Shutdown);
+            }
+            run.deadline = Instant::now() + self.cfg.step_deadline;
+            let result = self.step(&mut run, next, &step).await;
+            match result {
+                Ok(Flow::Next) => next += 1,
+                Ok(Flow::Healed) => {
+                    // Release if we isolated; otherwise done.
+                    match run.playbook.steps.iter().position(|s| s == "release").filter(|_| run.isolated) {
+                        Some(r) if r > next => next = r,
+                        _ => return Ok(()),
+                    }
+                }
+                Ok(Flow::End) => return Ok(()),
+                Err(Stop::Failed(why)) => {
+                    self.record(&run, next, &step, &why, false, FaultState::Unspecified).await?;
+                    return self.escalate(&run, &why).await;
+                }
+                Err(Stop::Stale(why)) => {
+                    self.record(&run, next, &step, &format!("stopped: {why}"), false, FaultState::Unspecified).await?;
+                    if run.isolated {
+                        // The node is ours: release it when its gates hold.
+                        if let Some(r) = run.playbook.steps.iter().position(|s| s == "release") {
+                            run.deadline = Instant::now() + self.cfg.step_deadline;
+                            self.step(&mut run, r, "release").await?;
+                        }
+                    }
+                    return Err(Stop::Stale(why));
+                }
+                Err(Stop::Shutdown) => return Err(Stop::Shutdown),
+            }
+        }
+        let why = "the playbook ran out without healing the node".to_owned();
+        self.escalate(&run, &why).await
+    }
+
+    async fn step(&self, run: &mut Run, index: usize, step: &str) -> Step<Flow> {
+        let node = run.fault.node.clone();
+        match step {
+            "isolate" => {
+                self.fresh(run).await?;
+                let msg = self.isolate(run).await?;
+                self.record(run, index, step, &msg, true, FaultState::Isolated).await?;
+            }
+            "label-pods" => {
+                self.fresh(run).await?;
+                let kube = self.kube()?;
+                let n = kube.label_pods(&node, run.fault.id).await.map_err(|e| Stop::Failed(e.to_string()))?;
+                let msg = format!("{n} pods labelled {}=true", kube::MIGRATE_LABEL);
+                self.record(run, index, step, &msg, true, FaultState::Unspecified).await?;
+            }
+            "evict" => {
+                self.fresh(run).await?;
+                let permit = self.permit(run, Operation::Evict).await?;
+                let kube = self.kube()?;
+                let mut total = 0;
+                loop {
+                    let (evicted, held) = kube.evict(&node).await.map_err(|e| Stop::Failed(e.to_string()))?;
+                    total += evicted;
+                    if held == 0 {
+                        break;
+                    }
+                    tracing::info!(node = %node, held, "a PodDisruptionBudget holds pods back (429); trying again later");
+                    self.pause(run).await?;
+                }
+                self.release_permit(&permit, true).await;
+                self.record(run, index, step, &format!("{total} pods evicted"), true, FaultState::Unspecified).await?;
+            }
+            "wait-migration" => {
+                let kube = self.kube()?;
+                let until = Instant::now() + self.cfg.migration_timeout;
+                let left = loop {
+                    let left = kube.pods_left(&node).await.map_err(|e| Stop::Failed(e.to_string()))?;
+                    if left == 0 || Instant::now() >= until {
+                        break left;
+                    }
+                    self.pause(run).await?;
+                };
+                let msg = if left == 0 {
+                    "every labelled pod left the node".to_owned()
+                } else {
+                    format!(
+                        "{left} pods still on the node after {}; going on",
+                        humantime::format_duration(self.cfg.migration_timeout)
+                    )
+                };
+                self.record(run, index, step, &msg, true, FaultState::Unspecified).await?;
+            }
+            "reboot" => {
+                self.fresh(run).await?;
+                let permit = self.permit(run, Operation::Reboot).await?;
+                let sent = self.command(run, send_command_request::Action::Reboot(Reboot {}), &permit).await?;
+                run.rebooted = true;
+                let msg = format!("reboot command {sent} sent (permit {permit})");
+                self.record_with(run, index, step, &msg, true, FaultState::Recovering, &[("permit_id", &permit)])
+                    .await?;
+            }
+            "restart-component" | "reinstall-component" => {
+                self.fresh(run).await?;
+                let Some(component) = component_of(&run.fault) else {
+                    self.record(
+                        run,
+                        index,
+                        step,
+                        "no component named by the fault; skipped",
+                        false,
+                        FaultState::Unspecified,
+                    )
+                    .await?;
+                    return Ok(Flow::Next);
+                };
+                let (op, action) = if step == "restart-component" {
+                    (
+                        Operation::RestartComponent,
+                        send_command_request::Action::RestartComponent(RestartComponent {
+                            component: component.clone(),
+                        }),
+                    )
+                } else {
+                    (
+                        Operation::ReinstallComponent,
+                        send_command_request::Action::ReinstallComponent(ReinstallComponent {
+                            component: component.clone(),
+                        }),
+                    )
+                };
+                let permit = self.permit(run, op).await?;
+                let sent = self.command(run, action, &permit).await?;
+                self.release_permit(&permit, true).await;
+                let msg = format!("{step} {component}: command {sent} sent");
+                self.record(run, index, step, &msg, true, FaultState::Recovering).await?;
+            }
+            "hardware-repair" | "reinstall-os" => {
+                self.fresh(run).await?;
+                let (op, url) = if step == "hardware-repair" {
+                    (Operation::HardwareRepair, self.cfg.hardware_repair_webhook.clone())
+                } else {
+                    (Operation::ReinstallOs, self.cfg.reinstall_os_webhook.clone())
+                };
+                let url = url.ok_or_else(|| Stop::Failed(format!("{step}: no webhook configured")))?;
+                let permit = self.permit(run, op).await?;
+                let ticket = self.webhook(&url, run, step).await?;
+                let msg = format!("{step} requested: ticket {ticket}");
+                self.record_with(
+                    run,
+                    index,
+                    step,
+                    &msg,
+                    true,
+                    FaultState::Recovering,
+                    &[("ticket", &ticket), ("permit_id", &permit)],
+                )
+                .await?;
+            }
+            "verify" => loop {
+                match self.healed(run).await? {
+                    None => {
+                        let msg =
+                            if run.rebooted { "the node came back healthy in a new boot" } else { "the fault cleared" };
+                        self.record(run, index, step, msg, true, FaultState::Unspecified).await?;
+                        return Ok(Flow::Healed);
+                    }
+                    Some(why) if Instant::now() >= run.deadline => {
+                        let msg =
+                            format!("not healed within {}: {why}", humantime::format_duration(self.cfg.step_deadline));
+                        self.record(run, index, step, &msg, false, FaultState::Unspecified).await?;
+                        return Ok(Flow::Next);
+                    }
+                    Some(_) => self.pause_unbounded().await?,
+                }
+            },
+            "release" => {
+                loop {
+                    match self.gates(run).await? {
+                        None => break,
+                        Some(why) if Instant::now() >= run.deadline => {
+                            return Err(Stop::Failed(format!("readiness gates did not hold: {why}")));
+                        }
+                        Some(why) => {
+                            tracing::debug!(node = %node, gate = %why, "waiting for the readiness gates");
+                            self.pause_unbounded().await?;
+                        }
+                    }
+                }
+                let permit = self.permit(run, Operation::Release).await?;
+                let released = self.kube()?.release(&node).await.map_err(|e| Stop::Failed(e.to_string()))?;
+                self.release_permit(&permit, true).await;
+                if let Some(p) = run.isolate_permit.take() {
+                    self.release_permit(&p, true).await;
+                }
+                let msg = match released {
+                    kube::Released::Uncordoned => "gates hold: taint removed, node uncordoned".to_owned(),
+                    kube::Released::LeftCordoned => {
+                        "gates hold: taint removed; left cordoned, as someone else had cordoned it".to_owned()
+                    }
+                    kube::Released::NotOurs => "not isolated by us: nothing to release".to_owned(),
+                };
+                run.isolated = false;
+                self.record(run, index, step, &msg, true, FaultState::Unspecified).await?;
+                return Ok(Flow::End);
+            }
+            "escalate" => {
+                let why = "the playbook escalates this fault".to_owned();
+                self.escalate(run, &why).await?;
+                return Ok(Flow::End);
+            }
+            other => return Err(Stop::Failed(format!("unknown step {other:?}"))),
+        }
+        Ok(Flow::Next)
+    }
+
+    fn kube(&self) -> Step<&Kube> {
+        self.kube.as_ref().ok_or_else(|| Stop::Failed("no Kubernetes access (dry run without kubeconfig)".into()))
+    }
+
+    async fn isolate(&self, run: &mut Run) -> Step<String> {
+        let permit = self.permit(run, Operation::Isolate).await?;
+        let isolation =
+            self.kube()?.isolate(&run.fault.node, run.fault.id).await.map_err(|e| Stop::Failed(e.to_string()))?;
+        run.isolate_permit = Some(permit);
+        run.isolated = true;
+        Ok(match isolation {
+            kube::Isolation { already: true, .. } => "already isolated by us".to_owned(),
+            kube::Isolation { was_cordoned: true, .. } => {
+                format!("tainted {}:NoSchedule; it was already cordoned by someone else and stays so", kube::TAINT_KEY)
+            }
+            _ => format!("cordoned and tainted {}:NoSchedule", kube::TAINT_KEY),
+        })
+    }
+
+    async fn escalate(&self, run: &Run, why: &str) -> Step<()> {
+        self.record(
+            run,
+            usize::MAX,
+            "escalate",
+            &format!("{why}; the node stays isolated for a person"),
+            false,
+            FaultState::Escalated,
+        )
+        .await?;
+        Err(Stop::Failed(why.to_owned()))
+    }
+
+    /// Asks for a permit until granted or the step's deadline passes.
+    async fn permit(&self, run: &Run, op: Operation) -> Step<String> {
+        let mut last_reason = String::new();
+        loop {
+            let r = PermitServiceClient::new(self.ch.clone())
+                .acquire_permit(AcquirePermitRequest {
+                    operation: op as i32,
+                    cluster: run.fault.cluster.clone(),
+                    node: run.fault.node.clone(),
+                    fault_id: run.fault.id,
+                    lease: Some(nodekeeper_common::time::to_duration(self.cfg.step_deadline * 4)),
+                })
+                .await
+                .map_err(rpc("permit"))?
+                .into_inner();
+            if let Some(p) = r.permit.filter(|_| r.granted) {
+                return Ok(p.id);
+            }
+            if r.denied_reason != last_reason {
+                tracing::info!(node = %run.fault.node, operation = op.as_str_name(), reason = %r.denied_reason, "permit denied; asking again");
+                last_reason = r.denied_reason;
+            }
+            if Instant::now() >= run.deadline {
+                return Err(Stop::Failed(format!(
+                    "no {} permit within the step deadline: {last_reason}",
+                    op.as_str_name()
+                )));
+            }
+            self.pause_unbounded().await?;
+        }
+    }
+
+    async fn release_permit(&self, id: &str, success: bool) {
+        if let Err(s) = PermitServiceClient::new(self.ch.clone())
+            .release_permit(ReleasePermitRequest { permit_id: id.to_owned(), success })
+            .await
+        {
+            tracing::debug!(permit_id = id, error = %s.message(), "permit not released (expired?)");
+        }
+    }
+
+    async fn command(&self, run: &Run, action: send_command_request::Action, permit: &str) -> Step<String> {
+        let r = self
+            .fleet()
+            .send_command(SendCommandRequest {
+                cluster: run.fault.cluster.clone(),
+                node: run.fault.node.clone(),
+                action: Some(action),
+                permit_id: permit.to_owned(),
+                fault_id: run.fault.id,
+            })
+            .await
+            .map_err(rpc("command"))?;
+        Ok(r.into_inner().command_id)
+    }
+
+    async fn webhook(&self, url: &str, run: &Run, step: &str) -> Step<String> {
+        let body = serde_json::json!({
+            "request": step,
+            "cluster": run.fault.cluster,
+            "node": run.fault.node,
+            "fault_id": run.fault.id,
+            "fault": run.fault.r#type,
+            "message": run.fault.message,
+        });
+        let r =
+            self.http.post(url).json(&body).send().await.map_err(|e| Stop::Failed(format!("{step} webhook: {e}")))?;
+        let status = r.status();
+        let text = r.text().await.unwrap_or_default();
+        if !status.is_success() {
+            return Err(Stop::Failed(format!("{step} webhook answered {status}: {}", text.trim())));
+        }
+        let ticket = serde_json::from_str::<serde_json::Value>(&text)
+            .ok()
+            .and_then(|v| v.get("ticket").map(|t| t.as_str().map(str::to_owned).unwrap_or_else(|| t.to_string())))
+            .unwrap_or_else(|| "(none given)".into());
+        Ok(ticket)
+    }
+
+    async fn node(&self, name: &str) -> Step<Node> {
+        self.fleet()
+            .get_node(GetNodeRequest { cluster: self.cfg.cluster.clone(), node: name.to_owned() })
+            .await
+            .map(|r| r.into_inner())
+            .map_err(rpc("node"))
+    }
+
+    async fn current_fault(&self, id: u64) -> Step<Fault> {
+        self.fleet()
+            .get_fault(GetFaultRequest { id })
+            .await
+            .map_err(rpc("fault"))?
+            .into_inner()
+            .fault
+            .ok_or_else(|| Stop::Stale(format!("fault {id} is gone")))
+    }
+
+    /// The fault still open and the node in the boot we expect.
+    async fn fresh(&self, run: &Run) -> Step<()> {
+        let f = self.current_fault(run.fault.id).await?;
+        if matches!(f.state(), FaultState::Resolved | FaultState::Escalated) {
+            return Err(Stop::Stale(format!("fault {} is {}", f.id, state_name(f.state()))));
+        }
+        let node = self.node(&run.fault.node).await?;
+        if !run.boot_id.is_empty() && node.boot_id != run.boot_id {
+            return Err(Stop::Stale(format!(
+                "node {} booted again (boot {} → {})",
+                node.name, run.boot_id, node.boot_id
+            )));
+        }
+        Ok(())
+    }
+
+    /// None when healed: the fault resolved, the node alive, and in a new boot if we rebooted it.
+    async fn healed(&self, run: &Run) -> Step<Option<String>> {
+        let f = self.current_fault(run.fault.id).await?;
+        let node = self.node(&run.fault.node).await?;
+        Ok(if run.rebooted && node.boot_id == run.fault.boot_id {
+            Some("the node has not come back in a new boot yet".into())
+        } else if node.liveness() != Liveness::Alive {
+            Some("the node is not alive".into())
+        } else if f.state() != FaultState::Resolved {
+            Some(format!("fault {} is still {}", f.id, state_name(f.state())))
+        } else {
+            None
+        })
+    }
+
+    /// None when the node's readiness gates hold: alive, components converged, no open
+    /// condition, and every configured operator condition True.
+    async fn gates(&self, run: &Run) -> Step<Option<String>> {
+        let node = self.node(&run.fault.node).await?;
+        if node.liveness() != Liveness::Alive {
+            return Ok(Some("the node is not alive".into()));
+        }
+        let open: Vec<&str> = node
+            .conditions
+            .iter()
+            .filter_map(|c| c.condition.as_ref())
+            .filter(|c| c.status() == ConditionStatus::True && !self.cfg.gate_conditions.contains(&c.r#type))
+            .map(|c| c.r#type.as_str())
+            .collect();
+        if !open.is_empty() {
+            return Ok(Some(format!("open conditions: {}", open.join(", "))));
+        }
+        for gate in &self.cfg.gate_conditions {
+            let holds = node
+                .conditions
+                .iter()
+                .filter_map(|c| c.condition.as_ref())
+                .any(|c| &c.r#type == gate && c.status() == ConditionStatus::True);
+            if !holds {
+                return Ok(Some(format!("gate condition {gate} is not True")));
+            }
+        }
+        let components = self
+            .fleet()
+            .list_components(ListComponentsRequest {
+                clusters: vec![node.cluster.clone()],
+                nodes: vec![node.name.clone()],
+            })
+            .await
+            .map_err(rpc("components"))?
+            .into_inner()
+            .nodes;
+        if let Some(c) = components.iter().find(|c| c.desired_generation > 0 && !c.converged) {
+            return Ok(Some(format!("components not converged to desired generation {}", c.desired_generation)));
+        }
+        Ok(None)
+    }
+
+    /// Our steps on this fault so far: (index in the playbook, step), and whether a dry run
+    /// planned it already.
+    async fn steps_done(&self, fault_id: u64) -> Step<(Vec<(usize, String)>, bool)> {
+        let got = self.fleet().get_fault(GetFaultRequest { id: fault_id }).await.map_err(rpc("fault"))?.into_inner();
+        let ours: Vec<_> = got
+            .events
+            .iter()
+            .filter(|e| e.r#type == "RemediationStep" && e.origin.as_ref().is_some_and(|o| o.producer == self.cfg.name))
+            .collect();
+        let planned = ours.iter().any(|e| e.attributes.contains_key("dry_run"));
+        let done = ours
+            .iter()
+            .filter(|e| {
+                e.attributes.get("success").is_some_and(|s| s == "true") && !e.attributes.contains_key("dry_run")
+            })
+            .filter_map(|e| Some((e.attributes.get("index")?.parse().ok()?, e.attributes.get("step")?.clone())))
+            .collect();
+        Ok((done, planned))
+    }
+
+    /// Remediations of the fault's node started within the budget window, this one excluded.
+    async fn attempts(&self, fault: &Fault) -> Step<u32> {
+        let since = nodekeeper_common::time::to_unix_ms(SystemTime::now() - self.cfg.budget_window);
+        let mut events = EventServiceClient::new(self.ch.clone());
+        let mut after = String::new();
+        let mut faults = HashSet::new();
+        loop {
+            let r = events
+                .list_events(ListEventsRequest {
+                    after_cursor: after,
+                    filter: Some(EventFilter {
+                        clusters: vec![fault.cluster.clone()],
+                        nodes: vec![fault.node.clone()],
+                        types: vec!["RemediationStep".into()],
+                        ..Default::default()
+                    }),
+                    limit: 10_000,
+                })
+                .await
+                .map_err(rpc("events"))?
+                .into_inner();
+            for e in &r.events {
+                let recent = e.time.as_ref().is_some_and(|t| timestamp_to_unix_ms(t) >= since);
+                let started = e.attributes.get("step").is_some_and(|s| s == "start")
+                    && e.attributes.get("success").is_some_and(|s| s == "true")
+                    && !e.attributes.contains_key("dry_run");
+                if recent && started && e.fault_id != fault.id {
+                    faults.insert(e.fault_id);
+                }
+            }
+            if r.next_cursor == r.head_cursor || r.events.is_empty() && r.next_cursor.is_empty() {
+                break;
+            }
+            after = r.next_cursor;
+        }
+        Ok(faults.len() as u32)
+    }
+
+    async fn record(
+        &self,
+        run: &Run,
+        index: usize,
+        step: &str,
+        message: &str,
+        success: bool,
+        state: FaultState,
+    ) -> Step<()> {
+        self.record_with(run, index, step, message, success, state, &[]).await
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn record_with(
+        &self,
+        run: &Run,
+        index: usize,
+        step: &str,
+        message: &str,
+        success: bool,
+        state: FaultState,
+        extra: &[(&str, &str)],
+    ) -> Step<()> {
+        let mut attributes: std::collections::HashMap<String, String> =
+            extra.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect();
+        if index != usize::MAX {
+            attributes.insert("index".into(), index.to_string());
+        }
+        tracing::info!(node = %run.fault.node, fault_id = run.fault.id, step, success, dry_run = self.cfg.dry_run, "{message}");
+        let step_id = format!("{}-{}-{:016x}", run.fault.id, step, rand::random::<u64>());
+        self.fleet()
+            .record_step(RecordStepRequest {
+                step_id,
+                fault_id: run.fault.id,
+                step: step.to_owned(),
+                message: message.to_owned(),
+                success,
+                state: state as i32,
+                dry_run: self.cfg.dry_run,
+                attributes,
+            })
+            .await
+            .map_err(rpc("record step"))?;
+        Ok(())
+    }
+
+    /// Waits one poll interval, or fails the step at its deadline.
+    async fn pause(&self, run: &Run) -> Step<()> {
+        if Instant::now() >= run.deadline {
+            return Err(Stop::Failed(format!(
+                "step deadline of {} passed",
+                humantime::format_duration(self.cfg.step_deadline)
+            )));
+        }
+        self.pause_unbounded().await
+    }
+
+    async fn pause_unbounded(&self) -> Step<()> {
+        tokio::select! {
+            _ = self.cancel.cancelled() => Err(Stop::Shutdown),
+            _ = tokio::time::sleep(self.cfg.poll_interval) => Ok(()),
+        }
+    }
+}
+
+enum Flow {
+    Next,
+    /// `verify` found the node healed.
+    Healed,
+    /// The remediation is over.
+    End,
+}
+
+fn state_name(s: FaultState) -> String {
+    s.as_str_name().trim_start_matches("FAULT_STATE_").to_ascii_lowercase()
+}
+
+/// The component a component fault is about: the one its type names (KubeletUnhealthy,
+/// FrequentContainerdRestart).
+fn component_of(fault: &Fault) -> Option<String> {
+    let kind = fault.r#type.to_ascii_lowercase();
+    COMPONENTS.iter().find(|c| kind.contains(*c)).map(|c| (*c).to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn component_faults_name_their_component() {
+        let f = |t: &str| Fault { r#type: t.into(), ..Default::default() };
+        assert_eq!(component_of(&f("KubeletUnhealthy")).as_deref(), Some("kubelet"));
+        assert_eq!(component_of(&f("FrequentContainerdRestart")).as_deref(), Some("containerd"));
+        assert_eq!(component_of(&f("KernelDeadlock")), None);
+    }
+}

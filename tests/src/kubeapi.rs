@@ -1,0 +1,364 @@
+//! A fake Kubernetes API server: no real one can run on this machine, so this one speaks the REST
+//! wire format the remediator uses, for nodes, pods and evictions: JSON objects with
+//! resourceVersions, `Status` objects on errors, 404, 409 Conflict on a stale resourceVersion,
+//! 415 for a patch content type it does not take, 429 from a PodDisruptionBudget on eviction, and
+//! the three patch content types (merge, strategic merge with taints merged by key, JSON patch).
+//! Tests seed it, make "another writer" change a node between the remediator's read and its
+//! write, and read back what the remediator did.
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::{Arc, Mutex};
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use serde_json::{Value, json};
+
+#[derive(Default)]
+struct Inner {
+    nodes: BTreeMap<String, Value>,
+    pods: BTreeMap<(String, String), Value>,
+    resource_version: u64,
+    /// Pods a PodDisruptionBudget protects: eviction answers 429.
+    pdb_blocked: HashSet<(String, String)>,
+    /// Node reads after which another writer changes the node (the next write conflicts).
+    interfere: u32,
+    /// Every request: "METHOD path content-type".
+    requests: Vec<String>,
+    conflicts: u32,
+}
+
+#[derive(Clone, Default)]
+pub struct FakeKube(Arc<Mutex<Inner>>);
+
+pub struct Server {
+    pub url: String,
+    pub kube: FakeKube,
+    task: tokio::task::JoinHandle<()>,
+    _dir: tempfile::TempDir,
+    pub kubeconfig: std::path::PathBuf,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// An error the API server answers with a `Status` object.
+struct Failure(StatusCode, &'static str, String);
+
+impl IntoResponse for Failure {
+    fn into_response(self) -> Response {
+        status(self.0, self.1, self.2)
+    }
+}
+
+fn status(code: StatusCode, reason: &str, message: String) -> Response {
+    let body = json!({
+        "kind": "Status", "apiVersion": "v1", "metadata": {},
+        "status": "Failure", "message": message, "reason": reason, "code": code.as_u16(),
+    });
+    (code, [("content-type", "application/json")], body.to_string()).into_response()
+}
+
+fn object(v: &Value) -> Response {
+    (StatusCode::OK, [("content-type", "application/json")], v.to_string()).into_response()
+}
+
+impl FakeKube {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.0.lock().expect("fake kube lock")
+    }
+
+    pub fn add_node(&self, name: &str) {
+        let mut k = self.lock();
+        k.resource_version += 1;
+        let node = json!({
+            "apiVersion": "v1", "kind": "Node",
+            "metadata": { "name": name, "resourceVersion": k.resource_version.to_string(), "labels": {}, "annotations": {} },
+            "spec": {},
+        });
+        k.nodes.insert(name.to_owned(), node);
+    }
+
+    /// A pod on `node`; `owner`: the kind of its controller (e.g. "DaemonSet", "ReplicaSet").
+    pub fn add_pod(&self, ns: &str, name: &str, node: &str, owner: Option<&str>) {
+        let mut k = self.lock();
+        k.resource_version += 1;
+        let mut pod = json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": { "name": name, "namespace": ns, "resourceVersion": k.resource_version.to_string() },
+            "spec": { "nodeName": node, "containers": [{ "name": "main", "image": "app" }] },
+            "status": { "phase": "Running" },
+        });
+        if let Some(kind) = owner {
+            pod["metadata"]["ownerReferences"] =
+                json!([{ "apiVersion": "apps/v1", "kind": kind, "name": "owner", "uid": "u-1", "controller": true }]);
+        }
+        k.pods.insert((ns.to_owned(), name.to_owned()), pod);
+    }
+
+    pub fn block_eviction(&self, ns: &str, name: &str, blocked: bool) {
+        let key = (ns.to_owned(), name.to_owned());
+        let mut k = self.lock();
+        if blocked {
+            k.pdb_blocked.insert(key);
+        } else {
+            k.pdb_blocked.remove(&key);
+        }
+    }
+
+    /// After each of the next `n` node reads, another writer changes the node.
+    pub fn interfere(&self, n: u32) {
+        self.lock().interfere = n;
+    }
+
+    /// Someone else cordons the node (as `kubectl cordon` does).
+    pub fn cordon(&self, name: &str) {
+        let mut k = self.lock();
+        k.resource_version += 1;
+        let rv = k.resource_version.to_string();
+        let node = k.nodes.get_mut(name).expect("node");
+        node["spec"]["unschedulable"] = json!(true);
+        node["metadata"]["resourceVersion"] = json!(rv);
+    }
+
+    pub fn node(&self, name: &str) -> Value {
+        self.lock().nodes.get(name).cloned().expect("node")
+    }
+
+    pub fn pod(&self, ns: &str, name: &str) -> Option<Value> {
+        self.lock().pods.get(&(ns.to_owned(), name.to_owned())).cloned()
+    }
+
+    pub fn requests(&self) -> Vec<String> {
+        self.lock().requests.clone()
+    }
+
+    /// 409s answered so far.
+    pub fn conflicts(&self) -> u32 {
+        self.lock().conflicts
+    }
+
+    fn log(&self, method: &str, uri: &Uri, headers: &HeaderMap) {
+        let ct = headers.get("content-type").and_then(|v| v.to_str().ok()).unwrap_or("-");
+        self.lock().requests.push(format!("{method} {} {ct}", uri.path()));
+    }
+}
+
+/// Is the node cordoned, and does it carry the taint `key`?
+pub fn cordoned_and_tainted(node: &Value, key: &str) -> (bool, bool) {
+    let cordoned = node["spec"]["unschedulable"] == json!(true);
+    let tainted = node["spec"]["taints"].as_array().is_some_and(|t| t.iter().any(|t| t["key"] == key));
+    (cordoned, tainted)
+}
+
+async fn get_node(State(k): State<FakeKube>, Path(name): Path<String>, uri: Uri, h: HeaderMap) -> Response {
+    k.log("GET", &uri, &h);
+    let mut inner = k.lock();
+    let Some(node) = inner.nodes.get(&name).cloned() else {
+        return status(StatusCode::NOT_FOUND, "NotFound", format!("nodes \"{name}\" not found"));
+    };
+    if inner.interfere > 0 {
+        // Another controller updates the node right after this read.
+        inner.interfere -= 1;
+        inner.resource_version += 1;
+        let rv = inner.resource_version.to_string();
+        let n = inner.nodes.get_mut(&name).expect("node");
+        n["metadata"]["resourceVersion"] = json!(rv);
+        n["metadata"]["annotations"]["other-controller/heartbeat"] = json!(rv);
+    }
+    object(&node)
+}
+
+/// Applies a patch of the request's content type to `obj`.
+fn apply_patch(obj: &mut Value, content_type: &str, body: &[u8]) -> Result<(), Failure> {
+    let bad = |e: String| Failure(StatusCode::BAD_REQUEST, "BadRequest", e);
+    match content_type {
+        "application/merge-patch+json" => {
+            let p: Value = serde_json::from_slice(body).map_err(|e| bad(e.to_string()))?;
+            json_patch::merge(obj, &p);
+        }
+        "application/strategic-merge-patch+json" => {
+            let mut p: Value = serde_json::from_slice(body).map_err(|e| bad(e.to_string()))?;
+            // Taints merge by their key; everything else as a merge patch.
+            if let Some(new) = p["spec"].get("taints").and_then(Value::as_array).cloned() {
+                let mut taints = obj["spec"]["taints"].as_array().cloned().unwrap_or_default();
+                for t in new {
+                    taints.retain(|o| o["key"] != t["key"]);
+                    taints.push(t);
+                }
+                p["spec"]["taints"] = Value::Array(taints);
+            }
+            json_patch::merge(obj, &p);
+        }
+        "application/json-patch+json" => {
+            let p: json_patch::Patch = serde_json::from_slice(body).map_err(|e| bad(e.to_string()))?;
+            json_patch::patch(obj, &p)
+                .map_err(|e| Failure(StatusCode::UNPROCESSABLE_ENTITY, "Invalid", e.to_string()))?;
+        }
+        other => {
+            return Err(Failure(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "UnsupportedMediaType",
+                format!(
+                    "the body of the request was in an unknown format - accepted media types include: application/json-patch+json, application/merge-patch+json, application/strategic-merge-patch+json (got {other})"
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn content_type(h: &HeaderMap) -> String {
+    h.get("content-type").and_then(|v| v.to_str().ok()).unwrap_or("").split(';').next().unwrap_or("").trim().to_owned()
+}
+
+/// Patches a stored object: a resourceVersion in the patch is a precondition (409 if stale).
+fn patch_object(inner: &mut Inner, obj: Value, ct: &str, body: &[u8], what: String) -> Result<Value, Failure> {
+    let mut obj = obj;
+    let wanted = serde_json::from_slice::<Value>(body)
+        .ok()
+        .and_then(|p| p["metadata"]["resourceVersion"].as_str().map(str::to_owned));
+    if let Some(rv) = wanted
+        && obj["metadata"]["resourceVersion"].as_str() != Some(rv.as_str())
+    {
+        inner.conflicts += 1;
+        return Err(Failure(
+            StatusCode::CONFLICT,
+            "Conflict",
+            format!(
+                "Operation cannot be fulfilled on {what}: the object has been modified; please apply your changes to the latest version and try again"
+            ),
+        ));
+    }
+    apply_patch(&mut obj, ct, body)?;
+    inner.resource_version += 1;
+    obj["metadata"]["resourceVersion"] = json!(inner.resource_version.to_string());
+    Ok(obj)
+}
+
+async fn patch_node(
+    State(k): State<FakeKube>,
+    Path(name): Path<String>,
+    uri: Uri,
+    h: HeaderMap,
+    body: Bytes,
+) -> Response {
+    k.log("PATCH", &uri, &h);
+    let mut inner = k.lock();
+    let Some(node) = inner.nodes.get(&name).cloned() else {
+        return status(StatusCode::NOT_FOUND, "NotFound", format!("nodes \"{name}\" not found"));
+    };
+    match patch_object(&mut inner, node, &content_type(&h), &body, format!("nodes \"{name}\"")) {
+        Ok(node) => {
+            inner.nodes.insert(name, node.clone());
+            object(&node)
+        }
+        Err(f) => f.into_response(),
+    }
+}
+
+async fn list_pods(State(k): State<FakeKube>, uri: Uri, h: HeaderMap) -> Response {
+    k.log("GET", &uri, &h);
+    let query = format!("http://x/?{}", uri.query().unwrap_or(""));
+    let url = reqwest::Url::parse(&query).expect("a query");
+    let on_node = url
+        .query_pairs()
+        .find(|(k, _)| k == "fieldSelector")
+        .and_then(|(_, v)| v.strip_prefix("spec.nodeName=").map(str::to_owned));
+    let inner = k.lock();
+    let items: Vec<Value> = inner
+        .pods
+        .values()
+        .filter(|p| on_node.as_deref().is_none_or(|n| p["spec"]["nodeName"] == n))
+        .cloned()
+        .collect();
+    object(&json!({
+        "apiVersion": "v1", "kind": "PodList",
+        "metadata": { "resourceVersion": inner.resource_version.to_string() },
+        "items": items,
+    }))
+}
+
+async fn patch_pod(
+    State(k): State<FakeKube>,
+    Path((ns, name)): Path<(String, String)>,
+    uri: Uri,
+    h: HeaderMap,
+    body: Bytes,
+) -> Response {
+    k.log("PATCH", &uri, &h);
+    let mut inner = k.lock();
+    let key = (ns, name.clone());
+    let Some(pod) = inner.pods.get(&key).cloned() else {
+        return status(StatusCode::NOT_FOUND, "NotFound", format!("pods \"{name}\" not found"));
+    };
+    match patch_object(&mut inner, pod, &content_type(&h), &body, format!("pods \"{name}\"")) {
+        Ok(pod) => {
+            inner.pods.insert(key, pod.clone());
+            object(&pod)
+        }
+        Err(f) => f.into_response(),
+    }
+}
+
+async fn evict_pod(
+    State(k): State<FakeKube>,
+    Path((ns, name)): Path<(String, String)>,
+    uri: Uri,
+    h: HeaderMap,
+    body: Bytes,
+) -> Response {
+    k.log("POST", &uri, &h);
+    let eviction: Value = match serde_json::from_slice(&body) {
+        Ok(v) => v,
+        Err(e) => return status(StatusCode::BAD_REQUEST, "BadRequest", e.to_string()),
+    };
+    if eviction["kind"] != "Eviction" || eviction["metadata"]["name"] != name.as_str() {
+        return status(StatusCode::BAD_REQUEST, "BadRequest", format!("not an Eviction of pod {name}: {eviction}"));
+    }
+    let mut inner = k.lock();
+    let key = (ns, name.clone());
+    if !inner.pods.contains_key(&key) {
+        return status(StatusCode::NOT_FOUND, "NotFound", format!("pods \"{name}\" not found"));
+    }
+    if inner.pdb_blocked.contains(&key) {
+        return status(
+            StatusCode::TOO_MANY_REQUESTS,
+            "TooManyRequests",
+            "Cannot evict pod as it would violate the pod's disruption budget.".into(),
+        );
+    }
+    inner.pods.remove(&key);
+    let ok = json!({ "kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success", "code": 201 });
+    (StatusCode::CREATED, [("content-type", "application/json")], ok.to_string()).into_response()
+}
+
+impl Server {
+    pub async fn start() -> Server {
+        let kube = FakeKube::default();
+        let app = Router::new()
+            .route("/api/v1/nodes/{name}", get(get_node).patch(patch_node))
+            .route("/api/v1/pods", get(list_pods))
+            .route("/api/v1/namespaces/{ns}/pods/{name}", axum::routing::patch(patch_pod))
+            .route("/api/v1/namespaces/{ns}/pods/{name}/eviction", post(evict_pod))
+            .with_state(kube.clone());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let url = format!("http://{}", listener.local_addr().expect("addr"));
+        let task = tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        let dir = tempfile::tempdir().expect("tempdir");
+        let kubeconfig = dir.path().join("kubeconfig");
+        let config = format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: fake\n  cluster:\n    server: {url}\nusers:\n- name: remediator\n  user:\n    token: fake-token\ncontexts:\n- name: fake\n  context:\n    cluster: fake\n    user: remediator\ncurrent-context: fake\n"
+        );
+        std::fs::write(&kubeconfig, config).expect("write kubeconfig");
+        Server { url, kube, task, _dir: dir, kubeconfig }
+    }
+}
