@@ -60,7 +60,8 @@ pub struct RateLimiter {
     /// Decisions are made one at a time: two concurrent requests cannot both take the last slot.
     decide: tokio::sync::Mutex<()>,
     gates: crate::gate::Gates,
-    /// Notified when a breaker trips or is reset (ops alerts follow).
+    /// Notified when what the ops alerts show may have changed (a breaker tripped or reset, a
+    /// fault escalated).
     pub changed: tokio::sync::Notify,
 }
 

@@ -44,6 +44,7 @@ pub struct Kube {
     nodes: Api<Node>,
     pods: Api<Pod>,
     client: kube::Client,
+    evictions: kube::Client,
     /// Who we are, in the isolation annotation.
     owner: String,
 }
@@ -81,8 +82,19 @@ impl Kube {
             }
             None => kube::Config::infer().await.map_err(|e| KubeError::Api(format!("Kubernetes config: {e}")))?,
         };
+        // Evictions get no client-side retry: a 429 from a PodDisruptionBudget is an answer (the
+        // pod waits for the next try), not a transient failure to retry for minutes.
+        let mut no_retry = config.clone();
+        no_retry.default_retry = false;
         let client = kube::Client::try_from(config).map_err(api_error)?;
-        Ok(Kube { nodes: Api::all(client.clone()), pods: Api::all(client.clone()), client, owner: owner.to_owned() })
+        let evictions = kube::Client::try_from(no_retry).map_err(api_error)?;
+        Ok(Kube {
+            nodes: Api::all(client.clone()),
+            pods: Api::all(client.clone()),
+            client,
+            evictions,
+            owner: owner.to_owned(),
+        })
     }
 
     async fn node(&self, name: &str) -> Result<Node, KubeError> {
@@ -229,7 +241,7 @@ impl Kube {
         for pod in self.movable_pods(node).await? {
             let (ns, name) =
                 (pod.metadata.namespace.clone().unwrap_or_default(), pod.metadata.name.clone().unwrap_or_default());
-            let api: Api<Pod> = Api::namespaced(self.client.clone(), &ns);
+            let api: Api<Pod> = Api::namespaced(self.evictions.clone(), &ns);
             match api.evict(&name, &EvictParams::default()).await {
                 Ok(_) => evicted += 1,
                 Err(kube::Error::Api(s)) if s.code == 429 => held += 1,

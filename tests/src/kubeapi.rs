@@ -319,7 +319,9 @@ async fn evict_pod(
         Ok(v) => v,
         Err(e) => return status(StatusCode::BAD_REQUEST, "BadRequest", e.to_string()),
     };
-    if eviction["kind"] != "Eviction" || eviction["metadata"]["name"] != name.as_str() {
+    // The server defaults the kind of a subresource's body; a given one must be right.
+    let kind_ok = eviction.get("kind").is_none_or(|k| k == "Eviction");
+    if !kind_ok || eviction["metadata"]["name"] != name.as_str() {
         return status(StatusCode::BAD_REQUEST, "BadRequest", format!("not an Eviction of pod {name}: {eviction}"));
     }
     let mut inner = k.lock();

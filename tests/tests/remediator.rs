@@ -11,9 +11,12 @@ use std::time::Duration;
 use nodekeeper_tests::kubeapi::{self, cordoned_and_tainted};
 use nodekeeper_tests::{Agent, AgentSpec, EventCenter, bin, cli, json_lines, stored_events, wait_for};
 
+/// Small clusters here: a breaker at the default 30% would trip on the first fault.
 const CENTER: &str = r#"
 [nodes]
 check_interval = "100ms"
+[permits]
+breaker_fault_share = 1.0
 [[permits.policy]]
 operation = "isolate"
 max_in_flight = 10
@@ -200,10 +203,13 @@ async fn kernel_fault_loop(cordoned_before: bool) {
     let node = api.kube.node("node-r");
     assert_eq!(node["spec"]["unschedulable"] == true, cordoned_before, "uncordoned only if we cordoned it: {node}");
     assert!(node["metadata"]["annotations"]["nodekeeper.io/isolated-by"].is_null(), "{node}");
-    assert_eq!(
-        steps(&center, fault).await,
-        ["start", "isolate", "label-pods", "wait-migration", "reboot", "verify", "release"]
-    );
+    // The release is recorded right after the node changed.
+    let recorded = wait_for("the release recorded", Duration::from_secs(10), || async {
+        let s = steps(&center, fault).await;
+        (s.last().map(String::as_str) == Some("release")).then_some(s)
+    })
+    .await;
+    assert_eq!(recorded, ["start", "isolate", "label-pods", "wait-migration", "reboot", "verify", "release"]);
     let (code, out, _) = cli(&center.url(), &["faults", "show", &fault.to_string()]).await;
     assert_eq!(code, 0);
     for step in ["isolate:", "label-pods:", "reboot:", "verify:", "release:"] {
@@ -219,4 +225,201 @@ async fn a_kernel_fault_is_isolated_migrated_rebooted_verified_and_released() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_someone_else_cordoned_is_never_uncordoned() {
     kernel_fault_loop(true).await;
+}
+
+/// Registers `nodes` in cluster c1 (a 60 s heartbeat interval: alive for the whole test).
+async fn register(center: &EventCenter, nodes: &[String]) -> Vec<nodekeeper_tests::AgentConn> {
+    let mut conns = Vec::new();
+    for n in nodes {
+        let mut h = nodekeeper_tests::hello("c1", n, "b1");
+        h.heartbeat_interval = Some(nodekeeper_common::time::to_duration(Duration::from_secs(60)));
+        conns.push(nodekeeper_tests::AgentConn::connect(&center.url(), h).await.unwrap());
+    }
+    conns
+}
+
+/// Opens (`holds`) or clears a condition `kind` on `node`, as another operator would report it.
+async fn report(center: &EventCenter, id: &str, node: &str, kind: &str, holds: bool) {
+    use nodekeeper_proto::v1::{
+        Condition, ConditionStatus, Observation, RecommendedAction, Report, ReportRequest,
+        report_service_client::ReportServiceClient,
+    };
+    let status = if holds { ConditionStatus::True } else { ConditionStatus::False };
+    let r = Report {
+        report_id: id.into(),
+        cluster: "c1".into(),
+        node: node.into(),
+        observation: Some(Observation {
+            r#type: kind.into(),
+            message: format!("{kind} on {node}"),
+            action: RecommendedAction::Manual as i32,
+            condition: Some(Condition { r#type: kind.into(), status: status as i32, ..Default::default() }),
+            ..Default::default()
+        }),
+    };
+    ReportServiceClient::new(center.channel().await)
+        .report(ReportRequest { producer: "test-operator".into(), reports: vec![r] })
+        .await
+        .unwrap();
+}
+
+/// A playbook for faults of type `kind` that heal when their condition clears.
+fn heal_playbook(kind: &str) -> String {
+    format!("[[playbook]]\ntypes = [\"{kind}\"]\nsteps = [\"isolate\", \"label-pods\", \"verify\", \"release\"]\n")
+}
+
+fn node_names(n: usize) -> Vec<String> {
+    (0..n).map(|i| format!("n{i:02}")).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn old_events_replayed_after_a_restart_trigger_nothing() {
+    let center = EventCenter::start(CENTER).await;
+    let api = kubeapi::Server::start().await;
+    let nodes = node_names(2);
+    for n in &nodes {
+        api.kube.add_node(n);
+    }
+    let _conns = register(&center, &nodes).await;
+    // A fault opened and cleared before this remediator ever ran.
+    report(&center, "old-1", "n00", "DiskPressureStorm", true).await;
+    report(&center, "old-2", "n00", "DiskPressureStorm", false).await;
+    // It replays the whole log, then a fresh fault comes.
+    let playbook = heal_playbook("DiskPressureStorm");
+    let _remediator =
+        Remediator::start(&center.url(), &api.kubeconfig, &format!("start_from = \"oldest\"\n{playbook}"));
+    report(&center, "new-1", "n01", "DiskPressureStorm", true).await;
+    wait_for("the fresh fault isolated", Duration::from_secs(30), || async {
+        (cordoned_and_tainted(&api.kube.node("n01"), TAINT) == (true, true)).then_some(())
+    })
+    .await;
+    // The events before it were replayed first, and did nothing.
+    assert_eq!(cordoned_and_tainted(&api.kube.node("n00"), TAINT), (false, false));
+    assert!(stored_events(center.channel().await, "n00", "RemediationStep").await.is_empty());
+    assert!(api.kube.requests().iter().all(|r| !r.contains("/nodes/n00") || r.starts_with("GET")));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn past_the_attempt_budget_the_node_stays_isolated_and_the_fault_is_escalated_with_an_alert() {
+    let am = nodekeeper_tests::alertmanager::Alertmanager::start().await;
+    let center =
+        EventCenter::start(&format!("{CENTER}\n[alertmanager]\nurl = \"{}\"\nresend_interval = \"1s\"\n", am.url))
+            .await;
+    let api = kubeapi::Server::start().await;
+    api.kube.add_node("n00");
+    let _conns = register(&center, &node_names(1)).await;
+    let config = format!("budget_attempts = 1\n{}", heal_playbook("FlakyNic"));
+    let _remediator = Remediator::start(&center.url(), &api.kubeconfig, &config);
+    // The first fault is remediated: isolated, healed, released.
+    report(&center, "f1-open", "n00", "FlakyNic", true).await;
+    wait_for("the first isolation", Duration::from_secs(30), || async {
+        (cordoned_and_tainted(&api.kube.node("n00"), TAINT) == (true, true)).then_some(())
+    })
+    .await;
+    report(&center, "f1-clear", "n00", "FlakyNic", false).await;
+    wait_for("the first release", Duration::from_secs(30), || async {
+        (cordoned_and_tainted(&api.kube.node("n00"), TAINT) == (false, false)).then_some(())
+    })
+    .await;
+    // The second within the window is past the budget of 1: isolated, escalated, alerted.
+    report(&center, "f2-open", "n00", "FlakyNic", true).await;
+    let second = wait_for("the second fault escalated", Duration::from_secs(30), || async {
+        let (_, out, _) = cli(&center.url(), &["faults", "list", "-o", "json"]).await;
+        json_lines(&out).into_iter().find(|f| f["state"] == "FAULT_STATE_ESCALATED" || f["state"] == "escalated")
+    })
+    .await;
+    assert_eq!(cordoned_and_tainted(&api.kube.node("n00"), TAINT), (true, true), "stays isolated");
+    let alert = wait_for("the escalation alert", Duration::from_secs(20), || async {
+        am.active(&["alertname=\"NodekeeperFaultEscalated\"", "node=\"n00\""]).await.into_iter().next()
+    })
+    .await;
+    assert_eq!(alert["labels"]["fault"], "FlakyNic");
+    let id = second["id"].as_u64().or_else(|| second["id"].as_str()?.parse().ok()).unwrap();
+    let (_, shown, _) = cli(&center.url(), &["faults", "show", &id.to_string()]).await;
+    assert!(shown.contains("the budget of 1 is spent"), "{shown}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fault_storm_trips_the_breaker_isolates_no_more_than_allowed_and_releases_still_flow() {
+    let am = nodekeeper_tests::alertmanager::Alertmanager::start().await;
+    let config = format!(
+        "[nodes]\ncheck_interval = \"100ms\"\n[permits]\nbreaker_fault_share = 0.3\n[[permits.policy]]\noperation = \"isolate\"\nmax_in_flight = 10\nmax_share = 0.1\n[alertmanager]\nurl = \"{}\"\nresend_interval = \"1s\"\n",
+        am.url
+    );
+    let center = EventCenter::start(&config).await;
+    let api = kubeapi::Server::start().await;
+    let nodes = node_names(20);
+    for n in &nodes {
+        api.kube.add_node(n);
+    }
+    let _conns = register(&center, &nodes).await;
+    let _remediator = Remediator::start(&center.url(), &api.kubeconfig, &heal_playbook("StorageStorm"));
+    let isolated =
+        || nodes.iter().filter(|n| cordoned_and_tainted(&api.kube.node(n), TAINT).1).cloned().collect::<Vec<_>>();
+    // Faults on 8 of 20 nodes (40%).
+    for n in &nodes[..8] {
+        report(&center, &format!("{n}-open"), n, "StorageStorm", true).await;
+    }
+    let tripped = ["alertname=\"NodekeeperBreakerTripped\"", "cluster=\"c1\""];
+    wait_for("the breaker alert", Duration::from_secs(30), || async { am.active(&tripped).await.into_iter().next() })
+        .await;
+    // Never more isolated than 10% of the cluster, however long the remediator keeps asking.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
+    while tokio::time::Instant::now() < deadline {
+        assert!(isolated().len() <= 2, "isolated {:?}", isolated());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // Healed nodes are still released while the breaker holds.
+    let held = isolated();
+    for n in &held {
+        report(&center, &format!("{n}-clear"), n, "StorageStorm", false).await;
+    }
+    wait_for("the healed nodes released", Duration::from_secs(30), || async {
+        held.iter().all(|n| !cordoned_and_tainted(&api.kube.node(n), TAINT).1).then_some(())
+    })
+    .await;
+    assert!(isolated().is_empty(), "the breaker holds every other isolation: {:?}", isolated());
+    // A person resets the breaker: isolations resume, still within the share.
+    let (code, _, err) = cli(&center.url(), &["breaker", "reset", "--cluster", "c1"]).await;
+    assert_eq!(code, 0, "{err}");
+    wait_for("isolations to resume", Duration::from_secs(30), || async { (!isolated().is_empty()).then_some(()) })
+        .await;
+    assert!(isolated().len() <= 2, "isolated {:?}", isolated());
+    wait_for("the breaker alert resolved", Duration::from_secs(30), || async {
+        am.active(&tripped).await.is_empty().then_some(())
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn eviction_waits_out_a_disruption_budget_and_skips_daemonset_pods() {
+    let center = EventCenter::start(CENTER).await;
+    let api = kubeapi::Server::start().await;
+    api.kube.add_node("n00");
+    api.kube.add_pod("shop", "db-0", "n00", Some("StatefulSet"));
+    api.kube.add_pod("shop", "web-1", "n00", Some("ReplicaSet"));
+    api.kube.add_pod("kube-system", "proxy-x", "n00", Some("DaemonSet"));
+    api.kube.block_eviction("shop", "db-0", true);
+    let _conns = register(&center, &node_names(1)).await;
+    let config = "evict = true\n[[playbook]]\ntypes = [\"NicDown\"]\nsteps = [\"isolate\", \"label-pods\", \"evict\", \"escalate\"]\n";
+    let _remediator = Remediator::start(&center.url(), &api.kubeconfig, config);
+    report(&center, "open", "n00", "NicDown", true).await;
+    wait_for("web-1 evicted", Duration::from_secs(30), || async {
+        api.kube.pod("shop", "web-1").is_none().then_some(())
+    })
+    .await;
+    // The budget answers 429: db-0 stays, asked again.
+    wait_for("db-0 asked again", Duration::from_secs(30), || async {
+        let asked = api.kube.requests().iter().filter(|r| r.contains("/pods/db-0/eviction")).count();
+        (asked >= 2).then_some(())
+    })
+    .await;
+    assert!(api.kube.pod("shop", "db-0").is_some());
+    api.kube.block_eviction("shop", "db-0", false);
+    wait_for("db-0 evicted", Duration::from_secs(30), || async {
+        api.kube.pod("shop", "db-0").is_none().then_some(())
+    })
+    .await;
+    assert!(api.kube.pod("kube-system", "proxy-x").is_some(), "DaemonSet pods are not evicted");
+    assert!(api.kube.requests().iter().all(|r| !r.contains("proxy-x/eviction")));
 }

@@ -183,6 +183,10 @@ impl fleet_service_server::FleetService for FleetApi {
         let new = NewEvent::new(Identity::report(&producer, &req.step_id), event);
         let state = if req.dry_run { 0 } else { state as i32 };
         let cursor = self.0.store.fault_action(new, state).await.map_err(store_status)?;
+        if state == FaultState::Escalated as i32 {
+            // Its ops alert goes out now, not at the next resend.
+            self.0.permits.changed.notify_one();
+        }
         Ok(Response::new(RecordStepResponse { cursor: crate::cursor::format(cursor) }))
     }
 

@@ -241,19 +241,20 @@ impl Writer {
         }
     }
 
-    /// Publishes the group's events and head, then answers its callers: whoever is told "stored"
-    /// finds the new head already visible.
+    /// Publishes the group's head, then its events, then answers its callers: whoever is told
+    /// "stored" or receives a live event finds the new head already visible (a subscriber may
+    /// acknowledge what it received at once).
     fn finish_committed(&mut self, group: Group) {
         let head = self.next_cursor - 1;
-        if !group.published.is_empty() {
-            // No receiver is fine: nobody is subscribed live.
-            let _ = self.live.send(Arc::new(group.published));
-        }
         self.head.send_if_modified(|h| {
             let changed = *h != head;
             *h = head;
             changed
         });
+        if !group.published.is_empty() {
+            // No receiver is fine: nobody is subscribed live.
+            let _ = self.live.send(Arc::new(group.published));
+        }
         for d in group.deferred {
             d(None);
         }
