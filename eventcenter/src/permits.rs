@@ -191,7 +191,7 @@ impl RateLimiter {
             }
             g.filter(|g| g.reason.is_empty()).and_then(|g| g.since_time.as_ref()).map(timestamp_to_unix_ms).unwrap_or(0)
         };
-        let nodes = store.list_nodes(vec![cluster.to_owned()]).await?.len();
+        let nodes = store.count_nodes(cluster.to_owned()).await?;
         if nodes == 0 {
             return Ok(());
         }
@@ -284,7 +284,7 @@ impl RateLimiter {
             }
         }
         if let Some((in_flight, share)) = share_check {
-            let nodes = store.list_nodes(vec![cluster.to_owned()]).await?.len().max(1);
+            let nodes = store.count_nodes(cluster.to_owned()).await?.max(1);
             if (in_flight + 1) as f64 / nodes as f64 > share {
                 denied = Some(format!(
                     "max share: {} of {nodes} nodes of cluster {cluster} would be isolated, at most {:.0}%",

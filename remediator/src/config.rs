@@ -181,3 +181,38 @@ impl Config {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn shipped() -> Config {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../packaging/remediator.toml");
+        nodekeeper_common::config::load(&path).unwrap()
+    }
+
+    #[test]
+    fn the_shipped_config_parses_and_its_playbooks_are_the_defaults() {
+        let cfg = shipped();
+        cfg.validate().unwrap();
+        assert_eq!(cfg.playbook, default_playbooks());
+    }
+
+    #[test]
+    fn bad_playbooks_and_keys_are_named() {
+        let parse = |toml: &str| {
+            nodekeeper_common::config::parse::<Config>(
+                std::path::Path::new("r.toml"),
+                &format!("cluster = \"c1\"\ninsecure = true\n{toml}"),
+            )
+        };
+        let e = parse("[[playbook]]\nactions = [\"reboot\"]\nsteps = [\"isolate\", \"reboto\"]\n").unwrap().validate();
+        assert!(e.unwrap_err().starts_with("playbook[0].steps: unknown step \"reboto\""));
+        let e = parse("[[playbook]]\nsteps = [\"isolate\"]\n").unwrap().validate();
+        assert_eq!(e.unwrap_err(), "playbook[0]: expected actions or types to match");
+        let e = parse("start_from = \"yesterday\"\n").unwrap().validate().unwrap_err();
+        assert!(e.starts_with("start_from: expected"), "{e}");
+        let e = parse("budget_atempts = 3\n").unwrap_err().to_string();
+        assert!(e.contains("budget_atempts"), "{e}");
+    }
+}

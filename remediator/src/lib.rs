@@ -10,15 +10,15 @@
 pub mod config;
 pub mod kube;
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use nodekeeper_common::time::timestamp_to_unix_ms;
 use nodekeeper_proto::v1::{
-    AckConsumerRequest, AcquirePermitRequest, ConditionStatus, EventFilter, Fault, FaultState, GetFaultRequest,
-    GetNodeRequest, ListComponentsRequest, ListConsumersRequest, ListEventsRequest, ListFaultsRequest, Liveness, Node,
-    Operation, Reboot, RecordStepRequest, ReinstallComponent, ReleasePermitRequest, RestartComponent,
+    AckConsumerRequest, AcquirePermitRequest, ConditionStatus, EventFilter, EventKind, Fault, FaultState,
+    GetFaultRequest, GetNodeRequest, ListComponentsRequest, ListConsumersRequest, ListEventsRequest, ListFaultsRequest,
+    Liveness, Node, Operation, Reboot, RecordStepRequest, ReinstallComponent, ReleasePermitRequest, RestartComponent,
     SendCommandRequest, StartPosition, SubscribeRequest, event_service_client::EventServiceClient,
     fleet_service_client::FleetServiceClient, permit_service_client::PermitServiceClient, send_command_request,
     subscribe_response,
@@ -28,6 +28,9 @@ use tonic::transport::Channel;
 
 use crate::config::{Config, Playbook};
 use crate::kube::Kube;
+
+/// Remediations started, by node: (fault id, when).
+type Starts = HashMap<String, Vec<(u64, SystemTime)>>;
 
 /// Node components a component fault may name (its type contains the name).
 const COMPONENTS: [&str; 3] = ["containerd", "docker", "kubelet"];
@@ -39,6 +42,9 @@ pub struct Remediator {
     http: reqwest::Client,
     /// Nodes with a remediation in progress (one at a time per node).
     busy: Mutex<HashSet<String>>,
+    /// Remediations started, by node: (fault id, when). Read once from the center's log, then
+    /// kept up to date here.
+    starts: tokio::sync::Mutex<Option<Starts>>,
     cancel: CancellationToken,
 }
 
@@ -81,7 +87,7 @@ impl Remediator {
         };
         nodekeeper_common::tls::install_default_provider();
         let http = reqwest::Client::builder().timeout(Duration::from_secs(30)).build()?;
-        Ok(Arc::new(Remediator { cfg, ch, kube, http, busy: Mutex::default(), cancel }))
+        Ok(Arc::new(Remediator { cfg, ch, kube, http, busy: Mutex::default(), starts: Default::default(), cancel }))
     }
 
     fn fleet(&self) -> FleetServiceClient<Channel> {
@@ -153,35 +159,44 @@ impl Remediator {
             .subscribe(SubscribeRequest {
                 consumer: self.cfg.name.clone(),
                 start: start as i32,
-                filter: Some(EventFilter { clusters: vec![self.cfg.cluster.clone()], ..Default::default() }),
+                // Faults open with condition events; the rest is looked up when needed.
+                filter: Some(EventFilter {
+                    clusters: vec![self.cfg.cluster.clone()],
+                    kinds: vec![EventKind::Condition as i32],
+                    ..Default::default()
+                }),
                 ..Default::default()
             })
             .await
             .map_err(|s| s.message().to_owned())?
             .into_inner();
         tracing::info!(consumer = %self.cfg.name, cluster = %self.cfg.cluster, "following the cluster's faults");
+        // Acknowledged at most once a second (and with each bookmark when idle): a restart replays
+        // that much, and a replayed event is harmless (a fault is looked up, never trusted).
+        let mut acked = Instant::now();
         loop {
             let msg = tokio::select! {
                 _ = self.cancel.cancelled() => return Ok(()),
                 m = stream.message() => m.map_err(|s| s.message().to_owned())?,
             };
             let Some(msg) = msg else { return Err("the center ended the stream".into()) };
-            let cursor = match msg.msg {
+            let (cursor, idle) = match msg.msg {
                 Some(subscribe_response::Msg::Event(e)) => {
                     if e.fault_id != 0 && e.condition.as_ref().is_some_and(|c| c.status() == ConditionStatus::True) {
                         self.clone().consider(e.fault_id).await;
                     }
-                    e.cursor
+                    (e.cursor, false)
                 }
-                Some(subscribe_response::Msg::Bookmark(b)) => b.cursor,
+                Some(subscribe_response::Msg::Bookmark(b)) => (b.cursor, true),
                 None => continue,
             };
-            // What an event asked for is in the center (the fault) once considered: acknowledging
-            // it loses nothing.
-            events
-                .ack_consumer(AckConsumerRequest { consumer: self.cfg.name.clone(), cursor })
-                .await
-                .map_err(|s| s.message().to_owned())?;
+            if idle || acked.elapsed() >= Duration::from_secs(1) {
+                events
+                    .ack_consumer(AckConsumerRequest { consumer: self.cfg.name.clone(), cursor })
+                    .await
+                    .map_err(|s| s.message().to_owned())?;
+                acked = Instant::now();
+            }
         }
     }
 
@@ -278,6 +293,11 @@ impl Remediator {
             }
             let plan = run.playbook.steps.join(" → ");
             self.record(&run, usize::MAX, "start", &format!("playbook: {plan}"), true, FaultState::Unspecified).await?;
+            if !self.cfg.dry_run
+                && let Some(starts) = self.starts.lock().await.as_mut()
+            {
+                starts.entry(run.fault.node.clone()).or_default().push((run.fault.id, SystemTime::now()));
+            }
             if self.cfg.dry_run {
                 for (i, step) in run.playbook.steps.clone().iter().enumerate() {
                     self.record(&run, i, step, "planned", true, FaultState::Unspecified).await?;
@@ -723,17 +743,32 @@ impl Remediator {
 
     /// Remediations of the fault's node started within the budget window, this one excluded.
     async fn attempts(&self, fault: &Fault) -> Step<u32> {
-        let since = nodekeeper_common::time::to_unix_ms(SystemTime::now() - self.cfg.budget_window);
+        let mut starts = self.starts.lock().await;
+        if starts.is_none() {
+            *starts = Some(self.load_starts().await?);
+        }
+        let since = SystemTime::now() - self.cfg.budget_window;
+        let of_node = starts.as_ref().and_then(|s| s.get(&fault.node));
+        let faults: HashSet<u64> = of_node
+            .into_iter()
+            .flatten()
+            .filter(|(id, at)| *at >= since && *id != fault.id)
+            .map(|(id, _)| *id)
+            .collect();
+        Ok(faults.len() as u32)
+    }
+
+    /// Every remediation this remediator started in the cluster, from the center's log.
+    async fn load_starts(&self) -> Step<Starts> {
         let mut events = EventServiceClient::new(self.ch.clone());
         let mut after = String::new();
-        let mut faults = HashSet::new();
+        let mut out = Starts::new();
         loop {
             let r = events
                 .list_events(ListEventsRequest {
                     after_cursor: after,
                     filter: Some(EventFilter {
-                        clusters: vec![fault.cluster.clone()],
-                        nodes: vec![fault.node.clone()],
+                        clusters: vec![self.cfg.cluster.clone()],
                         types: vec!["RemediationStep".into()],
                         ..Default::default()
                     }),
@@ -743,20 +778,21 @@ impl Remediator {
                 .map_err(rpc("events"))?
                 .into_inner();
             for e in &r.events {
-                let recent = e.time.as_ref().is_some_and(|t| timestamp_to_unix_ms(t) >= since);
+                let ours = e.origin.as_ref().is_some_and(|o| o.producer == self.cfg.name);
                 let started = e.attributes.get("step").is_some_and(|s| s == "start")
                     && e.attributes.get("success").is_some_and(|s| s == "true")
                     && !e.attributes.contains_key("dry_run");
-                if recent && started && e.fault_id != fault.id {
-                    faults.insert(e.fault_id);
+                if ours && started {
+                    let ms = e.time.as_ref().map(timestamp_to_unix_ms).unwrap_or(0).max(0) as u64;
+                    let at = SystemTime::UNIX_EPOCH + Duration::from_millis(ms);
+                    out.entry(e.node.clone()).or_default().push((e.fault_id, at));
                 }
             }
-            if r.next_cursor == r.head_cursor || r.events.is_empty() && r.next_cursor.is_empty() {
-                break;
+            if r.events.is_empty() || r.next_cursor == r.head_cursor {
+                return Ok(out);
             }
             after = r.next_cursor;
         }
-        Ok(faults.len() as u32)
     }
 
     async fn record(

@@ -28,6 +28,8 @@ struct Inner {
     interfere: u32,
     /// Every request: "METHOD path content-type".
     requests: Vec<String>,
+    /// When each node was first patched.
+    first_patch: BTreeMap<String, std::time::Instant>,
     conflicts: u32,
 }
 
@@ -137,6 +139,11 @@ impl FakeKube {
 
     pub fn requests(&self) -> Vec<String> {
         self.lock().requests.clone()
+    }
+
+    /// When `node` was first patched (the cordon request arrived).
+    pub fn first_patch(&self, node: &str) -> Option<std::time::Instant> {
+        self.lock().first_patch.get(node).copied()
     }
 
     /// 409s answered so far.
@@ -251,6 +258,7 @@ async fn patch_node(
 ) -> Response {
     k.log("PATCH", &uri, &h);
     let mut inner = k.lock();
+    inner.first_patch.entry(name.clone()).or_insert_with(std::time::Instant::now);
     let Some(node) = inner.nodes.get(&name).cloned() else {
         return status(StatusCode::NOT_FOUND, "NotFound", format!("nodes \"{name}\" not found"));
     };

@@ -163,6 +163,17 @@ impl Store {
         .await
     }
 
+    /// How many nodes a cluster has (without reading them).
+    pub async fn count_nodes(&self, cluster: String) -> Result<usize> {
+        self.read(move |c| {
+            c.prepare_cached("SELECT COUNT(*) FROM nodes WHERE cluster = ?1")
+                .and_then(|mut s| s.query_row([cluster], |r| r.get::<_, i64>(0)))
+                .map(|n| n as usize)
+                .map_err(sql)
+        })
+        .await
+    }
+
     pub async fn get_node(&self, key: NodeKey) -> Result<Option<Node>> {
         self.read(move |c| {
             let row: Option<(Vec<u8>, bool, i64)> = c
