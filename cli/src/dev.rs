@@ -206,7 +206,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     std::fs::write(
         &agent_config,
         format!(
-            "# Written by `nodekeeper dev` at every start.\nnode_name = \"{node}\"\ncluster = \"dev\"\nstate_dir = \"{}\"\ncenter = \"{center_url}\"\n\n[status]\nport = {}\nlisten = [\"127.0.0.1\"]\n\n{agent_tls}",
+            "# Written by `nodekeeper dev` at every start.\nnode_name = \"{node}\"\ncluster = \"dev\"\nstate_dir = \"{}\"\ncenter = \"{center_url}\"\n\n# Every address: the detector probes the node's own address (the local API still answers loopback only).\n[status]\nport = {}\nlisten = [\"0.0.0.0\"]\n\n{agent_tls}",
             dir.join("agent").display(),
             args.status_port
         ),

@@ -328,7 +328,13 @@ async fn nodekeeper_dev_runs_shows_this_machine_stops_on_sigint_and_resumes() {
             let plan = wait_for("the remediator's plan", Duration::from_secs(30), || {
                 let (s, h) = (s.clone(), h.clone());
                 async move {
-                    let (_, out, _) = cli_in(Some(&h), &s, &["faults", "show", "1"]).await;
+                    let (_, list, _) = cli_in(Some(&h), &s, &["faults", "list", "-o", "json"]).await;
+                    let fault = json_lines(&list).into_iter().find(|f| f["type"] == "KernelDeadlock")?;
+                    let id = fault["id"]
+                        .as_u64()
+                        .map(|i| i.to_string())
+                        .or_else(|| fault["id"].as_str().map(str::to_owned))?;
+                    let (_, out, _) = cli_in(Some(&h), &s, &["faults", "show", &id]).await;
                     out.contains("[dry run] release").then_some(out)
                 }
             })
