@@ -240,9 +240,19 @@ async fn register(center: &EventCenter, nodes: &[String]) -> Vec<nodekeeper_test
 
 /// Opens (`holds`) or clears a condition `kind` on `node`, as another operator would report it.
 async fn report(center: &EventCenter, id: &str, node: &str, kind: &str, holds: bool) {
+    report_with(center, id, node, kind, holds, nodekeeper_proto::v1::RecommendedAction::Manual).await;
+}
+
+async fn report_with(
+    center: &EventCenter,
+    id: &str,
+    node: &str,
+    kind: &str,
+    holds: bool,
+    action: nodekeeper_proto::v1::RecommendedAction,
+) {
     use nodekeeper_proto::v1::{
-        Condition, ConditionStatus, Observation, RecommendedAction, Report, ReportRequest,
-        report_service_client::ReportServiceClient,
+        Condition, ConditionStatus, Observation, Report, ReportRequest, report_service_client::ReportServiceClient,
     };
     let status = if holds { ConditionStatus::True } else { ConditionStatus::False };
     let r = Report {
@@ -252,7 +262,7 @@ async fn report(center: &EventCenter, id: &str, node: &str, kind: &str, holds: b
         observation: Some(Observation {
             r#type: kind.into(),
             message: format!("{kind} on {node}"),
-            action: RecommendedAction::Manual as i32,
+            action: action as i32,
             condition: Some(Condition { r#type: kind.into(), status: status as i32, ..Default::default() }),
             ..Default::default()
         }),
@@ -422,4 +432,77 @@ async fn eviction_waits_out_a_disruption_budget_and_skips_daemonset_pods() {
     .await;
     assert!(api.kube.pod("kube-system", "proxy-x").is_some(), "DaemonSet pods are not evicted");
     assert!(api.kube.requests().iter().all(|r| !r.contains("proxy-x/eviction")));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hardware_fault_opens_a_repair_ticket_and_the_repaired_node_is_released() {
+    use axum::routing::post;
+    use std::sync::{Arc, Mutex};
+    // The repair system: takes the request, answers a ticket.
+    let received: Arc<Mutex<Vec<serde_json::Value>>> = Arc::default();
+    let sink = received.clone();
+    let app = axum::Router::new().route(
+        "/tickets",
+        post(move |body: axum::body::Bytes| {
+            let sink = sink.clone();
+            async move {
+                sink.lock().unwrap().push(serde_json::from_slice(&body).unwrap());
+                r#"{"ticket": "HW-4711"}"#
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let webhook = format!("http://{}/tickets", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+
+    let center = EventCenter::start(CENTER).await;
+    let api = kubeapi::Server::start().await;
+    api.kube.add_node("n00");
+    let _conns = register(&center, &node_names(1)).await;
+    let config = format!("hardware_repair_webhook = \"{webhook}\"\n");
+    let _remediator = Remediator::start(&center.url(), &api.kubeconfig, &config);
+    let hw = nodekeeper_proto::v1::RecommendedAction::HardwareRepair;
+    report_with(&center, "open", "n00", "MemoryUncorrectable", true, hw).await;
+    let request =
+        wait_for("the repair request", Duration::from_secs(30), || async { received.lock().unwrap().first().cloned() })
+            .await;
+    assert_eq!((request["request"].as_str(), request["node"].as_str()), (Some("hardware-repair"), Some("n00")));
+    assert_eq!(request["fault"], "MemoryUncorrectable");
+    assert_eq!(cordoned_and_tainted(&api.kube.node("n00"), TAINT), (true, true), "isolated while repaired");
+    // Repaired: the condition clears, the node is verified and released.
+    report_with(&center, "clear", "n00", "MemoryUncorrectable", false, hw).await;
+    wait_for("n00 released", Duration::from_secs(30), || async {
+        (cordoned_and_tainted(&api.kube.node("n00"), TAINT) == (false, false)).then_some(())
+    })
+    .await;
+    let fault = fault_ids(&center, "MemoryUncorrectable").await[0];
+    let (_, shown, _) = cli(&center.url(), &["faults", "show", &fault.to_string()]).await;
+    assert!(shown.contains("ticket HW-4711"), "{shown}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_component_fault_is_first_healed_by_restarting_the_component_without_isolating_the_node() {
+    use nodekeeper_proto::v1::command;
+    let center = EventCenter::start(CENTER).await;
+    let api = kubeapi::Server::start().await;
+    api.kube.add_node("n00");
+    let mut conns = register(&center, &node_names(1)).await;
+    let _remediator = Remediator::start(&center.url(), &api.kubeconfig, "");
+    let restart = nodekeeper_proto::v1::RecommendedAction::RestartComponent;
+    report_with(&center, "open", "n00", "KubeletUnhealthy", true, restart).await;
+    // The node's agent receives the restart, with the permit the center granted.
+    let cmd = tokio::time::timeout(Duration::from_secs(30), conns[0].next_command()).await.unwrap().unwrap();
+    match cmd.action {
+        Some(command::Action::RestartComponent(c)) => assert_eq!(c.component, "kubelet"),
+        other => panic!("expected a kubelet restart, got {other:?}"),
+    }
+    assert!(!cmd.permit_id.is_empty());
+    // The restart healed it: verified, and the node was never isolated.
+    report_with(&center, "clear", "n00", "KubeletUnhealthy", false, restart).await;
+    let fault = fault_ids(&center, "KubeletUnhealthy").await[0];
+    wait_for("verified", Duration::from_secs(30), || async {
+        (steps(&center, fault).await == ["start", "restart-component", "verify"]).then_some(())
+    })
+    .await;
+    assert!(api.kube.requests().iter().all(|r| !r.starts_with("PATCH")), "{:?}", api.kube.requests());
 }
