@@ -9,8 +9,8 @@ use serde::Deserialize;
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
-    /// This remediator's name: its durable consumer on the center, and the owner written on the
-    /// nodes it isolates.
+    /// This remediator's name: its durable consumer on the center, the producer of its steps
+    /// (with mutual TLS, its certificate's name) and the owner written on the nodes it isolates.
     pub name: String,
     /// The cluster it remediates (one remediator per cluster).
     pub cluster: String,

@@ -13,6 +13,8 @@ use serde_json::json;
 pub const TAINT_KEY: &str = "nodekeeper.io/fault";
 pub const MIGRATE_LABEL: &str = "nodekeeper.io/to-be-migrated";
 pub const ISOLATED_BY: &str = "nodekeeper.io/isolated-by";
+/// A label on the nodes we isolate, so that a restarted remediator finds them with a selector.
+pub const ISOLATED_LABEL: &str = "nodekeeper.io/isolated";
 pub const FAULT_ID: &str = "nodekeeper.io/fault-id";
 /// Set when the node was already cordoned by someone else when we isolated it: release leaves it
 /// cordoned.
@@ -147,11 +149,14 @@ impl Kube {
                     });
                 }
                 let patch = json!({
-                    "metadata": { "annotations": {
-                        ISOLATED_BY: owner,
-                        FAULT_ID: fault_id.to_string(),
-                        WAS_CORDONED: was_cordoned.to_string(),
-                    }},
+                    "metadata": {
+                        "labels": { ISOLATED_LABEL: "true" },
+                        "annotations": {
+                            ISOLATED_BY: owner,
+                            FAULT_ID: fault_id.to_string(),
+                            WAS_CORDONED: was_cordoned.to_string(),
+                        },
+                    },
                     "spec": { "unschedulable": true, "taints": taints },
                 });
                 Some((patch, was_cordoned))
@@ -161,6 +166,26 @@ impl Kube {
             Some(was_cordoned) => Isolation { was_cordoned, already: false },
             None => Isolation { was_cordoned: false, already: true },
         })
+    }
+
+    /// The nodes we hold isolated, with the fault each was isolated for.
+    pub async fn isolated_nodes(&self) -> Result<Vec<(String, u64)>, KubeError> {
+        let list = self
+            .nodes
+            .list(&ListParams::default().labels(&format!("{ISOLATED_LABEL}=true")))
+            .await
+            .map_err(api_error)?;
+        Ok(list
+            .items
+            .into_iter()
+            .filter_map(|n| {
+                let a = n.metadata.annotations.as_ref()?;
+                if a.get(ISOLATED_BY) != Some(&self.owner) {
+                    return None;
+                }
+                Some((n.metadata.name.clone()?, a.get(FAULT_ID)?.parse().ok()?))
+            })
+            .collect())
     }
 
     /// Whether we hold the node isolated.
@@ -192,7 +217,10 @@ impl Kube {
                     spec["unschedulable"] = json!(null);
                 }
                 let patch = json!({
-                    "metadata": { "annotations": { ISOLATED_BY: null, FAULT_ID: null, WAS_CORDONED: null } },
+                    "metadata": {
+                        "labels": { ISOLATED_LABEL: null },
+                        "annotations": { ISOLATED_BY: null, FAULT_ID: null, WAS_CORDONED: null },
+                    },
                     "spec": spec,
                 });
                 Some((patch, if was_cordoned { Released::LeftCordoned } else { Released::Uncordoned }))

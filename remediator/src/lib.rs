@@ -134,7 +134,14 @@ impl Remediator {
             .into_inner()
             .faults;
         for f in faults {
-            self.clone().consider(f.id).await;
+            self.clone().consider(f.id, false).await;
+        }
+        // Nodes we isolated whose fault resolved while we were away: still ours to release.
+        if let Some(kube) = &self.kube {
+            for (node, fault_id) in kube.isolated_nodes().await.map_err(|e| e.to_string())? {
+                tracing::info!(node = %node, fault_id, "resuming a node isolated before this start");
+                self.clone().consider(fault_id, true).await;
+            }
         }
         Ok(())
     }
@@ -183,7 +190,7 @@ impl Remediator {
             let (cursor, idle) = match msg.msg {
                 Some(subscribe_response::Msg::Event(e)) => {
                     if e.fault_id != 0 && e.condition.as_ref().is_some_and(|c| c.status() == ConditionStatus::True) {
-                        self.clone().consider(e.fault_id).await;
+                        self.clone().consider(e.fault_id, false).await;
                     }
                     (e.cursor, false)
                 }
@@ -200,8 +207,10 @@ impl Remediator {
         }
     }
 
-    /// Starts remediating the fault's node unless the fault is stale or the node is in hand.
-    async fn consider(self: Arc<Self>, fault_id: u64) {
+    /// Starts remediating the fault's node unless the fault is stale or the node is in hand;
+    /// `isolated`: we hold the node isolated for this fault, so it goes on (to its release) even
+    /// if the fault is over.
+    async fn consider(self: Arc<Self>, fault_id: u64, isolated: bool) {
         let fault = match self.fleet().get_fault(GetFaultRequest { id: fault_id }).await {
             Ok(r) => match r.into_inner().fault {
                 Some(f) => f,
@@ -212,7 +221,12 @@ impl Remediator {
                 return;
             }
         };
-        if !matches!(fault.state(), FaultState::Open | FaultState::Isolated | FaultState::Recovering) {
+        let wanted = match fault.state() {
+            FaultState::Open | FaultState::Isolated | FaultState::Recovering => true,
+            FaultState::Resolved => isolated,
+            _ => false,
+        };
+        if !wanted {
             return;
         }
         let Some(playbook) = self.playbook(&fault) else {
@@ -262,10 +276,12 @@ impl Remediator {
             deadline: Instant::now(),
         };
         // How far an earlier run got, from the fault's timeline.
-        let (done, planned) = self.steps_done(run.fault.id).await?;
+        let Resume { done, planned, isolate_permit } = self.steps_done(run.fault.id).await?;
         if self.cfg.dry_run && planned {
             return Ok(());
         }
+        // Held while the node is isolated, released with it.
+        run.isolate_permit = isolate_permit;
         if let Some(kube) = &self.kube {
             run.isolated = kube.isolated_by_us(&run.fault.node).await.unwrap_or(false);
         }
@@ -349,7 +365,8 @@ impl Remediator {
             "isolate" => {
                 self.fresh(run).await?;
                 let msg = self.isolate(run).await?;
-                self.record(run, index, step, &msg, true, FaultState::Isolated).await?;
+                let permit = run.isolate_permit.clone().unwrap_or_default();
+                self.record_with(run, index, step, &msg, true, FaultState::Isolated, &[("permit_id", &permit)]).await?;
             }
             "label-pods" => {
                 self.fresh(run).await?;
@@ -721,9 +738,8 @@ impl Remediator {
         Ok(None)
     }
 
-    /// Our steps on this fault so far: (index in the playbook, step), and whether a dry run
-    /// planned it already.
-    async fn steps_done(&self, fault_id: u64) -> Step<(Vec<(usize, String)>, bool)> {
+    /// What the fault's timeline says of an earlier run of ours.
+    async fn steps_done(&self, fault_id: u64) -> Step<Resume> {
         let got = self.fleet().get_fault(GetFaultRequest { id: fault_id }).await.map_err(rpc("fault"))?.into_inner();
         let ours: Vec<_> = got
             .events
@@ -738,7 +754,14 @@ impl Remediator {
             })
             .filter_map(|e| Some((e.attributes.get("index")?.parse().ok()?, e.attributes.get("step")?.clone())))
             .collect();
-        Ok((done, planned))
+        let isolate_permit = ours
+            .iter()
+            .rev()
+            .find(|e| e.attributes.get("step").is_some_and(|s| s == "isolate"))
+            .and_then(|e| e.attributes.get("permit_id"))
+            .filter(|p| !p.is_empty())
+            .cloned();
+        Ok(Resume { done, planned, isolate_permit })
     }
 
     /// Remediations of the fault's node started within the budget window, this one excluded.
@@ -835,6 +858,7 @@ impl Remediator {
                 state: state as i32,
                 dry_run: self.cfg.dry_run,
                 attributes,
+                producer: self.cfg.name.clone(),
             })
             .await
             .map_err(rpc("record step"))?;
@@ -858,6 +882,16 @@ impl Remediator {
             _ = tokio::time::sleep(self.cfg.poll_interval) => Ok(()),
         }
     }
+}
+
+/// How far an earlier run got on a fault.
+struct Resume {
+    /// Steps done: (index in the playbook, step).
+    done: Vec<(usize, String)>,
+    /// A dry run planned it already.
+    planned: bool,
+    /// The isolate permit it holds.
+    isolate_permit: Option<String>,
 }
 
 enum Flow {

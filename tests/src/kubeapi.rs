@@ -271,6 +271,32 @@ async fn patch_node(
     }
 }
 
+async fn list_nodes(State(k): State<FakeKube>, uri: Uri, h: HeaderMap) -> Response {
+    k.log("GET", &uri, &h);
+    let query = format!("http://x/?{}", uri.query().unwrap_or(""));
+    let url = reqwest::Url::parse(&query).expect("a query");
+    // Equality selectors only ("k=v,k2=v2"), as the remediator uses.
+    let selector: Vec<(String, String)> = url
+        .query_pairs()
+        .find(|(k, _)| k == "labelSelector")
+        .map(|(_, v)| {
+            v.split(',').filter_map(|kv| kv.split_once('=')).map(|(a, b)| (a.to_owned(), b.to_owned())).collect()
+        })
+        .unwrap_or_default();
+    let inner = k.lock();
+    let items: Vec<Value> = inner
+        .nodes
+        .values()
+        .filter(|n| selector.iter().all(|(key, v)| n["metadata"]["labels"][key] == v.as_str()))
+        .cloned()
+        .collect();
+    object(&json!({
+        "apiVersion": "v1", "kind": "NodeList",
+        "metadata": { "resourceVersion": inner.resource_version.to_string() },
+        "items": items,
+    }))
+}
+
 async fn list_pods(State(k): State<FakeKube>, uri: Uri, h: HeaderMap) -> Response {
     k.log("GET", &uri, &h);
     let query = format!("http://x/?{}", uri.query().unwrap_or(""));
@@ -353,6 +379,7 @@ impl Server {
     pub async fn start() -> Server {
         let kube = FakeKube::default();
         let app = Router::new()
+            .route("/api/v1/nodes", get(list_nodes))
             .route("/api/v1/nodes/{name}", get(get_node).patch(patch_node))
             .route("/api/v1/pods", get(list_pods))
             .route("/api/v1/namespaces/{ns}/pods/{name}", axum::routing::patch(patch_pod))

@@ -506,3 +506,40 @@ async fn a_component_fault_is_first_healed_by_restarting_the_component_without_i
     .await;
     assert!(api.kube.requests().iter().all(|r| !r.starts_with("PATCH")), "{:?}", api.kube.requests());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_remediator_resumes_where_the_timeline_says_and_releases_its_permit() {
+    use nodekeeper_proto::v1::{ListPermitsRequest, permit_service_client::PermitServiceClient};
+    let center = EventCenter::start(CENTER).await;
+    let api = kubeapi::Server::start().await;
+    api.kube.add_node("n00");
+    let _conns = register(&center, &node_names(1)).await;
+    let playbook = heal_playbook("PsuFailing");
+    let first = Remediator::start(&center.url(), &api.kubeconfig, &playbook);
+    report(&center, "open", "n00", "PsuFailing", true).await;
+    let fault = wait_for("isolated and waiting to verify", Duration::from_secs(30), || async {
+        let id = *fault_ids(&center, "PsuFailing").await.first()?;
+        (steps(&center, id).await.last().map(String::as_str) == Some("label-pods")).then_some(id)
+    })
+    .await;
+    drop(first);
+    let _second = Remediator::start(&center.url(), &api.kubeconfig, &playbook);
+    report(&center, "clear", "n00", "PsuFailing", false).await;
+    wait_for("the release", Duration::from_secs(30), || async {
+        (steps(&center, fault).await.last().map(String::as_str) == Some("release")).then_some(())
+    })
+    .await;
+    assert_eq!(
+        steps(&center, fault).await,
+        ["start", "isolate", "label-pods", "verify", "release"],
+        "nothing done twice"
+    );
+    assert_eq!(cordoned_and_tainted(&api.kube.node("n00"), TAINT), (false, false));
+    let permits = PermitServiceClient::new(center.channel().await)
+        .list_permits(ListPermitsRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .permits;
+    assert!(permits.is_empty(), "the isolate permit went with the isolation: {permits:?}");
+}

@@ -152,7 +152,16 @@ impl fleet_service_server::FleetService for FleetApi {
             .map_err(store_status)?
             .ok_or_else(|| Status::not_found(format!("no fault {}", req.fault_id)))?;
         require_cluster(&caller, &fault.cluster)?;
-        let producer = caller.as_ref().map_or_else(|| "insecure".to_owned(), |id| id.name.clone());
+        // The producer is who the certificate says, never what the message claims.
+        let producer = match &caller {
+            Some(id) if !req.producer.is_empty() && req.producer != id.name => {
+                return Err(super::deny(id, format!("{} may not record steps as {}", id.name, req.producer)));
+            }
+            Some(id) => id.name.clone(),
+            None if req.producer.is_empty() => "insecure".to_owned(),
+            None => req.producer.clone(),
+        };
+        validate::name(names::producer(&producer))?;
         let mut attributes = req.attributes;
         attributes.insert("step".into(), req.step.clone());
         attributes.insert("success".into(), req.success.to_string());

@@ -2542,6 +2542,10 @@ pub struct RecordStepRequest {
         ::prost::alloc::string::String,
         ::prost::alloc::string::String,
     >,
+    /// Who records it, e.g. "remediator-prod-1"; must be the caller's certificate name when there is
+    /// one.
+    #[prost(string, tag = "9")]
+    pub producer: ::prost::alloc::string::String,
 }
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct RecordStepResponse {
