@@ -73,6 +73,8 @@ struct Run {
     /// back in after our reboot).
     boot_id: String,
     isolate_permit: Option<String>,
+    /// Held from the reboot until `verify` sees the node back (or gives up).
+    reboot_permit: Option<String>,
     isolated: bool,
     rebooted: bool,
     deadline: Instant,
@@ -271,17 +273,19 @@ impl Remediator {
             fault,
             playbook,
             isolate_permit: None,
+            reboot_permit: None,
             isolated: false,
             rebooted: false,
             deadline: Instant::now(),
         };
         // How far an earlier run got, from the fault's timeline.
-        let Resume { done, planned, isolate_permit } = self.steps_done(run.fault.id).await?;
+        let Resume { done, planned, isolate_permit, reboot_permit } = self.steps_done(run.fault.id).await?;
         if self.cfg.dry_run && planned {
             return Ok(());
         }
         // Held while the node is isolated, released with it.
         run.isolate_permit = isolate_permit;
+        run.reboot_permit = reboot_permit.filter(|_| !done.iter().any(|(_, s)| s == "verify"));
         if let Some(kube) = &self.kube {
             run.isolated = kube.isolated_by_us(&run.fault.node).await.unwrap_or(false);
         }
@@ -417,6 +421,7 @@ impl Remediator {
                 let permit = self.permit(run, Operation::Reboot).await?;
                 let sent = self.command(run, send_command_request::Action::Reboot(Reboot {}), &permit).await?;
                 run.rebooted = true;
+                run.reboot_permit = Some(permit.clone());
                 let msg = format!("reboot command {sent} sent (permit {permit})");
                 self.record_with(run, index, step, &msg, true, FaultState::Recovering, &[("permit_id", &permit)])
                     .await?;
@@ -479,7 +484,12 @@ impl Remediator {
                 .await?;
             }
             "verify" => loop {
-                match self.healed(run).await? {
+                let healed = self.healed(run).await?;
+                if let Some(p) = run.reboot_permit.take_if(|_| healed.is_none() || Instant::now() >= run.deadline) {
+                    // The reboot is over, one way or the other.
+                    self.release_permit(&p, healed.is_none()).await;
+                }
+                match healed {
                     None => {
                         let msg =
                             if run.rebooted { "the node came back healthy in a new boot" } else { "the fault cleared" };
@@ -754,14 +764,15 @@ impl Remediator {
             })
             .filter_map(|e| Some((e.attributes.get("index")?.parse().ok()?, e.attributes.get("step")?.clone())))
             .collect();
-        let isolate_permit = ours
-            .iter()
-            .rev()
-            .find(|e| e.attributes.get("step").is_some_and(|s| s == "isolate"))
-            .and_then(|e| e.attributes.get("permit_id"))
-            .filter(|p| !p.is_empty())
-            .cloned();
-        Ok(Resume { done, planned, isolate_permit })
+        let permit_of = |step: &str| {
+            ours.iter()
+                .rev()
+                .find(|e| e.attributes.get("step").is_some_and(|s| s == step))
+                .and_then(|e| e.attributes.get("permit_id"))
+                .filter(|p| !p.is_empty())
+                .cloned()
+        };
+        Ok(Resume { done, planned, isolate_permit: permit_of("isolate"), reboot_permit: permit_of("reboot") })
     }
 
     /// Remediations of the fault's node started within the budget window, this one excluded.
@@ -890,8 +901,9 @@ struct Resume {
     done: Vec<(usize, String)>,
     /// A dry run planned it already.
     planned: bool,
-    /// The isolate permit it holds.
+    /// The isolate and reboot permits it holds.
     isolate_permit: Option<String>,
+    reboot_permit: Option<String>,
 }
 
 enum Flow {

@@ -215,6 +215,14 @@ async fn kernel_fault_loop(cordoned_before: bool) {
     for step in ["isolate:", "label-pods:", "reboot:", "verify:", "release:"] {
         assert!(out.contains(step), "faults show lists {step}\n{out}");
     }
+    // The isolate and reboot permits ended with the remediation, not with their leases.
+    let permits = nodekeeper_proto::v1::permit_service_client::PermitServiceClient::new(center.channel().await)
+        .list_permits(nodekeeper_proto::v1::ListPermitsRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .permits;
+    assert!(permits.is_empty(), "{permits:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
