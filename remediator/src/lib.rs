@@ -102,17 +102,9 @@ impl Remediator {
         let mut backoff = nodekeeper_common::backoff::Backoff::default();
         let mut resumed = false;
         while !self.cancel.is_cancelled() {
-            if !resumed {
-                match self.resume().await {
-                    Ok(()) => resumed = true,
-                    Err(e) => tracing::warn!(error = %e, "cannot list open faults yet"),
-                }
-            }
-            if resumed {
-                match self.clone().follow().await {
-                    Ok(()) => return,
-                    Err(e) => tracing::warn!(error = %e, "subscription ended; resubscribing"),
-                }
+            match self.clone().follow(&mut resumed).await {
+                Ok(()) => return,
+                Err(e) => tracing::warn!(error = %e, "subscription ended; resubscribing"),
             }
             tokio::select! {
                 _ = self.cancel.cancelled() => return,
@@ -148,7 +140,9 @@ impl Remediator {
         Ok(())
     }
 
-    async fn follow(self: Arc<Self>) -> Result<(), String> {
+    /// Subscribes, then (the first time) resumes what the center and the nodes show in progress:
+    /// a fault opened in between is in the subscription, none falls between the two.
+    async fn follow(self: Arc<Self>, resumed: &mut bool) -> Result<(), String> {
         let mut events = EventServiceClient::new(self.ch.clone());
         // A known consumer resumes where it acknowledged; a new one starts where configured.
         let known = events
@@ -179,6 +173,10 @@ impl Remediator {
             .await
             .map_err(|s| s.message().to_owned())?
             .into_inner();
+        if !*resumed {
+            self.resume().await?;
+            *resumed = true;
+        }
         tracing::info!(consumer = %self.cfg.name, cluster = %self.cfg.cluster, "following the cluster's faults");
         // Acknowledged at most once a second (and with each bookmark when idle): a restart replays
         // that much, and a replayed event is harmless (a fault is looked up, never trusted).
