@@ -15,12 +15,12 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use nodekeeper_bench::{KillOnDrop, histogram, simulated_agent, summary};
+use nodekeeper_bench::{histogram, simulated_agent, summary};
 use nodekeeper_proto::v1::{
-    Condition, ConditionStatus, ListConsumersRequest, Observation, RecommendedAction, Report, ReportRequest,
-    event_service_client::EventServiceClient, report_service_client::ReportServiceClient,
+    ListConsumersRequest, RecommendedAction, ReportRequest, event_service_client::EventServiceClient,
+    report_service_client::ReportServiceClient,
 };
-use nodekeeper_tests::{EventCenter, bin, hello, kubeapi, wait_for};
+use nodekeeper_tests::{EventCenter, Remediator, condition_report, hello, kubeapi, wait_for};
 
 const NODES: usize = 1000;
 const FAULTS: usize = 100;
@@ -34,25 +34,6 @@ operation = "isolate"
 max_in_flight = 1000
 max_share = 1.0
 "#;
-
-fn report(node: &str) -> Report {
-    Report {
-        report_id: format!("{node}-open"),
-        cluster: "c1".into(),
-        node: node.into(),
-        observation: Some(Observation {
-            r#type: "StorageUnreachable".into(),
-            message: "bench".into(),
-            action: RecommendedAction::Manual as i32,
-            condition: Some(Condition {
-                r#type: "StorageUnreachable".into(),
-                status: ConditionStatus::True as i32,
-                ..Default::default()
-            }),
-            ..Default::default()
-        }),
-    }
-}
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
@@ -77,25 +58,7 @@ async fn main() {
     })
     .await;
 
-    let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("remediator.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "name = \"remediator-c1\"\ncluster = \"c1\"\ncenter = \"{}\"\ninsecure = true\nkubeconfig = \"{}\"\n",
-            center.url(),
-            api.kubeconfig.display()
-        ),
-    )
-    .unwrap();
-    let _remediator = KillOnDrop(
-        std::process::Command::new(bin("nodekeeper-remediator"))
-            .arg("--config")
-            .arg(&config)
-            .env("RUST_LOG", "warn")
-            .spawn()
-            .unwrap(),
-    );
+    let _remediator = Remediator::start(&center.url(), &api.kubeconfig, "");
     let ch = center.channel().await;
     wait_for("the remediator subscribed", Duration::from_secs(30), || async {
         let c = EventServiceClient::new(ch.clone()).list_consumers(ListConsumersRequest {}).await.ok()?;
@@ -112,7 +75,17 @@ async fn main() {
             let ch = ch.clone();
             calls.spawn(async move {
                 ReportServiceClient::new(ch)
-                    .report(ReportRequest { producer: "bench".into(), reports: vec![report(&n)] })
+                    .report(ReportRequest {
+                        producer: "bench".into(),
+                        reports: vec![condition_report(
+                            &format!("{n}-open"),
+                            "c1",
+                            &n,
+                            "StorageUnreachable",
+                            true,
+                            RecommendedAction::Manual,
+                        )],
+                    })
                     .await
                     .unwrap();
                 (n, Instant::now())

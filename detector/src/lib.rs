@@ -7,7 +7,7 @@
 //!   level per node; a suspected node (phi above the threshold, or a failed probe) is probed at
 //!   once and then every `suspect_interval` by every replica, with the agent's gRPC health check;
 //!   the others once per `sweep_interval` by the replica whose share they are, with a light probe
-//!   (TCP connects and the ICMP echo).
+//!   (TCP connects only; the ICMP echo is for suspects).
 //! - A verdict needs `confirmations` consecutive failed probes. The center folds the replicas'
 //!   views with its quorum; a detector that finds more than `partition_share` of the nodes it
 //!   probed in the last few seconds unreachable suspects itself, reports `DetectorPartitioned`,
@@ -270,10 +270,6 @@ impl Detector {
         (probed >= 2 && silent as f64 > self.cfg.partition_share * probed as f64, probed, silent)
     }
 
-    fn report_id(&mut self, what: &str) -> String {
-        report_id(&self.cfg.name, &mut self.counter, what)
-    }
-
     /// The reports due: changed views, views repeated, the partition status.
     fn due_reports(&mut self, partition_changed: bool) -> Vec<Report> {
         let mut out = Vec::new();
@@ -330,7 +326,7 @@ impl Detector {
                     source: "detector".into(),
                     ..Default::default()
                 };
-                let id = self.report_id(reason);
+                let id = report_id(&self.cfg.name, &mut self.counter, reason);
                 out.push(Report { report_id: id, cluster, node: self.cfg.name.clone(), observation: Some(o) });
             }
         }
@@ -392,10 +388,6 @@ impl Detector {
                     };
                     for (key, st) in &mut self.nodes {
                         let suspect = st.suspected(self.cfg.phi_threshold, now_unix);
-                        if suspect && st.last_probe.is_some_and(|t| t + self.cfg.suspect_interval * 2 < now) && st.flying == 0 {
-                            let (mean, var) = st.phi.rhythm();
-                            tracing::debug!(node = %key.1, phi = st.phi.phi(now_unix), silent_s = now_unix - st.phi.last().unwrap_or(now_unix), mean, std = var.sqrt(), failures = st.failures, "suspected");
-                        }
                         suspected += usize::from(suspect);
                         // A suspect is probed at once and then every suspect_interval, whatever
                         // the sweep's schedule; the others when the sweep comes to them.

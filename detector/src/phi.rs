@@ -60,11 +60,6 @@ impl Phi {
         }
     }
 
-    /// The last arrival.
-    pub fn last(&self) -> Option<f64> {
-        self.last
-    }
-
     /// The suspicion level at `now`; 0 until a heartbeat was seen.
     pub fn phi(&self, now: f64) -> f64 {
         let Some(last) = self.last else { return 0.0 };

@@ -2,7 +2,9 @@
 //! INVALID_ARGUMENT status naming the field and why.
 
 use nodekeeper_common::names;
-use nodekeeper_proto::v1::{ConditionStatus, Hello, Observation, ObservationBatch};
+use std::collections::HashMap;
+
+use nodekeeper_proto::v1::{ConditionStatus, FaultState, Hello, Observation, ObservationBatch, RecordStepRequest};
 use tonic::Status;
 
 use crate::config::LimitsConfig;
@@ -19,17 +21,7 @@ pub fn observation(o: &Observation, limits: &LimitsConfig, what: &dyn Fn() -> St
     if o.message.len() > limits.max_text_bytes {
         return Err(bad(format!("message is {} bytes, at most {} allowed", o.message.len(), limits.max_text_bytes)));
     }
-    if o.attributes.len() > limits.max_attributes {
-        return Err(bad(format!("{} attributes, at most {} allowed", o.attributes.len(), limits.max_attributes)));
-    }
-    for (k, v) in &o.attributes {
-        if k.is_empty() || k.len() > 128 || v.len() > limits.max_text_bytes {
-            return Err(bad(format!(
-                "attribute {:?} has an empty or oversize key or value",
-                k.chars().take(40).collect::<String>()
-            )));
-        }
-    }
+    attributes(&o.attributes, limits).map_err(bad)?;
     if o.source.len() > 128 {
         return Err(bad("source is longer than 128 bytes".into()));
     }
@@ -46,6 +38,40 @@ pub fn observation(o: &Observation, limits: &LimitsConfig, what: &dyn Fn() -> St
         if c.r#type != o.r#type {
             return Err(bad(format!("condition type {} differs from the observation type {}", c.r#type, o.r#type)));
         }
+    }
+    Ok(())
+}
+
+/// At most `max_attributes`, each with a key of 1 to 128 bytes and a value within `max_text_bytes`.
+fn attributes(a: &HashMap<String, String>, limits: &LimitsConfig) -> Result<(), String> {
+    if a.len() > limits.max_attributes {
+        return Err(format!("{} attributes, at most {} allowed", a.len(), limits.max_attributes));
+    }
+    match a.iter().find(|(k, v)| k.is_empty() || k.len() > 128 || v.len() > limits.max_text_bytes) {
+        Some((k, _)) => {
+            Err(format!("attribute {:?} has an empty or oversize key or value", k.chars().take(40).collect::<String>()))
+        }
+        None => Ok(()),
+    }
+}
+
+/// A remediation step: an id, a step name of 1 to 64 bytes, a message and attributes within the
+/// limits, and a state a step may move a fault to.
+pub fn step(s: &RecordStepRequest, limits: &LimitsConfig) -> Result<(), Status> {
+    name(names::report_id(&s.step_id))?;
+    let bad = |msg: String| Status::invalid_argument(format!("step {:?}: {msg}", s.step_id));
+    if s.step.is_empty() || s.step.len() > 64 {
+        return Err(bad("the step name must be 1 to 64 bytes".into()));
+    }
+    if s.message.len() > limits.max_text_bytes {
+        return Err(bad(format!("message is {} bytes, at most {} allowed", s.message.len(), limits.max_text_bytes)));
+    }
+    attributes(&s.attributes, limits).map_err(bad)?;
+    if matches!(s.state(), FaultState::Open | FaultState::Resolved) {
+        return Err(bad(
+            "a step may move a fault to isolated, recovering or escalated; it opens and resolves with its condition"
+                .into(),
+        ));
     }
     Ok(())
 }

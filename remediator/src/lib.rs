@@ -16,10 +16,10 @@ use std::time::{Duration, Instant, SystemTime};
 
 use nodekeeper_common::time::timestamp_to_unix_ms;
 use nodekeeper_proto::v1::{
-    AckConsumerRequest, AcquirePermitRequest, ConditionStatus, EventFilter, EventKind, Fault, FaultState,
-    GetFaultRequest, GetNodeRequest, ListComponentsRequest, ListConsumersRequest, ListEventsRequest, ListFaultsRequest,
-    Liveness, Node, Operation, Reboot, RecordStepRequest, ReinstallComponent, ReleasePermitRequest, RestartComponent,
-    SendCommandRequest, StartPosition, SubscribeRequest, event_service_client::EventServiceClient,
+    AckConsumerRequest, AcquirePermitRequest, ConditionStatus, Event, EventFilter, EventKind, Fault, FaultState,
+    GetFaultRequest, GetFaultResponse, GetNodeRequest, ListComponentsRequest, ListConsumersRequest, ListEventsRequest,
+    ListFaultsRequest, Liveness, Node, Operation, Reboot, RecordStepRequest, ReinstallComponent, ReleasePermitRequest,
+    RestartComponent, SendCommandRequest, StartPosition, SubscribeRequest, event_service_client::EventServiceClient,
     fleet_service_client::FleetServiceClient, permit_service_client::PermitServiceClient, send_command_request,
     subscribe_response,
 };
@@ -211,10 +211,10 @@ impl Remediator {
     /// `isolated`: we hold the node isolated for this fault, so it goes on (to its release) even
     /// if the fault is over.
     async fn consider(self: Arc<Self>, fault_id: u64, isolated: bool) {
-        let fault = match self.fleet().get_fault(GetFaultRequest { id: fault_id }).await {
-            Ok(r) => match r.into_inner().fault {
-                Some(f) => f,
-                None => return,
+        let (fault, timeline) = match self.fleet().get_fault(GetFaultRequest { id: fault_id }).await {
+            Ok(r) => match r.into_inner() {
+                GetFaultResponse { fault: Some(f), events } => (f, events),
+                _ => return,
             },
             Err(s) => {
                 tracing::warn!(fault_id, error = %s.message(), "cannot read the fault");
@@ -240,7 +240,7 @@ impl Remediator {
         tokio::spawn(async move {
             let node = fault.node.clone();
             let id = fault.id;
-            let outcome = this.remediate(fault, playbook).await;
+            let outcome = this.remediate(fault, &timeline, playbook).await;
             match &outcome {
                 Ok(()) => tracing::info!(node = %node, fault_id = id, "remediation ended"),
                 Err(Stop::Stale(why)) => {
@@ -265,7 +265,8 @@ impl Remediator {
         self.cfg.playbook.iter().find(|p| p.types.contains(&fault.r#type) || p.actions.contains(&action)).cloned()
     }
 
-    async fn remediate(&self, fault: Fault, playbook: Playbook) -> Step<()> {
+    /// Runs the playbook on the fault's node, from where its `timeline` shows an earlier run got.
+    async fn remediate(&self, fault: Fault, timeline: &[Event], playbook: Playbook) -> Step<()> {
         let mut run = Run {
             boot_id: fault.boot_id.clone(),
             fault,
@@ -276,8 +277,7 @@ impl Remediator {
             rebooted: false,
             deadline: Instant::now(),
         };
-        // How far an earlier run got, from the fault's timeline.
-        let Resume { done, planned, isolate_permit, reboot_permit } = self.steps_done(run.fault.id).await?;
+        let Resume { done, planned, isolate_permit, reboot_permit } = Resume::of(timeline, &self.cfg.name);
         if self.cfg.dry_run && planned {
             return Ok(());
         }
@@ -746,33 +746,6 @@ impl Remediator {
         Ok(None)
     }
 
-    /// What the fault's timeline says of an earlier run of ours.
-    async fn steps_done(&self, fault_id: u64) -> Step<Resume> {
-        let got = self.fleet().get_fault(GetFaultRequest { id: fault_id }).await.map_err(rpc("fault"))?.into_inner();
-        let ours: Vec<_> = got
-            .events
-            .iter()
-            .filter(|e| e.r#type == "RemediationStep" && e.origin.as_ref().is_some_and(|o| o.producer == self.cfg.name))
-            .collect();
-        let planned = ours.iter().any(|e| e.attributes.contains_key("dry_run"));
-        let done = ours
-            .iter()
-            .filter(|e| {
-                e.attributes.get("success").is_some_and(|s| s == "true") && !e.attributes.contains_key("dry_run")
-            })
-            .filter_map(|e| Some((e.attributes.get("index")?.parse().ok()?, e.attributes.get("step")?.clone())))
-            .collect();
-        let permit_of = |step: &str| {
-            ours.iter()
-                .rev()
-                .find(|e| e.attributes.get("step").is_some_and(|s| s == step))
-                .and_then(|e| e.attributes.get("permit_id"))
-                .filter(|p| !p.is_empty())
-                .cloned()
-        };
-        Ok(Resume { done, planned, isolate_permit: permit_of("isolate"), reboot_permit: permit_of("reboot") })
-    }
-
     /// Remediations of the fault's node started within the budget window, this one excluded.
     async fn attempts(&self, fault: &Fault) -> Step<u32> {
         let mut starts = self.starts.lock().await;
@@ -902,6 +875,33 @@ struct Resume {
     /// The isolate and reboot permits it holds.
     isolate_permit: Option<String>,
     reboot_permit: Option<String>,
+}
+
+impl Resume {
+    /// What a fault's timeline says of an earlier run of the remediator `name`.
+    fn of(timeline: &[Event], name: &str) -> Resume {
+        let ours: Vec<&Event> = timeline
+            .iter()
+            .filter(|e| e.r#type == "RemediationStep" && e.origin.as_ref().is_some_and(|o| o.producer == name))
+            .collect();
+        let planned = ours.iter().any(|e| e.attributes.contains_key("dry_run"));
+        let done = ours
+            .iter()
+            .filter(|e| {
+                e.attributes.get("success").is_some_and(|s| s == "true") && !e.attributes.contains_key("dry_run")
+            })
+            .filter_map(|e| Some((e.attributes.get("index")?.parse().ok()?, e.attributes.get("step")?.clone())))
+            .collect();
+        let permit_of = |step: &str| {
+            ours.iter()
+                .rev()
+                .find(|e| e.attributes.get("step").is_some_and(|s| s == step))
+                .and_then(|e| e.attributes.get("permit_id"))
+                .filter(|p| !p.is_empty())
+                .cloned()
+        };
+        Resume { done, planned, isolate_permit: permit_of("isolate"), reboot_permit: permit_of("reboot") }
+    }
 }
 
 enum Flow {

@@ -225,9 +225,18 @@ fn content_type(h: &HeaderMap) -> String {
     h.get("content-type").and_then(|v| v.to_str().ok()).unwrap_or("").split(';').next().unwrap_or("").trim().to_owned()
 }
 
-/// Patches a stored object: a resourceVersion in the patch is a precondition (409 if stale).
-fn patch_object(inner: &mut Inner, obj: Value, ct: &str, body: &[u8], what: String) -> Result<Value, Failure> {
-    let mut obj = obj;
+/// Patches `obj` (None: not found) of `kind` (e.g. "nodes"): a resourceVersion in the patch is a
+/// precondition (409 if stale).
+fn patch_object(
+    inner: &mut Inner,
+    obj: Option<Value>,
+    kind: &str,
+    name: &str,
+    h: &HeaderMap,
+    body: &[u8],
+) -> Result<Value, Failure> {
+    let mut obj =
+        obj.ok_or_else(|| Failure(StatusCode::NOT_FOUND, "NotFound", format!("{kind} \"{name}\" not found")))?;
     let wanted = serde_json::from_slice::<Value>(body)
         .ok()
         .and_then(|p| p["metadata"]["resourceVersion"].as_str().map(str::to_owned));
@@ -239,14 +248,29 @@ fn patch_object(inner: &mut Inner, obj: Value, ct: &str, body: &[u8], what: Stri
             StatusCode::CONFLICT,
             "Conflict",
             format!(
-                "Operation cannot be fulfilled on {what}: the object has been modified; please apply your changes to the latest version and try again"
+                "Operation cannot be fulfilled on {kind} \"{name}\": the object has been modified; please apply your changes to the latest version and try again"
             ),
         ));
     }
-    apply_patch(&mut obj, ct, body)?;
+    apply_patch(&mut obj, &content_type(h), body)?;
     inner.resource_version += 1;
     obj["metadata"]["resourceVersion"] = json!(inner.resource_version.to_string());
     Ok(obj)
+}
+
+/// A query parameter of the request.
+fn query(uri: &Uri, key: &str) -> Option<String> {
+    let url = reqwest::Url::parse(&format!("http://x/?{}", uri.query().unwrap_or(""))).ok()?;
+    url.query_pairs().find(|(k, _)| k == key).map(|(_, v)| v.into_owned())
+}
+
+/// A list object (`NodeList`, `PodList`) of `items`.
+fn list(kind: &str, items: Vec<Value>, resource_version: u64) -> Response {
+    object(&json!({
+        "apiVersion": "v1", "kind": kind,
+        "metadata": { "resourceVersion": resource_version.to_string() },
+        "items": items,
+    }))
 }
 
 async fn patch_node(
@@ -259,10 +283,8 @@ async fn patch_node(
     k.log("PATCH", &uri, &h);
     let mut inner = k.lock();
     inner.first_patch.entry(name.clone()).or_insert_with(std::time::Instant::now);
-    let Some(node) = inner.nodes.get(&name).cloned() else {
-        return status(StatusCode::NOT_FOUND, "NotFound", format!("nodes \"{name}\" not found"));
-    };
-    match patch_object(&mut inner, node, &content_type(&h), &body, format!("nodes \"{name}\"")) {
+    let node = inner.nodes.get(&name).cloned();
+    match patch_object(&mut inner, node, "nodes", &name, &h, &body) {
         Ok(node) => {
             inner.nodes.insert(name, node.clone());
             object(&node)
@@ -273,50 +295,31 @@ async fn patch_node(
 
 async fn list_nodes(State(k): State<FakeKube>, uri: Uri, h: HeaderMap) -> Response {
     k.log("GET", &uri, &h);
-    let query = format!("http://x/?{}", uri.query().unwrap_or(""));
-    let url = reqwest::Url::parse(&query).expect("a query");
     // Equality selectors only ("k=v,k2=v2"), as the remediator uses.
-    let selector: Vec<(String, String)> = url
-        .query_pairs()
-        .find(|(k, _)| k == "labelSelector")
-        .map(|(_, v)| {
-            v.split(',').filter_map(|kv| kv.split_once('=')).map(|(a, b)| (a.to_owned(), b.to_owned())).collect()
-        })
+    let selector: Vec<(String, String)> = query(&uri, "labelSelector")
+        .map(|v| v.split(',').filter_map(|kv| kv.split_once('=')).map(|(a, b)| (a.to_owned(), b.to_owned())).collect())
         .unwrap_or_default();
     let inner = k.lock();
-    let items: Vec<Value> = inner
+    let items = inner
         .nodes
         .values()
         .filter(|n| selector.iter().all(|(key, v)| n["metadata"]["labels"][key] == v.as_str()))
         .cloned()
         .collect();
-    object(&json!({
-        "apiVersion": "v1", "kind": "NodeList",
-        "metadata": { "resourceVersion": inner.resource_version.to_string() },
-        "items": items,
-    }))
+    list("NodeList", items, inner.resource_version)
 }
 
 async fn list_pods(State(k): State<FakeKube>, uri: Uri, h: HeaderMap) -> Response {
     k.log("GET", &uri, &h);
-    let query = format!("http://x/?{}", uri.query().unwrap_or(""));
-    let url = reqwest::Url::parse(&query).expect("a query");
-    let on_node = url
-        .query_pairs()
-        .find(|(k, _)| k == "fieldSelector")
-        .and_then(|(_, v)| v.strip_prefix("spec.nodeName=").map(str::to_owned));
+    let on_node = query(&uri, "fieldSelector").and_then(|v| v.strip_prefix("spec.nodeName=").map(str::to_owned));
     let inner = k.lock();
-    let items: Vec<Value> = inner
+    let items = inner
         .pods
         .values()
         .filter(|p| on_node.as_deref().is_none_or(|n| p["spec"]["nodeName"] == n))
         .cloned()
         .collect();
-    object(&json!({
-        "apiVersion": "v1", "kind": "PodList",
-        "metadata": { "resourceVersion": inner.resource_version.to_string() },
-        "items": items,
-    }))
+    list("PodList", items, inner.resource_version)
 }
 
 async fn patch_pod(
@@ -329,10 +332,8 @@ async fn patch_pod(
     k.log("PATCH", &uri, &h);
     let mut inner = k.lock();
     let key = (ns, name.clone());
-    let Some(pod) = inner.pods.get(&key).cloned() else {
-        return status(StatusCode::NOT_FOUND, "NotFound", format!("pods \"{name}\" not found"));
-    };
-    match patch_object(&mut inner, pod, &content_type(&h), &body, format!("pods \"{name}\"")) {
+    let pod = inner.pods.get(&key).cloned();
+    match patch_object(&mut inner, pod, "pods", &name, &h, &body) {
         Ok(pod) => {
             inner.pods.insert(key, pod.clone());
             object(&pod)

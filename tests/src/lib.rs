@@ -228,6 +228,148 @@ pub fn hello(cluster: &str, node: &str, boot_id: &str) -> Hello {
     }
 }
 
+/// An agent config's `[monitors]` with only the log monitors (the hardware and component checks
+/// would read this machine).
+pub const LOGS_ONLY: &str =
+    "[monitors]\n[monitors.hardware]\nenabled = false\n[monitors.components]\nenabled = false\n";
+
+/// A fixture host for an agent: a /proc with a boot id, and a kernel log file in /dev/kmsg's
+/// format.
+pub struct FixtureHost {
+    pub dir: tempfile::TempDir,
+    /// The last kernel log sequence written.
+    pub seq: u64,
+}
+
+impl Default for FixtureHost {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl FixtureHost {
+    pub fn new() -> FixtureHost {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::create_dir_all(dir.path().join("proc/sys/kernel/random")).expect("fixture /proc");
+        let h = FixtureHost { dir, seq: 0 };
+        h.boot("0f2b6a3c-1d4e-4f50-8a9b-000000000001");
+        std::fs::write(h.kmsg(), "").expect("fixture kmsg");
+        h
+    }
+
+    fn boot_id_path(&self) -> PathBuf {
+        self.dir.path().join("proc/sys/kernel/random/boot_id")
+    }
+
+    /// Starts boot `id` (as the kernel would write it).
+    pub fn boot(&self, id: &str) {
+        std::fs::write(self.boot_id_path(), format!("{id}\n")).expect("write boot id");
+    }
+
+    pub fn boot_id(&self) -> String {
+        std::fs::read_to_string(self.boot_id_path()).expect("read boot id").trim().to_owned()
+    }
+
+    pub fn kmsg(&self) -> PathBuf {
+        self.dir.path().join("kmsg")
+    }
+
+    /// The agent config's [paths] for this host.
+    pub fn paths(&self) -> String {
+        format!(
+            "[paths]\nproc = \"{}\"\nkmsg = \"{}\"\n",
+            self.dir.path().join("proc").display(),
+            self.kmsg().display()
+        )
+    }
+
+    /// Appends kernel log records (priority 3, increasing sequence numbers).
+    pub fn log(&mut self, messages: &[&str]) {
+        use std::io::Write;
+        let mut f = std::fs::OpenOptions::new().append(true).open(self.kmsg()).expect("open kmsg");
+        let mut text = String::new();
+        for m in messages {
+            self.seq += 1;
+            text.push_str(&format!("3,{},{},-;{m}\n", self.seq, 1_000_000 + self.seq));
+        }
+        f.write_all(text.as_bytes()).expect("append to kmsg");
+    }
+
+    /// A script that starts boot `id` of this host (a new boot id, an empty kernel log), for an
+    /// agent's harmless `reboot_command`.
+    pub fn reboot_script(&self, id: &str) -> PathBuf {
+        let script = self.dir.path().join("reboot.sh");
+        let text =
+            format!("#!/bin/sh\nprintf '{id}\\n' > {}\n: > {}\n", self.boot_id_path().display(), self.kmsg().display());
+        std::fs::write(&script, text).expect("write the reboot script");
+        script
+    }
+}
+
+/// A running nodekeeper-remediator for cluster c1, named `remediator-c1`, talking plaintext to
+/// `center` and to the Kubernetes API server of `kubeconfig`; killed when dropped.
+pub struct Remediator {
+    child: Child,
+    _dir: tempfile::TempDir,
+}
+
+impl Remediator {
+    /// Starts one with `extra` TOML after the common settings.
+    pub fn start(center: &str, kubeconfig: &Path, extra: &str) -> Remediator {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let config = dir.path().join("remediator.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "name = \"remediator-c1\"\ncluster = \"c1\"\ncenter = \"{center}\"\ninsecure = true\nkubeconfig = \"{}\"\n{extra}",
+                kubeconfig.display()
+            ),
+        )
+        .expect("write config");
+        let child = Command::new(bin("nodekeeper-remediator"))
+            .arg("--config")
+            .arg(&config)
+            .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()))
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("spawn nodekeeper-remediator");
+        Remediator { child, _dir: dir }
+    }
+}
+
+impl Drop for Remediator {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A producer's report that condition `kind` holds (or cleared) on `node` of `cluster`, with the
+/// recommended `action`.
+pub fn condition_report(
+    id: &str,
+    cluster: &str,
+    node: &str,
+    kind: &str,
+    holds: bool,
+    action: nodekeeper_proto::v1::RecommendedAction,
+) -> nodekeeper_proto::v1::Report {
+    use nodekeeper_proto::v1::{Condition, ConditionStatus, Report};
+    let status = if holds { ConditionStatus::True } else { ConditionStatus::False };
+    Report {
+        report_id: id.into(),
+        cluster: cluster.into(),
+        node: node.into(),
+        observation: Some(Observation {
+            r#type: kind.into(),
+            message: format!("{kind} on {node}"),
+            action: action as i32,
+            condition: Some(Condition { r#type: kind.into(), status: status as i32, ..Default::default() }),
+            ..Default::default()
+        }),
+    }
+}
+
 /// A test observation with sequence `seq` and a 256-byte-ish message.
 pub fn observation(seq: u64) -> Observation {
     Observation {

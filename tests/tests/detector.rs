@@ -162,7 +162,6 @@ async fn a_cut_node_is_unreachable_a_dead_agent_is_agent_down_and_both_recover()
     assert!(!verdicts(&center).await.iter().any(|(n, _, h)| n == "host-2" && *h), "host-2 was never declared faulty");
 }
 
-/// A stand-in kubelet port on a test host: accepts connections and closes them.
 /// A stand-in kubelet in host `host`'s namespace: accepts on `port` and answers a `/healthz` GET
 /// with 200 while `healthy` holds, 500 after.
 fn kubelet(net: &Net, host: usize, port: u16, healthy: Arc<AtomicBool>) -> tokio::task::JoinHandle<()> {
@@ -182,6 +181,16 @@ fn kubelet(net: &Net, host: usize, port: u16, healthy: Arc<AtomicBool>) -> tokio
             });
         }
     })
+}
+
+/// The newest vote a detector cast on `node` for `verdict`.
+async fn last_vote(center: &EventCenter, node: &str, verdict: &str) -> Event {
+    let votes = events(center, &["DetectorVote"]).await;
+    votes
+        .into_iter()
+        .rev()
+        .find(|e| e.node == node && e.attributes.get("verdict").map(String::as_str) == Some(verdict))
+        .unwrap_or_else(|| panic!("no {verdict} vote on {node}"))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -212,12 +221,7 @@ async fn a_dead_kubelet_is_kubelet_down_and_a_filtered_node_still_answers_the_ec
     // the healthz answer as evidence; healthy again, cleared.
     healthy[2].store(false, Ordering::SeqCst);
     wait_verdict(&center, "host-2", "KubeletDown", true, Duration::from_secs(60)).await;
-    let votes = events(&center, &["DetectorVote"]).await;
-    let vote = votes
-        .iter()
-        .rev()
-        .find(|e| e.node == "host-2" && e.attributes.get("verdict").map(String::as_str) == Some("KubeletDown"))
-        .expect("the KubeletDown vote");
+    let vote = last_vote(&center, "host-2", "KubeletDown").await;
     assert!(vote.message.contains("kubelet healthz failed") && vote.message.contains("500"), "{}", vote.message);
     healthy[2].store(true, Ordering::SeqCst);
     wait_verdict(&center, "host-2", "KubeletDown", false, Duration::from_secs(60)).await;
@@ -227,12 +231,7 @@ async fn a_dead_kubelet_is_kubelet_down_and_a_filtered_node_still_answers_the_ec
     // reachable — AgentDown, not NodeUnreachable.
     net.filter_tcp_ports(1, &[agents[1].status_port, port]);
     wait_verdict(&center, "host-1", "AgentDown", true, Duration::from_secs(60)).await;
-    let votes = events(&center, &["DetectorVote"]).await;
-    let vote = votes
-        .iter()
-        .rev()
-        .find(|e| e.node == "host-1" && e.attributes.get("verdict").map(String::as_str) == Some("AgentDown"))
-        .expect("the AgentDown vote");
+    let vote = last_vote(&center, "host-1", "AgentDown").await;
     assert!(vote.message.contains("ICMP echo answered"), "{}", vote.message);
     assert!(
         !verdicts(&center).await.iter().any(|(n, t, h)| n == "host-1" && t == "NodeUnreachable" && *h),

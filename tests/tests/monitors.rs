@@ -9,58 +9,11 @@ use std::time::{Duration, Instant};
 
 use nodekeeper_proto::v1::ConditionStatus;
 use nodekeeper_tests::{
-    Agent, AgentSpec, EventCenter, bin, cli, cpu_and_rss, http_get, json_lines, metric, stored_events, wait_for,
+    Agent, AgentSpec, EventCenter, FixtureHost, LOGS_ONLY, bin, cli, cpu_and_rss, http_get, json_lines, metric,
+    stored_events, wait_for,
 };
 
 const QUICK: &str = "[nodes]\ncheck_interval = \"50ms\"\n";
-
-/// Only the log monitors (the hardware and component checks would read this machine).
-const LOGS_ONLY: &str = "[monitors]\n[monitors.hardware]\nenabled = false\n[monitors.components]\nenabled = false\n";
-
-/// A fixture host: a /proc with a boot id, and a kernel log file in /dev/kmsg's format.
-struct Host {
-    dir: tempfile::TempDir,
-    seq: u64,
-}
-
-impl Host {
-    fn new() -> Host {
-        let dir = tempfile::tempdir().unwrap();
-        std::fs::create_dir_all(dir.path().join("proc/sys/kernel/random")).unwrap();
-        let h = Host { dir, seq: 0 };
-        h.boot("0f2b6a3c-1d4e-4f50-8a9b-000000000001");
-        std::fs::write(h.kmsg(), "").unwrap();
-        h
-    }
-
-    fn boot(&self, id: &str) {
-        std::fs::write(self.dir.path().join("proc/sys/kernel/random/boot_id"), format!("{id}\n")).unwrap();
-    }
-
-    fn kmsg(&self) -> PathBuf {
-        self.dir.path().join("kmsg")
-    }
-
-    /// The agent config's [paths] for this host.
-    fn paths(&self) -> String {
-        format!(
-            "[paths]\nproc = \"{}\"\nkmsg = \"{}\"\n",
-            self.dir.path().join("proc").display(),
-            self.kmsg().display()
-        )
-    }
-
-    /// Appends kernel log records (priority 3, increasing sequence numbers).
-    fn log(&mut self, messages: &[&str]) {
-        let mut f = std::fs::OpenOptions::new().append(true).open(self.kmsg()).unwrap();
-        let mut text = String::new();
-        for m in messages {
-            self.seq += 1;
-            text.push_str(&format!("3,{},{},-;{m}\n", self.seq, 1_000_000 + self.seq));
-        }
-        f.write_all(text.as_bytes()).unwrap();
-    }
-}
 
 const DEADLOCK: &str = "INFO: task dockerd:1234 blocked for more than 120 seconds.";
 const OOM: &str =
@@ -83,7 +36,7 @@ async fn faults(center: &EventCenter) -> Vec<serde_json::Value> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_kernel_problem_reaches_the_faults_within_two_seconds_and_survives_restarts() {
     let center = EventCenter::start(QUICK).await;
-    let mut host = Host::new();
+    let mut host = FixtureHost::new();
     let paths = host.paths();
     let mut agent =
         Agent::start(AgentSpec { extra: &paths, monitors: LOGS_ONLY, ..AgentSpec::new("node-k", &center.url()) }).await;
@@ -145,7 +98,7 @@ async fn a_kernel_problem_reaches_the_faults_within_two_seconds_and_survives_res
 #[allow(clippy::print_stderr)] // the measured figures, shown with --nocapture
 async fn a_flood_of_a_million_lines_stays_within_the_budget_and_recovers() {
     let center = EventCenter::start(QUICK).await;
-    let mut host = Host::new();
+    let mut host = FixtureHost::new();
     let paths = host.paths();
     let monitors =
         format!("[monitors]\nlines_per_second = 500.0\nburst = 1000.0\n{}", &LOGS_ONLY["[monitors]\n".len()..]);
@@ -242,7 +195,7 @@ fn journal_append(file: &Path, identifier: &str, message: &str) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_journal_source_follows_a_real_journal() {
     let center = EventCenter::start(QUICK).await;
-    let host = Host::new();
+    let host = FixtureHost::new();
     let journal = host.dir.path().join("remote.journal");
     journal_append(&journal, "systemd", "Started Session 1 of user root.");
     let rules = host.dir.path().join("docker.toml");

@@ -5,13 +5,12 @@
 use std::time::Duration;
 
 use nodekeeper_proto::v1::{
-    AcquirePermitRequest, Condition, ConditionStatus, ListPermitsRequest, Observation, Operation, Reboot,
-    ReleasePermitRequest, Report, ReportMetricRequest, ReportRequest, SendCommandRequest,
-    fleet_service_client::FleetServiceClient, permit_service_client::PermitServiceClient,
-    report_service_client::ReportServiceClient, send_command_request,
+    AcquirePermitRequest, ListPermitsRequest, Operation, Reboot, RecommendedAction, ReleasePermitRequest,
+    ReportMetricRequest, ReportRequest, SendCommandRequest, fleet_service_client::FleetServiceClient,
+    permit_service_client::PermitServiceClient, report_service_client::ReportServiceClient, send_command_request,
 };
 use nodekeeper_tests::alertmanager::Alertmanager;
-use nodekeeper_tests::{AgentConn, EventCenter, cli, hello, stored_events, wait_for};
+use nodekeeper_tests::{AgentConn, EventCenter, cli, condition_report, hello, stored_events, wait_for};
 use tonic::transport::Channel;
 
 const POLICY: &str = r#"
@@ -125,19 +124,8 @@ async fn freezes_and_the_breaker_stop_disruption_but_not_releases() {
     assert_eq!(cli(&url, &["unfreeze"]).await.0, 0);
 
     // Faults open on 2 of 6 nodes (33% > 30%): the breaker trips at the next request.
-    let report = |node: &str| Report {
-        report_id: format!("r-{node}"),
-        cluster: "c1".into(),
-        node: node.into(),
-        observation: Some(Observation {
-            r#type: "StorageUnreachable".into(),
-            condition: Some(Condition {
-                r#type: "StorageUnreachable".into(),
-                status: ConditionStatus::True as i32,
-                ..Default::default()
-            }),
-            ..Default::default()
-        }),
+    let report = |node: &str| {
+        condition_report(&format!("r-{node}"), "c1", node, "StorageUnreachable", true, RecommendedAction::None)
     };
     ReportServiceClient::new(ch.clone())
         .report(ReportRequest { producer: "storage-operator".into(), reports: vec![report("n2"), report("n3")] })
@@ -290,20 +278,7 @@ async fn remediation_steps_join_the_fault_timeline_and_move_its_state() {
     use nodekeeper_proto::v1::{FaultState, GetFaultRequest, RecordStepRequest};
     let center = EventCenter::start(POLICY).await;
     let ch = center.channel().await;
-    let report = Report {
-        report_id: "r-1".into(),
-        cluster: "c1".into(),
-        node: "n0".into(),
-        observation: Some(Observation {
-            r#type: "KernelDeadlock".into(),
-            condition: Some(Condition {
-                r#type: "KernelDeadlock".into(),
-                status: ConditionStatus::True as i32,
-                ..Default::default()
-            }),
-            ..Default::default()
-        }),
-    };
+    let report = condition_report("r-1", "c1", "n0", "KernelDeadlock", true, RecommendedAction::None);
     ReportServiceClient::new(ch.clone())
         .report(ReportRequest { producer: "kernel-watch".into(), reports: vec![report] })
         .await

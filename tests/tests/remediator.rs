@@ -3,13 +3,13 @@
 //! no real API server can run here). The agent's reboot command is a harmless script that gives
 //! the fixture a new boot id; the test then restarts the agent as the node's boot would.
 
-use std::io::Write;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
 use std::time::Duration;
 
 use nodekeeper_tests::kubeapi::{self, cordoned_and_tainted};
-use nodekeeper_tests::{Agent, AgentSpec, EventCenter, bin, cli, json_lines, stored_events, wait_for};
+use nodekeeper_tests::{
+    Agent, AgentSpec, EventCenter, FixtureHost, LOGS_ONLY, Remediator, cli, json_lines, stored_events, wait_for,
+};
 
 /// Small clusters here: a breaker at the default 30% would trip on the first fault.
 const CENTER: &str = r#"
@@ -23,99 +23,14 @@ max_in_flight = 10
 max_share = 1.0
 "#;
 
-/// Only the log monitors (the hardware and component checks would read this machine).
-const LOGS_ONLY: &str = "[monitors]\n[monitors.hardware]\nenabled = false\n[monitors.components]\nenabled = false\n";
-
 const DEADLOCK: &str = "INFO: task dockerd:1234 blocked for more than 120 seconds.";
 const TAINT: &str = "nodekeeper.io/fault";
 
-/// A fixture host: /proc with a boot id, a kernel log in /dev/kmsg's format, and a reboot script
-/// that starts a new boot (a new boot id, an empty kernel log).
-struct Host {
-    dir: tempfile::TempDir,
-}
-
-impl Host {
-    fn new() -> Host {
-        let dir = tempfile::tempdir().unwrap();
-        std::fs::create_dir_all(dir.path().join("proc/sys/kernel/random")).unwrap();
-        let h = Host { dir };
-        std::fs::write(h.boot_id_path(), "0f2b6a3c-1d4e-4f50-8a9b-000000000001\n").unwrap();
-        std::fs::write(h.kmsg(), "").unwrap();
-        let script = h.dir.path().join("reboot.sh");
-        std::fs::write(
-            &script,
-            format!(
-                "#!/bin/sh\nprintf '0f2b6a3c-1d4e-4f50-8a9b-000000000002\\n' > {}\n: > {}\n",
-                h.boot_id_path().display(),
-                h.kmsg().display()
-            ),
-        )
-        .unwrap();
-        h
-    }
-
-    fn boot_id_path(&self) -> PathBuf {
-        self.dir.path().join("proc/sys/kernel/random/boot_id")
-    }
-
-    fn kmsg(&self) -> PathBuf {
-        self.dir.path().join("kmsg")
-    }
-
-    fn boot_id(&self) -> String {
-        std::fs::read_to_string(self.boot_id_path()).unwrap().trim().to_owned()
-    }
-
-    /// The agent config for this host.
-    fn agent_config(&self) -> String {
-        format!(
-            "reboot_command = [\"/bin/sh\", \"{}\"]\n[paths]\nproc = \"{}\"\nkmsg = \"{}\"\n",
-            self.dir.path().join("reboot.sh").display(),
-            self.dir.path().join("proc").display(),
-            self.kmsg().display()
-        )
-    }
-
-    fn log(&self, line: &str) {
-        let mut f = std::fs::OpenOptions::new().append(true).open(self.kmsg()).unwrap();
-        writeln!(f, "3,1,1000000,-;{line}").unwrap();
-    }
-}
-
-struct Remediator {
-    child: Child,
-    _dir: tempfile::TempDir,
-}
-
-impl Remediator {
-    fn start(center: &str, kubeconfig: &Path, extra: &str) -> Remediator {
-        let dir = tempfile::tempdir().unwrap();
-        let config = dir.path().join("remediator.toml");
-        std::fs::write(
-            &config,
-            format!(
-                "name = \"remediator-c1\"\ncluster = \"c1\"\ncenter = \"{center}\"\ninsecure = true\nkubeconfig = \"{}\"\npoll_interval = \"200ms\"\nstep_deadline = \"60s\"\nmigration_timeout = \"1s\"\n{extra}",
-                kubeconfig.display()
-            ),
-        )
-        .unwrap();
-        let child = Command::new(bin("nodekeeper-remediator"))
-            .arg("--config")
-            .arg(&config)
-            .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()))
-            .stdin(Stdio::null())
-            .spawn()
-            .expect("spawn nodekeeper-remediator");
-        Remediator { child, _dir: dir }
-    }
-}
-
-impl Drop for Remediator {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// The remediator, quick: it looks again every 200 ms, and waits at most a second for pods to
+/// leave; `extra` TOML after that.
+fn remediator(center: &str, kubeconfig: &Path, extra: &str) -> Remediator {
+    let quick = "poll_interval = \"200ms\"\nstep_deadline = \"60s\"\nmigration_timeout = \"1s\"\n";
+    Remediator::start(center, kubeconfig, &format!("{quick}{extra}"))
 }
 
 async fn fault_ids(center: &EventCenter, kind: &str) -> Vec<u64> {
@@ -149,8 +64,9 @@ async fn kernel_fault_loop(cordoned_before: bool) {
     if cordoned_before {
         api.kube.cordon("node-r");
     }
-    let host = Host::new();
-    let config = host.agent_config();
+    let mut host = FixtureHost::new();
+    let reboot = host.reboot_script("0f2b6a3c-1d4e-4f50-8a9b-000000000002");
+    let config = format!("reboot_command = [\"/bin/sh\", \"{}\"]\n{}", reboot.display(), host.paths());
     let mut agent =
         Agent::start(AgentSpec { extra: &config, monitors: LOGS_ONLY, ..AgentSpec::new("node-r", &center.url()) })
             .await;
@@ -158,11 +74,11 @@ async fn kernel_fault_loop(cordoned_before: bool) {
         agent.status().await.connected.then_some(())
     })
     .await;
-    let _remediator = Remediator::start(&center.url(), &api.kubeconfig, "");
+    let _remediator = remediator(&center.url(), &api.kubeconfig, "");
     // Another controller writes the node between the remediator's read and its write, twice.
     api.kube.interfere(2);
 
-    host.log(DEADLOCK);
+    host.log(&[DEADLOCK]);
     wait_for("node-r isolated", Duration::from_secs(30), || async {
         (cordoned_and_tainted(&api.kube.node("node-r"), TAINT) == (true, true)).then_some(())
     })
@@ -259,22 +175,8 @@ async fn report_with(
     holds: bool,
     action: nodekeeper_proto::v1::RecommendedAction,
 ) {
-    use nodekeeper_proto::v1::{
-        Condition, ConditionStatus, Observation, Report, ReportRequest, report_service_client::ReportServiceClient,
-    };
-    let status = if holds { ConditionStatus::True } else { ConditionStatus::False };
-    let r = Report {
-        report_id: id.into(),
-        cluster: "c1".into(),
-        node: node.into(),
-        observation: Some(Observation {
-            r#type: kind.into(),
-            message: format!("{kind} on {node}"),
-            action: action as i32,
-            condition: Some(Condition { r#type: kind.into(), status: status as i32, ..Default::default() }),
-            ..Default::default()
-        }),
-    };
+    use nodekeeper_proto::v1::{ReportRequest, report_service_client::ReportServiceClient};
+    let r = nodekeeper_tests::condition_report(id, "c1", node, kind, holds, action);
     ReportServiceClient::new(center.channel().await)
         .report(ReportRequest { producer: "test-operator".into(), reports: vec![r] })
         .await
@@ -304,8 +206,7 @@ async fn old_events_replayed_after_a_restart_trigger_nothing() {
     report(&center, "old-2", "n00", "DiskPressureStorm", false).await;
     // It replays the whole log, then a fresh fault comes.
     let playbook = heal_playbook("DiskPressureStorm");
-    let _remediator =
-        Remediator::start(&center.url(), &api.kubeconfig, &format!("start_from = \"oldest\"\n{playbook}"));
+    let _remediator = remediator(&center.url(), &api.kubeconfig, &format!("start_from = \"oldest\"\n{playbook}"));
     report(&center, "new-1", "n01", "DiskPressureStorm", true).await;
     wait_for("the fresh fault isolated", Duration::from_secs(30), || async {
         (cordoned_and_tainted(&api.kube.node("n01"), TAINT) == (true, true)).then_some(())
@@ -327,7 +228,7 @@ async fn past_the_attempt_budget_the_node_stays_isolated_and_the_fault_is_escala
     api.kube.add_node("n00");
     let _conns = register(&center, &node_names(1)).await;
     let config = format!("budget_attempts = 1\n{}", heal_playbook("FlakyNic"));
-    let _remediator = Remediator::start(&center.url(), &api.kubeconfig, &config);
+    let _remediator = remediator(&center.url(), &api.kubeconfig, &config);
     // The first fault is remediated: isolated, healed, released.
     report(&center, "f1-open", "n00", "FlakyNic", true).await;
     wait_for("the first isolation", Duration::from_secs(30), || async {
@@ -371,7 +272,7 @@ async fn a_fault_storm_trips_the_breaker_isolates_no_more_than_allowed_and_relea
         api.kube.add_node(n);
     }
     let _conns = register(&center, &nodes).await;
-    let _remediator = Remediator::start(&center.url(), &api.kubeconfig, &heal_playbook("StorageStorm"));
+    let _remediator = remediator(&center.url(), &api.kubeconfig, &heal_playbook("StorageStorm"));
     let isolated =
         || nodes.iter().filter(|n| cordoned_and_tainted(&api.kube.node(n), TAINT).1).cloned().collect::<Vec<_>>();
     // Faults on 8 of 20 nodes (40%).
@@ -420,7 +321,7 @@ async fn eviction_waits_out_a_disruption_budget_and_skips_daemonset_pods() {
     api.kube.block_eviction("shop", "db-0", true);
     let _conns = register(&center, &node_names(1)).await;
     let config = "evict = true\n[[playbook]]\ntypes = [\"NicDown\"]\nsteps = [\"isolate\", \"label-pods\", \"evict\", \"escalate\"]\n";
-    let _remediator = Remediator::start(&center.url(), &api.kubeconfig, config);
+    let _remediator = remediator(&center.url(), &api.kubeconfig, config);
     report(&center, "open", "n00", "NicDown", true).await;
     wait_for("web-1 evicted", Duration::from_secs(30), || async {
         api.kube.pod("shop", "web-1").is_none().then_some(())
@@ -468,7 +369,7 @@ async fn a_hardware_fault_opens_a_repair_ticket_and_the_repaired_node_is_release
     api.kube.add_node("n00");
     let _conns = register(&center, &node_names(1)).await;
     let config = format!("hardware_repair_webhook = \"{webhook}\"\n");
-    let _remediator = Remediator::start(&center.url(), &api.kubeconfig, &config);
+    let _remediator = remediator(&center.url(), &api.kubeconfig, &config);
     let hw = nodekeeper_proto::v1::RecommendedAction::HardwareRepair;
     report_with(&center, "open", "n00", "MemoryUncorrectable", true, hw).await;
     let request =
@@ -495,7 +396,7 @@ async fn a_component_fault_is_first_healed_by_restarting_the_component_without_i
     let api = kubeapi::Server::start().await;
     api.kube.add_node("n00");
     let mut conns = register(&center, &node_names(1)).await;
-    let _remediator = Remediator::start(&center.url(), &api.kubeconfig, "");
+    let _remediator = remediator(&center.url(), &api.kubeconfig, "");
     let restart = nodekeeper_proto::v1::RecommendedAction::RestartComponent;
     report_with(&center, "open", "n00", "KubeletUnhealthy", true, restart).await;
     // The node's agent receives the restart, with the permit the center granted.
@@ -523,7 +424,7 @@ async fn a_restarted_remediator_resumes_where_the_timeline_says_and_releases_its
     api.kube.add_node("n00");
     let _conns = register(&center, &node_names(1)).await;
     let playbook = heal_playbook("PsuFailing");
-    let first = Remediator::start(&center.url(), &api.kubeconfig, &playbook);
+    let first = remediator(&center.url(), &api.kubeconfig, &playbook);
     report(&center, "open", "n00", "PsuFailing", true).await;
     let fault = wait_for("isolated and waiting to verify", Duration::from_secs(30), || async {
         let id = *fault_ids(&center, "PsuFailing").await.first()?;
@@ -531,7 +432,7 @@ async fn a_restarted_remediator_resumes_where_the_timeline_says_and_releases_its
     })
     .await;
     drop(first);
-    let _second = Remediator::start(&center.url(), &api.kubeconfig, &playbook);
+    let _second = remediator(&center.url(), &api.kubeconfig, &playbook);
     report(&center, "clear", "n00", "PsuFailing", false).await;
     wait_for("the release", Duration::from_secs(30), || async {
         (steps(&center, fault).await.last().map(String::as_str) == Some("release")).then_some(())

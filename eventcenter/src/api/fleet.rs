@@ -118,36 +118,12 @@ impl fleet_service_server::FleetService for FleetApi {
         let caller = self.0.caller(&request)?;
         require(&caller, &[Kind::Subscriber, Kind::Admin], "record remediation steps")?;
         let req = request.into_inner();
-        validate::name(names::report_id(&req.step_id))?;
-        let bounded = |what: &str, v: &str, max: usize| {
-            if v.len() > max {
-                Err(Status::invalid_argument(format!("{what} is {} bytes, at most {max}", v.len())))
-            } else {
-                Ok(())
-            }
-        };
-        bounded("step", &req.step, 64)?;
-        bounded("message", &req.message, self.0.config.limits.max_text_bytes)?;
-        if req.step.is_empty() {
-            return Err(Status::invalid_argument("name the step"));
-        }
-        if req.attributes.len() > self.0.config.limits.max_attributes {
-            return Err(Status::invalid_argument(format!(
-                "{} attributes, at most {}",
-                req.attributes.len(),
-                self.0.config.limits.max_attributes
-            )));
-        }
+        validate::step(&req, &self.0.config.limits)?;
         let state = req.state();
-        if matches!(state, FaultState::Open | FaultState::Resolved) {
-            return Err(Status::invalid_argument(
-                "a step may move a fault to isolated, recovering or escalated; it opens and resolves with its condition",
-            ));
-        }
-        let (fault, _) = self
+        let fault = self
             .0
             .store
-            .get_fault(req.fault_id)
+            .fault(req.fault_id)
             .await
             .map_err(store_status)?
             .ok_or_else(|| Status::not_found(format!("no fault {}", req.fault_id)))?;

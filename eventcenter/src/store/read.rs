@@ -223,15 +223,15 @@ impl Store {
         .await
     }
 
+    /// A fault, without its events.
+    pub async fn fault(&self, id: u64) -> Result<Option<Fault>> {
+        self.read(move |c| fault(c, id)).await
+    }
+
     /// A fault and the events folded into it, in cursor order.
     pub async fn get_fault(&self, id: u64) -> Result<Option<(Fault, Vec<Event>)>> {
         self.read(move |c| {
-            let body: Option<Vec<u8>> = c
-                .prepare_cached("SELECT body FROM faults WHERE id = ?1")
-                .and_then(|mut s| s.query_row([id as i64], |r| r.get(0)).optional())
-                .map_err(sql)?;
-            let Some(body) = body else { return Ok(None) };
-            let fault: Fault = decode("faults", &body)?;
+            let Some(fault) = fault(c, id)? else { return Ok(None) };
             let mut stmt =
                 c.prepare_cached("SELECT cursor, body FROM events WHERE fault_id = ?1 ORDER BY cursor").map_err(sql)?;
             let rows =
@@ -281,6 +281,14 @@ impl Store {
         })
         .await
     }
+}
+
+fn fault(c: &Connection, id: u64) -> Result<Option<Fault>> {
+    let body: Option<Vec<u8>> = c
+        .prepare_cached("SELECT body FROM faults WHERE id = ?1")
+        .and_then(|mut s| s.query_row([id as i64], |r| r.get(0)).optional())
+        .map_err(sql)?;
+    body.map(|b| decode("faults", &b)).transpose()
 }
 
 fn conditions(c: &Connection, clusters: &[String], nodes: &[String]) -> Result<Vec<NodeCondition>> {
