@@ -16,6 +16,7 @@ needs=(
     "tc:iproute2"                 # and shape their links with netem
     "iptables:iptables"           # packet loss where the kernel has no netem
     "prometheus-alertmanager:prometheus-alertmanager"  # ops alerts and the business-health gate run against a real Alertmanager
+    "promtool:prometheus"         # checks every service's /metrics output
 )
 
 missing=()

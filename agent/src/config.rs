@@ -65,6 +65,10 @@ pub struct ComponentManagerConfig {
     pub rpm: PathBuf,
     pub dnf: PathBuf,
     pub systemctl: PathBuf,
+    /// A command prefix that runs each dnf transaction outside the agent's sandbox, e.g.
+    /// `["systemd-run", "--quiet", "--wait", "--pipe", "--collect", "--"]` (the packaged
+    /// config); empty: dnf runs as the agent's child.
+    pub transaction_runner: Vec<String>,
 }
 
 impl Default for ComponentManagerConfig {
@@ -80,6 +84,7 @@ impl Default for ComponentManagerConfig {
             rpm: "rpm".into(),
             dnf: "dnf".into(),
             systemctl: "systemctl".into(),
+            transaction_runner: Vec::new(),
         }
     }
 }
@@ -369,6 +374,16 @@ mod tests {
         let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../packaging/agent.toml");
         let cfg: Config = nodekeeper_common::config::load(&path).unwrap();
         cfg.validate().unwrap();
+        // The packaged config writes component config files exactly where the hardened unit lets it.
+        let unit = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../systemd/nodekeeper-agent.service");
+        let unit = std::fs::read_to_string(unit).unwrap();
+        let writable: Vec<PathBuf> = unit
+            .lines()
+            .filter_map(|l| l.strip_prefix("ReadWritePaths="))
+            .flat_map(|l| l.split_whitespace().map(|p| PathBuf::from(p.trim_start_matches('-'))))
+            .collect();
+        assert_eq!(cfg.component_manager.config_roots, writable);
+        assert_eq!(cfg.component_manager.transaction_runner.first().map(String::as_str), Some("systemd-run"));
     }
 
     #[test]

@@ -83,6 +83,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             state_dir: config.state_dir.clone(),
             releasever: cm.releasever.clone(),
             step_timeout: cm.step_timeout,
+            transaction_runner: cm.transaction_runner.clone(),
         };
         let driver = components::driver::Driver {
             manager: components::Manager::new(settings),

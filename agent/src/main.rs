@@ -22,7 +22,7 @@ struct Args {
     /// TOML configuration file (see packaging/agent.toml).
     #[arg(long, short = 'c', global = true, env = "NODEKEEPER_AGENT_CONFIG")]
     config: Option<PathBuf>,
-    /// Log format: text or json.
+    /// Log format: text, json (one object per line) or journald (native journal fields).
     #[arg(long, global = true, default_value = "text")]
     log_format: LogFormat,
     #[command(subcommand)]
@@ -355,6 +355,8 @@ async fn components_apply(
         state_dir,
         releasever: "1".into(),
         step_timeout: std::time::Duration::from_secs(600),
+        // Run by an operator in a shell, not in the service's sandbox.
+        transaction_runner: Vec::new(),
     };
     let mut manager = Manager::new(settings);
     let mut print = |line: String| {

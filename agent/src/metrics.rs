@@ -2,8 +2,11 @@
 
 use std::sync::atomic::AtomicU64;
 
-use prometheus_client::encoding::text::encode;
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+
 use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
@@ -22,6 +25,26 @@ pub struct Metrics {
     pub log_lines_dropped: Counter,
     /// Rule matches in log lines.
     pub log_matches: Counter,
+    /// Monitor threads (name, thread id): their CPU time is read from /proc when scraped.
+    pub monitor_threads: Arc<Mutex<Vec<(String, i32)>>>,
+    /// CPU seconds spent in each periodic check (measured around each run).
+    pub check_cpu: Arc<Mutex<BTreeMap<&'static str, f64>>>,
+}
+
+/// CPU seconds (user + system) of one of this process's threads.
+fn thread_cpu_seconds(tid: i32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/self/task/{tid}/stat")).ok()?;
+    let fields: Vec<&str> = stat.get(stat.rfind(')')? + 2..)?.split_whitespace().collect();
+    let ticks = fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
+    let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK).ok().flatten().unwrap_or(100) as f64;
+    Some(ticks / hz)
+}
+
+/// CPU time of the calling thread.
+pub fn thread_cpu_now() -> std::time::Duration {
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_THREAD_CPUTIME_ID)
+        .map(|t| std::time::Duration::new(t.tv_sec() as u64, t.tv_nsec() as u32))
+        .unwrap_or_default()
 }
 
 impl Metrics {
@@ -53,10 +76,21 @@ impl Metrics {
             self.log_lines_dropped.clone(),
         );
         registry.register("log_matches", "Rule matches in log lines", self.log_matches.clone());
-        let mut out = String::new();
-        if let Err(err) = encode(&mut out, &registry) {
-            tracing::error!(error = %err, "cannot encode metrics");
+        let cpu = Family::<Vec<(&'static str, String)>, Counter<f64, AtomicU64>>::default();
+        for (name, tid) in self.monitor_threads.lock().expect("metrics lock").iter() {
+            if let Some(secs) = thread_cpu_seconds(*tid) {
+                cpu.get_or_create(&vec![("monitor", name.clone())]).inc_by(secs);
+            }
         }
-        out
+        for (name, secs) in self.check_cpu.lock().expect("metrics lock").iter() {
+            cpu.get_or_create(&vec![("monitor", format!("check/{name}"))]).inc_by(*secs);
+        }
+        registry.register_with_unit(
+            "monitor_cpu",
+            "CPU time spent by each log monitor thread and periodic check",
+            prometheus_client::registry::Unit::Seconds,
+            cpu,
+        );
+        nodekeeper_common::metrics::encode(&registry)
     }
 }

@@ -109,9 +109,10 @@ pub async fn serve(
         .into_axum_router()
         .route(
             "/metrics",
-            axum::routing::get(move || {
-                let body = metrics.render(&outbox);
-                async move { ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], body) }
+            axum::routing::get(move |headers: axum::http::HeaderMap| {
+                let accept = headers.get(axum::http::header::ACCEPT).and_then(|v| v.to_str().ok());
+                let (content_type, body) = nodekeeper_common::metrics::negotiate(accept, metrics.render(&outbox));
+                async move { ([(axum::http::header::CONTENT_TYPE, content_type)], body) }
             }),
         );
     tonic::transport::Server::builder()

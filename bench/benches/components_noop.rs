@@ -93,6 +93,7 @@ async fn main() {
         state_dir: tmp.path().join("state"),
         releasever: "1".into(),
         step_timeout: Duration::from_secs(300),
+        transaction_runner: Vec::new(),
     });
     let mut quiet = |_: String| {};
     for (name, o) in m.reconcile(&specs, &mut quiet).await {

@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use nodekeeper_bench::{KillOnDrop, proc_usage, simulated_agent, target_dir};
 use nodekeeper_proto::v1::{Inventory, NetworkInterface};
-use nodekeeper_tests::{EventCenter, free_port, hello, http_get, metric, try_http_get, wait_for};
+use nodekeeper_tests::{EventCenter, free_port, hello, http_get, metric, metric_where, try_http_get, wait_for};
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
@@ -103,7 +103,8 @@ async fn main() {
     tokio::time::sleep(Duration::from_secs(seconds)).await;
     let (p1, c1, window) = (probes().await, proc_usage(pid).unwrap(), t0.elapsed());
     let text = http_get(&metrics).await;
-    let failed = metric(&text, "nodekeeper_detector_probes_failed_total").unwrap_or(0.0);
+    let failed = metric(&text, "nodekeeper_detector_probes_total").unwrap_or(0.0)
+        - metric_where(&text, "nodekeeper_detector_probes_total", r#"outcome="healthy""#).unwrap_or(0.0);
     let suspected = metric(&text, "nodekeeper_detector_suspected_nodes").unwrap_or(0.0);
     drop(detector);
     let cpu = (c1.cpu - c0).as_secs_f64() / window.as_secs_f64() * 100.0;

@@ -93,15 +93,7 @@ impl Sampler {
     }
 }
 
-/// A child process killed when dropped, so that a failed benchmark leaves nothing running.
-pub struct KillOnDrop(pub std::process::Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
+pub use nodekeeper_tests::KillOnDrop;
 
 /// One simulated agent: `hello`, then a heartbeat every `interval` (random phase) until the center
 /// ends the stream; counts connections and heartbeats.

@@ -6,6 +6,7 @@ pub mod backoff;
 pub mod config;
 pub mod http;
 pub mod logging;
+pub mod metrics;
 pub mod names;
 pub mod shutdown;
 pub mod systemd;

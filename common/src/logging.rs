@@ -1,7 +1,11 @@
 //! Structured logs through `tracing`: human-readable text by default, JSON lines with `--log-format
-//! json` (for journald or a log shipper). The filter comes from `RUST_LOG`, default `info`.
+//! json` (for a log shipper), or native journald entries with `--log-format journald` (every field
+//! a journal field, the level as PRIORITY: `journalctl -u nodekeeper-agent PRIORITY=3`, or
+//! `-o json`). The filter comes from `RUST_LOG`, default `info`.
 
 use tracing_subscriber::EnvFilter;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -9,6 +13,7 @@ pub enum LogFormat {
     #[default]
     Text,
     Json,
+    Journald,
 }
 
 impl std::str::FromStr for LogFormat {
@@ -17,25 +22,38 @@ impl std::str::FromStr for LogFormat {
         match s {
             "text" => Ok(Self::Text),
             "json" => Ok(Self::Json),
-            other => Err(format!("unknown log format {other:?}: expected \"text\" or \"json\"")),
+            "journald" => Ok(Self::Journald),
+            other => Err(format!("unknown log format {other:?}: expected \"text\", \"json\" or \"journald\"")),
         }
     }
 }
 
-/// Installs the global subscriber. Logs go to stderr.
+/// Installs the global subscriber. Text and JSON go to stderr; journald falls back to text on
+/// stderr (with a warning) when the journal's socket is not there.
 pub fn init(format: LogFormat) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let filter = || EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     use std::io::IsTerminal;
     let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+        .with_env_filter(filter())
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal());
+    let mut journald_error = None;
     // A second init (tests running several services in one process) keeps the first subscriber.
     let result = match format {
         LogFormat::Text => builder.try_init(),
         LogFormat::Json => builder.json().flatten_event(true).try_init(),
+        LogFormat::Journald => match tracing_journald::layer() {
+            Ok(layer) => tracing_subscriber::registry().with(filter()).with(layer).try_init().map_err(Into::into),
+            Err(err) => {
+                journald_error = Some(err);
+                builder.try_init()
+            }
+        },
     };
     if let Err(err) = result {
         tracing::debug!(error = %err, "logging already initialised");
+    }
+    if let Some(err) = journald_error {
+        tracing::warn!(error = %err, "cannot log to journald; logging text to stderr");
     }
 }

@@ -24,13 +24,17 @@ pub mod probe;
 use std::collections::{BTreeSet, HashMap};
 use std::net::IpAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use nodekeeper_proto::v1::{
     Category, Condition, ConditionStatus, ListNodesRequest, Node, Observation, RecommendedAction, Report,
     ReportRequest, Severity, fleet_service_client::FleetServiceClient, report_service_client::ReportServiceClient,
 };
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::{Registry, Unit};
 use tokio::task::JoinSet;
 use tonic::transport::Channel;
 
@@ -45,15 +49,56 @@ const MAX_OVERLAP: usize = 3;
 /// Other nodes probed at once when a node stops answering.
 const WITNESSES: usize = 5;
 
-/// Counters for /metrics.
-#[derive(Default)]
-pub struct Stats {
-    pub probes: AtomicU64,
-    pub probes_failed: AtomicU64,
-    pub reports: AtomicU64,
-    pub suspected: AtomicU64,
-    pub partitioned: AtomicU64,
-    pub probe_micros: AtomicU64,
+/// The detector's `/metrics`.
+pub struct Metrics {
+    registry: Registry,
+    /// Probes by kind (light, full) and outcome (healthy, agent_down: the node answered but the
+    /// agent did not, no_answer: nothing on the node answered).
+    probes: Family<Vec<(&'static str, &'static str)>, Counter>,
+    probe_seconds: Family<Vec<(&'static str, &'static str)>, Histogram>,
+    reports: Counter,
+    suspected: Gauge,
+    partitioned: Gauge,
+}
+
+fn probe_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(0.0005, 2.0, 14))
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let m = Metrics {
+            registry: Registry::with_prefix("nodekeeper_detector"),
+            probes: Family::default(),
+            probe_seconds: Family::new_with_constructor(probe_histogram),
+            reports: Counter::default(),
+            suspected: Gauge::default(),
+            partitioned: Gauge::default(),
+        };
+        let mut m = m;
+        let r = &mut m.registry;
+        r.register(
+            "probes",
+            "Probes by kind (light, full) and outcome (healthy, agent_down, no_answer)",
+            m.probes.clone(),
+        );
+        r.register_with_unit("probe", "Probe latency by kind", Unit::Seconds, m.probe_seconds.clone());
+        r.register("reports", "Reports sent to the center", m.reports.clone());
+        r.register("suspected_nodes", "Nodes probed as suspects", m.suspected.clone());
+        r.register(
+            "partitioned",
+            "1 while the detector suspects itself (most probed nodes silent)",
+            m.partitioned.clone(),
+        );
+        m
+    }
+}
+
+impl Metrics {
+    /// OpenMetrics text of every metric.
+    pub fn render(&self) -> String {
+        nodekeeper_common::metrics::encode(&self.registry)
+    }
 }
 
 struct NodeState {
@@ -124,7 +169,7 @@ pub struct Detector {
     channel: Channel,
     nodes: HashMap<(String, String), NodeState>,
     partitioned: bool,
-    pub stats: Arc<Stats>,
+    pub metrics: Arc<Metrics>,
     counter: u64,
     generation: u64,
     /// A node stopped answering: witnesses are wanted.
@@ -145,7 +190,7 @@ impl Detector {
             channel,
             nodes: HashMap::new(),
             partitioned: false,
-            stats: Arc::default(),
+            metrics: Arc::default(),
             counter: 0,
             generation: 0,
             witnesses_wanted: false,
@@ -206,8 +251,6 @@ impl Detector {
     fn apply(&mut self, key: &(String, String), r: ProbeResult) {
         let confirmations = self.cfg.confirmations;
         let Some(st) = self.nodes.get_mut(key) else { return };
-        self.stats.probes.fetch_add(1, Ordering::Relaxed);
-        self.stats.probe_micros.fetch_add(r.latency.as_micros() as u64, Ordering::Relaxed);
         let answered = r.agent != Reach::NoAnswer
             || r.kubelet.is_some_and(|k| k != Reach::NoAnswer)
             || r.echo == Some(true)
@@ -216,12 +259,19 @@ impl Detector {
         tracing::debug!(node = %key.1, answered, agent = ?r.agent, healthy = r.agent_healthy, ms = r.latency.as_millis() as u64, "probe");
         st.evidence = r.evidence();
         let agent_ok = r.agent_healthy;
+        let kind = if r.full { "full" } else { "light" };
+        let outcome = match (agent_ok, answered) {
+            (true, _) => "healthy",
+            (false, true) => "agent_down",
+            (false, false) => "no_answer",
+        };
+        self.metrics.probes.get_or_create(&vec![("kind", kind), ("outcome", outcome)]).inc();
+        self.metrics.probe_seconds.get_or_create(&vec![("kind", kind)]).observe(r.latency.as_secs_f64());
         if agent_ok {
             st.failures = 0;
             st.view.remove("AgentDown");
             st.view.remove("NodeUnreachable");
         } else {
-            self.stats.probes_failed.fetch_add(1, Ordering::Relaxed);
             st.failures += 1;
             if st.failures == 1 && !answered {
                 self.witnesses_wanted = true;
@@ -338,7 +388,7 @@ impl Detector {
             ReportServiceClient::new(self.channel.clone())
                 .report(ReportRequest { producer: self.cfg.name.clone(), reports: chunk.to_vec() })
                 .await?;
-            self.stats.reports.fetch_add(chunk.len() as u64, Ordering::Relaxed);
+            self.metrics.reports.inc_by(chunk.len() as u64);
         }
         Ok(())
     }
@@ -414,7 +464,7 @@ impl Detector {
                             (key, probe::probe(&target, kubelet, icmp.as_ref(), timeout, full).await)
                         });
                     }
-                    self.stats.suspected.store(suspected as u64, Ordering::Relaxed);
+                    self.metrics.suspected.set(suspected as i64);
                     if !dirty && now < looked + Duration::from_secs(1) {
                         continue;
                     }
@@ -423,7 +473,7 @@ impl Detector {
                     let changed = partitioned != self.partitioned;
                     if changed {
                         self.partitioned = partitioned;
-                        self.stats.partitioned.store(u64::from(partitioned), Ordering::Relaxed);
+                        self.metrics.partitioned.set(i64::from(partitioned));
                         if partitioned {
                             tracing::warn!(probed, silent, "most nodes are unreachable at once: this detector suspects itself and declares no node faulty");
                         } else {

@@ -2,7 +2,6 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::atomic::Ordering;
 
 use clap::Parser;
 use nodekeeper_common::config::{EXIT_CONFIG, EXIT_FAILURE};
@@ -19,7 +18,7 @@ struct Args {
     /// TOML configuration file (see packaging/detector.toml).
     #[arg(long, short = 'c', env = "NODEKEEPER_DETECTOR_CONFIG")]
     config: Option<PathBuf>,
-    /// Log format: text or json.
+    /// Log format: text, json (one object per line) or journald (native journal fields).
     #[arg(long, default_value = "text")]
     log_format: LogFormat,
 }
@@ -66,31 +65,9 @@ fn main() -> ExitCode {
         let metrics_listen = config.metrics_listen;
         let detector = nodekeeper_detector::Detector::new(config, channel);
         if let Some(addr) = metrics_listen {
-            let stats = detector.stats.clone();
-            let listener = tokio::net::TcpListener::bind(addr).await?;
-            tokio::spawn(async move {
-                let app = axum::Router::new().route(
-                    "/metrics",
-                    axum::routing::get(move || {
-                        let s = stats.clone();
-                        async move {
-                            let g = |n: &str, help: &str, kind: &str, v: u64| format!("# HELP nodekeeper_detector_{n} {help}\n# TYPE nodekeeper_detector_{n} {kind}\nnodekeeper_detector_{n} {v}\n");
-                            [
-                                g("probes_total", "Probes made", "counter", s.probes.load(Ordering::Relaxed)),
-                                g("probes_failed_total", "Probes whose agent was not healthy", "counter", s.probes_failed.load(Ordering::Relaxed)),
-                                g("probe_seconds_total", "Time spent in probes (divide by probes_total for the mean latency)", "counter", s.probe_micros.load(Ordering::Relaxed) / 1_000_000),
-                                g("reports_total", "Reports sent to the center", "counter", s.reports.load(Ordering::Relaxed)),
-                                g("suspected_nodes", "Nodes probed as suspects", "gauge", s.suspected.load(Ordering::Relaxed)),
-                                g("partitioned", "1 while the detector suspects itself", "gauge", s.partitioned.load(Ordering::Relaxed)),
-                            ]
-                            .concat()
-                        }
-                    }),
-                );
-                if let Err(e) = axum::serve(listener, app).await {
-                    tracing::error!(error = %e, "metrics listener failed");
-                }
-            });
+            let metrics = detector.metrics.clone();
+            let render = move || std::future::ready(metrics.render());
+            nodekeeper_common::metrics::spawn(addr, render, tokio_util::sync::CancellationToken::new()).await?;
         }
         let watchdog = nodekeeper_common::systemd::spawn_watchdog(tokio_util::sync::CancellationToken::new());
         nodekeeper_common::systemd::ready();

@@ -38,6 +38,8 @@ pub struct ProbeResult {
     /// The ICMP echo was answered (None: not probed).
     pub echo: Option<bool>,
     pub latency: Duration,
+    /// A full probe (a suspect's), not a sweep's light one.
+    pub full: bool,
 }
 
 impl ProbeResult {
@@ -164,7 +166,7 @@ pub async fn probe(t: &Target, k: KubeletPorts, icmp: Option<&Icmp>, timeout: Du
         }
     };
     let ((agent, agent_healthy), kubelet, kubelet_healthz, echo) = tokio::join!(agent, kubelet, kubelet_healthz, echo);
-    ProbeResult { agent, agent_healthy, kubelet, kubelet_healthz, echo, latency: start.elapsed() }
+    ProbeResult { agent, agent_healthy, kubelet, kubelet_healthz, echo, latency: start.elapsed(), full }
 }
 
 #[cfg(test)]
@@ -180,6 +182,7 @@ mod tests {
             kubelet_healthz,
             echo: None,
             latency: Duration::ZERO,
+            full: true,
         };
         assert_eq!(r(None, None).kubelet_up(), None);
         assert_eq!(r(Some(Reach::Ok), None).kubelet_up(), Some(true));

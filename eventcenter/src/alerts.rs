@@ -1,8 +1,12 @@
-//! Ops alerts to Alertmanager: one per tripped breaker (`NodekeeperBreakerTripped`) and one per
-//! escalated fault (`NodekeeperFaultEscalated`). What fires is derived from the center's state each
-//! round, so a restarted center sends what still holds. Firing alerts are sent again every
-//! `resend_interval` and say they end after three of those: Alertmanager resolves on its own what
-//! a stopped center no longer sends. An alert whose cause ended is sent once more, resolved.
+//! Ops alerts: a tripped breaker (`NodekeeperBreakerTripped`), an escalated fault
+//! (`NodekeeperFaultEscalated`), a cluster losing heartbeats from many nodes at once
+//! (`NodekeeperHeartbeatLoss`) and a durable consumer falling behind (`NodekeeperSubscriberLag`).
+//! What fires is derived from the center's state each round, so a restarted center sends what
+//! still holds. Alertmanager gets every firing alert again each `resend_interval`, each saying it
+//! ends after three of those: Alertmanager resolves on its own what a stopped center no longer
+//! sends. An alert whose cause ended is sent once more, resolved. Generic webhooks get the same
+//! alerts as Alertmanager's webhook payload when the set changes (and every
+//! `webhook_repeat_interval` while anything fires).
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -12,7 +16,10 @@ use nodekeeper_common::time::timestamp_to_unix_ms;
 use nodekeeper_proto::v1::FaultState;
 use tokio_util::sync::CancellationToken;
 
+use crate::alertmanager::Webhooks;
 use crate::alertmanager::{Alertmanager, PostableAlert};
+use crate::config::AlertsConfig;
+use crate::liveness::Liveness;
 use crate::permits::RateLimiter;
 use crate::store::{FaultFilter, Store};
 
@@ -30,10 +37,19 @@ fn alert(labels: &[(&str, &str)], summary: String, starts_at: SystemTime, ends_a
     }
 }
 
-/// The alerts that fire now, each lasting until `ends_at` unless sent again.
-async fn firing(permits: &RateLimiter, store: &Store, ends_at: SystemTime) -> Vec<PostableAlert> {
+/// What the alerts are derived from.
+pub struct Sources {
+    pub permits: Arc<RateLimiter>,
+    pub store: Store,
+    pub liveness: Arc<Liveness>,
+    pub config: AlertsConfig,
+}
+
+/// The alerts that fire now, each lasting until `ends_at` unless sent again. Alerts without a
+/// time of their own start `now`.
+async fn firing(src: &Sources, now: SystemTime, ends_at: SystemTime) -> Vec<PostableAlert> {
     let mut out = Vec::new();
-    for g in permits.guards().1.into_iter().filter(|g| g.breaker_tripped) {
+    for g in src.permits.guards().1.into_iter().filter(|g| g.breaker_tripped) {
         out.push(alert(
             &[("alertname", "NodekeeperBreakerTripped"), ("cluster", &g.cluster), ("severity", "critical")],
             format!("the remediation breaker of cluster {} tripped: {}", g.cluster, g.reason),
@@ -42,7 +58,7 @@ async fn firing(permits: &RateLimiter, store: &Store, ends_at: SystemTime) -> Ve
         ));
     }
     let escalated = FaultFilter { states: vec![FaultState::Escalated as i32], limit: 10_000, ..Default::default() };
-    match store.list_faults(escalated).await {
+    match src.store.list_faults(escalated).await {
         Ok(faults) => {
             for f in faults {
                 out.push(alert(
@@ -62,29 +78,66 @@ async fn firing(permits: &RateLimiter, store: &Store, ends_at: SystemTime) -> Ve
         }
         Err(e) => tracing::error!(error = %e, "cannot read escalated faults for alerts"),
     }
+    let cfg = &src.config;
+    for (cluster, c) in src.liveness.census() {
+        if c.lost >= cfg.heartbeat_loss_min_nodes && c.lost as f64 > cfg.heartbeat_loss_share * c.nodes as f64 {
+            out.push(alert(
+                &[("alertname", "NodekeeperHeartbeatLoss"), ("cluster", &cluster), ("severity", "critical")],
+                format!(
+                    "{} of {} nodes of cluster {cluster} lost their heartbeat: a network partition, the center's own connectivity, or a fleet-wide agent failure",
+                    c.lost, c.nodes
+                ),
+                now,
+                ends_at,
+            ));
+        }
+    }
+    match src.store.list_consumers().await {
+        Ok(consumers) => {
+            for c in consumers.into_iter().filter(|c| c.lag > cfg.subscriber_lag_events) {
+                out.push(alert(
+                    &[("alertname", "NodekeeperSubscriberLag"), ("consumer", &c.name), ("severity", "warning")],
+                    format!(
+                        "durable consumer {} is {} events behind (acknowledged cursor {})",
+                        c.name, c.lag, c.acked_cursor
+                    ),
+                    now,
+                    ends_at,
+                ));
+            }
+        }
+        Err(e) => tracing::error!(error = %e, "cannot read consumers for alerts"),
+    }
     out
 }
 
 /// Sends the ops alerts every `resend_interval`, and at once when `changed` is notified.
 pub async fn run(
-    am: Arc<Alertmanager>,
-    permits: Arc<RateLimiter>,
-    store: Store,
+    am: Option<Arc<Alertmanager>>,
+    webhooks: Option<Webhooks>,
+    src: Sources,
     resend_interval: Duration,
     cancel: CancellationToken,
 ) {
     // Sent and not yet resolved, by labels.
     let mut sent: HashMap<BTreeMap<String, String>, PostableAlert> = HashMap::new();
+    let mut webhooks = webhooks;
     let mut tick = tokio::time::interval(resend_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             _ = cancel.cancelled() => return,
             _ = tick.tick() => {}
-            _ = permits.changed.notified() => {}
+            _ = src.permits.changed.notified() => {}
         }
         let now = SystemTime::now();
-        let now_firing = firing(&permits, &store, now + resend_interval * 3).await;
+        let mut now_firing = firing(&src, now, now + resend_interval * 3).await;
+        // An alert keeps the start it was first sent with.
+        for a in &mut now_firing {
+            if let Some(prev) = sent.get(&a.labels) {
+                a.starts_at = a.starts_at.min(prev.starts_at);
+            }
+        }
         let mut batch = now_firing.clone();
         for (labels, a) in &sent {
             if !now_firing.iter().any(|f| &f.labels == labels) {
@@ -94,13 +147,24 @@ pub async fn run(
         if batch.is_empty() {
             continue;
         }
-        match am.post(&batch).await {
-            Ok(()) => {
+        let mut failed = None;
+        if let Some(am) = &am
+            && let Err(e) = am.post(&batch).await
+        {
+            failed = Some(e);
+        }
+        if let Some(w) = &mut webhooks
+            && let Err(e) = w.post(&batch, now).await
+        {
+            failed = Some(e);
+        }
+        match failed {
+            None => {
                 let resolved = batch.len() - now_firing.len();
-                tracing::debug!(firing = now_firing.len(), resolved, "alerts sent to Alertmanager");
+                tracing::debug!(firing = now_firing.len(), resolved, "alerts sent");
                 sent = now_firing.into_iter().map(|a| (a.labels.clone(), a)).collect();
             }
-            Err(e) => {
+            Some(e) => {
                 tracing::warn!(error = %e, alerts = batch.len(), "cannot send alerts; will retry");
                 tick.reset_after(resend_interval.min(Duration::from_secs(5)));
             }

@@ -25,6 +25,10 @@ pub struct Config {
     pub detectors: DetectorsConfig,
     /// Alertmanager: where ops alerts go and what the business-health gates read.
     pub alertmanager: AlertmanagerConfig,
+    /// Ops alerts: their thresholds, and generic JSON webhooks besides Alertmanager.
+    pub alerts: AlertsConfig,
+    /// Prometheus `/metrics` listener (plain HTTP); unset: none.
+    pub metrics_listen: Option<SocketAddr>,
     /// The rate-limit center: permits for risky operations, the circuit breaker.
     pub permits: PermitsConfig,
     /// Idle time after which a subscription gets a bookmark.
@@ -167,6 +171,35 @@ impl Default for AlertmanagerConfig {
 }
 
 #[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AlertsConfig {
+    /// URLs that receive every alert batch as JSON (Alertmanager's webhook payload), besides
+    /// or instead of Alertmanager.
+    pub webhooks: Vec<String>,
+    /// Webhooks get the firing alerts again this often (Alertmanager's own default).
+    #[serde(with = "duration")]
+    pub webhook_repeat_interval: Duration,
+    /// `NodekeeperHeartbeatLoss` fires for a cluster when more than this share of its nodes...
+    pub heartbeat_loss_share: f64,
+    /// ...and at least this many have lost their heartbeat.
+    pub heartbeat_loss_min_nodes: u64,
+    /// `NodekeeperSubscriberLag` fires for a durable consumer this many events behind.
+    pub subscriber_lag_events: u64,
+}
+
+impl Default for AlertsConfig {
+    fn default() -> Self {
+        Self {
+            webhooks: Vec::new(),
+            webhook_repeat_interval: Duration::from_secs(4 * 3600),
+            heartbeat_loss_share: 0.05,
+            heartbeat_loss_min_nodes: 3,
+            subscriber_lag_events: 100_000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PermitPolicy {
     pub operation: String,
@@ -248,6 +281,8 @@ impl Default for Config {
             limits: LimitsConfig::default(),
             detectors: DetectorsConfig::default(),
             alertmanager: AlertmanagerConfig::default(),
+            alerts: AlertsConfig::default(),
+            metrics_listen: None,
             permits: PermitsConfig::default(),
             bookmark_interval: Duration::from_secs(5),
             drain_timeout: Duration::from_secs(5),
@@ -325,6 +360,17 @@ impl Config {
             && !(url.starts_with("http://") || url.starts_with("https://"))
         {
             return Err(format!("alertmanager.url: expected an http:// or https:// URL, got {url:?}"));
+        }
+        for (i, url) in self.alerts.webhooks.iter().enumerate() {
+            if !(url.starts_with("http://") || url.starts_with("https://")) {
+                return Err(format!("alerts.webhooks[{i}]: expected an http:// or https:// URL, got {url:?}"));
+            }
+        }
+        if !(0.0..=1.0).contains(&self.alerts.heartbeat_loss_share) {
+            return Err(format!(
+                "alerts.heartbeat_loss_share: expected a share between 0 and 1, got {}",
+                self.alerts.heartbeat_loss_share
+            ));
         }
         if !(0.0..=1.0).contains(&self.permits.breaker_fault_share) {
             return Err("permits.breaker_fault_share must be between 0 and 1".into());

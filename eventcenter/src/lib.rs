@@ -11,6 +11,7 @@ pub mod cursor;
 pub mod gate;
 pub mod limits;
 pub mod liveness;
+pub mod metrics;
 pub mod permits;
 pub mod quorum;
 pub mod store;
@@ -48,6 +49,8 @@ pub enum RunError {
     Tls(#[from] nodekeeper_common::tls::TlsError),
     #[error("{0}")]
     Alertmanager(String),
+    #[error("{0}")]
+    Metrics(std::io::Error),
     #[error("no [tls] configured: mutual TLS is the default; set tls.ca, tls.cert and tls.key, or run with --insecure")]
     NoTls,
 }
@@ -97,14 +100,34 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: impl Future<Ou
         alertmanager::Alertmanager::new(&config.alertmanager).map_err(RunError::Alertmanager)?.map(Arc::new);
     let gates = gate::Gates::new(config.permits.gate.clone(), alertmanager.clone(), config.alertmanager.query_interval);
     let permits = Arc::new(permits::RateLimiter::load(config.permits.clone(), gates, &store).await?);
-    if let Some(am) = alertmanager {
+    let webhooks = alertmanager::Webhooks::new(
+        &config.alerts.webhooks,
+        config.alerts.webhook_repeat_interval,
+        config.alertmanager.timeout,
+    )
+    .map_err(RunError::Alertmanager)?;
+    if alertmanager.is_some() || webhooks.is_some() {
+        let sources = alerts::Sources {
+            permits: permits.clone(),
+            store: store.clone(),
+            liveness: liveness.clone(),
+            config: config.alerts.clone(),
+        };
         tasks.push(tokio::spawn(alerts::run(
-            am,
-            permits.clone(),
-            store.clone(),
+            alertmanager,
+            webhooks,
+            sources,
             config.alertmanager.resend_interval,
             cancel.clone(),
         )));
+    }
+    if let Some(addr) = config.metrics_listen {
+        let m = Arc::new(metrics::Metrics::new(store.clone(), liveness.clone(), permits.decisions.clone()));
+        let render = move || {
+            let m = m.clone();
+            async move { m.render().await }
+        };
+        tasks.push(nodekeeper_common::metrics::spawn(addr, render, cancel.clone()).await.map_err(RunError::Metrics)?);
     }
     let ctx = Ctx {
         store: store.clone(),

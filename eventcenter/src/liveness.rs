@@ -28,6 +28,13 @@ struct Entry {
     outbox_dropped_total: u64,
 }
 
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Census {
+    pub nodes: u64,
+    pub lost: u64,
+    pub connected: u64,
+}
+
 type Transition = (NodeKey, bool, Duration);
 
 pub struct Liveness {
@@ -133,6 +140,18 @@ impl Liveness {
             node.outbox_depth = e.outbox_depth;
             node.outbox_dropped_total = e.outbox_dropped_total;
         }
+    }
+
+    /// Per cluster: known nodes, nodes lost, nodes with an open stream.
+    pub fn census(&self) -> std::collections::BTreeMap<String, Census> {
+        let mut out = std::collections::BTreeMap::<String, Census>::new();
+        for (key, e) in self.entries.lock().expect("liveness lock").iter() {
+            let c = out.entry(key.cluster.clone()).or_default();
+            c.nodes += 1;
+            c.lost += u64::from(e.lost);
+            c.connected += u64::from(e.connections > 0);
+        }
+        out
     }
 
     async fn check_loop(self: Arc<Self>, cancel: CancellationToken) {

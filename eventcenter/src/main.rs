@@ -30,7 +30,7 @@ struct Args {
     /// Serve plaintext gRPC without client certificates (development and tests only).
     #[arg(long)]
     insecure: bool,
-    /// Log format: text or json.
+    /// Log format: text, json (one object per line) or journald (native journal fields).
     #[arg(long, default_value = "text")]
     log_format: LogFormat,
 }

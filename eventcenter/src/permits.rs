@@ -63,6 +63,8 @@ pub struct RateLimiter {
     /// Notified when what the ops alerts show may have changed (a breaker tripped or reset, a
     /// fault escalated).
     pub changed: tokio::sync::Notify,
+    /// Decisions by operation, decision and reason class (for `/metrics`).
+    pub decisions: crate::metrics::CounterFamily,
 }
 
 fn event(
@@ -121,6 +123,7 @@ impl RateLimiter {
             decide: tokio::sync::Mutex::new(()),
             gates,
             changed: tokio::sync::Notify::new(),
+            decisions: Default::default(),
         })
     }
 
@@ -159,21 +162,21 @@ impl RateLimiter {
         Ok(())
     }
 
-    /// The guard that forbids `op` in `cluster`, if any.
-    fn blocked(&self, cluster: &str, op: Operation) -> Option<String> {
+    /// The guard that forbids `op` in `cluster`, if any: (reason class, reason).
+    fn blocked(&self, cluster: &str, op: Operation) -> Option<(&'static str, String)> {
         if op == Operation::Release {
             return None;
         }
         let st = self.state.lock().expect("permits lock");
         if let Some(g) = st.guards.get("").filter(|g| g.frozen) {
-            return Some(format!("frozen (global): {}", g.reason));
+            return Some(("frozen", format!("frozen (global): {}", g.reason)));
         }
         let g = st.guards.get(cluster)?;
         if g.frozen {
-            return Some(format!("frozen: {}", g.reason));
+            return Some(("frozen", format!("frozen: {}", g.reason)));
         }
         if g.breaker_tripped {
-            return Some(format!("breaker tripped: {}", g.reason));
+            return Some(("breaker", format!("breaker tripped: {}", g.reason)));
         }
         None
     }
@@ -255,14 +258,14 @@ impl RateLimiter {
         self.store_expired(store).await?;
         self.check_breaker(store, cluster).await?;
         let opname = operation_name(op);
-        let mut denied = self.blocked(cluster, op).or(gate);
+        let mut denied = self.blocked(cluster, op).or(gate.map(|g| ("gate", g)));
         let mut share_check = None;
         if denied.is_none() {
             let st = self.state.lock().expect("permits lock");
             if let Some(p) =
                 st.active.values().find(|p| p.cluster == cluster && p.node == node && p.operation == op as i32)
             {
-                denied = Some(format!("node {node} already holds permit {} for {opname}", p.id));
+                denied = Some(("node_holds_permit", format!("node {node} already holds permit {} for {opname}", p.id)));
             } else if let Some(policy) = self.policy(op, cluster) {
                 let in_flight =
                     st.active.values().filter(|p| p.cluster == cluster && p.operation == op as i32).count() as u32;
@@ -270,13 +273,17 @@ impl RateLimiter {
                 let recent =
                     st.recent.iter().filter(|(c, o, t)| c == cluster && *o == op as i32 && *t >= since).count() as u32;
                 if let Some(max) = policy.max_in_flight.filter(|m| in_flight >= *m) {
-                    denied = Some(format!(
-                        "max in flight: {in_flight} {opname} permits held in cluster {cluster}, at most {max}"
+                    denied = Some((
+                        "max_in_flight",
+                        format!("max in flight: {in_flight} {opname} permits held in cluster {cluster}, at most {max}"),
                     ));
                 } else if let Some(max) = policy.max_per_window.filter(|m| recent >= *m) {
-                    denied = Some(format!(
-                        "max per window: {recent} {opname} permits granted in cluster {cluster} within {}, at most {max}",
-                        humantime::format_duration(policy.window)
+                    denied = Some((
+                        "max_per_window",
+                        format!(
+                            "max per window: {recent} {opname} permits granted in cluster {cluster} within {}, at most {max}",
+                            humantime::format_duration(policy.window)
+                        ),
                     ));
                 } else {
                     share_check = policy.max_share.map(|share| (in_flight, share));
@@ -286,14 +293,18 @@ impl RateLimiter {
         if let Some((in_flight, share)) = share_check {
             let nodes = store.count_nodes(cluster.to_owned()).await?.max(1);
             if (in_flight + 1) as f64 / nodes as f64 > share {
-                denied = Some(format!(
-                    "max share: {} of {nodes} nodes of cluster {cluster} would be isolated, at most {:.0}%",
-                    in_flight + 1,
-                    share * 100.0
+                denied = Some((
+                    "max_share",
+                    format!(
+                        "max share: {} of {nodes} nodes of cluster {cluster} would be isolated, at most {:.0}%",
+                        in_flight + 1,
+                        share * 100.0
+                    ),
                 ));
             }
         }
-        if let Some(reason) = denied {
+        if let Some((class, reason)) = denied {
+            self.count(&opname, "denied", class);
             let e = event(
                 cluster,
                 node,
@@ -333,10 +344,17 @@ impl RateLimiter {
         store
             .put_permit(permit.id.clone(), cluster.to_owned(), to_unix_ms(now), true, permit.encode_to_vec(), vec![e])
             .await?;
+        self.count(&operation_name(op), "granted", "");
         let mut st = self.state.lock().expect("permits lock");
         st.recent.push((cluster.to_owned(), op as i32, to_unix_ms(now)));
         st.active.insert(permit.id.clone(), permit.clone());
         Ok(Decision::Granted(permit))
+    }
+
+    fn count(&self, operation: &str, decision: &'static str, reason: &'static str) {
+        let labels =
+            vec![("operation", operation.to_owned()), ("decision", decision.to_owned()), ("reason", reason.to_owned())];
+        self.decisions.get_or_create(&labels).inc();
     }
 
     /// Ends a permit. Ok(None): no such active permit.

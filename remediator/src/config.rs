@@ -21,6 +21,8 @@ pub struct Config {
     pub insecure: bool,
     /// Plans are recorded in the faults' timelines and printed; nothing is done.
     pub dry_run: bool,
+    /// Prometheus `/metrics` listener (plain HTTP); unset: none.
+    pub metrics_listen: Option<std::net::SocketAddr>,
     /// A kubeconfig; unset: the in-cluster config, else the default kubeconfig.
     pub kubeconfig: Option<PathBuf>,
     /// Where a new durable consumer starts: "now", or "oldest" (every retained event; faults
@@ -141,6 +143,7 @@ impl Default for Config {
             tls: None,
             insecure: false,
             dry_run: false,
+            metrics_listen: None,
             kubeconfig: None,
             start_from: "now".into(),
             poll_interval: Duration::from_secs(2),

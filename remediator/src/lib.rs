@@ -10,6 +10,10 @@
 pub mod config;
 pub mod kube;
 
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
@@ -46,6 +50,8 @@ pub struct Remediator {
     /// kept up to date here.
     starts: tokio::sync::Mutex<Option<Starts>>,
     cancel: CancellationToken,
+    /// Steps by name and outcome, for `/metrics`.
+    steps: Family<Vec<(&'static str, String)>, Counter>,
 }
 
 /// How a remediation ended, or why a step could not go on.
@@ -89,7 +95,16 @@ impl Remediator {
         };
         nodekeeper_common::tls::install_default_provider();
         let http = reqwest::Client::builder().timeout(Duration::from_secs(30)).build()?;
-        Ok(Arc::new(Remediator { cfg, ch, kube, http, busy: Mutex::default(), starts: Default::default(), cancel }))
+        Ok(Arc::new(Remediator {
+            cfg,
+            ch,
+            kube,
+            http,
+            busy: Mutex::default(),
+            starts: Default::default(),
+            cancel,
+            steps: Family::default(),
+        }))
     }
 
     fn fleet(&self) -> FleetServiceClient<Channel> {
@@ -98,6 +113,16 @@ impl Remediator {
 
     /// Resumes the remediations the center shows in progress, then follows the cluster's events
     /// from the consumer's acknowledged position (reconnecting with backoff) until cancelled.
+    /// OpenMetrics text of the remediator's metrics.
+    pub fn render_metrics(&self) -> String {
+        let mut r = Registry::with_prefix("nodekeeper_remediator");
+        r.register("steps", "Remediation steps recorded, by step and outcome (success, failure)", self.steps.clone());
+        let active: Gauge = Gauge::default();
+        active.set(self.busy.lock().expect("busy lock").len() as i64);
+        r.register("active_remediations", "Nodes with a remediation in progress", active);
+        nodekeeper_common::metrics::encode(&r)
+    }
+
     pub async fn run(self: Arc<Self>) {
         let mut backoff = nodekeeper_common::backoff::Backoff::default();
         let mut resumed = false;
@@ -844,6 +869,8 @@ impl Remediator {
             })
             .await
             .map_err(rpc("record step"))?;
+        let outcome = if success { "success" } else { "failure" };
+        self.steps.get_or_create(&vec![("step", step.to_owned()), ("outcome", outcome.to_owned())]).inc();
         Ok(())
     }
 

@@ -22,7 +22,7 @@ struct Args {
     /// Plan only: record and print the steps, do nothing (overrides the config).
     #[arg(long)]
     dry_run: bool,
-    /// Log format: text or json.
+    /// Log format: text, json (one object per line) or journald (native journal fields).
     #[arg(long, default_value = "text")]
     log_format: LogFormat,
 }
@@ -59,7 +59,13 @@ fn main() -> ExitCode {
             .timeout(std::time::Duration::from_secs(30))
             .connect_lazy();
         let cancel = tokio_util::sync::CancellationToken::new();
+        let metrics_listen = config.metrics_listen;
         let remediator = nodekeeper_remediator::Remediator::new(config, channel, cancel.clone()).await?;
+        if let Some(addr) = metrics_listen {
+            let r = remediator.clone();
+            nodekeeper_common::metrics::spawn(addr, move || std::future::ready(r.render_metrics()), cancel.clone())
+                .await?;
+        }
         let running = tokio::spawn(remediator.run());
         let _watchdog = nodekeeper_common::systemd::spawn_watchdog(cancel.child_token());
         nodekeeper_common::systemd::ready();

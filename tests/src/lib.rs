@@ -306,6 +306,16 @@ impl FixtureHost {
     }
 }
 
+/// A child process killed when dropped, so that a failed test or benchmark leaves nothing running.
+pub struct KillOnDrop(pub Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// A running nodekeeper-remediator for cluster c1, named `remediator-c1`, talking plaintext to
 /// `center` and to the Kubernetes API server of `kubeconfig`; killed when dropped.
 pub struct Remediator {
@@ -685,11 +695,32 @@ pub async fn try_http_get(url: &str) -> std::io::Result<String> {
     Ok(out.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default())
 }
 
-/// A counter or gauge from a Prometheus text exposition.
+/// A metric from a Prometheus text exposition: the sum of its samples (every label set).
 pub fn metric(text: &str, name: &str) -> Option<f64> {
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .find_map(|l| l.strip_prefix(name).and_then(|r| r.strip_prefix(' ')).and_then(|v| v.trim().parse().ok()))
+    metric_where(text, name, "")
+}
+
+/// The sum of a metric's samples whose labels contain `labels` (e.g. `outcome="healthy"`; ""
+/// for every sample); None when it has none.
+pub fn metric_where(text: &str, name: &str, labels: &str) -> Option<f64> {
+    let mut sum = None;
+    for line in text.lines().filter(|l| !l.starts_with('#')) {
+        let Some(rest) = line.strip_prefix(name) else { continue };
+        let (set, value) = match rest.strip_prefix('{') {
+            Some(r) => match r.split_once("} ") {
+                Some((set, v)) => (set, v),
+                None => continue,
+            },
+            None => match rest.strip_prefix(' ') {
+                Some(v) => ("", v),
+                None => continue,
+            },
+        };
+        if let (true, Ok(v)) = (set.contains(labels), value.trim().parse::<f64>()) {
+            *sum.get_or_insert(0.0) += v;
+        }
+    }
+    sum
 }
 
 /// CPU seconds (user + system) and resident bytes of a process, from /proc.

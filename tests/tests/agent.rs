@@ -372,9 +372,24 @@ async fn every_systemd_unit_passes_systemd_analyze_verify() {
             continue;
         }
         let text = std::fs::read_to_string(&path).unwrap();
-        for required in ["Type=notify", "WatchdogSec=", "Restart=on-failure", "RestartPreventExitStatus=78"] {
-            assert!(text.contains(required), "{} lacks {required}", path.display());
+        let hardening = [
+            "NoNewPrivileges=yes",
+            "ProtectSystem=strict",
+            "ProtectHome=yes",
+            "PrivateTmp=yes",
+            "CapabilityBoundingSet=",
+            "SystemCallFilter=@system-service",
+            "RestrictAddressFamilies=",
+        ];
+        for required in ["Type=notify", "WatchdogSec=", "Restart=on-failure", "RestartPreventExitStatus=78"]
+            .into_iter()
+            .chain(hardening)
+        {
+            assert!(text.lines().any(|l| l.starts_with(required)), "{} lacks {required}", path.display());
         }
+        // The services run as their system user; only the agent (the node's manager) is root.
+        let is_agent = path.file_name().unwrap() == "nodekeeper-agent.service";
+        assert_eq!(text.contains("\nUser=nodekeeper\n"), !is_agent, "{}", path.display());
         // Verified against the binaries just built, where the package would install them.
         let unit = tmp.path().join(path.file_name().unwrap());
         std::fs::write(&unit, text.replace("/usr/bin/", &format!("{}/", bin_dir.display()))).unwrap();

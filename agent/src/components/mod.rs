@@ -55,6 +55,8 @@ pub struct Settings {
     pub releasever: String,
     /// The longest a package transaction, a hook or a unit restart may take.
     pub step_timeout: Duration,
+    /// A command prefix for dnf transactions (see `Tools::with_runner`).
+    pub transaction_runner: Vec<String>,
 }
 
 /// How one component's pass ended.
@@ -172,7 +174,8 @@ impl Manager {
             s.state_dir.join("components/dnf-cache"),
             s.releasever.clone(),
             s.step_timeout,
-        );
+        )
+        .with_runner(s.transaction_runner.clone());
         let rejected = std::fs::read(s.state_dir.join("components/rejected.json"))
             .ok()
             .and_then(|b| serde_json::from_slice(&b).ok())

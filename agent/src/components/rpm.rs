@@ -73,6 +73,8 @@ pub struct Tools {
     pub cache_dir: PathBuf,
     pub releasever: String,
     pub timeout: Duration,
+    /// A command prefix for dnf transactions (empty: dnf runs as the agent's child).
+    runner: Vec<String>,
     /// One transaction at a time on this node.
     lock: Mutex<()>,
 }
@@ -109,7 +111,26 @@ impl Tools {
         releasever: String,
         timeout: Duration,
     ) -> Tools {
-        Tools { rpm, dnf, installroot, cache_dir, releasever, timeout, lock: Mutex::new(()) }
+        Tools { rpm, dnf, installroot, cache_dir, releasever, timeout, runner: Vec::new(), lock: Mutex::new(()) }
+    }
+
+    /// Runs every dnf transaction through this command prefix (e.g. `systemd-run --wait --pipe
+    /// --collect --quiet --`), so that it runs outside the agent's own sandbox.
+    pub fn with_runner(mut self, runner: Vec<String>) -> Tools {
+        self.runner = runner;
+        self
+    }
+
+    /// A dnf command, behind the runner when there is one.
+    fn dnf_command(&self) -> tokio::process::Command {
+        match self.runner.split_first() {
+            Some((program, args)) => {
+                let mut cmd = tokio::process::Command::new(program);
+                cmd.args(args).arg(&self.dnf);
+                cmd
+            }
+            None => tokio::process::Command::new(&self.dnf),
+        }
     }
 
     /// The installed version of each of `packages` that is installed.
@@ -157,7 +178,7 @@ impl Tools {
             repository(r).map_err(ToolError::Failed)?;
         }
         let _one = self.lock.lock().await;
-        let mut cmd = tokio::process::Command::new(&self.dnf);
+        let mut cmd = self.dnf_command();
         // An unreachable repository is an error, not a repository to skip silently.
         cmd.args(["-y", "--quiet", "--setopt=install_weak_deps=False", "--setopt=skip_if_unavailable=False"]);
         cmd.arg(format!("--setopt=cachedir={}", self.cache_dir.display()));
@@ -251,6 +272,18 @@ fn classify(text: &str, what: &str) -> ToolError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn transactions_run_behind_the_runner() {
+        let tools =
+            Tools::new("rpm".into(), "/usr/bin/dnf".into(), None, "/c".into(), String::new(), Duration::from_secs(1));
+        assert_eq!(tools.dnf_command().as_std().get_program(), "/usr/bin/dnf");
+        let runner = ["systemd-run", "--wait", "--pipe", "--"].map(String::from).to_vec();
+        let cmd = tools.with_runner(runner).dnf_command();
+        assert_eq!(cmd.as_std().get_program(), "systemd-run");
+        let args: Vec<_> = cmd.as_std().get_args().collect();
+        assert_eq!(args, ["--wait", "--pipe", "--", "/usr/bin/dnf"]);
+    }
 
     #[test]
     fn repositories_are_validated() {

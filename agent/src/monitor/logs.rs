@@ -411,6 +411,8 @@ pub fn spawn(
         .name(name.chars().take(15).collect())
         .spawn(move || {
             let source = m.engine.spec.source.clone();
+            let thread = format!("log/{source}/{}", m.engine.spec.file.display());
+            m.metrics.monitor_threads.lock().expect("metrics lock").push((thread, nix::unistd::gettid().as_raw()));
             let result = match m.engine.spec.input.clone() {
                 Input::Kmsg { path } => m.run_kmsg(&path),
                 Input::File { path, .. } => m.run_file(&path),

@@ -301,7 +301,13 @@ pub fn start(
             for c in check.conditions() {
                 reporter.declare(&c);
             }
-            running.tasks.push(tokio::spawn(run_check(check, interval, reporter.clone(), cancel.child_token())));
+            running.tasks.push(tokio::spawn(run_check(
+                check,
+                interval,
+                reporter.clone(),
+                metrics.clone(),
+                cancel.child_token(),
+            )));
         }
     }
     let c = &m.components;
@@ -335,6 +341,7 @@ async fn run_check(
     mut check: Box<dyn hardware::Check>,
     interval: Duration,
     reporter: state::Reporter,
+    metrics: crate::metrics::Metrics,
     cancel: tokio_util::sync::CancellationToken,
 ) {
     let mut delay = first_delay(interval);
@@ -344,8 +351,12 @@ async fn run_check(
             _ = tokio::time::sleep(delay) => {}
         }
         delay = jittered(interval);
+        let cpu = metrics.check_cpu.clone();
         let (c, findings) = match tokio::task::spawn_blocking(move || {
+            let started = crate::metrics::thread_cpu_now();
             let f = check.check();
+            let spent = crate::metrics::thread_cpu_now().saturating_sub(started).as_secs_f64();
+            *cpu.lock().expect("metrics lock").entry(check.name()).or_default() += spent;
             (check, f)
         })
         .await

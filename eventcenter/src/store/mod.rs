@@ -155,6 +155,31 @@ impl Default for StoreOptions {
     }
 }
 
+/// What the writer counts, for `/metrics`.
+#[derive(Clone)]
+pub struct StoreMetrics {
+    /// Time of each group's COMMIT (the fsync).
+    pub commit_seconds: prometheus_client::metrics::histogram::Histogram,
+    /// Rows (events and state changes) per committed group.
+    pub commit_rows: prometheus_client::metrics::histogram::Histogram,
+    /// Events stored (duplicates excluded).
+    pub events: prometheus_client::metrics::counter::Counter,
+    /// Observations and reports that were already stored (resends).
+    pub duplicates: prometheus_client::metrics::counter::Counter,
+}
+
+impl Default for StoreMetrics {
+    fn default() -> Self {
+        use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+        Self {
+            commit_seconds: Histogram::new(exponential_buckets(0.0005, 2.0, 14)),
+            commit_rows: Histogram::new(exponential_buckets(1.0, 4.0, 8)),
+            events: Default::default(),
+            duplicates: Default::default(),
+        }
+    }
+}
+
 /// A batch of committed events, in cursor order.
 pub type LiveBatch = Arc<Vec<Event>>;
 
@@ -172,6 +197,7 @@ struct Inner {
     live: broadcast::Sender<LiveBatch>,
     head: watch::Receiver<u64>,
     floor: Arc<AtomicU64>,
+    metrics: StoreMetrics,
     writer: Mutex<Option<std::thread::JoinHandle<()>>>,
     /// Dropping the sender stops the checkpointer thread.
     checkpointer: Mutex<Option<(std::sync::mpsc::Sender<()>, std::thread::JoinHandle<()>)>>,
@@ -198,7 +224,9 @@ impl Store {
         let (live, _) = broadcast::channel(1024);
         let (head_tx, head_rx) = watch::channel(head);
         let floor = Arc::new(AtomicU64::new(floor));
-        let w = writer::Writer::new(conn, path.clone(), options.clone(), head, live.clone(), head_tx, floor.clone());
+        let metrics = StoreMetrics::default();
+        let w = writer::Writer::new(conn, path.clone(), options.clone(), head, live.clone(), head_tx, floor.clone())
+            .with_metrics(metrics.clone());
         let handle = std::thread::Builder::new()
             .name("store-writer".into())
             .spawn(move || w.run(ops_rx))
@@ -214,10 +242,15 @@ impl Store {
                 live,
                 head: head_rx,
                 floor,
+                metrics,
                 writer: Mutex::new(Some(handle)),
                 checkpointer: Mutex::new(Some(checkpointer)),
             }),
         })
+    }
+
+    pub fn metrics(&self) -> &StoreMetrics {
+        &self.inner.metrics
     }
 
     /// The newest committed cursor.

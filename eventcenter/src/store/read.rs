@@ -223,6 +223,22 @@ impl Store {
         .await
     }
 
+    /// Faults not resolved, counted by (type, severity, state). Reads only those rows (a partial
+    /// index holds them).
+    pub async fn unresolved_fault_counts(&self) -> Result<std::collections::BTreeMap<(String, i32, i32), u64>> {
+        self.read(move |c| {
+            let mut stmt = c.prepare_cached("SELECT body FROM faults WHERE state <> 4").map_err(sql)?;
+            let mut rows = stmt.query([]).map_err(sql)?;
+            let mut out = std::collections::BTreeMap::new();
+            while let Some(r) = rows.next().map_err(sql)? {
+                let f: Fault = decode("faults", &r.get::<_, Vec<u8>>(0).map_err(sql)?)?;
+                *out.entry((f.r#type, f.severity, f.state)).or_default() += 1;
+            }
+            Ok(out)
+        })
+        .await
+    }
+
     /// A fault, without its events.
     pub async fn fault(&self, id: u64) -> Result<Option<Fault>> {
         self.read(move |c| fault(c, id)).await

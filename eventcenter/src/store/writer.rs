@@ -150,6 +150,7 @@ pub(crate) struct Writer {
     live: broadcast::Sender<LiveBatch>,
     head: watch::Sender<u64>,
     floor: Arc<AtomicU64>,
+    metrics: super::StoreMetrics,
 }
 
 /// State of the group being built, undone when its commit fails.
@@ -181,7 +182,14 @@ impl Writer {
             live,
             head: head_tx,
             floor,
+            metrics: super::StoreMetrics::default(),
         }
+    }
+
+    /// Counts into `metrics` (shared with the store's handle).
+    pub(crate) fn with_metrics(mut self, metrics: super::StoreMetrics) -> Self {
+        self.metrics = metrics;
+        self
     }
 
     fn err(&self, e: impl std::fmt::Display) -> StoreError {
@@ -220,8 +228,14 @@ impl Writer {
                 };
                 self.apply(next, &mut group, &mut close_reply);
             }
+            let commit_started = Instant::now();
             match self.conn.execute_batch("COMMIT") {
-                Ok(()) => self.finish_committed(group),
+                Ok(()) => {
+                    self.metrics.commit_seconds.observe(commit_started.elapsed().as_secs_f64());
+                    self.metrics.commit_rows.observe(group.rows as f64);
+                    self.metrics.events.inc_by(group.published.len() as u64);
+                    self.finish_committed(group)
+                }
                 Err(e) => {
                     let e = self.err(e);
                     tracing::error!(error = %e, "store: commit failed; the group's writes are answered with the error");
@@ -539,6 +553,7 @@ impl Writer {
                 out.push(Appended { cursor, duplicate: true });
             }
         }
+        self.metrics.duplicates.inc_by(out.iter().filter(|a| a.duplicate).count() as u64);
         drop(insert);
         self.next_cursor = next;
         Ok(out)
