@@ -70,6 +70,9 @@ enum Command {
     /// Desired components of nodes and what the nodes report.
     #[command(subcommand)]
     Components(ComponentsCmd),
+    /// Durable consumers (subscribers' positions) and how far behind they are.
+    #[command(subcommand)]
+    Consumers(ConsumersCmd),
     /// Permits for risky operations held now.
     #[command(subcommand)]
     Permits(PermitsCmd),
@@ -200,6 +203,14 @@ enum EventsCmd {
         #[command(flatten)]
         filter: Filter,
     },
+}
+
+#[derive(Debug, Subcommand)]
+enum ConsumersCmd {
+    /// Every durable consumer: acknowledged cursor, lag in events, last acknowledgement.
+    List,
+    /// Forget a consumer that is gone for good (its position is lost).
+    Delete { name: String },
 }
 
 #[derive(Debug, Subcommand)]
@@ -348,6 +359,16 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Events(EventsCmd::Watch { from, filter }) => events_watch(ch, json, from, filter).await,
         Command::Faults(FaultsCmd::List { node, limit }) => faults_list(ch, json, node, limit).await,
         Command::Faults(FaultsCmd::Show { id }) => faults_show(ch, json, id).await,
+        Command::Consumers(ConsumersCmd::List) => consumers_list(ch, json).await,
+        Command::Consumers(ConsumersCmd::Delete { name }) => {
+            use nodekeeper_proto::v1::DeleteConsumerRequest;
+            EventServiceClient::new(ch)
+                .delete_consumer(DeleteConsumerRequest { consumer: name.clone() })
+                .await
+                .map_err(status)?;
+            output::println(&format!("consumer {name} deleted"))?;
+            Ok(())
+        }
         Command::Permits(PermitsCmd::List { cluster }) => permits_list(ch, json, cluster).await,
         Command::Freeze { cluster, reason } => {
             use nodekeeper_proto::v1::{FreezeRequest, permit_service_client::PermitServiceClient};
@@ -676,6 +697,28 @@ async fn send_command(
         "command {} sent (CommandIssued at cursor {}); its CommandResult event follows",
         resp.command_id, resp.cursor
     ))?;
+    Ok(())
+}
+
+async fn consumers_list(ch: Channel, json: bool) -> anyhow::Result<()> {
+    use nodekeeper_proto::v1::ListConsumersRequest;
+    let consumers = EventServiceClient::new(ch)
+        .list_consumers(ListConsumersRequest {})
+        .await
+        .map_err(status)?
+        .into_inner()
+        .consumers;
+    if json {
+        for c in &consumers {
+            json_line("nodekeeper.v1.Consumer", c)?;
+        }
+        return Ok(());
+    }
+    let rows: Vec<Vec<String>> = consumers
+        .iter()
+        .map(|c| vec![c.name.clone(), c.acked_cursor.clone(), c.lag.to_string(), time(c.updated_time.as_ref())])
+        .collect();
+    table(&["CONSUMER", "ACKED CURSOR", "LAG", "UPDATED"], &rows)?;
     Ok(())
 }
 

@@ -1,7 +1,7 @@
 //! Structured logs through `tracing`: human-readable text by default, JSON lines with `--log-format
 //! json` (for a log shipper), or native journald entries with `--log-format journald` (every field
-//! a journal field, the level as PRIORITY: `journalctl -u nodekeeper-agent PRIORITY=3`, or
-//! `-o json`). The filter comes from `RUST_LOG`, default `info`.
+//! a journal field under its own name in capitals, the level as PRIORITY:
+//! `journalctl -u nodekeeper-remediator NODE=worker-17 -p warning`). The filter comes from `RUST_LOG`, default `info`.
 
 use tracing_subscriber::EnvFilter;
 use tracing_subscriber::layer::SubscriberExt;
@@ -42,8 +42,13 @@ pub fn init(format: LogFormat) {
     let result = match format {
         LogFormat::Text => builder.try_init(),
         LogFormat::Json => builder.json().flatten_event(true).try_init(),
+        // Fields without tracing-journald's "F_" prefix: `journalctl NODE=worker-17` finds them.
         LogFormat::Journald => match tracing_journald::layer() {
-            Ok(layer) => tracing_subscriber::registry().with(filter()).with(layer).try_init().map_err(Into::into),
+            Ok(layer) => tracing_subscriber::registry()
+                .with(filter())
+                .with(layer.with_field_prefix(None))
+                .try_init()
+                .map_err(Into::into),
             Err(err) => {
                 journald_error = Some(err);
                 builder.try_init()

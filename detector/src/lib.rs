@@ -67,7 +67,7 @@ fn probe_histogram() -> Histogram {
 
 impl Default for Metrics {
     fn default() -> Self {
-        let m = Metrics {
+        let mut m = Metrics {
             registry: Registry::with_prefix("nodekeeper_detector"),
             probes: Family::default(),
             probe_seconds: Family::new_with_constructor(probe_histogram),
@@ -75,7 +75,6 @@ impl Default for Metrics {
             suspected: Gauge::default(),
             partitioned: Gauge::default(),
         };
-        let mut m = m;
         let r = &mut m.registry;
         r.register(
             "probes",

@@ -33,6 +33,20 @@ struct Args {
     /// Log format: text, json (one object per line) or journald (native journal fields).
     #[arg(long, default_value = "text")]
     log_format: LogFormat,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum Command {
+    /// Copies the store to a file while the center runs (one consistent moment), e.g.
+    /// `nodekeeper-eventcenter -c /etc/nodekeeper/eventcenter.toml backup --to /backup/ec-$(date +%F).db`.
+    /// To restore, stop the center and put the copy in the data directory as eventcenter.db.
+    Backup {
+        /// The new file (refused if it exists).
+        #[arg(long)]
+        to: PathBuf,
+    },
 }
 
 fn main() -> ExitCode {
@@ -59,6 +73,20 @@ fn main() -> ExitCode {
     }
     if let Some(r) = args.retention {
         config.store.retention = r;
+    }
+    // A backup needs only the data directory.
+    if let Some(Command::Backup { to }) = &args.command {
+        let started = std::time::Instant::now();
+        return match nodekeeper_eventcenter::store::backup(&config.data_dir, to) {
+            Ok(bytes) => {
+                tracing::info!(to = %to.display(), bytes, seconds = started.elapsed().as_secs_f64(), "backup written");
+                ExitCode::SUCCESS
+            }
+            Err(err) => {
+                tracing::error!(to = %to.display(), error = %err, "backup failed");
+                ExitCode::from(EXIT_FAILURE as u8)
+            }
+        };
     }
     if let Err(err) = config.validate() {
         tracing::error!(error = %err, "configuration rejected");

@@ -49,7 +49,7 @@ impl Metrics {
             "Permit requests by operation, decision (granted, denied) and reason",
             permit_decisions,
         );
-        let this = Metrics {
+        let mut this = Metrics {
             head: Gauge::default(),
             nodes: GaugeFamily::default(),
             connected: GaugeFamily::default(),
@@ -59,7 +59,6 @@ impl Metrics {
             store,
             liveness,
         };
-        let mut this = this;
         let r = &mut this.registry;
         r.register("head_cursor", "Cursor of the newest stored event", this.head.clone());
         r.register("nodes", "Known nodes by cluster and liveness (alive, lost)", this.nodes.clone());

@@ -13,8 +13,8 @@ use nodekeeper_proto::v1::{
 };
 use nodekeeper_tests::alertmanager::Alertmanager;
 use nodekeeper_tests::{
-    Agent, AgentConn, AgentSpec, EventCenter, KillOnDrop, LOGS_ONLY, bin, condition_report, free_port, hello, http_get,
-    metric, metric_where, wait_for,
+    Agent, AgentConn, AgentSpec, EventCenter, KillOnDrop, LOGS_ONLY, bin, cli, condition_report, free_port, hello,
+    http_get, json_lines, metric, metric_where, wait_for,
 };
 use tokio::io::AsyncWriteExt;
 
@@ -269,6 +269,10 @@ async fn heartbeat_loss_and_subscriber_lag_alert_and_resolve() {
     })
     .await;
     assert_eq!(alert["labels"]["severity"], "warning");
+    let (code, out, err) = cli(&url, &["consumers", "list", "-o", "json"]).await;
+    assert_eq!(code, 0, "{err}");
+    let slow = json_lines(&out).into_iter().find(|c| c["name"] == "slow").expect("the consumer is listed");
+    assert!(slow["lag"].as_str().unwrap().parse::<u64>().unwrap() >= 10, "{slow}");
     events
         .ack_consumer(AckConsumerRequest { consumer: "slow".into(), cursor: center_head(&ch).await.to_string() })
         .await
@@ -277,6 +281,9 @@ async fn heartbeat_loss_and_subscriber_lag_alert_and_resolve() {
         am.active(&lag).await.is_empty().then_some(())
     })
     .await;
+    let (code, _, err) = cli(&url, &["consumers", "delete", "slow"]).await;
+    assert_eq!(code, 0, "{err}");
+    assert!(!cli(&url, &["consumers", "list"]).await.1.contains("slow"));
     beats.abort();
 }
 
@@ -288,4 +295,150 @@ async fn center_head(ch: &tonic::transport::Channel) -> u64 {
         .unwrap()
         .into_inner();
     r.head_cursor.parse().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_online_backup_taken_during_ingest_restores_into_a_working_center() {
+    let center = EventCenter::start("").await;
+    let ch = center.channel().await;
+    // Reports keep arriving while the backup runs.
+    let writer = {
+        let ch = ch.clone();
+        tokio::spawn(async move {
+            for i in 0.. {
+                let reports = (0..50)
+                    .map(|j| {
+                        condition_report(
+                            &format!("b-{i}-{j}"),
+                            "c1",
+                            "n1",
+                            "Backup",
+                            j % 2 == 0,
+                            RecommendedAction::None,
+                        )
+                    })
+                    .collect();
+                ReportServiceClient::new(ch.clone())
+                    .report(ReportRequest { producer: "ops-test".into(), reports })
+                    .await
+                    .unwrap();
+            }
+        })
+    };
+    wait_for("some events", Duration::from_secs(20), || async { (center_head(&ch).await >= 500).then_some(()) }).await;
+    let dir = tempfile::tempdir().unwrap();
+    let copy = dir.path().join("ec.db");
+    let backup = |to: std::path::PathBuf| {
+        tokio::process::Command::new(bin("nodekeeper-eventcenter"))
+            .arg("--data-dir")
+            .arg(&center.data_dir)
+            .arg("backup")
+            .arg("--to")
+            .arg(to)
+            .env("RUST_LOG", "warn")
+            .status()
+    };
+    assert!(backup(copy.clone()).await.unwrap().success());
+    let live_head = center_head(&ch).await;
+    writer.abort();
+    assert_eq!(backup(copy.clone()).await.unwrap().code(), Some(1), "an existing file is not overwritten");
+
+    // The copy is a store a center opens: every event up to its moment, without a gap.
+    let mut restored = EventCenter::new("");
+    std::fs::create_dir_all(&restored.data_dir).unwrap();
+    std::fs::copy(&copy, restored.data_dir.join("eventcenter.db")).unwrap();
+    restored.spawn().await;
+    let rch = restored.channel().await;
+    let head = center_head(&rch).await;
+    assert!((500..=live_head).contains(&head), "backup head {head}, live head {live_head}");
+    let mut after = String::new();
+    let mut expected = 1;
+    loop {
+        let r = EventServiceClient::new(rch.clone())
+            .list_events(nodekeeper_proto::v1::ListEventsRequest {
+                after_cursor: after,
+                limit: 10_000,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        for e in &r.events {
+            assert_eq!(e.cursor.parse::<u64>().unwrap(), expected);
+            expected += 1;
+        }
+        if r.events.is_empty() {
+            break;
+        }
+        after = r.next_cursor;
+    }
+    assert_eq!(expected - 1, head);
+}
+
+/// The fields of one native journal protocol datagram (`KEY=value` lines; a value with a newline
+/// is `KEY\n<64-bit little-endian length><bytes>\n`).
+fn journal_fields(mut d: &[u8]) -> std::collections::HashMap<String, String> {
+    let mut out = std::collections::HashMap::new();
+    while !d.is_empty() {
+        let end = d.iter().position(|b| *b == b'\n').unwrap_or(d.len());
+        let line = &d[..end];
+        if let Some(eq) = line.iter().position(|b| *b == b'=') {
+            out.insert(
+                String::from_utf8_lossy(&line[..eq]).into_owned(),
+                String::from_utf8_lossy(&line[eq + 1..]).into_owned(),
+            );
+            d = &d[(end + 1).min(d.len())..];
+        } else {
+            let key = String::from_utf8_lossy(line).into_owned();
+            let len = u64::from_le_bytes(d[end + 1..end + 9].try_into().unwrap()) as usize;
+            out.insert(key, String::from_utf8_lossy(&d[end + 9..end + 9 + len]).into_owned());
+            d = &d[(end + 10 + len).min(d.len())..];
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn journald_logs_carry_each_field_and_the_level() {
+    // On a machine where journald runs, its socket is there and the entries go to the real journal.
+    let socket = std::path::Path::new("/run/systemd/journal/socket");
+    let marker = format!("/nonexistent-{}/copy.db", std::process::id());
+    let run = || {
+        tokio::process::Command::new(bin("nodekeeper-eventcenter"))
+            .args(["--log-format", "journald", "--data-dir", "/nonexistent-store", "backup", "--to", &marker])
+            .status()
+    };
+    // A socket file nobody listens on is what a failed run of this test left.
+    if socket.exists() && std::os::unix::net::UnixDatagram::unbound().unwrap().connect(socket).is_err() {
+        std::fs::remove_file(socket).unwrap();
+    }
+    let fields = if socket.exists() {
+        assert_eq!(run().await.unwrap().code(), Some(1));
+        let out = tokio::process::Command::new("journalctl")
+            .args(["-o", "json", "--no-pager", &format!("TO={marker}")])
+            .output()
+            .await
+            .unwrap();
+        let entry = json_lines(&String::from_utf8_lossy(&out.stdout)).pop().expect("the entry is in the journal");
+        entry.as_object().unwrap().iter().map(|(k, v)| (k.clone(), v.as_str().unwrap_or_default().to_owned())).collect()
+    } else {
+        std::fs::create_dir_all(socket.parent().unwrap()).unwrap();
+        let journal = tokio::net::UnixDatagram::bind(socket).unwrap();
+        assert_eq!(run().await.unwrap().code(), Some(1));
+        let mut buf = vec![0u8; 65536];
+        let mut found = None;
+        while found.is_none() {
+            let n = tokio::time::timeout(Duration::from_secs(10), journal.recv(&mut buf)).await.unwrap().unwrap();
+            let f = journal_fields(&buf[..n]);
+            if f.get("MESSAGE").map(String::as_str) == Some("backup failed") {
+                found = Some(f);
+            }
+        }
+        drop(journal);
+        std::fs::remove_file(socket).unwrap();
+        found.unwrap()
+    };
+    assert_eq!(fields["PRIORITY"], "3", "an error: {fields:?}");
+    assert!(fields["ERROR"].contains("no store here"), "{fields:?}");
+    assert_eq!(fields["TARGET"], "nodekeeper_eventcenter", "{fields:?}");
 }

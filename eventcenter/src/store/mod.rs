@@ -427,6 +427,35 @@ impl Store {
     }
 }
 
+/// Copies the store in `dir` to `to`, consistent as of one moment, while a center may be running
+/// and writing: `VACUUM INTO` reads one snapshot (WAL readers never block the writer, and are not
+/// restarted by its commits, unlike the page-by-page backup API under steady ingest). The copy is
+/// written beside `to`, synced, then renamed onto it; an existing `to` is refused. Returns its size.
+pub fn backup(dir: &Path, to: &Path) -> Result<u64> {
+    let path = dir.join("eventcenter.db");
+    if !path.exists() {
+        return Err(StoreError::sqlite(&path, "no store here"));
+    }
+    if to.exists() {
+        return Err(StoreError::sqlite(to, "already exists; choose a new file"));
+    }
+    let conn = Connection::open_with_flags(&path, OpenFlags::SQLITE_OPEN_READ_ONLY)
+        .map_err(|e| StoreError::sqlite(&path, e))?;
+    conn.busy_timeout(Duration::from_secs(5)).map_err(|e| StoreError::sqlite(&path, e))?;
+    let tmp = to.with_file_name(format!(
+        ".{}.partial",
+        to.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()
+    ));
+    let _ = std::fs::remove_file(&tmp);
+    conn.execute("VACUUM INTO ?1", [tmp.to_string_lossy()]).map_err(|e| StoreError::sqlite(&path, e))?;
+    let io = |e: std::io::Error| StoreError::sqlite(to, e);
+    std::fs::File::open(&tmp).and_then(|f| f.sync_all()).map_err(io)?;
+    std::fs::rename(&tmp, to).map_err(io)?;
+    let parent = to.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    std::fs::File::open(parent).and_then(|d| d.sync_all()).map_err(io)?;
+    Ok(std::fs::metadata(to).map_err(io)?.len())
+}
+
 fn open_writer(path: &Path) -> Result<Connection> {
     let conn = Connection::open(path).map_err(|e| StoreError::sqlite(path, e))?;
     let sqlite = |e: rusqlite::Error| StoreError::sqlite(path, e);
