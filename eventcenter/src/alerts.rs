@@ -46,8 +46,9 @@ pub struct Sources {
 }
 
 /// The alerts that fire now, each lasting until `ends_at` unless sent again. Alerts without a
-/// time of their own start `now`.
-async fn firing(src: &Sources, now: SystemTime, ends_at: SystemTime) -> Vec<PostableAlert> {
+/// time of their own start `now`. None when the store could not be read: a round that does not
+/// know must not resolve what it failed to read.
+async fn firing(src: &Sources, now: SystemTime, ends_at: SystemTime) -> Option<Vec<PostableAlert>> {
     let mut out = Vec::new();
     for g in src.permits.guards().1.into_iter().filter(|g| g.breaker_tripped) {
         out.push(alert(
@@ -76,7 +77,10 @@ async fn firing(src: &Sources, now: SystemTime, ends_at: SystemTime) -> Vec<Post
                 ));
             }
         }
-        Err(e) => tracing::error!(error = %e, "cannot read escalated faults for alerts"),
+        Err(e) => {
+            tracing::error!(error = %e, "cannot read escalated faults for alerts");
+            return None;
+        }
     }
     let cfg = &src.config;
     for (cluster, c) in src.liveness.census() {
@@ -106,22 +110,24 @@ async fn firing(src: &Sources, now: SystemTime, ends_at: SystemTime) -> Vec<Post
                 ));
             }
         }
-        Err(e) => tracing::error!(error = %e, "cannot read consumers for alerts"),
+        Err(e) => {
+            tracing::error!(error = %e, "cannot read consumers for alerts");
+            return None;
+        }
     }
-    out
+    Some(out)
 }
 
 /// Sends the ops alerts every `resend_interval`, and at once when `changed` is notified.
 pub async fn run(
     am: Option<Arc<Alertmanager>>,
-    webhooks: Option<Webhooks>,
+    mut webhooks: Option<Webhooks>,
     src: Sources,
     resend_interval: Duration,
     cancel: CancellationToken,
 ) {
     // Sent and not yet resolved, by labels.
     let mut sent: HashMap<BTreeMap<String, String>, PostableAlert> = HashMap::new();
-    let mut webhooks = webhooks;
     let mut tick = tokio::time::interval(resend_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -131,7 +137,9 @@ pub async fn run(
             _ = src.permits.changed.notified() => {}
         }
         let now = SystemTime::now();
-        let mut now_firing = firing(&src, now, now + resend_interval * 3).await;
+        let Some(mut now_firing) = firing(&src, now, now + resend_interval * 3).await else {
+            continue;
+        };
         // An alert keeps the start it was first sent with.
         for a in &mut now_firing {
             if let Some(prev) = sent.get(&a.labels) {

@@ -25,6 +25,8 @@ pub struct Metrics {
     connected: GaugeFamily,
     faults: GaugeFamily,
     consumer_lag: GaugeFamily,
+    /// One scrape at a time: a scrape clears the state gauges before it fills them again.
+    scrape: tokio::sync::Mutex<()>,
 }
 
 impl Metrics {
@@ -55,6 +57,7 @@ impl Metrics {
             connected: GaugeFamily::default(),
             faults: GaugeFamily::default(),
             consumer_lag: GaugeFamily::default(),
+            scrape: tokio::sync::Mutex::new(()),
             registry: r,
             store,
             liveness,
@@ -74,6 +77,7 @@ impl Metrics {
 
     /// Reads the scrape-time values, then encodes everything (OpenMetrics).
     pub async fn render(&self) -> String {
+        let _one = self.scrape.lock().await;
         self.head.set(self.store.head() as i64);
         self.nodes.clear();
         self.connected.clear();
