@@ -396,6 +396,21 @@ async fn every_systemd_unit_passes_systemd_analyze_verify() {
         let out = tokio::process::Command::new("systemd-analyze").arg("verify").arg(&unit).output().await.unwrap();
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(out.status.success() && stderr.trim().is_empty(), "{}: {stderr}", path.display());
+        // systemd's own scoring of the sandbox (0 locked down .. 10 exposed): the services are
+        // held to "OK" below 2, the agent (root, kernel log, devices) below 4.
+        let out = tokio::process::Command::new("systemd-analyze")
+            .args(["security", "--offline=true"])
+            .arg(&unit)
+            .output()
+            .await
+            .unwrap();
+        let report = String::from_utf8_lossy(&out.stdout);
+        let exposure: f64 = report
+            .lines()
+            .find_map(|l| l.split_once("Overall exposure level for ")?.1.split_whitespace().nth(1)?.parse().ok())
+            .unwrap_or_else(|| panic!("no exposure level for {}: {report}", path.display()));
+        let limit = if is_agent { 4.0 } else { 2.0 };
+        assert!(exposure < limit, "{}: exposure {exposure} (limit {limit})", path.display());
         checked += 1;
     }
     assert_eq!(checked, 4);
