@@ -379,6 +379,7 @@ async fn every_systemd_unit_passes_systemd_analyze_verify() {
             "PrivateTmp=yes",
             "CapabilityBoundingSet=",
             "SystemCallFilter=@system-service",
+            "SystemCallErrorNumber=EPERM",
             "RestrictAddressFamilies=",
         ];
         for required in ["Type=notify", "WatchdogSec=", "Restart=on-failure", "RestartPreventExitStatus=78"]
