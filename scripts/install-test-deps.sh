@@ -17,6 +17,7 @@ needs=(
     "iptables:iptables"           # packet loss where the kernel has no netem
     "prometheus-alertmanager:prometheus-alertmanager"  # ops alerts and the business-health gate run against a real Alertmanager
     "promtool:prometheus"         # checks every service's /metrics output
+    "strace:strace"               # the units' syscall filters are checked against the services' real syscalls
 )
 
 missing=()

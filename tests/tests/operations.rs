@@ -442,3 +442,177 @@ async fn journald_logs_carry_each_field_and_the_level() {
     assert!(fields["ERROR"].contains("no store here"), "{fields:?}");
     assert_eq!(fields["TARGET"], "nodekeeper_eventcenter", "{fields:?}");
 }
+
+/// Every system call in systemd's named groups, expanded (`systemd-analyze syscall-filter`).
+async fn syscall_groups() -> std::collections::HashMap<String, Vec<String>> {
+    let out = tokio::process::Command::new("systemd-analyze").arg("syscall-filter").output().await.unwrap();
+    let mut groups = std::collections::HashMap::<String, Vec<String>>::new();
+    let mut current = None;
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let word = line.split_whitespace().next().unwrap_or_default().to_owned();
+        if line.starts_with('@') {
+            groups.insert(word.clone(), Vec::new());
+            current = Some(word);
+        } else if !word.is_empty() && !word.starts_with('#') {
+            groups.get_mut(current.as_ref().unwrap()).unwrap().push(word);
+        }
+    }
+    groups
+}
+
+fn expand(groups: &std::collections::HashMap<String, Vec<String>>, item: &str) -> std::collections::HashSet<String> {
+    match groups.get(item) {
+        Some(members) => members.iter().flat_map(|m| expand(groups, m)).collect(),
+        None => std::collections::HashSet::from([item.to_owned()]),
+    }
+}
+
+/// The system calls a unit's `SystemCallFilter=` lines allow.
+fn allowed_by(
+    unit: &str,
+    groups: &std::collections::HashMap<String, Vec<String>>,
+) -> std::collections::HashSet<String> {
+    let text = std::fs::read_to_string(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../systemd").join(unit))
+        .unwrap();
+    let mut allowed = std::collections::HashSet::new();
+    for line in text.lines().filter_map(|l| l.strip_prefix("SystemCallFilter=")) {
+        match line.strip_prefix('~') {
+            Some(denied) => denied.split_whitespace().flat_map(|i| expand(groups, i)).for_each(|s| {
+                allowed.remove(&s);
+            }),
+            None => allowed.extend(line.split_whitespace().flat_map(|i| expand(groups, i))),
+        }
+    }
+    allowed
+}
+
+/// A service run under `strace -f -c`; on `stop`, SIGTERM to the service, then strace's summary.
+struct Traced {
+    strace: tokio::process::Child,
+    summary: std::path::PathBuf,
+}
+
+impl Traced {
+    fn start(dir: &std::path::Path, name: &str, args: &[&str]) -> Traced {
+        let summary = dir.join(format!("{name}.strace"));
+        let strace = tokio::process::Command::new("strace")
+            .args(["-f", "-c", "-o"])
+            .arg(&summary)
+            .arg(bin(name))
+            .args(args)
+            .env("RUST_LOG", "warn")
+            .kill_on_drop(true)
+            .spawn()
+            .expect("strace (scripts/install-test-deps.sh installs it)");
+        Traced { strace, summary }
+    }
+
+    /// Stops the service as systemd would (SIGTERM) and returns the system calls it made.
+    async fn stop(mut self) -> Vec<String> {
+        let strace = self.strace.id().unwrap();
+        let children = std::fs::read_to_string(format!("/proc/{strace}/task/{strace}/children")).unwrap();
+        for pid in children.split_whitespace() {
+            nodekeeper_tests::signal(pid.parse().unwrap(), "TERM");
+        }
+        self.strace.wait().await.unwrap();
+        std::fs::read_to_string(&self.summary)
+            .unwrap()
+            .lines()
+            .filter(|l| l.trim_start().starts_with(|c: char| c.is_ascii_digit()) && !l.contains("total"))
+            .filter_map(|l| l.split_whitespace().last().map(str::to_owned))
+            .collect()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_service_makes_only_the_system_calls_its_unit_allows() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let port = free_port();
+    let center = format!("http://127.0.0.1:{port}");
+    let (center_metrics, status, detector_metrics) = (free_port(), free_port(), free_port());
+    std::fs::write(
+        d.join("center.toml"),
+        format!("insecure = true\nmetrics_listen = \"127.0.0.1:{center_metrics}\"\n"),
+    )
+    .unwrap();
+    let data = d.join("data").display().to_string();
+    let listen = format!("127.0.0.1:{port}");
+    let center_config = d.join("center.toml").display().to_string();
+    let traced_center = Traced::start(
+        d,
+        "nodekeeper-eventcenter",
+        &["--config", &center_config, "--listen", &listen, "--data-dir", &data],
+    );
+    wait_for("the center", Duration::from_secs(30), || async {
+        nodekeeper_tests::health_ok(&center).await.then_some(())
+    })
+    .await;
+    // The agent with every monitor, checks every second; the kernel log is a fixture file.
+    let host = nodekeeper_tests::FixtureHost::new();
+    std::fs::write(
+        d.join("agent.toml"),
+        format!(
+            "node_name = \"traced\"\ncluster = \"c1\"\nstate_dir = \"{}\"\ncenter = \"{center}\"\nheartbeat_interval = \"500ms\"\ninsecure = true\n{}\n[status]\nport = {status}\nlisten = [\"127.0.0.1\"]\n[monitors.hardware]\ninterval = \"1s\"\n[monitors.components]\ninterval = \"1s\"\n",
+            d.join("agent-state").display(),
+            host.paths()
+        ),
+    )
+    .unwrap();
+    let agent_config = d.join("agent.toml").display().to_string();
+    let agent = Traced::start(d, "nodekeeper-agent", &["--config", &agent_config]);
+    std::fs::write(
+        d.join("detector.toml"),
+        format!("name = \"d1\"\ncenter = \"{center}\"\ninsecure = true\nsweep_interval = \"1s\"\nmetrics_listen = \"127.0.0.1:{detector_metrics}\"\n"),
+    )
+    .unwrap();
+    let detector_config = d.join("detector.toml").display().to_string();
+    let detector = Traced::start(d, "nodekeeper-detector", &["--config", &detector_config]);
+    std::fs::write(
+        d.join("remediator.toml"),
+        format!("name = \"r1\"\ncluster = \"c1\"\ncenter = \"{center}\"\ninsecure = true\ndry_run = true\n"),
+    )
+    .unwrap();
+    let remediator_config = d.join("remediator.toml").display().to_string();
+    let remediator = Traced::start(d, "nodekeeper-remediator", &["--config", &remediator_config]);
+
+    // Work for each: a kernel fault the agent reports and the remediator plans for, probes,
+    // scrapes, checks run at least twice.
+    let mut host = host;
+    host.log(&["INFO: task jbd2/sda1-8:231 blocked for more than 120 seconds."]);
+    let ch = tonic::transport::Channel::from_shared(center.clone()).unwrap().connect().await.unwrap();
+    wait_for("the remediator's plan", Duration::from_secs(60), || async {
+        let events = nodekeeper_tests::stored_events(ch.clone(), "traced", "RemediationStep").await;
+        (!events.is_empty()).then_some(())
+    })
+    .await;
+    wait_for("probes", Duration::from_secs(30), || async {
+        let text =
+            nodekeeper_tests::try_http_get(&format!("http://127.0.0.1:{detector_metrics}/metrics")).await.ok()?;
+        (metric(&text, "nodekeeper_detector_probes_total")? >= 2.0).then_some(())
+    })
+    .await;
+    for port in [center_metrics, status] {
+        http_get(&format!("http://127.0.0.1:{port}/metrics")).await;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await; // two more check rounds (1 s interval)
+
+    let groups = syscall_groups().await;
+    let mut outside = Vec::new();
+    for (traced, unit) in [
+        (agent, "nodekeeper-agent.service"),
+        (detector, "nodekeeper-detector.service"),
+        (remediator, "nodekeeper-remediator.service"),
+        (traced_center, "nodekeeper-eventcenter.service"),
+    ] {
+        let allowed = allowed_by(unit, &groups);
+        let calls = traced.stop().await;
+        assert!(calls.len() > 20, "{unit}: too few calls traced: {calls:?}");
+        // As root SQLite hands its files to their owner with fchown; the center runs as its
+        // own user, where SQLite does not.
+        let exempt = |c: &String| unit == "nodekeeper-eventcenter.service" && c == "fchown";
+        outside
+            .extend(calls.into_iter().filter(|c| !allowed.contains(c) && !exempt(c)).map(|c| format!("{unit}: {c}")));
+    }
+    assert!(outside.is_empty(), "system calls the units' filters do not allow: {outside:?}");
+}
