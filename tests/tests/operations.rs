@@ -33,6 +33,35 @@ async fn promtool(service: &str, text: &str) {
     assert!(out.status.success() && said.trim().is_empty(), "promtool on {service}'s metrics: {said}\n{text}");
 }
 
+/// Writes a service's config into `dir` and returns its path, for `--config`.
+fn config_file(dir: &std::path::Path, service: &str, text: &str) -> String {
+    let path = dir.join(format!("{service}.toml"));
+    std::fs::write(&path, text).unwrap();
+    path.display().to_string()
+}
+
+/// A detector sweeping every second, talking plaintext to `center`, /metrics on `metrics`.
+fn detector_toml(center: &str, metrics: u16) -> String {
+    format!(
+        "name = \"d1\"\ncenter = \"{center}\"\ninsecure = true\nsweep_interval = \"1s\"\nmetrics_listen = \"127.0.0.1:{metrics}\"\n"
+    )
+}
+
+/// A dry-run remediator of cluster c1 (no Kubernetes needed), /metrics on `metrics`.
+fn remediator_toml(center: &str, metrics: u16) -> String {
+    format!(
+        "name = \"r1\"\ncluster = \"c1\"\ncenter = \"{center}\"\ninsecure = true\ndry_run = true\nstart_from = \"oldest\"\nmetrics_listen = \"127.0.0.1:{metrics}\"\n"
+    )
+}
+
+/// Starts one of our services with `config`; killed when dropped.
+fn spawn_service(dir: &std::path::Path, service: &str, config: &str) -> KillOnDrop {
+    let config = config_file(dir, service, config);
+    KillOnDrop(
+        std::process::Command::new(bin(service)).args(["--config", &config]).env("RUST_LOG", "warn").spawn().unwrap(),
+    )
+}
+
 /// The body of a GET with an OpenMetrics Accept header, as Prometheus sends it.
 async fn openmetrics(url: &str) -> (String, String) {
     nodekeeper_common::tls::install_default_provider();
@@ -62,40 +91,9 @@ async fn every_service_serves_metrics_that_promtool_accepts() {
     let agent = Agent::start(spec).await;
 
     let dir = tempfile::tempdir().unwrap();
-    let detector_metrics = free_port();
-    let detector_config = dir.path().join("detector.toml");
-    std::fs::write(
-        &detector_config,
-        format!(
-            "name = \"d1\"\ncenter = \"{url}\"\ninsecure = true\nsweep_interval = \"1s\"\nicmp = false\nmetrics_listen = \"127.0.0.1:{detector_metrics}\"\n"
-        ),
-    )
-    .unwrap();
-    let _detector = KillOnDrop(
-        std::process::Command::new(bin("nodekeeper-detector"))
-            .arg("--config")
-            .arg(&detector_config)
-            .env("RUST_LOG", "warn")
-            .spawn()
-            .unwrap(),
-    );
-    let remediator_metrics = free_port();
-    let remediator_config = dir.path().join("remediator.toml");
-    std::fs::write(
-        &remediator_config,
-        format!(
-            "name = \"r1\"\ncluster = \"c1\"\ncenter = \"{url}\"\ninsecure = true\ndry_run = true\nstart_from = \"oldest\"\nmetrics_listen = \"127.0.0.1:{remediator_metrics}\"\n"
-        ),
-    )
-    .unwrap();
-    let _remediator = KillOnDrop(
-        std::process::Command::new(bin("nodekeeper-remediator"))
-            .arg("--config")
-            .arg(&remediator_config)
-            .env("RUST_LOG", "warn")
-            .spawn()
-            .unwrap(),
-    );
+    let (detector_metrics, remediator_metrics) = (free_port(), free_port());
+    let _detector = spawn_service(dir.path(), "nodekeeper-detector", &detector_toml(&url, detector_metrics));
+    let _remediator = spawn_service(dir.path(), "nodekeeper-remediator", &remediator_toml(&url, remediator_metrics));
 
     // Something to count: a fault, a granted and a denied permit (in another cluster, whose
     // breaker the fault does not trip), probes, remediation steps.
@@ -530,15 +528,15 @@ async fn every_service_makes_only_the_system_calls_its_unit_allows() {
     let d = dir.path();
     let port = free_port();
     let center = format!("http://127.0.0.1:{port}");
-    let (center_metrics, status, detector_metrics) = (free_port(), free_port(), free_port());
-    std::fs::write(
-        d.join("center.toml"),
-        format!("insecure = true\nmetrics_listen = \"127.0.0.1:{center_metrics}\"\n"),
-    )
-    .unwrap();
+    let (center_metrics, status) = (free_port(), free_port());
+    let (detector_metrics, remediator_metrics) = (free_port(), free_port());
+    let center_config = config_file(
+        d,
+        "nodekeeper-eventcenter",
+        &format!("insecure = true\nmetrics_listen = \"127.0.0.1:{center_metrics}\"\n"),
+    );
     let data = d.join("data").display().to_string();
     let listen = format!("127.0.0.1:{port}");
-    let center_config = d.join("center.toml").display().to_string();
     let traced_center = Traced::start(
         d,
         "nodekeeper-eventcenter",
@@ -550,30 +548,19 @@ async fn every_service_makes_only_the_system_calls_its_unit_allows() {
     .await;
     // The agent with every monitor, checks every second; the kernel log is a fixture file.
     let host = nodekeeper_tests::FixtureHost::new();
-    std::fs::write(
-        d.join("agent.toml"),
-        format!(
-            "node_name = \"traced\"\ncluster = \"c1\"\nstate_dir = \"{}\"\ncenter = \"{center}\"\nheartbeat_interval = \"500ms\"\ninsecure = true\n{}\n[status]\nport = {status}\nlisten = [\"127.0.0.1\"]\n[monitors.hardware]\ninterval = \"1s\"\n[monitors.components]\ninterval = \"1s\"\n",
-            d.join("agent-state").display(),
-            host.paths()
-        ),
-    )
-    .unwrap();
-    let agent_config = d.join("agent.toml").display().to_string();
+    let paths = host.paths();
+    let spec = AgentSpec {
+        node: "traced",
+        heartbeat: "500ms",
+        extra: &paths,
+        monitors: "[monitors.hardware]\ninterval = \"1s\"\n[monitors.components]\ninterval = \"1s\"\n",
+        ..AgentSpec::new("traced", &center)
+    };
+    let agent_config = config_file(d, "nodekeeper-agent", &Agent::config_for(&spec, &d.join("agent-state"), status));
     let agent = Traced::start(d, "nodekeeper-agent", &["--config", &agent_config]);
-    std::fs::write(
-        d.join("detector.toml"),
-        format!("name = \"d1\"\ncenter = \"{center}\"\ninsecure = true\nsweep_interval = \"1s\"\nmetrics_listen = \"127.0.0.1:{detector_metrics}\"\n"),
-    )
-    .unwrap();
-    let detector_config = d.join("detector.toml").display().to_string();
+    let detector_config = config_file(d, "nodekeeper-detector", &detector_toml(&center, detector_metrics));
     let detector = Traced::start(d, "nodekeeper-detector", &["--config", &detector_config]);
-    std::fs::write(
-        d.join("remediator.toml"),
-        format!("name = \"r1\"\ncluster = \"c1\"\ncenter = \"{center}\"\ninsecure = true\ndry_run = true\n"),
-    )
-    .unwrap();
-    let remediator_config = d.join("remediator.toml").display().to_string();
+    let remediator_config = config_file(d, "nodekeeper-remediator", &remediator_toml(&center, remediator_metrics));
     let remediator = Traced::start(d, "nodekeeper-remediator", &["--config", &remediator_config]);
 
     // Work for each: a kernel fault the agent reports and the remediator plans for, probes,
@@ -592,10 +579,15 @@ async fn every_service_makes_only_the_system_calls_its_unit_allows() {
         (metric(&text, "nodekeeper_detector_probes_total")? >= 2.0).then_some(())
     })
     .await;
-    for port in [center_metrics, status] {
+    for port in [center_metrics, remediator_metrics] {
         http_get(&format!("http://127.0.0.1:{port}/metrics")).await;
     }
-    tokio::time::sleep(Duration::from_secs(2)).await; // two more check rounds (1 s interval)
+    // The clock check (adjtimex) has run once it has a CPU series.
+    wait_for("the agent's clock check", Duration::from_secs(30), || async {
+        let text = nodekeeper_tests::try_http_get(&format!("http://127.0.0.1:{status}/metrics")).await.ok()?;
+        metric_where(&text, "nodekeeper_agent_monitor_cpu_seconds_total", r#"monitor="check/clock""#)
+    })
+    .await;
 
     let groups = syscall_groups().await;
     let mut outside = Vec::new();
