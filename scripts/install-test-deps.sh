@@ -18,6 +18,9 @@ needs=(
     "prometheus-alertmanager:prometheus-alertmanager"  # ops alerts and the business-health gate run against a real Alertmanager
     "promtool:prometheus"         # checks every service's /metrics output
     "strace:strace"               # the units' syscall filters are checked against the services' real syscalls
+    "mkfs.ext4:e2fsprogs"         # the disk-full test runs the center on a small loop-mounted ext4
+    "mount:mount"                 # and mounts it (loop devices)
+    "fallocate:util-linux"        # and fills it
 )
 
 missing=()

@@ -43,7 +43,14 @@ pub struct Connection {
     /// The component manager's side of the stream: desired state and commands in, status and
     /// command results out.
     pub components: Option<crate::components::driver::Link>,
+    /// When the open session counts as healthy (it was welcomed `HEALTHY_SESSION` before).
+    pub healthy_after: Option<tokio::time::Instant>,
 }
+
+/// A session welcomed at least this long before it broke was healthy: the next reconnect starts
+/// from the shortest delay again. Shorter ones (a center that accepts, then fails) keep growing
+/// the delay, so that a crash-looping center is not stormed by its fleet.
+const HEALTHY_SESSION: Duration = Duration::from_secs(2);
 
 enum End {
     /// Shutdown requested and handled.
@@ -70,6 +77,10 @@ impl Connection {
                 End::Shutdown => return,
                 End::Broken(reason) => {
                     self.set_connected(false);
+                    // A session that stayed up a while was healthy: start again from the shortest delay.
+                    if self.healthy_after.take().is_some_and(|t| tokio::time::Instant::now() >= t) {
+                        backoff.reset();
+                    }
                     let delay = backoff.next_delay();
                     let stats = self.outbox.stats();
                     tracing::warn!(center = %self.config.center, error = %reason, retry_in = ?delay, outbox_depth = stats.depth, "connection to the event center lost");
@@ -83,9 +94,6 @@ impl Connection {
                         _ = tokio::time::sleep(delay) => {}
                     }
                 }
-            }
-            if self.state.lock().expect("state lock").connected {
-                backoff.reset();
             }
         }
     }
@@ -137,23 +145,29 @@ impl Connection {
             Ok(r) => r.into_inner(),
             Err(status) => return End::Broken(format!("session refused: {}", status.message())),
         };
-        match inbound.message().await {
+        let center_last = match inbound.message().await {
             Ok(Some(CenterMessage { msg: Some(center_message::Msg::Welcome(w)) })) => {
                 tracing::info!(center = %self.config.center, center_version = %w.center_version,
                     last_stored_sequence = w.last_stored_sequence, "connected to the event center");
+                w.last_stored_sequence
             }
             Ok(_) => return End::Broken("the center did not welcome the hello".into()),
             Err(status) => return End::Broken(format!("hello refused: {}", status.message())),
+        };
+        let outbox = self.outbox.clone();
+        match tokio::task::spawn_blocking(move || outbox.welcomed_blocking(center_last)).await {
+            Ok(Ok(Some(after))) => tracing::warn!(
+                last_stored_sequence = after,
+                "the agent's state was lost: the center holds later observations of this boot; continuing after them"
+            ),
+            Ok(Ok(None)) => {}
+            Ok(Err(e)) => return End::Broken(format!("taking the welcome: {e}")),
+            Err(e) => return End::Broken(format!("welcome task failed: {e}")),
         }
         self.metrics.reconnects.inc();
         self.set_connected(true);
-        let outbox = self.outbox.clone();
-        match tokio::task::spawn_blocking(move || outbox.report_drops_blocking()).await {
-            Ok(Ok(Some(dropped))) => tracing::warn!(dropped, "reporting observations the full outbox dropped"),
-            Ok(Ok(None)) => {}
-            Ok(Err(e)) => tracing::error!(error = %e, "cannot record the outbox's drop count"),
-            Err(e) => tracing::error!(error = %e, "drop report task failed"),
-        }
+        self.healthy_after = Some(tokio::time::Instant::now() + HEALTHY_SESSION);
+        self.report_losses().await;
         systemd::status(&format!("connected to {}", self.config.center));
         if let Some(status) = &mut components_status {
             let report = status.borrow_and_update().clone();
@@ -240,10 +254,14 @@ impl Connection {
                             continue;
                         };
                         let b = in_flight.remove(pos).expect("position is valid");
-                        if let Err(e) = self.outbox.ack(b.first, b.last).await {
+                        let refused = !ack.rejected.is_empty();
+                        if let Err(e) = self.outbox.ack(b.first, b.last, ack.rejected).await {
                             return End::Broken(format!("deleting acknowledged observations: {e}"));
                         }
                         self.metrics.acked.inc_by(b.count);
+                        if refused {
+                            self.report_losses().await;
+                        }
                     }
                     Ok(Some(CenterMessage { msg: Some(center_message::Msg::Command(cmd)) })) => {
                         let component_command = matches!(
@@ -286,6 +304,20 @@ impl Connection {
                     Err(status) => return End::Broken(format!("{}: {}", status.code().description(), status.message())),
                 },
             }
+        }
+    }
+
+    /// Stores an observation for what the outbox dropped or the center refused since the last
+    /// report, if anything.
+    async fn report_losses(&self) {
+        let outbox = self.outbox.clone();
+        match tokio::task::spawn_blocking(move || outbox.report_losses_blocking()).await {
+            Ok(Ok((0, 0))) => {}
+            Ok(Ok((dropped, rejected))) => {
+                tracing::warn!(dropped, rejected, "reporting observations the outbox dropped or the center refused")
+            }
+            Ok(Err(e)) => tracing::error!(error = %e, "cannot record the outbox's loss counts"),
+            Err(e) => tracing::error!(error = %e, "loss report task failed"),
         }
     }
 

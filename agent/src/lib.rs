@@ -122,6 +122,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         state,
         inventory_paths: config.paths.clone(),
         components,
+        healthy_after: None,
     };
     let mut conn_task = tokio::spawn(connection.run(conn_cancel.clone()));
 

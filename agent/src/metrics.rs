@@ -64,6 +64,11 @@ impl Metrics {
             "Observations dropped because the outbox was full, since the state was created",
             gauge(stats.dropped_total),
         );
+        registry.register(
+            "outbox_rejected",
+            "Observations the center refused as invalid, since the state was created",
+            gauge(stats.rejected_total),
+        );
         registry.register("last_sequence", "Highest sequence number assigned", gauge(stats.last_sequence));
         registry.register("observations_sent", "Observations sent to the center", self.sent.clone());
         registry.register("observations_acked", "Observations the center acknowledged", self.acked.clone());

@@ -5,7 +5,7 @@
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 
-use nodekeeper_common::names;
+use nodekeeper_common::observation;
 use nodekeeper_proto::v1::{
     AgentStatus, EmitRequest, EmitResponse, GetAgentStatusRequest, local_agent_service_server,
     local_agent_service_server::LocalAgentServiceServer,
@@ -51,9 +51,10 @@ impl local_agent_service_server::LocalAgentService for Local {
         if observations.len() > MAX_EMIT {
             return Err(Status::resource_exhausted(format!("at most {MAX_EMIT} observations per call")));
         }
+        // The center's own check: what the agent acknowledges here, the center will take.
         for (i, o) in observations.iter().enumerate() {
-            names::event_type(&o.r#type).map_err(|e| Status::invalid_argument(format!("observation {i}: {e}")))?;
-            names::reason(&o.reason).map_err(|e| Status::invalid_argument(format!("observation {i}: {e}")))?;
+            observation::validate(o)
+                .map_err(|e| Status::invalid_argument(format!("observation {i}: {e}; nothing was stored")))?;
         }
         let sequences = self
             .outbox
@@ -78,6 +79,7 @@ impl local_agent_service_server::LocalAgentService for Local {
             last_sequence: stats.last_sequence,
             acked_total: self.metrics.acked.get(),
             sent_total: self.metrics.sent.get(),
+            rejected_total: stats.rejected_total,
         }))
     }
 }

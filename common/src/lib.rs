@@ -8,6 +8,7 @@ pub mod http;
 pub mod logging;
 pub mod metrics;
 pub mod names;
+pub mod observation;
 pub mod shutdown;
 pub mod systemd;
 pub mod time;

@@ -1,6 +1,7 @@
 //! Ops alerts: a tripped breaker (`NodekeeperBreakerTripped`), an escalated fault
 //! (`NodekeeperFaultEscalated`), a cluster losing heartbeats from many nodes at once
-//! (`NodekeeperHeartbeatLoss`) and a durable consumer falling behind (`NodekeeperSubscriberLag`).
+//! (`NodekeeperHeartbeatLoss`), a durable consumer falling behind (`NodekeeperSubscriberLag`) and
+//! the store's disk within its reserve (`NodekeeperStoreDiskLow`).
 //! What fires is derived from the center's state each round, so a restarted center sends what
 //! still holds. Alertmanager gets every firing alert again each `resend_interval`, each saying it
 //! ends after three of those: Alertmanager resolves on its own what a stopped center no longer
@@ -81,6 +82,18 @@ async fn firing(src: &Sources, now: SystemTime, ends_at: SystemTime) -> Option<V
             tracing::error!(error = %e, "cannot read escalated faults for alerts");
             return None;
         }
+    }
+    let disk = src.store.disk();
+    if disk.low {
+        out.push(alert(
+            &[("alertname", "NodekeeperStoreDiskLow"), ("severity", "critical")],
+            format!(
+                "the event center's store disk has {} bytes free, below its reserve of {}: new events are refused (agents keep theirs) until space is freed",
+                disk.free, disk.reserve
+            ),
+            now,
+            ends_at,
+        ));
     }
     let cfg = &src.config;
     for (cluster, c) in src.liveness.census() {

@@ -59,6 +59,10 @@ pub struct StoreConfig {
     pub commit_delay: Duration,
     /// Rows waiting for the writer before producers are made to wait (backpressure).
     pub max_pending_rows: usize,
+    /// Bytes kept free on the store's disk: below them new events are refused (clients get
+    /// RESOURCE_EXHAUSTED and retry; agents keep theirs), health of the writing services says
+    /// NOT_SERVING and `NodekeeperStoreDiskLow` fires.
+    pub min_free_bytes: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -259,10 +263,6 @@ pub struct LimitsConfig {
     pub max_message_bytes: usize,
     /// Most observations in one batch or report request.
     pub max_batch: usize,
-    /// Largest message text of one observation, in bytes.
-    pub max_text_bytes: usize,
-    /// Most attributes on one observation.
-    pub max_attributes: usize,
     /// Observations (agent batches and reports) one identity may send per second...
     pub observations_per_second: u32,
     /// ...and at once above that rate. At least max_batch.
@@ -300,6 +300,7 @@ impl Default for StoreConfig {
             commit_max_rows: 8192,
             commit_delay: Duration::from_millis(1),
             max_pending_rows: 200_000,
+            min_free_bytes: 256 << 20,
         }
     }
 }
@@ -319,8 +320,6 @@ impl Default for LimitsConfig {
         Self {
             max_message_bytes: 4 << 20,
             max_batch: 1000,
-            max_text_bytes: 8 << 10,
-            max_attributes: 32,
             observations_per_second: 5000,
             observations_burst: 10_000,
             max_streams_per_identity: 16,

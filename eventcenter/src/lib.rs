@@ -31,6 +31,7 @@ use thiserror::Error;
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
+use tonic::server::NamedService;
 
 use crate::api::Ctx;
 use crate::config::Config;
@@ -73,6 +74,7 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: impl Future<Ou
             commit_max_rows: config.store.commit_max_rows,
             commit_delay: config.store.commit_delay,
             max_pending_rows: config.store.max_pending_rows,
+            min_free_bytes: config.store.min_free_bytes,
         },
     )?;
     let cancel = CancellationToken::new();
@@ -143,11 +145,21 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: impl Future<Ou
 
     let max = config.limits.max_message_bytes;
     let (health, health_service) = tonic_health::server::health_reporter();
-    health.set_serving::<AgentServiceServer<api::agent::AgentApi>>().await;
     health.set_serving::<EventServiceServer<api::events::EventApi>>().await;
-    health.set_serving::<FleetServiceServer<api::fleet::FleetApi>>().await;
-    health.set_serving::<ReportServiceServer<api::report::ReportApi>>().await;
-    health.set_serving::<PermitServiceServer<api::permits::PermitApi>>().await;
+    let mut disk = store.watch_disk();
+    let low = disk.borrow_and_update().low;
+    writers_health(&health, low).await;
+    let stop = cancel.clone();
+    tasks.push(tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                changed = disk.changed() => if changed.is_err() { return },
+            }
+            let low = disk.borrow_and_update().low;
+            writers_health(&health, low).await;
+        }
+    }));
     let reflection = || {
         tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(nodekeeper_proto::FILE_DESCRIPTOR_SET)
@@ -214,6 +226,17 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: impl Future<Ou
     store.close().await;
     tracing::info!("event center stopped");
     served.map_err(RunError::from)
+}
+
+/// The services that write say NOT_SERVING while the store's disk is within its reserve; reads
+/// and subscriptions go on (the overall health stays SERVING).
+async fn writers_health(health: &tonic_health::server::HealthReporter, disk_low: bool) {
+    use tonic_health::ServingStatus::{NotServing, Serving};
+    let status = if disk_low { NotServing } else { Serving };
+    health.set_service_status(<AgentServiceServer<api::agent::AgentApi> as NamedService>::NAME, status).await;
+    health.set_service_status(<FleetServiceServer<api::fleet::FleetApi> as NamedService>::NAME, status).await;
+    health.set_service_status(<ReportServiceServer<api::report::ReportApi> as NamedService>::NAME, status).await;
+    health.set_service_status(<PermitServiceServer<api::permits::PermitApi> as NamedService>::NAME, status).await;
 }
 
 /// SIGHUP re-reads the TLS certificate, key and CA (they are also re-read when they change).

@@ -1,72 +1,36 @@
 //! Checks on what producers send, before anything reaches the store. Each failure is an
 //! INVALID_ARGUMENT status naming the field and why.
 
-use nodekeeper_common::names;
-use std::collections::HashMap;
-
-use nodekeeper_proto::v1::{ConditionStatus, FaultState, Hello, Observation, ObservationBatch, RecordStepRequest};
+use nodekeeper_common::{names, observation};
+use nodekeeper_proto::v1::{FaultState, Hello, Observation, ObservationBatch, RecordStepRequest, Rejection};
 use tonic::Status;
-
-use crate::config::LimitsConfig;
 
 pub fn name(r: Result<(), names::NameError>) -> Result<(), Status> {
     r.map_err(|e| Status::invalid_argument(e.to_string()))
 }
 
-/// Validates one observation; `what` names it in errors (e.g. "observation 3").
-pub fn observation(o: &Observation, limits: &LimitsConfig, what: &dyn Fn() -> String) -> Result<(), Status> {
-    let bad = |msg: String| Status::invalid_argument(format!("{}: {msg}", what()));
-    names::event_type(&o.r#type).map_err(|e| bad(e.to_string()))?;
-    names::reason(&o.reason).map_err(|e| bad(e.to_string()))?;
-    if o.message.len() > limits.max_text_bytes {
-        return Err(bad(format!("message is {} bytes, at most {} allowed", o.message.len(), limits.max_text_bytes)));
-    }
-    attributes(&o.attributes, limits).map_err(bad)?;
-    if o.source.len() > 128 {
-        return Err(bad("source is longer than 128 bytes".into()));
-    }
-    if let Some(c) = &o.condition {
-        names::event_type(&c.r#type).map_err(|e| bad(format!("condition: {e}")))?;
-        names::reason(&c.reason).map_err(|e| bad(format!("condition: {e}")))?;
-        if c.message.len() > limits.max_text_bytes {
-            return Err(bad("condition message too long".into()));
-        }
-        match ConditionStatus::try_from(c.status) {
-            Ok(ConditionStatus::True | ConditionStatus::False | ConditionStatus::Unknown) => {}
-            _ => return Err(bad(format!("condition {} has no valid status", c.r#type))),
-        }
-        if c.r#type != o.r#type {
-            return Err(bad(format!("condition type {} differs from the observation type {}", c.r#type, o.r#type)));
-        }
-    }
-    Ok(())
-}
-
-/// At most `max_attributes`, each with a key of 1 to 128 bytes and a value within `max_text_bytes`.
-fn attributes(a: &HashMap<String, String>, limits: &LimitsConfig) -> Result<(), String> {
-    if a.len() > limits.max_attributes {
-        return Err(format!("{} attributes, at most {} allowed", a.len(), limits.max_attributes));
-    }
-    match a.iter().find(|(k, v)| k.is_empty() || k.len() > 128 || v.len() > limits.max_text_bytes) {
-        Some((k, _)) => {
-            Err(format!("attribute {:?} has an empty or oversize key or value", k.chars().take(40).collect::<String>()))
-        }
-        None => Ok(()),
-    }
+/// Validates one observation with the contract's check shared with the agent
+/// (`nodekeeper_common::observation`); `what` names it in errors (e.g. "report 3").
+pub fn observation(o: &Observation, what: &dyn Fn() -> String) -> Result<(), Status> {
+    observation::validate(o).map_err(|msg| Status::invalid_argument(format!("{}: {msg}", what())))
 }
 
 /// A remediation step: an id, a step name of 1 to 64 bytes, a message and attributes within the
 /// limits, and a state a step may move a fault to.
-pub fn step(s: &RecordStepRequest, limits: &LimitsConfig) -> Result<(), Status> {
+pub fn step(s: &RecordStepRequest) -> Result<(), Status> {
     name(names::report_id(&s.step_id))?;
     let bad = |msg: String| Status::invalid_argument(format!("step {:?}: {msg}", s.step_id));
     if s.step.is_empty() || s.step.len() > 64 {
         return Err(bad("the step name must be 1 to 64 bytes".into()));
     }
-    if s.message.len() > limits.max_text_bytes {
-        return Err(bad(format!("message is {} bytes, at most {} allowed", s.message.len(), limits.max_text_bytes)));
+    if s.message.len() > observation::MAX_TEXT_BYTES {
+        return Err(bad(format!(
+            "message is {} bytes, at most {} allowed",
+            s.message.len(),
+            observation::MAX_TEXT_BYTES
+        )));
     }
-    attributes(&s.attributes, limits).map_err(bad)?;
+    observation::attributes(&s.attributes).map_err(bad)?;
     if matches!(s.state(), FaultState::Open | FaultState::Resolved) {
         return Err(bad(
             "a step may move a fault to isolated, recovering or escalated; it opens and resolves with its condition"
@@ -87,33 +51,52 @@ pub fn hello(h: &Hello) -> Result<(), Status> {
     Ok(())
 }
 
-/// A batch is within the limits, its sequences positive and increasing, every observation valid.
-/// Returns its last sequence.
-pub fn batch(batch: &ObservationBatch, limits: &LimitsConfig) -> Result<u64, Status> {
-    if batch.observations.len() > limits.max_batch {
+/// A batch checked: the observations to store, and those refused one by one.
+#[derive(Debug, Default)]
+pub struct Checked {
+    pub valid: Vec<Observation>,
+    pub rejected: Vec<Rejection>,
+    /// The batch's last sequence.
+    pub last: u64,
+}
+
+/// A batch is within `max_batch` and its sequences are positive and increasing, or it is refused
+/// whole (a broken producer, not a bad observation). Each observation that fails its own check,
+/// or whose sequence is beyond what the store holds, is refused alone: the rest are stored, so no
+/// single observation can block the ones after it.
+pub fn batch(batch: ObservationBatch, max_batch: usize) -> Result<Checked, Status> {
+    if batch.observations.len() > max_batch {
         return Err(Status::resource_exhausted(format!(
-            "batch {} has {} observations, at most {} allowed",
+            "batch {} has {} observations, at most {max_batch} allowed",
             batch.batch_id,
             batch.observations.len(),
-            limits.max_batch
         )));
     }
-    let mut last = 0;
-    for (i, o) in batch.observations.iter().enumerate() {
-        if o.sequence <= last {
+    let mut checked = Checked::default();
+    for (i, o) in batch.observations.into_iter().enumerate() {
+        if o.sequence <= checked.last {
             return Err(Status::invalid_argument(format!(
                 "batch {}: observation {i} has sequence {}, sequences must be positive and increasing",
                 batch.batch_id, o.sequence
             )));
         }
-        last = o.sequence;
-        observation(o, limits, &|| format!("batch {} observation {i}", batch.batch_id))?;
+        checked.last = o.sequence;
+        let verdict = if o.sequence > observation::MAX_SEQUENCE {
+            Err(format!("sequence {} is beyond the highest a store holds ({})", o.sequence, observation::MAX_SEQUENCE))
+        } else {
+            observation::validate(&o)
+        };
+        match verdict {
+            Ok(()) => checked.valid.push(o),
+            Err(reason) => checked.rejected.push(Rejection { sequence: o.sequence, reason }),
+        }
     }
-    Ok(last)
+    Ok(checked)
 }
 
 /// A component status report: names checked, text bounded, at most 256 components.
-pub fn component_status(r: &nodekeeper_proto::v1::ComponentStatusReport, max_text: usize) -> Result<(), Status> {
+pub fn component_status(r: &nodekeeper_proto::v1::ComponentStatusReport) -> Result<(), Status> {
+    let max_text = observation::MAX_TEXT_BYTES;
     if r.components.len() > 256 {
         return Err(Status::invalid_argument(format!(
             "{} components in one status report; at most 256",

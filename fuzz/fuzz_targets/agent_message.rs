@@ -13,7 +13,7 @@ fuzz_target!(|data: &[u8]| {
     let limits = LimitsConfig::default();
     match m.msg {
         Some(agent_message::Msg::Hello(h)) => drop(validate::hello(&h)),
-        Some(agent_message::Msg::Observations(b)) => drop(validate::batch(&b, &limits)),
+        Some(agent_message::Msg::Observations(b)) => drop(validate::batch(b, limits.max_batch)),
         _ => {}
     }
 });

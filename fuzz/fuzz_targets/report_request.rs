@@ -17,7 +17,7 @@ fuzz_target!(|data: &[u8]| {
         drop(names::cluster(&r.cluster));
         drop(names::node(&r.node));
         if let Some(o) = &r.observation {
-            drop(validate::observation(o, &limits, &|| "report".to_owned()));
+            drop(validate::observation(o, &|| "report".to_owned()));
         }
     }
 });

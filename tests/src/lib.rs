@@ -511,6 +511,7 @@ pub struct Agent {
     pub config_path: PathBuf,
     pub state_dir: PathBuf,
     env: Vec<(String, String)>,
+    log: Option<PathBuf>,
     child: Option<Child>,
     _tmp: tempfile::TempDir,
 }
@@ -527,6 +528,8 @@ pub struct AgentSpec<'a> {
     pub monitors: &'a str,
     /// Run in this network namespace, with the status listener on this address.
     pub netns: Option<(&'a str, std::net::IpAddr)>,
+    /// Append the agent's log (stderr) to this file instead of the test's stderr.
+    pub log: Option<&'a Path>,
 }
 
 impl<'a> AgentSpec<'a> {
@@ -538,6 +541,7 @@ impl<'a> AgentSpec<'a> {
             extra: "",
             monitors: "[monitors]\nenabled = false\n",
             netns: None,
+            log: None,
         }
     }
 }
@@ -575,6 +579,7 @@ impl Agent {
             config_path,
             state_dir,
             env,
+            log: spec.log.map(Path::to_owned),
             child: None,
             _tmp: tmp,
         };
@@ -594,6 +599,10 @@ impl Agent {
             .stdin(Stdio::null());
         for (k, v) in &self.env {
             cmd.env(k, v);
+        }
+        if let Some(log) = &self.log {
+            let file = std::fs::File::options().create(true).append(true).open(log).expect("open the agent's log");
+            cmd.stderr(file);
         }
         self.child = Some(cmd.spawn().expect("spawn nodekeeper-agent"));
         let url = self.status_url();
@@ -635,7 +644,12 @@ impl Agent {
 
     /// Hands observations to the agent; returns the sequences it assigned.
     pub async fn emit(&self, observations: Vec<Observation>) -> Vec<u64> {
-        self.local().await.emit(EmitRequest { observations }).await.expect("emit").into_inner().sequences
+        self.try_emit(observations).await.expect("emit")
+    }
+
+    /// Like `emit`, returning the agent's refusal.
+    pub async fn try_emit(&self, observations: Vec<Observation>) -> Result<Vec<u64>, tonic::Status> {
+        Ok(self.local().await.emit(EmitRequest { observations }).await?.into_inner().sequences)
     }
 
     pub async fn status(&self) -> AgentStatus {

@@ -405,23 +405,32 @@ async fn bad_input_gets_a_status_and_leaves_the_store_intact() {
         assert_eq!(err.code(), Code::InvalidArgument);
     }
 
-    // Invalid observations end the stream with the reason.
-    let bad_batches: Vec<(Vec<Observation>, Code, &str)> = vec![
-        (vec![Observation { r#type: "not a type".into(), ..observation(11) }], Code::InvalidArgument, "event type"),
-        (vec![observation(12), observation(12)], Code::InvalidArgument, "increasing"),
+    // Invalid observations are refused one by one in the acknowledgement, with the reason; the
+    // stream stays open.
+    let mut a = AgentConn::connect(&center.url(), hello("c1", "n1", "b1")).await.unwrap();
+    let refused: Vec<(Observation, &str)> = vec![
+        (Observation { r#type: "not a type".into(), ..observation(11) }, "event type"),
+        (Observation { message: "x".repeat(9000), ..observation(13) }, "message is 9000 bytes"),
         (
-            vec![Observation { message: "x".repeat(9000), ..observation(13) }],
-            Code::InvalidArgument,
-            "message is 9000 bytes",
-        ),
-        (
-            vec![Observation {
+            Observation {
                 condition: Some(Condition { r#type: "TestEvent".into(), status: 0, ..Default::default() }),
                 ..observation(14)
-            }],
-            Code::InvalidArgument,
+            },
             "status",
         ),
+    ];
+    for (i, (o, text)) in refused.into_iter().enumerate() {
+        let sequence = o.sequence;
+        let ack = a.send_acked(50 + i as u64, vec![o]).await;
+        assert_eq!((ack.stored, ack.rejected.len()), (0, 1), "{ack:?}");
+        assert_eq!(ack.rejected[0].sequence, sequence);
+        assert!(ack.rejected[0].reason.contains(text), "{}", ack.rejected[0].reason);
+    }
+    drop(a);
+
+    // A broken batch ends the stream with the reason.
+    let bad_batches: Vec<(Vec<Observation>, Code, &str)> = vec![
+        (vec![observation(12), observation(12)], Code::InvalidArgument, "increasing"),
         (
             // Over max_message_bytes: tonic's decoder refuses it with OUT_OF_RANGE and the sizes.
             (15..=30).map(|s| Observation { message: "y".repeat(8000), ..observation(s) }).collect(),

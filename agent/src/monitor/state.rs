@@ -203,7 +203,9 @@ impl Reporter {
     }
 }
 
-/// The observation for a finding; `status` set for a condition change.
+/// The observation for a finding; `status` set for a condition change. Texts and attributes are
+/// cut to the contract's limits (marked in the attribute `truncated`), so that the center takes
+/// whatever a monitor reads: one long log line cannot be refused.
 pub fn observation(f: &Finding, status: Option<ConditionStatus>) -> Observation {
     let time = nodekeeper_common::time::to_timestamp(f.time);
     let (kind, condition) = match (&f.problem, status) {
@@ -219,7 +221,7 @@ pub fn observation(f: &Finding, status: Option<ConditionStatus>) -> Observation 
         ),
         _ => (f.reason.clone(), None),
     };
-    Observation {
+    let mut o = Observation {
         sequence: 0,
         time: Some(time),
         r#type: kind,
@@ -231,7 +233,9 @@ pub fn observation(f: &Finding, status: Option<ConditionStatus>) -> Observation 
         condition,
         attributes: f.attributes.iter().cloned().collect(),
         source: f.source.clone(),
-    }
+    };
+    nodekeeper_common::observation::fit(&mut o);
+    o
 }
 
 #[cfg(test)]

@@ -155,6 +155,8 @@ struct Session {
     hello: NodeHello,
     tx: Tx,
     in_flight: Arc<Semaphore>,
+    /// A batch arrived while the store's disk was within its reserve and was held, unanswered.
+    held: std::sync::atomic::AtomicBool,
 }
 
 #[tonic::async_trait]
@@ -228,6 +230,7 @@ impl agent_service_server::AgentService for AgentApi {
             boot_id: hello.boot_id,
             tx,
             in_flight: Arc::new(Semaphore::new(MAX_IN_FLIGHT)),
+            held: Default::default(),
         };
         let id = session.ctx.sessions.register(session.key.clone(), session.tx.clone());
         // The node's desired components, if any are set.
@@ -245,10 +248,15 @@ impl agent_service_server::AgentService for AgentApi {
 
 impl Session {
     async fn run(self, mut inbound: Streaming<AgentMessage>) {
+        let mut disk = self.ctx.store.watch_disk();
         let end = loop {
+            let held = self.held.load(std::sync::atomic::Ordering::Relaxed);
             let msg = tokio::select! {
                 _ = self.ctx.cancel.cancelled() => break Some(Status::unavailable("event center is shutting down; reconnect and resend unacknowledged batches")),
                 _ = self.tx.closed() => break None,
+                _ = disk.wait_for(|d| !d.low), if held => {
+                    break Some(Status::unavailable("the event center's store has room again; reconnect and resend the held batches"))
+                }
                 m = inbound.message() => m,
             };
             match msg {
@@ -290,7 +298,8 @@ impl Session {
             Some(agent_message::Msg::CommandResult(r)) => {
                 self.ctx.liveness.seen(&self.key);
                 let outcome = if r.success { "succeeded" } else { "failed" };
-                let message: String = r.message.chars().take(self.ctx.config.limits.max_text_bytes / 4).collect();
+                let message: String =
+                    r.message.chars().take(nodekeeper_common::observation::MAX_TEXT_BYTES / 4).collect();
                 let event = action_event(
                     &self.key,
                     "CommandResult",
@@ -301,7 +310,7 @@ impl Session {
             }
             Some(agent_message::Msg::ComponentStatus(report)) => {
                 self.ctx.liveness.seen(&self.key);
-                validate::component_status(&report, self.ctx.config.limits.max_text_bytes)?;
+                validate::component_status(&report)?;
                 use prost::Message;
                 self.ctx
                     .store
@@ -315,9 +324,20 @@ impl Session {
     }
 
     async fn batch(&self, batch: ObservationBatch) -> Result<(), Status> {
-        let last = validate::batch(&batch, &self.ctx.config.limits)?;
-        let events: Vec<NewEvent> = batch
-            .observations
+        if self.ctx.store.disk().low {
+            // Held, not refused: the stream stays open so the node's heartbeats keep it alive,
+            // and the agent keeps the batch in its outbox. Once the disk has room the stream is
+            // closed, and the agent resends everything unacknowledged.
+            self.held.store(true, std::sync::atomic::Ordering::Relaxed);
+            return Ok(());
+        }
+        let batch_id = batch.batch_id;
+        let validate::Checked { valid, rejected, last } = validate::batch(batch, self.ctx.config.limits.max_batch)?;
+        for r in &rejected {
+            tracing::warn!(cluster = %self.key.cluster, node = %self.key.node, sequence = r.sequence, reason = %r.reason,
+                "observation refused; the rest of its batch is stored");
+        }
+        let events: Vec<NewEvent> = valid
             .into_iter()
             .map(|o| {
                 let sequence = o.sequence;
@@ -339,7 +359,6 @@ impl Session {
         // Queued in stream order; acknowledged from a task once committed, so reading continues.
         let committed = self.ctx.store.append_queued(events).await.map_err(store_status)?;
         let tx = self.tx.clone();
-        let batch_id = batch.batch_id;
         tokio::spawn(async move {
             let msg = match committed.await {
                 Ok(appended) => {
@@ -350,6 +369,7 @@ impl Session {
                             stored: appended.len() as u32 - duplicates,
                             duplicates,
                             last_sequence: last,
+                            rejected,
                         })),
                     })
                 }

@@ -118,7 +118,7 @@ impl fleet_service_server::FleetService for FleetApi {
         let caller = self.0.caller(&request)?;
         require(&caller, &[Kind::Subscriber, Kind::Admin], "record remediation steps")?;
         let req = request.into_inner();
-        validate::step(&req, &self.0.config.limits)?;
+        validate::step(&req)?;
         let state = req.state();
         let fault = self
             .0

@@ -94,17 +94,31 @@ pub fn require_cluster(caller: &Caller, cluster: &str) -> Result<(), Status> {
 /// Readers of events and fleet state.
 pub const READERS: &[Kind] = &[Kind::Subscriber, Kind::Detector, Kind::Admin];
 
+/// The status a client gets for a store error: retryable codes where retrying helps, and never
+/// the server's paths. A full disk is logged by the disk reserve, once per change, not per call.
 pub fn store_status(e: StoreError) -> Status {
-    tracing::error!(error = %e, "store error");
     match e {
         StoreError::Closed => Status::unavailable("event center is shutting down"),
-        other => Status::internal(format!("store: {other}")),
+        StoreError::Full { .. } => Status::resource_exhausted(e.to_string()),
+        other => {
+            tracing::error!(error = %other, "store error");
+            Status::internal(other.for_client())
+        }
     }
 }
 
 /// The stored form of a producer's observation.
-pub fn to_event(cluster: &str, node: &str, o: Observation, origin: Origin) -> Event {
+///
+/// Severity, category and action values this contract version does not define (a newer producer
+/// may send them) are stored as UNSPECIFIED, with the number kept in the attribute
+/// `unknown_<field>`: every reader (fault folding, severity filters, the CLI, subscribers' JSON)
+/// meets only values it knows, and a number nobody can interpret never ranks above CRITICAL.
+pub fn to_event(cluster: &str, node: &str, mut o: Observation, origin: Origin) -> Event {
+    use nodekeeper_proto::v1::{RecommendedAction, Severity};
     let kind = if o.condition.is_some() { EventKind::Condition } else { EventKind::Observation };
+    known::<Severity>(&mut o.severity, "severity", &mut o.attributes);
+    known::<Category>(&mut o.category, "category", &mut o.attributes);
+    known::<RecommendedAction>(&mut o.action, "action", &mut o.attributes);
     Event {
         cursor: String::new(),
         cluster: cluster.to_owned(),
@@ -114,7 +128,7 @@ pub fn to_event(cluster: &str, node: &str, o: Observation, origin: Origin) -> Ev
         reason: o.reason,
         message: o.message,
         severity: o.severity,
-        category: if o.category == 0 { Category::Unspecified as i32 } else { o.category },
+        category: o.category,
         action: o.action,
         condition: o.condition,
         attributes: o.attributes,
@@ -123,5 +137,13 @@ pub fn to_event(cluster: &str, node: &str, o: Observation, origin: Origin) -> Ev
         origin: Some(origin),
         fault_id: 0,
         source: o.source,
+    }
+}
+
+/// Sets an enum value the contract does not define to UNSPECIFIED (0), keeping the number in the
+/// attribute `unknown_<field>`.
+fn known<E: TryFrom<i32>>(value: &mut i32, field: &str, attributes: &mut std::collections::HashMap<String, String>) {
+    if E::try_from(*value).is_err() {
+        attributes.insert(format!("unknown_{field}"), std::mem::take(value).to_string());
     }
 }

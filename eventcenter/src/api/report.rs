@@ -50,7 +50,7 @@ impl report_service_server::ReportService for ReportApi {
             require_cluster(&caller, &r.cluster)?;
             let mut o =
                 r.observation.ok_or_else(|| Status::invalid_argument(format!("report {i} has no observation")))?;
-            validate::observation(&o, limits, &|| format!("report {i}"))?;
+            validate::observation(&o, &|| format!("report {i}"))?;
             let detector = caller.as_ref().is_none_or(|id| id.kind == Kind::Detector);
             if detector && let Some(c) = o.condition.take_if(|c| crate::quorum::VERDICTS.contains(&c.r#type.as_str())) {
                 let holds = c.status() == nodekeeper_proto::v1::ConditionStatus::True;

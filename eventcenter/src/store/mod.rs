@@ -9,8 +9,10 @@
 //! subscriber that lags re-reads the store, so the channel may drop but the subscriber never skips.
 
 mod read;
+mod space;
 
 pub use read::DesiredRow;
+pub use space::DiskState;
 mod writer;
 
 use std::collections::HashMap;
@@ -48,6 +50,9 @@ pub enum StoreError {
     SchemaTooNew { path: PathBuf, found: i64, known: usize },
     #[error("store is closed")]
     Closed,
+    /// The disk is within the reserve (or full): new data is refused until space is freed.
+    #[error("the event center's store is low on disk space ({free} bytes free, {reserve} reserved): retry later")]
+    Full { free: u64, reserve: u64 },
     #[error("corrupt row in {table}: {message}")]
     Corrupt { table: &'static str, message: String },
 }
@@ -56,6 +61,22 @@ impl StoreError {
     fn sqlite(path: &Path, e: impl std::fmt::Display) -> Self {
         Self::Sqlite { path: path.to_owned(), message: e.to_string() }
     }
+
+    /// What a client may be told: no server paths.
+    pub fn for_client(&self) -> String {
+        match self {
+            StoreError::Sqlite { message, .. } => format!("store: {message}"),
+            StoreError::NotWal { .. } | StoreError::NotSynchronousFull { .. } | StoreError::SchemaTooNew { .. } => {
+                "store misconfigured; see the event center's log".to_owned()
+            }
+            other => other.to_string(),
+        }
+    }
+}
+
+/// SQLite's "database or disk is full".
+fn is_disk_full(e: &rusqlite::Error) -> bool {
+    matches!(e, rusqlite::Error::SqliteFailure(f, _) if f.code == rusqlite::ErrorCode::DiskFull)
 }
 
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
@@ -147,11 +168,18 @@ pub struct StoreOptions {
     pub commit_max_rows: usize,
     pub commit_delay: Duration,
     pub max_pending_rows: usize,
+    /// Free bytes kept on the store's disk: below them new data is refused (see `space.rs`).
+    pub min_free_bytes: u64,
 }
 
 impl Default for StoreOptions {
     fn default() -> Self {
-        Self { commit_max_rows: 8192, commit_delay: Duration::from_millis(1), max_pending_rows: 200_000 }
+        Self {
+            commit_max_rows: 8192,
+            commit_delay: Duration::from_millis(1),
+            max_pending_rows: 200_000,
+            min_free_bytes: 256 << 20,
+        }
     }
 }
 
@@ -198,6 +226,7 @@ struct Inner {
     head: watch::Receiver<u64>,
     floor: Arc<AtomicU64>,
     metrics: StoreMetrics,
+    space: Arc<space::Space>,
     writer: Mutex<Option<std::thread::JoinHandle<()>>>,
     /// Dropping the sender stops the checkpointer thread.
     checkpointer: Mutex<Option<(std::sync::mpsc::Sender<()>, std::thread::JoinHandle<()>)>>,
@@ -225,13 +254,23 @@ impl Store {
         let (head_tx, head_rx) = watch::channel(head);
         let floor = Arc::new(AtomicU64::new(floor));
         let metrics = StoreMetrics::default();
-        let w = writer::Writer::new(conn, path.clone(), options.clone(), head, live.clone(), head_tx, floor.clone())
-            .with_metrics(metrics.clone());
+        let space = Arc::new(space::Space::new(dir.to_owned(), options.min_free_bytes));
+        let w = writer::Writer::new(
+            conn,
+            path.clone(),
+            options.clone(),
+            head,
+            live.clone(),
+            head_tx,
+            floor.clone(),
+            space.clone(),
+        )
+        .with_metrics(metrics.clone());
         let handle = std::thread::Builder::new()
             .name("store-writer".into())
             .spawn(move || w.run(ops_rx))
             .map_err(|e| StoreError::sqlite(&path, format!("spawning writer thread: {e}")))?;
-        let checkpointer = spawn_checkpointer(&path)?;
+        let checkpointer = spawn_checkpointer(&path, space.clone())?;
         Ok(Store {
             inner: Arc::new(Inner {
                 path,
@@ -243,6 +282,7 @@ impl Store {
                 head: head_rx,
                 floor,
                 metrics,
+                space,
                 writer: Mutex::new(Some(handle)),
                 checkpointer: Mutex::new(Some(checkpointer)),
             }),
@@ -251,6 +291,16 @@ impl Store {
 
     pub fn metrics(&self) -> &StoreMetrics {
         &self.inner.metrics
+    }
+
+    /// The disk reserve's state now.
+    pub fn disk(&self) -> DiskState {
+        self.inner.space.state()
+    }
+
+    /// Follows the disk reserve's state.
+    pub fn watch_disk(&self) -> watch::Receiver<DiskState> {
+        self.inner.space.watch()
     }
 
     /// The newest committed cursor.
@@ -269,8 +319,28 @@ impl Store {
     }
 
     /// Waits for room (backpressure) and hands the operation to the writer, in call order;
-    /// returns the receiver of its answer, which arrives once its group committed.
+    /// returns the receiver of its answer, which arrives once its group committed. Operations that
+    /// add data are refused while the disk is within its reserve.
     async fn enqueue<T: Send + 'static>(
+        &self,
+        rows: usize,
+        make: impl FnOnce(oneshot::Sender<Result<T>>, tokio::sync::OwnedSemaphorePermit) -> writer::Op,
+    ) -> Result<oneshot::Receiver<Result<T>>> {
+        self.room()?;
+        self.enqueue_within_reserve(rows, make).await
+    }
+
+    /// `Err(Full)` while the disk is within its reserve.
+    fn room(&self) -> Result<()> {
+        match self.disk() {
+            DiskState { low: true, free, reserve } => Err(StoreError::Full { free, reserve }),
+            _ => Ok(()),
+        }
+    }
+
+    /// Like `enqueue`, also inside the reserve: for writes that free space or are small and keep
+    /// the fleet's picture right.
+    async fn enqueue_within_reserve<T: Send + 'static>(
         &self,
         rows: usize,
         make: impl FnOnce(oneshot::Sender<Result<T>>, tokio::sync::OwnedSemaphorePermit) -> writer::Op,
@@ -287,7 +357,16 @@ impl Store {
         rows: usize,
         make: impl FnOnce(oneshot::Sender<Result<T>>, tokio::sync::OwnedSemaphorePermit) -> writer::Op,
     ) -> Result<T> {
-        let rx = self.enqueue(rows, make).await?;
+        self.room()?;
+        self.submit_within_reserve(rows, make).await
+    }
+
+    async fn submit_within_reserve<T: Send + 'static>(
+        &self,
+        rows: usize,
+        make: impl FnOnce(oneshot::Sender<Result<T>>, tokio::sync::OwnedSemaphorePermit) -> writer::Op,
+    ) -> Result<T> {
+        let rx = self.enqueue_within_reserve(rows, make).await?;
         rx.await.map_err(|_| StoreError::Closed)?
     }
 
@@ -310,32 +389,33 @@ impl Store {
     /// Records an agent's hello: creates or updates the node and emits NodeRegistered,
     /// NodeRebooted and NodeInventoryChanged events as they apply.
     pub async fn hello(&self, hello: NodeHello) -> Result<HelloOutcome> {
-        self.submit(2, |reply, permit| writer::Op::Hello { hello: Box::new(hello), reply, permit }).await
+        self.submit_within_reserve(2, |reply, permit| writer::Op::Hello { hello: Box::new(hello), reply, permit }).await
     }
 
     /// Persists a liveness transition and its event (NodeHeartbeatLost / NodeHeartbeatResumed).
     pub async fn set_liveness(&self, key: NodeKey, lost: bool, grace: Duration) -> Result<()> {
-        self.submit(1, |reply, permit| writer::Op::Liveness { key, lost, grace, reply, permit }).await
+        self.submit_within_reserve(1, |reply, permit| writer::Op::Liveness { key, lost, grace, reply, permit }).await
     }
 
     /// Creates the durable consumer at `position` unless it exists; returns its acked cursor.
     pub async fn ensure_consumer(&self, name: String, position: u64) -> Result<u64> {
-        self.submit(1, |reply, permit| writer::Op::EnsureConsumer { name, position, reply, permit }).await
+        self.submit_within_reserve(1, |reply, permit| writer::Op::EnsureConsumer { name, position, reply, permit })
+            .await
     }
 
     /// Moves a durable consumer's acknowledged position forward. `Ok(false)` if it does not exist.
     pub async fn ack_consumer(&self, name: String, cursor: u64) -> Result<bool> {
-        self.submit(1, |reply, permit| writer::Op::AckConsumer { name, cursor, reply, permit }).await
+        self.submit_within_reserve(1, |reply, permit| writer::Op::AckConsumer { name, cursor, reply, permit }).await
     }
 
     pub async fn delete_consumer(&self, name: String) -> Result<bool> {
-        self.submit(1, |reply, permit| writer::Op::DeleteConsumer { name, reply, permit }).await
+        self.submit_within_reserve(1, |reply, permit| writer::Op::DeleteConsumer { name, reply, permit }).await
     }
 
     /// Deletes up to `max_rows` of the oldest events received before `cutoff_ms`; returns how
     /// many it deleted.
     pub async fn retain(&self, cutoff_ms: i64, max_rows: usize) -> Result<u64> {
-        self.submit(1, |reply, permit| writer::Op::Retain { cutoff_ms, max_rows, reply, permit }).await
+        self.submit_within_reserve(1, |reply, permit| writer::Op::Retain { cutoff_ms, max_rows, reply, permit }).await
     }
 
     /// Runs `f` on a read-only connection from the pool, on the blocking pool.
@@ -371,7 +451,7 @@ impl Store {
     /// Records the component status a node reported.
     pub async fn set_component_status(&self, key: NodeKey, body: Vec<u8>) -> Result<u64> {
         let change = writer::ComponentsChange::Status { key, body };
-        self.submit(1, |reply, permit| writer::Op::Components { change, reply, permit }).await
+        self.submit_within_reserve(1, |reply, permit| writer::Op::Components { change, reply, permit }).await
     }
 
     /// Stores a permit (granted, released or expired) and the events that record the decision.
@@ -463,9 +543,10 @@ fn open_writer(path: &Path) -> Result<Connection> {
     if !mode.eq_ignore_ascii_case("wal") {
         return Err(StoreError::NotWal { path: path.to_owned(), found: mode });
     }
+    // journal_size_limit: a WAL that grew under a burst is cut back when it is next reset.
     conn.execute_batch(
         "PRAGMA synchronous = FULL; PRAGMA cache_size = -65536; PRAGMA busy_timeout = 5000; \
-         PRAGMA wal_autocheckpoint = 0;",
+         PRAGMA wal_autocheckpoint = 0; PRAGMA journal_size_limit = 67108864;",
     )
     .map_err(sqlite)?;
     let sync: i64 = conn.query_row("PRAGMA synchronous", [], |r| r.get(0)).map_err(sqlite)?;
@@ -483,11 +564,19 @@ fn open_writer(path: &Path) -> Result<Connection> {
 
 /// How often the WAL is copied back into the database.
 const CHECKPOINT_EVERY: Duration = Duration::from_millis(200);
+/// Every this many checkpoint rounds, the disk reserve is checked (once a second).
+const SPACE_EVERY: u32 = 5;
 
 /// Checkpoints run on their own connection and thread, in PASSIVE mode, so that they never stall
 /// the writer's commits (SQLite's automatic checkpoint would run inside a commit and show up as
-/// latency spikes for every caller of that group). The writer disables the automatic one.
-fn spawn_checkpointer(path: &Path) -> Result<(std::sync::mpsc::Sender<()>, std::thread::JoinHandle<()>)> {
+/// latency spikes for every caller of that group). The writer disables the automatic one. When a
+/// round finds nothing new since the last one (the store is idle) and everything checkpointed, the
+/// WAL is truncated to nothing, so that an idle store's WAL never outgrows its database. The same
+/// thread checks the disk reserve.
+fn spawn_checkpointer(
+    path: &Path,
+    space: Arc<space::Space>,
+) -> Result<(std::sync::mpsc::Sender<()>, std::thread::JoinHandle<()>)> {
     let conn = Connection::open(path).map_err(|e| StoreError::sqlite(path, e))?;
     conn.execute_batch("PRAGMA busy_timeout = 5000;").map_err(|e| StoreError::sqlite(path, e))?;
     let (stop_tx, stop_rx) = std::sync::mpsc::channel::<()>();
@@ -495,10 +584,26 @@ fn spawn_checkpointer(path: &Path) -> Result<(std::sync::mpsc::Sender<()>, std::
     let handle = std::thread::Builder::new()
         .name("store-checkpoint".into())
         .spawn(move || {
+            let mut round = 0u32;
+            let mut last_frames = -1i64;
             // recv_timeout doubles as a stoppable timer: the sender is dropped on close.
             while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = stop_rx.recv_timeout(CHECKPOINT_EVERY) {
-                if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
-                    tracing::warn!(store = %store_path, error = %e, "checkpoint failed");
+                round = round.wrapping_add(1);
+                if round.is_multiple_of(SPACE_EVERY) {
+                    space.check();
+                }
+                let passive = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| {
+                    Ok((r.get::<_, i64>(1)?, r.get::<_, i64>(2)?))
+                });
+                match passive {
+                    Ok((frames, done)) if frames > 0 && frames == done && frames == last_frames => {
+                        if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(())) {
+                            tracing::warn!(store = %store_path, error = %e, "truncating checkpoint failed");
+                        }
+                        last_frames = 0;
+                    }
+                    Ok((frames, _)) => last_frames = frames,
+                    Err(e) => tracing::warn!(store = %store_path, error = %e, "checkpoint failed"),
                 }
             }
         })

@@ -151,6 +151,7 @@ pub(crate) struct Writer {
     head: watch::Sender<u64>,
     floor: Arc<AtomicU64>,
     metrics: super::StoreMetrics,
+    space: Arc<super::space::Space>,
 }
 
 /// State of the group being built, undone when its commit fails.
@@ -162,6 +163,7 @@ struct Group {
 }
 
 impl Writer {
+    #[expect(clippy::too_many_arguments, reason = "the writer's connection and each piece of state it shares, once")]
     pub(crate) fn new(
         conn: Connection,
         path: PathBuf,
@@ -170,6 +172,7 @@ impl Writer {
         live: broadcast::Sender<LiveBatch>,
         head_tx: watch::Sender<u64>,
         floor: Arc<AtomicU64>,
+        space: Arc<super::space::Space>,
     ) -> Self {
         Self {
             conn,
@@ -183,6 +186,7 @@ impl Writer {
             head: head_tx,
             floor,
             metrics: super::StoreMetrics::default(),
+            space,
         }
     }
 
@@ -192,7 +196,14 @@ impl Writer {
         self
     }
 
-    fn err(&self, e: impl std::fmt::Display) -> StoreError {
+    /// The store error for a SQLite error; "disk full" turns the disk reserve on at once, so
+    /// that later writes are refused before they reach SQLite.
+    fn err(&self, e: rusqlite::Error) -> StoreError {
+        if super::is_disk_full(&e) {
+            self.space.full();
+            let state = self.space.state();
+            return StoreError::Full { free: state.free, reserve: state.reserve };
+        }
         StoreError::sqlite(&self.path, e)
     }
 
@@ -231,6 +242,7 @@ impl Writer {
             let commit_started = Instant::now();
             match self.conn.execute_batch("COMMIT") {
                 Ok(()) => {
+                    self.space.check_soon();
                     self.metrics.commit_seconds.observe(commit_started.elapsed().as_secs_f64());
                     self.metrics.commit_rows.observe(group.rows as f64);
                     self.metrics.events.inc_by(group.published.len() as u64);
@@ -239,7 +251,10 @@ impl Writer {
                 Err(e) => {
                     let e = self.err(e);
                     tracing::error!(error = %e, "store: commit failed; the group's writes are answered with the error");
-                    if let Err(rb) = self.conn.execute_batch("ROLLBACK") {
+                    // SQLite may have rolled the transaction back itself (a full disk does).
+                    if !self.conn.is_autocommit()
+                        && let Err(rb) = self.conn.execute_batch("ROLLBACK")
+                    {
                         tracing::error!(error = %self.err(rb), "store: rollback failed");
                     }
                     self.finish_failed(group, &e);

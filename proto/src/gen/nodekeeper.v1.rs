@@ -584,7 +584,9 @@ pub mod center_message {
 pub struct Welcome {
     #[prost(string, tag = "1")]
     pub center_version: ::prost::alloc::string::String,
-    /// Highest sequence the center has stored for this node and boot id (0 if none).
+    /// Highest sequence the center has stored for this node and boot id (0 if none). An agent whose
+    /// own last sequence is lower lost its state: it continues after this one, so that nothing it
+    /// acknowledges is taken for a resend.
     #[prost(uint64, tag = "2")]
     pub last_stored_sequence: u64,
     /// The grace after which a silent node is declared lost.
@@ -592,7 +594,7 @@ pub struct Welcome {
     pub grace: ::core::option::Option<::prost_types::Duration>,
 }
 /// A batch is durable: its observations are committed (fsync) on the center.
-#[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
+#[derive(Clone, PartialEq, ::prost::Message)]
 pub struct Ack {
     #[prost(uint64, tag = "1")]
     pub batch_id: u64,
@@ -605,6 +607,18 @@ pub struct Ack {
     /// Highest sequence number in the batch.
     #[prost(uint64, tag = "4")]
     pub last_sequence: u64,
+    /// Observations of the batch the center refused, each with the reason; every other observation
+    /// of the batch is stored. A refused observation is final: the agent must not send it again.
+    #[prost(message, repeated, tag = "5")]
+    pub rejected: ::prost::alloc::vec::Vec<Rejection>,
+}
+/// One observation the center refused (INVALID_ARGUMENT for that observation alone).
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct Rejection {
+    #[prost(uint64, tag = "1")]
+    pub sequence: u64,
+    #[prost(string, tag = "2")]
+    pub reason: ::prost::alloc::string::String,
 }
 #[derive(Clone, PartialEq, ::prost::Message)]
 pub struct DesiredState {
@@ -652,6 +666,9 @@ pub struct AgentStatus {
     pub acked_total: u64,
     #[prost(uint64, tag = "11")]
     pub sent_total: u64,
+    /// Observations the center refused (each reported once as an ObservationsRejected observation).
+    #[prost(uint64, tag = "12")]
+    pub rejected_total: u64,
 }
 /// Generated client implementations.
 pub mod agent_service_client {
