@@ -207,10 +207,18 @@ enum EventsCmd {
 
 #[derive(Debug, Subcommand)]
 enum ConsumersCmd {
-    /// Every durable consumer: acknowledged cursor, lag in events, last acknowledgement.
+    /// Every durable consumer you may see (yours; an admin's: all of its clusters): owner,
+    /// acknowledged cursor, lag in events, last acknowledgement.
     List,
     /// Forget a consumer that is gone for good (its position is lost).
-    Delete { name: String },
+    Delete {
+        /// The consumer's name, as `consumers list` shows it.
+        name: String,
+        /// Admins: the owner whose consumer it is (`consumers list` shows it); needed only when
+        /// several owners have a consumer of that name.
+        #[arg(long)]
+        owner: Option<String>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -360,10 +368,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Faults(FaultsCmd::List { node, limit }) => faults_list(ch, json, node, limit).await,
         Command::Faults(FaultsCmd::Show { id }) => faults_show(ch, json, id).await,
         Command::Consumers(ConsumersCmd::List) => consumers_list(ch, json).await,
-        Command::Consumers(ConsumersCmd::Delete { name }) => {
+        Command::Consumers(ConsumersCmd::Delete { name, owner }) => {
             use nodekeeper_proto::v1::DeleteConsumerRequest;
             EventServiceClient::new(ch)
-                .delete_consumer(DeleteConsumerRequest { consumer: name.clone() })
+                .delete_consumer(DeleteConsumerRequest { consumer: name.clone(), owner: owner.unwrap_or_default() })
                 .await
                 .map_err(status)?;
             output::println(&format!("consumer {name} deleted"))?;
@@ -716,9 +724,17 @@ async fn consumers_list(ch: Channel, json: bool) -> anyhow::Result<()> {
     }
     let rows: Vec<Vec<String>> = consumers
         .iter()
-        .map(|c| vec![c.name.clone(), c.acked_cursor.clone(), c.lag.to_string(), time(c.updated_time.as_ref())])
+        .map(|c| {
+            vec![
+                c.name.clone(),
+                c.owner.clone(),
+                c.acked_cursor.clone(),
+                c.lag.to_string(),
+                time(c.updated_time.as_ref()),
+            ]
+        })
         .collect();
-    table(&["CONSUMER", "ACKED CURSOR", "LAG", "UPDATED"], &rows)?;
+    table(&["CONSUMER", "OWNER", "ACKED CURSOR", "LAG", "UPDATED"], &rows)?;
     Ok(())
 }
 

@@ -112,11 +112,18 @@ async fn firing(src: &Sources, now: SystemTime, ends_at: SystemTime) -> Option<V
     match src.store.list_consumers().await {
         Ok(consumers) => {
             for c in consumers.into_iter().filter(|c| c.lag > cfg.subscriber_lag_events) {
+                let (owner, name) = crate::store::consumer_parts(&c.name);
+                let mut labels =
+                    vec![("alertname", "NodekeeperSubscriberLag"), ("consumer", name), ("severity", "warning")];
+                // An empty label is no label to Alertmanager; an insecure center has no owners.
+                if !owner.is_empty() {
+                    labels.push(("owner", owner));
+                }
                 out.push(alert(
-                    &[("alertname", "NodekeeperSubscriberLag"), ("consumer", &c.name), ("severity", "warning")],
+                    &labels,
                     format!(
-                        "durable consumer {} is {} events behind (acknowledged cursor {})",
-                        c.name, c.lag, c.acked_cursor
+                        "durable consumer {name} of {owner} is {} events behind (acknowledged cursor {})",
+                        c.lag, c.acked_cursor
                     ),
                     now,
                     ends_at,

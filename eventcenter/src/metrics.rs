@@ -108,7 +108,9 @@ impl Metrics {
         match self.store.list_consumers().await {
             Ok(consumers) => {
                 for c in consumers {
-                    self.consumer_lag.get_or_create(&vec![("consumer", c.name)]).set(c.lag as i64);
+                    let (owner, name) = crate::store::consumer_parts(&c.name);
+                    let labels = vec![("consumer", name.to_owned()), ("owner", owner.to_owned())];
+                    self.consumer_lag.get_or_create(&labels).set(c.lag as i64);
                 }
             }
             Err(e) => tracing::warn!(error = %e, "metrics: cannot read consumers"),

@@ -415,32 +415,62 @@ async fn commands_carry_their_issuer_are_recorded_and_are_authorized() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn durable_consumers_belong_to_the_identity_that_made_them() {
+async fn durable_consumers_belong_to_the_identity_and_clusters_that_made_them() {
     use nodekeeper_proto::v1::{AckConsumerRequest, DeleteConsumerRequest, ListConsumersRequest};
     let pki = Pki::new().await;
     let center = pki.center().await;
     let url = center.url();
-    let mut sub = EventServiceClient::new(tls_channel(&url, &pki.files("subscriber-a")).await.unwrap());
-    let req =
-        SubscribeRequest { consumer: "remediator".into(), start: StartPosition::Oldest as i32, ..Default::default() };
-    let _stream = sub.subscribe(req).await.unwrap();
-    let mine = sub.list_consumers(ListConsumersRequest {}).await.unwrap().into_inner().consumers;
-    assert_eq!(mine.iter().map(|c| c.name.as_str()).collect::<Vec<_>>(), vec!["remediator"]);
-    sub.ack_consumer(AckConsumerRequest { consumer: "remediator".into(), cursor: "0".into() }).await.unwrap();
+    let subscribe = || SubscribeRequest {
+        consumer: "remediator".into(),
+        start: StartPosition::Oldest as i32,
+        ..Default::default()
+    };
+    let ack = || AckConsumerRequest { consumer: "remediator".into(), cursor: "0".into() };
+    let delete = |owner: &str| DeleteConsumerRequest { consumer: "remediator".into(), owner: owner.into() };
+    let listed = |consumers: Vec<nodekeeper_proto::v1::Consumer>| -> Vec<(String, String)> {
+        consumers.into_iter().map(|c| (c.name, c.owner)).collect()
+    };
+    let (a_owner, b_owner) = ("subscriber/a/subscriber-a", "subscriber/b/subscriber-a");
 
-    // Another identity, even an admin, neither sees nor moves it.
+    let mut sub = EventServiceClient::new(tls_channel(&url, &pki.files("subscriber-a")).await.unwrap());
+    let _a_stream = sub.subscribe(subscribe()).await.unwrap();
+    let mine = sub.list_consumers(ListConsumersRequest {}).await.unwrap().into_inner().consumers;
+    assert_eq!(listed(mine), vec![("remediator".to_owned(), a_owner.to_owned())]);
+    sub.ack_consumer(ack()).await.unwrap();
+
+    // A subscriber of cluster b with the same name (signed by the same CA) is another owner: it
+    // neither sees, moves nor deletes cluster a's consumer.
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::copy(pki.files("admin").ca, tmp.path().join("server-ca.pem")).unwrap();
+    let twin_files =
+        forge(tmp.path(), "twin", "spiffe://nodekeeper/subscriber/b/subscriber-a", Some(&pki.path()), (-1, 30));
+    let mut twin = EventServiceClient::new(tls_channel(&url, &twin_files).await.unwrap());
+    assert!(twin.list_consumers(ListConsumersRequest {}).await.unwrap().into_inner().consumers.is_empty());
+    assert_eq!(twin.ack_consumer(ack()).await.unwrap_err().code(), Code::NotFound);
+    assert_eq!(twin.delete_consumer(delete("")).await.unwrap_err().code(), Code::NotFound);
+    assert_eq!(twin.delete_consumer(delete(a_owner)).await.unwrap_err().code(), Code::PermissionDenied);
+    let _b_stream = twin.subscribe(subscribe()).await.unwrap();
+
+    // An admin sees both with their owners, moves neither, and deletes by owner.
     let mut admin = EventServiceClient::new(center.channel().await);
-    assert!(admin.list_consumers(ListConsumersRequest {}).await.unwrap().into_inner().consumers.is_empty());
-    let ack = AckConsumerRequest { consumer: "remediator".into(), cursor: "0".into() };
-    assert_eq!(admin.ack_consumer(ack).await.unwrap_err().code(), Code::NotFound);
-    let del = DeleteConsumerRequest { consumer: "remediator".into() };
-    assert_eq!(admin.delete_consumer(del).await.unwrap_err().code(), Code::NotFound);
+    let all = admin.list_consumers(ListConsumersRequest {}).await.unwrap().into_inner().consumers;
+    assert_eq!(
+        listed(all),
+        vec![("remediator".to_owned(), a_owner.to_owned()), ("remediator".to_owned(), b_owner.to_owned())]
+    );
+    assert_eq!(admin.ack_consumer(ack()).await.unwrap_err().code(), Code::NotFound);
+    let ambiguous = admin.delete_consumer(delete("")).await.unwrap_err();
+    assert_eq!(ambiguous.code(), Code::FailedPrecondition);
+    assert!(ambiguous.message().contains(a_owner) && ambiguous.message().contains(b_owner), "{}", ambiguous.message());
+    admin.delete_consumer(delete(b_owner)).await.unwrap();
+    assert_eq!(sub.list_consumers(ListConsumersRequest {}).await.unwrap().into_inner().consumers.len(), 1);
+    admin.delete_consumer(delete("")).await.unwrap();
+    assert!(sub.list_consumers(ListConsumersRequest {}).await.unwrap().into_inner().consumers.is_empty());
+
     // A node reads no consumers at all.
     let mut node = EventServiceClient::new(tls_channel(&url, &pki.files("node-a")).await.unwrap());
     assert_eq!(node.list_consumers(ListConsumersRequest {}).await.unwrap_err().code(), Code::PermissionDenied);
-    let ack = AckConsumerRequest { consumer: "remediator".into(), cursor: "0".into() };
-    assert_eq!(node.ack_consumer(ack).await.unwrap_err().code(), Code::PermissionDenied);
-    assert_eq!(sub.list_consumers(ListConsumersRequest {}).await.unwrap().into_inner().consumers.len(), 1);
+    assert_eq!(node.ack_consumer(ack()).await.unwrap_err().code(), Code::PermissionDenied);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -470,4 +500,53 @@ async fn only_admins_freeze_and_nodes_acquire_no_permits() {
     assert_eq!(sub.acquire_permit(other).await.unwrap_err().code(), Code::PermissionDenied);
     let mut admin = PermitServiceClient::new(center.channel().await);
     admin.freeze(FreezeRequest { cluster: "a".into(), reason: "maintenance".into() }).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_certificate_with_a_wildcard_cluster_or_name_opens_no_stream() {
+    let pki = Pki::new().await;
+    let center = pki.center().await;
+    let url = center.url();
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::copy(pki.files("admin").ca, tmp.path().join("server-ca.pem")).unwrap();
+    // A CA outside `nodekeeper certs` (the README's external-CA setup) can sign these.
+    let cases = [
+        ("wildcard-cluster", "spiffe://nodekeeper/node/*/n1", hello("a", "n1", "b1")),
+        ("wildcard-cluster-b", "spiffe://nodekeeper/node/*/n1", hello("b", "n1", "b1")),
+        ("wildcard-name", "spiffe://nodekeeper/node/a/*", hello("a", "n1", "b1")),
+    ];
+    for (name, uri, h) in cases {
+        let files = forge(tmp.path(), name, uri, Some(&pki.path()), (-1, 30));
+        let ch = tls_channel(&url, &files).await.unwrap();
+        let err = AgentConn::connect_channel(ch, h).await.err().expect("refused");
+        assert_eq!(err.code(), Code::PermissionDenied, "{name}: {err:?}");
+    }
+    assert!(stored_events(center.channel().await, "n1", "NodeRegistered").await.is_empty(), "nothing stored");
+    // The node's own certificate still opens its stream.
+    let ch = tls_channel(&url, &pki.files("node-a")).await.unwrap();
+    AgentConn::connect_channel(ch, hello("a", "node-a", "b1")).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_agents_local_api_refuses_callers_that_are_not_on_its_node() {
+    use nodekeeper_proto::v1::{GetAgentStatusRequest, local_agent_service_client::LocalAgentServiceClient};
+    use nodekeeper_tests::{Agent, AgentSpec, netns::Net};
+    // An agent on a test host whose status listener is on its network address, as in `nodekeeper
+    // dev` (0.0.0.0) and wherever the detector probes it; the caller is outside that host.
+    let net = Net::new(1);
+    let mut center = EventCenter::new("[nodes]\ncheck_interval = \"50ms\"\n");
+    center.listen_everywhere();
+    center.spawn().await;
+    let url = format!("http://{}:{}", net.hub_ip(), center.addr.port());
+    let (ns, ip) = (net.host_ns(0), net.host_ip(0));
+    let agent = Agent::start(AgentSpec { netns: Some((&ns, ip)), ..AgentSpec::new("host-0", &url) }).await;
+    let err = agent.try_emit(vec![observation(1)]).await.expect_err("a remote Emit is refused");
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+    assert!(err.message().contains("loopback"), "{}", err.message());
+    let mut local = LocalAgentServiceClient::connect(agent.status_url()).await.unwrap();
+    let err = local.get_status(GetAgentStatusRequest {}).await.expect_err("a remote GetStatus is refused");
+    assert_eq!(err.code(), Code::PermissionDenied);
+    // Health (what the detector probes) still answers there, and nothing was stored.
+    assert!(nodekeeper_tests::health_ok(&agent.status_url()).await);
+    assert!(stored_events(center.channel().await, "host-0", "TestEvent").await.is_empty());
 }

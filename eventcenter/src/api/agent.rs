@@ -178,9 +178,10 @@ impl agent_service_server::AgentService for AgentApi {
             _ => return Err(Status::invalid_argument("the first message of a stream must be a hello naming the node")),
         };
         validate::hello(&hello)?;
-        // A node reports about itself only.
+        // A node reports about itself only, in the cluster its certificate names: a wildcard
+        // cluster (which a CA outside `nodekeeper certs` might issue) names no node.
         if let Some(id) = &caller
-            && (id.kind != Kind::Node || id.name != hello.node || !id.covers(&hello.cluster))
+            && (id.kind != Kind::Node || id.name != hello.node || !id.clusters.contains(&hello.cluster))
         {
             return Err(deny(
                 id,

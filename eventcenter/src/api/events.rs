@@ -14,19 +14,64 @@ use tokio_stream::Stream;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
-use super::{Caller, Ctx, READERS, require, scope_clusters, store_status};
+use super::{Caller, Ctx, READERS, deny, require, scope_clusters, store_status};
 use crate::cursor;
 use crate::subscribe::{Matcher, Subscription};
 use crate::validate;
+use nodekeeper_common::tls::Kind;
 
 pub struct EventApi(pub Ctx);
 
-/// The stored name of a durable consumer: prefixed with the caller's identity, so that one
-/// tenant can neither see nor move another's consumers. ':' cannot occur in a consumer name.
-fn consumer_key(caller: &Caller, name: &str) -> String {
+impl EventApi {
+    /// The durable consumers the caller may see, with their owners and plain names.
+    async fn visible_consumers(&self, caller: &Caller) -> Result<Vec<nodekeeper_proto::v1::Consumer>, Status> {
+        let mine = owner(caller);
+        let all = self.0.store.list_consumers().await.map_err(store_status)?;
+        Ok(all
+            .into_iter()
+            .filter_map(|mut c| {
+                let (owner, name) = crate::store::consumer_parts(&c.name);
+                let (owner, name) = (owner.to_owned(), name.to_owned());
+                may_manage(caller, &mine, &owner).then(|| {
+                    c.name = name;
+                    c.owner = owner;
+                    c
+                })
+            })
+            .collect())
+    }
+}
+
+/// The owner of the caller's durable consumers: its whole identity, kind, clusters and name, so
+/// that a subscriber of one cluster can neither see nor move a consumer of another cluster's
+/// subscriber of the same name. "" on an insecure center.
+fn owner(caller: &Caller) -> String {
     match caller {
-        Some(id) => format!("{}/{}:{name}", id.kind.as_str(), id.name),
-        None => name.to_owned(),
+        Some(id) => {
+            let mut clusters = id.clusters.clone();
+            clusters.sort();
+            clusters.dedup();
+            format!("{}/{}/{}", id.kind.as_str(), clusters.join(","), id.name)
+        }
+        None => String::new(),
+    }
+}
+
+/// The stored key of a durable consumer: `owner:name`. ':' cannot occur in a consumer name.
+fn consumer_key(owner: &str, name: &str) -> String {
+    if owner.is_empty() { name.to_owned() } else { format!("{owner}:{name}") }
+}
+
+/// Whether the caller may see and delete consumers of `owner`: its own, and for an admin every
+/// owner whose clusters it covers.
+fn may_manage(caller: &Caller, owner_of_caller: &str, owner: &str) -> bool {
+    match caller {
+        None => true,
+        Some(_) if owner == owner_of_caller => true,
+        Some(id) if id.kind == Kind::Admin => {
+            id.covers("*") || owner.split('/').nth(1).is_some_and(|cs| cs.split(',').all(|c| id.covers(c)))
+        }
+        Some(_) => false,
     }
 }
 
@@ -96,7 +141,7 @@ impl event_service_server::EventService for EventApi {
         let slot = self.0.limits.open_stream(&caller)?;
         let mut req = request.into_inner();
         scope_filter(&caller, &mut req.filter)?;
-        let consumer = consumer_key(&caller, &req.consumer);
+        let consumer = consumer_key(&owner(&caller), &req.consumer);
         let ctx = &self.0;
         let store = &ctx.store;
         if !req.consumer.is_empty() {
@@ -157,7 +202,7 @@ impl event_service_server::EventService for EventApi {
         if c > self.0.store.head() {
             return Err(Status::invalid_argument(format!("cursor {c} is beyond the newest event")));
         }
-        if !self.0.store.ack_consumer(consumer_key(&caller, &req.consumer), c).await.map_err(store_status)? {
+        if !self.0.store.ack_consumer(consumer_key(&owner(&caller), &req.consumer), c).await.map_err(store_status)? {
             return Err(Status::not_found(format!("no consumer named {}; subscribe with it first", req.consumer)));
         }
         Ok(Response::new(AckConsumerResponse {}))
@@ -169,19 +214,7 @@ impl event_service_server::EventService for EventApi {
     ) -> Result<Response<ListConsumersResponse>, Status> {
         let caller = self.0.caller(&request)?;
         require(&caller, READERS, "list consumers")?;
-        let prefix = consumer_key(&caller, "");
-        let consumers = self
-            .0
-            .store
-            .list_consumers()
-            .await
-            .map_err(store_status)?
-            .into_iter()
-            .filter_map(|mut c| {
-                c.name = c.name.strip_prefix(&prefix)?.to_owned();
-                Some(c)
-            })
-            .collect();
+        let consumers = self.visible_consumers(&caller).await?;
         Ok(Response::new(ListConsumersResponse { consumers }))
     }
 
@@ -193,9 +226,45 @@ impl event_service_server::EventService for EventApi {
         require(&caller, READERS, "delete a consumer")?;
         let req = request.into_inner();
         validate::name(names::consumer(&req.consumer))?;
-        if !self.0.store.delete_consumer(consumer_key(&caller, &req.consumer)).await.map_err(store_status)? {
+        let mine = owner(&caller);
+        let admin = caller.as_ref().is_some_and(|id| id.kind == Kind::Admin);
+        let target = if !req.owner.is_empty() {
+            if !may_manage(&caller, &mine, &req.owner) {
+                let id = caller.as_ref().expect("only a caller with an identity can be refused");
+                return Err(deny(
+                    id,
+                    format!("{} {} may not delete consumers of {}", id.kind.as_str(), id.name, req.owner),
+                ));
+            }
+            req.owner
+        } else if admin {
+            // The one consumer of that name the admin may see.
+            let owners: Vec<String> = self
+                .visible_consumers(&caller)
+                .await?
+                .into_iter()
+                .filter(|c| c.name == req.consumer)
+                .map(|c| c.owner)
+                .collect();
+            match owners.as_slice() {
+                [one] => one.clone(),
+                [] => return Err(Status::not_found(format!("no consumer named {}", req.consumer))),
+                several => {
+                    return Err(Status::failed_precondition(format!(
+                        "{} consumers are named {} (owners {}); say which with the owner",
+                        several.len(),
+                        req.consumer,
+                        several.join(", ")
+                    )));
+                }
+            }
+        } else {
+            mine
+        };
+        if !self.0.store.delete_consumer(consumer_key(&target, &req.consumer)).await.map_err(store_status)? {
             return Err(Status::not_found(format!("no consumer named {}", req.consumer)));
         }
+        tracing::info!(consumer = %req.consumer, owner = %target, "durable consumer deleted");
         Ok(Response::new(DeleteConsumerResponse {}))
     }
 

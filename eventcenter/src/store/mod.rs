@@ -107,6 +107,12 @@ impl Identity {
     }
 }
 
+/// A durable consumer's stored key, `owner:name` (only `name` on an insecure center), as
+/// (owner, name). Consumer names never hold ':'.
+pub fn consumer_parts(key: &str) -> (&str, &str) {
+    key.rsplit_once(':').unwrap_or(("", key))
+}
+
 /// The origin of one agent boot.
 pub fn agent_origin(cluster: &str, node: &str, boot_id: &str) -> OriginKey {
     format!("a/{cluster}/{node}/{boot_id}").into()

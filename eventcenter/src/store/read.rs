@@ -280,6 +280,7 @@ impl Store {
                     acked_cursor: acked.to_string(),
                     updated_time: Some(timestamp_from_unix_ms(updated)),
                     lag: head.saturating_sub(acked as u64),
+                    owner: String::new(),
                 });
             }
             Ok(out)

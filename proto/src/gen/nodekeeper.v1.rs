@@ -1504,6 +1504,11 @@ pub struct Consumer {
     /// Events committed after the acknowledged position.
     #[prost(uint64, tag = "4")]
     pub lag: u64,
+    /// The identity that owns it, "kind/clusters/name" from its certificate (clusters sorted, joined
+    /// by ","): two subscribers of different clusters may both name a consumer "remediator". Empty
+    /// on an insecure center.
+    #[prost(string, tag = "5")]
+    pub owner: ::prost::alloc::string::String,
 }
 #[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct ListConsumersRequest {}
@@ -1516,6 +1521,10 @@ pub struct ListConsumersResponse {
 pub struct DeleteConsumerRequest {
     #[prost(string, tag = "1")]
     pub consumer: ::prost::alloc::string::String,
+    /// Admins only: the owner whose consumer to delete. Without it, an admin deletes the one
+    /// consumer of that name it may see (an error names the owners when there are several).
+    #[prost(string, tag = "2")]
+    pub owner: ::prost::alloc::string::String,
 }
 #[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct DeleteConsumerResponse {}
