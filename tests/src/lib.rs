@@ -652,6 +652,22 @@ impl Agent {
         Ok(self.local().await.emit(EmitRequest { observations }).await?.into_inner().sequences)
     }
 
+    /// Waits until the agent's stream to the center is open.
+    pub async fn wait_connected(&self) {
+        wait_for("the agent to connect", Duration::from_secs(20), || async {
+            self.status().await.connected.then_some(())
+        })
+        .await;
+    }
+
+    /// Waits until the agent's outbox is empty: everything it holds was acknowledged.
+    pub async fn wait_drained(&self) {
+        wait_for("the agent's outbox to drain", Duration::from_secs(60), || async {
+            (self.status().await.outbox_depth == 0).then_some(())
+        })
+        .await;
+    }
+
     pub async fn status(&self) -> AgentStatus {
         self.local().await.get_status(GetAgentStatusRequest {}).await.expect("agent status").into_inner()
     }

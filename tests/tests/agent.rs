@@ -37,14 +37,6 @@ fn transition(open: bool) -> Observation {
     }
 }
 
-/// Waits until the agent's outbox is empty: everything it holds was acknowledged.
-async fn drained(agent: &Agent) {
-    wait_for("the agent's outbox to drain", Duration::from_secs(60), || async {
-        (agent.status().await.outbox_depth == 0).then_some(())
-    })
-    .await;
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_agents_register_heartbeat_and_report() {
     let center = EventCenter::start(QUICK).await;
@@ -58,7 +50,7 @@ async fn three_agents_register_heartbeat_and_report() {
     }
     let ch = center.channel().await;
     for a in &agents {
-        drained(a).await;
+        a.wait_drained().await;
         assert_eq!(sequences(&stored_events(ch.clone(), &a.node, "TestEvent").await), vec![1, 2, 3, 4, 5]);
     }
     let c = ch.clone();
@@ -121,7 +113,7 @@ async fn center_kill_9_under_steady_load_loses_and_duplicates_nothing() {
     assert!(center.is_running());
     let ch = center.channel().await;
     for a in &agents {
-        drained(a).await;
+        a.wait_drained().await;
         let want = &emitted[&a.node];
         assert!(want.windows(2).all(|w| w[1] == w[0] + 1), "agent sequences are contiguous");
         let got = sequences(&stored_events(ch.clone(), &a.node, "TestEvent").await);
@@ -142,7 +134,7 @@ async fn agent_kill_9_mid_stream_resends_from_its_outbox() {
     agent.spawn().await;
     let second = agent.emit((1..=10).map(test_observation).collect()).await;
     assert_eq!(second[0], first.last().unwrap() + 1, "the sequence continues after the restart");
-    drained(&agent).await;
+    agent.wait_drained().await;
     let got = sequences(&stored_events(center.channel().await, "node-a", "TestEvent").await);
     assert_eq!(got, (1..=3010).collect::<Vec<_>>(), "nothing lost, nothing duplicated");
 }
@@ -197,7 +189,7 @@ async fn a_full_outbox_drops_as_documented_and_reports_it_when_the_center_return
     let dropped = status.outbox_dropped_total;
 
     center.spawn().await;
-    drained(&agent).await;
+    agent.wait_drained().await;
     let ch = center.channel().await;
     let overflow = stored_events(ch.clone(), "node-a", "OutboxOverflow").await;
     assert_eq!(overflow.len(), 1, "one report of the drops");

@@ -385,10 +385,7 @@ async fn desired_state_from_the_center_converges_and_commands_round_trip() {
         n.path("systemctl").display()
     );
     let agent = Agent::start(AgentSpec { extra: &extra, ..AgentSpec::new("node-c", &url) }).await;
-    wait_for("the agent to connect", Duration::from_secs(20), || async {
-        agent.status().await.connected.then_some(())
-    })
-    .await;
+    agent.wait_connected().await;
 
     let converged_at = |version: &'static str| {
         let url = url.clone();

@@ -33,25 +33,11 @@ async fn messages(center: &EventCenter, node: &str, kind: &str) -> Vec<String> {
     stored_events(center.channel().await, node, kind).await.into_iter().map(|e| e.message).collect()
 }
 
-async fn connected(agent: &Agent) {
-    wait_for("the agent to connect", Duration::from_secs(20), || async {
-        agent.status().await.connected.then_some(())
-    })
-    .await;
-}
-
-async fn drained(agent: &Agent) {
-    wait_for("the agent's outbox to drain", Duration::from_secs(60), || async {
-        (agent.status().await.outbox_depth == 0).then_some(())
-    })
-    .await;
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn what_the_center_would_refuse_is_refused_at_emit_and_later_observations_arrive() {
     let center = EventCenter::start(QUICK).await;
     let agent = Agent::start(AgentSpec::new("node-p", &center.url())).await;
-    connected(&agent).await;
+    agent.wait_connected().await;
     let cases: Vec<(&str, Observation)> = vec![
         ("message is 9000 bytes", Observation { message: "x".repeat(9000), ..good("") }),
         (
@@ -108,7 +94,7 @@ async fn a_ten_kilobyte_log_line_is_cut_to_the_limit_and_the_next_line_arrives()
     let monitors =
         format!("[monitors]\nkernel_rules = false\nrule_files = [\"{}\"]\n{}", rules.display(), &LOGS_ONLY[11..]);
     let agent = Agent::start(AgentSpec { monitors: &monitors, ..AgentSpec::new("node-l", &center.url()) }).await;
-    connected(&agent).await;
+    agent.wait_connected().await;
     let long = format!("panic: {}\n", "x".repeat(10 * 1024));
     std::fs::write(&log, format!("{long}panic: short one\n")).unwrap();
     let written = Instant::now();
@@ -202,17 +188,17 @@ async fn enum_values_this_contract_does_not_define_are_stored_as_unspecified_wit
 async fn an_agent_that_lost_its_state_continues_after_the_centers_sequence() {
     let mut center = EventCenter::start(QUICK).await;
     let mut agent = Agent::start(AgentSpec::new("node-s", &center.url())).await;
-    connected(&agent).await;
+    agent.wait_connected().await;
     assert_eq!(agent.emit((1..=3).map(|i| good(&format!("before {i}"))).collect()).await, vec![1, 2, 3]);
-    drained(&agent).await;
+    agent.wait_drained().await;
 
     // Lost while the center is up: the welcome says 3, the new outbox continues at 4.
     agent.terminate();
     std::fs::remove_dir_all(&agent.state_dir).unwrap();
     agent.spawn().await;
-    connected(&agent).await;
+    agent.wait_connected().await;
     assert_eq!(agent.emit((1..=3).map(|i| good(&format!("after {i}"))).collect()).await, vec![4, 5, 6]);
-    drained(&agent).await;
+    agent.wait_drained().await;
 
     // Lost again, and the new state emits before it reaches the center: renumbered on welcome.
     agent.terminate();
@@ -221,8 +207,8 @@ async fn an_agent_that_lost_its_state_continues_after_the_centers_sequence() {
     agent.spawn().await;
     assert_eq!(agent.emit((1..=2).map(|i| good(&format!("offline {i}"))).collect()).await, vec![1, 2]);
     center.spawn().await;
-    connected(&agent).await;
-    drained(&agent).await;
+    agent.wait_connected().await;
+    agent.wait_drained().await;
 
     let stored = messages(&center, "node-s", "Test").await;
     assert_eq!(
@@ -253,7 +239,7 @@ async fn reconnect_backoff_starts_over_after_a_healthy_session() {
     let agent = Agent::start(AgentSpec { log: Some(&log), ..AgentSpec::new("node-b", &center.url()) }).await;
     let mut firsts = Vec::new();
     for _ in 0..6 {
-        connected(&agent).await;
+        agent.wait_connected().await;
         // A healthy session: connected for a while (the scenario, not a wait for a condition).
         tokio::time::sleep(Duration::from_millis(2500)).await;
         let seen = std::fs::read_to_string(&log).unwrap().len();
@@ -336,9 +322,9 @@ async fn a_full_disk_is_refused_early_alerted_and_recovered_with_nothing_lost() 
     center.data_dir = disk.mount.join("data");
     center.spawn().await;
     let agent = Agent::start(AgentSpec::new("node-d", &center.url())).await;
-    connected(&agent).await;
+    agent.wait_connected().await;
     agent.emit((0..10).map(|i| good(&format!("before {i}"))).collect()).await;
-    drained(&agent).await;
+    agent.wait_drained().await;
 
     // Leave 4 MiB above the reserve, then write reports until the center refuses them.
     let filler = disk.mount.join("filler");
@@ -378,7 +364,7 @@ async fn a_full_disk_is_refused_early_alerted_and_recovered_with_nothing_lost() 
         writers_serving(&center).await.then_some(())
     })
     .await;
-    drained(&agent).await;
+    agent.wait_drained().await;
     let stored = messages(&center, "node-d", "Test").await;
     assert_eq!(stored.len(), 30, "{stored:?}");
     assert!(stored_events(center.channel().await, "node-d", "NodeHeartbeatLost").await.is_empty());

@@ -40,10 +40,7 @@ async fn a_kernel_problem_reaches_the_faults_within_two_seconds_and_survives_res
     let paths = host.paths();
     let mut agent =
         Agent::start(AgentSpec { extra: &paths, monitors: LOGS_ONLY, ..AgentSpec::new("node-k", &center.url()) }).await;
-    wait_for("the agent to connect", Duration::from_secs(20), || async {
-        agent.status().await.connected.then_some(())
-    })
-    .await;
+    agent.wait_connected().await;
 
     host.log(&["EXT4-fs (sda1): mounted filesystem with ordered data mode. Opts: (null)", DEADLOCK]);
     let written = Instant::now();
@@ -104,10 +101,7 @@ async fn a_flood_of_a_million_lines_stays_within_the_budget_and_recovers() {
         format!("[monitors]\nlines_per_second = 500.0\nburst = 1000.0\n{}", &LOGS_ONLY["[monitors]\n".len()..]);
     let agent =
         Agent::start(AgentSpec { extra: &paths, monitors: &monitors, ..AgentSpec::new("node-f", &center.url()) }).await;
-    wait_for("the agent to connect", Duration::from_secs(20), || async {
-        agent.status().await.connected.then_some(())
-    })
-    .await;
+    agent.wait_connected().await;
     let pid = agent.pid().unwrap();
     let (cpu0, rss0) = cpu_and_rss(pid);
 
@@ -229,10 +223,7 @@ pattern = 'returned error: readlink /var/lib/docker/overlay2.*: invalid argument
     );
     let agent =
         Agent::start(AgentSpec { extra: &paths, monitors: &monitors, ..AgentSpec::new("node-j", &center.url()) }).await;
-    wait_for("the agent to connect", Duration::from_secs(20), || async {
-        agent.status().await.connected.then_some(())
-    })
-    .await;
+    agent.wait_connected().await;
     // Another identifier with the same text is not this monitor's.
     journal_append(
         &journal,

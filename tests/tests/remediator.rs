@@ -70,10 +70,7 @@ async fn kernel_fault_loop(cordoned_before: bool) {
     let mut agent =
         Agent::start(AgentSpec { extra: &config, monitors: LOGS_ONLY, ..AgentSpec::new("node-r", &center.url()) })
             .await;
-    wait_for("the agent to connect", Duration::from_secs(20), || async {
-        agent.status().await.connected.then_some(())
-    })
-    .await;
+    agent.wait_connected().await;
     let _remediator = remediator(&center.url(), &api.kubeconfig, "");
     // Another controller writes the node between the remediator's read and its write, twice.
     api.kube.interfere(2);
