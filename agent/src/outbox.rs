@@ -103,18 +103,14 @@ impl Outbox {
         conn.execute_batch(SCHEMA).map_err(err)?;
         if created {
             // Until the first welcome: a new outbox on a boot the center knows means lost state.
-            conn.execute("INSERT INTO meta (key, value) VALUES ('fresh', 1)", []).map_err(err)?;
+            set_meta(&conn, "fresh", 1).map_err(err)?;
         }
         let (depth, bytes, max_seq): (i64, i64, i64) = conn
             .query_row("SELECT COUNT(*), COALESCE(SUM(size), 0), COALESCE(MAX(seq), 0) FROM outbox", [], |r| {
                 Ok((r.get(0)?, r.get(1)?, r.get(2)?))
             })
             .map_err(err)?;
-        let meta = |key: &str| -> Result<u64> {
-            conn.query_row("SELECT COALESCE((SELECT value FROM meta WHERE key = ?1), 0)", [key], |r| r.get::<_, i64>(0))
-                .map(|v| v as u64)
-                .map_err(err)
-        };
+        let meta = |key: &str| get_meta(&conn, key).map_err(err);
         let stats = Stats {
             depth: depth as u64,
             bytes: bytes as u64,
@@ -299,15 +295,8 @@ impl Outbox {
         total: u64,
         describe: impl Fn(u64, u64) -> (&'static str, String, [(&'static str, u64); 2]),
     ) -> Result<u64> {
-        let reported = {
-            let inner = self.inner.lock().expect("outbox lock");
-            inner
-                .conn
-                .query_row("SELECT COALESCE((SELECT value FROM meta WHERE key = ?1), 0)", [reported_key], |r| {
-                    r.get::<_, i64>(0)
-                })
-                .map_err(|e| self.err(e))? as u64
-        };
+        let reported =
+            get_meta(&self.inner.lock().expect("outbox lock").conn, reported_key).map_err(|e| self.err(e))?;
         if total <= reported {
             return Ok(0);
         }
@@ -387,7 +376,7 @@ impl Outbox {
             if bad.is_empty() {
                 return Ok(out);
             }
-            self.reject(&mut inner, None, &bad)?;
+            self.remove(&mut inner, None, &bad)?;
             if !out.is_empty() {
                 return Ok(out);
             }
@@ -398,12 +387,13 @@ impl Outbox {
     /// refused (`rejected`, within that range) as rejected. Blocking.
     pub fn ack_blocking(&self, first: u64, last: u64, rejected: &[Rejection]) -> Result<u64> {
         let mut inner = self.inner.lock().expect("outbox lock");
-        self.reject(&mut inner, Some((first, last)), rejected)
+        self.remove(&mut inner, Some((first, last)), rejected)
     }
 
-    /// Deletes `range` (or else the `rejected` entries) in one transaction, adds `rejected` to the
-    /// durable count and logs each with its reason. Returns how many entries were deleted.
-    fn reject(&self, inner: &mut Inner, range: Option<(u64, u64)>, rejected: &[Rejection]) -> Result<u64> {
+    /// Deletes `range` (acknowledged; or else only the `rejected` entries) in one transaction, adds
+    /// `rejected` to the durable count and logs each with its reason. Returns how many entries
+    /// were deleted.
+    fn remove(&self, inner: &mut Inner, range: Option<(u64, u64)>, rejected: &[Rejection]) -> Result<u64> {
         let Inner { conn, stats } = inner;
         let tx = conn.transaction().map_err(|e| self.err(e))?;
         let (mut n, mut size) = (0i64, 0i64);
@@ -454,9 +444,7 @@ impl Outbox {
     pub fn welcomed_blocking(&self, center_last: u64) -> Result<Option<u64>> {
         let mut inner = self.inner.lock().expect("outbox lock");
         let Inner { conn, stats } = &mut *inner;
-        let fresh: bool = conn
-            .query_row("SELECT EXISTS (SELECT 1 FROM meta WHERE key = 'fresh')", [], |r| r.get(0))
-            .map_err(|e| self.err(e))?;
+        let fresh = get_meta(conn, "fresh").map_err(|e| self.err(e))? == 1;
         let lost = (fresh && center_last > 0) || center_last > stats.last_sequence;
         if !fresh && !lost {
             return Ok(None);
@@ -480,6 +468,12 @@ impl Outbox {
         stats.acked_upto = center_last;
         Ok(Some(center_last))
     }
+}
+
+/// A counter of the `meta` table (0 when absent).
+fn get_meta(conn: &Connection, key: &str) -> rusqlite::Result<u64> {
+    conn.query_row("SELECT COALESCE((SELECT value FROM meta WHERE key = ?1), 0)", [key], |r| r.get::<_, i64>(0))
+        .map(|v| v as u64)
 }
 
 fn set_meta(conn: &Connection, key: &str, value: u64) -> rusqlite::Result<usize> {

@@ -31,12 +31,11 @@ impl EventApi {
             .into_iter()
             .filter_map(|mut c| {
                 let (owner, name) = crate::store::consumer_parts(&c.name);
-                let (owner, name) = (owner.to_owned(), name.to_owned());
-                may_manage(caller, &mine, &owner).then(|| {
-                    c.name = name;
-                    c.owner = owner;
-                    c
-                })
+                if !may_manage(caller, &mine, owner) {
+                    return None;
+                }
+                (c.owner, c.name) = (owner.to_owned(), name.to_owned());
+                Some(c)
             })
             .collect())
     }
