@@ -88,6 +88,7 @@ pub fn fit(o: &mut Observation) -> bool {
     }
     let before = o.attributes.len();
     o.attributes.retain(|k, _| !k.is_empty() && k.len() <= MAX_KEY_BYTES);
+    let keys_dropped = o.attributes.len() < before;
     let mut values_cut = false;
     for v in o.attributes.values_mut() {
         values_cut |= shorten(v, MAX_TEXT_BYTES);
@@ -95,8 +96,9 @@ pub fn fit(o: &mut Observation) -> bool {
     if values_cut {
         cut.push("attribute_values");
     }
-    // Room for the marker itself.
-    let room = if cut.is_empty() && o.attributes.len() <= MAX_ATTRIBUTES { MAX_ATTRIBUTES } else { MAX_ATTRIBUTES - 1 };
+    // Room for the marker itself whenever anything is cut, dropped attributes included.
+    let marked = !cut.is_empty() || keys_dropped || o.attributes.len() > MAX_ATTRIBUTES;
+    let room = if marked { MAX_ATTRIBUTES - 1 } else { MAX_ATTRIBUTES };
     if o.attributes.len() > room {
         let mut keys: Vec<String> = o.attributes.keys().cloned().collect();
         keys.sort();
@@ -170,6 +172,14 @@ mod tests {
         assert_eq!(o.attributes[TRUNCATED_ATTRIBUTE], "message,attributes");
         assert_eq!(o.attributes.len(), MAX_ATTRIBUTES);
         assert!(o.attributes.contains_key("k00") && !o.attributes.contains_key("k39"), "kept by key order");
+        // Exactly the limit once an unusable key is gone: the marker must still fit (found by the
+        // property below).
+        let mut o = valid();
+        o.attributes = (0..MAX_ATTRIBUTES).map(|i| (format!("k{i:02}"), "v".into())).collect();
+        o.attributes.insert("x".repeat(MAX_KEY_BYTES + 1), "v".into());
+        assert!(fit(&mut o));
+        assert_eq!(validate(&o), Ok(()));
+        assert_eq!(o.attributes[TRUNCATED_ATTRIBUTE], "attributes");
     }
 
     proptest! {
