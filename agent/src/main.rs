@@ -239,12 +239,21 @@ async fn emit(
         source: "nodekeeper-agent emit".into(),
         ..Default::default()
     };
+    let kind = o.r#type.clone();
     let r = client(port)
         .await?
         .emit(EmitRequest { observations: vec![o] })
         .await
         .map_err(|s| anyhow::anyhow!("{}", s.message()))?;
-    tracing::info!(sequences = ?r.into_inner().sequences, "stored in the outbox");
+    let sequences: Vec<String> = r.into_inner().sequences.iter().map(u64::to_string).collect();
+    use std::io::Write;
+    writeln!(
+        std::io::stdout().lock(),
+        "{kind} stored in the agent's outbox as observation {}; it reaches the event center with the next batch: \
+         see it with `nodekeeper events list --type {kind}` and, if it opened a fault, \
+         `nodekeeper faults show --type {kind}`",
+        sequences.join(",")
+    )?;
     Ok(())
 }
 

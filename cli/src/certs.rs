@@ -12,7 +12,21 @@ use rcgen::{
     KeyUsagePurpose, SanType,
 };
 
+use crate::args::CertsCmd;
 use crate::output::println;
+
+/// `nodekeeper certs init|issue`.
+pub fn run(cmd: CertsCmd) -> anyhow::Result<()> {
+    match cmd {
+        CertsCmd::Init { dir, days, force } => init(&dir, days, force),
+        CertsCmd::Issue { dir, kind, name, cluster, san, days } => {
+            if kind == Kind::Node && (cluster.len() != 1 || cluster[0] == "*") {
+                bail!("a node certificate names exactly one --cluster");
+            }
+            issue(&IssueArgs { dir, kind, name, clusters: cluster, sans: san, days })
+        }
+    }
+}
 
 /// Writes a file readable by its owner only when it holds a key.
 fn write(path: &Path, content: &str, secret: bool) -> anyhow::Result<()> {

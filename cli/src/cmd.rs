@@ -1,9 +1,5 @@
-//! Commands of the `nodekeeper` CLI.
+//! Commands of the `nodekeeper` CLI that talk to an event center.
 
-use std::time::Duration;
-
-use anyhow::Context;
-use clap::{Args, Parser, Subcommand, ValueEnum};
 use nodekeeper_common::backoff::Backoff;
 use nodekeeper_proto::v1::{
     Event, EventFilter, GetFaultRequest, ListEventsRequest, ListFaultsRequest, ListNodesRequest, StartPosition,
@@ -13,162 +9,11 @@ use nodekeeper_proto::v1::{
 use tonic::transport::Channel;
 use tonic::{Code, Status};
 
+use crate::args::{
+    BreakerCmd, Cli, Command, ComponentsCmd, ConsumersCmd, EventsCmd, FaultsCmd, Filter, Format, NodesCmd, PermitsCmd,
+};
+use crate::connect::{channel, explain_failure, status};
 use crate::output::{self, enum_name, json_line, table, time};
-
-/// Exit codes, as documented in `--help`.
-pub const EXIT_ERROR: u8 = 1;
-pub const EXIT_UNREACHABLE: u8 = 3;
-pub const EXIT_NOT_FOUND: u8 = 4;
-pub const EXIT_CURSOR_EXPIRED: u8 = 5;
-pub const EXIT_INVALID: u8 = 6;
-
-/// The default event center address: where `nodekeeper dev` listens.
-pub const DEFAULT_SERVER: &str = "https://127.0.0.1:7443";
-
-/// nodekeeper: the operators' view of the fleet and its faults.
-///
-/// Exit codes: 0 success; 1 error reported by the server; 2 bad usage; 3 server unreachable;
-/// 4 not found; 5 cursor expired (resume from the oldest event); 6 invalid argument.
-#[derive(Debug, Parser)]
-#[command(name = "nodekeeper", version)]
-pub struct Cli {
-    /// Event center address.
-    #[arg(long, global = true, env = "NODEKEEPER_SERVER", default_value = DEFAULT_SERVER)]
-    server: String,
-    /// Output format.
-    #[arg(long, short = 'o', global = true, value_enum, default_value_t = Format::Table)]
-    output: Format,
-    /// Folder with ca.pem and the identity's certificate and key, for an https:// server
-    /// (default: ~/.config/nodekeeper/pki).
-    #[arg(long, global = true, env = "NODEKEEPER_CERTS")]
-    certs: Option<std::path::PathBuf>,
-    /// Which certificate in --certs to present: <identity>.pem and <identity>-key.pem.
-    #[arg(long, global = true, env = "NODEKEEPER_IDENTITY", default_value = "admin")]
-    identity: String,
-    #[command(subcommand)]
-    command: Command,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-enum Format {
-    Table,
-    /// Protobuf's canonical JSON mapping, one object per line.
-    Json,
-}
-
-#[derive(Debug, Subcommand)]
-enum Command {
-    /// Nodes known to the event center.
-    #[command(subcommand)]
-    Nodes(NodesCmd),
-    /// The event log.
-    #[command(subcommand)]
-    Events(EventsCmd),
-    /// Faults: one problem on one node over its lifetime.
-    #[command(subcommand)]
-    Faults(FaultsCmd),
-    /// Desired components of nodes and what the nodes report.
-    #[command(subcommand)]
-    Components(ComponentsCmd),
-    /// Durable consumers (subscribers' positions) and how far behind they are.
-    #[command(subcommand)]
-    Consumers(ConsumersCmd),
-    /// Permits for risky operations held now.
-    #[command(subcommand)]
-    Permits(PermitsCmd),
-    /// Stop granting permits for disruptive operations (releases stay allowed).
-    Freeze {
-        /// One cluster; default: every cluster.
-        #[arg(long)]
-        cluster: Option<String>,
-        #[arg(long, default_value = "")]
-        reason: String,
-    },
-    /// Grant permits again after a freeze.
-    Unfreeze {
-        #[arg(long)]
-        cluster: Option<String>,
-    },
-    /// The circuit breaker of a cluster.
-    #[command(subcommand)]
-    Breaker(BreakerCmd),
-    /// A small CA for development and small fleets.
-    #[command(subcommand)]
-    Certs(CertsCmd),
-    /// Run an event center and an agent for this machine, for a first look.
-    Dev {
-        /// Plaintext without certificates (otherwise a development CA in <data-dir>/pki is used).
-        #[arg(long)]
-        insecure: bool,
-        /// Where the event center's store and the agent's state live.
-        #[arg(long, default_value = ".nodekeeper")]
-        data_dir: std::path::PathBuf,
-        /// The event center's address.
-        #[arg(long, default_value = "127.0.0.1:7443")]
-        listen: std::net::SocketAddr,
-        /// The agent's status port.
-        #[arg(long, default_value_t = 7444)]
-        status_port: u16,
-    },
-}
-
-#[derive(Debug, Subcommand)]
-enum CertsCmd {
-    /// Create a CA (ca.pem, ca-key.pem) in the folder.
-    Init {
-        #[arg(long, default_value = "pki")]
-        dir: std::path::PathBuf,
-        /// Validity in days.
-        #[arg(long, default_value_t = 3650)]
-        days: u32,
-        /// Replace an existing CA.
-        #[arg(long)]
-        force: bool,
-    },
-    /// Issue a certificate (<name>.pem, <name>-key.pem) signed by the folder's CA.
-    Issue {
-        #[arg(long, default_value = "pki")]
-        dir: std::path::PathBuf,
-        /// node, detector, subscriber, admin or server.
-        #[arg(long)]
-        kind: nodekeeper_common::tls::Kind,
-        /// The holder's name; for a node, the node name.
-        #[arg(long)]
-        name: String,
-        /// A cluster the holder may act for (repeatable; default: every cluster, not for nodes).
-        #[arg(long)]
-        cluster: Vec<String>,
-        /// A DNS name or IP address the holder serves under (servers; repeatable).
-        #[arg(long)]
-        san: Vec<String>,
-        /// Validity in days.
-        #[arg(long, default_value_t = 365)]
-        days: u32,
-    },
-}
-
-#[derive(Debug, Subcommand)]
-enum NodesCmd {
-    /// List nodes with their liveness.
-    List {
-        /// Only nodes of this cluster (repeatable).
-        #[arg(long)]
-        cluster: Vec<String>,
-    },
-}
-
-#[derive(Debug, Args)]
-struct Filter {
-    /// Only events of this node (repeatable).
-    #[arg(long)]
-    node: Vec<String>,
-    /// Only events of this type, e.g. NodeHeartbeatLost (repeatable).
-    #[arg(long = "type")]
-    types: Vec<String>,
-    /// Only events of this cluster (repeatable).
-    #[arg(long)]
-    cluster: Vec<String>,
-}
 
 impl Filter {
     fn to_proto(&self) -> EventFilter {
@@ -181,192 +26,29 @@ impl Filter {
     }
 }
 
-#[derive(Debug, Subcommand)]
-enum EventsCmd {
-    /// List stored events after a cursor (default: from the oldest).
-    List {
-        /// Events after this cursor.
-        #[arg(long)]
-        from: Option<String>,
-        /// At most this many events.
-        #[arg(long, default_value_t = 100)]
-        limit: u32,
-        #[command(flatten)]
-        filter: Filter,
-    },
-    /// Follow events as they are stored (from now, or after a cursor). Resumes by itself when the
-    /// connection drops.
-    Watch {
-        /// Events after this cursor; default: from now.
-        #[arg(long)]
-        from: Option<String>,
-        #[command(flatten)]
-        filter: Filter,
-    },
-}
-
-#[derive(Debug, Subcommand)]
-enum ConsumersCmd {
-    /// Every durable consumer you may see (yours; an admin's: all of its clusters): owner,
-    /// acknowledged cursor, lag in events, last acknowledgement.
-    List,
-    /// Forget a consumer that is gone for good (its position is lost).
-    Delete {
-        /// The consumer's name, as `consumers list` shows it.
-        name: String,
-        /// Admins: the owner whose consumer it is (`consumers list` shows it); needed only when
-        /// several owners have a consumer of that name.
-        #[arg(long)]
-        owner: Option<String>,
-    },
-}
-
-#[derive(Debug, Subcommand)]
-enum PermitsCmd {
-    /// Active permits, and the freezes and breakers in force.
-    List {
-        #[arg(long)]
-        cluster: Vec<String>,
-    },
-}
-
-#[derive(Debug, Subcommand)]
-enum BreakerCmd {
-    /// Reset a tripped breaker: disruptive operations are granted again.
-    Reset {
-        #[arg(long)]
-        cluster: String,
-    },
-}
-
-#[derive(Debug, Subcommand)]
-enum ComponentsCmd {
-    /// Each node's components: desired and installed versions, phase, last error; and whether the
-    /// node passes the readiness gate "components converged".
-    List {
-        /// Only this node (repeatable).
-        #[arg(long)]
-        node: Vec<String>,
-        /// Only this cluster (repeatable).
-        #[arg(long)]
-        cluster: Vec<String>,
-    },
-    /// Set the desired components of one node or of the nodes a label selector matches, from a
-    /// spec file (the format `nodekeeper-agent components apply` reads; see
-    /// packaging/components.toml). The nodes converge to it.
-    Set {
-        #[arg(long)]
-        cluster: String,
-        /// One node.
-        #[arg(long, conflicts_with = "selector", required_unless_present = "selector")]
-        node: Option<String>,
-        /// Nodes whose labels match, e.g. pool=gpu,zone=a.
-        #[arg(long)]
-        selector: Option<String>,
-        /// The spec file.
-        file: std::path::PathBuf,
-    },
-    /// Restart a component on a node (its unit), then check its health; the result is recorded
-    /// as a CommandResult event.
-    Restart {
-        #[arg(long)]
-        cluster: String,
-        #[arg(long)]
-        node: String,
-        component: String,
-    },
-    /// Reinstall a component on a node at its desired version.
-    Reinstall {
-        #[arg(long)]
-        cluster: String,
-        #[arg(long)]
-        node: String,
-        component: String,
-    },
-}
-
-#[derive(Debug, Subcommand)]
-enum FaultsCmd {
-    /// List faults, newest first.
-    List {
-        /// Only faults of this node (repeatable).
-        #[arg(long)]
-        node: Vec<String>,
-        #[arg(long, default_value_t = 100)]
-        limit: u32,
-    },
-    /// One fault with its timeline of events.
-    Show {
-        /// Fault id.
-        id: u64,
-    },
-}
-
-/// Errors carry the gRPC status so that the exit code can say what went wrong.
-pub fn exit_code(err: &anyhow::Error) -> u8 {
-    if err.downcast_ref::<tonic::transport::Error>().is_some() {
-        return EXIT_UNREACHABLE;
-    }
-    match err.downcast_ref::<Status>() {
-        Some(s) => match s.code() {
-            Code::Unavailable => EXIT_UNREACHABLE,
-            Code::NotFound => EXIT_NOT_FOUND,
-            Code::FailedPrecondition if s.message().starts_with("cursor expired") => EXIT_CURSOR_EXPIRED,
-            Code::InvalidArgument => EXIT_INVALID,
-            _ => EXIT_ERROR,
-        },
-        None => EXIT_ERROR,
-    }
-}
-
-/// Where the CLI looks for its credentials by default.
-pub fn default_certs_dir() -> std::path::PathBuf {
-    let home = std::env::var_os("HOME").map(std::path::PathBuf::from).unwrap_or_else(|| ".".into());
-    home.join(".config/nodekeeper/pki")
-}
-
-async fn channel(server: &str, certs: Option<&std::path::Path>, identity: &str) -> anyhow::Result<Channel> {
-    let files = server.starts_with("https://").then(|| {
-        let dir = certs.map(std::path::Path::to_path_buf).unwrap_or_else(default_certs_dir);
-        nodekeeper_common::tls::TlsFiles::in_dir(&dir, identity)
-    });
-    let endpoint = nodekeeper_common::tls::endpoint(server, files.as_ref())
-        .context("--server and the credentials in --certs")?
-        .connect_timeout(Duration::from_secs(5));
-    endpoint.connect().await.map_err(|e| {
-        anyhow::Error::new(e)
-            .context(format!("cannot reach the event center at {server} (is it running? see --server)"))
-    })
-}
-
-fn status(s: Status) -> anyhow::Error {
-    let msg = format!("{}: {}", s.code().description(), s.message());
-    anyhow::Error::new(s).context(msg)
-}
-
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Dev { insecure, data_dir, listen, status_port } => {
-            return crate::dev::run(crate::dev::DevArgs { insecure, data_dir, listen, status_port }).await;
-        }
-        Command::Certs(CertsCmd::Init { dir, days, force }) => return crate::certs::init(&dir, days, force),
-        Command::Certs(CertsCmd::Issue { dir, kind, name, cluster, san, days }) => {
-            if kind == nodekeeper_common::tls::Kind::Node && (cluster.len() != 1 || cluster[0] == "*") {
-                anyhow::bail!("a node certificate names exactly one --cluster");
-            }
-            let args = crate::certs::IssueArgs { dir, kind, name, clusters: cluster, sans: san, days };
-            return crate::certs::issue(&args);
-        }
+        Command::Dev(args) => return crate::dev::run(args).await,
+        Command::Certs(cmd) => return crate::certs::run(cmd),
         _ => {}
     }
     let ch = channel(&cli.server, cli.certs.as_deref(), &cli.identity).await?;
     let json = cli.output == Format::Json;
-    match cli.command {
+    match call(ch, json, cli.command).await {
+        Ok(()) => Ok(()),
+        Err(err) => Err(explain_failure(&cli.server, cli.certs.as_deref(), &cli.identity, err).await),
+    }
+}
+
+async fn call(ch: Channel, json: bool, command: Command) -> anyhow::Result<()> {
+    match command {
         Command::Nodes(NodesCmd::List { cluster }) => nodes_list(ch, json, cluster).await,
         Command::Events(EventsCmd::List { from, limit, filter }) => events_list(ch, json, from, limit, filter).await,
-        Command::Events(EventsCmd::Watch { from, filter }) => events_watch(ch, json, from, filter).await,
-        Command::Faults(FaultsCmd::List { node, limit }) => faults_list(ch, json, node, limit).await,
-        Command::Faults(FaultsCmd::Show { id }) => faults_show(ch, json, id).await,
+        Command::Events(EventsCmd::Watch { from, bookmarks, filter }) => {
+            events_watch(ch, json, from, bookmarks, filter).await
+        }
+        Command::Faults(FaultsCmd::List { node, types, limit }) => faults_list(ch, json, node, types, limit).await,
+        Command::Faults(FaultsCmd::Show { id, types, node }) => faults_show(ch, json, id, types, node).await,
         Command::Consumers(ConsumersCmd::List) => consumers_list(ch, json).await,
         Command::Consumers(ConsumersCmd::Delete { name, owner }) => {
             use nodekeeper_proto::v1::DeleteConsumerRequest;
@@ -411,15 +93,17 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Components(ComponentsCmd::Set { cluster, node, selector, file }) => {
             components_set(ch, json, cluster, node, selector, &file).await
         }
-        Command::Components(ComponentsCmd::Restart { cluster, node, component }) => {
+        Command::Components(ComponentsCmd::Restart { target, component }) => {
             use nodekeeper_proto::v1::{RestartComponent, send_command_request::Action};
-            send_command(ch, json, cluster, node, Action::RestartComponent(RestartComponent { component })).await
+            let action = Action::RestartComponent(RestartComponent { component });
+            send_command(ch, json, target.cluster, target.node, action).await
         }
-        Command::Components(ComponentsCmd::Reinstall { cluster, node, component }) => {
+        Command::Components(ComponentsCmd::Reinstall { target, component }) => {
             use nodekeeper_proto::v1::{ReinstallComponent, send_command_request::Action};
-            send_command(ch, json, cluster, node, Action::ReinstallComponent(ReinstallComponent { component })).await
+            let action = Action::ReinstallComponent(ReinstallComponent { component });
+            send_command(ch, json, target.cluster, target.node, action).await
         }
-        Command::Dev { .. } | Command::Certs(_) => unreachable!("handled above"),
+        Command::Dev(_) | Command::Certs(_) => unreachable!("handled by run"),
     }
 }
 
@@ -494,10 +178,19 @@ async fn events_list(ch: Channel, json: bool, from: Option<String>, limit: u32, 
     Ok(())
 }
 
-async fn events_watch(ch: Channel, json: bool, from: Option<String>, filter: Filter) -> anyhow::Result<()> {
+/// Follows events. With `-o json`, one Event per line; with `bookmarks`, every message of the
+/// subscription (`{"event": ...}` or `{"bookmark": ...}`) per line.
+async fn events_watch(
+    ch: Channel,
+    json: bool,
+    from: Option<String>,
+    bookmarks: bool,
+    filter: Filter,
+) -> anyhow::Result<()> {
     let mut client = EventServiceClient::new(ch);
     let mut after = from;
     let mut backoff = Backoff::default();
+    let mut announced = false;
     if !json {
         output::println(&EVENT_HEADER.join("  "))?;
     }
@@ -509,7 +202,16 @@ async fn events_watch(ch: Channel, json: bool, from: Option<String>, filter: Fil
             ..Default::default()
         };
         let mut stream = match client.subscribe(req).await {
-            Ok(s) => s.into_inner(),
+            Ok(s) => {
+                // On stderr, once: the subscription holds its position from here (scripts and
+                // people know that what happens now will be shown).
+                if !announced {
+                    let from = after.as_deref().map(|c| format!("after cursor {c}")).unwrap_or("from now".into());
+                    output::eprintln(&format!("following events {from} (Ctrl-C stops)"))?;
+                    announced = true;
+                }
+                s.into_inner()
+            }
             Err(s) if s.code() == Code::Unavailable && after.is_some() => {
                 reconnect_pause(&mut backoff, &s).await?;
                 continue;
@@ -520,13 +222,15 @@ async fn events_watch(ch: Channel, json: bool, from: Option<String>, filter: Fil
             match stream.message().await {
                 Ok(Some(msg)) => {
                     backoff.reset();
-                    if json {
+                    if json && bookmarks {
                         json_line("nodekeeper.v1.SubscribeResponse", &msg)?;
                     }
                     match msg.msg {
                         Some(subscribe_response::Msg::Event(e)) => {
                             if !json {
                                 output::println(&event_row(&e).join("  "))?;
+                            } else if !bookmarks {
+                                json_line("nodekeeper.v1.Event", &e)?;
                             }
                             after = Some(e.cursor);
                         }
@@ -555,9 +259,15 @@ async fn reconnect_pause(backoff: &mut Backoff, s: &Status) -> anyhow::Result<()
     Ok(())
 }
 
-async fn faults_list(ch: Channel, json: bool, nodes: Vec<String>, limit: u32) -> anyhow::Result<()> {
+async fn faults_list(
+    ch: Channel,
+    json: bool,
+    nodes: Vec<String>,
+    types: Vec<String>,
+    limit: u32,
+) -> anyhow::Result<()> {
     let faults = FleetServiceClient::new(ch)
-        .list_faults(ListFaultsRequest { nodes, limit, ..Default::default() })
+        .list_faults(ListFaultsRequest { nodes, types, limit, ..Default::default() })
         .await
         .map_err(status)?
         .into_inner()
@@ -592,8 +302,31 @@ async fn faults_list(ch: Channel, json: bool, nodes: Vec<String>, limit: u32) ->
     Ok(())
 }
 
-async fn faults_show(ch: Channel, json: bool, id: u64) -> anyhow::Result<()> {
-    let resp = FleetServiceClient::new(ch).get_fault(GetFaultRequest { id }).await.map_err(status)?.into_inner();
+/// The fault `id`, or the newest fault of the type and node given.
+async fn faults_show(
+    ch: Channel,
+    json: bool,
+    id: Option<u64>,
+    kind: Option<String>,
+    node: Option<String>,
+) -> anyhow::Result<()> {
+    let mut client = FleetServiceClient::new(ch);
+    let id = match id {
+        Some(id) => id,
+        None => {
+            let req = ListFaultsRequest {
+                nodes: node.iter().cloned().collect(),
+                types: kind.iter().cloned().collect(),
+                limit: 1,
+                ..Default::default()
+            };
+            let newest = client.list_faults(req).await.map_err(status)?.into_inner().faults.into_iter().next();
+            let what = [kind.map(|k| format!("of type {k}")), node.map(|n| format!("on node {n}"))];
+            let what = what.into_iter().flatten().collect::<Vec<_>>().join(" ");
+            newest.ok_or_else(|| status(Status::not_found(format!("no fault {what}"))))?.id
+        }
+    };
+    let resp = client.get_fault(GetFaultRequest { id }).await.map_err(status)?.into_inner();
     if json {
         return json_line("nodekeeper.v1.GetFaultResponse", &resp);
     }
@@ -663,8 +396,7 @@ async fn components_set(
     file: &std::path::Path,
 ) -> anyhow::Result<()> {
     use nodekeeper_proto::v1::{SetDesiredComponentsRequest, set_desired_components_request::Target};
-    let components = nodekeeper_agent::components::spec::load(file)
-        .map_err(|e| anyhow::Error::new(Status::invalid_argument(e.clone())).context(e))?;
+    let components = nodekeeper_agent::components::spec::load(file).map_err(|e| status(Status::invalid_argument(e)))?;
     let target = match (node, selector) {
         (Some(n), _) => Target::Node(n),
         (None, Some(s)) => Target::Selector(s),

@@ -4,7 +4,6 @@
 //! this one, prints where everything listens, and stops them cleanly on Ctrl-C (the agent before
 //! the center, so that it flushes its outbox). Running it again resumes with the same data.
 
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
@@ -14,16 +13,9 @@ use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use tokio::process::{Child, Command};
 
+use crate::args::DevArgs;
 use crate::output::println;
 use nodekeeper_common::tls::TlsFiles;
-
-pub struct DevArgs {
-    /// Plaintext, no certificates.
-    pub insecure: bool,
-    pub data_dir: PathBuf,
-    pub listen: SocketAddr,
-    pub status_port: u16,
-}
 
 /// A binary installed next to this one (as cargo and the packages lay them out).
 fn sibling(name: &str) -> anyhow::Result<PathBuf> {
@@ -52,23 +44,87 @@ fn node_name() -> String {
     if nodekeeper_common::names::node(&name).is_err() { "dev-node".into() } else { name }
 }
 
-fn spawn(bin: &Path, args: &[&str], log: &Path) -> anyhow::Result<Child> {
-    let out = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(log)
-        .with_context(|| format!("opening {}", log.display()))?;
-    let err = out.try_clone()?;
-    Command::new(bin)
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(out)
-        .stderr(err)
-        // Their own process group: a terminal's Ctrl-C reaches `dev` only, which stops them in order.
-        .process_group(0)
-        .kill_on_drop(true)
-        .spawn()
-        .with_context(|| format!("starting {}", bin.display()))
+/// A child service and its log.
+struct Service {
+    child: Child,
+    what: &'static str,
+    log: PathBuf,
+    /// Where this run's lines start in the log (it is appended to across runs).
+    log_start: u64,
+}
+
+impl Service {
+    fn spawn(what: &'static str, bin: &Path, args: &[&str], log: PathBuf) -> anyhow::Result<Service> {
+        let out = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .with_context(|| format!("opening {}", log.display()))?;
+        let log_start = out.metadata()?.len();
+        let err = out.try_clone()?;
+        let child = Command::new(bin)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err)
+            // Their own process group: a terminal's Ctrl-C reaches `dev` only, which stops them in order.
+            .process_group(0)
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| format!("starting {}", bin.display()))?;
+        Ok(Service { child, what, log, log_start })
+    }
+
+    /// Why it stopped, in its own words: the errors it logged in this run (or its last lines).
+    fn failure(&self, status: std::io::Result<std::process::ExitStatus>, when: &str) -> String {
+        let status = status.map(|s| s.to_string()).unwrap_or_else(|e| e.to_string());
+        let text = std::fs::read(&self.log).unwrap_or_default();
+        let start = (self.log_start as usize).min(text.len());
+        let text = String::from_utf8_lossy(&text[start..]);
+        let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+        let errors: Vec<&str> = lines.iter().copied().filter(|l| l.contains("ERROR")).collect();
+        let cause = if errors.is_empty() { &lines[lines.len().saturating_sub(3)..] } else { &errors[..] };
+        let mut msg = format!("{} exited ({status}){when}; log {}", self.what, self.log.display());
+        for line in cause {
+            msg.push_str("\n  ");
+            msg.push_str(line);
+        }
+        msg
+    }
+
+    async fn wait_healthy(&mut self, url: &str, tls: Option<&TlsFiles>) -> anyhow::Result<()> {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        while !healthy(url, tls).await {
+            if let Some(status) = self.child.try_wait()? {
+                bail!(self.failure(Ok(status), " during start"));
+            }
+            if tokio::time::Instant::now() > deadline {
+                bail!("{} did not become healthy at {url} within 30s; see {}", self.what, self.log.display());
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        Ok(())
+    }
+
+    /// SIGTERM, then up to `grace` for it to exit, then SIGKILL.
+    async fn stop(&mut self, grace: Duration) {
+        let (child, what) = (&mut self.child, self.what);
+        let Some(pid) = child.id() else { return };
+        if let Err(err) = kill(Pid::from_raw(pid as i32), Signal::SIGTERM) {
+            tracing::warn!(error = %err, "cannot signal {what}");
+        }
+        match tokio::time::timeout(grace, child.wait()).await {
+            Ok(Ok(status)) if status.success() => {}
+            Ok(Ok(status)) => tracing::warn!(%status, "{what} stopped with an error"),
+            Ok(Err(err)) => tracing::warn!(error = %err, "waiting for {what}"),
+            Err(_) => {
+                tracing::warn!("{what} did not stop within {grace:?}; killing it");
+                if let Err(err) = child.kill().await {
+                    tracing::warn!(error = %err, "cannot kill {what}");
+                }
+            }
+        }
+    }
 }
 
 async fn healthy(url: &str, tls: Option<&TlsFiles>) -> bool {
@@ -79,48 +135,10 @@ async fn healthy(url: &str, tls: Option<&TlsFiles>) -> bool {
         Ok(r) if r.get_ref().status == ServingStatus::Serving as i32)
 }
 
-async fn wait_healthy(
-    url: &str,
-    tls: Option<&TlsFiles>,
-    child: &mut Child,
-    what: &str,
-    log: &Path,
-) -> anyhow::Result<()> {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    while !healthy(url, tls).await {
-        if let Some(status) = child.try_wait()? {
-            bail!("{what} exited ({status}) during start; see {}", log.display());
-        }
-        if tokio::time::Instant::now() > deadline {
-            bail!("{what} did not become healthy at {url} within 30s; see {}", log.display());
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    Ok(())
-}
-
-/// SIGTERM, then up to `grace` for it to exit, then SIGKILL.
-async fn stop(child: &mut Child, what: &str, grace: Duration) {
-    let Some(pid) = child.id() else { return };
-    if let Err(err) = kill(Pid::from_raw(pid as i32), Signal::SIGTERM) {
-        tracing::warn!(error = %err, "cannot signal {what}");
-    }
-    match tokio::time::timeout(grace, child.wait()).await {
-        Ok(Ok(status)) if status.success() => {}
-        Ok(Ok(status)) => tracing::warn!(%status, "{what} stopped with an error"),
-        Ok(Err(err)) => tracing::warn!(error = %err, "waiting for {what}"),
-        Err(_) => {
-            tracing::warn!("{what} did not stop within {grace:?}; killing it");
-            if let Err(err) = child.kill().await {
-                tracing::warn!(error = %err, "cannot kill {what}");
-            }
-        }
-    }
-}
-
 /// The development CA and certificates in `pki` (made once, reused by later runs), and the admin
-/// credentials copied to where the CLI looks by default, unless credentials are already there.
-fn dev_certs(pki: &Path, node: &str) -> anyhow::Result<TlsFiles> {
+/// credentials copied to where the CLI looks by default, unless credentials are already there;
+/// then the `--certs` flag the CLI needs.
+fn dev_certs(pki: &Path, node: &str) -> anyhow::Result<(TlsFiles, String)> {
     use crate::certs::{IssueArgs, init, issue};
     use nodekeeper_common::tls::Kind;
     if !pki.join("ca.pem").exists() {
@@ -152,14 +170,17 @@ fn dev_certs(pki: &Path, node: &str) -> anyhow::Result<TlsFiles> {
             issue(&args)?;
         }
     }
-    let cli_dir = crate::cmd::default_certs_dir();
+    let cli_dir = crate::connect::default_certs_dir();
+    let mut certs_flag = String::new();
     if cli_dir.join("admin.pem").exists() {
         if std::fs::read(cli_dir.join("ca.pem")).ok() != std::fs::read(pki.join("ca.pem")).ok() {
             println(&format!(
-                "note: {} holds other credentials; use `--certs {}` with the CLI",
+                "note: {} holds credentials of another CA, left as they are; the CLI needs `--certs {}` for this \
+                 center (the commands below have it)",
                 cli_dir.display(),
                 pki.display()
             ))?;
+            certs_flag = format!(" --certs {}", pki.display());
         }
     } else {
         std::fs::create_dir_all(&cli_dir).with_context(|| format!("creating {}", cli_dir.display()))?;
@@ -168,7 +189,7 @@ fn dev_certs(pki: &Path, node: &str) -> anyhow::Result<TlsFiles> {
                 .with_context(|| format!("copying {f} to {}", cli_dir.display()))?;
         }
     }
-    Ok(TlsFiles::in_dir(pki, "admin"))
+    Ok((TlsFiles::in_dir(pki, "admin"), certs_flag))
 }
 
 pub async fn run(args: DevArgs) -> anyhow::Result<()> {
@@ -184,11 +205,11 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     let scheme = if args.insecure { "http" } else { "https" };
     let center_url = format!("{scheme}://{}", args.listen);
     let pki = dir.join("pki");
-    let (center_tls, agent_tls, detector_tls, remediator_tls, admin) = if args.insecure {
+    let (center_tls, agent_tls, detector_tls, remediator_tls, admin, certs_flag) = if args.insecure {
         let insecure = || "insecure = true\n".to_owned();
-        (insecure(), insecure(), insecure(), insecure(), None)
+        (insecure(), insecure(), insecure(), insecure(), None, String::new())
     } else {
-        let admin = dev_certs(&pki, &node)?;
+        let (admin, certs_flag) = dev_certs(&pki, &node)?;
         let section = |name: &str| {
             let f = TlsFiles::in_dir(&pki, name);
             format!(
@@ -198,7 +219,8 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
                 f.key.display()
             )
         };
-        (section("eventcenter"), section(&node), section("detector"), section("remediator"), Some(admin))
+        let sections = (section("eventcenter"), section(&node), section("detector"), section("remediator"));
+        (sections.0, sections.1, sections.2, sections.3, Some(admin), certs_flag)
     };
     let center_config = dir.join("eventcenter.toml");
     std::fs::write(&center_config, format!("# Written by `nodekeeper dev` at every start.\n{center_tls}"))?;
@@ -206,7 +228,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     std::fs::write(
         &agent_config,
         format!(
-            "# Written by `nodekeeper dev` at every start.\nnode_name = \"{node}\"\ncluster = \"dev\"\nstate_dir = \"{}\"\ncenter = \"{center_url}\"\n\n# Every address: the detector probes the node's own address (the local API still answers loopback only).\n[status]\nport = {}\nlisten = [\"0.0.0.0\"]\n\n{agent_tls}",
+            "# Written by `nodekeeper dev` at every start.\nnode_name = \"{node}\"\ncluster = \"dev\"\nstate_dir = \"{}\"\ncenter = \"{center_url}\"\n{agent_tls}\n# Every address: the detector probes the node's own address (the local API still answers loopback only).\n[status]\nport = {}\nlisten = [\"0.0.0.0\"]\n",
             dir.join("agent").display(),
             args.status_port
         ),
@@ -227,70 +249,84 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         ),
     )?;
 
-    let center_log = dir.join("eventcenter.log");
-    let agent_log = dir.join("agent.log");
+    // A health check would find another instance on a taken port and take it for ours.
+    for (addr, flag) in [(args.listen, "--listen"), (([127, 0, 0, 1], args.status_port).into(), "--status-port")] {
+        if let Err(err) = std::net::TcpListener::bind(addr) {
+            bail!("{addr} is not free ({err}; another nodekeeper dev?): stop it, or choose another {flag}");
+        }
+    }
     let listen = args.listen.to_string();
     let ec_data = dir.join("eventcenter");
     let ec_data = ec_data.to_string_lossy();
     let cfg = center_config.to_string_lossy();
-    let mut center = spawn(&center_bin, &["--config", &cfg, "--listen", &listen, "--data-dir", &ec_data], &center_log)?;
-    wait_healthy(&center_url, admin.as_ref(), &mut center, "the event center", &center_log).await?;
+    let center_args = ["--config", &cfg, "--listen", &listen, "--data-dir", &ec_data];
+    let mut center = Service::spawn("the event center", &center_bin, &center_args, dir.join("eventcenter.log"))?;
+    center.wait_healthy(&center_url, admin.as_ref()).await?;
     let config = agent_config.to_string_lossy();
-    let mut agent = spawn(&agent_bin, &["--config", &config], &agent_log)?;
+    let mut agent = Service::spawn("the agent", &agent_bin, &["--config", &config], dir.join("agent.log"))?;
     let status_url = format!("http://127.0.0.1:{}", args.status_port);
-    if let Err(err) = wait_healthy(&status_url, None, &mut agent, "the agent", &agent_log).await {
-        stop(&mut center, "the event center", Duration::from_secs(10)).await;
+    if let Err(err) = agent.wait_healthy(&status_url, None).await {
+        center.stop(Duration::from_secs(10)).await;
         return Err(err);
     }
-
-    let detector_log = dir.join("detector.log");
-    let remediator_log = dir.join("remediator.log");
-    let mut detector = spawn(&detector_bin, &["--config", &detector_config.to_string_lossy()], &detector_log)?;
-    let mut remediator = spawn(&remediator_bin, &["--config", &remediator_config.to_string_lossy()], &remediator_log)?;
+    let config = detector_config.to_string_lossy();
+    let mut detector = Service::spawn("the detector", &detector_bin, &["--config", &config], dir.join("detector.log"))?;
+    let config = remediator_config.to_string_lossy();
+    let mut remediator =
+        Service::spawn("the remediator", &remediator_bin, &["--config", &config], dir.join("remediator.log"))?;
 
     let server_flag =
-        if center_url == crate::cmd::DEFAULT_SERVER { String::new() } else { format!(" --server {center_url}") };
-    for line in [
+        if center_url == crate::connect::DEFAULT_SERVER { String::new() } else { format!(" --server {center_url}") };
+    let cli = format!("nodekeeper{server_flag}{certs_flag}");
+    let mut lines = vec![
         format!("nodekeeper dev is running; data in {}", dir.display()),
         String::new(),
-        format!("  event center  {center_url}  (gRPC with health and reflection; log {})", center_log.display()),
+        format!("  event center  {center_url}  (gRPC with health and reflection; log {})", center.log.display()),
         format!(
             "  agent         node {node} in cluster dev; status {status_url}/metrics  (log {})",
-            agent_log.display()
+            agent.log.display()
         ),
-        format!("  detector      probes cluster dev from outside  (log {})", detector_log.display()),
+        format!("  detector      probes cluster dev from outside  (log {})", detector.log.display()),
         format!(
             "  remediator    cluster dev, dry run: plans are recorded on the faults, nothing is done  (log {})",
-            remediator_log.display()
+            remediator.log.display()
         ),
         String::new(),
         "Try:".into(),
-        format!("  nodekeeper{server_flag} nodes list"),
-        format!("  nodekeeper{server_flag} events watch"),
+        format!("  {cli} nodes list"),
+        format!("  {cli} events watch"),
         format!(
             "  nodekeeper-agent emit --port {} --type KernelDeadlock --message 'test' --condition true --action reboot",
             args.status_port
         ),
-        format!("  nodekeeper{server_flag} faults list"),
-        format!("  nodekeeper{server_flag} faults show <id>     (the remediator's plan is in the timeline)"),
-        String::new(),
-        "Ctrl-C stops everything.".into(),
-    ] {
+        format!("  {cli} faults list --type KernelDeadlock"),
+        format!("  {cli} faults show --type KernelDeadlock     (the remediator's plan is in the timeline)"),
+    ];
+    if let Some(admin) = &admin {
+        lines.push(format!(
+            "  grpcurl -cacert {} -cert {} -key {} {} list",
+            admin.ca.display(),
+            admin.cert.display(),
+            admin.key.display(),
+            args.listen
+        ));
+    }
+    lines.extend([String::new(), "Ctrl-C stops everything.".into()]);
+    for line in lines {
         println(&line)?;
     }
 
     let failed = tokio::select! {
         _ = shutdown => None,
-        s = center.wait() => Some(format!("the event center exited ({}); see {}", s.map(|s| s.to_string()).unwrap_or_default(), center_log.display())),
-        s = agent.wait() => Some(format!("the agent exited ({}); see {}", s.map(|s| s.to_string()).unwrap_or_default(), agent_log.display())),
-        s = detector.wait() => Some(format!("the detector exited ({}); see {}", s.map(|s| s.to_string()).unwrap_or_default(), detector_log.display())),
-        s = remediator.wait() => Some(format!("the remediator exited ({}); see {}", s.map(|s| s.to_string()).unwrap_or_default(), remediator_log.display())),
+        s = center.child.wait() => Some(center.failure(s, "")),
+        s = agent.child.wait() => Some(agent.failure(s, "")),
+        s = detector.child.wait() => Some(detector.failure(s, "")),
+        s = remediator.child.wait() => Some(remediator.failure(s, "")),
     };
-    stop(&mut remediator, "the remediator", Duration::from_secs(10)).await;
-    stop(&mut detector, "the detector", Duration::from_secs(10)).await;
     // The agent before the center: it flushes its outbox to the center before the center stops.
-    stop(&mut agent, "the agent", Duration::from_secs(10)).await;
-    stop(&mut center, "the event center", Duration::from_secs(10)).await;
+    for service in [&mut remediator, &mut detector, &mut agent, &mut center] {
+        service.stop(Duration::from_secs(10)).await;
+    }
     match failed {
         None => {
             println("stopped")?;

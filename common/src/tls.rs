@@ -215,6 +215,26 @@ pub fn server_config(files: &TlsFiles) -> Result<Arc<rustls::ServerConfig>, TlsE
     Ok(Arc::new(config))
 }
 
+/// A client config as the clients' endpoints make it: trusting `files.ca`, presenting
+/// `files.cert`, h2. For tools that talk TLS themselves (the CLI's diagnosis of a refused
+/// connection).
+pub fn client_config(files: &TlsFiles) -> Result<Arc<rustls::ClientConfig>, TlsError> {
+    let mut roots = rustls::RootCertStore::empty();
+    for c in load_certs(&files.ca)? {
+        roots.add(c).map_err(|e| TlsError::Config(format!("CA {}: {e}", files.ca.display())))?;
+    }
+    let mut config = rustls::ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| TlsError::Config(e.to_string()))?
+        .with_root_certificates(roots)
+        .with_client_auth_cert(load_certs(&files.cert)?, load_key(&files.key)?)
+        .map_err(|e| {
+            TlsError::Config(format!("certificate {} and key {}: {e}", files.cert.display(), files.key.display()))
+        })?;
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(Arc::new(config))
+}
+
 /// A client endpoint for `url`; with `tls`, mutual TLS trusting `tls.ca` and presenting
 /// `tls.cert`. The files are read now, so an endpoint made for each connection picks up rotated
 /// credentials.

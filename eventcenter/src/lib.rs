@@ -160,10 +160,26 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: impl Future<Ou
             writers_health(&health, low).await;
         }
     }));
+    // Reflection lists what this server serves, not every service in the descriptor sets (the
+    // agent's LocalAgentService shares the files).
     let reflection = || {
-        tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(nodekeeper_proto::FILE_DESCRIPTOR_SET)
-            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        use tonic::server::NamedService;
+        let served = [
+            tonic_health::pb::health_server::HealthServer::<tonic_health::server::HealthService>::NAME,
+            "grpc.reflection.v1.ServerReflection",
+            "grpc.reflection.v1alpha.ServerReflection",
+            AgentServiceServer::<api::agent::AgentApi>::NAME,
+            EventServiceServer::<api::events::EventApi>::NAME,
+            FleetServiceServer::<api::fleet::FleetApi>::NAME,
+            ReportServiceServer::<api::report::ReportApi>::NAME,
+            PermitServiceServer::<api::permits::PermitApi>::NAME,
+        ];
+        served.into_iter().fold(
+            tonic_reflection::server::Builder::configure()
+                .register_encoded_file_descriptor_set(nodekeeper_proto::FILE_DESCRIPTOR_SET)
+                .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET),
+            |b, name| b.with_service_name(name),
+        )
     };
 
     let local = listener.local_addr().ok();

@@ -51,6 +51,7 @@ fn main() -> ExitCode {
         }
     };
     let result: anyhow::Result<()> = runtime.block_on(async move {
+        let shutdown = nodekeeper_common::shutdown::signal();
         if config.tls.is_none() {
             tracing::warn!("talking to the center WITHOUT TLS (insecure): development and tests only");
         }
@@ -69,10 +70,11 @@ fn main() -> ExitCode {
         let running = tokio::spawn(remediator.run());
         let _watchdog = nodekeeper_common::systemd::spawn_watchdog(cancel.child_token());
         nodekeeper_common::systemd::ready();
-        nodekeeper_common::shutdown::signal().await;
+        shutdown.await;
         nodekeeper_common::systemd::stopping();
         cancel.cancel();
         let _ = running.await;
+        tracing::info!("remediator stopped");
         Ok(())
     });
     match result {

@@ -752,8 +752,12 @@ async fn reflection_lists_and_describes_every_service() {
     use tonic_reflection::pb::{v1, v1alpha};
 
     let center = EventCenter::start(QUICK).await;
+    // Exactly what the center serves: the agent's LocalAgentService shares the descriptor files
+    // but is served by the agent only.
     let expected = [
         "grpc.health.v1.Health",
+        "grpc.reflection.v1.ServerReflection",
+        "grpc.reflection.v1alpha.ServerReflection",
         "nodekeeper.v1.AgentService",
         "nodekeeper.v1.EventService",
         "nodekeeper.v1.FleetService",
@@ -777,9 +781,7 @@ async fn reflection_lists_and_describes_every_service() {
         }
         other => panic!("unexpected {other:?}"),
     };
-    for name in expected {
-        assert!(listed.contains(name), "{name} not listed: {listed:?}");
-    }
+    assert_eq!(listed, expected.into_iter().map(str::to_owned).collect::<HashSet<_>>());
     let files = match responses.message().await.unwrap().unwrap().message_response.unwrap() {
         v1::server_reflection_response::MessageResponse::FileDescriptorResponse(f) => f.file_descriptor_proto,
         other => panic!("unexpected {other:?}"),

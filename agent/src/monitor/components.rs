@@ -97,8 +97,6 @@ struct Tracked {
     invocation: Option<String>,
     n_restarts: Option<u64>,
     starts: VecDeque<Instant>,
-    /// The last error reading the unit, logged once until it changes.
-    last_error: Option<String>,
 }
 
 /// Runs the component checks until cancelled.
@@ -110,14 +108,7 @@ pub async fn run(
 ) {
     let mut tracked: Vec<Tracked> = watch
         .into_iter()
-        .map(|w| Tracked {
-            watch: w,
-            present: None,
-            invocation: None,
-            n_restarts: None,
-            starts: VecDeque::new(),
-            last_error: None,
-        })
+        .map(|w| Tracked { watch: w, present: None, invocation: None, n_restarts: None, starts: VecDeque::new() })
         .collect();
     for t in &mut tracked {
         for d in conditions(&t.watch.name) {
@@ -126,14 +117,26 @@ pub async fn run(
         t.present = reporter.state(&presence_key(&t.watch.name)).ok().flatten().map(|v| v == b"1");
     }
     let mut delay = super::first_delay(s.interval);
+    // The components whose unit could not be read and why, as last logged.
+    let mut reported: Option<(Vec<String>, String)> = None;
     loop {
         tokio::select! {
             _ = cancel.cancelled() => return,
             _ = tokio::time::sleep(delay) => {}
         }
         delay = super::jittered(s.interval);
+        let mut unreadable: Vec<String> = Vec::new();
+        let mut why = String::new();
         for t in &mut tracked {
-            let (findings, presence) = check(t, &s).await;
+            let props = match show(&s.systemctl, &t.watch.unit, s.timeout).await {
+                Ok(p) => p,
+                Err(err) => {
+                    unreadable.push(t.watch.name.clone());
+                    why = err;
+                    continue;
+                }
+            };
+            let (findings, presence) = check(t, &s, &props).await;
             let extra: Vec<(String, Option<Vec<u8>>)> = presence
                 .map(|p| (presence_key(&t.watch.name), Some(if p { b"1".to_vec() } else { b"0".to_vec() })))
                 .into_iter()
@@ -143,6 +146,20 @@ pub async fn run(
             if let Ok(Err(err)) = result {
                 tracing::error!(component = %t.watch.name, error = %err, "cannot store component findings");
             }
+        }
+        // One line for the monitor, not one per component: without systemd (a container, a
+        // development machine) every unit fails the same way.
+        let now = (!unreadable.is_empty()).then_some((unreadable, why));
+        if now != reported {
+            match &now {
+                Some((names, why)) => tracing::warn!(
+                    components = %names.join(","),
+                    error = %why,
+                    "cannot read the units' state; these components are not checked until it can be read (retrying quietly)"
+                ),
+                None => tracing::info!("the units' state can be read again"),
+            }
+            reported = now;
         }
     }
 }
@@ -170,20 +187,9 @@ pub fn conditions(name: &str) -> Vec<ConditionDef> {
 }
 
 /// One round for one component: its findings, and its presence if that changed.
-async fn check(t: &mut Tracked, s: &Settings) -> (Vec<Finding>, Option<bool>) {
+async fn check(t: &mut Tracked, s: &Settings, props: &HashMap<String, String>) -> (Vec<Finding>, Option<bool>) {
     let name = t.watch.name.clone();
     let info = Class::new(Severity::Info, Category::Component, RecommendedAction::None);
-    let props = match show(&s.systemctl, &t.watch.unit, s.timeout).await {
-        Ok(p) => p,
-        Err(err) => {
-            if t.last_error.as_ref() != Some(&err) {
-                tracing::warn!(component = %name, error = %err, "cannot read the unit's state; retrying quietly");
-                t.last_error = Some(err);
-            }
-            return (Vec::new(), None);
-        }
-    };
-    t.last_error = None;
     let present = props.get("LoadState").is_some_and(|l| l != "not-found");
     let mut out = Vec::new();
     let mut presence = None;
@@ -296,7 +302,6 @@ async fn show(systemctl: &PathBuf, unit: &str, timeout: Duration) -> Result<Hash
         tokio::process::Command::new(systemctl)
             .args(["show", unit, "--property=LoadState,ActiveState,SubState,NRestarts,InvocationID"])
             .stdin(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
             .kill_on_drop(true)
             .output(),
     )
@@ -304,7 +309,10 @@ async fn show(systemctl: &PathBuf, unit: &str, timeout: Duration) -> Result<Hash
     .map_err(|_| format!("{} show timed out", systemctl.display()))?
     .map_err(|e| format!("cannot run {}: {e}", systemctl.display()))?;
     if !out.status.success() {
-        return Err(format!("{} show {unit} exited with {}", systemctl.display(), out.status));
+        // Without the unit's name: the same failure for every unit reads as one.
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let said = stderr.lines().next().unwrap_or_default().trim();
+        return Err(format!("{} show exited with {}: {said}", systemctl.display(), out.status));
     }
     Ok(parse_show(&String::from_utf8_lossy(&out.stdout)))
 }

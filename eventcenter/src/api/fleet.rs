@@ -64,7 +64,13 @@ impl fleet_service_server::FleetService for FleetApi {
         let faults: Vec<Fault> = self
             .0
             .store
-            .list_faults(FaultFilter { clusters: req.clusters, nodes: req.nodes, states: req.states, limit })
+            .list_faults(FaultFilter {
+                clusters: req.clusters,
+                nodes: req.nodes,
+                states: req.states,
+                types: req.types,
+                limit,
+            })
             .await
             .map_err(store_status)?;
         Ok(Response::new(ListFaultsResponse { faults }))

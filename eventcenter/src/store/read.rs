@@ -21,6 +21,7 @@ pub struct FaultFilter {
     pub clusters: Vec<String>,
     pub nodes: Vec<String>,
     pub states: Vec<i32>,
+    pub types: Vec<String>,
     pub limit: usize,
 }
 
@@ -198,21 +199,24 @@ impl Store {
 
     pub async fn list_faults(&self, filter: FaultFilter) -> Result<Vec<Fault>> {
         self.read(move |c| {
-            let mut stmt =
-                c.prepare_cached("SELECT cluster, node, state, body FROM faults ORDER BY id DESC").map_err(sql)?;
+            let mut stmt = c
+                .prepare_cached("SELECT cluster, node, state, type, body FROM faults ORDER BY id DESC")
+                .map_err(sql)?;
             let mut rows = stmt.query([]).map_err(sql)?;
             let mut out = Vec::new();
             while let Some(r) = rows.next().map_err(sql)? {
                 let cluster: String = r.get(0).map_err(sql)?;
                 let node: String = r.get(1).map_err(sql)?;
                 let state: i32 = r.get(2).map_err(sql)?;
+                let kind: String = r.get(3).map_err(sql)?;
                 if (!filter.clusters.is_empty() && !filter.clusters.contains(&cluster))
                     || (!filter.nodes.is_empty() && !filter.nodes.contains(&node))
                     || (!filter.states.is_empty() && !filter.states.contains(&state))
+                    || (!filter.types.is_empty() && !filter.types.contains(&kind))
                 {
                     continue;
                 }
-                let body: Vec<u8> = r.get(3).map_err(sql)?;
+                let body: Vec<u8> = r.get(4).map_err(sql)?;
                 out.push(decode("faults", &body)?);
                 if out.len() >= filter.limit {
                     break;

@@ -2423,6 +2423,9 @@ pub struct ListFaultsRequest {
     /// Newest first, at most this many (default 100, max 10000).
     #[prost(uint32, tag = "4")]
     pub limit: u32,
+    /// Only faults of these types (e.g. KernelDeadlock); empty: every type.
+    #[prost(string, repeated, tag = "5")]
+    pub types: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
 }
 #[derive(Clone, PartialEq, ::prost::Message)]
 pub struct ListFaultsResponse {
