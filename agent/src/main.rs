@@ -1,6 +1,6 @@
 //! The nodekeeper-agent binary.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
@@ -75,9 +75,11 @@ enum Command {
 
 #[derive(Debug, Subcommand)]
 enum ComponentsCommand {
-    /// One reconciliation pass from a local spec file, printing each step. Finishes or undoes a
-    /// change an earlier run left half done first. Exit 0: converged; 3: a change was rolled back;
-    /// 4: failed, nothing changed; 78: the spec file is invalid.
+    /// One reconciliation pass from a local spec file. Finishes or undoes a change an earlier run
+    /// left half done first. Each step goes to stderr as it happens; stdout has one line (or JSON
+    /// object) per component at the end. Exit 0: every component converged (its line says whether
+    /// it changed); 3: a change was rolled back; 4: failed, nothing changed; 78: the spec is
+    /// invalid (every defect named with its line), nothing changed.
     Apply {
         /// The spec file (TOML, `[[component]]` tables; see packaging/components.toml).
         #[arg(long)]
@@ -85,15 +87,19 @@ enum ComponentsCommand {
         /// Install into this root instead of / (rpm and dnf --installroot; config files go there too).
         #[arg(long)]
         installroot: Option<PathBuf>,
-        /// Where journals and backups are kept (the agent's state directory).
-        #[arg(long, default_value = "/var/lib/nodekeeper")]
-        state_dir: PathBuf,
+        /// Where journals and backups are kept (the agent's state directory); default
+        /// /var/lib/nodekeeper, inside the installroot when there is one (state is per root).
+        #[arg(long)]
+        state_dir: Option<PathBuf>,
         /// Directories config files may be written to (repeat); default /etc.
         #[arg(long = "config-root")]
         config_roots: Vec<PathBuf>,
         /// systemctl to restart units with.
         #[arg(long, default_value = "systemctl")]
         systemctl: PathBuf,
+        /// text, or json (one object per component).
+        #[arg(long, short = 'o', value_enum, default_value = "text")]
+        output: OutputArg,
     },
 }
 
@@ -180,9 +186,10 @@ fn main() -> ExitCode {
             return rules_test(&rules, &log, format, output);
         }
         Command::Components {
-            command: ComponentsCommand::Apply { spec, installroot, state_dir, config_roots, systemctl },
+            command: ComponentsCommand::Apply { spec, installroot, state_dir, config_roots, systemctl, output },
         } => {
-            return runtime.block_on(components_apply(spec, installroot, state_dir, config_roots, systemctl));
+            let args = ApplyArgs { spec, installroot, state_dir, config_roots, systemctl, output };
+            return runtime.block_on(components_apply(args));
         }
     };
     match result {
@@ -340,27 +347,40 @@ fn rules_test(files: &[PathBuf], log: &PathBuf, format: Option<LogFormatArg>, ou
     ExitCode::SUCCESS
 }
 
-async fn components_apply(
+struct ApplyArgs {
     spec: PathBuf,
     installroot: Option<PathBuf>,
-    state_dir: PathBuf,
+    state_dir: Option<PathBuf>,
     config_roots: Vec<PathBuf>,
     systemctl: PathBuf,
-) -> ExitCode {
-    use nodekeeper_agent::components::{Manager, Outcome, Settings, spec as cspec};
-    let specs = match cspec::load(&spec) {
+    output: OutputArg,
+}
+
+async fn components_apply(a: ApplyArgs) -> ExitCode {
+    use nodekeeper_agent::components::{Manager, Outcome, Settings, accounts::Accounts, spec as cspec};
+    use std::io::Write;
+    let config_roots = if a.config_roots.is_empty() { vec!["/etc".into()] } else { a.config_roots };
+    let accounts = Accounts::new(a.installroot.as_deref());
+    let specs = match cspec::load_for_node(&a.spec, &config_roots, &accounts) {
         Ok(s) => s,
         Err(err) => {
-            tracing::error!(error = %err, "spec file rejected");
+            let _ = writeln!(std::io::stderr().lock(), "{err}\ninvalid spec: nothing changed");
             return ExitCode::from(EXIT_CONFIG as u8);
         }
     };
+    let state_dir = a.state_dir.unwrap_or_else(|| {
+        let default = Path::new("/var/lib/nodekeeper");
+        match &a.installroot {
+            Some(root) => root.join(default.strip_prefix("/").unwrap_or(default)),
+            None => default.to_owned(),
+        }
+    });
     let settings = Settings {
-        installroot,
+        installroot: a.installroot,
         rpm: "rpm".into(),
         dnf: "dnf".into(),
-        systemctl,
-        config_roots: if config_roots.is_empty() { vec!["/etc".into()] } else { config_roots },
+        systemctl: a.systemctl,
+        config_roots,
         state_dir,
         releasever: "1".into(),
         step_timeout: std::time::Duration::from_secs(600),
@@ -368,34 +388,50 @@ async fn components_apply(
         transaction_runner: Vec::new(),
     };
     let mut manager = Manager::new(settings);
-    let mut print = |line: String| {
-        use std::io::Write;
-        let _ = writeln!(std::io::stdout().lock(), "{line}");
+    // Steps as they happen, on stderr; the report, on stdout.
+    let mut step = |line: String| {
+        let _ = writeln!(std::io::stderr().lock(), "{line}");
     };
-    let mut outcomes = manager.recover(&specs, &mut print).await;
-    outcomes.extend(manager.reconcile(&specs, &mut print).await);
+    let mut outcomes = manager.recover(&specs, &mut step).await;
+    outcomes.extend(manager.reconcile(&specs, &mut step).await);
+    let statuses = manager.statuses();
     let mut code = 0u8;
-    for (name, o) in &outcomes {
-        match o {
-            Outcome::Converged { .. } => {}
-            Outcome::RolledBack(m) => {
-                print(format!("{name}: ROLLED BACK: {m}"));
-                code = code.max(3);
+    let mut out = std::io::stdout().lock();
+    for s in &statuses {
+        // The pass's outcomes for it (a recovery, then the reconciliation): the gravest one.
+        let mine = || outcomes.iter().filter(|(n, _)| n == &s.name).map(|(_, o)| o);
+        let changed = mine().any(|o| *o == Outcome::Converged { changed: true });
+        let (word, label, message, exit) = mine()
+            .map(|o| match o {
+                Outcome::Converged { .. } => ("converged", "converged", "", 0),
+                Outcome::RolledBack(m) => ("rolled-back", "ROLLED BACK", m.as_str(), 3),
+                Outcome::Failed(m) => ("failed", "FAILED", m.as_str(), 4),
+                Outcome::Invalid(m) => ("invalid", "INVALID", m.as_str(), EXIT_CONFIG as u8),
+            })
+            .max_by_key(|o| o.3)
+            .unwrap_or(("converged", "converged", "", 0));
+        code = code.max(exit);
+        let installed = if s.installed_version.is_empty() { "none" } else { &s.installed_version };
+        let line = match a.output {
+            OutputArg::Json => serde_json::json!({
+                "component": s.name,
+                "outcome": word,
+                "changed": changed,
+                "installed": s.installed_version,
+                "desired": s.desired_version,
+                "message": message,
+            })
+            .to_string(),
+            OutputArg::Text => {
+                let changed = if changed { "changed" } else { "unchanged" };
+                let message = if message.is_empty() { String::new() } else { format!(": {message}") };
+                format!(
+                    "{}: {label} ({changed}), installed {installed}, desired {}{message}",
+                    s.name, s.desired_version
+                )
             }
-            Outcome::Failed(m) => {
-                print(format!("{name}: FAILED: {m}"));
-                code = code.max(4);
-            }
-        }
-    }
-    for s in manager.statuses() {
-        let phase = s.phase().as_str_name().trim_start_matches("COMPONENT_PHASE_").to_ascii_lowercase();
-        print(format!(
-            "{}: {phase}, installed {}, desired {}",
-            s.name,
-            if s.installed_version.is_empty() { "none" } else { &s.installed_version },
-            s.desired_version
-        ));
+        };
+        let _ = writeln!(out, "{line}");
     }
     ExitCode::from(code)
 }

@@ -139,6 +139,7 @@ fn install_upgrade_downgrade_into_an_installroot() {
     let (code, out) = n.apply(&n.spec("1.0-1", "10", ""));
     assert_eq!(code, 0, "{out}");
     assert!(out.contains("demo: install nk-demo 0:1.0-1") && out.contains("demo: converged at 0:1.0-1"), "{out}");
+    assert!(out.contains("demo: converged (changed), installed 0:1.0-1, desired 1.0-1"), "{out}");
     assert_eq!(n.installed().as_deref(), Some("0:1.0-1"));
     assert_eq!(n.config().as_deref(), Some("setting = 10\n"), "the spec's config replaces the package's");
     let mode = std::fs::metadata(n.root().join("etc/nk-demo/demo.conf")).unwrap();
@@ -148,7 +149,10 @@ fn install_upgrade_downgrade_into_an_installroot() {
     // Converged: a second pass changes nothing.
     let (code, out) = n.apply(&n.spec("1.0-1", "10", ""));
     assert_eq!(code, 0, "{out}");
-    assert!(!out.contains("install nk-demo") && out.contains("demo: converged, installed 0:1.0-1"), "{out}");
+    assert!(
+        !out.contains("install nk-demo") && out.contains("demo: converged (unchanged), installed 0:1.0-1"),
+        "{out}"
+    );
     assert_eq!(n.restarts(), 1, "no change, no restart");
 
     let (code, out) = n.apply(&n.spec("1.1-1", "11", ""));
@@ -203,9 +207,9 @@ fn errors_change_nothing() {
     assert_eq!(code, 4, "{out}");
     assert!(out.contains("package or version not found"), "{out}");
     unchanged(&n, &out);
-    // Bad version string.
+    // Bad version string: the spec is invalid.
     let (code, out) = n.apply(&n.spec("1.1", "11", ""));
-    assert_eq!(code, 4, "{out}");
+    assert_eq!(code, 78, "{out}");
     assert!(out.contains("invalid version \"1.1\": expected epoch:version-release"), "{out}");
     unchanged(&n, &out);
     // Repository unreachable.
@@ -221,7 +225,7 @@ fn errors_change_nothing() {
     std::fs::write(&spec, std::fs::read_to_string(&spec).unwrap().replace("/etc/nk-demo/demo.conf", "/etc/passwd"))
         .unwrap();
     let (code, out) = n.apply(&spec);
-    assert_eq!(code, 4, "{out}");
+    assert_eq!(code, 78, "{out}");
     assert!(out.contains("config path \"/etc/passwd\" is outside the allowed roots"), "{out}");
     unchanged(&n, &out);
     // Dependency conflict.
@@ -239,6 +243,145 @@ fn errors_change_nothing() {
 }
 
 /// Kills `components apply` with -9 while it waits at `step`, then runs it again.
+/// The 1-based line of the first occurrence of `needle` in `text`.
+fn line_of(text: &str, needle: &str) -> usize {
+    text[..text.find(needle).expect(needle)].matches('\n').count() + 1
+}
+
+#[test]
+fn every_spec_defect_is_named_with_its_line_and_changes_nothing() {
+    let n = Node::new();
+    // The root's own accounts: config owners are looked up there, not on the host.
+    std::fs::create_dir_all(n.root().join("etc")).unwrap();
+    std::fs::write(n.root().join("etc/passwd"), "root:x:0:0::/root:/bin/sh\nnkdemo:x:4242:4243::/:/sbin/nologin\n")
+        .unwrap();
+    std::fs::write(n.root().join("etc/group"), "root:x:0:\nnkdemo:x:4243:\n").unwrap();
+    assert_eq!(n.apply(&n.spec("1.0-1", "10", "")).0, 0);
+    let base = std::fs::read_to_string(n.spec("1.1-1", "11", "")).unwrap();
+    let second = |name: &str, package: &str, version: &str| {
+        format!("\n[[component]]\nname = \"{name}\"\npackage = \"{package}\"\nversion = \"{version}\"\n")
+    };
+    let owned = |owner: &str, group: &str| {
+        base.replace("mode = \"0640\"", &format!("mode = \"0640\"\nowner = \"{owner}\"\ngroup = \"{group}\""))
+    };
+    let cases: Vec<(&str, String, &str, &str)> = vec![
+        (
+            "a component listed twice",
+            base.clone() + &second("demo", "nk-other", "1.0-1"),
+            "name = \"demo\"\npackage = \"nk-other\"",
+            "component \"demo\" is listed twice",
+        ),
+        (
+            "a package claimed twice",
+            base.clone() + &second("demo2", "nk-demo", "1.0-1"),
+            "name = \"demo2\"",
+            "package \"nk-demo\" is already claimed by component \"demo\"",
+        ),
+        (
+            "an owner the root does not have",
+            owned("containerd", "nkdemo"),
+            "name = \"demo\"",
+            "owner \"containerd\" does not exist in",
+        ),
+        (
+            "a group the root does not have",
+            owned("nkdemo", "dockerr"),
+            "name = \"demo\"",
+            "group \"dockerr\" does not exist in",
+        ),
+        (
+            "two kinds of health check",
+            base.replace(
+                "[component.health_check]\n",
+                "[component.health_check]\nhttp_url = \"http://127.0.0.1:1/\"\n",
+            ),
+            "name = \"demo\"",
+            "set one of command, http_url or unit_active",
+        ),
+        (
+            "an unknown field",
+            base.replace("unit = ", "restart = \"always\"\nunit = "),
+            "restart = ",
+            "unknown field `restart`",
+        ),
+        (
+            "one bad entry beside a good one",
+            base.clone() + &second("other", "nk-conflict", "1.0"),
+            "name = \"other\"",
+            "invalid version \"1.0\"",
+        ),
+    ];
+    for (what, text, at, says) in cases {
+        let spec = n.path("defect.toml");
+        std::fs::write(&spec, &text).unwrap();
+        let (code, out) = n.apply(&spec);
+        assert_eq!(code, 78, "{what}: {out}");
+        // `file:line:` for a defect of the spec, the config loader's `file, line N` for TOML itself.
+        let line = line_of(&text, at);
+        let located = out.contains(&format!("{}:{line}:", spec.display()))
+            || out.contains(&format!("{}, line {line},", spec.display()));
+        assert!(located && out.contains(says), "{what}: expected line {line} … {says}: {out}");
+        assert!(!out.contains("upgrade nk-demo") && !out.contains("ROLLED BACK"), "{what}: {out}");
+        assert_eq!(n.installed().as_deref(), Some("0:1.0-1"), "{what}: nothing changed");
+        assert_eq!(n.config().as_deref(), Some("setting = 10\n"), "{what}: nothing changed");
+    }
+    // The owner fixed: the change goes through, the file owned by the root's account.
+    let (code, out) = n.apply(&{
+        let spec = n.path("owned.toml");
+        std::fs::write(&spec, owned("nkdemo", "nkdemo")).unwrap();
+        spec
+    });
+    assert_eq!(code, 0, "{out}");
+    let meta = std::fs::metadata(n.root().join("etc/nk-demo/demo.conf")).unwrap();
+    use std::os::unix::fs::MetadataExt;
+    assert_eq!((meta.uid(), meta.gid()), (4242, 4243));
+    assert_eq!(n.installed().as_deref(), Some("0:1.1-1"));
+}
+
+#[test]
+fn rejections_and_state_belong_to_one_root_and_one_spec() {
+    // Two roots, each with the default state folder (inside the root).
+    let (a, b) = (Node::new(), Node::new());
+    let apply = |n: &Node, version: &str, setting: &str| {
+        let spec = n.spec(version, setting, "");
+        let mut c = std::process::Command::new(bin("nodekeeper-agent"));
+        c.args(["components", "apply", "--spec"]).arg(&spec).arg("--installroot").arg(n.root());
+        c.args(["--config-root", "/etc/nk-demo", "--systemctl"]).arg(n.path("systemctl")).env("RUST_LOG", "warn");
+        let out = c.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap().wait_with_output().unwrap();
+        let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        (out.status.code().unwrap_or(-1), text)
+    };
+    for n in [&a, &b] {
+        assert_eq!(apply(n, "1.1-1", "11").0, 0);
+    }
+    let (code, out) = apply(&a, "1.2-1", "12");
+    assert_eq!(code, 3, "{out}");
+    assert!(a.root().join("var/lib/nodekeeper/components/rejected.json").exists(), "state inside root A");
+    // Root B has not seen 1.2-1 fail: it tries it.
+    let (code, out) = apply(&b, "1.2-1", "12");
+    assert_eq!(code, 3, "{out}");
+    assert!(out.contains("upgrade nk-demo from 0:1.1-1 to 0:1.2-1"), "{out}");
+    // In root A the same spec is not tried again; a changed spec (its config) is.
+    let (code, out) = apply(&a, "1.2-1", "12");
+    assert_eq!(code, 4, "{out}");
+    assert!(out.contains("was rolled back") && !out.contains("upgrade nk-demo"), "{out}");
+    let (code, out) = apply(&a, "1.2-1", "13");
+    assert_eq!(code, 3, "{out}");
+    assert!(out.contains("upgrade nk-demo from 0:1.1-1 to 0:1.2-1"), "{out}");
+}
+
+#[test]
+fn an_http_health_check_that_gets_no_answer_rolls_the_change_back() {
+    let n = Node::new();
+    assert_eq!(n.apply(&n.spec("1.0-1", "10", "")).0, 0);
+    let closed = nodekeeper_tests::free_port();
+    let health = format!("http_url = \"http://127.0.0.1:{closed}/healthz\"\n");
+    let (code, out) = n.apply(&n.spec_with("1.1-1", "11", &health, ""));
+    assert_eq!(code, 3, "{out}");
+    assert!(out.contains("not healthy within 2s") && out.contains("ROLLED BACK"), "{out}");
+    assert_eq!(n.installed().as_deref(), Some("0:1.0-1"));
+}
+
 fn kill_at(step: &str, expect_installed_at_kill: &str) -> (Node, String) {
     let n = Node::new();
     assert_eq!(n.apply(&n.spec("1.0-1", "10", "")).0, 0);

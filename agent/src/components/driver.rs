@@ -72,7 +72,7 @@ impl Driver {
     }
 
     fn save_desired(&self, d: &DesiredState) {
-        if let Err(e) = super::write_atomic(&self.desired_path(), &d.encode_to_vec(), 0o600, "", "") {
+        if let Err(e) = super::write_atomic(&self.desired_path(), &d.encode_to_vec(), 0o600, (None, None)) {
             tracing::error!(error = %e, "cannot store the desired components");
         }
     }
@@ -155,6 +155,7 @@ impl Driver {
                 None => Err(format!("no component {:?} is desired on this node", c.component)),
             },
             Some(command::Action::ReinstallComponent(c)) => match find(&c.component) {
+                Some(_) if let Err(e) = self.manager.check(specs) => Err(e),
                 Some(spec) => {
                     let installed = self
                         .manager
@@ -165,7 +166,7 @@ impl Driver {
                         .and_then(|m| m.get(&spec.package).cloned());
                     match self.manager.apply_one(&spec, installed, true, &mut log_line).await {
                         Outcome::Converged { .. } => Ok(format!("{} reinstalled at {}", spec.name, spec.version)),
-                        Outcome::RolledBack(m) | Outcome::Failed(m) => Err(m),
+                        Outcome::RolledBack(m) | Outcome::Failed(m) | Outcome::Invalid(m) => Err(m),
                     }
                 }
                 None => Err(format!("no component {:?} is desired on this node", c.component)),

@@ -18,6 +18,7 @@
 //! unreachable repositories, missing packages, dependency conflicts) leave the running version
 //! and its config as they were.
 
+pub mod accounts;
 pub mod driver;
 pub mod rpm;
 pub mod spec;
@@ -66,8 +67,10 @@ pub enum Outcome {
     Converged { changed: bool },
     /// The change failed its checks and was undone; the previous version runs.
     RolledBack(String),
-    /// Nothing could be done (bad spec, tool error); nothing was changed.
+    /// Nothing could be done (tool error, a version rolled back before); nothing was changed.
     Failed(String),
+    /// The spec has defects (every one named); nothing was changed for any component.
+    Invalid(String),
 }
 
 /// A journaled step of a transition.
@@ -86,6 +89,11 @@ struct Backup {
     /// None: the file did not exist.
     content: Option<Vec<u8>>,
     mode: u32,
+    /// The file's owner and group (journals of older agents have none: left as written).
+    #[serde(default)]
+    uid: Option<u32>,
+    #[serde(default)]
+    gid: Option<u32>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -107,8 +115,11 @@ pub struct Manager {
     s: Settings,
     pub(crate) tools: Tools,
     status: BTreeMap<String, ComponentStatus>,
-    /// Component → the desired version that was rolled back (not tried again until it changes).
+    /// Component → the fingerprint of the spec whose change was rolled back: not tried again
+    /// until the spec changes (its version, its config files, anything).
     rejected: HashMap<String, String>,
+    /// Owners and groups of the target root.
+    accounts: accounts::Accounts,
     /// Findings for the center (faults for rollbacks, events for recoveries).
     pub findings: Vec<Finding>,
 }
@@ -126,8 +137,14 @@ fn io(what: &str, p: &Path, e: std::io::Error) -> String {
     format!("{what} {}: {e}", p.display())
 }
 
-/// Writes a file atomically: a temporary file in the same directory, fsynced, then renamed.
-pub(crate) fn write_atomic(path: &Path, content: &[u8], mode: u32, owner: &str, group: &str) -> Result<(), String> {
+/// Writes a file atomically: a temporary file in the same directory, fsynced, then renamed;
+/// with `ids`, owned by that user and group.
+pub(crate) fn write_atomic(
+    path: &Path,
+    content: &[u8],
+    mode: u32,
+    ids: (Option<u32>, Option<u32>),
+) -> Result<(), String> {
     use std::io::Write;
     let dir = path.parent().ok_or_else(|| format!("{} has no directory", path.display()))?;
     std::fs::create_dir_all(dir).map_err(|e| io("creating", dir, e))?;
@@ -135,34 +152,22 @@ pub(crate) fn write_atomic(path: &Path, content: &[u8], mode: u32, owner: &str, 
     let mut f = std::fs::File::create(&tmp).map_err(|e| io("creating", &tmp, e))?;
     f.write_all(content).map_err(|e| io("writing", &tmp, e))?;
     f.set_permissions(std::fs::Permissions::from_mode(mode)).map_err(|e| io("setting the mode of", &tmp, e))?;
-    if !owner.is_empty() || !group.is_empty() {
-        let uid = if owner.is_empty() {
-            None
-        } else {
-            Some(
-                nix::unistd::User::from_name(owner)
-                    .ok()
-                    .flatten()
-                    .ok_or_else(|| format!("unknown user {owner:?}"))?
-                    .uid,
-            )
-        };
-        let gid = if group.is_empty() {
-            None
-        } else {
-            Some(
-                nix::unistd::Group::from_name(group)
-                    .ok()
-                    .flatten()
-                    .ok_or_else(|| format!("unknown group {group:?}"))?
-                    .gid,
-            )
-        };
+    if let (None, None) = ids {
+    } else {
+        let (uid, gid) = (ids.0.map(nix::unistd::Uid::from_raw), ids.1.map(nix::unistd::Gid::from_raw));
         nix::unistd::chown(&tmp, uid, gid).map_err(|e| format!("chown {}: {e}", tmp.display()))?;
     }
     f.sync_all().map_err(|e| io("syncing", &tmp, e))?;
     std::fs::rename(&tmp, path).map_err(|e| io("renaming onto", path, e))?;
     std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(|e| io("syncing", dir, e))
+}
+
+/// What identifies a desired state of one component: a rolled-back change is not tried again
+/// until this changes.
+fn fingerprint(spec: &ComponentSpec) -> String {
+    use sha2::Digest;
+    let digest = sha2::Sha256::digest(prost::Message::encode_to_vec(spec));
+    digest.iter().take(16).map(|b| format!("{b:02x}")).collect()
 }
 
 impl Manager {
@@ -180,7 +185,8 @@ impl Manager {
             .ok()
             .and_then(|b| serde_json::from_slice(&b).ok())
             .unwrap_or_default();
-        Manager { s, tools, status: BTreeMap::new(), rejected, findings: Vec::new() }
+        let accounts = accounts::Accounts::new(s.installroot.as_deref());
+        Manager { s, tools, status: BTreeMap::new(), rejected, accounts, findings: Vec::new() }
     }
 
     fn dir(&self) -> PathBuf {
@@ -192,7 +198,12 @@ impl Manager {
     }
 
     fn write_journal(&self, j: &Journal) -> Result<(), String> {
-        write_atomic(&self.journal_path(&j.component), &serde_json::to_vec(j).expect("serializable"), 0o600, "", "")
+        write_atomic(
+            &self.journal_path(&j.component),
+            &serde_json::to_vec(j).expect("serializable"),
+            0o600,
+            (None, None),
+        )
     }
 
     fn clear_journal(&self, name: &str) {
@@ -204,8 +215,7 @@ impl Manager {
             &self.dir().join("rejected.json"),
             &serde_json::to_vec(&self.rejected).expect("serializable"),
             0o600,
-            "",
-            "",
+            (None, None),
         ) {
             tracing::error!(error = %e, "cannot record the rolled-back versions");
         }
@@ -248,13 +258,12 @@ impl Manager {
             let p = self.tools.path(Path::new(&f.path));
             let same = match (std::fs::read(&p), std::fs::metadata(&p)) {
                 (Ok(content), Ok(meta)) => {
+                    use std::os::unix::fs::MetadataExt;
+                    let (uid, gid) = self.accounts.ids(&f.owner, &f.group).unwrap_or((None, None));
                     content == f.content
                         && meta.permissions().mode() & 0o7777 == f.mode
-                        && (f.owner.is_empty()
-                            || nix::unistd::User::from_name(&f.owner)
-                                .ok()
-                                .flatten()
-                                .is_some_and(|u| std::os::unix::fs::MetadataExt::uid(&meta) == u.uid.as_raw()))
+                        && uid.is_none_or(|u| meta.uid() == u)
+                        && gid.is_none_or(|g| meta.gid() == g)
                 }
                 _ => false,
             };
@@ -269,11 +278,15 @@ impl Manager {
         spec.config_files
             .iter()
             .map(|f| {
+                use std::os::unix::fs::MetadataExt;
                 let p = self.tools.path(Path::new(&f.path));
+                let meta = std::fs::metadata(&p).ok();
                 Backup {
                     path: f.path.clone(),
                     content: std::fs::read(&p).ok(),
-                    mode: std::fs::metadata(&p).map(|m| m.permissions().mode() & 0o7777).unwrap_or(0o644),
+                    mode: meta.as_ref().map(|m| m.permissions().mode() & 0o7777).unwrap_or(0o644),
+                    uid: meta.as_ref().map(|m| m.uid()),
+                    gid: meta.as_ref().map(|m| m.gid()),
                 }
             })
             .collect()
@@ -350,7 +363,8 @@ impl Manager {
 
     fn write_configs(&self, spec: &ComponentSpec) -> Result<(), String> {
         for f in &spec.config_files {
-            write_atomic(&self.tools.path(Path::new(&f.path)), &f.content, f.mode, &f.owner, &f.group)?;
+            let ids = self.accounts.ids(&f.owner, &f.group)?;
+            write_atomic(&self.tools.path(Path::new(&f.path)), &f.content, f.mode, ids)?;
         }
         Ok(())
     }
@@ -359,7 +373,7 @@ impl Manager {
         for b in backups {
             let p = self.tools.path(Path::new(&b.path));
             match &b.content {
-                Some(c) => write_atomic(&p, c, b.mode, "", "")?,
+                Some(c) => write_atomic(&p, c, b.mode, (b.uid, b.gid))?,
                 None => match std::fs::remove_file(&p) {
                     Ok(()) => {}
                     Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
@@ -368,6 +382,14 @@ impl Manager {
             }
         }
         Ok(())
+    }
+
+    /// The whole desired spec checked for this node ([`spec::validate_all`]); the error names
+    /// every defect.
+    pub fn check(&self, specs: &[ComponentSpec]) -> Result<(), String> {
+        spec::validate_all(specs, &self.s.config_roots, Some(&self.accounts))
+            .map(drop)
+            .map_err(|defects| format!("invalid spec, nothing changed: {}", spec::describe(&defects)))
     }
 
     /// One pass over every component, with one `rpm -q` for all of them.
@@ -392,6 +414,14 @@ impl Manager {
                 return specs.iter().map(|s| (s.name.clone(), Outcome::Failed(msg.clone()))).collect();
             }
         };
+        // The whole spec first: a spec with any defect changes nothing, for no component.
+        if let Err(msg) = self.check(specs) {
+            log(msg.clone());
+            for s in specs {
+                self.set(s, installed.get(&s.package), ComponentPhase::Failed, &msg, None);
+            }
+            return specs.iter().map(|s| (s.name.clone(), Outcome::Invalid(msg.clone()))).collect();
+        }
         let mut out = Vec::new();
         for spec in specs {
             let current = installed.get(&spec.package).cloned();
@@ -415,10 +445,10 @@ impl Manager {
             Err(e) => {
                 log(format!("{}: invalid spec, nothing changed: {e}", spec.name));
                 self.set(spec, installed.as_ref(), ComponentPhase::Failed, &e, None);
-                return Outcome::Failed(e);
+                return Outcome::Invalid(e);
             }
         };
-        if !reinstall && self.rejected.get(&spec.name) == Some(&spec.version) {
+        if !reinstall && self.rejected.get(&spec.name) == Some(&fingerprint(spec)) {
             let e = self.status.get(&spec.name).map(|s| s.last_error.clone()).filter(|e| !e.is_empty()).unwrap_or_else(
                 || format!("version {} was rolled back; set another version or reinstall", spec.version),
             );
@@ -571,7 +601,7 @@ impl Manager {
         }
         self.clear_journal(&spec.name);
         if reject {
-            self.rejected.insert(spec.name.clone(), spec.version.clone());
+            self.rejected.insert(spec.name.clone(), fingerprint(spec));
             self.save_rejected();
         }
         let installed_now = self.tools.installed(&[&j.package]).await.ok().and_then(|m| m.get(&j.package).cloned());

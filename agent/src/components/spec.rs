@@ -1,7 +1,8 @@
 //! Component specs: the desired state of a node's software. They come from the event center (as
-//! `ComponentSpec` messages) or from a local TOML file; both are validated here before anything
-//! acts on them: names, versions, repositories, hook commands, and config paths, which must lie
-//! under one of the allowed roots.
+//! `ComponentSpec` messages) or from a local TOML file; both are validated here, whole, before
+//! anything acts on them: names, versions, repositories, hook commands, config paths (under one
+//! of the allowed roots) and their owners (accounts of the target root), each component and each
+//! package listed once. A spec with any defect changes nothing.
 
 use std::collections::HashSet;
 use std::path::{Component, Path, PathBuf};
@@ -12,6 +13,7 @@ use nodekeeper_proto::v1::{
 };
 use serde::Deserialize;
 
+use super::accounts::Accounts;
 use super::rpm::repository;
 use super::version::{Evr, package_name};
 
@@ -26,7 +28,8 @@ pub struct SpecFile {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TomlComponent {
-    pub name: String,
+    /// Spanned: errors name the line where the component is.
+    pub name: toml::Spanned<String>,
     pub package: String,
     /// epoch:version-release
     pub version: String,
@@ -84,59 +87,106 @@ pub struct TomlHealthCheck {
     pub deadline: Option<Duration>,
 }
 
-/// Reads a local spec file into the same messages the center sends.
+/// Reads a local spec file into the same messages the center sends, with the checks that do not
+/// depend on the node (see [`load_for_node`] for the rest).
 pub fn load(path: &Path) -> Result<Vec<ComponentSpec>, String> {
     let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read spec file {}: {e}", path.display()))?;
     parse(path, &text)
 }
 
+/// Reads a local spec file and checks all of it for this node: config roots and the accounts
+/// of the target root. Errors name the file and line of each component with a defect.
+pub fn load_for_node(path: &Path, roots: &[PathBuf], accounts: &Accounts) -> Result<Vec<ComponentSpec>, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read spec file {}: {e}", path.display()))?;
+    let (specs, lines) = parse_located(path, &text)?;
+    match validate_all(&specs, roots, Some(accounts)) {
+        Ok(_) => Ok(specs),
+        Err(defects) => Err(at_lines(path, &lines, &defects)),
+    }
+}
+
 /// Parses spec file text (`path` names it in errors).
 pub fn parse(path: &Path, text: &str) -> Result<Vec<ComponentSpec>, String> {
+    parse_located(path, text).map(|(specs, _)| specs)
+}
+
+/// One defect of a spec: which component (its index) and what is wrong.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Defect {
+    pub index: usize,
+    pub message: String,
+}
+
+/// The defects, one per line, each as `file:line: message`.
+fn at_lines(path: &Path, lines: &[usize], defects: &[Defect]) -> String {
+    let each = defects
+        .iter()
+        .map(|d| format!("{}:{}: {}", path.display(), lines.get(d.index).copied().unwrap_or(0), d.message));
+    each.collect::<Vec<_>>().join("\n")
+}
+
+/// The defects on one line, for a status or a log.
+pub fn describe(defects: &[Defect]) -> String {
+    defects.iter().map(|d| d.message.as_str()).collect::<Vec<_>>().join("; ")
+}
+
+/// The components and the line each begins on.
+fn parse_located(path: &Path, text: &str) -> Result<(Vec<ComponentSpec>, Vec<usize>), String> {
     let f: SpecFile = nodekeeper_common::config::parse(path, text).map_err(|e| e.to_string())?;
+    let line_of = |offset: usize| text[..offset.min(text.len())].matches('\n').count() + 1;
     let mut out = Vec::new();
+    let mut lines = Vec::new();
     for c in f.component {
-        let mode = |m: &Option<String>| -> Result<u32, String> {
-            match m {
-                None => Ok(0o644),
-                Some(s) => u32::from_str_radix(s.trim_start_matches("0o"), 8)
-                    .map_err(|_| format!("{}: component {}: mode {s:?} is not octal", path.display(), c.name)),
-            }
-        };
+        let line = line_of(c.name.span().start);
+        let at = |e: String| format!("{}:{line}: component {:?}: {e}", path.display(), c.name.get_ref());
+        lines.push(line);
         let mut config_files = Vec::new();
         for f in &c.config_files {
+            let mode = match &f.mode {
+                None => 0o644,
+                Some(m) => u32::from_str_radix(m.trim_start_matches("0o"), 8)
+                    .map_err(|_| at(format!("config {:?}: mode {m:?} is not octal", f.path.display())))?,
+            };
             config_files.push(ConfigFile {
                 path: f.path.display().to_string(),
                 content: f.content.clone().into_bytes(),
-                mode: mode(&f.mode)?,
+                mode,
                 owner: f.owner.clone(),
                 group: f.group.clone(),
             });
         }
-        let health_check = c.health_check.as_ref().map(|h| HealthCheck {
-            check: if let Some(argv) = &h.command {
-                Some(Check::Command(ExecCheck { argv: argv.clone() }))
-            } else if let Some(url) = &h.http_url {
-                Some(Check::HttpUrl(url.clone()))
-            } else {
-                Some(Check::UnitActive(h.unit_active))
-            },
-            timeout: h.timeout.map(nodekeeper_common::time::to_duration),
-            deadline: h.deadline.map(nodekeeper_common::time::to_duration),
-        });
+        let health_check = match &c.health_check {
+            None => None,
+            Some(h) => {
+                // One kind of check: a spec that names several would run only one of them.
+                let check = match (&h.command, &h.http_url, h.unit_active) {
+                    (Some(argv), None, false) => Check::Command(ExecCheck { argv: argv.clone() }),
+                    (None, Some(url), false) => Check::HttpUrl(url.clone()),
+                    (None, None, active) => Check::UnitActive(active),
+                    _ => {
+                        return Err(at(
+                            "health_check: set one of command, http_url or unit_active (one check per component)"
+                                .into(),
+                        ));
+                    }
+                };
+                Some(HealthCheck {
+                    check: Some(check),
+                    timeout: h.timeout.map(nodekeeper_common::time::to_duration),
+                    deadline: h.deadline.map(nodekeeper_common::time::to_duration),
+                })
+            }
+        };
         let restart_policy = match c.restart_policy.as_deref() {
             None | Some("on-change") => RestartPolicy::OnChange,
             Some("never") => RestartPolicy::Never,
             Some(other) => {
-                return Err(format!(
-                    "{}: component {}: restart_policy {other:?}: expected \"on-change\" or \"never\"",
-                    path.display(),
-                    c.name
-                ));
+                return Err(at(format!("restart_policy {other:?}: expected \"on-change\" or \"never\"")));
             }
         };
         let hook = |argv: &Vec<String>| (!argv.is_empty()).then(|| ExecCheck { argv: argv.clone() });
         out.push(ComponentSpec {
-            name: c.name.clone(),
+            name: c.name.get_ref().clone(),
             package: c.package.clone(),
             version: c.version.clone(),
             repositories: c
@@ -157,7 +207,55 @@ pub fn parse(path: &Path, text: &str) -> Result<Vec<ComponentSpec>, String> {
             restart_policy: restart_policy as i32,
         });
     }
-    Ok(out)
+    let defects = unique(&out);
+    if !defects.is_empty() {
+        return Err(at_lines(path, &lines, &defects));
+    }
+    Ok((out, lines))
+}
+
+/// Each component and each package listed once: two entries for one package would move it
+/// back and forth on every pass.
+fn unique(specs: &[ComponentSpec]) -> Vec<Defect> {
+    let mut defects = Vec::new();
+    for (i, s) in specs.iter().enumerate() {
+        if let Some(first) = specs[..i].iter().find(|o| o.name == s.name) {
+            let message =
+                format!("component {:?} is listed twice (package {:?} and {:?})", s.name, first.package, s.package);
+            defects.push(Defect { index: i, message });
+        } else if let Some(first) = specs[..i].iter().find(|o| o.package == s.package) {
+            let message = format!(
+                "component {:?}: package {:?} is already claimed by component {:?}",
+                s.name, s.package, first.name
+            );
+            defects.push(Defect { index: i, message });
+        }
+    }
+    defects
+}
+
+/// Checks a whole spec for this node: each component ([`validate`]), each component and package
+/// once, and with `accounts`, the owners and groups of config files in the target root. Returns
+/// each component's target version, or every defect found.
+pub fn validate_all(
+    specs: &[ComponentSpec],
+    roots: &[PathBuf],
+    accounts: Option<&Accounts>,
+) -> Result<Vec<Evr>, Vec<Defect>> {
+    let mut defects = unique(specs);
+    let mut targets = Vec::new();
+    for (index, spec) in specs.iter().enumerate() {
+        match validate(spec, roots) {
+            Ok(evr) => targets.push(evr),
+            Err(message) => defects.push(Defect { index, message }),
+        }
+        for f in spec.config_files.iter().filter(|_| accounts.is_some()) {
+            if let Some(Err(e)) = accounts.map(|a| a.ids(&f.owner, &f.group)) {
+                defects.push(Defect { index, message: format!("component {:?}: config {:?}: {e}", spec.name, f.path) });
+            }
+        }
+    }
+    if defects.is_empty() { Ok(targets) } else { Err(defects) }
 }
 
 /// A systemd unit name.
