@@ -773,6 +773,9 @@ pub fn cpu_and_rss(pid: u32) -> (f64, u64) {
 /// `nk-demo` 1.0-1, 1.1-1 (healthy) and 1.2-1 (its HEALTH file says "broken"), each with a
 /// `%config(noreplace)` file /etc/nk-demo/demo.conf and a unit file; `nk-conflict` 1.0-1, which
 /// requires a package no repository has.
+/// The scriptlets of the test package nk-slow that a test can hold (see [`rpm_repo`]).
+pub const SCRIPTLETS: [&str; 4] = ["pre", "post", "posttrans", "preun"];
+
 pub struct RpmRepo {
     pub dir: PathBuf,
 }
@@ -812,6 +815,26 @@ pub fn rpm_repo() -> &'static RpmRepo {
                      echo 'setting = default' > %{{buildroot}}/etc/nk-demo/demo.conf\n\
                      printf '[Service]\\nExecStart=/bin/true\\n' > %{{buildroot}}/usr/lib/systemd/system/nk-demo.service\n\
                      %files\n/usr/lib/nk-demo/VERSION\n/usr/lib/nk-demo/HEALTH\n/usr/lib/systemd/system/nk-demo.service\n%config(noreplace) /etc/nk-demo/demo.conf\n"
+                ),
+            );
+        }
+        // Scriptlets (in rpm's Lua: an installroot has no shell) that, while the FIFO
+        // /nk-block-<phase> exists in the root, touch /nk-reached-<phase> and wait for a line on it:
+        // a transaction held at a known point, to be killed there.
+        let hold = |phase: &str| {
+            format!(
+                "%{phase} -p <lua>\nif posix.stat(\"/nk-block-{phase}\") then io.open(\"/nk-reached-{phase}\", \"w\"):close(); io.open(\"/nk-block-{phase}\"):read() end\n"
+            )
+        };
+        for v in ["1.0", "2.0"] {
+            let scriptlets: String = SCRIPTLETS.iter().map(|p| hold(p)).collect();
+            build(
+                &format!("nk-slow-{v}"),
+                format!(
+                    "Name: nk-slow\nVersion: {v}\nRelease: 1\nSummary: scriptlets that can be held\nLicense: MIT\nBuildArch: noarch\n\
+                     %description\nA component with slow scriptlets.\n\
+                     %install\nmkdir -p %{{buildroot}}/usr/lib/nk-slow\necho {v} > %{{buildroot}}/usr/lib/nk-slow/VERSION\n\
+                     {scriptlets}%files\n/usr/lib/nk-slow/VERSION\n"
                 ),
             );
         }

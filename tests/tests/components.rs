@@ -382,6 +382,116 @@ fn an_http_health_check_that_gets_no_answer_rolls_the_change_back() {
     assert_eq!(n.installed().as_deref(), Some("0:1.0-1"));
 }
 
+/// A spec for the package with holdable scriptlets, nk-slow, at `version`.
+fn slow_spec(n: &Node, version: &str) -> PathBuf {
+    let path = n.path("slow.toml");
+    let text = format!(
+        "[[component]]\nname = \"slow\"\npackage = \"nk-slow\"\nversion = \"{version}\"\n[[component.repositories]]\nid = \"nk-test\"\nbase_url = \"{}\"\n",
+        rpm_repo().url()
+    );
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+/// A command's success and output (stdout and stderr).
+fn run(mut c: std::process::Command) -> (bool, String) {
+    let out = c.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap().wait_with_output().unwrap();
+    (out.status.success(), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
+}
+
+/// What rpm and dnf say of the root: every recorded version of nk-slow, whether `rpm -V` passes
+/// for it, whether `dnf check` passes.
+fn rpm_truth(root: &Path) -> (Vec<String>, (bool, String), (bool, String)) {
+    let mut q = std::process::Command::new("rpm");
+    q.arg("--root").arg(root).args(["-q", "--qf", "%{EPOCHNUM}:%{VERSION}-%{RELEASE}\n", "nk-slow"]);
+    let versions = run(q).1.lines().map(str::to_owned).collect();
+    let mut v = std::process::Command::new("rpm");
+    v.arg("--root").arg(root).args(["-V", "nk-slow"]);
+    let mut check = std::process::Command::new("dnf");
+    check.arg(format!("--installroot={}", root.display())).args(["--releasever=1", "-q", "check"]);
+    (versions, run(v), run(check))
+}
+
+/// Starts an upgrade of nk-slow from 1.0 to 2.0 held in `phase`'s scriptlet; returns the
+/// running agent (in a process group of its own, with its dnf) once the scriptlet is reached.
+fn held_upgrade(n: &Node, phase: &str) -> std::process::Child {
+    assert_eq!(n.apply(&slow_spec(n, "1.0-1")).0, 0);
+    nix::unistd::mkfifo(&n.root().join(format!("nk-block-{phase}")), nix::sys::stat::Mode::S_IRWXU).unwrap();
+    let mut cmd = n.command(&slow_spec(n, "2.0-1"));
+    std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
+    let child = cmd.spawn().unwrap();
+    wait_for_file(&n.root().join(format!("nk-reached-{phase}")));
+    child
+}
+
+#[test]
+fn a_power_cut_in_any_scriptlet_leaves_one_verified_version_after_the_next_pass() {
+    for phase in nodekeeper_tests::SCRIPTLETS {
+        let n = Node::new();
+        let mut agent = held_upgrade(&n, phase);
+        // The power cut: the agent, its dnf and the scriptlet at once.
+        nix::sys::signal::killpg(nix::unistd::Pid::from_raw(agent.id() as i32), nix::sys::signal::SIGKILL).unwrap();
+        agent.wait().unwrap();
+        std::fs::remove_file(n.root().join(format!("nk-block-{phase}"))).unwrap();
+        let (code, out) = n.apply(&slow_spec(&n, "2.0-1"));
+        assert_eq!(code, 0, "{phase}: {out}");
+        assert!(out.contains("slow: converged"), "{phase}: {out}");
+        let (versions, verify, check) = rpm_truth(&n.root());
+        assert_eq!(versions, ["0:2.0-1"], "{phase}: exactly one version recorded: {out}");
+        assert!(verify.0, "{phase}: rpm -V nk-slow: {}", verify.1);
+        assert!(check.0, "{phase}: dnf check: {}", check.1);
+        if matches!(phase, "post" | "preun") {
+            // Cut between recording the new version and forgetting the old: both were recorded.
+            assert!(out.contains("repaired: removed the record of nk-slow 0:1.0-1"), "{phase}: {out}");
+        }
+    }
+}
+
+#[test]
+fn a_transaction_that_outlives_its_agent_is_waited_for_not_doubled() {
+    let n = Node::new();
+    let mut agent = held_upgrade(&n, "post");
+    // Only the agent dies; its dnf goes on, held in %post.
+    agent.kill().unwrap();
+    agent.wait().unwrap();
+    let mut second = n.command(&slow_spec(&n, "2.0-1")).spawn().unwrap();
+    let stderr = second.stderr.take().unwrap();
+    let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let sink = lines.clone();
+    let reader = std::thread::spawn(move || {
+        use std::io::BufRead;
+        for l in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
+            sink.lock().unwrap().push(l);
+        }
+    });
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while !lines.lock().unwrap().iter().any(|l| l.contains("still running on this root; waiting")) {
+        assert!(std::time::Instant::now() < deadline, "the second run did not wait: {:?}", lines.lock().unwrap());
+        std::thread::park_timeout(Duration::from_millis(20));
+    }
+    // While it waits, one dnf works on this root.
+    let root = n.root().display().to_string();
+    let dnfs = std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| std::fs::read(e.ok()?.path().join("cmdline")).ok())
+        .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
+        .filter(|c| c.contains("dnf") && c.contains(&format!("--installroot={root}")))
+        .count();
+    assert_eq!(dnfs, 1, "one transaction on the root");
+    // The first transaction goes on and ends; then the second run takes over.
+    std::fs::write(n.root().join("nk-block-post"), "go\n").unwrap();
+    let status = second.wait().unwrap();
+    reader.join().unwrap();
+    let mut out = String::new();
+    std::io::Read::read_to_string(&mut second.stdout.take().unwrap(), &mut out).unwrap();
+    let all = format!("{out}{}", lines.lock().unwrap().join("\n"));
+    assert_eq!(status.code(), Some(0), "{all}");
+    assert!(out.contains("slow: converged") && !all.contains("FAILED"), "{all}");
+    let (versions, verify, check) = rpm_truth(&n.root());
+    assert_eq!(versions, ["0:2.0-1"], "{all}");
+    assert!(verify.0 && check.0, "{verify:?} {check:?}");
+}
+
 fn kill_at(step: &str, expect_installed_at_kill: &str) -> (Node, String) {
     let n = Node::new();
     assert_eq!(n.apply(&n.spec("1.0-1", "10", "")).0, 0);

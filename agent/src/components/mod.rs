@@ -176,7 +176,7 @@ impl Manager {
             s.rpm.clone(),
             s.dnf.clone(),
             s.installroot.clone(),
-            s.state_dir.join("components/dnf-cache"),
+            &s.state_dir.join("components"),
             s.releasever.clone(),
             s.step_timeout,
         )
@@ -384,6 +384,33 @@ impl Manager {
         Ok(())
     }
 
+    /// The installed version of each package, after repairing any package that rpm records more
+    /// than once (a transaction cut short outside the journal's knowledge): a pass never calls
+    /// converged what rpm disagrees with.
+    async fn installed_repaired(
+        &mut self,
+        specs: &[ComponentSpec],
+        packages: &[&str],
+        log: &mut (dyn FnMut(String) + Send),
+    ) -> Result<(HashMap<String, Evr>, HashMap<String, String>), ToolError> {
+        let versions = self.tools.versions(packages).await?;
+        let doubled: Vec<&ComponentSpec> =
+            specs.iter().filter(|s| versions.get(&s.package).is_some_and(|v| v.len() > 1)).collect();
+        let mut unrepaired = HashMap::new();
+        for spec in doubled {
+            let target = Evr::parse(&spec.version).ok();
+            match self.repair(spec, target.as_ref()).await {
+                Ok(done) => done.iter().for_each(|d| log(format!("{}: repaired: {d}", spec.name))),
+                Err(e) => {
+                    let e = format!("rpm records several versions of {} and the repair failed: {e}", spec.package);
+                    log(format!("{}: {e}", spec.name));
+                    unrepaired.insert(spec.name.clone(), e);
+                }
+            }
+        }
+        Ok((self.tools.installed(packages).await?, unrepaired))
+    }
+
     /// The whole desired spec checked for this node ([`spec::validate_all`]); the error names
     /// every defect.
     pub fn check(&self, specs: &[ComponentSpec]) -> Result<(), String> {
@@ -404,7 +431,7 @@ impl Manager {
         }
         let packages: Vec<&str> =
             specs.iter().filter(|s| version::package_name(&s.package).is_ok()).map(|s| s.package.as_str()).collect();
-        let installed = match self.tools.installed(&packages).await {
+        let (installed, unrepaired) = match self.installed_repaired(specs, &packages, log).await {
             Ok(i) => i,
             Err(e) => {
                 let msg = format!("cannot read the installed packages: {e}");
@@ -425,7 +452,13 @@ impl Manager {
         let mut out = Vec::new();
         for spec in specs {
             let current = installed.get(&spec.package).cloned();
-            let o = self.apply_one(spec, current, false, log).await;
+            let o = match unrepaired.get(&spec.name) {
+                Some(e) => {
+                    self.set(spec, current.as_ref(), ComponentPhase::Failed, e, None);
+                    Outcome::Failed(e.clone())
+                }
+                None => self.apply_one(spec, current, false, log).await,
+            };
             out.push((spec.name.clone(), o));
         }
         out
@@ -654,12 +687,56 @@ impl Manager {
     /// After a restart: finishes or undoes every transition a journal says was under way. A
     /// transition is resumed when the package is where the journal says and the desired state
     /// still wants it; otherwise it is rolled back.
+    /// Makes rpm's record of `package` true again after a transaction was cut short: one version
+    /// recorded (`keep` when it is among them, else the newest), and its files as rpm has them
+    /// (reinstalled from `spec`'s repositories when they do not verify). Returns what it repaired.
+    async fn repair(&mut self, spec: &ComponentSpec, keep: Option<&Evr>) -> Result<Vec<String>, String> {
+        let mut done = Vec::new();
+        let versions = self.tools.versions(&[&spec.package]).await.map_err(|e| e.to_string())?;
+        let versions = versions.get(&spec.package).cloned().unwrap_or_default();
+        let Some(newest) = versions.last().cloned() else { return Ok(done) };
+        let kept = keep.filter(|k| versions.contains(k)).cloned().unwrap_or(newest);
+        for v in versions.iter().filter(|v| **v != kept) {
+            self.tools.forget(&spec.package, v).await.map_err(|e| e.to_string())?;
+            done.push(format!(
+                "removed the record of {} {v} that an interrupted transaction left beside {kept}",
+                spec.package
+            ));
+        }
+        let failing = self.tools.verify(&spec.package).await.map_err(|e| e.to_string())?;
+        if !failing.is_empty() {
+            self.tools
+                .transaction(Verb::Reinstall, &spec.package, &kept, &spec.repositories)
+                .await
+                .map_err(|e| format!("reinstalling {} {kept}, whose files do not verify: {e}", spec.package))?;
+            done.push(format!("reinstalled {} {kept}: {} did not verify", spec.package, failing.join("; ")));
+        }
+        if !done.is_empty() {
+            self.findings.push(
+                Finding::temporary(
+                    SOURCE,
+                    "ComponentRepaired",
+                    format!("{}: {}", spec.name, done.join("; ")),
+                    Class::new(Severity::Warning, Category::Component, RecommendedAction::None),
+                )
+                .with("component", &spec.name),
+            );
+        }
+        Ok(done)
+    }
+
     pub async fn recover(
         &mut self,
         specs: &[ComponentSpec],
         log: &mut (dyn FnMut(String) + Send),
     ) -> Vec<(String, Outcome)> {
         let mut out = Vec::new();
+        // A transaction an earlier run started may still be going: rpm's state is final only
+        // once it ended.
+        if let Err(e) = self.tools.transaction_lock(log).await {
+            log(format!("cannot recover interrupted changes: {e}"));
+            return out;
+        }
         let Ok(rd) = std::fs::read_dir(self.dir()) else { return out };
         let mut journals = Vec::new();
         for e in rd.flatten() {
@@ -676,6 +753,21 @@ impl Manager {
         }
         for j in journals {
             let name = j.component.clone();
+            // After an interruption rpm's record comes first: one version, files that verify.
+            // The version kept is the one the change was taking the component to, if recorded.
+            let recorded = ComponentSpec {
+                repositories: specs
+                    .iter()
+                    .find(|s| s.package == j.package)
+                    .map(|s| s.repositories.clone())
+                    .unwrap_or_default(),
+                ..ComponentSpec { name: name.clone(), package: j.package.clone(), ..Default::default() }
+            };
+            let to = Evr::parse(&j.to).ok();
+            match self.repair(&recorded, to.as_ref()).await {
+                Ok(done) => done.iter().for_each(|d| log(format!("{name}: repaired: {d}"))),
+                Err(e) => log(format!("{name}: cannot repair rpm's record: {e}")),
+            }
             let installed = self.tools.installed(&[&j.package]).await.ok().and_then(|m| m.get(&j.package).cloned());
             let at_target = installed.as_ref().map(Evr::to_string).as_deref() == Some(j.to.as_str());
             let current = specs.iter().find(|s| s.name == j.component);

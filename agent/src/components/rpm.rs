@@ -3,10 +3,13 @@
 //! optional installroot (the whole path testable without touching the machine's own packages).
 
 use std::collections::HashMap;
+use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 
+use command_fds::{CommandFdExt, FdMapping};
+use nix::fcntl::{Flock, FlockArg};
 use nodekeeper_proto::v1::Repository;
 use tokio::sync::Mutex;
 
@@ -66,6 +69,9 @@ impl Verb {
     }
 }
 
+/// The descriptor number the transaction lock has in dnf (any number dnf does not use itself).
+const LOCK_FD: i32 = 200;
+
 pub struct Tools {
     pub rpm: PathBuf,
     pub dnf: PathBuf,
@@ -77,6 +83,10 @@ pub struct Tools {
     runner: Vec<String>,
     /// One transaction at a time on this node.
     lock: Mutex<()>,
+    /// One transaction at a time on this root, across restarts: a dnf holds an exclusive flock
+    /// on this file, inherited from the agent, until it exits, even when the agent that started
+    /// it was killed.
+    lock_file: PathBuf,
 }
 
 /// A repository id: letters, digits and `. _ -`.
@@ -103,15 +113,65 @@ pub fn repository(r: &Repository) -> Result<(), String> {
 }
 
 impl Tools {
+    /// `state`: the component manager's folder (dnf's cache and the transaction lock go there).
     pub fn new(
         rpm: PathBuf,
         dnf: PathBuf,
         installroot: Option<PathBuf>,
-        cache_dir: PathBuf,
+        state: &Path,
         releasever: String,
         timeout: Duration,
     ) -> Tools {
-        Tools { rpm, dnf, installroot, cache_dir, releasever, timeout, runner: Vec::new(), lock: Mutex::new(()) }
+        Tools {
+            rpm,
+            dnf,
+            installroot,
+            cache_dir: state.join("dnf-cache"),
+            releasever,
+            timeout,
+            runner: Vec::new(),
+            lock: Mutex::new(()),
+            lock_file: state.join("transaction.lock"),
+        }
+    }
+
+    /// Takes the root's transaction lock, waiting (up to the step timeout) for a transaction
+    /// that an earlier run of the agent started and that outlived it; `waited` is told once when
+    /// there is one.
+    pub async fn transaction_lock(
+        &self,
+        waited: &mut (dyn FnMut(String) + Send),
+    ) -> Result<Flock<std::fs::File>, ToolError> {
+        let failed = |e: String| ToolError::Failed(format!("transaction lock {}: {e}", self.lock_file.display()));
+        if let Some(dir) = self.lock_file.parent() {
+            std::fs::create_dir_all(dir).map_err(|e| failed(e.to_string()))?;
+        }
+        let deadline = tokio::time::Instant::now() + self.timeout;
+        let mut told = false;
+        loop {
+            let file = std::fs::OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .write(true)
+                .open(&self.lock_file)
+                .map_err(|e| failed(e.to_string()))?;
+            match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+                Ok(lock) => return Ok(lock),
+                Err((_, nix::errno::Errno::EWOULDBLOCK)) => {}
+                Err((_, e)) => return Err(failed(e.to_string())),
+            }
+            if !told {
+                waited("a package transaction started by an earlier run is still running on this root; waiting for it to end".into());
+                told = true;
+            }
+            if tokio::time::Instant::now() > deadline {
+                return Err(ToolError::Timeout(format!(
+                    "the transaction an earlier run started did not end within {}",
+                    humantime::format_duration(self.timeout)
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
 
     /// Runs every dnf transaction through this command prefix (e.g. `systemd-run --wait --pipe
@@ -133,8 +193,16 @@ impl Tools {
         }
     }
 
-    /// The installed version of each of `packages` that is installed.
+    /// The installed version of each of `packages` that is installed (the newest, when rpm's
+    /// database holds several).
     pub async fn installed(&self, packages: &[&str]) -> Result<HashMap<String, Evr>, ToolError> {
+        let all = self.versions(packages).await?;
+        Ok(all.into_iter().filter_map(|(name, v)| v.into_iter().max().map(|e| (name, e))).collect())
+    }
+
+    /// Every version of each of `packages` that rpm's database holds, oldest first. More than
+    /// one for a component's package means an interrupted transaction (or a kernel).
+    pub async fn versions(&self, packages: &[&str]) -> Result<HashMap<String, Vec<Evr>>, ToolError> {
         let mut cmd = tokio::process::Command::new(&self.rpm);
         if let Some(root) = &self.installroot {
             cmd.arg("--root").arg(root);
@@ -145,18 +213,15 @@ impl Tools {
             cmd.arg(p);
         }
         let (_, out, err) = self.run(cmd, "rpm -q").await?;
-        let mut found = HashMap::new();
+        let mut found: HashMap<String, Vec<Evr>> = HashMap::new();
         for line in out.lines() {
             if let Some((name, evr)) = line.split_once('\t')
                 && let Ok(evr) = Evr::parse(evr)
             {
-                // Several installed versions of one package (a kernel): the newest counts.
-                let e = found.entry(name.to_owned()).or_insert_with(|| evr.clone());
-                if evr > *e {
-                    *e = evr;
-                }
+                found.entry(name.to_owned()).or_default().push(evr);
             }
         }
+        found.values_mut().for_each(|v| v.sort());
         // rpm exits non-zero when a package is not installed; anything else is an error.
         if found.is_empty() && !packages.is_empty() && !out.contains("is not installed") && !err.is_empty() {
             return Err(ToolError::Failed(format!("rpm -q: {}", err.trim())));
@@ -178,7 +243,14 @@ impl Tools {
             repository(r).map_err(ToolError::Failed)?;
         }
         let _one = self.lock.lock().await;
+        let lock = self.transaction_lock(&mut |line| tracing::warn!("{line}")).await?;
         let mut cmd = self.dnf_command();
+        // dnf holds the lock for as long as it lives, also if the agent is killed meanwhile.
+        cmd.fd_mappings(vec![FdMapping {
+            parent_fd: lock.as_fd().try_clone_to_owned().map_err(|e| ToolError::Failed(e.to_string()))?,
+            child_fd: LOCK_FD,
+        }])
+        .map_err(|e| ToolError::Failed(format!("passing the transaction lock to dnf: {e}")))?;
         // An unreachable repository is an error, not a repository to skip silently.
         cmd.args(["-y", "--quiet", "--setopt=install_weak_deps=False", "--setopt=skip_if_unavailable=False"]);
         cmd.arg(format!("--setopt=cachedir={}", self.cache_dir.display()));
@@ -209,6 +281,52 @@ impl Tools {
             return Ok(());
         }
         Err(classify(&format!("{err}\n{out}"), &what))
+    }
+
+    /// Removes one version's record from rpm's database, leaving files and scripts alone: the
+    /// repair of a transaction cut short, which left both versions recorded.
+    pub async fn forget(&self, package: &str, evr: &Evr) -> Result<(), ToolError> {
+        package_name(package).map_err(ToolError::Failed)?;
+        let _one = self.lock.lock().await;
+        let _lock = self.transaction_lock(&mut |line| tracing::warn!("{line}")).await?;
+        let mut cmd = tokio::process::Command::new(&self.rpm);
+        if let Some(root) = &self.installroot {
+            cmd.arg("--root").arg(root);
+        }
+        cmd.args(["-e", "--justdb", "--nodeps", "--noscripts", "--notriggers"]);
+        // name-version-release: rpm -e does not take an epoch.
+        cmd.arg(format!("{package}-{}-{}", evr.version, evr.release));
+        let what = format!("rpm -e --justdb {package}-{}", evr);
+        match self.run(cmd, &what).await? {
+            (true, _, _) => Ok(()),
+            (false, out, err) => Err(ToolError::Failed(format!("{what}: {}", format!("{err}{out}").trim()))),
+        }
+    }
+
+    /// The files of `package` that do not verify (`rpm -V`): content, size, mode, owner or
+    /// missing. Config files are left out: the component's own config is managed (and compared)
+    /// by the manager, and a package's other config files may be edited on purpose.
+    pub async fn verify(&self, package: &str) -> Result<Vec<String>, ToolError> {
+        package_name(package).map_err(ToolError::Failed)?;
+        let mut cmd = tokio::process::Command::new(&self.rpm);
+        if let Some(root) = &self.installroot {
+            cmd.arg("--root").arg(root);
+        }
+        cmd.args(["-V", "--nodeps", "--noscripts", package]);
+        let (_, out, err) = self.run(cmd, "rpm -V").await?;
+        if out.trim().is_empty() && !err.trim().is_empty() {
+            return Err(ToolError::Failed(format!("rpm -V {package}: {}", err.trim())));
+        }
+        // "S.5....T.  c /etc/x" or "missing   /usr/bin/y": the attributes, a file class, the path.
+        Ok(out
+            .lines()
+            .filter(|l| {
+                let fields: Vec<&str> = l.split_whitespace().collect();
+                !(fields.len() == 3 && fields[1] == "c")
+            })
+            .map(|l| l.trim().to_owned())
+            .filter(|l| !l.is_empty())
+            .collect())
     }
 
     async fn run(&self, mut cmd: tokio::process::Command, what: &str) -> Result<(bool, String, String), ToolError> {
@@ -275,8 +393,14 @@ mod tests {
 
     #[test]
     fn transactions_run_behind_the_runner() {
-        let tools =
-            Tools::new("rpm".into(), "/usr/bin/dnf".into(), None, "/c".into(), String::new(), Duration::from_secs(1));
+        let tools = Tools::new(
+            "rpm".into(),
+            "/usr/bin/dnf".into(),
+            None,
+            Path::new("/c"),
+            String::new(),
+            Duration::from_secs(1),
+        );
         assert_eq!(tools.dnf_command().as_std().get_program(), "/usr/bin/dnf");
         let runner = ["systemd-run", "--wait", "--pipe", "--"].map(String::from).to_vec();
         let cmd = tools.with_runner(runner).dnf_command();
