@@ -784,6 +784,11 @@ impl RpmRepo {
     pub fn url(&self) -> String {
         format!("file://{}", self.dir.join("repo").display())
     }
+
+    /// A second repository, with nk-dep only (what nk-needs-dep requires).
+    pub fn deps_url(&self) -> String {
+        format!("file://{}", self.dir.join("deps").display())
+    }
 }
 
 pub fn rpm_repo() -> &'static RpmRepo {
@@ -838,25 +843,44 @@ pub fn rpm_repo() -> &'static RpmRepo {
                 ),
             );
         }
+        // A package whose dependency only another repository (`deps`) has.
+        build(
+            "nk-needs-dep",
+            "Name: nk-needs-dep\nVersion: 1.0\nRelease: 1\nSummary: needs nk-dep\nLicense: MIT\nBuildArch: noarch\nRequires: nk-dep\n\
+             %description\nNeeds a package of another repository.\n%files\n"
+                .into(),
+        );
+        build(
+            "nk-dep",
+            "Name: nk-dep\nVersion: 1.0\nRelease: 1\nSummary: a dependency\nLicense: MIT\nBuildArch: noarch\n\
+             %description\nIn the deps repository only.\n%files\n"
+                .into(),
+        );
         build(
             "nk-conflict",
             "Name: nk-conflict\nVersion: 1.0\nRelease: 1\nSummary: needs what nobody has\nLicense: MIT\nBuildArch: noarch\nRequires: nk-libmissing >= 2\n\
              %description\nUnsatisfiable.\n%files\n"
                 .into(),
         );
-        let repo = dir.join("repo");
-        std::fs::create_dir_all(&repo).unwrap();
+        let (repo, deps) = (dir.join("repo"), dir.join("deps"));
+        for r in [&repo, &deps] {
+            std::fs::create_dir_all(r).unwrap();
+        }
         for e in std::fs::read_dir(top.join("RPMS/noarch")).unwrap() {
             let p = e.unwrap().path();
-            std::fs::copy(&p, repo.join(p.file_name().unwrap())).unwrap();
+            let name = p.file_name().unwrap();
+            let to = if name.to_string_lossy().starts_with("nk-dep-") { &deps } else { &repo };
+            std::fs::copy(&p, to.join(name)).unwrap();
         }
-        let ok = std::process::Command::new("createrepo_c")
-            .arg("--quiet")
-            .arg(&repo)
-            .status()
-            .expect("createrepo_c (scripts/install-test-deps.sh installs it)")
-            .success();
-        assert!(ok, "createrepo_c");
+        for r in [&repo, &deps] {
+            let ok = std::process::Command::new("createrepo_c")
+                .arg("--quiet")
+                .arg(r)
+                .status()
+                .expect("createrepo_c (scripts/install-test-deps.sh installs it)")
+                .success();
+            assert!(ok, "createrepo_c");
+        }
         RpmRepo { dir }
     })
 }

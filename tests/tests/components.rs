@@ -492,6 +492,43 @@ fn a_transaction_that_outlives_its_agent_is_waited_for_not_doubled() {
     assert!(verify.0 && check.0, "{verify:?} {check:?}");
 }
 
+#[test]
+fn the_roots_own_repositories_stay_enabled_and_repository_options_reach_dnf() {
+    let n = Node::new();
+    let spec = |extra: &str| {
+        let path = n.path("needs.toml");
+        let text = format!(
+            "[[component]]\nname = \"needs\"\npackage = \"nk-needs-dep\"\nversion = \"1.0-1\"\n[[component.repositories]]\nid = \"nk-test\"\nbase_url = \"{}\"\n{extra}",
+            rpm_repo().url()
+        );
+        std::fs::write(&path, text).unwrap();
+        path
+    };
+    // An exclude on the component's repository: dnf is told, and finds nothing to install.
+    let (code, out) = n.apply(&spec("exclude = [\"nk-needs*\"]\npriority = 10\n"));
+    assert_eq!(code, 4, "{out}");
+    assert!(out.contains("package or version not found"), "{out}");
+    // The dependency is only in a repository the root has configured itself: without it the
+    // transaction cannot be resolved; with it, listing the component's repository did not turn
+    // it off.
+    let (code, out) = n.apply(&spec(""));
+    assert_eq!(code, 4, "{out}");
+    assert!(out.contains("nk-dep"), "{out}");
+    std::fs::create_dir_all(n.root().join("etc/yum.repos.d")).unwrap();
+    std::fs::write(
+        n.root().join("etc/yum.repos.d/deps.repo"),
+        format!("[deps]\nname=deps\nbaseurl={}\ngpgcheck=0\n", rpm_repo().deps_url()),
+    )
+    .unwrap();
+    let (code, out) = n.apply(&spec(""));
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(rpm_installed(&n.root(), "nk-dep").as_deref(), Some("0:1.0-1"), "{out}");
+    // A malformed option is a defect of the spec.
+    let (code, out) = n.apply(&spec("proxy = \"socks5://p:1080\"\n"));
+    assert_eq!(code, 78, "{out}");
+    assert!(out.contains("invalid proxy"), "{out}");
+}
+
 fn kill_at(step: &str, expect_installed_at_kill: &str) -> (Node, String) {
     let n = Node::new();
     assert_eq!(n.apply(&n.spec("1.0-1", "10", "")).0, 0);

@@ -97,19 +97,75 @@ pub fn repository(r: &Repository) -> Result<(), String> {
     if !id_ok {
         return Err(format!("invalid repository id {:?}: letters, digits and . _ - only", r.id));
     }
-    for (what, url) in [("base_url", &r.base_url), ("gpg_key_url", &r.gpg_key_url)] {
-        if what == "gpg_key_url" && url.is_empty() {
+    // Every value reaches dnf as one `--setopt` argument: no spaces, commas or control characters.
+    let plain = |v: &str| !v.chars().any(|c| c.is_whitespace() || c.is_control() || c == ',');
+    for (what, url, schemes) in [
+        ("base_url", &r.base_url, &["https://", "http://", "file:///"][..]),
+        ("gpg_key_url", &r.gpg_key_url, &["https://", "http://", "file:///"]),
+        ("proxy", &r.proxy, &["https://", "http://"]),
+    ] {
+        if what != "base_url" && url.is_empty() {
             continue;
         }
-        let scheme_ok = ["https://", "http://", "file:///"].iter().any(|s| url.starts_with(s));
-        if !scheme_ok || url.chars().any(|c| c.is_whitespace() || c.is_control() || c == ',') {
+        if !schemes.iter().any(|s| url.starts_with(s)) || !plain(url) {
             return Err(format!(
-                "repository {}: invalid {what} {url:?}: an http(s):// or file:/// URL without spaces or commas",
+                "repository {}: invalid {what} {url:?}: a {} URL without spaces or commas",
+                r.id,
+                schemes.join(" or ")
+            ));
+        }
+    }
+    for (what, path) in [
+        ("ssl_ca_cert", &r.ssl_ca_cert),
+        ("ssl_client_cert", &r.ssl_client_cert),
+        ("ssl_client_key", &r.ssl_client_key),
+    ] {
+        if !path.is_empty() && (!path.starts_with('/') || !plain(path)) {
+            return Err(format!("repository {}: {what} {path:?}: an absolute path without spaces or commas", r.id));
+        }
+    }
+    if r.ssl_client_cert.is_empty() != r.ssl_client_key.is_empty() {
+        return Err(format!("repository {}: ssl_client_cert and ssl_client_key go together", r.id));
+    }
+    if !(0..=99).contains(&r.priority) {
+        return Err(format!("repository {}: priority {} is not within 1..99", r.id, r.priority));
+    }
+    for pattern in &r.exclude {
+        let ok = !pattern.is_empty()
+            && pattern.len() <= 100
+            && pattern.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '+' | '-' | '*' | '?'));
+        if !ok {
+            return Err(format!(
+                "repository {}: exclude {pattern:?}: a package name pattern (letters, digits, . _ + - * ?)",
                 r.id
             ));
         }
     }
     Ok(())
+}
+
+/// The dnf options that add `r` to the transaction's repositories.
+fn repository_options(r: &Repository) -> Vec<String> {
+    let id = &r.id;
+    let mut args = vec![
+        format!("--repofrompath={id},{}", r.base_url),
+        format!("--enablerepo={id}"),
+        format!("--setopt={id}.gpgcheck={}", if r.gpg_check { 1 } else { 0 }),
+        // The component's own repository must answer: an unreachable one is an error, not a
+        // repository to skip silently (the node's repositories keep their own setting).
+        format!("--setopt={id}.skip_if_unavailable=False"),
+    ];
+    let optional = [
+        ("gpgkey", r.gpg_key_url.clone()),
+        ("priority", if r.priority == 0 { String::new() } else { r.priority.to_string() }),
+        ("excludepkgs", r.exclude.join(",")),
+        ("proxy", r.proxy.clone()),
+        ("sslcacert", r.ssl_ca_cert.clone()),
+        ("sslclientcert", r.ssl_client_cert.clone()),
+        ("sslclientkey", r.ssl_client_key.clone()),
+    ];
+    args.extend(optional.into_iter().filter(|(_, v)| !v.is_empty()).map(|(k, v)| format!("--setopt={id}.{k}={v}")));
+    args
 }
 
 impl Tools {
@@ -251,8 +307,7 @@ impl Tools {
             child_fd: LOCK_FD,
         }])
         .map_err(|e| ToolError::Failed(format!("passing the transaction lock to dnf: {e}")))?;
-        // An unreachable repository is an error, not a repository to skip silently.
-        cmd.args(["-y", "--quiet", "--setopt=install_weak_deps=False", "--setopt=skip_if_unavailable=False"]);
+        cmd.args(["-y", "--quiet", "--setopt=install_weak_deps=False"]);
         cmd.arg(format!("--setopt=cachedir={}", self.cache_dir.display()));
         if let Some(root) = &self.installroot {
             cmd.arg(format!("--installroot={}", root.display()));
@@ -260,18 +315,10 @@ impl Tools {
                 cmd.arg(format!("--releasever={}", self.releasever));
             }
         }
-        if !repos.is_empty() {
-            // Only the spec's repositories: the host's or the image's own are not consulted.
-            cmd.arg("--setopt=reposdir=/nonexistent/nodekeeper");
-            cmd.arg("--disablerepo=*");
-            for r in repos {
-                cmd.arg(format!("--repofrompath={},{}", r.id, r.base_url));
-                cmd.arg(format!("--enablerepo={}", r.id));
-                cmd.arg(format!("--setopt={}.gpgcheck={}", r.id, if r.gpg_check { 1 } else { 0 }));
-                if !r.gpg_key_url.is_empty() {
-                    cmd.arg(format!("--setopt={}.gpgkey={}", r.id, r.gpg_key_url));
-                }
-            }
+        // The spec's repositories join the node's (or the root's) enabled ones, which
+        // dependencies may come from.
+        for r in repos {
+            cmd.args(repository_options(r));
         }
         cmd.arg(verb.as_str());
         cmd.arg(if verb == Verb::Remove { package.to_owned() } else { evr.nevr(package) });

@@ -58,6 +58,18 @@ pub struct TomlRepository {
     pub gpg_check: bool,
     #[serde(default)]
     pub gpg_key_url: String,
+    #[serde(default)]
+    pub priority: i32,
+    #[serde(default)]
+    pub exclude: Vec<String>,
+    #[serde(default)]
+    pub proxy: String,
+    #[serde(default)]
+    pub ssl_ca_cert: String,
+    #[serde(default)]
+    pub ssl_client_cert: String,
+    #[serde(default)]
+    pub ssl_client_key: String,
 }
 
 #[derive(Debug, Deserialize)]
@@ -197,6 +209,12 @@ fn parse_located(path: &Path, text: &str) -> Result<(Vec<ComponentSpec>, Vec<usi
                     base_url: r.base_url.clone(),
                     gpg_check: r.gpg_check,
                     gpg_key_url: r.gpg_key_url.clone(),
+                    priority: r.priority,
+                    exclude: r.exclude.clone(),
+                    proxy: r.proxy.clone(),
+                    ssl_ca_cert: r.ssl_ca_cert.clone(),
+                    ssl_client_cert: r.ssl_client_cert.clone(),
+                    ssl_client_key: r.ssl_client_key.clone(),
                 })
                 .collect(),
             config_files,

@@ -98,6 +98,8 @@ pub struct Inventory {
     #[prost(string, tag = "11")]
     pub machine_id: ::prost::alloc::string::String,
 }
+/// A repository the component's packages come from, added to the node's own enabled
+/// repositories for the component's transactions (which dependencies may come from).
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct Repository {
     #[prost(string, tag = "1")]
@@ -108,6 +110,22 @@ pub struct Repository {
     pub gpg_check: bool,
     #[prost(string, tag = "4")]
     pub gpg_key_url: ::prost::alloc::string::String,
+    /// dnf's priority: the lower wins when several repositories offer a package (0: dnf's default).
+    #[prost(int32, tag = "5")]
+    pub priority: i32,
+    /// Package name patterns this repository must never provide (dnf's excludepkgs), e.g. "kernel\*".
+    #[prost(string, repeated, tag = "6")]
+    pub exclude: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
+    /// An http(s):// proxy for this repository.
+    #[prost(string, tag = "7")]
+    pub proxy: ::prost::alloc::string::String,
+    /// TLS: the CA bundle to trust and a client certificate and key to present (paths on the node).
+    #[prost(string, tag = "8")]
+    pub ssl_ca_cert: ::prost::alloc::string::String,
+    #[prost(string, tag = "9")]
+    pub ssl_client_cert: ::prost::alloc::string::String,
+    #[prost(string, tag = "10")]
+    pub ssl_client_key: ::prost::alloc::string::String,
 }
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct ConfigFile {
