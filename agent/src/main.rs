@@ -407,6 +407,8 @@ async fn components_apply(a: ApplyArgs) -> ExitCode {
                 Outcome::RolledBack(m) => ("rolled-back", "ROLLED BACK", m.as_str(), 3),
                 Outcome::Failed(m) => ("failed", "FAILED", m.as_str(), 4),
                 Outcome::Invalid(m) => ("invalid", "INVALID", m.as_str(), EXIT_CONFIG as u8),
+                // Its predecessor's outcome gives the exit code.
+                Outcome::Pending(m) => ("pending", "PENDING", m.as_str(), 0),
             })
             .max_by_key(|o| o.3)
             .unwrap_or(("converged", "converged", "", 0));

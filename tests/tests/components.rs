@@ -529,6 +529,67 @@ fn the_roots_own_repositories_stay_enabled_and_repository_options_reach_dnf() {
     assert!(out.contains("invalid proxy"), "{out}");
 }
 
+#[test]
+fn components_change_in_order_can_be_absent_reload_and_have_their_own_step_timeout() {
+    let n = Node::new();
+    let url = rpm_repo().url();
+    let write = |text: String| {
+        let path = n.path("two.toml");
+        std::fs::write(&path, text).unwrap();
+        path
+    };
+    // slow comes after demo, though listed first; demo's config and unit as `extra` says.
+    let two = |slow: &str, demo: &str, setting: &str, extra: &str| {
+        write(format!(
+            "[[component]]\nname = \"slow\"\npackage = \"nk-slow\"\n{slow}\nafter = [\"demo\"]\n[[component.repositories]]\nid = \"nk-test\"\nbase_url = \"{url}\"\n\n\
+             [[component]]\nname = \"demo\"\npackage = \"nk-demo\"\nversion = \"{demo}\"\nunit = \"nk-demo.service\"\n{extra}\n\
+             [[component.repositories]]\nid = \"nk-test\"\nbase_url = \"{url}\"\n\
+             [[component.config_files]]\npath = \"/etc/nk-demo/demo.conf\"\ncontent = \"setting = {setting}\\n\"\n\
+             [component.health_check]\ncommand = [\"/bin/sh\", \"-c\", \"grep -qx ok {root}/usr/lib/nk-demo/HEALTH\"]\ndeadline = \"2s\"\n",
+            root = n.root().display()
+        ))
+    };
+    let (code, out) = n.apply(&two("version = \"1.0-1\"", "1.0-1", "10", ""));
+    assert_eq!(code, 0, "{out}");
+    let at = |what: &str| out.find(what).unwrap_or_else(|| panic!("{what}: {out}"));
+    assert!(at("demo: install nk-demo") < at("slow: install nk-slow"), "demo first: {out}");
+
+    // demo's upgrade is rolled back: slow, which comes after it, is not changed.
+    let (code, out) = n.apply(&two("version = \"2.0-1\"", "1.2-1", "12", ""));
+    assert_eq!(code, 3, "{out}");
+    assert!(out.contains("slow: not changed: it comes after demo, which has not converged"), "{out}");
+    assert_eq!(rpm_installed(&n.root(), "nk-slow").as_deref(), Some("0:1.0-1"));
+
+    // A cycle is a defect of the spec.
+    let cyclic = std::fs::read_to_string(two("version = \"1.0-1\"", "1.0-1", "10", "")).unwrap();
+    let cyclic = cyclic.replace("unit = \"nk-demo.service\"", "unit = \"nk-demo.service\"\nafter = [\"slow\"]");
+    let (code, out) = n.apply(&write(cyclic));
+    assert_eq!(code, 78, "{out}");
+    assert!(out.contains("make a cycle"), "{out}");
+
+    // Absent: removed, and reported so.
+    let (code, out) = n.apply(&two("state = \"absent\"", "1.0-1", "10", ""));
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(rpm_installed(&n.root(), "nk-slow"), None, "{out}");
+    assert!(out.contains("slow: converged (changed), installed none, desired absent"), "{out}");
+
+    // reload: a config change reloads the unit; a package change restarts it.
+    let log = || std::fs::read_to_string(n.path("systemctl.log")).unwrap_or_default();
+    let (code, out) = n.apply(&two("state = \"absent\"", "1.0-1", "11", "restart_policy = \"reload\""));
+    assert_eq!(code, 0, "{out}");
+    assert!(log().lines().last() == Some("reload nk-demo.service"), "{}", log());
+    let (code, out) = n.apply(&two("state = \"absent\"", "1.1-1", "11", "restart_policy = \"reload\""));
+    assert_eq!(code, 0, "{out}");
+    assert!(log().lines().last() == Some("restart nk-demo.service"), "{}", log());
+
+    // A step over the component's own timeout fails it, and nothing changes.
+    let slow_hook = "step_timeout = \"1s\"\npre_hook = [\"/bin/sleep\", \"30\"]";
+    let (code, out) = n.apply(&two("state = \"absent\"", "1.0-1", "11", slow_hook));
+    assert_eq!(code, 4, "{out}");
+    assert!(out.contains("pre-hook: /bin/sleep did not finish within 1s"), "{out}");
+    assert_eq!(rpm_installed(&n.root(), "nk-demo").as_deref(), Some("0:1.1-1"));
+}
+
 fn kill_at(step: &str, expect_installed_at_kill: &str) -> (Node, String) {
     let n = Node::new();
     assert_eq!(n.apply(&n.spec("1.0-1", "10", "")).0, 0);

@@ -166,7 +166,9 @@ impl Driver {
                         .and_then(|m| m.get(&spec.package).cloned());
                     match self.manager.apply_one(&spec, installed, true, &mut log_line).await {
                         Outcome::Converged { .. } => Ok(format!("{} reinstalled at {}", spec.name, spec.version)),
-                        Outcome::RolledBack(m) | Outcome::Failed(m) | Outcome::Invalid(m) => Err(m),
+                        Outcome::RolledBack(m) | Outcome::Failed(m) | Outcome::Invalid(m) | Outcome::Pending(m) => {
+                            Err(m)
+                        }
                     }
                 }
                 None => Err(format!("no component {:?} is desired on this node", c.component)),

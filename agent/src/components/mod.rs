@@ -71,6 +71,8 @@ pub enum Outcome {
     Failed(String),
     /// The spec has defects (every one named); nothing was changed for any component.
     Invalid(String),
+    /// Not changed: a component it comes after has not converged (that one says why).
+    Pending(String),
 }
 
 /// A journaled step of a transition.
@@ -236,7 +238,7 @@ impl Manager {
     ) {
         let s = self.status.entry(spec.name.clone()).or_default();
         s.name = spec.name.clone();
-        s.desired_version = spec.version.clone();
+        s.desired_version = if spec.absent { "absent".into() } else { spec.version.clone() };
         s.installed_version = installed.map(Evr::to_string).unwrap_or_default();
         s.phase = phase as i32;
         s.last_error = error.to_owned();
@@ -314,19 +316,20 @@ impl Manager {
         }
     }
 
-    async fn hook(&self, hook: &Option<ExecCheck>, what: &str) -> Result<(), String> {
+    async fn hook(&self, hook: &Option<ExecCheck>, what: &str, timeout: Duration) -> Result<(), String> {
         match hook {
-            Some(h) => self.exec(&h.argv, self.s.step_timeout, what).await,
+            Some(h) => self.exec(&h.argv, timeout, what).await,
             None => Ok(()),
         }
     }
 
-    async fn restart_unit(&self, unit: &str) -> Result<(), String> {
+    /// `systemctl restart|reload|stop unit` (nothing without a unit).
+    async fn unit(&self, unit: &str, verb: &str, timeout: Duration) -> Result<(), String> {
         if unit.is_empty() {
             return Ok(());
         }
-        let argv = vec![self.s.systemctl.display().to_string(), "restart".into(), unit.into()];
-        self.exec(&argv, self.s.step_timeout, &format!("restarting {unit}")).await
+        let argv = vec![self.s.systemctl.display().to_string(), verb.into(), unit.into()];
+        self.exec(&argv, timeout, &format!("{verb} {unit}")).await
     }
 
     /// Runs the spec's health check until it passes or its deadline passes.
@@ -450,18 +453,38 @@ impl Manager {
             return specs.iter().map(|s| (s.name.clone(), Outcome::Invalid(msg.clone()))).collect();
         }
         let mut out = Vec::new();
-        for spec in specs {
+        // Each component after the ones it names in `after` (checked: no cycle).
+        let order = spec::order(specs).unwrap_or_else(|| (0..specs.len()).collect());
+        for spec in order.into_iter().map(|i| &specs[i]) {
             let current = installed.get(&spec.package).cloned();
-            let o = match unrepaired.get(&spec.name) {
-                Some(e) => {
+            let waits_for = spec.after.iter().find(|a| {
+                !out.iter().any(|(n, o): &(String, Outcome)| n == *a && matches!(o, Outcome::Converged { .. }))
+            });
+            let o = match (unrepaired.get(&spec.name), waits_for) {
+                (Some(e), _) => {
                     self.set(spec, current.as_ref(), ComponentPhase::Failed, e, None);
                     Outcome::Failed(e.clone())
                 }
-                None => self.apply_one(spec, current, false, log).await,
+                (None, Some(first)) if !self.settled(spec, current.as_ref()) => {
+                    let e = format!("not changed: it comes after {first}, which has not converged");
+                    log(format!("{}: {e}", spec.name));
+                    self.set(spec, current.as_ref(), ComponentPhase::Pending, &e, None);
+                    Outcome::Pending(e)
+                }
+                _ => self.apply_one(spec, current, false, log).await,
             };
             out.push((spec.name.clone(), o));
         }
         out
+    }
+
+    /// Whether `spec` is at its desired state already (nothing for a pass to change).
+    fn settled(&self, spec: &ComponentSpec, installed: Option<&Evr>) -> bool {
+        match spec::validate(spec, &self.s.config_roots) {
+            Ok(Some(target)) => installed == Some(&target) && self.drift(spec).is_empty(),
+            Ok(None) => installed.is_none(),
+            Err(_) => false,
+        }
     }
 
     /// Brings one component to its spec. `reinstall`: even if it looks converged (and even if
@@ -474,7 +497,8 @@ impl Manager {
         log: &mut (dyn FnMut(String) + Send),
     ) -> Outcome {
         let target = match spec::validate(spec, &self.s.config_roots) {
-            Ok(t) => t,
+            Ok(Some(t)) => t,
+            Ok(None) => return self.remove(spec, installed, log).await,
             Err(e) => {
                 log(format!("{}: invalid spec, nothing changed: {e}", spec.name));
                 self.set(spec, installed.as_ref(), ComponentPhase::Failed, &e, None);
@@ -520,14 +544,16 @@ impl Manager {
             return Outcome::Failed(e);
         }
         self.set(spec, installed.as_ref(), ComponentPhase::Installing, "", None);
-        if let Err(e) = self.hook(&spec.pre_hook, "pre-hook").await {
+        if let Err(e) = self.hook(&spec.pre_hook, "pre-hook", self.timeout(spec)).await {
             log(format!("{}: {e}; nothing changed", spec.name));
             self.clear_journal(&spec.name);
             self.set(spec, installed.as_ref(), ComponentPhase::Failed, &e, None);
             return Outcome::Failed(e);
         }
         if let Some(v) = verb {
-            if let Err(e) = self.tools.transaction(v, &spec.package, &target, &spec.repositories).await {
+            if let Err(e) =
+                self.tools.transaction(v, &spec.package, &target, &spec.repositories, self.timeout(spec)).await
+            {
                 let e = e.to_string();
                 log(format!("{}: {e}; nothing changed", spec.name));
                 self.clear_journal(&spec.name);
@@ -543,6 +569,53 @@ impl Manager {
         self.finish(spec, j, log).await
     }
 
+    /// An absent component: its unit stopped and its package removed, if installed.
+    async fn remove(
+        &mut self,
+        spec: &ComponentSpec,
+        installed: Option<Evr>,
+        log: &mut (dyn FnMut(String) + Send),
+    ) -> Outcome {
+        let Some(from) = installed else {
+            self.set(spec, None, ComponentPhase::Converged, "", Some(false));
+            return Outcome::Converged { changed: false };
+        };
+        log(format!("{}: remove {} {from}", spec.name, spec.package));
+        self.set(spec, Some(&from), ComponentPhase::Installing, "", None);
+        let timeout = self.timeout(spec);
+        let steps = async {
+            if !spec.systemd_unit.is_empty() {
+                let argv = vec![self.s.systemctl.display().to_string(), "stop".into(), spec.systemd_unit.clone()];
+                self.exec(&argv, timeout, &format!("stopping {}", spec.systemd_unit)).await?;
+            }
+            self.hook(&spec.pre_hook, "pre-hook", timeout).await?;
+            self.tools
+                .transaction(Verb::Remove, &spec.package, &from, &spec.repositories, timeout)
+                .await
+                .map_err(|e| e.to_string())?;
+            self.hook(&spec.post_hook, "post-hook", timeout).await
+        };
+        match steps.await {
+            Ok(()) => {
+                log(format!("{}: {} removed", spec.name, spec.package));
+                self.set(spec, None, ComponentPhase::Converged, "", Some(false));
+                Outcome::Converged { changed: true }
+            }
+            Err(e) => {
+                log(format!("{}: {e}", spec.name));
+                let still =
+                    self.tools.installed(&[&spec.package]).await.ok().and_then(|m| m.get(&spec.package).cloned());
+                self.set(spec, still.as_ref(), ComponentPhase::Failed, &e, None);
+                Outcome::Failed(e)
+            }
+        }
+    }
+
+    /// The longest one step of `spec`'s change may take.
+    fn timeout(&self, spec: &ComponentSpec) -> Duration {
+        nodekeeper_common::time::from_duration(spec.step_timeout.as_ref()).unwrap_or(self.s.step_timeout)
+    }
+
     /// From Installed on: configs, restart, post-hook, verification; rollback on failure.
     async fn finish(&mut self, spec: &ComponentSpec, mut j: Journal, log: &mut (dyn FnMut(String) + Send)) -> Outcome {
         let target = Evr::parse(&j.to).ok();
@@ -550,10 +623,16 @@ impl Manager {
             self.write_configs(spec)?;
             j.step = Step::Configured;
             self.write_journal(&j)?;
-            if spec.restart_policy() != RestartPolicy::Never {
-                self.restart_unit(&spec.systemd_unit).await?;
+            // Only config files changed and the unit can take them with a reload: reload it.
+            let verb = match spec.restart_policy() {
+                RestartPolicy::Never => None,
+                RestartPolicy::Reload if !j.package_changes => Some("reload"),
+                _ => Some("restart"),
+            };
+            if let Some(verb) = verb {
+                self.unit(&spec.systemd_unit, verb, self.timeout(spec)).await?;
             }
-            self.hook(&spec.post_hook, "post-hook").await?;
+            self.hook(&spec.post_hook, "post-hook", self.timeout(spec)).await?;
             j.step = Step::Verifying;
             self.write_journal(&j)?;
             Ok::<(), String>(())
@@ -621,7 +700,7 @@ impl Manager {
             if let Some((v, evr)) = step {
                 result = self
                     .tools
-                    .transaction(v, &j.package, &evr, &spec.repositories)
+                    .transaction(v, &j.package, &evr, &spec.repositories, self.timeout(spec))
                     .await
                     .map_err(|e: ToolError| e.to_string());
             }
@@ -630,7 +709,7 @@ impl Manager {
             result = self.restore(&j.backups);
         }
         if result.is_ok() {
-            result = self.restart_unit(&j.unit).await;
+            result = self.unit(&j.unit, "restart", self.timeout(spec)).await;
         }
         self.clear_journal(&spec.name);
         if reject {
@@ -706,7 +785,7 @@ impl Manager {
         let failing = self.tools.verify(&spec.package).await.map_err(|e| e.to_string())?;
         if !failing.is_empty() {
             self.tools
-                .transaction(Verb::Reinstall, &spec.package, &kept, &spec.repositories)
+                .transaction(Verb::Reinstall, &spec.package, &kept, &spec.repositories, self.timeout(spec))
                 .await
                 .map_err(|e| format!("reinstalling {} {kept}, whose files do not verify: {e}", spec.package))?;
             done.push(format!("reinstalled {} {kept}: {} did not verify", spec.package, failing.join("; ")));
@@ -824,7 +903,7 @@ impl Manager {
         if spec.systemd_unit.is_empty() {
             return Err(format!("{} has no systemd unit to restart", spec.name));
         }
-        self.restart_unit(&spec.systemd_unit).await?;
+        self.unit(&spec.systemd_unit, "restart", self.timeout(spec)).await?;
         self.verify(spec).await?;
         Ok(format!("{} restarted and healthy", spec.systemd_unit))
     }

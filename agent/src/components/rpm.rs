@@ -293,6 +293,7 @@ impl Tools {
         package: &str,
         evr: &Evr,
         repos: &[Repository],
+        timeout: Duration,
     ) -> Result<(), ToolError> {
         package_name(package).map_err(ToolError::Failed)?;
         for r in repos {
@@ -323,7 +324,7 @@ impl Tools {
         cmd.arg(verb.as_str());
         cmd.arg(if verb == Verb::Remove { package.to_owned() } else { evr.nevr(package) });
         let what = format!("dnf {} {}", verb.as_str(), evr.nevr(package));
-        let (ok, out, err) = self.run(cmd, &what).await?;
+        let (ok, out, err) = self.run_for(cmd, &what, timeout).await?;
         if ok {
             return Ok(());
         }
@@ -376,14 +377,23 @@ impl Tools {
             .collect())
     }
 
-    async fn run(&self, mut cmd: tokio::process::Command, what: &str) -> Result<(bool, String, String), ToolError> {
+    async fn run(&self, cmd: tokio::process::Command, what: &str) -> Result<(bool, String, String), ToolError> {
+        self.run_for(cmd, what, self.timeout).await
+    }
+
+    async fn run_for(
+        &self,
+        mut cmd: tokio::process::Command,
+        what: &str,
+        timeout: Duration,
+    ) -> Result<(bool, String, String), ToolError> {
         cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).kill_on_drop(true);
         cmd.env("LC_ALL", "C");
         let child = cmd.spawn().map_err(|e| ToolError::Failed(format!("cannot run {what}: {e}")))?;
-        let out = tokio::time::timeout(self.timeout, child.wait_with_output())
+        let out = tokio::time::timeout(timeout, child.wait_with_output())
             .await
             .map_err(|_| {
-                ToolError::Timeout(format!("{what} did not finish within {}", humantime::format_duration(self.timeout)))
+                ToolError::Timeout(format!("{what} did not finish within {}", humantime::format_duration(timeout)))
             })?
             .map_err(|e| ToolError::Failed(format!("{what}: {e}")))?;
         Ok((

@@ -31,8 +31,18 @@ pub struct TomlComponent {
     /// Spanned: errors name the line where the component is.
     pub name: toml::Spanned<String>,
     pub package: String,
-    /// epoch:version-release
+    /// epoch:version-release (not for an absent component).
+    #[serde(default)]
     pub version: String,
+    /// "present" (default) or "absent": the package removed.
+    #[serde(default)]
+    pub state: Option<String>,
+    /// Components changed before this one (by name).
+    #[serde(default)]
+    pub after: Vec<String>,
+    /// The longest one step may take, e.g. "15m".
+    #[serde(default, with = "nodekeeper_common::config::duration::option")]
+    pub step_timeout: Option<Duration>,
     #[serde(default)]
     pub repositories: Vec<TomlRepository>,
     #[serde(default)]
@@ -44,7 +54,7 @@ pub struct TomlComponent {
     pub pre_hook: Vec<String>,
     #[serde(default)]
     pub post_hook: Vec<String>,
-    /// "on-change" (default) or "never".
+    /// "on-change" (default), "reload" (config changes reload the unit) or "never".
     #[serde(default)]
     pub restart_policy: Option<String>,
 }
@@ -191,10 +201,16 @@ fn parse_located(path: &Path, text: &str) -> Result<(Vec<ComponentSpec>, Vec<usi
         };
         let restart_policy = match c.restart_policy.as_deref() {
             None | Some("on-change") => RestartPolicy::OnChange,
+            Some("reload") => RestartPolicy::Reload,
             Some("never") => RestartPolicy::Never,
             Some(other) => {
-                return Err(at(format!("restart_policy {other:?}: expected \"on-change\" or \"never\"")));
+                return Err(at(format!("restart_policy {other:?}: expected \"on-change\", \"reload\" or \"never\"")));
             }
+        };
+        let absent = match c.state.as_deref() {
+            None | Some("present") => false,
+            Some("absent") => true,
+            Some(other) => return Err(at(format!("state {other:?}: expected \"present\" or \"absent\""))),
         };
         let hook = |argv: &Vec<String>| (!argv.is_empty()).then(|| ExecCheck { argv: argv.clone() });
         out.push(ComponentSpec {
@@ -223,9 +239,13 @@ fn parse_located(path: &Path, text: &str) -> Result<(Vec<ComponentSpec>, Vec<usi
             pre_hook: hook(&c.pre_hook),
             post_hook: hook(&c.post_hook),
             restart_policy: restart_policy as i32,
+            after: c.after.clone(),
+            absent,
+            step_timeout: c.step_timeout.map(nodekeeper_common::time::to_duration),
         });
     }
-    let defects = unique(&out);
+    let mut defects = unique(&out);
+    defects.extend(order_defects(&out));
     if !defects.is_empty() {
         return Err(at_lines(path, &lines, &defects));
     }
@@ -252,6 +272,43 @@ fn unique(specs: &[ComponentSpec]) -> Vec<Defect> {
     defects
 }
 
+/// `after` names components of the spec, never the component itself, and makes no cycle.
+fn order_defects(specs: &[ComponentSpec]) -> Vec<Defect> {
+    let mut defects = Vec::new();
+    for (index, s) in specs.iter().enumerate() {
+        for a in &s.after {
+            if a == &s.name || !specs.iter().any(|o| &o.name == a) {
+                let message =
+                    format!("component {:?}: after {a:?}: no other component of this spec has that name", s.name);
+                defects.push(Defect { index, message });
+            }
+        }
+    }
+    if defects.is_empty() && order(specs).is_none() {
+        let names: Vec<&str> = specs.iter().filter(|s| !s.after.is_empty()).map(|s| s.name.as_str()).collect();
+        let message = format!("the `after` lists of {} make a cycle", names.join(", "));
+        defects.push(Defect { index: 0, message });
+    }
+    defects
+}
+
+/// The order to change components in: each after the ones its `after` names, otherwise as
+/// listed. None when the `after` lists make a cycle.
+pub fn order(specs: &[ComponentSpec]) -> Option<Vec<usize>> {
+    let mut done: Vec<usize> = Vec::new();
+    while done.len() < specs.len() {
+        let next = (0..specs.len()).find(|&i| {
+            !done.contains(&i)
+                && specs[i].after.iter().all(|a| {
+                    specs.iter().enumerate().any(|(j, o)| &o.name == a && done.contains(&j))
+                        || !specs.iter().any(|o| &o.name == a)
+                })
+        })?;
+        done.push(next);
+    }
+    Some(done)
+}
+
 /// Checks a whole spec for this node: each component ([`validate`]), each component and package
 /// once, and with `accounts`, the owners and groups of config files in the target root. Returns
 /// each component's target version, or every defect found.
@@ -259,8 +316,9 @@ pub fn validate_all(
     specs: &[ComponentSpec],
     roots: &[PathBuf],
     accounts: Option<&Accounts>,
-) -> Result<Vec<Evr>, Vec<Defect>> {
+) -> Result<Vec<Option<Evr>>, Vec<Defect>> {
     let mut defects = unique(specs);
+    defects.extend(order_defects(specs));
     let mut targets = Vec::new();
     for (index, spec) in specs.iter().enumerate() {
         match validate(spec, roots) {
@@ -297,11 +355,18 @@ pub fn config_path(path: &str, roots: &[PathBuf]) -> Result<PathBuf, String> {
     Ok(p)
 }
 
-/// Checks a whole spec; the error names the component and what is wrong.
-pub fn validate(spec: &ComponentSpec, roots: &[PathBuf]) -> Result<Evr, String> {
+/// Checks one component; the error names the component and what is wrong. Returns the version
+/// to install (None: the package is to be absent).
+pub fn validate(spec: &ComponentSpec, roots: &[PathBuf]) -> Result<Option<Evr>, String> {
     let what = |e: String| format!("component {:?}: {e}", spec.name);
     nodekeeper_common::names::component(&spec.name).map_err(|e| what(e.to_string()))?;
     package_name(&spec.package).map_err(what)?;
+    if spec.absent {
+        if !spec.version.is_empty() || !spec.config_files.is_empty() || spec.health_check.is_some() {
+            return Err(what("an absent component has no version, config files or health check".into()));
+        }
+        return Ok(None);
+    }
     let evr = Evr::parse(&spec.version).map_err(what)?;
     for r in &spec.repositories {
         repository(r).map_err(what)?;
@@ -340,7 +405,7 @@ pub fn validate(spec: &ComponentSpec, roots: &[PathBuf]) -> Result<Evr, String> 
             _ => {}
         }
     }
-    Ok(evr)
+    Ok(Some(evr))
 }
 
 #[cfg(test)]
@@ -367,7 +432,7 @@ mod tests {
             ..Default::default()
         };
         let roots = vec![PathBuf::from("/etc")];
-        assert_eq!(validate(&s, &roots).unwrap().to_string(), "0:1.1-1");
+        assert_eq!(validate(&s, &roots).unwrap().unwrap().to_string(), "0:1.1-1");
         s.version = "1.1".into();
         assert!(validate(&s, &roots).unwrap_err().contains("expected epoch:version-release"));
         s.version = "1.1-1".into();

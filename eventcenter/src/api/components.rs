@@ -169,7 +169,7 @@ pub async fn list(
             if !components.iter().any(|c| c.name == d.name) {
                 components.push(ComponentStatus {
                     name: d.name.clone(),
-                    desired_version: d.version.clone(),
+                    desired_version: desired_version(d).to_owned(),
                     phase: ComponentPhase::Pending as i32,
                     ..Default::default()
                 });
@@ -179,7 +179,9 @@ pub async fn list(
         let converged = report.generation == desired.generation
             && desired.components.iter().all(|d| {
                 components.iter().any(|c| {
-                    c.name == d.name && c.desired_version == d.version && c.phase() == ComponentPhase::Converged
+                    c.name == d.name
+                        && c.desired_version == desired_version(d)
+                        && c.phase() == ComponentPhase::Converged
                 })
             });
         out.push(NodeComponents {
@@ -192,6 +194,11 @@ pub async fn list(
         });
     }
     Ok(Response::new(ListComponentsResponse { nodes: out }))
+}
+
+/// What a component's status says it wants: its version, or "absent" (as the agent reports it).
+fn desired_version(d: &nodekeeper_proto::v1::ComponentSpec) -> &str {
+    if d.absent { "absent" } else { &d.version }
 }
 
 #[cfg(test)]

@@ -193,6 +193,18 @@ pub struct ComponentSpec {
     pub post_hook: ::core::option::Option<ExecCheck>,
     #[prost(enumeration = "RestartPolicy", tag = "10")]
     pub restart_policy: i32,
+    /// Components (by name, in the same spec) this one is changed after: it waits until they
+    /// converged in the same pass, and is not changed while one of them has not.
+    #[prost(string, repeated, tag = "11")]
+    pub after: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
+    /// The package must not be installed: its unit is stopped and the package removed (version,
+    /// config files and health check are then not used).
+    #[prost(bool, tag = "12")]
+    pub absent: bool,
+    /// The longest one step of a change may take (the transaction, a hook, a unit restart);
+    /// unset: the agent's `component_manager.step_timeout`.
+    #[prost(message, optional, tag = "13")]
+    pub step_timeout: ::core::option::Option<::prost_types::Duration>,
 }
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct ComponentStatus {
@@ -436,6 +448,9 @@ pub enum RestartPolicy {
     /// Restart the unit when the package or a config file changed.
     OnChange = 1,
     Never = 2,
+    /// Reload the unit (systemctl reload) when only config files changed; restart it when the
+    /// package changed.
+    Reload = 3,
 }
 impl RestartPolicy {
     /// String value of the enum field names used in the ProtoBuf definition.
@@ -447,6 +462,7 @@ impl RestartPolicy {
             Self::Unspecified => "RESTART_POLICY_UNSPECIFIED",
             Self::OnChange => "RESTART_POLICY_ON_CHANGE",
             Self::Never => "RESTART_POLICY_NEVER",
+            Self::Reload => "RESTART_POLICY_RELOAD",
         }
     }
     /// Creates an enum from field names used in the ProtoBuf definition.
@@ -455,6 +471,7 @@ impl RestartPolicy {
             "RESTART_POLICY_UNSPECIFIED" => Some(Self::Unspecified),
             "RESTART_POLICY_ON_CHANGE" => Some(Self::OnChange),
             "RESTART_POLICY_NEVER" => Some(Self::Never),
+            "RESTART_POLICY_RELOAD" => Some(Self::Reload),
             _ => None,
         }
     }
