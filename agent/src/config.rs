@@ -62,6 +62,10 @@ pub struct ComponentManagerConfig {
     /// The longest a package transaction, a hook or a unit restart may take.
     #[serde(with = "duration")]
     pub step_timeout: Duration,
+    /// How often a pass also verifies the converged components' files against rpm (`rpm -V`)
+    /// and reinstalls what does not verify; "0s": only after an interruption.
+    #[serde(with = "duration")]
+    pub verify_interval: Duration,
     pub rpm: PathBuf,
     pub dnf: PathBuf,
     pub systemctl: PathBuf,
@@ -81,6 +85,7 @@ impl Default for ComponentManagerConfig {
             config_roots: vec![PathBuf::from("/etc")],
             reconcile_interval: Duration::from_secs(300),
             step_timeout: Duration::from_secs(600),
+            verify_interval: Duration::from_secs(24 * 3600),
             rpm: "rpm".into(),
             dnf: "dnf".into(),
             systemctl: "systemctl".into(),

@@ -83,6 +83,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             state_dir: config.state_dir.clone(),
             releasever: cm.releasever.clone(),
             step_timeout: cm.step_timeout,
+            verify_interval: (!cm.verify_interval.is_zero()).then_some(cm.verify_interval),
             transaction_runner: cm.transaction_runner.clone(),
         };
         let driver = components::driver::Driver {

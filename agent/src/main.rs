@@ -100,6 +100,10 @@ enum ComponentsCommand {
         /// text, or json (one object per component).
         #[arg(long, short = 'o', value_enum, default_value = "text")]
         output: OutputArg,
+        /// Also verify the converged components' files with `rpm -V`, reinstalling what does
+        /// not verify (done anyway after an interruption).
+        #[arg(long)]
+        verify: bool,
     },
 }
 
@@ -186,9 +190,9 @@ fn main() -> ExitCode {
             return rules_test(&rules, &log, format, output);
         }
         Command::Components {
-            command: ComponentsCommand::Apply { spec, installroot, state_dir, config_roots, systemctl, output },
+            command: ComponentsCommand::Apply { spec, installroot, state_dir, config_roots, systemctl, output, verify },
         } => {
-            let args = ApplyArgs { spec, installroot, state_dir, config_roots, systemctl, output };
+            let args = ApplyArgs { spec, installroot, state_dir, config_roots, systemctl, output, verify };
             return runtime.block_on(components_apply(args));
         }
     };
@@ -354,6 +358,7 @@ struct ApplyArgs {
     config_roots: Vec<PathBuf>,
     systemctl: PathBuf,
     output: OutputArg,
+    verify: bool,
 }
 
 async fn components_apply(a: ApplyArgs) -> ExitCode {
@@ -384,6 +389,8 @@ async fn components_apply(a: ApplyArgs) -> ExitCode {
         state_dir,
         releasever: "1".into(),
         step_timeout: std::time::Duration::from_secs(600),
+        // One pass: verified now when asked, else not.
+        verify_interval: a.verify.then_some(std::time::Duration::ZERO),
         // Run by an operator in a shell, not in the service's sandbox.
         transaction_runner: Vec::new(),
     };

@@ -93,6 +93,8 @@ async fn main() {
         state_dir: tmp.path().join("state"),
         releasever: "1".into(),
         step_timeout: Duration::from_secs(300),
+        // As the agent's default: the first pass verifies, the next ones are due in a day.
+        verify_interval: Some(Duration::from_secs(24 * 3600)),
         transaction_runner: Vec::new(),
     });
     let mut quiet = |_: String| {};

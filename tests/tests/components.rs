@@ -590,6 +590,30 @@ fn components_change_in_order_can_be_absent_reload_and_have_their_own_step_timeo
     assert_eq!(rpm_installed(&n.root(), "nk-demo").as_deref(), Some("0:1.1-1"));
 }
 
+#[test]
+fn verification_finds_and_repairs_files_changed_behind_rpms_back() {
+    let n = Node::new();
+    assert_eq!(n.apply(&n.spec("1.0-1", "10", "")).0, 0);
+    std::fs::write(n.root().join("usr/lib/nk-demo/VERSION"), "tampered\n").unwrap();
+    // A plain pass compares versions and config files only.
+    let (code, out) = n.apply(&n.spec("1.0-1", "10", ""));
+    assert_eq!(code, 0, "{out}");
+    assert!(!out.contains("repaired"), "{out}");
+    // A verifying pass (the agent's every `verify_interval`) finds the file and reinstalls.
+    let spec = n.spec("1.0-1", "10", "");
+    let mut c = n.command(&spec);
+    c.arg("--verify");
+    let out = c.spawn().unwrap().wait_with_output().unwrap();
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert_eq!(out.status.code(), Some(0), "{text}");
+    assert!(
+        text.contains("demo: repaired: reinstalled nk-demo 0:1.0-1") && text.contains("/usr/lib/nk-demo/VERSION"),
+        "{text}"
+    );
+    assert_eq!(std::fs::read_to_string(n.root().join("usr/lib/nk-demo/VERSION")).unwrap(), "1.0\n");
+    assert_eq!(n.config().as_deref(), Some("setting = 10\n"), "the managed config stays");
+}
+
 fn kill_at(step: &str, expect_installed_at_kill: &str) -> (Node, String) {
     let n = Node::new();
     assert_eq!(n.apply(&n.spec("1.0-1", "10", "")).0, 0);

@@ -56,6 +56,9 @@ pub struct Settings {
     pub releasever: String,
     /// The longest a package transaction, a hook or a unit restart may take.
     pub step_timeout: Duration,
+    /// How often a pass verifies converged components with `rpm -V` (None: only after an
+    /// interruption). The first pass of a manager verifies.
+    pub verify_interval: Option<Duration>,
     /// A command prefix for dnf transactions (see `Tools::with_runner`).
     pub transaction_runner: Vec<String>,
 }
@@ -122,6 +125,8 @@ pub struct Manager {
     rejected: HashMap<String, String>,
     /// Owners and groups of the target root.
     accounts: accounts::Accounts,
+    /// When converged components were last verified with `rpm -V`.
+    verified: Option<Instant>,
     /// Findings for the center (faults for rollbacks, events for recoveries).
     pub findings: Vec<Finding>,
 }
@@ -188,7 +193,7 @@ impl Manager {
             .and_then(|b| serde_json::from_slice(&b).ok())
             .unwrap_or_default();
         let accounts = accounts::Accounts::new(s.installroot.as_deref());
-        Manager { s, tools, status: BTreeMap::new(), rejected, accounts, findings: Vec::new() }
+        Manager { s, tools, status: BTreeMap::new(), rejected, accounts, verified: None, findings: Vec::new() }
     }
 
     fn dir(&self) -> PathBuf {
@@ -453,6 +458,7 @@ impl Manager {
             return specs.iter().map(|s| (s.name.clone(), Outcome::Invalid(msg.clone()))).collect();
         }
         let mut out = Vec::new();
+        self.verify_if_due(specs, &installed, log).await;
         // Each component after the ones it names in `after` (checked: no cycle).
         let order = spec::order(specs).unwrap_or_else(|| (0..specs.len()).collect());
         for spec in order.into_iter().map(|i| &specs[i]) {
@@ -476,6 +482,31 @@ impl Manager {
             out.push((spec.name.clone(), o));
         }
         out
+    }
+
+    /// Every `verify_interval`, the converged components' files checked against rpm, and
+    /// reinstalled where they do not verify.
+    async fn verify_if_due(
+        &mut self,
+        specs: &[ComponentSpec],
+        installed: &HashMap<String, Evr>,
+        log: &mut (dyn FnMut(String) + Send),
+    ) {
+        let Some(every) = self.s.verify_interval else { return };
+        if self.verified.is_some_and(|t| t.elapsed() < every) {
+            return;
+        }
+        self.verified = Some(Instant::now());
+        for spec in specs.iter().filter(|s| !s.absent) {
+            let target = Evr::parse(&spec.version).ok();
+            if target.is_none() || installed.get(&spec.package) != target.as_ref() {
+                continue;
+            }
+            match self.repair(spec, target.as_ref()).await {
+                Ok(done) => done.iter().for_each(|d| log(format!("{}: repaired: {d}", spec.name))),
+                Err(e) => log(format!("{}: cannot verify or repair its files: {e}", spec.name)),
+            }
+        }
     }
 
     /// Whether `spec` is at its desired state already (nothing for a pass to change).
