@@ -20,22 +20,26 @@
 
 pub mod accounts;
 pub mod driver;
+mod files;
+mod recovery;
 pub mod rpm;
 pub mod spec;
+mod steps;
 pub mod version;
 
 use std::collections::{BTreeMap, HashMap};
-use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use nodekeeper_proto::v1::{
-    Category, ComponentPhase, ComponentSpec, ComponentStatus, ConditionStatus, ExecCheck, RecommendedAction,
-    RestartPolicy, Severity, health_check::Check,
+    Category, ComponentPhase, ComponentSpec, ComponentStatus, ConditionStatus, RecommendedAction, RestartPolicy,
+    Severity,
 };
 use serde::{Deserialize, Serialize};
 
 use crate::monitor::{Class, Finding};
+use files::Backup;
+pub(crate) use files::write_atomic;
 use rpm::{ToolError, Tools, Verb};
 use version::Evr;
 
@@ -89,19 +93,6 @@ enum Step {
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
-struct Backup {
-    path: String,
-    /// None: the file did not exist.
-    content: Option<Vec<u8>>,
-    mode: u32,
-    /// The file's owner and group (journals of older agents have none: left as written).
-    #[serde(default)]
-    uid: Option<u32>,
-    #[serde(default)]
-    gid: Option<u32>,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
 struct Journal {
     component: String,
     package: String,
@@ -138,35 +129,6 @@ fn class(action: RecommendedAction) -> Class {
 /// `<Title>UpgradeFailed`, the condition a rollback opens.
 pub fn failed_condition(name: &str) -> String {
     format!("{}UpgradeFailed", crate::monitor::components::title(name))
-}
-
-fn io(what: &str, p: &Path, e: std::io::Error) -> String {
-    format!("{what} {}: {e}", p.display())
-}
-
-/// Writes a file atomically: a temporary file in the same directory, fsynced, then renamed;
-/// with `ids`, owned by that user and group.
-pub(crate) fn write_atomic(
-    path: &Path,
-    content: &[u8],
-    mode: u32,
-    ids: (Option<u32>, Option<u32>),
-) -> Result<(), String> {
-    use std::io::Write;
-    let dir = path.parent().ok_or_else(|| format!("{} has no directory", path.display()))?;
-    std::fs::create_dir_all(dir).map_err(|e| io("creating", dir, e))?;
-    let tmp = dir.join(format!(".{}.nodekeeper-tmp", path.file_name().unwrap_or_default().to_string_lossy()));
-    let mut f = std::fs::File::create(&tmp).map_err(|e| io("creating", &tmp, e))?;
-    f.write_all(content).map_err(|e| io("writing", &tmp, e))?;
-    f.set_permissions(std::fs::Permissions::from_mode(mode)).map_err(|e| io("setting the mode of", &tmp, e))?;
-    if let (None, None) = ids {
-    } else {
-        let (uid, gid) = (ids.0.map(nix::unistd::Uid::from_raw), ids.1.map(nix::unistd::Gid::from_raw));
-        nix::unistd::chown(&tmp, uid, gid).map_err(|e| format!("chown {}: {e}", tmp.display()))?;
-    }
-    f.sync_all().map_err(|e| io("syncing", &tmp, e))?;
-    std::fs::rename(&tmp, path).map_err(|e| io("renaming onto", path, e))?;
-    std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(|e| io("syncing", dir, e))
 }
 
 /// What identifies a desired state of one component: a rolled-back change is not tried again
@@ -258,167 +220,6 @@ impl Manager {
         self.status.retain(|k, _| specs.iter().any(|s| &s.name == k));
     }
 
-    /// Config files of `spec` whose content, mode or owner differ from the spec.
-    fn drift(&self, spec: &ComponentSpec) -> Vec<String> {
-        let mut out = Vec::new();
-        for f in &spec.config_files {
-            let p = self.tools.path(Path::new(&f.path));
-            let same = match (std::fs::read(&p), std::fs::metadata(&p)) {
-                (Ok(content), Ok(meta)) => {
-                    use std::os::unix::fs::MetadataExt;
-                    let (uid, gid) = self.accounts.ids(&f.owner, &f.group).unwrap_or((None, None));
-                    content == f.content
-                        && meta.permissions().mode() & 0o7777 == f.mode
-                        && uid.is_none_or(|u| meta.uid() == u)
-                        && gid.is_none_or(|g| meta.gid() == g)
-                }
-                _ => false,
-            };
-            if !same {
-                out.push(f.path.clone());
-            }
-        }
-        out
-    }
-
-    fn backups(&self, spec: &ComponentSpec) -> Vec<Backup> {
-        spec.config_files
-            .iter()
-            .map(|f| {
-                use std::os::unix::fs::MetadataExt;
-                let p = self.tools.path(Path::new(&f.path));
-                let meta = std::fs::metadata(&p).ok();
-                Backup {
-                    path: f.path.clone(),
-                    content: std::fs::read(&p).ok(),
-                    mode: meta.as_ref().map(|m| m.permissions().mode() & 0o7777).unwrap_or(0o644),
-                    uid: meta.as_ref().map(|m| m.uid()),
-                    gid: meta.as_ref().map(|m| m.gid()),
-                }
-            })
-            .collect()
-    }
-
-    async fn exec(&self, argv: &[String], timeout: Duration, what: &str) -> Result<(), String> {
-        let (exe, args) = argv.split_first().ok_or_else(|| format!("{what}: empty command"))?;
-        let child = tokio::process::Command::new(exe)
-            .args(args)
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .map_err(|e| format!("{what}: cannot run {exe}: {e}"))?;
-        match tokio::time::timeout(timeout, child.wait_with_output()).await {
-            Err(_) => Err(format!("{what}: {exe} did not finish within {}", humantime::format_duration(timeout))),
-            Ok(Err(e)) => Err(format!("{what}: {e}")),
-            Ok(Ok(o)) if o.status.success() => Ok(()),
-            Ok(Ok(o)) => Err(format!(
-                "{what}: {exe} exited with {}{}",
-                o.status,
-                String::from_utf8_lossy(&o.stderr).lines().next().map(|l| format!(": {l}")).unwrap_or_default()
-            )),
-        }
-    }
-
-    async fn hook(&self, hook: &Option<ExecCheck>, what: &str, timeout: Duration) -> Result<(), String> {
-        match hook {
-            Some(h) => self.exec(&h.argv, timeout, what).await,
-            None => Ok(()),
-        }
-    }
-
-    /// `systemctl restart|reload|stop unit` (nothing without a unit).
-    async fn unit(&self, unit: &str, verb: &str, timeout: Duration) -> Result<(), String> {
-        if unit.is_empty() {
-            return Ok(());
-        }
-        let argv = vec![self.s.systemctl.display().to_string(), verb.into(), unit.into()];
-        self.exec(&argv, timeout, &format!("{verb} {unit}")).await
-    }
-
-    /// Runs the spec's health check until it passes or its deadline passes.
-    async fn verify(&self, spec: &ComponentSpec) -> Result<(), String> {
-        let Some(h) = &spec.health_check else { return Ok(()) };
-        let timeout = nodekeeper_common::time::from_duration(h.timeout.as_ref()).unwrap_or(Duration::from_secs(10));
-        let deadline = nodekeeper_common::time::from_duration(h.deadline.as_ref()).unwrap_or(Duration::from_secs(60));
-        let until = Instant::now() + deadline;
-        loop {
-            let r = match &h.check {
-                None => return Ok(()),
-                Some(Check::Command(c)) => self.exec(&c.argv, timeout, "health check").await,
-                Some(Check::HttpUrl(u)) => nodekeeper_common::http::get(u, timeout).await,
-                Some(Check::UnitActive(false)) => return Ok(()),
-                Some(Check::UnitActive(true)) => {
-                    let argv = vec![
-                        self.s.systemctl.display().to_string(),
-                        "is-active".into(),
-                        "--quiet".into(),
-                        spec.systemd_unit.clone(),
-                    ];
-                    self.exec(&argv, timeout, "health check (unit active)").await
-                }
-            };
-            match r {
-                Ok(()) => return Ok(()),
-                Err(e) if Instant::now() + Duration::from_secs(1) >= until => {
-                    return Err(format!("not healthy within {}: {e}", humantime::format_duration(deadline)));
-                }
-                Err(_) => tokio::time::sleep(Duration::from_secs(1)).await,
-            }
-        }
-    }
-
-    fn write_configs(&self, spec: &ComponentSpec) -> Result<(), String> {
-        for f in &spec.config_files {
-            let ids = self.accounts.ids(&f.owner, &f.group)?;
-            write_atomic(&self.tools.path(Path::new(&f.path)), &f.content, f.mode, ids)?;
-        }
-        Ok(())
-    }
-
-    fn restore(&self, backups: &[Backup]) -> Result<(), String> {
-        for b in backups {
-            let p = self.tools.path(Path::new(&b.path));
-            match &b.content {
-                Some(c) => write_atomic(&p, c, b.mode, (b.uid, b.gid))?,
-                None => match std::fs::remove_file(&p) {
-                    Ok(()) => {}
-                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                    Err(e) => return Err(io("removing", &p, e)),
-                },
-            }
-        }
-        Ok(())
-    }
-
-    /// The installed version of each package, after repairing any package that rpm records more
-    /// than once (a transaction cut short outside the journal's knowledge): a pass never calls
-    /// converged what rpm disagrees with.
-    async fn installed_repaired(
-        &mut self,
-        specs: &[ComponentSpec],
-        packages: &[&str],
-        log: &mut (dyn FnMut(String) + Send),
-    ) -> Result<(HashMap<String, Evr>, HashMap<String, String>), ToolError> {
-        let versions = self.tools.versions(packages).await?;
-        let doubled: Vec<&ComponentSpec> =
-            specs.iter().filter(|s| versions.get(&s.package).is_some_and(|v| v.len() > 1)).collect();
-        let mut unrepaired = HashMap::new();
-        for spec in doubled {
-            let target = Evr::parse(&spec.version).ok();
-            match self.repair(spec, target.as_ref()).await {
-                Ok(done) => done.iter().for_each(|d| log(format!("{}: repaired: {d}", spec.name))),
-                Err(e) => {
-                    let e = format!("rpm records several versions of {} and the repair failed: {e}", spec.package);
-                    log(format!("{}: {e}", spec.name));
-                    unrepaired.insert(spec.name.clone(), e);
-                }
-            }
-        }
-        Ok((self.tools.installed(packages).await?, unrepaired))
-    }
-
     /// The whole desired spec checked for this node ([`spec::validate_all`]); the error names
     /// every defect.
     pub fn check(&self, specs: &[ComponentSpec]) -> Result<(), String> {
@@ -439,24 +240,30 @@ impl Manager {
         }
         let packages: Vec<&str> =
             specs.iter().filter(|s| version::package_name(&s.package).is_ok()).map(|s| s.package.as_str()).collect();
-        let (installed, unrepaired) = match self.installed_repaired(specs, &packages, log).await {
-            Ok(i) => i,
-            Err(e) => {
-                let msg = format!("cannot read the installed packages: {e}");
-                for s in specs {
-                    self.set(s, None, ComponentPhase::Failed, &msg, None);
-                }
-                return specs.iter().map(|s| (s.name.clone(), Outcome::Failed(msg.clone()))).collect();
+        let unreadable = |m: &mut Manager, e: ToolError| {
+            let msg = format!("cannot read the installed packages: {e}");
+            for s in specs {
+                m.set(s, None, ComponentPhase::Failed, &msg, None);
             }
+            specs.iter().map(|s| (s.name.clone(), Outcome::Failed(msg.clone()))).collect()
+        };
+        let versions = match self.tools.versions(&packages).await {
+            Ok(v) => v,
+            Err(e) => return unreadable(self, e),
         };
         // The whole spec first: a spec with any defect changes nothing, for no component.
         if let Err(msg) = self.check(specs) {
             log(msg.clone());
             for s in specs {
-                self.set(s, installed.get(&s.package), ComponentPhase::Failed, &msg, None);
+                let newest = versions.get(&s.package).and_then(|v| v.last());
+                self.set(s, newest, ComponentPhase::Failed, &msg, None);
             }
             return specs.iter().map(|s| (s.name.clone(), Outcome::Invalid(msg.clone()))).collect();
         }
+        let (installed, unrepaired) = match self.installed_repaired(specs, &packages, &versions, log).await {
+            Ok(i) => i,
+            Err(e) => return unreadable(self, e),
+        };
         let mut out = Vec::new();
         self.verify_if_due(specs, &installed, log).await;
         // Each component after the ones it names in `after` (checked: no cycle).
@@ -482,31 +289,6 @@ impl Manager {
             out.push((spec.name.clone(), o));
         }
         out
-    }
-
-    /// Every `verify_interval`, the converged components' files checked against rpm, and
-    /// reinstalled where they do not verify.
-    async fn verify_if_due(
-        &mut self,
-        specs: &[ComponentSpec],
-        installed: &HashMap<String, Evr>,
-        log: &mut (dyn FnMut(String) + Send),
-    ) {
-        let Some(every) = self.s.verify_interval else { return };
-        if self.verified.is_some_and(|t| t.elapsed() < every) {
-            return;
-        }
-        self.verified = Some(Instant::now());
-        for spec in specs.iter().filter(|s| !s.absent) {
-            let target = Evr::parse(&spec.version).ok();
-            if target.is_none() || installed.get(&spec.package) != target.as_ref() {
-                continue;
-            }
-            match self.repair(spec, target.as_ref()).await {
-                Ok(done) => done.iter().for_each(|d| log(format!("{}: repaired: {d}", spec.name))),
-                Err(e) => log(format!("{}: cannot verify or repair its files: {e}", spec.name)),
-            }
-        }
     }
 
     /// Whether `spec` is at its desired state already (nothing for a pass to change).
@@ -792,141 +574,6 @@ impl Manager {
                 Outcome::Failed(msg)
             }
         }
-    }
-
-    /// After a restart: finishes or undoes every transition a journal says was under way. A
-    /// transition is resumed when the package is where the journal says and the desired state
-    /// still wants it; otherwise it is rolled back.
-    /// Makes rpm's record of `package` true again after a transaction was cut short: one version
-    /// recorded (`keep` when it is among them, else the newest), and its files as rpm has them
-    /// (reinstalled from `spec`'s repositories when they do not verify). Returns what it repaired.
-    async fn repair(&mut self, spec: &ComponentSpec, keep: Option<&Evr>) -> Result<Vec<String>, String> {
-        let mut done = Vec::new();
-        let versions = self.tools.versions(&[&spec.package]).await.map_err(|e| e.to_string())?;
-        let versions = versions.get(&spec.package).cloned().unwrap_or_default();
-        let Some(newest) = versions.last().cloned() else { return Ok(done) };
-        let kept = keep.filter(|k| versions.contains(k)).cloned().unwrap_or(newest);
-        for v in versions.iter().filter(|v| **v != kept) {
-            self.tools.forget(&spec.package, v).await.map_err(|e| e.to_string())?;
-            done.push(format!(
-                "removed the record of {} {v} that an interrupted transaction left beside {kept}",
-                spec.package
-            ));
-        }
-        let failing = self.tools.verify(&spec.package).await.map_err(|e| e.to_string())?;
-        if !failing.is_empty() {
-            self.tools
-                .transaction(Verb::Reinstall, &spec.package, &kept, &spec.repositories, self.timeout(spec))
-                .await
-                .map_err(|e| format!("reinstalling {} {kept}, whose files do not verify: {e}", spec.package))?;
-            done.push(format!("reinstalled {} {kept}: {} did not verify", spec.package, failing.join("; ")));
-        }
-        if !done.is_empty() {
-            self.findings.push(
-                Finding::temporary(
-                    SOURCE,
-                    "ComponentRepaired",
-                    format!("{}: {}", spec.name, done.join("; ")),
-                    Class::new(Severity::Warning, Category::Component, RecommendedAction::None),
-                )
-                .with("component", &spec.name),
-            );
-        }
-        Ok(done)
-    }
-
-    pub async fn recover(
-        &mut self,
-        specs: &[ComponentSpec],
-        log: &mut (dyn FnMut(String) + Send),
-    ) -> Vec<(String, Outcome)> {
-        let mut out = Vec::new();
-        // A transaction an earlier run started may still be going: rpm's state is final only
-        // once it ended.
-        if let Err(e) = self.tools.transaction_lock(log).await {
-            log(format!("cannot recover interrupted changes: {e}"));
-            return out;
-        }
-        let Ok(rd) = std::fs::read_dir(self.dir()) else { return out };
-        let mut journals = Vec::new();
-        for e in rd.flatten() {
-            let p = e.path();
-            if p.extension().is_some_and(|x| x == "journal") {
-                match std::fs::read(&p).ok().and_then(|b| serde_json::from_slice::<Journal>(&b).ok()) {
-                    Some(j) => journals.push(j),
-                    None => {
-                        tracing::error!(journal = %p.display(), "unreadable component journal; removing it");
-                        let _ = std::fs::remove_file(&p);
-                    }
-                }
-            }
-        }
-        for j in journals {
-            let name = j.component.clone();
-            // After an interruption rpm's record comes first: one version, files that verify.
-            // The version kept is the one the change was taking the component to, if recorded.
-            let recorded = ComponentSpec {
-                repositories: specs
-                    .iter()
-                    .find(|s| s.package == j.package)
-                    .map(|s| s.repositories.clone())
-                    .unwrap_or_default(),
-                ..ComponentSpec { name: name.clone(), package: j.package.clone(), ..Default::default() }
-            };
-            let to = Evr::parse(&j.to).ok();
-            match self.repair(&recorded, to.as_ref()).await {
-                Ok(done) => done.iter().for_each(|d| log(format!("{name}: repaired: {d}"))),
-                Err(e) => log(format!("{name}: cannot repair rpm's record: {e}")),
-            }
-            let installed = self.tools.installed(&[&j.package]).await.ok().and_then(|m| m.get(&j.package).cloned());
-            let at_target = installed.as_ref().map(Evr::to_string).as_deref() == Some(j.to.as_str());
-            let current = specs.iter().find(|s| s.name == j.component);
-            // The desired state still asks for the version the journal was taking it to.
-            let wanted = current
-                .filter(|s| Evr::parse(&s.version).ok().map(|e| e.to_string()).as_deref() == Some(j.to.as_str()));
-            // For a rollback: the component's repositories and unit as the desired state has them now.
-            let mut undo = current.cloned().unwrap_or_else(|| ComponentSpec {
-                name: j.component.clone(),
-                package: j.package.clone(),
-                systemd_unit: j.unit.clone(),
-                ..Default::default()
-            });
-            undo.version = j.to.clone();
-            let step = j.step;
-            let (verdict, outcome) = match (step, wanted) {
-                (Step::RollingBack, _) => {
-                    let reason = j.reason.clone();
-                    ("rolled back", self.rollback(&undo, j, reason, true, log).await)
-                }
-                (Step::Begun, Some(spec)) if !at_target => {
-                    // Nothing was changed yet: start the same transition again.
-                    self.clear_journal(&spec.name);
-                    let o = self.apply_one(spec, installed, false, log).await;
-                    ("resumed", o)
-                }
-                (_, Some(spec)) if at_target || !j.package_changes => {
-                    let spec = spec.clone();
-                    ("resumed", self.finish(&spec, j, log).await)
-                }
-                _ => {
-                    let reason = format!("interrupted at step {step:?} and the desired state no longer asks for it");
-                    ("rolled back", self.rollback(&undo, j, reason, false, log).await)
-                }
-            };
-            let msg = format!("the agent restarted during a change of {name} (step {step:?}): {verdict}");
-            log(format!("{name}: {msg}"));
-            out.push((name, outcome));
-            self.findings.push(
-                Finding::temporary(
-                    SOURCE,
-                    "ComponentChangeInterrupted",
-                    msg,
-                    Class::new(Severity::Warning, Category::Component, RecommendedAction::None),
-                )
-                .with("verdict", verdict),
-            );
-        }
-        out
     }
 
     /// The `restart component` command: restart its unit and check its health.
