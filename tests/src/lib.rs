@@ -7,6 +7,7 @@
 pub mod alertmanager;
 pub mod kubeapi;
 pub mod netns;
+pub mod rpmnode;
 
 use std::future::Future;
 use std::net::{SocketAddr, TcpListener};
