@@ -62,16 +62,23 @@ impl Service {
             .with_context(|| format!("opening {}", log.display()))?;
         let log_start = out.metadata()?.len();
         let err = out.try_clone()?;
-        let child = Command::new(bin)
-            .args(args)
+        let mut cmd = Command::new(bin);
+        cmd.args(args)
             .stdin(Stdio::null())
             .stdout(out)
             .stderr(err)
             // Their own process group: a terminal's Ctrl-C reaches `dev` only, which stops them in order.
             .process_group(0)
-            .kill_on_drop(true)
-            .spawn()
-            .with_context(|| format!("starting {}", bin.display()))?;
+            .kill_on_drop(true);
+        // However dev ends (`kill -9` included), its services stop with it: the kernel sends them
+        // SIGTERM when the thread that started them exits (dev's runtime has one thread).
+        #[allow(unsafe_code)]
+        // SAFETY: between fork and exec the closure makes one async-signal-safe system call
+        // (prctl) and allocates nothing.
+        unsafe {
+            cmd.pre_exec(|| nix::sys::prctl::set_pdeathsig(Signal::SIGTERM).map_err(std::io::Error::from));
+        }
+        let child = cmd.spawn().with_context(|| format!("starting {}", bin.display()))?;
         Ok(Service { child, what, log, log_start })
     }
 

@@ -44,8 +44,25 @@ impl Running {
         self.out.lock().unwrap().clone()
     }
 
-    async fn wait_line(&self, what: &str, pred: impl Fn(&str) -> bool) -> String {
-        wait_in(&self.out, what, pred).await
+    /// The first stdout line that passes `pred`; panics with its stderr if the process exits
+    /// before printing one.
+    async fn wait_line(&mut self, what: &str, pred: impl Fn(&str) -> bool) -> String {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some(line) = self.out.lock().unwrap().iter().find(|l| pred(l)) {
+                return line.clone();
+            }
+            if let Ok(Some(status)) = self.child.try_wait() {
+                // What it printed last may still be on its way through the pipe.
+                tokio::task::yield_now().await;
+                if let Some(line) = self.out.lock().unwrap().iter().find(|l| pred(l)) {
+                    return line.clone();
+                }
+                panic!("{what}: it exited ({status}): {}", self.err.lock().unwrap().join("\n"));
+            }
+            assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     async fn wait_stderr(&self, what: &str, pred: impl Fn(&str) -> bool) -> String {
@@ -124,7 +141,7 @@ async fn the_readme_walkthrough_does_what_it_says_in_order_on_a_fresh_data_folde
             // The test runs this build's binaries (debug), put first on PATH by `shell`.
             "export PATH=$PWD/target/release:$PATH" => {}
             "nodekeeper dev" => {
-                let d = Running::spawn(shell(line, &cwd, &home));
+                let mut d = Running::spawn(shell(line, &cwd, &home));
                 d.wait_line("dev running", |l| l.contains("nodekeeper dev is running")).await;
                 dev = Some(d);
             }
@@ -172,7 +189,7 @@ async fn the_readme_walkthrough_does_what_it_says_in_order_on_a_fresh_data_folde
     }
 
     // The watch printed the emitted event as an Event object, and nothing but events.
-    let watch = watch.expect("the walkthrough watches events");
+    let mut watch = watch.expect("the walkthrough watches events");
     watch.wait_line("the emitted event in the watch", |l| l.contains("\"KernelDeadlock\"")).await;
     for l in watch.lines() {
         let v: serde_json::Value = serde_json::from_str(&l).expect("one JSON object per line");
@@ -198,7 +215,7 @@ fn dev(data: &Path, home: &Path, port: u16, status_port: u16) -> Command {
     let mut cmd = Command::new(bin("nodekeeper"));
     cmd.args(["dev", "--data-dir"]).arg(data);
     cmd.args(["--listen", &format!("127.0.0.1:{port}"), "--status-port", &status_port.to_string()]);
-    cmd.env("HOME", home).env("RUST_LOG", "warn").stderr(Stdio::piped());
+    cmd.env("HOME", home).env_remove("RUST_LOG").stderr(Stdio::piped());
     cmd
 }
 
@@ -234,7 +251,7 @@ async fn credentials_of_another_ca_and_plaintext_against_tls_are_named_with_what
 
     let data = tmp.path().join("dev");
     let (port, status_port) = (nodekeeper_tests::free_port(), nodekeeper_tests::free_port());
-    let d = Running::spawn(dev(&data, &home, port, status_port));
+    let mut d = Running::spawn(dev(&data, &home, port, status_port));
     d.wait_line("dev running", |l| l.contains("Ctrl-C stops everything")).await;
     let pki = data.canonicalize().unwrap().join("pki");
     let out = d.lines().join("\n");
@@ -286,9 +303,27 @@ async fn credentials_of_another_ca_and_plaintext_against_tls_are_named_with_what
     assert_eq!(second.status.code(), Some(1), "{err}");
     assert!(err.contains(&format!("{host_port} is not free")) && err.contains("--listen"), "{err}");
 
-    let mut d = d;
-    signal(d.child.id().unwrap(), "INT");
-    assert!(d.child.wait().await.unwrap().success());
+    // However dev ends, its services end with it: after `kill -9` each stops cleanly (SIGTERM
+    // from the kernel) and the center's port closes.
+    signal(d.child.id().unwrap(), "KILL");
+    d.child.wait().await.unwrap();
+    let dir = data.canonicalize().unwrap();
+    for (log, says) in [
+        ("eventcenter.log", "event center stopped"),
+        ("agent.log", "agent stopped"),
+        ("detector.log", "detector stopped"),
+        ("remediator.log", "remediator stopped"),
+    ] {
+        wait_for(says, Duration::from_secs(30), || {
+            let text = std::fs::read_to_string(dir.join(log)).unwrap_or_default();
+            async move { text.contains(says).then_some(()) }
+        })
+        .await;
+    }
+    wait_for("the center's port closed", Duration::from_secs(30), || async move {
+        tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_err().then_some(())
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -381,11 +416,11 @@ async fn events_watch_json_prints_events_only_and_bookmarks_on_request() {
         cmd.args(["--server", &url, "events", "watch", "-o", "json", "--type", "KernelDeadlock"]).args(extra);
         cmd
     };
-    let plain = Running::spawn(watch(&[]));
+    let mut plain = Running::spawn(watch(&[]));
     plain.wait_stderr("the plain watch following", |l| l.contains("following events from now")).await;
     // The bookmarks watch starts after the plain one: by the time it has printed two bookmarks,
     // the plain one has been idle through them as well.
-    let with_bookmarks = Running::spawn(watch(&["--bookmarks"]));
+    let mut with_bookmarks = Running::spawn(watch(&["--bookmarks"]));
     with_bookmarks.wait_line("a bookmark", |l| l.contains("\"bookmark\"")).await;
     wait_for("a second bookmark", Duration::from_secs(30), || {
         let n = with_bookmarks.lines().len();
