@@ -594,10 +594,10 @@ async fn events_watch_follows_new_events_as_json_lines() {
         seq += 1;
         agent.send_acked(seq, vec![observation(seq)]).await;
         while let Ok(Ok(Some(line))) = tokio::time::timeout(Duration::from_millis(200), lines.next_line()).await {
-            let v: serde_json::Value = serde_json::from_str(&line).unwrap();
-            if let Some(e) = v.get("event") {
-                seen.push(e["origin"]["sequence"].as_str().unwrap().parse().unwrap());
-            }
+            // One Event object per line (no bookmarks without --bookmarks).
+            let e: serde_json::Value = serde_json::from_str(&line).unwrap();
+            assert!(e.get("bookmark").is_none() && e.get("cursor").is_some(), "{line}");
+            seen.push(e["origin"]["sequence"].as_str().unwrap().parse().unwrap());
         }
         assert!(seq < 100, "watch printed nothing");
     }
