@@ -14,7 +14,7 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -44,8 +44,12 @@ pub struct Remediator {
     ch: Channel,
     kube: Option<Kube>,
     http: reqwest::Client,
-    /// Nodes with a remediation in progress (one at a time per node).
-    busy: Mutex<HashSet<String>>,
+    /// Nodes with a remediation running, and the faults of that node that came in meanwhile
+    /// (considered when it ends: one remediation per node at a time, no fault left behind).
+    busy: Mutex<HashMap<String, BTreeSet<u64>>>,
+    /// Those faults, handed back to the follow loop when their node's remediation ended.
+    again: tokio::sync::mpsc::UnboundedSender<u64>,
+    again_rx: tokio::sync::Mutex<tokio::sync::mpsc::UnboundedReceiver<u64>>,
     /// Remediations started, by node: (fault id, when). Read once from the center's log, then
     /// kept up to date here.
     starts: tokio::sync::Mutex<Option<Starts>>,
@@ -95,12 +99,15 @@ impl Remediator {
         };
         nodekeeper_common::tls::install_default_provider();
         let http = reqwest::Client::builder().timeout(Duration::from_secs(30)).build()?;
+        let (again, again_rx) = tokio::sync::mpsc::unbounded_channel();
         Ok(Arc::new(Remediator {
             cfg,
             ch,
             kube,
             http,
             busy: Mutex::default(),
+            again,
+            again_rx: tokio::sync::Mutex::new(again_rx),
             starts: Default::default(),
             cancel,
             steps: Family::default(),
@@ -206,9 +213,14 @@ impl Remediator {
         // Acknowledged at most once a second (and with each bookmark when idle): a restart replays
         // that much, and a replayed event is harmless (a fault is looked up, never trusted).
         let mut acked = Instant::now();
+        let mut again = self.again_rx.lock().await;
         loop {
             let msg = tokio::select! {
                 _ = self.cancel.cancelled() => return Ok(()),
+                Some(fault_id) = again.recv() => {
+                    self.clone().consider(fault_id, false).await;
+                    continue;
+                }
                 m = stream.message() => m.map_err(|s| s.message().to_owned())?,
             };
             let Some(msg) = msg else { return Err("the center ended the stream".into()) };
@@ -258,8 +270,13 @@ impl Remediator {
             tracing::debug!(fault_id, kind = %fault.r#type, "no playbook for this fault");
             return;
         };
-        if !self.busy.lock().expect("busy lock").insert(fault.node.clone()) {
-            return;
+        {
+            let mut busy = self.busy.lock().expect("busy lock");
+            if let Some(waiting) = busy.get_mut(&fault.node) {
+                waiting.insert(fault.id);
+                return;
+            }
+            busy.insert(fault.node.clone(), BTreeSet::new());
         }
         let this = self.clone();
         tokio::spawn(async move {
@@ -276,7 +293,11 @@ impl Remediator {
                     tracing::warn!(node = %node, fault_id = id, reason = %why, "remediation escalated")
                 }
             }
-            this.busy.lock().expect("busy lock").remove(&node);
+            let waiting = this.busy.lock().expect("busy lock").remove(&node).unwrap_or_default();
+            for fault_id in waiting.into_iter().filter(|w| *w != id) {
+                // The follow loop considers it (a closed channel: shutting down).
+                let _ = this.again.send(fault_id);
+            }
         });
     }
 

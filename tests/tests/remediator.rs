@@ -190,6 +190,51 @@ fn node_names(n: usize) -> Vec<String> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fault_that_opens_while_its_node_is_in_hand_is_remediated_after() {
+    let center = EventCenter::start(CENTER).await;
+    let api = kubeapi::Server::start().await;
+    let nodes = node_names(1);
+    api.kube.add_node(&nodes[0]);
+    let _conns = register(&center, &nodes).await;
+    // Steps end within 5 s: a release that waits on an open condition gives up and escalates.
+    let quick = "poll_interval = \"200ms\"\nstep_deadline = \"5s\"\nmigration_timeout = \"1s\"\n";
+    let playbooks = format!("{quick}{}{}", heal_playbook("FirstFault"), heal_playbook("SecondFault"));
+    let _remediator = Remediator::start(&center.url(), &api.kubeconfig, &playbooks);
+    // The first fault's remediation holds the node: it waits at `verify` until the fault clears.
+    report(&center, "first", "n00", "FirstFault", true).await;
+    let first = wait_for("the first fault", Duration::from_secs(30), || async {
+        fault_ids(&center, "FirstFault").await.first().copied()
+    })
+    .await;
+    wait_for("the first fault's isolation", Duration::from_secs(30), || async {
+        steps(&center, first).await.contains(&"isolate".to_owned()).then_some(())
+    })
+    .await;
+    // A second fault on the node meanwhile: one remediation per node, so it waits its turn.
+    report(&center, "second", "n00", "SecondFault", true).await;
+    let second = wait_for("the second fault", Duration::from_secs(30), || async {
+        fault_ids(&center, "SecondFault").await.first().copied()
+    })
+    .await;
+    // The first clears; its release waits on the second's open condition, gives up and leaves
+    // the node isolated for a person.
+    report(&center, "first-cleared", "n00", "FirstFault", false).await;
+    wait_for("the first fault escalated", Duration::from_secs(30), || async {
+        steps(&center, first).await.contains(&"escalate".to_owned()).then_some(())
+    })
+    .await;
+    // Then the second's turn comes, though nothing reported it again: its remediation starts,
+    // finds the node held for a person (the first's isolation permit) and escalates too.
+    let second_steps = wait_for("the second fault taken in hand", Duration::from_secs(30), || async {
+        let s = steps(&center, second).await;
+        s.contains(&"escalate".to_owned()).then_some(s)
+    })
+    .await;
+    assert_eq!(second_steps.first().map(String::as_str), Some("start"), "{second_steps:?}");
+    assert_eq!(cordoned_and_tainted(&api.kube.node("n00"), TAINT), (true, true), "still isolated, for a person");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn old_events_replayed_after_a_restart_trigger_nothing() {
     let center = EventCenter::start(CENTER).await;
     let api = kubeapi::Server::start().await;
