@@ -138,15 +138,21 @@ pub fn wait_for_file(p: &Path) {
     }
 }
 
-/// A spec for the package with holdable scriptlets, nk-slow, at `version`.
-pub fn slow_spec(n: &Node, version: &str) -> PathBuf {
-    let path = n.path("slow.toml");
+/// A spec file `<name>.toml` with one component `name`: `package` at `version` from the test
+/// repository, then the TOML in `extra` (for the repository table).
+pub fn one_component(n: &Node, name: &str, package: &str, version: &str, extra: &str) -> PathBuf {
+    let path = n.path(&format!("{name}.toml"));
     let text = format!(
-        "[[component]]\nname = \"slow\"\npackage = \"nk-slow\"\nversion = \"{version}\"\n[[component.repositories]]\nid = \"nk-test\"\nbase_url = \"{}\"\n",
+        "[[component]]\nname = \"{name}\"\npackage = \"{package}\"\nversion = \"{version}\"\n[[component.repositories]]\nid = \"nk-test\"\nbase_url = \"{}\"\n{extra}",
         rpm_repo().url()
     );
     std::fs::write(&path, text).unwrap();
     path
+}
+
+/// A spec for the package with holdable scriptlets, nk-slow, at `version`.
+pub fn slow_spec(n: &Node, version: &str) -> PathBuf {
+    one_component(n, "slow", "nk-slow", version, "")
 }
 
 /// A command's success and output (stdout and stderr).

@@ -6,7 +6,7 @@
 use std::process::Stdio;
 use std::time::Duration;
 
-use nodekeeper_tests::rpmnode::Node;
+use nodekeeper_tests::rpmnode::{Node, one_component};
 use nodekeeper_tests::{bin, rpm_installed, rpm_repo};
 
 #[test]
@@ -260,15 +260,7 @@ fn an_http_health_check_that_gets_no_answer_rolls_the_change_back() {
 #[test]
 fn the_roots_own_repositories_stay_enabled_and_repository_options_reach_dnf() {
     let n = Node::new();
-    let spec = |extra: &str| {
-        let path = n.path("needs.toml");
-        let text = format!(
-            "[[component]]\nname = \"needs\"\npackage = \"nk-needs-dep\"\nversion = \"1.0-1\"\n[[component.repositories]]\nid = \"nk-test\"\nbase_url = \"{}\"\n{extra}",
-            rpm_repo().url()
-        );
-        std::fs::write(&path, text).unwrap();
-        path
-    };
+    let spec = |extra: &str| one_component(&n, "needs", "nk-needs-dep", "1.0-1", extra);
     // An exclude on the component's repository: dnf is told, and finds nothing to install.
     let (code, out) = n.apply(&spec("exclude = [\"nk-needs*\"]\npriority = 10\n"));
     assert_eq!(code, 4, "{out}");
