@@ -144,14 +144,10 @@ impl Manager {
             let name = j.component.clone();
             // After an interruption rpm's record comes first: one version, files that verify.
             // The version kept is the one the change was taking the component to, if recorded.
-            let recorded = ComponentSpec {
-                repositories: specs
-                    .iter()
-                    .find(|s| s.package == j.package)
-                    .map(|s| s.repositories.clone())
-                    .unwrap_or_default(),
-                ..ComponentSpec { name: name.clone(), package: j.package.clone(), ..Default::default() }
-            };
+            let repositories =
+                specs.iter().find(|s| s.package == j.package).map(|s| s.repositories.clone()).unwrap_or_default();
+            let recorded =
+                ComponentSpec { name: name.clone(), package: j.package.clone(), repositories, ..Default::default() };
             let to = Evr::parse(&j.to).ok();
             match self.repair(&recorded, to.as_ref()).await {
                 Ok(done) => done.iter().for_each(|d| log(format!("{name}: repaired: {d}"))),
