@@ -321,7 +321,10 @@ async fn a_full_disk_is_refused_early_alerted_and_recovered_with_nothing_lost() 
     ));
     center.data_dir = disk.mount.join("data");
     center.spawn().await;
-    let agent = Agent::start(AgentSpec::new("node-d", &center.url())).await;
+    // When room returns the center closes the stream so that the agent resends what it holds; the
+    // agent's first reconnect waits up to 1.2 s (backoff with jitter), so the grace (three
+    // heartbeats) must be longer than that on a loaded machine: 3 s, not the 1.5 s of 500 ms beats.
+    let agent = Agent::start(AgentSpec { heartbeat: "1s", ..AgentSpec::new("node-d", &center.url()) }).await;
     agent.wait_connected().await;
     agent.emit((0..10).map(|i| good(&format!("before {i}"))).collect()).await;
     agent.wait_drained().await;
