@@ -73,6 +73,10 @@ pub struct ComponentManagerConfig {
     /// `["systemd-run", "--quiet", "--wait", "--pipe", "--collect", "--"]` (the packaged
     /// config); empty: dnf runs as the agent's child.
     pub transaction_runner: Vec<String>,
+    /// Keep the components' packages out of every other dnf run on the node (dnf's main
+    /// `excludepkgs` in /etc/dnf/dnf.conf, the agent's entries only), so that a plain
+    /// `dnf upgrade` does not move them.
+    pub version_lock: bool,
 }
 
 impl Default for ComponentManagerConfig {
@@ -90,6 +94,7 @@ impl Default for ComponentManagerConfig {
             dnf: "dnf".into(),
             systemctl: "systemctl".into(),
             transaction_runner: Vec::new(),
+            version_lock: true,
         }
     }
 }
@@ -395,8 +400,9 @@ mod tests {
     fn shipped_component_spec_parses_and_validates() {
         let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../packaging/components.toml");
         let specs = crate::components::spec::load(&path).unwrap();
-        assert_eq!(specs.len(), 1);
-        crate::components::spec::validate(&specs[0], &[PathBuf::from("/etc")]).unwrap();
+        assert_eq!(specs.len(), 2);
+        assert_eq!(crate::components::spec::packages(&specs[1]), ["kubelet", "kubeadm", "kubectl", "cri-tools"]);
+        crate::components::spec::validate_all(&specs, &[PathBuf::from("/etc")], None).unwrap();
     }
 
     #[test]

@@ -85,6 +85,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             step_timeout: cm.step_timeout,
             verify_interval: (!cm.verify_interval.is_zero()).then_some(cm.verify_interval),
             transaction_runner: cm.transaction_runner.clone(),
+            version_lock: cm.version_lock,
         };
         let driver = components::driver::Driver {
             manager: components::Manager::new(settings),

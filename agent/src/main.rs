@@ -393,6 +393,8 @@ async fn components_apply(a: ApplyArgs) -> ExitCode {
         verify_interval: a.verify.then_some(std::time::Duration::ZERO),
         // Run by an operator in a shell, not in the service's sandbox.
         transaction_runner: Vec::new(),
+        // The same lock as the agent's: the packages stay out of the node's other dnf runs.
+        version_lock: true,
     };
     let mut manager = Manager::new(settings);
     // Steps as they happen, on stderr; the report, on stdout.

@@ -96,6 +96,8 @@ async fn main() {
         // As the agent's default: the first pass verifies, the next ones are due in a day.
         verify_interval: Some(Duration::from_secs(24 * 3600)),
         transaction_runner: Vec::new(),
+        // As the agent's default: every pass keeps the version lock (reads dnf.conf).
+        version_lock: true,
     });
     let mut quiet = |_: String| {};
     for (name, o) in m.reconcile(&specs, &mut quiet).await {

@@ -235,6 +235,31 @@ pub fn client_config(files: &TlsFiles) -> Result<Arc<rustls::ClientConfig>, TlsE
     Ok(Arc::new(config))
 }
 
+/// A client config for an HTTPS health check: trusting the CAs in `ca` (a PEM bundle; a
+/// self-signed server certificate may be its own), else the system's trust store; HTTP/1.1.
+pub fn https_client_config(ca: Option<&Path>) -> Result<Arc<rustls::ClientConfig>, TlsError> {
+    let mut roots = rustls::RootCertStore::empty();
+    match ca {
+        Some(ca) => {
+            for c in load_certs(ca)? {
+                roots.add(c).map_err(|e| TlsError::Config(format!("CA {}: {e}", ca.display())))?;
+            }
+        }
+        None => {
+            // Certificates the system store holds that rustls cannot use are left out.
+            let found = rustls_native_certs::load_native_certs();
+            roots.add_parsable_certificates(found.certs);
+        }
+    }
+    let mut config = rustls::ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| TlsError::Config(e.to_string()))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Arc::new(config))
+}
+
 /// A client endpoint for `url`; with `tls`, mutual TLS trusting `tls.ca` and presenting
 /// `tls.cert`. The files are read now, so an endpoint made for each connection picks up rotated
 /// credentials.

@@ -773,7 +773,9 @@ pub fn cpu_and_rss(pid: u32) -> (f64, u64) {
 /// Real RPMs built once per test binary with rpmbuild and published with createrepo_c:
 /// `nk-demo` 1.0-1, 1.1-1 (healthy) and 1.2-1 (its HEALTH file says "broken"), each with a
 /// `%config(noreplace)` file /etc/nk-demo/demo.conf and a unit file; `nk-conflict` 1.0-1, which
-/// requires a package no repository has.
+/// requires a package no repository has; nk-kube and nk-kubeadm 1.0-1 and 2.0-1 with nk-ctr 1.5-1
+/// and 1.6-1 (one component); nk-slow (scriptlets that can be held); nk-needs-dep, which needs
+/// nk-dep of the second repository.
 /// The scriptlets of the test package nk-slow that a test can hold (see [`rpm_repo`]).
 pub const SCRIPTLETS: [&str; 4] = ["pre", "post", "posttrans", "preun"];
 
@@ -843,6 +845,20 @@ pub fn rpm_repo() -> &'static RpmRepo {
                      {scriptlets}%files\n/usr/lib/nk-slow/VERSION\n"
                 ),
             );
+        }
+        // The packages of one multi-package component (the last at a version of its own).
+        for (name, versions) in [("nk-kube", ["1.0", "2.0"]), ("nk-kubeadm", ["1.0", "2.0"]), ("nk-ctr", ["1.5", "1.6"])] {
+            for v in versions {
+                build(
+                    &format!("{name}-{v}"),
+                    format!(
+                        "Name: {name}\nVersion: {v}\nRelease: 1\nSummary: one of three\nLicense: MIT\nBuildArch: noarch\n\
+                         %description\nA package of a multi-package component.\n\
+                         %install\nmkdir -p %{{buildroot}}/usr/lib/{name}\necho {v} > %{{buildroot}}/usr/lib/{name}/VERSION\n\
+                         %files\n/usr/lib/{name}/VERSION\n"
+                    ),
+                );
+            }
         }
         // A package whose dependency only another repository (`deps`) has.
         build(

@@ -156,21 +156,15 @@ impl Driver {
             },
             Some(command::Action::ReinstallComponent(c)) => match find(&c.component) {
                 Some(_) if let Err(e) = self.manager.check(specs) => Err(e),
-                Some(spec) => {
-                    let installed = self
-                        .manager
-                        .tools
-                        .installed(&[&spec.package])
-                        .await
-                        .ok()
-                        .and_then(|m| m.get(&spec.package).cloned());
-                    match self.manager.apply_one(&spec, installed, true, &mut log_line).await {
+                Some(spec) => match self.manager.tools.installed(&super::spec::packages(&spec)).await {
+                    Err(e) => Err(format!("cannot read the installed packages: {e}")),
+                    Ok(installed) => match self.manager.apply_one(&spec, &installed, true, &mut log_line).await {
                         Outcome::Converged { .. } => Ok(format!("{} reinstalled at {}", spec.name, spec.version)),
                         Outcome::RolledBack(m) | Outcome::Failed(m) | Outcome::Invalid(m) | Outcome::Pending(m) => {
                             Err(m)
                         }
-                    }
-                }
+                    },
+                },
                 None => Err(format!("no component {:?} is desired on this node", c.component)),
             },
             _ => Err("not supported by this agent version".into()),

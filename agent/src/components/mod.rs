@@ -21,6 +21,7 @@
 pub mod accounts;
 pub mod driver;
 mod files;
+mod lock;
 mod recovery;
 pub mod rpm;
 pub mod spec;
@@ -65,6 +66,8 @@ pub struct Settings {
     pub verify_interval: Option<Duration>,
     /// A command prefix for dnf transactions (see `Tools::with_runner`).
     pub transaction_runner: Vec<String>,
+    /// Keep the components' packages out of every other dnf run on the node ([`lock`]).
+    pub version_lock: bool,
 }
 
 /// How one component's pass ended.
@@ -105,6 +108,25 @@ struct Journal {
     /// Why a rollback started.
     #[serde(default)]
     reason: String,
+    /// The component's other packages (`with_packages`), moved in the same transaction.
+    #[serde(default)]
+    with_packages: Vec<Move>,
+}
+
+/// One package of a change: the version it had (None: not installed) and the one it goes to.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct Move {
+    package: String,
+    from: Option<String>,
+    to: String,
+}
+
+impl Journal {
+    /// Every package the change moves, the component's own first.
+    fn moves(&self) -> Vec<Move> {
+        let own = Move { package: self.package.clone(), from: self.from.clone(), to: self.to.clone() };
+        std::iter::once(own).chain(self.with_packages.iter().cloned()).collect()
+    }
 }
 
 pub struct Manager {
@@ -124,6 +146,15 @@ pub struct Manager {
 
 fn class(action: RecommendedAction) -> Class {
     Class::new(Severity::Error, Category::Component, action)
+}
+
+/// The locked packages, for a log line.
+fn lock_summary(locked: &std::collections::BTreeSet<String>) -> String {
+    if locked.is_empty() {
+        "no packages locked".into()
+    } else {
+        format!("{} kept out of other dnf runs", locked.iter().cloned().collect::<Vec<_>>().join(", "))
+    }
 }
 
 /// `<Title>UpgradeFailed`, the condition a rollback opens.
@@ -150,6 +181,17 @@ impl Manager {
             s.step_timeout,
         )
         .with_runner(s.transaction_runner.clone());
+        let tools = if s.version_lock {
+            let conf = std::path::Path::new("/etc/dnf/dnf.conf");
+            let lock = lock::VersionLock::new(
+                tools.path(conf),
+                s.installroot.is_some().then(|| conf.to_owned()),
+                s.state_dir.join("components/locked.json"),
+            );
+            tools.with_version_lock(lock)
+        } else {
+            tools
+        };
         let rejected = std::fs::read(s.state_dir.join("components/rejected.json"))
             .ok()
             .and_then(|b| serde_json::from_slice(&b).ok())
@@ -236,10 +278,11 @@ impl Manager {
     ) -> Vec<(String, Outcome)> {
         self.retain(specs);
         if specs.is_empty() {
+            self.lock_versions(specs, log);
             return Vec::new();
         }
         let packages: Vec<&str> =
-            specs.iter().filter(|s| version::package_name(&s.package).is_ok()).map(|s| s.package.as_str()).collect();
+            specs.iter().flat_map(spec::packages).filter(|p| version::package_name(p).is_ok()).collect();
         let unreadable = |m: &mut Manager, e: ToolError| {
             let msg = format!("cannot read the installed packages: {e}");
             for s in specs {
@@ -260,6 +303,7 @@ impl Manager {
             }
             return specs.iter().map(|s| (s.name.clone(), Outcome::Invalid(msg.clone()))).collect();
         }
+        self.lock_versions(specs, log);
         let (installed, unrepaired) = match self.installed_repaired(specs, &packages, &versions, log).await {
             Ok(i) => i,
             Err(e) => return unreadable(self, e),
@@ -278,43 +322,58 @@ impl Manager {
                     self.set(spec, current.as_ref(), ComponentPhase::Failed, e, None);
                     Outcome::Failed(e.clone())
                 }
-                (None, Some(first)) if !self.settled(spec, current.as_ref()) => {
+                (None, Some(first)) if !self.settled(spec, &installed) => {
                     let e = format!("not changed: it comes after {first}, which has not converged");
                     log(format!("{}: {e}", spec.name));
                     self.set(spec, current.as_ref(), ComponentPhase::Pending, &e, None);
                     Outcome::Pending(e)
                 }
-                _ => self.apply_one(spec, current, false, log).await,
+                _ => self.apply_one(spec, &installed, false, log).await,
             };
             out.push((spec.name.clone(), o));
         }
         out
     }
 
+    /// The version lock on the packages of the present components (and on no others).
+    fn lock_versions(&self, specs: &[ComponentSpec], log: &mut (dyn FnMut(String) + Send)) {
+        let Some(lock) = &self.tools.version_lock else { return };
+        let locked = specs.iter().filter(|s| !s.absent).flat_map(spec::packages).map(str::to_owned).collect();
+        match lock.set(&locked) {
+            Ok(false) => {}
+            Ok(true) => log(format!("version lock: {}", lock_summary(&locked))),
+            Err(e) => log(format!("cannot lock the components' versions: {e}")),
+        }
+    }
+
     /// Whether `spec` is at its desired state already (nothing for a pass to change).
-    fn settled(&self, spec: &ComponentSpec, installed: Option<&Evr>) -> bool {
+    fn settled(&self, spec: &ComponentSpec, installed: &HashMap<String, Evr>) -> bool {
         match spec::validate(spec, &self.s.config_roots) {
-            Ok(Some(target)) => installed == Some(&target) && self.drift(spec).is_empty(),
-            Ok(None) => installed.is_none(),
+            Ok(Some(_)) => {
+                let targets = spec::targets(spec).unwrap_or_default();
+                targets.iter().all(|t| installed.get(&t.package) == Some(&t.evr)) && self.drift(spec).is_empty()
+            }
+            Ok(None) => spec::packages(spec).iter().all(|p| !installed.contains_key(*p)),
             Err(_) => false,
         }
     }
 
     /// Brings one component to its spec. `reinstall`: even if it looks converged (and even if
-    /// this version was rolled back before).
+    /// this version was rolled back before). `installed`: at least the component's packages.
     pub async fn apply_one(
         &mut self,
         spec: &ComponentSpec,
-        installed: Option<Evr>,
+        installed: &HashMap<String, Evr>,
         reinstall: bool,
         log: &mut (dyn FnMut(String) + Send),
     ) -> Outcome {
+        let own = installed.get(&spec.package).cloned();
         let target = match spec::validate(spec, &self.s.config_roots) {
             Ok(Some(t)) => t,
             Ok(None) => return self.remove(spec, installed, log).await,
             Err(e) => {
                 log(format!("{}: invalid spec, nothing changed: {e}", spec.name));
-                self.set(spec, installed.as_ref(), ComponentPhase::Failed, &e, None);
+                self.set(spec, own.as_ref(), ComponentPhase::Failed, &e, None);
                 return Outcome::Invalid(e);
             }
         };
@@ -322,58 +381,84 @@ impl Manager {
             let e = self.status.get(&spec.name).map(|s| s.last_error.clone()).filter(|e| !e.is_empty()).unwrap_or_else(
                 || format!("version {} was rolled back; set another version or reinstall", spec.version),
             );
-            self.set(spec, installed.as_ref(), ComponentPhase::Failed, &e, None);
+            self.set(spec, own.as_ref(), ComponentPhase::Failed, &e, None);
             return Outcome::Failed(e);
         }
         let drift = self.drift(spec);
-        let verb = if reinstall {
-            Some(if installed.is_some() { Verb::Reinstall } else { Verb::Install })
-        } else {
-            Verb::between(installed.as_ref(), &target)
-        };
+        // Each package where it is and where it goes; a reinstall moves all of them when all are
+        // at their versions already, else the ones that differ.
+        let moves: Vec<(spec::Target, Option<Evr>, Option<Verb>)> = spec::targets(spec)
+            .unwrap_or_default()
+            .into_iter()
+            .map(|t| {
+                let from = installed.get(&t.package).cloned();
+                let verb = Verb::between(from.as_ref(), &t.evr);
+                (t, from, verb)
+            })
+            .collect();
+        let reinstalling = reinstall && moves.iter().all(|(_, _, v)| v.is_none());
+        let moving: Vec<_> = moves.iter().filter(|(_, _, v)| reinstalling || v.is_some()).collect();
+        let verb =
+            if reinstalling { Some(Verb::Reinstall) } else { Verb::combined(moving.iter().filter_map(|(_, _, v)| *v)) };
         if verb.is_none() && drift.is_empty() {
-            self.set(spec, installed.as_ref(), ComponentPhase::Converged, "", None);
+            self.set(spec, own.as_ref(), ComponentPhase::Converged, "", None);
             return Outcome::Converged { changed: false };
         }
-        let what = match (verb, &installed) {
-            (Some(v), Some(from)) => format!("{} {} from {from} to {target}", v_name(v), spec.package),
-            (Some(v), None) => format!("{} {} {target}", v_name(v), spec.package),
-            (None, _) => format!("repair config {}", drift.join(", ")),
+        let what = match verb {
+            Some(_) => moving
+                .iter()
+                .map(|(t, from, v)| match (from, v) {
+                    (Some(f), Some(v)) => format!("{} {} from {f} to {}", v_name(*v), t.package, t.evr),
+                    (Some(f), None) => format!("reinstall {} {f}", t.package),
+                    (None, _) => format!("install {} {}", t.package, t.evr),
+                })
+                .collect::<Vec<_>>()
+                .join(", "),
+            None => format!("repair config {}", drift.join(", ")),
         };
         log(format!("{}: {what}", spec.name));
         let mut j = Journal {
             component: spec.name.clone(),
             package: spec.package.clone(),
             step: Step::Begun,
-            from: installed.as_ref().map(Evr::to_string),
+            from: own.as_ref().map(Evr::to_string),
             to: target.to_string(),
             package_changes: verb.is_some(),
             unit: spec.systemd_unit.clone(),
             backups: self.backups(spec),
             reason: String::new(),
+            with_packages: moves
+                .iter()
+                .skip(1)
+                .map(|(t, from, _)| Move {
+                    package: t.package.clone(),
+                    from: from.as_ref().map(Evr::to_string),
+                    to: t.evr.to_string(),
+                })
+                .collect(),
         };
         if let Err(e) = self.write_journal(&j) {
-            self.set(spec, installed.as_ref(), ComponentPhase::Failed, &e, None);
+            self.set(spec, own.as_ref(), ComponentPhase::Failed, &e, None);
             return Outcome::Failed(e);
         }
-        self.set(spec, installed.as_ref(), ComponentPhase::Installing, "", None);
+        self.set(spec, own.as_ref(), ComponentPhase::Installing, "", None);
         if let Err(e) = self.hook(&spec.pre_hook, "pre-hook", self.timeout(spec)).await {
             log(format!("{}: {e}; nothing changed", spec.name));
             self.clear_journal(&spec.name);
-            self.set(spec, installed.as_ref(), ComponentPhase::Failed, &e, None);
+            self.set(spec, own.as_ref(), ComponentPhase::Failed, &e, None);
             return Outcome::Failed(e);
         }
         if let Some(v) = verb {
-            if let Err(e) =
-                self.tools.transaction(v, &spec.package, &target, &spec.repositories, self.timeout(spec)).await
-            {
+            let packages: Vec<(&str, &Evr)> = moving.iter().map(|(t, _, _)| (t.package.as_str(), &t.evr)).collect();
+            if let Err(e) = self.tools.transaction(v, &packages, &spec.repositories, self.timeout(spec)).await {
                 let e = e.to_string();
                 log(format!("{}: {e}; nothing changed", spec.name));
                 self.clear_journal(&spec.name);
-                self.set(spec, installed.as_ref(), ComponentPhase::Failed, &e, None);
+                self.set(spec, own.as_ref(), ComponentPhase::Failed, &e, None);
                 return Outcome::Failed(e);
             }
-            log(format!("{}: {} {target} installed", spec.name, spec.package));
+            let done: Vec<String> = packages.iter().map(|(p, evr)| format!("{p} {evr}")).collect();
+            log(format!("{}: {} installed", spec.name, done.join(", ")));
         }
         j.step = Step::Installed;
         if let Err(e) = self.write_journal(&j) {
@@ -382,19 +467,23 @@ impl Manager {
         self.finish(spec, j, log).await
     }
 
-    /// An absent component: its unit stopped and its package removed, if installed.
+    /// An absent component: its unit stopped and its packages removed, if installed.
     async fn remove(
         &mut self,
         spec: &ComponentSpec,
-        installed: Option<Evr>,
+        installed: &HashMap<String, Evr>,
         log: &mut (dyn FnMut(String) + Send),
     ) -> Outcome {
-        let Some(from) = installed else {
+        let present: Vec<(&str, &Evr)> =
+            spec::packages(spec).into_iter().filter_map(|p| installed.get(p).map(|evr| (p, evr))).collect();
+        let own = installed.get(&spec.package);
+        if present.is_empty() {
             self.set(spec, None, ComponentPhase::Converged, "", Some(false));
             return Outcome::Converged { changed: false };
-        };
-        log(format!("{}: remove {} {from}", spec.name, spec.package));
-        self.set(spec, Some(&from), ComponentPhase::Installing, "", None);
+        }
+        let listed: Vec<String> = present.iter().map(|(p, evr)| format!("{p} {evr}")).collect();
+        log(format!("{}: remove {}", spec.name, listed.join(", ")));
+        self.set(spec, own, ComponentPhase::Installing, "", None);
         let timeout = self.timeout(spec);
         let steps = async {
             if !spec.systemd_unit.is_empty() {
@@ -403,14 +492,14 @@ impl Manager {
             }
             self.hook(&spec.pre_hook, "pre-hook", timeout).await?;
             self.tools
-                .transaction(Verb::Remove, &spec.package, &from, &spec.repositories, timeout)
+                .transaction(Verb::Remove, &present, &spec.repositories, timeout)
                 .await
                 .map_err(|e| e.to_string())?;
             self.hook(&spec.post_hook, "post-hook", timeout).await
         };
         match steps.await {
             Ok(()) => {
-                log(format!("{}: {} removed", spec.name, spec.package));
+                log(format!("{}: removed", spec.name));
                 self.set(spec, None, ComponentPhase::Converged, "", Some(false));
                 Outcome::Converged { changed: true }
             }
@@ -500,23 +589,9 @@ impl Manager {
         let _ = self.write_journal(&j);
         let to = Evr::parse(&j.to).ok();
         self.set(spec, to.as_ref(), ComponentPhase::RollingBack, &reason, Some(false));
-        let from = j.from.as_deref().and_then(|f| Evr::parse(f).ok());
         let mut result: Result<(), String> = Ok(());
         if j.package_changes {
-            let installed = self.tools.installed(&[&j.package]).await.ok().and_then(|m| m.get(&j.package).cloned());
-            let step = match (&from, &installed) {
-                (Some(f), Some(i)) if f == i => None,
-                (Some(f), i) => Verb::between(i.as_ref(), f).map(|v| (v, f.clone())),
-                (None, Some(i)) => Some((Verb::Remove, i.clone())),
-                (None, None) => None,
-            };
-            if let Some((v, evr)) = step {
-                result = self
-                    .tools
-                    .transaction(v, &j.package, &evr, &spec.repositories, self.timeout(spec))
-                    .await
-                    .map_err(|e: ToolError| e.to_string());
-            }
+            result = self.packages_back(spec, &j.moves()).await;
         }
         if result.is_ok() {
             result = self.restore(&j.backups);
@@ -574,6 +649,36 @@ impl Manager {
                 Outcome::Failed(msg)
             }
         }
+    }
+
+    /// Every package of a change back at the version it had: the ones it had, in one
+    /// transaction, then the ones it did not have removed.
+    async fn packages_back(&self, spec: &ComponentSpec, moves: &[Move]) -> Result<(), String> {
+        let names: Vec<&str> = moves.iter().map(|m| m.package.as_str()).collect();
+        let now = self.tools.installed(&names).await.map_err(|e| e.to_string())?;
+        let (mut back, mut gone) = (Vec::new(), Vec::new());
+        for m in moves {
+            let from = m.from.as_deref().and_then(|f| Evr::parse(f).ok());
+            match (from, now.get(&m.package)) {
+                (Some(f), i) if i != Some(&f) => back.push((m.package.as_str(), Verb::between(i, &f), f)),
+                (None, Some(i)) => gone.push((m.package.as_str(), i)),
+                _ => {}
+            }
+        }
+        if let Some(verb) = Verb::combined(back.iter().filter_map(|(_, v, _)| *v)) {
+            let packages: Vec<(&str, &Evr)> = back.iter().map(|(p, _, evr)| (*p, evr)).collect();
+            self.tools
+                .transaction(verb, &packages, &spec.repositories, self.timeout(spec))
+                .await
+                .map_err(|e| e.to_string())?;
+        }
+        if !gone.is_empty() {
+            self.tools
+                .transaction(Verb::Remove, &gone, &spec.repositories, self.timeout(spec))
+                .await
+                .map_err(|e| e.to_string())?;
+        }
+        Ok(())
     }
 
     /// The `restart component` command: restart its unit and check its health.

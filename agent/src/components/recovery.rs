@@ -9,6 +9,7 @@ use std::time::Instant;
 use nodekeeper_proto::v1::{Category, ComponentSpec, RecommendedAction, Severity};
 
 use super::rpm::{ToolError, Verb};
+use super::spec;
 use super::version::Evr;
 use super::{Journal, Manager, Outcome, SOURCE, Step};
 use crate::monitor::{Class, Finding};
@@ -25,18 +26,23 @@ impl Manager {
         versions: &HashMap<String, Vec<Evr>>,
         log: &mut (dyn FnMut(String) + Send),
     ) -> Result<(HashMap<String, Evr>, HashMap<String, String>), ToolError> {
-        let doubled: Vec<&ComponentSpec> =
-            specs.iter().filter(|s| versions.get(&s.package).is_some_and(|v| v.len() > 1)).collect();
         let mut unrepaired = HashMap::new();
-        let doubled_any = !doubled.is_empty();
-        for spec in doubled {
-            let target = Evr::parse(&spec.version).ok();
-            match self.repair(spec, target.as_ref()).await {
-                Ok(done) => done.iter().for_each(|d| log(format!("{}: repaired: {d}", spec.name))),
-                Err(e) => {
-                    let e = format!("rpm records several versions of {} and the repair failed: {e}", spec.package);
-                    log(format!("{}: {e}", spec.name));
-                    unrepaired.insert(spec.name.clone(), e);
+        let mut doubled_any = false;
+        for spec in specs {
+            let targets = spec::targets(spec).unwrap_or_default();
+            for package in spec::packages(spec) {
+                if versions.get(package).is_none_or(|v| v.len() <= 1) {
+                    continue;
+                }
+                doubled_any = true;
+                let keep = targets.iter().find(|t| t.package == package).map(|t| &t.evr);
+                match self.repair(spec, package, keep).await {
+                    Ok(done) => done.iter().for_each(|d| log(format!("{}: repaired: {d}", spec.name))),
+                    Err(e) => {
+                        let e = format!("rpm records several versions of {package} and the repair failed: {e}");
+                        log(format!("{}: {e}", spec.name));
+                        unrepaired.insert(spec.name.clone(), e);
+                    }
                 }
             }
         }
@@ -61,44 +67,48 @@ impl Manager {
             return;
         }
         self.verified = Some(Instant::now());
-        for spec in specs.iter().filter(|s| !s.absent) {
-            let target = Evr::parse(&spec.version).ok();
-            if target.is_none() || installed.get(&spec.package) != target.as_ref() {
+        for spec in specs {
+            let Some(targets) = spec::targets(spec) else { continue };
+            if targets.iter().any(|t| installed.get(&t.package) != Some(&t.evr)) {
                 continue;
             }
-            match self.repair(spec, target.as_ref()).await {
-                Ok(done) => done.iter().for_each(|d| log(format!("{}: repaired: {d}", spec.name))),
-                Err(e) => log(format!("{}: cannot verify or repair its files: {e}", spec.name)),
+            for t in &targets {
+                match self.repair(spec, &t.package, Some(&t.evr)).await {
+                    Ok(done) => done.iter().for_each(|d| log(format!("{}: repaired: {d}", spec.name))),
+                    Err(e) => log(format!("{}: cannot verify or repair the files of {}: {e}", spec.name, t.package)),
+                }
             }
         }
     }
 
-    /// After a restart: finishes or undoes every transition a journal says was under way. A
-    /// transition is resumed when the package is where the journal says and the desired state
-    /// still wants it; otherwise it is rolled back.
-    /// Makes rpm's record of `package` true again after a transaction was cut short: one version
-    /// recorded (`keep` when it is among them, else the newest), and its files as rpm has them
-    /// (reinstalled from `spec`'s repositories when they do not verify). Returns what it repaired.
-    pub(super) async fn repair(&mut self, spec: &ComponentSpec, keep: Option<&Evr>) -> Result<Vec<String>, String> {
+    /// Makes rpm's record of `package` (one of `spec`'s) true again after a transaction was cut
+    /// short: one version recorded (`keep` when it is among them, else the newest), and its files
+    /// as rpm has them (reinstalled from `spec`'s repositories when they do not verify). Returns
+    /// what it repaired.
+    pub(super) async fn repair(
+        &mut self,
+        spec: &ComponentSpec,
+        package: &str,
+        keep: Option<&Evr>,
+    ) -> Result<Vec<String>, String> {
         let mut done = Vec::new();
-        let versions = self.tools.versions(&[&spec.package]).await.map_err(|e| e.to_string())?;
-        let versions = versions.get(&spec.package).cloned().unwrap_or_default();
+        let versions = self.tools.versions(&[package]).await.map_err(|e| e.to_string())?;
+        let versions = versions.get(package).cloned().unwrap_or_default();
         let Some(newest) = versions.last().cloned() else { return Ok(done) };
         let kept = keep.filter(|k| versions.contains(k)).cloned().unwrap_or(newest);
         for v in versions.iter().filter(|v| **v != kept) {
-            self.tools.forget(&spec.package, v).await.map_err(|e| e.to_string())?;
+            self.tools.forget(package, v).await.map_err(|e| e.to_string())?;
             done.push(format!(
-                "removed the record of {} {v} that an interrupted transaction left beside {kept}",
-                spec.package
+                "removed the record of {package} {v} that an interrupted transaction left beside {kept}"
             ));
         }
-        let failing = self.tools.verify(&spec.package).await.map_err(|e| e.to_string())?;
+        let failing = self.tools.verify(package).await.map_err(|e| e.to_string())?;
         if !failing.is_empty() {
             self.tools
-                .transaction(Verb::Reinstall, &spec.package, &kept, &spec.repositories, self.timeout(spec))
+                .transaction(Verb::Reinstall, &[(package, &kept)], &spec.repositories, self.timeout(spec))
                 .await
-                .map_err(|e| format!("reinstalling {} {kept}, whose files do not verify: {e}", spec.package))?;
-            done.push(format!("reinstalled {} {kept}: {} did not verify", spec.package, failing.join("; ")));
+                .map_err(|e| format!("reinstalling {package} {kept}, whose files do not verify: {e}"))?;
+            done.push(format!("reinstalled {package} {kept}: {} did not verify", failing.join("; ")));
         }
         if !done.is_empty() {
             self.findings.push(
@@ -114,6 +124,9 @@ impl Manager {
         Ok(done)
     }
 
+    /// After a restart: finishes or undoes every transition a journal says was under way. A
+    /// transition is resumed when the packages are where the journal says and the desired state
+    /// still wants them; otherwise it is rolled back.
     pub async fn recover(
         &mut self,
         specs: &[ComponentSpec],
@@ -148,17 +161,27 @@ impl Manager {
                 specs.iter().find(|s| s.package == j.package).map(|s| s.repositories.clone()).unwrap_or_default();
             let recorded =
                 ComponentSpec { name: name.clone(), package: j.package.clone(), repositories, ..Default::default() };
-            let to = Evr::parse(&j.to).ok();
-            match self.repair(&recorded, to.as_ref()).await {
-                Ok(done) => done.iter().for_each(|d| log(format!("{name}: repaired: {d}"))),
-                Err(e) => log(format!("{name}: cannot repair rpm's record: {e}")),
+            let moves = j.moves();
+            for m in &moves {
+                let to = Evr::parse(&m.to).ok();
+                match self.repair(&recorded, &m.package, to.as_ref()).await {
+                    Ok(done) => done.iter().for_each(|d| log(format!("{name}: repaired: {d}"))),
+                    Err(e) => log(format!("{name}: cannot repair rpm's record of {}: {e}", m.package)),
+                }
             }
-            let installed = self.tools.installed(&[&j.package]).await.ok().and_then(|m| m.get(&j.package).cloned());
-            let at_target = installed.as_ref().map(Evr::to_string).as_deref() == Some(j.to.as_str());
+            let names: Vec<&str> = moves.iter().map(|m| m.package.as_str()).collect();
+            let installed = self.tools.installed(&names).await.unwrap_or_default();
+            let at_target =
+                moves.iter().all(|m| installed.get(&m.package).map(Evr::to_string).as_deref() == Some(m.to.as_str()));
             let current = specs.iter().find(|s| s.name == j.component);
-            // The desired state still asks for the version the journal was taking it to.
-            let wanted = current
-                .filter(|s| Evr::parse(&s.version).ok().map(|e| e.to_string()).as_deref() == Some(j.to.as_str()));
+            // The desired state still asks for the versions the journal was taking it to.
+            let wanted = current.filter(|s| {
+                let targets = spec::targets(s).unwrap_or_default();
+                targets
+                    .iter()
+                    .map(|t| (t.package.clone(), t.evr.to_string()))
+                    .eq(moves.iter().map(|m| (m.package.clone(), m.to.clone())))
+            });
             // For a rollback: the component's repositories and unit as the desired state has them now.
             let mut undo = current.cloned().unwrap_or_else(|| ComponentSpec {
                 name: j.component.clone(),
@@ -176,7 +199,7 @@ impl Manager {
                 (Step::Begun, Some(spec)) if !at_target => {
                     // Nothing was changed yet: start the same transition again.
                     self.clear_journal(&spec.name);
-                    let o = self.apply_one(spec, installed, false, log).await;
+                    let o = self.apply_one(spec, &installed, false, log).await;
                     ("resumed", o)
                 }
                 (_, Some(spec)) if at_target || !j.package_changes => {

@@ -13,6 +13,7 @@ use nix::fcntl::{Flock, FlockArg};
 use nodekeeper_proto::v1::Repository;
 use tokio::sync::Mutex;
 
+use super::lock::VersionLock;
 use super::version::{Evr, package_name};
 
 /// Why a package tool failed; `Unchanged` errors left the system as it was.
@@ -67,6 +68,12 @@ impl Verb {
             Some(_) => None,
         }
     }
+
+    /// One verb for a transaction that moves several packages: theirs when they agree, else
+    /// `install` (dnf installs explicit versions as upgrades or downgrades, as each needs).
+    pub fn combined(verbs: impl IntoIterator<Item = Verb>) -> Option<Verb> {
+        verbs.into_iter().reduce(|a, b| if a == b { a } else { Verb::Install })
+    }
 }
 
 /// The descriptor number the transaction lock has in dnf (any number dnf does not use itself).
@@ -87,6 +94,8 @@ pub struct Tools {
     /// on this file, inherited from the agent, until it exits, even when the agent that started
     /// it was killed.
     lock_file: PathBuf,
+    /// The node's version lock, lifted for the agent's own transactions.
+    pub version_lock: Option<VersionLock>,
 }
 
 /// A repository id: letters, digits and `. _ -`.
@@ -188,6 +197,7 @@ impl Tools {
             runner: Vec::new(),
             lock: Mutex::new(()),
             lock_file: state.join("transaction.lock"),
+            version_lock: None,
         }
     }
 
@@ -234,6 +244,12 @@ impl Tools {
     /// --collect --quiet --`), so that it runs outside the agent's own sandbox.
     pub fn with_runner(mut self, runner: Vec<String>) -> Tools {
         self.runner = runner;
+        self
+    }
+
+    /// Keeps the packages of the node's components locked at their versions (see [`VersionLock`]).
+    pub fn with_version_lock(mut self, lock: VersionLock) -> Tools {
+        self.version_lock = Some(lock);
         self
     }
 
@@ -285,17 +301,18 @@ impl Tools {
         Ok(found)
     }
 
-    /// One dnf transaction: `verb` the package at `evr` (ignored for Remove) from `repos` (none:
-    /// the system's repositories).
+    /// One dnf transaction: `verb` each package at its version (ignored for Remove) from `repos`
+    /// (none: the system's repositories).
     pub async fn transaction(
         &self,
         verb: Verb,
-        package: &str,
-        evr: &Evr,
+        packages: &[(&str, &Evr)],
         repos: &[Repository],
         timeout: Duration,
     ) -> Result<(), ToolError> {
-        package_name(package).map_err(ToolError::Failed)?;
+        for (package, _) in packages {
+            package_name(package).map_err(ToolError::Failed)?;
+        }
         for r in repos {
             repository(r).map_err(ToolError::Failed)?;
         }
@@ -321,9 +338,16 @@ impl Tools {
         for r in repos {
             cmd.args(repository_options(r));
         }
+        // The version lock holds against every other dnf run, not against the agent's own. A
+        // leading empty item clears the configured list (dnf appends command-line list values).
+        if let Some(others) = self.version_lock.as_ref().and_then(|l| l.others_excluded()) {
+            cmd.arg(format!("--setopt=excludepkgs=,{}", others.join(",")));
+        }
         cmd.arg(verb.as_str());
-        cmd.arg(if verb == Verb::Remove { package.to_owned() } else { evr.nevr(package) });
-        let what = format!("dnf {} {}", verb.as_str(), evr.nevr(package));
+        let args: Vec<String> =
+            packages.iter().map(|(p, evr)| if verb == Verb::Remove { (*p).to_owned() } else { evr.nevr(p) }).collect();
+        cmd.args(&args);
+        let what = format!("dnf {} {}", verb.as_str(), args.join(" "));
         let (ok, out, err) = self.run_for(cmd, &what, timeout).await?;
         if ok {
             return Ok(());

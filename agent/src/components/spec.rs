@@ -9,7 +9,7 @@ use std::path::{Component, Path, PathBuf};
 use std::time::Duration;
 
 use nodekeeper_proto::v1::{
-    ComponentSpec, ConfigFile, ExecCheck, HealthCheck, Repository, RestartPolicy, health_check::Check,
+    ComponentPackage, ComponentSpec, ConfigFile, ExecCheck, HealthCheck, Repository, RestartPolicy, health_check::Check,
 };
 use serde::Deserialize;
 
@@ -57,6 +57,18 @@ pub struct TomlComponent {
     /// "on-change" (default), "reload" (config changes reload the unit) or "never".
     #[serde(default)]
     pub restart_policy: Option<String>,
+    /// More packages moved with `package` in one transaction and rolled back with it.
+    #[serde(default)]
+    pub with_packages: Vec<TomlPackage>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TomlPackage {
+    pub package: String,
+    /// Empty: the component's version.
+    #[serde(default)]
+    pub version: String,
 }
 
 #[derive(Debug, Deserialize)]
@@ -103,6 +115,9 @@ pub struct TomlHealthCheck {
     pub unit_active: bool,
     pub http_url: Option<String>,
     pub command: Option<Vec<String>>,
+    /// For an https:// URL: the CAs to trust (default: the node's trust store).
+    #[serde(default)]
+    pub ca_file: String,
     #[serde(default, with = "nodekeeper_common::config::duration::option")]
     pub timeout: Option<Duration>,
     #[serde(default, with = "nodekeeper_common::config::duration::option")]
@@ -196,6 +211,7 @@ fn parse_located(path: &Path, text: &str) -> Result<(Vec<ComponentSpec>, Vec<usi
                     check: Some(check),
                     timeout: h.timeout.map(nodekeeper_common::time::to_duration),
                     deadline: h.deadline.map(nodekeeper_common::time::to_duration),
+                    ca_file: h.ca_file.clone(),
                 })
             }
         };
@@ -242,6 +258,11 @@ fn parse_located(path: &Path, text: &str) -> Result<(Vec<ComponentSpec>, Vec<usi
             after: c.after.clone(),
             absent,
             step_timeout: c.step_timeout.map(nodekeeper_common::time::to_duration),
+            with_packages: c
+                .with_packages
+                .iter()
+                .map(|p| ComponentPackage { package: p.package.clone(), version: p.version.clone() })
+                .collect(),
         });
     }
     let mut defects = unique(&out);
@@ -261,15 +282,48 @@ fn unique(specs: &[ComponentSpec]) -> Vec<Defect> {
             let message =
                 format!("component {:?} is listed twice (package {:?} and {:?})", s.name, first.package, s.package);
             defects.push(Defect { index: i, message });
-        } else if let Some(first) = specs[..i].iter().find(|o| o.package == s.package) {
-            let message = format!(
-                "component {:?}: package {:?} is already claimed by component {:?}",
-                s.name, s.package, first.name
-            );
+            continue;
+        }
+        let mine = packages(s);
+        for (j, p) in mine.iter().enumerate() {
+            let message = if mine[..j].contains(p) {
+                format!("component {:?}: package {p:?} is listed twice", s.name)
+            } else if let Some(first) = specs[..i].iter().find(|o| packages(o).contains(p)) {
+                format!("component {:?}: package {p:?} is already claimed by component {:?}", s.name, first.name)
+            } else {
+                continue;
+            };
             defects.push(Defect { index: i, message });
         }
     }
     defects
+}
+
+/// Every package of a component: its own first, then `with_packages`.
+pub fn packages(spec: &ComponentSpec) -> Vec<&str> {
+    std::iter::once(spec.package.as_str()).chain(spec.with_packages.iter().map(|p| p.package.as_str())).collect()
+}
+
+/// A package of a component and the version it is to have.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Target {
+    pub package: String,
+    pub evr: Evr,
+}
+
+/// Every package of a present component at its version, its own package first (None: the
+/// component is absent, or a version does not parse; [`validate`] says which).
+pub fn targets(spec: &ComponentSpec) -> Option<Vec<Target>> {
+    if spec.absent {
+        return None;
+    }
+    let own = Evr::parse(&spec.version).ok()?;
+    let mut out = vec![Target { package: spec.package.clone(), evr: own.clone() }];
+    for p in &spec.with_packages {
+        let evr = if p.version.is_empty() { own.clone() } else { Evr::parse(&p.version).ok()? };
+        out.push(Target { package: p.package.clone(), evr });
+    }
+    Some(out)
 }
 
 /// `after` names components of the spec, never the component itself, and makes no cycle.
@@ -361,13 +415,23 @@ pub fn validate(spec: &ComponentSpec, roots: &[PathBuf]) -> Result<Option<Evr>, 
     let what = |e: String| format!("component {:?}: {e}", spec.name);
     nodekeeper_common::names::component(&spec.name).map_err(|e| what(e.to_string()))?;
     package_name(&spec.package).map_err(what)?;
+    for p in &spec.with_packages {
+        package_name(&p.package).map_err(what)?;
+    }
     if spec.absent {
-        if !spec.version.is_empty() || !spec.config_files.is_empty() || spec.health_check.is_some() {
+        if !spec.version.is_empty()
+            || spec.with_packages.iter().any(|p| !p.version.is_empty())
+            || !spec.config_files.is_empty()
+            || spec.health_check.is_some()
+        {
             return Err(what("an absent component has no version, config files or health check".into()));
         }
         return Ok(None);
     }
     let evr = Evr::parse(&spec.version).map_err(what)?;
+    for p in spec.with_packages.iter().filter(|p| !p.version.is_empty()) {
+        Evr::parse(&p.version).map_err(|e| what(format!("package {:?}: {e}", p.package)))?;
+    }
     for r in &spec.repositories {
         repository(r).map_err(what)?;
     }
@@ -391,13 +455,17 @@ pub fn validate(spec: &ComponentSpec, roots: &[PathBuf]) -> Result<Option<Evr>, 
             return Err(what(format!("{hook}: the command must start with an absolute path")));
         }
     }
-    if let Some(HealthCheck { check: Some(c), .. }) = &spec.health_check {
+    if let Some(HealthCheck { check: Some(c), ca_file, .. }) = &spec.health_check {
+        let https = matches!(c, Check::HttpUrl(u) if u.starts_with("https://"));
+        if !ca_file.is_empty() && (!https || !Path::new(ca_file).is_absolute()) {
+            return Err(what(format!("health_check.ca_file {ca_file:?}: an absolute path, for an https:// URL")));
+        }
         match c {
             Check::Command(e) if e.argv.is_empty() || !Path::new(&e.argv[0]).is_absolute() => {
                 return Err(what("health_check.command must start with an absolute path".into()));
             }
-            Check::HttpUrl(u) if !u.starts_with("http://") => {
-                return Err(what(format!("health_check.http_url {u:?}: only http:// is supported")));
+            Check::HttpUrl(u) if !(u.starts_with("http://") || u.starts_with("https://")) => {
+                return Err(what(format!("health_check.http_url {u:?}: an http:// or https:// URL")));
             }
             Check::UnitActive(true) if spec.systemd_unit.is_empty() => {
                 return Err(what("health_check.unit_active needs a systemd unit".into()));
@@ -441,5 +509,23 @@ mod tests {
         s.package = "nk-demo".into();
         s.pre_hook = Some(ExecCheck { argv: vec!["rm".into()] });
         assert!(validate(&s, &roots).unwrap_err().contains("absolute path"));
+        s.pre_hook = None;
+        let check = |url: &str, ca: &str| HealthCheck {
+            check: Some(Check::HttpUrl(url.into())),
+            ca_file: ca.into(),
+            ..Default::default()
+        };
+        s.health_check = Some(check("https://localhost:10250/healthz", "/var/lib/kubelet/pki/kubelet.crt"));
+        validate(&s, &roots).unwrap();
+        s.health_check = Some(check("http://localhost:10248/healthz", "/etc/ca.pem"));
+        assert!(validate(&s, &roots).unwrap_err().contains("for an https:// URL"));
+        s.health_check = Some(check("ftp://localhost/", ""));
+        assert!(validate(&s, &roots).unwrap_err().contains("an http:// or https:// URL"));
+        s.health_check = None;
+        s.with_packages = vec![ComponentPackage { package: "kubeadm".into(), version: "1.1".into() }];
+        assert!(validate(&s, &roots).unwrap_err().contains("package \"kubeadm\""));
+        s.with_packages[0].version = String::new();
+        let t = targets(&s).unwrap();
+        assert_eq!((t[1].package.as_str(), t[1].evr.to_string()), ("kubeadm", "0:1.1-1".to_owned()));
     }
 }

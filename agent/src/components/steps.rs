@@ -56,7 +56,10 @@ impl Manager {
             let r = match &h.check {
                 None => return Ok(()),
                 Some(Check::Command(c)) => self.exec(&c.argv, timeout, "health check").await,
-                Some(Check::HttpUrl(u)) => nodekeeper_common::http::get(u, timeout).await,
+                Some(Check::HttpUrl(u)) => {
+                    let ca = (!h.ca_file.is_empty()).then(|| std::path::Path::new(&h.ca_file));
+                    nodekeeper_common::http::get_trusting(u, ca, timeout).await
+                }
                 Some(Check::UnitActive(false)) => return Ok(()),
                 Some(Check::UnitActive(true)) => {
                     let argv = vec![

@@ -77,7 +77,16 @@ fn check_spec(s: &ComponentSpec) -> Result<(), Status> {
     let bad = |e: String| Status::invalid_argument(format!("component {:?}: {e}", s.name));
     nodekeeper_common::names::component(&s.name).map_err(|e| bad(e.to_string()))?;
     nodekeeper_common::names::package(&s.package).map_err(|e| bad(e.to_string()))?;
-    nodekeeper_common::names::evr(&s.version).map_err(|e| bad(e.to_string()))?;
+    // An absent component has no version (the agent checks the rest of the spec whole).
+    if !s.absent {
+        nodekeeper_common::names::evr(&s.version).map_err(|e| bad(e.to_string()))?;
+    }
+    for p in &s.with_packages {
+        nodekeeper_common::names::package(&p.package).map_err(|e| bad(e.to_string()))?;
+        if !p.version.is_empty() {
+            nodekeeper_common::names::evr(&p.version).map_err(|e| bad(format!("package {:?}: {e}", p.package)))?;
+        }
+    }
     Ok(())
 }
 

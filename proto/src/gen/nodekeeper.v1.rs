@@ -152,6 +152,10 @@ pub struct HealthCheck {
     /// How long after a change the check must pass before the change is rolled back.
     #[prost(message, optional, tag = "5")]
     pub deadline: ::core::option::Option<::prost_types::Duration>,
+    /// For an https:// URL: trust the CAs in this PEM file on the node (a self-signed server
+    /// certificate may be its own); empty: the node's trust store.
+    #[prost(string, tag = "6")]
+    pub ca_file: ::prost::alloc::string::String,
     #[prost(oneof = "health_check::Check", tags = "1, 2, 3")]
     pub check: ::core::option::Option<health_check::Check>,
 }
@@ -162,7 +166,7 @@ pub mod health_check {
         /// The component's systemd unit is active.
         #[prost(bool, tag = "1")]
         UnitActive(bool),
-        /// An HTTP GET answers 2xx.
+        /// An HTTP GET answers 2xx (http:// or https://).
         #[prost(string, tag = "2")]
         HttpUrl(::prost::alloc::string::String),
         /// A command exits 0.
@@ -205,6 +209,19 @@ pub struct ComponentSpec {
     /// unset: the agent's `component_manager.step_timeout`.
     #[prost(message, optional, tag = "13")]
     pub step_timeout: ::core::option::Option<::prost_types::Duration>,
+    /// More packages that move with `package` in the same transaction and are rolled back with it
+    /// (kubelet with kubeadm and kubectl; docker-ce with docker-ce-cli and containerd.io).
+    #[prost(message, repeated, tag = "14")]
+    pub with_packages: ::prost::alloc::vec::Vec<ComponentPackage>,
+}
+/// A package of a component besides its own.
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct ComponentPackage {
+    #[prost(string, tag = "1")]
+    pub package: ::prost::alloc::string::String,
+    /// epoch:version-release; empty: the component's version (none for an absent component).
+    #[prost(string, tag = "2")]
+    pub version: ::prost::alloc::string::String,
 }
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct ComponentStatus {
