@@ -392,7 +392,10 @@ mod tests {
             .filter_map(|l| l.strip_prefix("ReadWritePaths="))
             .flat_map(|l| l.split_whitespace().map(|p| PathBuf::from(p.trim_start_matches('-'))))
             .collect();
-        assert_eq!(cfg.component_manager.config_roots, writable);
+        let mut expected = cfg.component_manager.config_roots.clone();
+        expected.push("/etc/dnf".into()); // the version lock
+        assert_eq!(writable, expected);
+        assert!(cfg.component_manager.version_lock);
         assert_eq!(cfg.component_manager.transaction_runner.first().map(String::as_str), Some("systemd-run"));
     }
 

@@ -64,7 +64,7 @@ pub struct Settings {
     /// How often a pass verifies converged components with `rpm -V` (None: only after an
     /// interruption). The first pass of a manager verifies.
     pub verify_interval: Option<Duration>,
-    /// A command prefix for dnf transactions (see `Tools::with_runner`).
+    /// A command prefix for changes of the rpm database (see `Tools::with_runner`).
     pub transaction_runner: Vec<String>,
     /// Keep the components' packages out of every other dnf run on the node ([`lock`]).
     pub version_lock: bool,
@@ -180,7 +180,7 @@ impl Manager {
             s.releasever.clone(),
             s.step_timeout,
         )
-        .with_runner(s.transaction_runner.clone());
+        .with_runner(s.transaction_runner.clone(), s.systemctl.clone());
         let tools = if s.version_lock {
             let conf = std::path::Path::new("/etc/dnf/dnf.conf");
             let lock = lock::VersionLock::new(

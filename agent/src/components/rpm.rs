@@ -88,6 +88,11 @@ pub struct Tools {
     pub timeout: Duration,
     /// A command prefix for dnf transactions (empty: dnf runs as the agent's child).
     runner: Vec<String>,
+    /// The unit the runner names (`systemd-run --unit=NAME`): a transaction of an earlier run
+    /// is still going while it is active, whether or not that run's agent is alive.
+    runner_unit: Option<String>,
+    /// systemctl, to ask for that unit's state.
+    systemctl: PathBuf,
     /// One transaction at a time on this node.
     lock: Mutex<()>,
     /// One transaction at a time on this root, across restarts: a dnf holds an exclusive flock
@@ -195,6 +200,8 @@ impl Tools {
             releasever,
             timeout,
             runner: Vec::new(),
+            runner_unit: None,
+            systemctl: "systemctl".into(),
             lock: Mutex::new(()),
             lock_file: state.join("transaction.lock"),
             version_lock: None,
@@ -221,13 +228,18 @@ impl Tools {
                 .write(true)
                 .open(&self.lock_file)
                 .map_err(|e| failed(e.to_string()))?;
-            match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
-                Ok(lock) => return Ok(lock),
-                Err((_, nix::errno::Errno::EWOULDBLOCK)) => {}
+            let running = match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+                Ok(lock) => match self.runner_unit_state().await {
+                    Some(state) => format!("unit {} is {state}", self.runner_unit.as_deref().unwrap_or_default()),
+                    None => return Ok(lock),
+                },
+                Err((_, nix::errno::Errno::EWOULDBLOCK)) => "it holds the transaction lock".into(),
                 Err((_, e)) => return Err(failed(e.to_string())),
-            }
+            };
             if !told {
-                waited("a package transaction started by an earlier run is still running on this root; waiting for it to end".into());
+                waited(format!(
+                    "a package transaction started by an earlier run is still running on this root ({running}); waiting for it to end"
+                ));
                 told = true;
             }
             if tokio::time::Instant::now() > deadline {
@@ -240,11 +252,27 @@ impl Tools {
         }
     }
 
-    /// Runs every dnf transaction through this command prefix (e.g. `systemd-run --wait --pipe
-    /// --collect --quiet --`), so that it runs outside the agent's own sandbox.
-    pub fn with_runner(mut self, runner: Vec<String>) -> Tools {
+    /// Runs every change of the rpm database (dnf transactions, `rpm -e --justdb`) through this
+    /// command prefix (e.g. `systemd-run --unit=nodekeeper-transaction --wait --pipe --collect
+    /// --quiet --`), so that it runs outside the agent's own sandbox. When the prefix names a
+    /// unit, `systemctl` is asked whether one an earlier run started is still active.
+    pub fn with_runner(mut self, runner: Vec<String>, systemctl: PathBuf) -> Tools {
+        let named = runner.iter().position(|a| a == "--unit" || a == "-u").and_then(|i| runner.get(i + 1));
+        let unit = runner.iter().find_map(|a| a.strip_prefix("--unit=")).or(named.map(String::as_str));
+        self.runner_unit = unit.map(|u| if u.contains('.') { u.to_owned() } else { format!("{u}.service") });
         self.runner = runner;
+        self.systemctl = systemctl;
         self
+    }
+
+    /// The runner's unit's state while it is running (None: no unit named, or not running).
+    async fn runner_unit_state(&self) -> Option<String> {
+        let unit = self.runner_unit.as_ref()?;
+        let mut cmd = tokio::process::Command::new(&self.systemctl);
+        cmd.args(["show", "--property=ActiveState", "--value", unit]);
+        let (_, out, _) = self.run(cmd, "systemctl show").await.ok()?;
+        let state = out.trim();
+        matches!(state, "active" | "activating" | "deactivating" | "reloading").then(|| state.to_owned())
     }
 
     /// Keeps the packages of the node's components locked at their versions (see [`VersionLock`]).
@@ -253,15 +281,15 @@ impl Tools {
         self
     }
 
-    /// A dnf command, behind the runner when there is one.
-    fn dnf_command(&self) -> tokio::process::Command {
+    /// A command that changes the rpm database, behind the runner when there is one.
+    fn changing_command(&self, program: &Path) -> tokio::process::Command {
         match self.runner.split_first() {
-            Some((program, args)) => {
-                let mut cmd = tokio::process::Command::new(program);
-                cmd.args(args).arg(&self.dnf);
+            Some((runner, args)) => {
+                let mut cmd = tokio::process::Command::new(runner);
+                cmd.args(args).arg(program);
                 cmd
             }
-            None => tokio::process::Command::new(&self.dnf),
+            None => tokio::process::Command::new(program),
         }
     }
 
@@ -318,7 +346,7 @@ impl Tools {
         }
         let _one = self.lock.lock().await;
         let lock = self.transaction_lock(&mut |line| tracing::warn!("{line}")).await?;
-        let mut cmd = self.dnf_command();
+        let mut cmd = self.changing_command(&self.dnf);
         // dnf holds the lock for as long as it lives, also if the agent is killed meanwhile.
         cmd.fd_mappings(vec![FdMapping {
             parent_fd: lock.as_fd().try_clone_to_owned().map_err(|e| ToolError::Failed(e.to_string()))?,
@@ -361,7 +389,7 @@ impl Tools {
         package_name(package).map_err(ToolError::Failed)?;
         let _one = self.lock.lock().await;
         let _lock = self.transaction_lock(&mut |line| tracing::warn!("{line}")).await?;
-        let mut cmd = tokio::process::Command::new(&self.rpm);
+        let mut cmd = self.changing_command(&self.rpm);
         if let Some(root) = &self.installroot {
             cmd.arg("--root").arg(root);
         }
@@ -482,12 +510,51 @@ mod tests {
             String::new(),
             Duration::from_secs(1),
         );
-        assert_eq!(tools.dnf_command().as_std().get_program(), "/usr/bin/dnf");
-        let runner = ["systemd-run", "--wait", "--pipe", "--"].map(String::from).to_vec();
-        let cmd = tools.with_runner(runner).dnf_command();
+        assert_eq!(tools.changing_command(&tools.dnf).as_std().get_program(), "/usr/bin/dnf");
+        let runner = ["systemd-run", "--unit=nk-tx", "--wait", "--pipe", "--"].map(String::from).to_vec();
+        let tools = tools.with_runner(runner, "systemctl".into());
+        let cmd = tools.changing_command(Path::new("rpm"));
         assert_eq!(cmd.as_std().get_program(), "systemd-run");
         let args: Vec<_> = cmd.as_std().get_args().collect();
-        assert_eq!(args, ["--wait", "--pipe", "--", "/usr/bin/dnf"]);
+        assert_eq!(args, ["--unit=nk-tx", "--wait", "--pipe", "--", "rpm"]);
+        assert_eq!(tools.runner_unit.as_deref(), Some("nk-tx.service"));
+    }
+
+    /// A transaction an earlier run started as a transient unit outlives that run's agent and
+    /// its lock (systemd-run does not pass descriptors on): the next one waits for the unit.
+    #[tokio::test]
+    async fn the_lock_waits_for_the_runners_unit_of_an_earlier_run() {
+        let dir = tempfile::tempdir().unwrap();
+        let running = dir.path().join("running");
+        let systemctl = dir.path().join("systemctl");
+        std::fs::write(
+            &systemctl,
+            format!(
+                "#!/bin/sh\n[ \"$*\" = \"show --property=ActiveState --value nk-tx.service\" ] || exit 1\n\
+                 if [ -e {} ]; then echo active; else echo inactive; fi\n",
+                running.display()
+            ),
+        )
+        .unwrap();
+        std::fs::set_permissions(&systemctl, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+        std::fs::write(&running, "").unwrap();
+        let runner = ["systemd-run", "--unit", "nk-tx", "--"].map(String::from).to_vec();
+        let tools = Tools::new("rpm".into(), "dnf".into(), None, dir.path(), String::new(), Duration::from_secs(60))
+            .with_runner(runner, systemctl);
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let tools = &tools;
+        let waiting = async move {
+            let locked = tools.transaction_lock(&mut |line| tx.send(line).unwrap()).await.map(drop);
+            drop(tx);
+            locked
+        };
+        let ended = async {
+            let told = rx.recv().await.expect("the lock waited for the unit");
+            assert!(told.contains("unit nk-tx.service is active"), "{told}");
+            std::fs::remove_file(&running).unwrap();
+        };
+        let (locked, ()) = tokio::join!(waiting, ended);
+        locked.unwrap();
     }
 
     #[test]
