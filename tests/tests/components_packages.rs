@@ -1,5 +1,6 @@
-//! Components of several packages moved as one, and the version lock that keeps every other dnf
-//! run off the components' packages; with real rpmbuild, createrepo_c and dnf --installroot.
+//! Components of several packages moved as one, the version lock that keeps every other dnf run
+//! off the components' packages, and repositories given by mirrorlist or metalink; with real
+//! rpmbuild, createrepo_c and dnf --installroot.
 
 use std::path::{Path, PathBuf};
 
@@ -155,4 +156,65 @@ fn the_version_lock_holds_against_a_plain_dnf_upgrade() {
     let upgraded = plain_dnf_upgrade(&n);
     assert_eq!(rpm_installed(&n.root(), "nk-demo").as_deref(), Some("0:1.2-1"), "{upgraded}");
     assert_eq!(three(&n.root())[0].as_deref(), Some("0:2.0-1"), "{upgraded}");
+}
+
+/// A spec of nk-demo at `version` from one repository given by `location` (TOML keys).
+fn demo_from(n: &Node, version: &str, location: &str) -> PathBuf {
+    let path = n.path("located.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "[[component]]\nname = \"demo\"\npackage = \"nk-demo\"\nversion = \"{version}\"\n\
+             [[component.repositories]]\nid = \"nk-located\"\n{location}\n"
+        ),
+    )
+    .unwrap();
+    path
+}
+
+/// A metalink for the test repository whose repomd.xml checksum is `sha256`.
+fn metalink(n: &Node, sha256: &str) -> String {
+    let repomd = rpm_repo().dir.join("repo/repodata/repomd.xml");
+    let size = std::fs::metadata(&repomd).unwrap().len();
+    let path = n.path(&format!("metalink-{}.xml", &sha256[..8]));
+    std::fs::write(
+        &path,
+        format!(
+            "<?xml version=\"1.0\" encoding=\"utf-8\"?>\n<metalink version=\"3.0\" xmlns=\"http://www.metalinker.org/\">\n\
+             <files><file name=\"repomd.xml\"><size>{size}</size>\
+             <verification><hash type=\"sha256\">{sha256}</hash></verification>\
+             <resources maxconnections=\"1\"><url protocol=\"file\" type=\"file\" location=\"XX\" preference=\"100\">file://{}</url></resources>\
+             </file></files>\n</metalink>\n",
+            repomd.display()
+        ),
+    )
+    .unwrap();
+    format!("metalink = \"file://{}\"", path.display())
+}
+
+#[test]
+fn repositories_may_be_given_by_mirrorlist_or_metalink() {
+    use sha2::Digest;
+    let n = Node::new();
+    let mirrors = n.path("mirrorlist");
+    std::fs::write(&mirrors, format!("# mirrors\n{}\n", rpm_repo().url())).unwrap();
+    let (code, out) = n.apply(&demo_from(&n, "1.0-1", &format!("mirrorlist = \"file://{}\"", mirrors.display())));
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(n.installed().as_deref(), Some("0:1.0-1"));
+
+    // A metalink is checked: repomd.xml must have the checksum it gives.
+    let repomd = std::fs::read(rpm_repo().dir.join("repo/repodata/repomd.xml")).unwrap();
+    let sum: String = sha2::Sha256::digest(&repomd).iter().map(|b| format!("{b:02x}")).collect();
+    let (code, out) = n.apply(&demo_from(&n, "1.1-1", &metalink(&n, &"0".repeat(64))));
+    assert_eq!(code, 4, "{out}");
+    assert!(out.contains("repository unreachable"), "{out}");
+    assert_eq!(n.installed().as_deref(), Some("0:1.0-1"));
+    let (code, out) = n.apply(&demo_from(&n, "1.1-1", &metalink(&n, &sum)));
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(n.installed().as_deref(), Some("0:1.1-1"));
+
+    // A repository without any location is a defect of the spec.
+    let (code, out) = n.apply(&demo_from(&n, "1.1-1", "gpg_check = false"));
+    assert_eq!(code, 78, "{out}");
+    assert!(out.contains("set base_url, mirrorlist or metalink"), "{out}");
 }

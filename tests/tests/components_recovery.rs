@@ -47,7 +47,7 @@ fn a_transaction_that_outlives_its_agent_is_waited_for_not_doubled() {
         }
     });
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    while !lines.lock().unwrap().iter().any(|l| l.contains("still running on this root; waiting")) {
+    while !lines.lock().unwrap().iter().any(|l| l.contains("still running on this root") && l.contains("waiting")) {
         assert!(std::time::Instant::now() < deadline, "the second run did not wait: {:?}", lines.lock().unwrap());
         std::thread::park_timeout(Duration::from_millis(20));
     }

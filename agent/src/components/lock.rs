@@ -101,23 +101,31 @@ impl Conf {
     }
 }
 
+/// The text and mode of the first of `paths` that exists (dnf reads the root's configuration,
+/// else the host's).
+pub(super) fn read_first<'a>(paths: impl IntoIterator<Item = &'a PathBuf>) -> Result<Option<(String, u32)>, String> {
+    for path in paths {
+        match std::fs::read_to_string(path) {
+            Ok(text) => {
+                let mode = std::fs::metadata(path).map(|m| m.permissions().mode() & 0o7777).unwrap_or(0o644);
+                return Ok(Some((text, mode)));
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(format!("reading {}: {e}", path.display())),
+        }
+    }
+    Ok(None)
+}
+
 impl VersionLock {
     pub fn new(conf: PathBuf, fallback: Option<PathBuf>, record: PathBuf) -> VersionLock {
         VersionLock { conf, fallback, record }
     }
 
     fn read_conf(&self) -> Result<(Conf, u32), String> {
-        for path in std::iter::once(&self.conf).chain(&self.fallback) {
-            match std::fs::read_to_string(path) {
-                Ok(text) => {
-                    let mode = std::fs::metadata(path).map(|m| m.permissions().mode() & 0o7777).unwrap_or(0o644);
-                    return Ok((Conf::parse(&text), mode));
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => return Err(format!("reading {}: {e}", path.display())),
-            }
-        }
-        Ok((Conf::parse(""), 0o644))
+        let found = read_first(std::iter::once(&self.conf).chain(&self.fallback))?;
+        let (text, mode) = found.unwrap_or_else(|| (String::new(), 0o644));
+        Ok((Conf::parse(&text), mode))
     }
 
     fn ours(&self) -> BTreeSet<String> {

@@ -182,10 +182,9 @@ impl Manager {
         )
         .with_runner(s.transaction_runner.clone(), s.systemctl.clone());
         let tools = if s.version_lock {
-            let conf = std::path::Path::new("/etc/dnf/dnf.conf");
             let lock = lock::VersionLock::new(
-                tools.path(conf),
-                s.installroot.is_some().then(|| conf.to_owned()),
+                tools.dnf_conf.clone(),
+                tools.dnf_conf_fallback.clone(),
                 s.state_dir.join("components/locked.json"),
             );
             tools.with_version_lock(lock)

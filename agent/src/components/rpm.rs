@@ -101,6 +101,13 @@ pub struct Tools {
     lock_file: PathBuf,
     /// The node's version lock, lifted for the agent's own transactions.
     pub version_lock: Option<VersionLock>,
+    /// dnf's configuration in the target root, and the one dnf reads while the root has none
+    /// (the host's, for an installroot).
+    pub dnf_conf: PathBuf,
+    pub dnf_conf_fallback: Option<PathBuf>,
+    /// The configuration a transaction with the spec's repositories runs with: the node's, and
+    /// the repositories (dnf's command line cannot add a repository by mirrorlist or metalink).
+    transaction_conf: PathBuf,
 }
 
 /// A repository id: letters, digits and `. _ -`.
@@ -111,14 +118,21 @@ pub fn repository(r: &Repository) -> Result<(), String> {
     if !id_ok {
         return Err(format!("invalid repository id {:?}: letters, digits and . _ - only", r.id));
     }
-    // Every value reaches dnf as one `--setopt` argument: no spaces, commas or control characters.
+    // Every value reaches dnf as one value of an INI line: no spaces, commas or control
+    // characters (a newline would start another option).
     let plain = |v: &str| !v.chars().any(|c| c.is_whitespace() || c.is_control() || c == ',');
+    if r.base_url.is_empty() && r.mirrorlist.is_empty() && r.metalink.is_empty() {
+        return Err(format!("repository {}: set base_url, mirrorlist or metalink", r.id));
+    }
+    let any = &["https://", "http://", "file:///"][..];
     for (what, url, schemes) in [
-        ("base_url", &r.base_url, &["https://", "http://", "file:///"][..]),
-        ("gpg_key_url", &r.gpg_key_url, &["https://", "http://", "file:///"]),
+        ("base_url", &r.base_url, any),
+        ("mirrorlist", &r.mirrorlist, any),
+        ("metalink", &r.metalink, any),
+        ("gpg_key_url", &r.gpg_key_url, any),
         ("proxy", &r.proxy, &["https://", "http://"]),
     ] {
-        if what != "base_url" && url.is_empty() {
+        if url.is_empty() {
             continue;
         }
         if !schemes.iter().any(|s| url.starts_with(s)) || !plain(url) {
@@ -158,18 +172,18 @@ pub fn repository(r: &Repository) -> Result<(), String> {
     Ok(())
 }
 
-/// The dnf options that add `r` to the transaction's repositories.
-fn repository_options(r: &Repository) -> Vec<String> {
-    let id = &r.id;
-    let mut args = vec![
-        format!("--repofrompath={id},{}", r.base_url),
-        format!("--enablerepo={id}"),
-        format!("--setopt={id}.gpgcheck={}", if r.gpg_check { 1 } else { 0 }),
+/// `r` as a section of dnf's configuration (its values validated by [`repository`]).
+fn repository_section(r: &Repository) -> String {
+    let options = [
+        ("name", format!("{} (nodekeeper component repository)", r.id)),
+        ("baseurl", r.base_url.clone()),
+        ("mirrorlist", r.mirrorlist.clone()),
+        ("metalink", r.metalink.clone()),
+        ("enabled", "1".into()),
+        ("gpgcheck", if r.gpg_check { "1" } else { "0" }.into()),
         // The component's own repository must answer: an unreachable one is an error, not a
         // repository to skip silently (the node's repositories keep their own setting).
-        format!("--setopt={id}.skip_if_unavailable=False"),
-    ];
-    let optional = [
+        ("skip_if_unavailable", "False".into()),
         ("gpgkey", r.gpg_key_url.clone()),
         ("priority", if r.priority == 0 { String::new() } else { r.priority.to_string() }),
         ("excludepkgs", r.exclude.join(",")),
@@ -178,8 +192,8 @@ fn repository_options(r: &Repository) -> Vec<String> {
         ("sslclientcert", r.ssl_client_cert.clone()),
         ("sslclientkey", r.ssl_client_key.clone()),
     ];
-    args.extend(optional.into_iter().filter(|(_, v)| !v.is_empty()).map(|(k, v)| format!("--setopt={id}.{k}={v}")));
-    args
+    let lines: String = options.iter().filter(|(_, v)| !v.is_empty()).map(|(k, v)| format!("{k}={v}\n")).collect();
+    format!("\n[{}]\n{lines}", r.id)
 }
 
 impl Tools {
@@ -192,7 +206,15 @@ impl Tools {
         releasever: String,
         timeout: Duration,
     ) -> Tools {
+        let conf = Path::new("/etc/dnf/dnf.conf");
+        let dnf_conf = match &installroot {
+            Some(root) => root.join(conf.strip_prefix("/").unwrap_or(conf)),
+            None => conf.to_owned(),
+        };
         Tools {
+            dnf_conf,
+            dnf_conf_fallback: installroot.is_some().then(|| conf.to_owned()),
+            transaction_conf: state.join("dnf.conf"),
             rpm,
             dnf,
             installroot,
@@ -362,9 +384,16 @@ impl Tools {
             }
         }
         // The spec's repositories join the node's (or the root's) enabled ones, which
-        // dependencies may come from.
-        for r in repos {
-            cmd.args(repository_options(r));
+        // dependencies may come from: the node's configuration with the repositories added.
+        if !repos.is_empty() {
+            let node = super::lock::read_first(std::iter::once(&self.dnf_conf).chain(&self.dnf_conf_fallback))
+                .map_err(ToolError::Failed)?
+                .map(|(text, _)| text)
+                .unwrap_or_default();
+            let text: String = std::iter::once(node).chain(repos.iter().map(repository_section)).collect();
+            super::files::write_atomic(&self.transaction_conf, text.as_bytes(), 0o600, (None, None))
+                .map_err(ToolError::Failed)?;
+            cmd.arg(format!("--config={}", self.transaction_conf.display()));
         }
         // The version lock holds against every other dnf run, not against the agent's own. A
         // leading empty item clears the configured list (dnf appends command-line list values).
@@ -564,7 +593,13 @@ mod tests {
         repository(&r("base-os", "https://mirror.example.com/el9/")).unwrap();
         assert!(repository(&r("a,b", "file:///srv")).is_err());
         assert!(repository(&r("nk", "ftp://x")).is_err());
-        assert!(repository(&r("nk", "file:///srv/a,b")).is_err(), "a comma would split --repofrompath");
+        assert!(repository(&r("nk", "file:///srv/a,b")).is_err(), "a comma would split dnf's list of URLs");
+        assert!(repository(&r("nk", "")).unwrap_err().contains("set base_url, mirrorlist or metalink"));
+        let mirrors = Repository { id: "nk".into(), mirrorlist: "https://m.example/list".into(), ..Default::default() };
+        repository(&mirrors).unwrap();
+        let section = repository_section(&mirrors);
+        assert!(section.starts_with("\n[nk]\n") && section.contains("mirrorlist=https://m.example/list\n"));
+        assert!(!section.contains("baseurl="), "{section}");
         assert!(repository(&r("nk", "https://x/ y")).is_err());
     }
 

@@ -75,7 +75,13 @@ pub struct TomlPackage {
 #[serde(deny_unknown_fields)]
 pub struct TomlRepository {
     pub id: String,
+    /// At least one of base_url, mirrorlist and metalink.
+    #[serde(default)]
     pub base_url: String,
+    #[serde(default)]
+    pub mirrorlist: String,
+    #[serde(default)]
+    pub metalink: String,
     #[serde(default)]
     pub gpg_check: bool,
     #[serde(default)]
@@ -239,6 +245,8 @@ fn parse_located(path: &Path, text: &str) -> Result<(Vec<ComponentSpec>, Vec<usi
                 .map(|r| Repository {
                     id: r.id.clone(),
                     base_url: r.base_url.clone(),
+                    mirrorlist: r.mirrorlist.clone(),
+                    metalink: r.metalink.clone(),
                     gpg_check: r.gpg_check,
                     gpg_key_url: r.gpg_key_url.clone(),
                     priority: r.priority,

@@ -104,6 +104,8 @@ pub struct Inventory {
 pub struct Repository {
     #[prost(string, tag = "1")]
     pub id: ::prost::alloc::string::String,
+    /// Where the repository is: a base URL, a mirrorlist or a metalink (at least one; with several,
+    /// dnf fails over between them).
     #[prost(string, tag = "2")]
     pub base_url: ::prost::alloc::string::String,
     #[prost(bool, tag = "3")]
@@ -126,6 +128,12 @@ pub struct Repository {
     pub ssl_client_cert: ::prost::alloc::string::String,
     #[prost(string, tag = "10")]
     pub ssl_client_key: ::prost::alloc::string::String,
+    /// A URL that lists mirrors of the repository, one base URL per line (dnf's mirrorlist).
+    #[prost(string, tag = "11")]
+    pub mirrorlist: ::prost::alloc::string::String,
+    /// A metalink URL: mirrors and the checksum repomd.xml must have (dnf's metalink).
+    #[prost(string, tag = "12")]
+    pub metalink: ::prost::alloc::string::String,
 }
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct ConfigFile {
