@@ -14,7 +14,7 @@ use nodekeeper_proto::v1::{
 use serde::Deserialize;
 
 use super::accounts::Accounts;
-use super::rpm::repository;
+use super::repository::repository;
 use super::version::{Evr, package_name};
 
 /// A local spec file (`components apply --spec`, or `components.spec_file`).
