@@ -52,6 +52,28 @@ pub struct Config {
     pub reinstall_os_webhook: Option<String>,
     /// Playbooks, by recommended action or fault type; the first that matches applies.
     pub playbook: Vec<Playbook>,
+    /// The center's conditions written on the Kubernetes Nodes.
+    pub node_conditions: NodeConditionsConfig,
+}
+
+/// The center's conditions on the Nodes' `status.conditions`, as node-problem-detector writes them.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NodeConditionsConfig {
+    /// Off in a dry run, and without Kubernetes access.
+    pub enabled: bool,
+    /// Every node's conditions are written at least this often (lastHeartbeatTime), as
+    /// node-problem-detector's `--k8s-exporter-heartbeat-period`.
+    #[serde(with = "duration")]
+    pub heartbeat_period: Duration,
+    /// The field manager of the writes.
+    pub field_manager: String,
+}
+
+impl Default for NodeConditionsConfig {
+    fn default() -> Self {
+        Self { enabled: true, heartbeat_period: Duration::from_secs(300), field_manager: "nodekeeper".into() }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
@@ -156,6 +178,7 @@ impl Default for Config {
             hardware_repair_webhook: None,
             reinstall_os_webhook: None,
             playbook: default_playbooks(),
+            node_conditions: NodeConditionsConfig::default(),
         }
     }
 }
@@ -164,6 +187,12 @@ impl Config {
     pub fn validate(&self) -> Result<(), String> {
         nodekeeper_common::names::cluster(&self.cluster).map_err(|e| format!("cluster: {e}"))?;
         nodekeeper_common::names::producer(&self.name).map_err(|e| format!("name: {e}"))?;
+        if self.node_conditions.heartbeat_period < Duration::from_secs(1) {
+            return Err("node_conditions.heartbeat_period: expected at least 1s".into());
+        }
+        if self.node_conditions.field_manager.is_empty() {
+            return Err("node_conditions.field_manager: expected a name".into());
+        }
         for (i, p) in self.playbook.iter().enumerate() {
             if p.actions.is_empty() && p.types.is_empty() {
                 return Err(format!("playbook[{i}]: expected actions or types to match"));

@@ -72,6 +72,11 @@ pub enum Released {
 }
 
 impl Kube {
+    /// The client, for the other writers of this process (node conditions).
+    pub fn client(&self) -> kube::Client {
+        self.client.clone()
+    }
+
     /// From `kubeconfig`, or else the in-cluster config or the default kubeconfig.
     pub async fn connect(kubeconfig: Option<&Path>, owner: &str) -> Result<Kube, KubeError> {
         let config = match kubeconfig {

@@ -8,6 +8,7 @@
 //! the node still in the boot the fault saw, so replayed or stale events never act.
 
 mod center;
+pub mod conditions;
 pub mod config;
 pub mod kube;
 mod playbook;
@@ -107,6 +108,19 @@ impl Remediator {
             cancel,
             steps: Family::default(),
         }))
+    }
+
+    /// The node conditions exporter for this cluster, when it is on (not in a dry run, and with
+    /// Kubernetes access).
+    pub fn conditions_exporter(&self) -> Option<conditions::Exporter> {
+        let kube = self.kube.as_ref().filter(|_| self.cfg.node_conditions.enabled && !self.cfg.dry_run)?;
+        Some(conditions::Exporter::new(
+            self.cfg.node_conditions.clone(),
+            self.cfg.cluster.clone(),
+            self.ch.clone(),
+            kube.client(),
+            self.cancel.child_token(),
+        ))
     }
 
     fn fleet(&self) -> FleetServiceClient<Channel> {

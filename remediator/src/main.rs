@@ -67,6 +67,7 @@ fn main() -> ExitCode {
             nodekeeper_common::metrics::spawn(addr, move || std::future::ready(r.render_metrics()), cancel.clone())
                 .await?;
         }
+        let exporter = remediator.conditions_exporter().map(|e| tokio::spawn(e.run()));
         let running = tokio::spawn(remediator.run());
         let _watchdog = nodekeeper_common::systemd::spawn_watchdog(cancel.child_token());
         nodekeeper_common::systemd::ready();
@@ -74,6 +75,9 @@ fn main() -> ExitCode {
         nodekeeper_common::systemd::stopping();
         cancel.cancel();
         let _ = running.await;
+        if let Some(e) = exporter {
+            let _ = e.await;
+        }
         tracing::info!("remediator stopped");
         Ok(())
     });

@@ -2,7 +2,8 @@
 //! wire format the remediator uses, for nodes, pods and evictions: JSON objects with
 //! resourceVersions, `Status` objects on errors, 404, 409 Conflict on a stale resourceVersion,
 //! 415 for a patch content type it does not take, 429 from a PodDisruptionBudget on eviction, and
-//! the three patch content types (merge, strategic merge with taints merged by key, JSON patch).
+//! the three patch content types (merge, strategic merge with taints merged by key, JSON patch),
+//! and the nodes' status subresource (conditions merged by type, each with its field manager).
 //! Tests seed it, make "another writer" change a node between the remediator's read and its
 //! write, and read back what the remediator did.
 
@@ -31,6 +32,10 @@ struct Inner {
     /// When each node was first patched.
     first_patch: BTreeMap<String, std::time::Instant>,
     conflicts: u32,
+    /// The field manager of each node condition's last write: (node, type) → manager.
+    condition_managers: BTreeMap<(String, String), String>,
+    /// Every write to a node's status: (node, the patch's conditions).
+    status_writes: Vec<(String, Vec<Value>)>,
 }
 
 #[derive(Clone, Default)]
@@ -129,6 +134,32 @@ impl FakeKube {
         node["metadata"]["resourceVersion"] = json!(rv);
     }
 
+    /// Another writer (field manager `manager`) sets a condition on the node's status.
+    pub fn set_condition(&self, node: &str, condition: Value, manager: &str) {
+        let mut k = self.lock();
+        let kind = condition["type"].as_str().expect("type").to_owned();
+        k.condition_managers.insert((node.to_owned(), kind), manager.to_owned());
+        let n = k.nodes.get_mut(node).expect("node");
+        merge_conditions(n, &[condition]);
+    }
+
+    /// The node's conditions, by type.
+    pub fn conditions(&self, node: &str) -> BTreeMap<String, Value> {
+        let n = self.node(node);
+        let list = n["status"]["conditions"].as_array().cloned().unwrap_or_default();
+        list.into_iter().map(|c| (c["type"].as_str().unwrap_or_default().to_owned(), c)).collect()
+    }
+
+    /// The field manager that last wrote the node's condition `kind`.
+    pub fn condition_manager(&self, node: &str, kind: &str) -> Option<String> {
+        self.lock().condition_managers.get(&(node.to_owned(), kind.to_owned())).cloned()
+    }
+
+    /// Every write to a node's status so far: (node, the conditions it carried).
+    pub fn status_writes(&self) -> Vec<(String, Vec<Value>)> {
+        self.lock().status_writes.clone()
+    }
+
     pub fn node(&self, name: &str) -> Value {
         self.lock().nodes.get(name).cloned().expect("node")
     }
@@ -180,6 +211,19 @@ async fn get_node(State(k): State<FakeKube>, Path(name): Path<String>, uri: Uri,
         n["metadata"]["annotations"]["other-controller/heartbeat"] = json!(rv);
     }
     object(&node)
+}
+
+/// Merges `conditions` into the node's `status.conditions` by `type` (their patch merge key), each
+/// as a merge patch of the one it replaces: conditions of other types stay as they are.
+fn merge_conditions(node: &mut Value, conditions: &[Value]) {
+    let mut list = node["status"]["conditions"].as_array().cloned().unwrap_or_default();
+    for c in conditions {
+        match list.iter_mut().find(|o| o["type"] == c["type"]) {
+            Some(old) => json_patch::merge(old, c),
+            None => list.push(c.clone()),
+        }
+    }
+    node["status"]["conditions"] = Value::Array(list);
 }
 
 /// Applies a patch of the request's content type to `obj`.
@@ -293,6 +337,54 @@ async fn patch_node(
     }
 }
 
+/// The status subresource: only `status` changes; conditions merge by type (strategic merge), and
+/// each is recorded with the request's field manager.
+async fn patch_node_status(
+    State(k): State<FakeKube>,
+    Path(name): Path<String>,
+    uri: Uri,
+    h: HeaderMap,
+    body: Bytes,
+) -> Response {
+    k.log("PATCH", &uri, &h);
+    if content_type(&h) != "application/strategic-merge-patch+json" {
+        let msg = format!("the fake takes node status as a strategic merge patch, got {}", content_type(&h));
+        return status(StatusCode::UNSUPPORTED_MEDIA_TYPE, "UnsupportedMediaType", msg);
+    }
+    let patch: Value = match serde_json::from_slice(&body) {
+        Ok(v) => v,
+        Err(e) => return status(StatusCode::BAD_REQUEST, "BadRequest", e.to_string()),
+    };
+    let Some(manager) = query(&uri, "fieldManager") else {
+        return status(StatusCode::BAD_REQUEST, "BadRequest", "the fake expects a fieldManager".into());
+    };
+    let conditions = patch["status"]["conditions"].as_array().cloned().unwrap_or_default();
+    for c in &conditions {
+        for field in ["type", "status", "lastHeartbeatTime", "lastTransitionTime"] {
+            if c[field].as_str().is_none_or(str::is_empty) {
+                return status(StatusCode::UNPROCESSABLE_ENTITY, "Invalid", format!("condition without {field}: {c}"));
+            }
+        }
+        if !matches!(c["status"].as_str(), Some("True" | "False" | "Unknown")) {
+            return status(StatusCode::UNPROCESSABLE_ENTITY, "Invalid", format!("condition status: {c}"));
+        }
+    }
+    let mut inner = k.lock();
+    let Some(mut node) = inner.nodes.get(&name).cloned() else {
+        return status(StatusCode::NOT_FOUND, "NotFound", format!("nodes \"{name}\" not found"));
+    };
+    merge_conditions(&mut node, &conditions);
+    for c in &conditions {
+        let kind = c["type"].as_str().unwrap_or_default().to_owned();
+        inner.condition_managers.insert((name.clone(), kind), manager.clone());
+    }
+    inner.status_writes.push((name.clone(), conditions));
+    inner.resource_version += 1;
+    node["metadata"]["resourceVersion"] = json!(inner.resource_version.to_string());
+    inner.nodes.insert(name, node.clone());
+    object(&node)
+}
+
 async fn list_nodes(State(k): State<FakeKube>, uri: Uri, h: HeaderMap) -> Response {
     k.log("GET", &uri, &h);
     // Equality selectors only ("k=v,k2=v2"), as the remediator uses.
@@ -382,6 +474,7 @@ impl Server {
         let app = Router::new()
             .route("/api/v1/nodes", get(list_nodes))
             .route("/api/v1/nodes/{name}", get(get_node).patch(patch_node))
+            .route("/api/v1/nodes/{name}/status", axum::routing::patch(patch_node_status))
             .route("/api/v1/pods", get(list_pods))
             .route("/api/v1/namespaces/{ns}/pods/{name}", axum::routing::patch(patch_pod))
             .route("/api/v1/namespaces/{ns}/pods/{name}/eviction", post(evict_pod))
