@@ -11,7 +11,7 @@
 //! reporting (liveness lost), the conditions the agent reported become Unknown from its last
 //! heartbeat on, as node-problem-detector's users expect of a silent node; conditions other
 //! producers report (the detector's NodeUnreachable) stay theirs. Kubernetes' own condition types
-//! (Ready, MemoryPressure, ...) are never written.
+//! (Ready, MemoryPressure, ...) are never written. Temporary problems go to [`crate::events`].
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -126,6 +126,7 @@ pub struct Exporter {
     nodes: Api<KubeNode>,
     cancel: CancellationToken,
     written: HashMap<String, Written>,
+    events: crate::events::Recorder,
 }
 
 impl Exporter {
@@ -136,7 +137,8 @@ impl Exporter {
         client: kube::Client,
         cancel: CancellationToken,
     ) -> Exporter {
-        Exporter { cfg, cluster, ch, nodes: Api::all(client), cancel, written: HashMap::new() }
+        let events = crate::events::Recorder::new(client.clone(), cfg.field_manager.clone());
+        Exporter { cfg, cluster, ch, nodes: Api::all(client), cancel, written: HashMap::new(), events }
     }
 
     /// Follows the cluster until cancelled, resubscribing with backoff.
@@ -160,7 +162,7 @@ impl Exporter {
     /// One subscription: every node written once (where it differs), then each change as it
     /// comes and each heartbeat as it falls due.
     async fn session(&mut self) -> Result<(), String> {
-        let kinds = vec![EventKind::Condition as i32, EventKind::Node as i32];
+        let kinds = vec![EventKind::Condition as i32, EventKind::Node as i32, EventKind::Observation as i32];
         let filter = EventFilter { clusters: vec![self.cluster.clone()], kinds, ..Default::default() };
         // Subscribed before listing: a change between the two is seen twice, never missed.
         let mut stream = EventServiceClient::new(self.ch.clone())
@@ -189,10 +191,16 @@ impl Exporter {
                 _ = tick.tick() => self.heartbeats().await,
                 m = stream.message() => {
                     let m = m.map_err(|s| s.message().to_owned())?.ok_or("the center closed the subscription")?;
-                    if let Some(subscribe_response::Msg::Event(e)) = m.msg
-                        && !e.node.is_empty()
-                    {
-                        self.changed(&e.node).await;
+                    match m.msg {
+                        Some(subscribe_response::Msg::Event(e)) if e.node.is_empty() => {}
+                        // A temporary problem (an observation without a condition): an Event.
+                        Some(subscribe_response::Msg::Event(e))
+                            if e.kind() == EventKind::Observation && e.condition.is_none() =>
+                        {
+                            self.events.record(&e).await;
+                        }
+                        Some(subscribe_response::Msg::Event(e)) => self.changed(&e.node).await,
+                        _ => {}
                     }
                 }
             }

@@ -10,6 +10,7 @@
 mod center;
 pub mod conditions;
 pub mod config;
+mod events;
 pub mod kube;
 mod playbook;
 

@@ -3,7 +3,8 @@
 //! resourceVersions, `Status` objects on errors, 404, 409 Conflict on a stale resourceVersion,
 //! 415 for a patch content type it does not take, 429 from a PodDisruptionBudget on eviction, and
 //! the three patch content types (merge, strategic merge with taints merged by key, JSON patch),
-//! and the nodes' status subresource (conditions merged by type, each with its field manager).
+//! the nodes' status subresource (conditions merged by type, each with its field manager), and
+//! core/v1 Events (created, and patched as recorders aggregate them).
 //! Tests seed it, make "another writer" change a node between the remediator's read and its
 //! write, and read back what the remediator did.
 
@@ -36,6 +37,8 @@ struct Inner {
     condition_managers: BTreeMap<(String, String), String>,
     /// Every write to a node's status: (node, the patch's conditions).
     status_writes: Vec<(String, Vec<Value>)>,
+    /// core/v1 Events by (namespace, name).
+    events: BTreeMap<(String, String), Value>,
 }
 
 #[derive(Clone, Default)]
@@ -153,6 +156,11 @@ impl FakeKube {
     /// The field manager that last wrote the node's condition `kind`.
     pub fn condition_manager(&self, node: &str, kind: &str) -> Option<String> {
         self.lock().condition_managers.get(&(node.to_owned(), kind.to_owned())).cloned()
+    }
+
+    /// The Events recorded, in the order of their names.
+    pub fn events(&self) -> Vec<Value> {
+        self.lock().events.values().cloned().collect()
     }
 
     /// Every write to a node's status so far: (node, the conditions it carried).
@@ -385,6 +393,58 @@ async fn patch_node_status(
     object(&node)
 }
 
+/// Creates an Event: the fields the event recorders set must be there.
+async fn create_event(
+    State(k): State<FakeKube>,
+    Path(ns): Path<String>,
+    uri: Uri,
+    h: HeaderMap,
+    body: Bytes,
+) -> Response {
+    k.log("POST", &uri, &h);
+    let mut event: Value = match serde_json::from_slice(&body) {
+        Ok(v) => v,
+        Err(e) => return status(StatusCode::BAD_REQUEST, "BadRequest", e.to_string()),
+    };
+    for field in
+        ["/metadata/name", "/involvedObject/kind", "/involvedObject/name", "/reason", "/type", "/source/component"]
+    {
+        if event.pointer(field).and_then(Value::as_str).is_none_or(str::is_empty) {
+            return status(StatusCode::UNPROCESSABLE_ENTITY, "Invalid", format!("Event without {field}: {event}"));
+        }
+    }
+    let name = event["metadata"]["name"].as_str().unwrap_or_default().to_owned();
+    let mut inner = k.lock();
+    if inner.events.contains_key(&(ns.clone(), name.clone())) {
+        return status(StatusCode::CONFLICT, "AlreadyExists", format!("events \"{name}\" already exists"));
+    }
+    inner.resource_version += 1;
+    event["metadata"]["resourceVersion"] = json!(inner.resource_version.to_string());
+    event["metadata"]["namespace"] = json!(ns);
+    inner.events.insert((ns, name), event.clone());
+    (StatusCode::CREATED, [("content-type", "application/json")], event.to_string()).into_response()
+}
+
+async fn patch_event(
+    State(k): State<FakeKube>,
+    Path((ns, name)): Path<(String, String)>,
+    uri: Uri,
+    h: HeaderMap,
+    body: Bytes,
+) -> Response {
+    k.log("PATCH", &uri, &h);
+    let mut inner = k.lock();
+    let key = (ns, name.clone());
+    let event = inner.events.get(&key).cloned();
+    match patch_object(&mut inner, event, "events", &name, &h, &body) {
+        Ok(event) => {
+            inner.events.insert(key, event.clone());
+            object(&event)
+        }
+        Err(f) => f.into_response(),
+    }
+}
+
 async fn list_nodes(State(k): State<FakeKube>, uri: Uri, h: HeaderMap) -> Response {
     k.log("GET", &uri, &h);
     // Equality selectors only ("k=v,k2=v2"), as the remediator uses.
@@ -478,6 +538,8 @@ impl Server {
             .route("/api/v1/pods", get(list_pods))
             .route("/api/v1/namespaces/{ns}/pods/{name}", axum::routing::patch(patch_pod))
             .route("/api/v1/namespaces/{ns}/pods/{name}/eviction", post(evict_pod))
+            .route("/api/v1/namespaces/{ns}/events", post(create_event))
+            .route("/api/v1/namespaces/{ns}/events/{name}", axum::routing::patch(patch_event))
             .with_state(kube.clone());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let url = format!("http://{}", listener.local_addr().expect("addr"));

@@ -135,3 +135,52 @@ async fn conditions_reach_the_node_as_node_problem_detector_writes_them() {
         "{status_requests:?}"
     );
 }
+
+fn oom(message: &str) -> Observation {
+    Observation {
+        time: Some(nodekeeper_common::time::now_timestamp()),
+        r#type: "OOMKilling".into(),
+        message: message.into(),
+        severity: Severity::Warning as i32,
+        ..Default::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn temporary_problems_become_events_on_the_node_aggregated_and_rate_limited() {
+    let center = EventCenter::start("[nodes]\ncheck_interval = \"100ms\"\n").await;
+    let api = kubeapi::Server::start().await;
+    api.kube.add_node("node-c");
+    let agent = Agent::start(AgentSpec { monitors: LOGS_ONLY, ..AgentSpec::new("node-c", &center.url()) }).await;
+    agent.wait_connected().await;
+    let _remediator = Remediator::start(&center.url(), &api.kubeconfig, EXPORTER_ONLY);
+    // The exporter is following once the node's first write is there.
+    agent.emit(vec![kernel_deadlock(false)]).await;
+    node_condition(&api, "KernelDeadlock", "the exporter following", |_| true).await;
+
+    // The same problem three times: one Event, counted three times.
+    for _ in 0..3 {
+        agent.emit(vec![oom("Killed process 4242 (java)")]).await;
+    }
+    let event = wait_for("one Event counted 3 times", Duration::from_secs(20), || async {
+        api.kube.events().into_iter().find(|e| e["count"] == 3)
+    })
+    .await;
+    assert_eq!(api.kube.events().len(), 1, "{:?}", api.kube.events());
+    assert_eq!(event["involvedObject"]["kind"], "Node");
+    assert_eq!(event["involvedObject"]["name"], "node-c");
+    assert_eq!(event["reason"], "OOMKilling");
+    assert_eq!(event["type"], "Warning");
+    assert_eq!(event["source"]["component"], "nodekeeper");
+    assert_eq!(event["source"]["host"], "node-c");
+    assert_eq!(event["metadata"]["namespace"], "default");
+
+    // A flood of different ones: the node's budget (25 writes: 3 spent) lets 22 more through.
+    agent.emit((0..40).map(|i| oom(&format!("Killed process {i} (worker)"))).collect()).await;
+    // A condition change after the flood: once it is on the Node, the flood was handled (the
+    // exporter takes the cluster's events in order).
+    agent.emit(vec![kernel_deadlock(true)]).await;
+    node_condition(&api, "KernelDeadlock", "the change after the flood", |c| c["status"] == "True").await;
+    let on_c = api.kube.events().into_iter().filter(|e| e["involvedObject"]["name"] == "node-c").count();
+    assert_eq!(on_c, 1 + 22, "one aggregated Event and 22 of the flood");
+}
