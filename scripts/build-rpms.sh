@@ -40,9 +40,10 @@ if [ -z "$bin_dir" ]; then
     cargo build --locked --release -p nodekeeper-eventcenter -p nodekeeper-detector -p nodekeeper-remediator -p nodekeeper-cli
     bin_dir=$(mktemp -d)
     cleanup+=("$bin_dir")
-    cp target/node-agent/nodekeeper-agent "$bin_dir/"
+    target=${CARGO_TARGET_DIR:-target}
+    cp "$target/node-agent/nodekeeper-agent" "$bin_dir/"
     for b in nodekeeper-eventcenter nodekeeper-detector nodekeeper-remediator nodekeeper; do
-        cp "target/release/$b" "$bin_dir/"
+        cp "$target/release/$b" "$bin_dir/"
     done
 fi
 bin_dir=$(cd "$bin_dir" && pwd)
