@@ -18,18 +18,21 @@ use serde_json::{Value, json};
 const EXPORTER_ONLY: &str =
     "[[playbook]]\ntypes = [\"NoSuchFault\"]\nsteps = [\"escalate\"]\n[node_conditions]\nheartbeat_period = \"2s\"\n";
 
+/// A KernelDeadlock change as the agent's monitors report one (the condition carries the
+/// observation's reason and message).
 fn kernel_deadlock(holds: bool) -> Observation {
     let status = if holds { ConditionStatus::True } else { ConditionStatus::False };
+    let message = if holds { "task docker:7 blocked for more than 120 seconds" } else { "cleared" };
     Observation {
         time: Some(nodekeeper_common::time::now_timestamp()),
         r#type: "KernelDeadlock".into(),
-        message: if holds { "task docker:7 blocked for more than 120 seconds" } else { "cleared" }.into(),
+        message: message.into(),
         severity: Severity::Error as i32,
         condition: Some(Condition {
             r#type: "KernelDeadlock".into(),
             status: status as i32,
             reason: if holds { "DockerHung" } else { "KernelHasNoDeadlock" }.into(),
-            message: String::new(),
+            message: message.into(),
             last_transition_time: None,
         }),
         ..Default::default()
@@ -52,9 +55,13 @@ async fn center_transition(center: &EventCenter, kind: &str) -> String {
         .unwrap()
         .into_inner();
     let c = node.conditions.iter().filter_map(|c| c.condition.as_ref()).find(|c| c.r#type == kind).unwrap();
-    let ms = nodekeeper_common::time::timestamp_to_unix_ms(c.last_transition_time.as_ref().unwrap());
-    let t = std::time::UNIX_EPOCH + Duration::from_millis(ms as u64);
-    humantime::format_rfc3339_seconds(t).to_string()
+    rfc3339(c.last_transition_time.as_ref().unwrap())
+}
+
+/// A time as Kubernetes writes it.
+fn rfc3339(t: &prost_types::Timestamp) -> String {
+    let ms = nodekeeper_common::time::timestamp_to_unix_ms(t);
+    humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + Duration::from_millis(ms as u64)).to_string()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -99,22 +106,30 @@ async fn conditions_reach_the_node_as_node_problem_detector_writes_them() {
     assert_eq!(cleared["lastTransitionTime"], center_transition(&center, "KernelDeadlock").await);
     assert_ne!(cleared["lastTransitionTime"], opened["lastTransitionTime"]);
 
-    // A condition another producer (a detector) reports.
+    // A condition another producer (a RAID checker) reports.
     ReportServiceClient::new(center.channel().await)
         .report(ReportRequest {
-            producer: "detector-x".into(),
-            reports: vec![condition_report("r1", "c1", "node-c", "NodeUnreachable", false, RecommendedAction::None)],
+            producer: "raid-checker".into(),
+            reports: vec![condition_report("r1", "c1", "node-c", "RaidDegraded", true, RecommendedAction::None)],
         })
         .await
         .unwrap();
-    node_condition(&api, "NodeUnreachable", "NodeUnreachable False", |c| c["status"] == "False").await;
+    node_condition(&api, "RaidDegraded", "RaidDegraded True", |c| c["status"] == "True").await;
 
-    // The agent falls silent: its conditions turn Unknown; the detector's stays what it said.
+    // The agent falls silent: its conditions turn Unknown; the checker's stays what it said.
     agent.kill9();
     let unknown = node_condition(&api, "KernelDeadlock", "KernelDeadlock Unknown", |c| c["status"] == "Unknown").await;
     assert_eq!(unknown["reason"], "NodekeeperAgentNotReporting");
-    assert_ne!(unknown["lastTransitionTime"], cleared["lastTransitionTime"]);
-    assert_eq!(api.kube.conditions("node-c")["NodeUnreachable"]["status"], "False");
+    // Unknown since the agent's last heartbeat (RFC 3339 in UTC: ordered as strings).
+    let since = unknown["lastTransitionTime"].as_str().unwrap();
+    assert!(since >= cleared["lastTransitionTime"].as_str().unwrap(), "{unknown}");
+    let node = FleetServiceClient::new(center.channel().await)
+        .get_node(GetNodeRequest { cluster: "c1".into(), node: "node-c".into() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(since, rfc3339(node.last_heartbeat_time.as_ref().unwrap()));
+    assert_eq!(api.kube.conditions("node-c")["RaidDegraded"]["status"], "True");
 
     // Nothing of anyone else's was touched, and every write went through the status subresource
     // as a strategic merge patch of our conditions only.

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use nodekeeper_common::time::{self as nktime, to_duration, to_unix_ms};
 use nodekeeper_proto::v1::{
-    Category, ConditionStatus, Event, EventKind, Fault, FaultState, Node, NodeCondition, Origin, Severity,
+    Category, Condition, ConditionStatus, Event, EventKind, Fault, FaultState, Node, NodeCondition, Origin, Severity,
 };
 use prost::Message;
 use rusqlite::{Connection, OptionalExtension, params};
@@ -591,11 +591,20 @@ impl Writer {
     }
 
     /// Folds a condition event into its fault (one per node and condition type while open) and
-    /// records the node's latest condition state. Sets `event.fault_id`.
+    /// records the node's latest condition state. Sets `event.fault_id` and the condition's transition
+    /// time (the center's: it moves only when the status does).
     fn fold_condition(&self, event: &mut Event, cursor: u64) -> Result<()> {
-        let Some(condition) = event.condition.clone() else { return Ok(()) };
+        let Some(mut condition) = event.condition.clone() else { return Ok(()) };
         let producer = event.origin.as_ref().map(|o| o.producer.clone()).unwrap_or_default();
         let received = event.received_time;
+        // The transition time is the center's: kept while the status stays, else the producer's
+        // (or the observation's time) at the change.
+        let before = self.condition(&event.cluster, &event.node, &condition.r#type)?;
+        condition.last_transition_time = match before {
+            Some(b) if b.status == condition.status && b.last_transition_time.is_some() => b.last_transition_time,
+            _ => condition.last_transition_time.or(event.time).or(received),
+        };
+        event.condition = Some(condition.clone());
         let node_condition = NodeCondition {
             cluster: event.cluster.clone(),
             node: event.node.clone(),
@@ -674,6 +683,19 @@ impl Writer {
             _ => {}
         }
         Ok(())
+    }
+
+    /// The node's stored condition of type `kind`.
+    fn condition(&self, cluster: &str, node: &str, kind: &str) -> Result<Option<Condition>> {
+        let body: Option<Vec<u8>> = self
+            .conn
+            .prepare_cached("SELECT body FROM conditions WHERE cluster = ?1 AND node = ?2 AND type = ?3")
+            .and_then(|mut s| s.query_row(params![cluster, node, kind], |r| r.get(0)).optional())
+            .map_err(|e| self.err(e))?;
+        let decoded = body.map(|b| NodeCondition::decode(b.as_slice()));
+        let stored =
+            decoded.transpose().map_err(|e| StoreError::Corrupt { table: "conditions", message: e.to_string() })?;
+        Ok(stored.and_then(|c| c.condition))
     }
 
     fn open_fault(&self, cluster: &str, node: &str, kind: &str) -> Result<Option<Fault>> {
