@@ -35,8 +35,8 @@ struct Inner {
     conflicts: u32,
     /// The field manager of each node condition's last write: (node, type) → manager.
     condition_managers: BTreeMap<(String, String), String>,
-    /// Every write to a node's status: (node, the patch's conditions).
-    status_writes: Vec<(String, Vec<Value>)>,
+    /// Every write to a node's status: (node, the patch's conditions, when it arrived).
+    status_writes: Vec<(String, Vec<Value>, std::time::Instant)>,
     /// core/v1 Events by (namespace, name).
     events: BTreeMap<(String, String), Value>,
 }
@@ -165,7 +165,21 @@ impl FakeKube {
 
     /// Every write to a node's status so far: (node, the conditions it carried).
     pub fn status_writes(&self) -> Vec<(String, Vec<Value>)> {
-        self.lock().status_writes.clone()
+        self.lock().status_writes.iter().map(|(n, c, _)| (n.clone(), c.clone())).collect()
+    }
+
+    /// How many writes to nodes' status arrived so far.
+    pub fn status_write_count(&self) -> usize {
+        self.lock().status_writes.len()
+    }
+
+    /// When the first write to `node`'s status setting condition `kind` to `status` arrived.
+    pub fn status_write_time(&self, node: &str, kind: &str, status: &str) -> Option<std::time::Instant> {
+        let inner = self.lock();
+        let mut writes = inner.status_writes.iter().filter(|(n, _, _)| n == node);
+        writes
+            .find(|(_, conditions, _)| conditions.iter().any(|c| c["type"] == kind && c["status"] == status))
+            .map(|(_, _, at)| *at)
     }
 
     pub fn node(&self, name: &str) -> Value {
@@ -386,7 +400,7 @@ async fn patch_node_status(
         let kind = c["type"].as_str().unwrap_or_default().to_owned();
         inner.condition_managers.insert((name.clone(), kind), manager.clone());
     }
-    inner.status_writes.push((name.clone(), conditions));
+    inner.status_writes.push((name.clone(), conditions, std::time::Instant::now()));
     inner.resource_version += 1;
     node["metadata"]["resourceVersion"] = json!(inner.resource_version.to_string());
     inner.nodes.insert(name, node.clone());
