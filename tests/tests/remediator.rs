@@ -461,7 +461,9 @@ async fn a_component_fault_is_first_healed_by_restarting_the_component_without_i
         (steps(&center, fault).await == ["start", "restart-component", "verify"]).then_some(())
     })
     .await;
-    assert!(api.kube.requests().iter().all(|r| !r.starts_with("PATCH")), "{:?}", api.kube.requests());
+    // No isolation: no write to the node but the exporter's conditions on its status.
+    let writes = api.kube.requests();
+    assert!(writes.iter().all(|r| !r.starts_with("PATCH") || r.contains("/status")), "{writes:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
