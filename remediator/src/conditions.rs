@@ -19,9 +19,9 @@ use std::time::{Duration, Instant};
 use k8s_openapi::api::core::v1::Node as KubeNode;
 use kube::api::{Api, Patch, PatchParams};
 use nodekeeper_proto::v1::{
-    ConditionStatus, EventFilter, EventKind, GetNodeRequest, ListNodesRequest, Liveness, Node, StartPosition,
-    SubscribeRequest, event_service_client::EventServiceClient, fleet_service_client::FleetServiceClient,
-    subscribe_response,
+    ConditionStatus, EventFilter, EventKind, GetNodeRequest, ListConditionsRequest, ListNodesRequest, Liveness, Node,
+    NodeCondition, StartPosition, SubscribeRequest, event_service_client::EventServiceClient,
+    fleet_service_client::FleetServiceClient, subscribe_response,
 };
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
@@ -31,6 +31,9 @@ use crate::config::NodeConditionsConfig;
 
 /// The kubelet's and the node controller's condition types: never ours to write.
 const KUBERNETES_TYPES: [&str; 5] = ["Ready", "MemoryPressure", "DiskPressure", "PIDPressure", "NetworkUnavailable"];
+
+/// Nodes whose conditions are listed in one request at the start of a subscription.
+const LIST_CHUNK: usize = 200;
 
 /// The producer name of the agent's own reports.
 const AGENT: &str = "agent";
@@ -174,14 +177,32 @@ impl Exporter {
             .await
             .map_err(|s| format!("subscribe: {}", s.message()))?
             .into_inner();
-        let nodes = FleetServiceClient::new(self.ch.clone())
-            .list_nodes(ListNodesRequest { clusters: vec![self.cluster.clone()], brief: false })
+        // The nodes in brief (liveness and heartbeat times), their conditions a few hundred
+        // nodes at a time: a whole cluster's conditions in one answer would pass gRPC's message
+        // limit (5,000 nodes × 10 conditions do).
+        let mut fleet = FleetServiceClient::new(self.ch.clone());
+        let nodes = fleet
+            .list_nodes(ListNodesRequest { clusters: vec![self.cluster.clone()], brief: true })
             .await
             .map_err(|s| format!("list nodes: {}", s.message()))?
             .into_inner()
             .nodes;
-        for node in &nodes {
-            self.export(&node.name, desired(node), false).await;
+        for chunk in nodes.chunks(LIST_CHUNK) {
+            let names = chunk.iter().map(|n| n.name.clone()).collect();
+            let conditions = fleet
+                .list_conditions(ListConditionsRequest { clusters: vec![self.cluster.clone()], nodes: names })
+                .await
+                .map_err(|s| format!("list conditions: {}", s.message()))?
+                .into_inner()
+                .conditions;
+            let mut by_node: HashMap<String, Vec<NodeCondition>> = HashMap::new();
+            for c in conditions {
+                by_node.entry(c.node.clone()).or_default().push(c);
+            }
+            for node in chunk {
+                let full = Node { conditions: by_node.remove(&node.name).unwrap_or_default(), ..node.clone() };
+                self.export(&node.name, desired(&full), false).await;
+            }
         }
         let mut tick = tokio::time::interval(self.tick());
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
