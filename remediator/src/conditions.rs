@@ -242,16 +242,21 @@ impl Exporter {
         }
     }
 
-    /// Rewrites the nodes whose last write is a heartbeat period old.
+    /// Rewrites the nodes whose last write is a heartbeat period old, the oldest first and at
+    /// most a tick's share of all nodes per tick: nodes written together (the initial sync) drift
+    /// apart over the first periods instead of falling due together, so a change never waits
+    /// behind a whole cluster's heartbeats.
     async fn heartbeats(&mut self) {
         let period = self.cfg.heartbeat_period;
-        let due: Vec<(String, Vec<KubeCondition>)> = self
+        let share = self.written.len() as f64 * self.tick().as_secs_f64() / period.as_secs_f64();
+        let mut due: Vec<(Instant, String, Vec<KubeCondition>)> = self
             .written
             .iter()
             .filter(|(_, w)| w.at.elapsed() >= period)
-            .map(|(n, w)| (n.clone(), w.conditions.clone()))
+            .map(|(n, w)| (w.at, n.clone(), w.conditions.clone()))
             .collect();
-        for (name, conditions) in due {
+        due.sort_by_key(|(at, _, _)| *at);
+        for (_, name, conditions) in due.into_iter().take(share.ceil() as usize + 1) {
             self.export(&name, conditions, true).await;
         }
     }
