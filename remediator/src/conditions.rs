@@ -67,6 +67,14 @@ pub fn desired(node: &Node) -> Vec<KubeCondition> {
                 return None;
             }
             if silent && nc.producer == AGENT {
+                // Unknown from the last heartbeat on, or from the condition's last change if the
+                // agent reported that after its last heartbeat.
+                let ms = |t: Option<&prost_types::Timestamp>| t.map(nodekeeper_common::time::timestamp_to_unix_ms);
+                let since = if ms(c.last_transition_time.as_ref()) > ms(node.last_heartbeat_time.as_ref()) {
+                    c.last_transition_time.as_ref()
+                } else {
+                    node.last_heartbeat_time.as_ref()
+                };
                 return Some(KubeCondition {
                     r#type: c.r#type.clone(),
                     status: "Unknown",
@@ -75,7 +83,7 @@ pub fn desired(node: &Node) -> Vec<KubeCondition> {
                         "the nodekeeper agent on this node has not reported since {}",
                         rfc3339(node.last_heartbeat_time.as_ref())
                     ),
-                    last_transition_time: rfc3339(node.last_heartbeat_time.as_ref()),
+                    last_transition_time: rfc3339(since),
                 });
             }
             let status = match c.status() {
@@ -330,6 +338,9 @@ mod tests {
         assert_eq!((d[0].status, d[0].reason.as_str()), ("Unknown", "NodekeeperAgentNotReporting"));
         assert_eq!(d[0].last_transition_time, "2027-01-15T08:10:00Z");
         assert_eq!(d[1].status, "False");
+        // A change reported after the last heartbeat: Unknown from that change on.
+        node.last_heartbeat_time = Some(prost_types::Timestamp { seconds: 1_799_999_000, nanos: 0 });
+        assert_eq!(desired(&node)[0].last_transition_time, "2027-01-15T08:00:00Z");
         let p = patch(&d, "2027-01-15T09:00:00Z");
         assert_eq!(p["status"]["conditions"][0]["lastHeartbeatTime"], "2027-01-15T09:00:00Z");
         assert_eq!(p["status"]["conditions"][1]["type"], "NodeUnreachable");
