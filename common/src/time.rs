@@ -27,6 +27,12 @@ pub fn timestamp_to_unix_ms(ts: &prost_types::Timestamp) -> i64 {
     ts.seconds.saturating_mul(1000).saturating_add(i64::from(ts.nanos / 1_000_000))
 }
 
+/// A timestamp as Kubernetes and Alertmanager write times: RFC 3339 in UTC, whole seconds.
+pub fn rfc3339(ts: &prost_types::Timestamp) -> String {
+    let ms = timestamp_to_unix_ms(ts).max(0) as u64;
+    humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_millis(ms)).to_string()
+}
+
 pub fn to_duration(d: Duration) -> prost_types::Duration {
     prost_types::Duration {
         seconds: i64::try_from(d.as_secs()).unwrap_or(i64::MAX),

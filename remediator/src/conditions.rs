@@ -50,9 +50,7 @@ pub struct KubeCondition {
 }
 
 fn rfc3339(t: Option<&prost_types::Timestamp>) -> String {
-    let ms = t.map(nodekeeper_common::time::timestamp_to_unix_ms).unwrap_or(0);
-    let t = std::time::UNIX_EPOCH + Duration::from_millis(ms.max(0) as u64);
-    humantime::format_rfc3339_seconds(t).to_string()
+    nodekeeper_common::time::rfc3339(&t.copied().unwrap_or_default())
 }
 
 /// What the Node's conditions must say of `node`, sorted by type.
@@ -276,7 +274,7 @@ impl Exporter {
         if conditions.is_empty() || (same && !heartbeat) {
             return;
         }
-        let now = humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string();
+        let now = nodekeeper_common::time::rfc3339(&nodekeeper_common::time::now_timestamp());
         let params = PatchParams { field_manager: Some(self.cfg.field_manager.clone()), ..Default::default() };
         let body = patch(&conditions, &now);
         match self.nodes.patch_status(name, &params, &Patch::Strategic(&body)).await {

@@ -38,18 +38,16 @@ pub struct Recorder {
     events: Api<KubeEvent>,
     field_manager: String,
     made: HashMap<(String, String, String), Made>,
+    /// When `made` was last rid of Events past the window.
+    pruned: Instant,
     buckets: HashMap<String, Bucket>,
-}
-
-fn now_rfc3339() -> String {
-    humantime::format_rfc3339_seconds(SystemTime::now()).to_string()
 }
 
 impl Recorder {
     pub fn new(client: kube::Client, field_manager: String) -> Recorder {
         // Events about cluster-scoped objects (Nodes) live in "default", as the kubelet's do.
         let events = Api::namespaced(client, "default");
-        Recorder { events, field_manager, made: HashMap::new(), buckets: HashMap::new() }
+        Recorder { events, field_manager, made: HashMap::new(), pruned: Instant::now(), buckets: HashMap::new() }
     }
 
     /// Whether the node's budget allows one more.
@@ -80,11 +78,18 @@ impl Recorder {
     /// Records a temporary problem of `e.node` as an Event on the Node.
     pub async fn record(&mut self, e: &Event) {
         let key = (e.node.clone(), e.r#type.clone(), e.message.clone());
-        self.made.retain(|_, m| m.last.elapsed() < WINDOW);
+        // Past the window an Event is not raised again; the map is swept once per window.
+        if self.made.get(&key).is_some_and(|m| m.last.elapsed() >= WINDOW) {
+            self.made.remove(&key);
+        }
+        if self.pruned.elapsed() >= WINDOW {
+            self.made.retain(|_, m| m.last.elapsed() < WINDOW);
+            self.pruned = Instant::now();
+        }
         if !self.allowed(&e.node) {
             return;
         }
-        let now = now_rfc3339();
+        let now = nodekeeper_common::time::rfc3339(&nodekeeper_common::time::now_timestamp());
         let result = match self.made.get_mut(&key) {
             Some(m) => {
                 m.count += 1;

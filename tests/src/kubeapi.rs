@@ -347,16 +347,8 @@ async fn patch_node(
     body: Bytes,
 ) -> Response {
     k.log("PATCH", &uri, &h);
-    let mut inner = k.lock();
-    inner.first_patch.entry(name.clone()).or_insert_with(std::time::Instant::now);
-    let node = inner.nodes.get(&name).cloned();
-    match patch_object(&mut inner, node, "nodes", &name, &h, &body) {
-        Ok(node) => {
-            inner.nodes.insert(name, node.clone());
-            object(&node)
-        }
-        Err(f) => f.into_response(),
-    }
+    k.lock().first_patch.entry(name.clone()).or_insert_with(std::time::Instant::now);
+    patch_stored(&k, |i| &mut i.nodes, name.clone(), "nodes", &name, &h, &body)
 }
 
 /// The status subresource: only `status` changes; conditions merge by type (strategic merge), and
@@ -447,13 +439,26 @@ async fn patch_event(
     body: Bytes,
 ) -> Response {
     k.log("PATCH", &uri, &h);
+    patch_stored(&k, |i| &mut i.events, (ns, name.clone()), "events", &name, &h, &body)
+}
+
+/// Patches the object `key` of the map `objects` picks (of `kind`, e.g. "pods") and answers
+/// with it, or with the failure.
+fn patch_stored<K: Ord>(
+    k: &FakeKube,
+    objects: fn(&mut Inner) -> &mut BTreeMap<K, Value>,
+    key: K,
+    kind: &str,
+    name: &str,
+    h: &HeaderMap,
+    body: &[u8],
+) -> Response {
     let mut inner = k.lock();
-    let key = (ns, name.clone());
-    let event = inner.events.get(&key).cloned();
-    match patch_object(&mut inner, event, "events", &name, &h, &body) {
-        Ok(event) => {
-            inner.events.insert(key, event.clone());
-            object(&event)
+    let obj = objects(&mut inner).get(&key).cloned();
+    match patch_object(&mut inner, obj, kind, name, h, body) {
+        Ok(obj) => {
+            objects(&mut inner).insert(key, obj.clone());
+            object(&obj)
         }
         Err(f) => f.into_response(),
     }
@@ -496,16 +501,7 @@ async fn patch_pod(
     body: Bytes,
 ) -> Response {
     k.log("PATCH", &uri, &h);
-    let mut inner = k.lock();
-    let key = (ns, name.clone());
-    let pod = inner.pods.get(&key).cloned();
-    match patch_object(&mut inner, pod, "pods", &name, &h, &body) {
-        Ok(pod) => {
-            inner.pods.insert(key, pod.clone());
-            object(&pod)
-        }
-        Err(f) => f.into_response(),
-    }
+    patch_stored(&k, |i| &mut i.pods, (ns, name.clone()), "pods", &name, &h, &body)
 }
 
 async fn evict_pod(

@@ -55,13 +55,7 @@ async fn center_transition(center: &EventCenter, kind: &str) -> String {
         .unwrap()
         .into_inner();
     let c = node.conditions.iter().filter_map(|c| c.condition.as_ref()).find(|c| c.r#type == kind).unwrap();
-    rfc3339(c.last_transition_time.as_ref().unwrap())
-}
-
-/// A time as Kubernetes writes it.
-fn rfc3339(t: &prost_types::Timestamp) -> String {
-    let ms = nodekeeper_common::time::timestamp_to_unix_ms(t);
-    humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + Duration::from_millis(ms as u64)).to_string()
+    nodekeeper_common::time::rfc3339(c.last_transition_time.as_ref().unwrap())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -129,7 +123,7 @@ async fn conditions_reach_the_node_as_node_problem_detector_writes_them() {
         .await
         .unwrap()
         .into_inner();
-    let heartbeat = rfc3339(node.last_heartbeat_time.as_ref().unwrap());
+    let heartbeat = nodekeeper_common::time::rfc3339(node.last_heartbeat_time.as_ref().unwrap());
     assert_eq!(since, heartbeat.as_str().max(cleared_at), "{unknown}");
     assert_eq!(api.kube.conditions("node-c")["RaidDegraded"]["status"], "True");
 
