@@ -109,7 +109,7 @@ async fn call(ch: Channel, json: bool, command: Command) -> anyhow::Result<()> {
 
 async fn nodes_list(ch: Channel, json: bool, clusters: Vec<String>) -> anyhow::Result<()> {
     let nodes = FleetServiceClient::new(ch)
-        .list_nodes(ListNodesRequest { clusters, brief: false })
+        .list_nodes(ListNodesRequest { clusters, ..Default::default() })
         .await
         .map_err(status)?
         .into_inner()

@@ -200,7 +200,7 @@ impl Detector {
     /// Reads the node list and heartbeat times.
     async fn refresh(&mut self) -> Result<(), tonic::Status> {
         let nodes = FleetServiceClient::new(self.channel.clone())
-            .list_nodes(ListNodesRequest { clusters: self.cfg.clusters.clone(), brief: true })
+            .list_nodes(ListNodesRequest { clusters: self.cfg.clusters.clone(), brief: true, ..Default::default() })
             .await?
             .into_inner()
             .nodes;

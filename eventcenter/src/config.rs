@@ -31,6 +31,10 @@ pub struct Config {
     pub metrics_listen: Option<SocketAddr>,
     /// The rate-limit center: permits for risky operations, the circuit breaker.
     pub permits: PermitsConfig,
+    /// Readiness gates O&M operators add, per cluster and label selector: conditions they report
+    /// that must be True before a node takes pods, when it joins and when it is released after a
+    /// repair (besides the built-in gates).
+    pub readiness_gates: Vec<ReadinessGates>,
     /// Idle time after which a subscription gets a bookmark.
     #[serde(with = "duration")]
     pub bookmark_interval: Duration,
@@ -136,6 +140,20 @@ pub struct GateConfig {
     /// What an unknown state (Alertmanager not answering, no fresh metric) means: "deny" or "allow".
     #[serde(default = "default_when_unknown")]
     pub when_unknown: String,
+}
+
+/// Conditions that must be True before the nodes a cluster and selector name take pods.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReadinessGates {
+    /// A cluster, or "*" for every cluster.
+    #[serde(default = "any_cluster")]
+    pub cluster: String,
+    /// Nodes whose labels match, "k=v,k2=v2"; empty: every node of the cluster.
+    #[serde(default)]
+    pub selector: String,
+    /// Condition types O&M operators report, e.g. "LogCollectorReady": each must be True.
+    pub conditions: Vec<String>,
 }
 
 fn default_max_age() -> Duration {
@@ -284,6 +302,7 @@ impl Default for Config {
             alerts: AlertsConfig::default(),
             metrics_listen: None,
             permits: PermitsConfig::default(),
+            readiness_gates: Vec::new(),
             bookmark_interval: Duration::from_secs(5),
             drain_timeout: Duration::from_secs(5),
             tls: None,
@@ -353,6 +372,18 @@ impl Config {
             }
             if !matches!(g.when_unknown.as_str(), "deny" | "allow") {
                 return Err(format!("{key}.when_unknown: expected \"deny\" or \"allow\", got {:?}", g.when_unknown));
+            }
+        }
+        for (i, o) in self.readiness_gates.iter().enumerate() {
+            let key = format!("readiness_gates[{i}]");
+            if !o.selector.is_empty() {
+                crate::selector::parse(&o.selector).map_err(|e| format!("{key}.selector: {e}"))?;
+            }
+            if o.conditions.is_empty() {
+                return Err(format!("{key}.conditions: expected at least one condition type"));
+            }
+            for c in &o.conditions {
+                nodekeeper_common::names::event_type(c).map_err(|e| format!("{key}.conditions: {e}"))?;
             }
         }
         if let Some(url) = &self.alertmanager.url

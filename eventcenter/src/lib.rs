@@ -14,6 +14,8 @@ pub mod liveness;
 pub mod metrics;
 pub mod permits;
 pub mod quorum;
+pub mod readiness;
+pub mod selector;
 pub mod store;
 pub mod subscribe;
 pub mod validate;

@@ -53,7 +53,7 @@ impl Liveness {
     ) -> Result<(Arc<Self>, Vec<JoinHandle<()>>), StoreError> {
         let now = Instant::now();
         let mut entries = HashMap::new();
-        for node in store.list_nodes(Vec::new()).await? {
+        for node in store.list_nodes(Vec::new(), false).await? {
             let interval = nodekeeper_common::time::from_duration(node.heartbeat_interval.as_ref())
                 .unwrap_or(config.default_heartbeat_interval);
             entries.insert(
@@ -129,6 +129,16 @@ impl Liveness {
         if let Some(e) = self.entries.lock().expect("liveness lock").get_mut(key) {
             e.connections = e.connections.saturating_sub(1);
         }
+    }
+
+    /// An agent stream of the node is open on this center.
+    pub fn connected(&self, key: &NodeKey) -> bool {
+        self.entries.lock().expect("liveness lock").get(key).is_some_and(|e| e.connections > 0)
+    }
+
+    /// A decommissioned node: its silence is no longer watched (a new hello watches it again).
+    pub fn forget(&self, key: &NodeKey) {
+        self.entries.lock().expect("liveness lock").remove(key);
     }
 
     /// Adds what only memory knows (connection, last heartbeat, outbox) to a stored node.

@@ -40,6 +40,34 @@ pub fn step(s: &RecordStepRequest) -> Result<(), Status> {
     Ok(())
 }
 
+/// Node labels as Kubernetes allows them: at most 256, keys of 1 to 317 bytes (a 253-byte prefix,
+/// "/", a 63-byte name), values of at most 63 bytes.
+pub fn labels(labels: &std::collections::HashMap<String, String>) -> Result<(), Status> {
+    if labels.len() > 256 {
+        return Err(Status::invalid_argument(format!("labels: {} given, at most 256 allowed", labels.len())));
+    }
+    for (k, v) in labels {
+        if k.is_empty() || k.len() > 317 || v.len() > 63 {
+            return Err(Status::invalid_argument(format!(
+                "label {k:?}: keys must be 1 to 317 bytes and values at most 63 bytes"
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// A free text within the contract's limit.
+pub fn text(field: &str, value: &str) -> Result<(), Status> {
+    if value.len() > observation::MAX_TEXT_BYTES {
+        return Err(Status::invalid_argument(format!(
+            "{field} is {} bytes, at most {} allowed",
+            value.len(),
+            observation::MAX_TEXT_BYTES
+        )));
+    }
+    Ok(())
+}
+
 /// A hello names a valid node, cluster and boot id.
 pub fn hello(h: &Hello) -> Result<(), Status> {
     name(names::node(&h.node))?;

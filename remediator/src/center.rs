@@ -7,9 +7,9 @@ use std::time::{Duration, Instant, SystemTime};
 
 use nodekeeper_common::time::timestamp_to_unix_ms;
 use nodekeeper_proto::v1::{
-    AcquirePermitRequest, ConditionStatus, EventFilter, Fault, FaultState, GetFaultRequest, GetNodeRequest,
-    ListComponentsRequest, ListEventsRequest, Liveness, Node, Operation, RecordStepRequest, ReleasePermitRequest,
-    event_service_client::EventServiceClient, permit_service_client::PermitServiceClient,
+    AcquirePermitRequest, EventFilter, Fault, FaultState, GetFaultRequest, GetNodeRequest, ListEventsRequest, Liveness,
+    Node, Operation, RecordStepRequest, ReleasePermitRequest, event_service_client::EventServiceClient,
+    permit_service_client::PermitServiceClient,
 };
 
 use super::{Remediator, Run, Starts, Step, Stop, rpc};
@@ -105,47 +105,12 @@ impl Remediator {
         })
     }
 
-    /// None when the node's readiness gates hold: alive, components converged, no open
-    /// condition, and every configured operator condition True.
+    /// None when the node's readiness gates hold (the center's: agent connected, components
+    /// converged, no open fault, the configured operator conditions True); else the first that
+    /// does not and why.
     pub(crate) async fn gates(&self, run: &Run) -> Step<Option<String>> {
         let node = self.node(&run.fault.node).await?;
-        if node.liveness() != Liveness::Alive {
-            return Ok(Some("the node is not alive".into()));
-        }
-        let open: Vec<&str> = node
-            .conditions
-            .iter()
-            .filter_map(|c| c.condition.as_ref())
-            .filter(|c| c.status() == ConditionStatus::True && !self.cfg.gate_conditions.contains(&c.r#type))
-            .map(|c| c.r#type.as_str())
-            .collect();
-        if !open.is_empty() {
-            return Ok(Some(format!("open conditions: {}", open.join(", "))));
-        }
-        for gate in &self.cfg.gate_conditions {
-            let holds = node
-                .conditions
-                .iter()
-                .filter_map(|c| c.condition.as_ref())
-                .any(|c| &c.r#type == gate && c.status() == ConditionStatus::True);
-            if !holds {
-                return Ok(Some(format!("gate condition {gate} is not True")));
-            }
-        }
-        let components = self
-            .fleet()
-            .list_components(ListComponentsRequest {
-                clusters: vec![node.cluster.clone()],
-                nodes: vec![node.name.clone()],
-            })
-            .await
-            .map_err(rpc("components"))?
-            .into_inner()
-            .nodes;
-        if let Some(c) = components.iter().find(|c| c.desired_generation > 0 && !c.converged) {
-            return Ok(Some(format!("components not converged to desired generation {}", c.desired_generation)));
-        }
-        Ok(None)
+        Ok(first_failing_gate(&node))
     }
 
     /// Remediations of the fault's node started within the budget window, this one excluded.
@@ -272,4 +237,9 @@ impl Remediator {
 
 fn state_name(s: FaultState) -> String {
     s.as_str_name().trim_start_matches("FAULT_STATE_").to_ascii_lowercase()
+}
+
+/// "<gate>: <why>" of the first gate of the node that does not hold.
+pub(crate) fn first_failing_gate(node: &Node) -> Option<String> {
+    node.gates.iter().find(|g| !g.holds).map(|g| format!("{}: {}", g.name, g.reason))
 }

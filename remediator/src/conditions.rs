@@ -188,7 +188,7 @@ impl Exporter {
         // limit (5,000 nodes × 10 conditions do).
         let mut fleet = FleetServiceClient::new(self.ch.clone());
         let nodes = fleet
-            .list_nodes(ListNodesRequest { clusters: vec![self.cluster.clone()], brief: true })
+            .list_nodes(ListNodesRequest { clusters: vec![self.cluster.clone()], brief: true, ..Default::default() })
             .await
             .map_err(|s| format!("list nodes: {}", s.message()))?
             .into_inner()

@@ -45,8 +45,6 @@ pub struct Config {
     pub migration_timeout: Duration,
     /// Evict the labelled pods through the Eviction API (honours PodDisruptionBudgets).
     pub evict: bool,
-    /// Conditions other operators report that must be True before a node is released.
-    pub gate_conditions: Vec<String>,
     /// Webhooks (POST, JSON) for hardware repair and OS reinstall tickets.
     pub hardware_repair_webhook: Option<String>,
     pub reinstall_os_webhook: Option<String>,
@@ -174,7 +172,6 @@ impl Default for Config {
             step_deadline: Duration::from_secs(30 * 60),
             migration_timeout: Duration::from_secs(10 * 60),
             evict: false,
-            gate_conditions: Vec::new(),
             hardware_repair_webhook: None,
             reinstall_os_webhook: None,
             playbook: default_playbooks(),

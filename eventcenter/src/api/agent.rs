@@ -235,7 +235,7 @@ impl agent_service_server::AgentService for AgentApi {
         };
         let id = session.ctx.sessions.register(session.key.clone(), session.tx.clone());
         // The node's desired components, if any are set.
-        if let Err(status) = super::components::push(&session.ctx, &session.key, &session.hello.labels).await {
+        if let Err(status) = super::components::push(&session.ctx, &session.key, &outcome.labels).await {
             tracing::warn!(node = %session.key.node, error = %status.message(), "cannot send the desired components");
         }
         tokio::spawn(async move {

@@ -7,7 +7,7 @@ use std::collections::{BTreeMap, HashMap};
 use nodekeeper_common::tls::Kind;
 use nodekeeper_proto::v1::{
     CenterMessage, ComponentPhase, ComponentSpec, ComponentStatus, ComponentStatusReport, DesiredState,
-    ListComponentsRequest, ListComponentsResponse, NodeComponents, SetDesiredComponentsRequest,
+    ListComponentsRequest, ListComponentsResponse, Node, NodeComponents, SetDesiredComponentsRequest,
     SetDesiredComponentsResponse, center_message, set_desired_components_request::Target,
 };
 use prost::Message;
@@ -16,24 +16,7 @@ use tonic::{Request, Response, Status};
 use super::{Ctx, READERS, require, require_cluster, scope_clusters, store_status};
 use crate::store::DesiredRow;
 use crate::store::NodeKey;
-use crate::validate;
-
-/// "k=v,k2=v2" → pairs; every key and value non-empty.
-pub fn parse_selector(s: &str) -> Result<Vec<(String, String)>, String> {
-    let mut out = Vec::new();
-    for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
-        match part.split_once('=') {
-            Some((k, v)) if !k.trim().is_empty() && !v.trim().is_empty() => {
-                out.push((k.trim().to_owned(), v.trim().to_owned()))
-            }
-            _ => return Err(format!("invalid selector {s:?}: expected key=value pairs separated by commas")),
-        }
-    }
-    if out.is_empty() {
-        return Err("empty selector".into());
-    }
-    Ok(out)
-}
+use crate::{selector, validate};
 
 /// The desired state of one node: the specs of every selector its labels match (older
 /// generations first, a newer one replacing a component of the same name), then its own.
@@ -49,7 +32,7 @@ pub fn effective(rows: &[DesiredRow], node: &str, labels: &HashMap<String, Strin
     };
     for (target, g, specs) in rows {
         if let Some(sel) = target.strip_prefix("selector:")
-            && parse_selector(sel).is_ok_and(|pairs| pairs.iter().all(|(k, v)| labels.get(k) == Some(v)))
+            && selector::matches(sel, labels)
         {
             apply(*g, specs, &mut by_name);
         }
@@ -105,7 +88,7 @@ pub async fn set_desired(
             format!("node:{n}")
         }
         Some(Target::Selector(s)) => {
-            let pairs = parse_selector(s).map_err(Status::invalid_argument)?;
+            let pairs = selector::parse(s).map_err(Status::invalid_argument)?;
             let canonical: Vec<String> = pairs.iter().map(|(k, v)| format!("{k}={v}")).collect();
             format!("selector:{}", canonical.join(","))
         }
@@ -121,14 +104,12 @@ pub async fn set_desired(
     let body = DesiredState { generation: 0, components: req.components.clone() }.encode_to_vec();
     let generation = ctx.store.set_desired(req.cluster.clone(), target.clone(), body).await.map_err(store_status)?;
     // Which known nodes it concerns, and push to those connected.
-    let nodes = ctx.store.list_nodes(vec![req.cluster.clone()]).await.map_err(store_status)?;
+    let nodes = ctx.store.list_nodes(vec![req.cluster.clone()], false).await.map_err(store_status)?;
     let mut matched = 0;
     for n in nodes {
         let hit = match &req.target {
             Some(Target::Node(name)) => &n.name == name,
-            Some(Target::Selector(s)) => {
-                parse_selector(s).is_ok_and(|p| p.iter().all(|(k, v)| n.labels.get(k) == Some(v)))
-            }
+            Some(Target::Selector(s)) => selector::matches(s, &n.labels),
             None => false,
         };
         if hit {
@@ -148,10 +129,26 @@ pub async fn list(
     require(&caller, READERS, "list components")?;
     let req = request.into_inner();
     let clusters = scope_clusters(&caller, req.clusters)?;
-    let nodes = ctx.store.list_nodes(clusters.clone()).await.map_err(store_status)?;
+    let mut nodes = ctx.store.list_nodes(clusters, false).await.map_err(store_status)?;
+    if !req.nodes.is_empty() {
+        nodes.retain(|n| req.nodes.contains(&n.name));
+    }
+    let nodes = of_nodes(ctx, &nodes, &req.nodes).await?;
+    Ok(Response::new(ListComponentsResponse { nodes }))
+}
+
+/// Each node's components, desired against reported, and whether they converged; nodes with
+/// neither are left out. `names`: the nodes' names when only some are asked for (empty: all).
+pub async fn of_nodes(ctx: &Ctx, nodes: &[Node], names: &[String]) -> Result<Vec<NodeComponents>, Status> {
+    let clusters: Vec<String> = {
+        let mut c: Vec<String> = nodes.iter().map(|n| n.cluster.clone()).collect();
+        c.sort();
+        c.dedup();
+        c
+    };
     let mut reports: HashMap<(String, String), ComponentStatusReport> = ctx
         .store
-        .component_statuses(clusters)
+        .component_statuses(clusters, names.to_vec())
         .await
         .map_err(store_status)?
         .into_iter()
@@ -160,9 +157,6 @@ pub async fn list(
     let mut desired_by_cluster: HashMap<String, Vec<DesiredRow>> = HashMap::new();
     let mut out = Vec::new();
     for n in nodes {
-        if !req.nodes.is_empty() && !req.nodes.contains(&n.name) {
-            continue;
-        }
         if !desired_by_cluster.contains_key(&n.cluster) {
             let rows = ctx.store.desired_components(n.cluster.clone()).await.map_err(store_status)?;
             desired_by_cluster.insert(n.cluster.clone(), rows);
@@ -194,15 +188,15 @@ pub async fn list(
                 })
             });
         out.push(NodeComponents {
-            cluster: n.cluster,
-            node: n.name,
+            cluster: n.cluster.clone(),
+            node: n.name.clone(),
             components,
             desired_generation: desired.generation,
             converged,
             reported_generation: report.generation,
         });
     }
-    Ok(Response::new(ListComponentsResponse { nodes: out }))
+    Ok(out)
 }
 
 /// What a component's status says it wants: its version, or "absent" (as the agent reports it).
@@ -232,7 +226,7 @@ mod tests {
         assert_eq!(got, vec![("containerd".into(), "1.8-1".into()), ("kubelet".into(), "1.29-1".into())]);
         assert_eq!(s.generation, 3);
         assert_eq!(effective(&rows, "n2", &HashMap::new()).generation, 0, "nothing desired of an unlabelled node");
-        assert!(parse_selector("a").is_err());
-        assert!(parse_selector("a=,b=c").is_err());
+        assert!(selector::parse("a").is_err());
+        assert!(selector::parse("a=,b=c").is_err());
     }
 }

@@ -3,10 +3,12 @@
 use nodekeeper_common::names;
 use nodekeeper_common::tls::Kind;
 use nodekeeper_proto::v1::{
-    Category, Event, EventKind, Fault, FaultState, GetFaultRequest, GetFaultResponse, GetNodeRequest, Inventory,
-    ListComponentsRequest, ListComponentsResponse, ListConditionsRequest, ListConditionsResponse, ListFaultsRequest,
-    ListFaultsResponse, ListNodesRequest, ListNodesResponse, NetworkInterface, Node, Origin, RecordStepRequest,
-    RecordStepResponse, SetDesiredComponentsRequest, SetDesiredComponentsResponse, Severity, fleet_service_server,
+    Category, DecommissionNodeRequest, DecommissionNodeResponse, Event, EventKind, Fault, FaultState, GetFaultRequest,
+    GetFaultResponse, GetNodeRequest, Inventory, ListComponentsRequest, ListComponentsResponse, ListConditionsRequest,
+    ListConditionsResponse, ListFaultsRequest, ListFaultsResponse, ListNodesRequest, ListNodesResponse,
+    NetworkInterface, Node, Origin, RecordStepRequest, RecordStepResponse, SetDesiredComponentsRequest,
+    SetDesiredComponentsResponse, Severity, SyncKubernetesNodeRequest, SyncKubernetesNodeResponse,
+    fleet_service_server,
 };
 use tonic::{Request, Response, Status};
 
@@ -23,12 +25,15 @@ impl fleet_service_server::FleetService for FleetApi {
         require(&caller, READERS, "list nodes")?;
         let req = request.into_inner();
         let clusters = scope_clusters(&caller, req.clusters)?;
-        let mut nodes = self.0.store.list_nodes(clusters).await.map_err(store_status)?;
+        let mut nodes = self.0.store.list_nodes(clusters, req.include_decommissioned).await.map_err(store_status)?;
         for n in &mut nodes {
             self.0.liveness.annotate(n);
             if req.brief {
                 brief(n);
             }
+        }
+        if !req.brief {
+            super::nodes::fill_gates(&self.0, &mut nodes).await?;
         }
         Ok(Response::new(ListNodesResponse { nodes }))
     }
@@ -49,6 +54,7 @@ impl fleet_service_server::FleetService for FleetApi {
             .map_err(store_status)?
             .ok_or_else(|| Status::not_found(format!("no node {} in cluster {}", key.node, key.cluster)))?;
         self.0.liveness.annotate(&mut node);
+        super::nodes::fill_gates(&self.0, std::slice::from_mut(&mut node)).await?;
         Ok(Response::new(node))
     }
 
@@ -181,6 +187,20 @@ impl fleet_service_server::FleetService for FleetApi {
         Ok(Response::new(RecordStepResponse { cursor: crate::cursor::format(cursor) }))
     }
 
+    async fn sync_kubernetes_node(
+        &self,
+        request: Request<SyncKubernetesNodeRequest>,
+    ) -> Result<Response<SyncKubernetesNodeResponse>, Status> {
+        super::nodes::sync_kubernetes(&self.0, request).await
+    }
+
+    async fn decommission_node(
+        &self,
+        request: Request<DecommissionNodeRequest>,
+    ) -> Result<Response<DecommissionNodeResponse>, Status> {
+        super::nodes::decommission(&self.0, request).await
+    }
+
     async fn set_desired_components(
         &self,
         request: Request<SetDesiredComponentsRequest>,
@@ -192,6 +212,7 @@ impl fleet_service_server::FleetService for FleetApi {
 /// What a prober needs of a node (`ListNodesRequest.brief`).
 fn brief(n: &mut Node) {
     n.labels.clear();
+    n.kubernetes_labels.clear();
     n.conditions.clear();
     n.agent_version.clear();
     n.inventory = n.inventory.take().map(|inv| Inventory {

@@ -5,6 +5,7 @@ pub mod agent;
 pub mod components;
 pub mod events;
 pub mod fleet;
+pub mod nodes;
 pub mod permits;
 pub mod report;
 

@@ -15,6 +15,8 @@ pub use read::DesiredRow;
 pub use space::DiskState;
 mod writer;
 
+pub use writer::NodeChanged;
+
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -33,6 +35,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("migrations/0001_init.sql"),
     include_str!("migrations/0002_components.sql"),
     include_str!("migrations/0003_permits.sql"),
+    include_str!("migrations/0004_decommissioned.sql"),
 ];
 
 /// Fault state numbers as stored (equal to `nodekeeper.v1.FaultState`).
@@ -161,6 +164,16 @@ pub struct NodeHello {
 pub struct HelloOutcome {
     /// Highest sequence stored for this node and boot id (0 if none).
     pub last_stored_sequence: u64,
+    /// The node's labels: its agent's merged with its Kubernetes Node's.
+    pub labels: HashMap<String, String>,
+}
+
+/// A node's labels as the center uses them: those of its Kubernetes Node, with its agent's own
+/// on top (the agent's value wins for a key both set).
+pub fn merged_labels(node: &nodekeeper_proto::v1::Node) -> HashMap<String, String> {
+    let mut labels = node.kubernetes_labels.clone();
+    labels.extend(node.labels.iter().map(|(k, v)| (k.clone(), v.clone())));
+    labels
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -401,6 +414,27 @@ impl Store {
     /// Persists a liveness transition and its event (NodeHeartbeatLost / NodeHeartbeatResumed).
     pub async fn set_liveness(&self, key: NodeKey, lost: bool, grace: Duration) -> Result<()> {
         self.submit_within_reserve(1, |reply, permit| writer::Op::Liveness { key, lost, grace, reply, permit }).await
+    }
+
+    /// Stores what Kubernetes says of a node (its labels, its startup taint) and records the
+    /// changes as events. `None`: no such node.
+    pub async fn sync_kubernetes(
+        &self,
+        key: NodeKey,
+        labels: HashMap<String, String>,
+        onboarding: bool,
+        onboarded: bool,
+        issuer: String,
+    ) -> Result<Option<NodeChanged>> {
+        let change = writer::NodeChange::Kubernetes { key, labels, onboarding, onboarded, issuer };
+        self.submit(3, |reply, permit| writer::Op::Node { change, reply, permit }).await
+    }
+
+    /// Marks a node decommissioned, closes its open faults and records a NodeDecommissioned
+    /// event. `None`: no such node.
+    pub async fn decommission(&self, key: NodeKey, reason: String, issuer: String) -> Result<Option<NodeChanged>> {
+        let change = writer::NodeChange::Decommission { key, reason, issuer };
+        self.submit(1, |reply, permit| writer::Op::Node { change, reply, permit }).await
     }
 
     /// Creates the durable consumer at `position` unless it exists; returns its acked cursor.

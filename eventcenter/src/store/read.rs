@@ -103,9 +103,12 @@ impl Store {
     }
 
     /// The component status each node reported last, by (cluster, node).
+    /// The component status reports of the clusters' nodes (every cluster when empty), of the
+    /// named nodes only when `nodes` is not empty.
     pub async fn component_statuses(
         &self,
         clusters: Vec<String>,
+        nodes: Vec<String>,
     ) -> Result<Vec<(String, String, nodekeeper_proto::v1::ComponentStatusReport)>> {
         self.read(move |c| {
             let mut stmt = c
@@ -117,7 +120,9 @@ impl Store {
             let mut out = Vec::new();
             for row in rows {
                 let (cluster, node, body) = row.map_err(sql)?;
-                if !clusters.is_empty() && !clusters.contains(&cluster) {
+                if (!clusters.is_empty() && !clusters.contains(&cluster))
+                    || (!nodes.is_empty() && !nodes.contains(&node))
+                {
                     continue;
                 }
                 out.push((cluster, node, decode("component_status", &body)?));
@@ -132,13 +137,19 @@ impl Store {
         self.read(move |c| read_events(c, after, limit)).await
     }
 
-    pub async fn list_nodes(&self, clusters: Vec<String>) -> Result<Vec<Node>> {
+    /// The nodes of the clusters (every cluster when empty), decommissioned ones only when asked.
+    pub async fn list_nodes(&self, clusters: Vec<String>, include_decommissioned: bool) -> Result<Vec<Node>> {
         self.read(move |c| {
             let mut stmt = c
-                .prepare_cached("SELECT info, lost, liveness_changed_ms FROM nodes ORDER BY cluster, name")
+                .prepare_cached(
+                    "SELECT info, lost, liveness_changed_ms FROM nodes WHERE ?1 OR decommissioned_ms IS NULL
+                     ORDER BY cluster, name",
+                )
                 .map_err(sql)?;
             let rows = stmt
-                .query_map([], |r| Ok((r.get::<_, Vec<u8>>(0)?, r.get::<_, bool>(1)?, r.get::<_, i64>(2)?)))
+                .query_map([include_decommissioned], |r| {
+                    Ok((r.get::<_, Vec<u8>>(0)?, r.get::<_, bool>(1)?, r.get::<_, i64>(2)?))
+                })
                 .map_err(sql)?;
             let mut out = Vec::new();
             for row in rows {
@@ -147,8 +158,7 @@ impl Store {
                 if !clusters.is_empty() && !clusters.contains(&node.cluster) {
                     continue;
                 }
-                node.liveness = if lost { Liveness::Lost } else { Liveness::Alive } as i32;
-                node.liveness_changed_time = Some(timestamp_from_unix_ms(changed));
+                stored_node(&mut node, lost, changed);
                 out.push(node);
             }
             let mut by_node: std::collections::HashMap<(String, String), Vec<NodeCondition>> =
@@ -164,10 +174,10 @@ impl Store {
         .await
     }
 
-    /// How many nodes a cluster has (without reading them).
+    /// How many nodes a cluster has (without reading them), decommissioned ones left out.
     pub async fn count_nodes(&self, cluster: String) -> Result<usize> {
         self.read(move |c| {
-            c.prepare_cached("SELECT COUNT(*) FROM nodes WHERE cluster = ?1")
+            c.prepare_cached("SELECT COUNT(*) FROM nodes WHERE cluster = ?1 AND decommissioned_ms IS NULL")
                 .and_then(|mut s| s.query_row([cluster], |r| r.get::<_, i64>(0)))
                 .map(|n| n as usize)
                 .map_err(sql)
@@ -185,10 +195,38 @@ impl Store {
                 .map_err(sql)?;
             let Some((info, lost, changed)) = row else { return Ok(None) };
             let mut node: Node = decode("nodes", &info)?;
-            node.liveness = if lost { Liveness::Lost } else { Liveness::Alive } as i32;
-            node.liveness_changed_time = Some(timestamp_from_unix_ms(changed));
+            stored_node(&mut node, lost, changed);
             node.conditions = conditions(c, &[key.cluster], &[key.node])?;
             Ok(Some(node))
+        })
+        .await
+    }
+
+    /// The types of the open faults (not resolved) of each node of the clusters (every cluster
+    /// when empty; of one node when `node` is given).
+    pub async fn open_fault_types(
+        &self,
+        clusters: Vec<String>,
+        node: Option<String>,
+    ) -> Result<std::collections::HashMap<(String, String), Vec<String>>> {
+        self.read(move |c| {
+            let mut stmt = c
+                .prepare_cached(
+                    "SELECT cluster, node, type FROM faults WHERE state <> 4 AND (?1 IS NULL OR node = ?1)
+                     ORDER BY cluster, node, type",
+                )
+                .map_err(sql)?;
+            let rows = stmt
+                .query_map([node], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, String>(2)?)))
+                .map_err(sql)?;
+            let mut out: std::collections::HashMap<(String, String), Vec<String>> = Default::default();
+            for row in rows {
+                let (cluster, node, kind) = row.map_err(sql)?;
+                if clusters.is_empty() || clusters.contains(&cluster) {
+                    out.entry((cluster, node)).or_default().push(kind);
+                }
+            }
+            Ok(out)
         })
         .await
     }
@@ -327,4 +365,11 @@ fn conditions(c: &Connection, clusters: &[String], nodes: &[String]) -> Result<V
         out.push(decode("conditions", &body)?);
     }
     Ok(out)
+}
+
+/// A node as readers see it: liveness from the columns, labels merged.
+fn stored_node(node: &mut Node, lost: bool, changed_ms: i64) {
+    node.liveness = if lost { Liveness::Lost } else { Liveness::Alive } as i32;
+    node.liveness_changed_time = Some(timestamp_from_unix_ms(changed_ms));
+    node.labels = super::merged_labels(node);
 }

@@ -27,13 +27,15 @@ CREATE TABLE events (
 CREATE UNIQUE INDEX events_identity ON events (origin, origin_seq);
 CREATE INDEX events_fault ON events (fault_id) WHERE fault_id IS NOT NULL;
 
--- One row per node; `info` is an encoded nodekeeper.v1.Node with its static fields.
+-- One row per node; `info` is an encoded nodekeeper.v1.Node with its static fields;
+-- `decommissioned_ms` is set while the node is decommissioned (added by 0004 with ALTER TABLE,
+-- whose text SQLite splices in where it is below).
 CREATE TABLE nodes (
     cluster             TEXT NOT NULL,
     name                TEXT NOT NULL,
     lost                INTEGER NOT NULL DEFAULT 0,
     liveness_changed_ms INTEGER NOT NULL,
-    info                BLOB NOT NULL,
+    info                BLOB NOT NULL, decommissioned_ms INTEGER,
     PRIMARY KEY (cluster, name)
 ) WITHOUT ROWID;
 

@@ -15,10 +15,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, TryRecvError};
 use std::time::{Duration, Instant, SystemTime};
 
-use nodekeeper_common::time::{self as nktime, to_duration, to_unix_ms};
-use nodekeeper_proto::v1::{
-    Category, Condition, ConditionStatus, Event, EventKind, Fault, FaultState, Node, NodeCondition, Origin, Severity,
-};
+use nodekeeper_common::time::to_unix_ms;
+use nodekeeper_proto::v1::{Condition, ConditionStatus, Event, Fault, FaultState, NodeCondition};
 use prost::Message;
 use rusqlite::{Connection, OptionalExtension, params};
 use tokio::sync::{OwnedSemaphorePermit, broadcast, oneshot, watch};
@@ -27,6 +25,11 @@ use super::{
     Appended, FAULT_RESOLVED, HelloOutcome, Identity, LiveBatch, NewEvent, NodeHello, NodeKey, OriginKey, Result,
     StoreError, StoreOptions,
 };
+
+mod nodes;
+
+pub(crate) use nodes::NodeChange;
+pub use nodes::NodeChanged;
 
 pub(crate) enum Op {
     Append {
@@ -72,6 +75,11 @@ pub(crate) enum Op {
     Components {
         change: ComponentsChange,
         reply: oneshot::Sender<Result<u64>>,
+        permit: OwnedSemaphorePermit,
+    },
+    Node {
+        change: NodeChange,
+        reply: oneshot::Sender<Result<Option<NodeChanged>>>,
         permit: OwnedSemaphorePermit,
     },
     Close {
@@ -348,6 +356,10 @@ impl Writer {
                 let r = self.components(change, &mut group.published);
                 self.settle(r, reply, permit, saved_cursor, group, saved_published)
             }
+            Op::Node { change, reply, permit } => {
+                let r = self.node_change(change, &mut group.published);
+                self.settle(r, reply, permit, saved_cursor, group, saved_published)
+            }
             Op::Close { .. } => unreachable!("handled above"),
         };
         group.deferred.push(deferred);
@@ -399,6 +411,7 @@ impl Writer {
             Op::DeleteConsumer { reply, permit, .. } => defer(reply, Err(e), permit),
             Op::Retain { reply, permit, .. } => defer(reply, Err(e), permit),
             Op::Components { reply, permit, .. } => defer(reply, Err(e), permit),
+            Op::Node { reply, permit, .. } => defer(reply, Err(e), permit),
             Op::Close { .. } => Box::new(|_| {}),
         }
     }
@@ -645,6 +658,7 @@ impl Writer {
                     resolved_time: None,
                     boot_id,
                     opened_cursor: cursor.to_string(),
+                    resolution: String::new(),
                 };
                 let id: i64 = self
                     .conn
@@ -718,113 +732,6 @@ impl Writer {
             .map_err(|e| self.err(e))
     }
 
-    fn hello(&mut self, hello: NodeHello, published: &mut Vec<Event>) -> Result<HelloOutcome> {
-        let now = SystemTime::now();
-        let stored: Option<Vec<u8>> = self
-            .conn
-            .prepare_cached("SELECT info FROM nodes WHERE cluster = ?1 AND name = ?2")
-            .and_then(|mut s| s.query_row(params![hello.cluster, hello.node], |r| r.get(0)).optional())
-            .map_err(|e| self.err(e))?;
-        let previous = stored
-            .map(|b| Node::decode(b.as_slice()))
-            .transpose()
-            .map_err(|e| StoreError::Corrupt { table: "nodes", message: e.to_string() })?;
-        let info = Node {
-            name: hello.node.clone(),
-            cluster: hello.cluster.clone(),
-            boot_id: hello.boot_id.clone(),
-            agent_version: hello.agent_version.clone(),
-            inventory: Some(hello.inventory.clone()),
-            labels: hello.labels.clone(),
-            registered_time: previous.as_ref().and_then(|p| p.registered_time).or(Some(nktime::to_timestamp(now))),
-            heartbeat_interval: Some(to_duration(hello.heartbeat_interval)),
-            status_port: hello.status_port,
-            ..Default::default()
-        };
-        let base = |kind: &str, message: String| Event {
-            cluster: hello.cluster.clone(),
-            node: hello.node.clone(),
-            kind: EventKind::Node as i32,
-            r#type: kind.to_owned(),
-            message,
-            severity: Severity::Info as i32,
-            category: Category::Lifecycle as i32,
-            time: Some(nktime::to_timestamp(now)),
-            origin: Some(Origin { producer: "center".into(), ..Default::default() }),
-            source: "eventcenter".into(),
-            ..Default::default()
-        };
-        let mut events = Vec::new();
-        match &previous {
-            None => events.push(base("NodeRegistered", format!("node registered, agent {}", hello.agent_version))),
-            Some(p) => {
-                if p.boot_id != hello.boot_id {
-                    let mut e =
-                        base("NodeRebooted", format!("boot id changed from {} to {}", p.boot_id, hello.boot_id));
-                    e.attributes.insert("previous_boot_id".into(), p.boot_id.clone());
-                    e.attributes.insert("boot_id".into(), hello.boot_id.clone());
-                    events.push(e);
-                }
-                let changed = inventory_changes(p.inventory.as_ref(), &hello.inventory);
-                if !changed.is_empty() {
-                    let mut e = base("NodeInventoryChanged", format!("inventory changed: {}", changed.join(", ")));
-                    e.attributes.insert("changed".into(), changed.join(","));
-                    events.push(e);
-                }
-            }
-        }
-        for e in events {
-            self.center_event(e, published)?;
-        }
-        let now_ms = to_unix_ms(now);
-        self.conn
-            .prepare_cached(
-                "INSERT INTO nodes (cluster, name, lost, liveness_changed_ms, info) VALUES (?1, ?2, 0, ?3, ?4)
-                 ON CONFLICT (cluster, name) DO UPDATE SET info = excluded.info",
-            )
-            .and_then(|mut s| s.execute(params![hello.cluster, hello.node, now_ms, info.encode_to_vec()]))
-            .map_err(|e| self.err(e))?;
-        let origin = self.origin_id(&super::agent_origin(&hello.cluster, &hello.node, &hello.boot_id))?;
-        let last: i64 = self
-            .conn
-            .prepare_cached("SELECT COALESCE(MAX(origin_seq), 0) FROM events WHERE origin = ?1")
-            .and_then(|mut s| s.query_row([origin], |r| r.get(0)))
-            .map_err(|e| self.err(e))?;
-        Ok(HelloOutcome { last_stored_sequence: last as u64 })
-    }
-
-    fn liveness(&mut self, key: NodeKey, lost: bool, grace: Duration, published: &mut Vec<Event>) -> Result<()> {
-        let now = SystemTime::now();
-        let n = self
-            .conn
-            .prepare_cached("UPDATE nodes SET lost = ?3, liveness_changed_ms = ?4 WHERE cluster = ?1 AND name = ?2")
-            .and_then(|mut s| s.execute(params![key.cluster, key.node, lost, to_unix_ms(now)]))
-            .map_err(|e| self.err(e))?;
-        if n == 0 {
-            return Ok(());
-        }
-        let (kind, severity, message) = if lost {
-            ("NodeHeartbeatLost", Severity::Error, format!("no heartbeat for {}", humantime_secs(grace)))
-        } else {
-            ("NodeHeartbeatResumed", Severity::Info, "heartbeats resumed".to_owned())
-        };
-        let mut event = Event {
-            cluster: key.cluster,
-            node: key.node,
-            kind: EventKind::Node as i32,
-            r#type: kind.into(),
-            message,
-            severity: severity as i32,
-            category: Category::Lifecycle as i32,
-            time: Some(nktime::to_timestamp(now)),
-            origin: Some(Origin { producer: "center".into(), ..Default::default() }),
-            source: "eventcenter".into(),
-            ..Default::default()
-        };
-        event.attributes.insert("grace_ms".into(), grace.as_millis().to_string());
-        self.center_event(event, published)
-    }
-
     fn ensure_consumer(&mut self, name: &str, position: u64) -> Result<u64> {
         let now = to_unix_ms(SystemTime::now());
         self.conn
@@ -877,33 +784,4 @@ impl Writer {
         self.floor.store(last as u64, Ordering::Release);
         Ok(deleted as u64)
     }
-}
-
-fn humantime_secs(d: Duration) -> String {
-    format!("{:.1}s", d.as_secs_f64())
-}
-
-/// Names of the inventory fields that differ.
-fn inventory_changes(
-    old: Option<&nodekeeper_proto::v1::Inventory>,
-    new: &nodekeeper_proto::v1::Inventory,
-) -> Vec<&'static str> {
-    let default = nodekeeper_proto::v1::Inventory::default();
-    let old = old.unwrap_or(&default);
-    let mut changed = Vec::new();
-    let mut check = |name: &'static str, differs: bool| {
-        if differs {
-            changed.push(name);
-        }
-    };
-    check("hostname", old.hostname != new.hostname);
-    check("interfaces", old.interfaces != new.interfaces);
-    check("kernel_version", old.kernel_version != new.kernel_version);
-    check("os", old.os_name != new.os_name || old.os_version != new.os_version);
-    check("cpu", old.cpu_model != new.cpu_model || old.cpu_count != new.cpu_count);
-    check("memory_bytes", old.memory_bytes != new.memory_bytes);
-    check("disks", old.disks != new.disks);
-    check("iscsi_initiator_name", old.iscsi_initiator_name != new.iscsi_initiator_name);
-    check("machine_id", old.machine_id != new.machine_id);
-    changed
 }

@@ -2411,6 +2411,41 @@ pub struct Node {
     pub outbox_dropped_total: u64,
     #[prost(message, optional, tag = "16")]
     pub liveness_changed_time: ::core::option::Option<::prost_types::Timestamp>,
+    /// The labels of the Kubernetes Node of this name, as the remediator last synced them. `labels`
+    /// holds them merged with the agent's own; the agent's value wins for a key both set.
+    #[prost(map = "string, string", tag = "17")]
+    pub kubernetes_labels: ::std::collections::HashMap<
+        ::prost::alloc::string::String,
+        ::prost::alloc::string::String,
+    >,
+    /// When a Kubernetes Node of this name was first synced (set: the node is in Kubernetes).
+    #[prost(message, optional, tag = "18")]
+    pub kubernetes_synced_time: ::core::option::Option<::prost_types::Timestamp>,
+    /// The Kubernetes Node carries the startup taint: it takes no pods until its gates hold.
+    #[prost(bool, tag = "19")]
+    pub onboarding: bool,
+    /// When the startup taint was removed because every gate held.
+    #[prost(message, optional, tag = "20")]
+    pub onboarded_time: ::core::option::Option<::prost_types::Timestamp>,
+    /// Set while the node is decommissioned.
+    #[prost(message, optional, tag = "21")]
+    pub decommissioned_time: ::core::option::Option<::prost_types::Timestamp>,
+    /// What must hold before the node takes pods (GetNode, and ListNodes unless brief), in order.
+    #[prost(message, repeated, tag = "22")]
+    pub gates: ::prost::alloc::vec::Vec<Gate>,
+}
+/// One readiness gate of a node.
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct Gate {
+    /// "agent connected", "components converged", "no open fault", or "condition <type>" for a
+    /// condition an O&M operator reports.
+    #[prost(string, tag = "1")]
+    pub name: ::prost::alloc::string::String,
+    #[prost(bool, tag = "2")]
+    pub holds: bool,
+    /// Why it does not hold.
+    #[prost(string, tag = "3")]
+    pub reason: ::prost::alloc::string::String,
 }
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct ListNodesRequest {
@@ -2420,6 +2455,9 @@ pub struct ListNodesRequest {
     /// port and the inventory's interface addresses (no conditions, labels or other inventory).
     #[prost(bool, tag = "2")]
     pub brief: bool,
+    /// Decommissioned nodes too (left out by default).
+    #[prost(bool, tag = "3")]
+    pub include_decommissioned: bool,
 }
 #[derive(Clone, PartialEq, ::prost::Message)]
 pub struct ListNodesResponse {
@@ -2471,6 +2509,10 @@ pub struct Fault {
     pub boot_id: ::prost::alloc::string::String,
     #[prost(string, tag = "16")]
     pub opened_cursor: ::prost::alloc::string::String,
+    /// Why it was resolved when its condition did not clear, e.g. "node decommissioned: deleted
+    /// from Kubernetes".
+    #[prost(string, tag = "17")]
+    pub resolution: ::prost::alloc::string::String,
 }
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct ListFaultsRequest {
@@ -2640,6 +2682,50 @@ pub struct RecordStepRequest {
 pub struct RecordStepResponse {
     /// Of the step's event (of the stored copy when the step was resent).
     #[prost(string, tag = "1")]
+    pub cursor: ::prost::alloc::string::String,
+}
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct SyncKubernetesNodeRequest {
+    #[prost(string, tag = "1")]
+    pub cluster: ::prost::alloc::string::String,
+    #[prost(string, tag = "2")]
+    pub node: ::prost::alloc::string::String,
+    /// Every label of the Kubernetes Node.
+    #[prost(map = "string, string", tag = "3")]
+    pub labels: ::std::collections::HashMap<
+        ::prost::alloc::string::String,
+        ::prost::alloc::string::String,
+    >,
+    /// The Node carries the startup taint.
+    #[prost(bool, tag = "4")]
+    pub onboarding: bool,
+    /// The caller has just removed the startup taint because every gate held.
+    #[prost(bool, tag = "5")]
+    pub onboarded: bool,
+}
+#[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct SyncKubernetesNodeResponse {
+    /// Something changed, and an event records it.
+    #[prost(bool, tag = "1")]
+    pub changed: bool,
+}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct DecommissionNodeRequest {
+    #[prost(string, tag = "1")]
+    pub cluster: ::prost::alloc::string::String,
+    #[prost(string, tag = "2")]
+    pub node: ::prost::alloc::string::String,
+    /// Why, e.g. "deleted from Kubernetes"; recorded in the event and the closed faults.
+    #[prost(string, tag = "3")]
+    pub reason: ::prost::alloc::string::String,
+}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct DecommissionNodeResponse {
+    /// The node's faults closed by it.
+    #[prost(uint32, tag = "1")]
+    pub faults_closed: u32,
+    /// Cursor of the NodeDecommissioned event ("" when the node was decommissioned already).
+    #[prost(string, tag = "2")]
     pub cursor: ::prost::alloc::string::String,
 }
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, ::prost::Enumeration)]
@@ -3024,6 +3110,64 @@ pub mod fleet_service_client {
                 .insert(GrpcMethod::new("nodekeeper.v1.FleetService", "RecordStep"));
             self.inner.unary(req, path, codec).await
         }
+        /// What Kubernetes says of a node (its labels, its startup taint), from the remediator's sync:
+        /// stored and recorded as an event when it changed. Idempotent.
+        pub async fn sync_kubernetes_node(
+            &mut self,
+            request: impl tonic::IntoRequest<super::SyncKubernetesNodeRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::SyncKubernetesNodeResponse>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/nodekeeper.v1.FleetService/SyncKubernetesNode",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(
+                    GrpcMethod::new("nodekeeper.v1.FleetService", "SyncKubernetesNode"),
+                );
+            self.inner.unary(req, path, codec).await
+        }
+        /// Marks a node decommissioned (deleted from Kubernetes, or taken out of the fleet by an
+        /// operator): its open faults close, its silence no longer counts as lost, lists leave it out,
+        /// and a NodeDecommissioned event is recorded. Refused while its agent is connected. A later
+        /// hello from its agent registers it again.
+        pub async fn decommission_node(
+            &mut self,
+            request: impl tonic::IntoRequest<super::DecommissionNodeRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::DecommissionNodeResponse>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/nodekeeper.v1.FleetService/DecommissionNode",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(
+                    GrpcMethod::new("nodekeeper.v1.FleetService", "DecommissionNode"),
+                );
+            self.inner.unary(req, path, codec).await
+        }
     }
 }
 /// Generated server implementations.
@@ -3105,6 +3249,26 @@ pub mod fleet_service_server {
             request: tonic::Request<super::RecordStepRequest>,
         ) -> std::result::Result<
             tonic::Response<super::RecordStepResponse>,
+            tonic::Status,
+        >;
+        /// What Kubernetes says of a node (its labels, its startup taint), from the remediator's sync:
+        /// stored and recorded as an event when it changed. Idempotent.
+        async fn sync_kubernetes_node(
+            &self,
+            request: tonic::Request<super::SyncKubernetesNodeRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::SyncKubernetesNodeResponse>,
+            tonic::Status,
+        >;
+        /// Marks a node decommissioned (deleted from Kubernetes, or taken out of the fleet by an
+        /// operator): its open faults close, its silence no longer counts as lost, lists leave it out,
+        /// and a NodeDecommissioned event is recorded. Refused while its agent is connected. A later
+        /// hello from its agent registers it again.
+        async fn decommission_node(
+            &self,
+            request: tonic::Request<super::DecommissionNodeRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::DecommissionNodeResponse>,
             tonic::Status,
         >;
     }
@@ -3575,6 +3739,98 @@ pub mod fleet_service_server {
                     let inner = self.inner.clone();
                     let fut = async move {
                         let method = RecordStepSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/nodekeeper.v1.FleetService/SyncKubernetesNode" => {
+                    #[allow(non_camel_case_types)]
+                    struct SyncKubernetesNodeSvc<T: FleetService>(pub Arc<T>);
+                    impl<
+                        T: FleetService,
+                    > tonic::server::UnaryService<super::SyncKubernetesNodeRequest>
+                    for SyncKubernetesNodeSvc<T> {
+                        type Response = super::SyncKubernetesNodeResponse;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::SyncKubernetesNodeRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as FleetService>::sync_kubernetes_node(&inner, request)
+                                    .await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = SyncKubernetesNodeSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/nodekeeper.v1.FleetService/DecommissionNode" => {
+                    #[allow(non_camel_case_types)]
+                    struct DecommissionNodeSvc<T: FleetService>(pub Arc<T>);
+                    impl<
+                        T: FleetService,
+                    > tonic::server::UnaryService<super::DecommissionNodeRequest>
+                    for DecommissionNodeSvc<T> {
+                        type Response = super::DecommissionNodeResponse;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::DecommissionNodeRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as FleetService>::decommission_node(&inner, request)
+                                    .await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = DecommissionNodeSvc(inner);
                         let codec = tonic_prost::ProstCodec::default();
                         let mut grpc = tonic::server::Grpc::new(codec)
                             .apply_compression_config(
