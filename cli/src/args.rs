@@ -186,11 +186,31 @@ pub enum CertsCmd {
 
 #[derive(Debug, Subcommand)]
 pub enum NodesCmd {
-    /// List nodes with their liveness.
+    /// List nodes with their liveness and readiness gates, then how many nodes wait to onboard
+    /// on which gate.
     List {
         /// Only nodes of this cluster (repeatable).
         #[arg(long)]
         cluster: Vec<String>,
+        /// Decommissioned nodes too.
+        #[arg(long)]
+        decommissioned: bool,
+    },
+    /// One node: identity, liveness, Kubernetes state (onboarding), each readiness gate with
+    /// whether it holds and why not, and its conditions.
+    Show {
+        #[command(flatten)]
+        target: NodeRef,
+    },
+    /// Decommission a node that left the fleet (for nodes outside Kubernetes; the remediator does
+    /// it for Nodes deleted from Kubernetes): its open faults close, its silence no longer
+    /// alerts. Refused while its agent is connected; a later hello registers it again.
+    Delete {
+        #[command(flatten)]
+        target: NodeRef,
+        /// Why, recorded in the event and the closed faults.
+        #[arg(long)]
+        reason: String,
     },
 }
 

@@ -2,9 +2,8 @@
 
 use nodekeeper_common::backoff::Backoff;
 use nodekeeper_proto::v1::{
-    Event, EventFilter, GetFaultRequest, ListEventsRequest, ListFaultsRequest, ListNodesRequest, StartPosition,
-    SubscribeRequest, event_service_client::EventServiceClient, fleet_service_client::FleetServiceClient,
-    subscribe_response,
+    Event, EventFilter, GetFaultRequest, ListEventsRequest, ListFaultsRequest, StartPosition, SubscribeRequest,
+    event_service_client::EventServiceClient, fleet_service_client::FleetServiceClient, subscribe_response,
 };
 use tonic::transport::Channel;
 use tonic::{Code, Status};
@@ -42,7 +41,11 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
 
 async fn call(ch: Channel, json: bool, command: Command) -> anyhow::Result<()> {
     match command {
-        Command::Nodes(NodesCmd::List { cluster }) => nodes_list(ch, json, cluster).await,
+        Command::Nodes(NodesCmd::List { cluster, decommissioned }) => {
+            crate::nodes::list(ch, json, cluster, decommissioned).await
+        }
+        Command::Nodes(NodesCmd::Show { target }) => crate::nodes::show(ch, json, target).await,
+        Command::Nodes(NodesCmd::Delete { target, reason }) => crate::nodes::delete(ch, json, target, reason).await,
         Command::Events(EventsCmd::List { from, limit, filter }) => events_list(ch, json, from, limit, filter).await,
         Command::Events(EventsCmd::Watch { from, bookmarks, filter }) => {
             events_watch(ch, json, from, bookmarks, filter).await
@@ -105,39 +108,6 @@ async fn call(ch: Channel, json: bool, command: Command) -> anyhow::Result<()> {
         }
         Command::Dev(_) | Command::Certs(_) => unreachable!("handled by run"),
     }
-}
-
-async fn nodes_list(ch: Channel, json: bool, clusters: Vec<String>) -> anyhow::Result<()> {
-    let nodes = FleetServiceClient::new(ch)
-        .list_nodes(ListNodesRequest { clusters, ..Default::default() })
-        .await
-        .map_err(status)?
-        .into_inner()
-        .nodes;
-    if json {
-        for n in &nodes {
-            json_line("nodekeeper.v1.Node", n)?;
-        }
-        return Ok(());
-    }
-    let rows: Vec<Vec<String>> = nodes
-        .iter()
-        .map(|n| {
-            let open = n.conditions.iter().filter(|c| c.condition.as_ref().is_some_and(|c| c.status == 1)).count();
-            vec![
-                n.cluster.clone(),
-                n.name.clone(),
-                enum_name(n.liveness().as_str_name(), "LIVENESS_"),
-                if n.connected { "yes".into() } else { "no".into() },
-                time(n.last_heartbeat_time.as_ref()),
-                n.agent_version.clone(),
-                n.inventory.as_ref().map(|i| i.kernel_version.clone()).unwrap_or_default(),
-                open.to_string(),
-            ]
-        })
-        .collect();
-    table(&["CLUSTER", "NODE", "LIVENESS", "CONNECTED", "LAST HEARTBEAT", "AGENT", "KERNEL", "CONDITIONS"], &rows)?;
-    Ok(())
 }
 
 fn event_row(e: &Event) -> Vec<String> {
@@ -345,8 +315,9 @@ async fn faults_show(
         ("First seen", time(f.first_seen_time.as_ref())),
         ("Last seen", time(f.last_seen_time.as_ref())),
         ("Resolved", time(f.resolved_time.as_ref())),
+        ("Resolution", f.resolution.clone()),
     ];
-    for (k, v) in fields {
+    for (k, v) in fields.iter().filter(|(k, v)| *k != "Resolution" || !v.is_empty()) {
         output::println(&format!("{k:<11} {v}"))?;
     }
     output::println("")?;

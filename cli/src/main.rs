@@ -7,6 +7,7 @@ mod certs;
 mod cmd;
 mod connect;
 mod dev;
+mod nodes;
 mod output;
 
 fn main() -> ExitCode {

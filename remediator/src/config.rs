@@ -52,6 +52,41 @@ pub struct Config {
     pub playbook: Vec<Playbook>,
     /// The center's conditions written on the Kubernetes Nodes.
     pub node_conditions: NodeConditionsConfig,
+    pub kubernetes_nodes: KubernetesNodesConfig,
+}
+
+/// The cluster's Kubernetes Nodes kept in step with the center: labels synced, new nodes
+/// onboarded (startup taint removed when their readiness gates hold), deleted nodes
+/// decommissioned.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct KubernetesNodesConfig {
+    /// Off in a dry run, and without Kubernetes access.
+    pub enabled: bool,
+    /// How often every Node is listed (labels, startup taints, deletions).
+    #[serde(with = "duration")]
+    pub sync_period: Duration,
+    /// How often the gates of the nodes waiting to onboard are checked.
+    #[serde(with = "duration")]
+    pub onboarding_check: Duration,
+    /// The taint a new node registers with (kubelet `--register-with-taints`), removed when its
+    /// gates hold.
+    pub startup_taint: String,
+    /// More nodes than this gone from Kubernetes in one pass are left alone (a wrong kubeconfig
+    /// or a broken list must not decommission a cluster); `nodekeeper nodes delete` takes them.
+    pub max_decommissions_per_pass: usize,
+}
+
+impl Default for KubernetesNodesConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            sync_period: Duration::from_secs(60),
+            onboarding_check: Duration::from_secs(5),
+            startup_taint: "nodekeeper.io/not-ready".into(),
+            max_decommissions_per_pass: 10,
+        }
+    }
 }
 
 /// The center's conditions on the Nodes' `status.conditions`, as node-problem-detector writes them.
@@ -176,6 +211,7 @@ impl Default for Config {
             reinstall_os_webhook: None,
             playbook: default_playbooks(),
             node_conditions: NodeConditionsConfig::default(),
+            kubernetes_nodes: KubernetesNodesConfig::default(),
         }
     }
 }
@@ -189,6 +225,15 @@ impl Config {
         }
         if self.node_conditions.field_manager.is_empty() {
             return Err("node_conditions.field_manager: expected a name".into());
+        }
+        let k = &self.kubernetes_nodes;
+        if k.sync_period < Duration::from_secs(1) || k.onboarding_check < Duration::from_millis(100) {
+            return Err(
+                "kubernetes_nodes: expected sync_period of at least 1s and onboarding_check of at least 100ms".into()
+            );
+        }
+        if k.startup_taint.is_empty() || k.startup_taint.len() > 317 {
+            return Err("kubernetes_nodes.startup_taint: expected a taint key of 1 to 317 bytes".into());
         }
         for (i, p) in self.playbook.iter().enumerate() {
             if p.actions.is_empty() && p.types.is_empty() {

@@ -234,6 +234,35 @@ impl Kube {
         Ok(done.unwrap_or(Released::NotOurs))
     }
 
+    /// Every Node, listed in pages of 500.
+    pub async fn all_nodes(&self) -> Result<Vec<Node>, KubeError> {
+        let mut out = Vec::new();
+        let mut params = ListParams::default().limit(500);
+        loop {
+            let page = self.nodes.list(&params).await.map_err(api_error)?;
+            out.extend(page.items);
+            match page.metadata.continue_.filter(|c| !c.is_empty()) {
+                Some(token) => params = params.continue_token(&token),
+                None => return Ok(out),
+            }
+        }
+    }
+
+    /// Removes the taint `key` from the node; false when it had none.
+    pub async fn remove_taint(&self, name: &str, key: &str) -> Result<bool, KubeError> {
+        let done = self
+            .patch_node(name, |node| {
+                let taints = node.spec.as_ref().and_then(|s| s.taints.clone()).unwrap_or_default();
+                if !taints.iter().any(|t| t.key == key) {
+                    return None;
+                }
+                let kept: Vec<Taint> = taints.into_iter().filter(|t| t.key != key).collect();
+                Some((json!({ "spec": { "taints": kept } }), ()))
+            })
+            .await?;
+        Ok(done.is_some())
+    }
+
     /// The node's pods that migrate: not DaemonSet pods, not mirror (static) pods, not finished.
     async fn movable_pods(&self, node: &str) -> Result<Vec<Pod>, KubeError> {
         let list =
@@ -292,7 +321,12 @@ impl Kube {
 }
 
 fn has_taint(node: &Node) -> bool {
-    node.spec.as_ref().and_then(|s| s.taints.as_ref()).is_some_and(|t| t.iter().any(|t| t.key == TAINT_KEY))
+    tainted(node, TAINT_KEY)
+}
+
+/// The node carries a taint of this key.
+pub fn tainted(node: &Node, key: &str) -> bool {
+    node.spec.as_ref().and_then(|s| s.taints.as_ref()).is_some_and(|t| t.iter().any(|t| t.key == key))
 }
 
 fn movable(pod: &Pod) -> bool {

@@ -12,6 +12,7 @@ pub mod conditions;
 pub mod config;
 mod events;
 pub mod kube;
+pub mod nodesync;
 mod playbook;
 
 use prometheus_client::metrics::counter::Counter;
@@ -120,6 +121,19 @@ impl Remediator {
             self.cfg.cluster.clone(),
             self.ch.clone(),
             kube.client(),
+            self.cancel.child_token(),
+        ))
+    }
+
+    /// The Kubernetes node sync (labels, onboarding, deletions) for this cluster, when it is on
+    /// (not in a dry run, and with Kubernetes access).
+    pub fn node_sync(&self) -> Option<nodesync::NodeSync> {
+        let kube = self.kube.as_ref().filter(|_| self.cfg.kubernetes_nodes.enabled && !self.cfg.dry_run)?;
+        Some(nodesync::NodeSync::new(
+            self.cfg.kubernetes_nodes.clone(),
+            self.cfg.cluster.clone(),
+            self.ch.clone(),
+            kube.clone(),
             self.cancel.child_token(),
         ))
     }

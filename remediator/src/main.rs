@@ -68,6 +68,7 @@ fn main() -> ExitCode {
                 .await?;
         }
         let exporter = remediator.conditions_exporter().map(|e| tokio::spawn(e.run()));
+        let node_sync = remediator.node_sync().map(|s| tokio::spawn(s.run()));
         let running = tokio::spawn(remediator.run());
         let _watchdog = nodekeeper_common::systemd::spawn_watchdog(cancel.child_token());
         nodekeeper_common::systemd::ready();
@@ -75,8 +76,8 @@ fn main() -> ExitCode {
         nodekeeper_common::systemd::stopping();
         cancel.cancel();
         let _ = running.await;
-        if let Some(e) = exporter {
-            let _ = e.await;
+        for task in [exporter, node_sync].into_iter().flatten() {
+            let _ = task.await;
         }
         tracing::info!("remediator stopped");
         Ok(())

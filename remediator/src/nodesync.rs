@@ -1,0 +1,191 @@
+//! The cluster's Kubernetes Nodes kept in step with the center:
+//!
+//! - **labels**: every Node's labels go to the center (`SyncKubernetesNode`), which merges them
+//!   with the agent's for component selectors; only changes are sent after the first pass;
+//! - **onboarding**: a Node that carries the startup taint (kubelet `--register-with-taints`)
+//!   waits; its gates (the center's: agent connected, components converged, no open fault, the
+//!   operators' conditions) are checked every `onboarding_check`, and when all hold the taint is
+//!   removed and the center records NodeOnboarded. Onboarding never adds the taint: a node whose
+//!   gates fail later is isolation's business;
+//! - **deletion**: a node the center knows from Kubernetes that is gone from the list, and whose
+//!   agent is not connected, is decommissioned; more than `max_decommissions_per_pass` at once are
+//!   left to a person.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+
+use nodekeeper_proto::v1::{
+    DecommissionNodeRequest, GetNodeRequest, ListNodesRequest, SyncKubernetesNodeRequest,
+    fleet_service_client::FleetServiceClient,
+};
+use tokio::time::MissedTickBehavior;
+use tokio_util::sync::CancellationToken;
+use tonic::Code;
+use tonic::transport::Channel;
+
+use crate::config::KubernetesNodesConfig;
+use crate::kube::{Kube, tainted};
+
+/// What the center was last told of a Node: its labels and whether it carries the startup taint.
+type Synced = (BTreeMap<String, String>, bool);
+
+pub struct NodeSync {
+    cfg: KubernetesNodesConfig,
+    cluster: String,
+    ch: Channel,
+    kube: Kube,
+    cancel: CancellationToken,
+    synced: HashMap<String, Synced>,
+    /// Nodes carrying the startup taint, with the last reason they wait (logged when it changes).
+    waiting: BTreeMap<String, String>,
+}
+
+impl NodeSync {
+    pub fn new(
+        cfg: KubernetesNodesConfig,
+        cluster: String,
+        ch: Channel,
+        kube: Kube,
+        cancel: CancellationToken,
+    ) -> Self {
+        Self { cfg, cluster, ch, kube, cancel, synced: HashMap::new(), waiting: BTreeMap::new() }
+    }
+
+    fn fleet(&self) -> FleetServiceClient<Channel> {
+        FleetServiceClient::new(self.ch.clone())
+    }
+
+    /// Lists the Nodes every `sync_period` and checks the waiting ones every `onboarding_check`,
+    /// until cancelled.
+    pub async fn run(mut self) {
+        let mut list = tokio::time::interval(self.cfg.sync_period);
+        let mut check = tokio::time::interval(self.cfg.onboarding_check);
+        list.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        check.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = self.cancel.cancelled() => return,
+                _ = list.tick() => {
+                    if let Err(e) = self.sync().await {
+                        tracing::warn!(error = %e, "kubernetes nodes: sync failed; trying again next period");
+                    }
+                }
+                _ = check.tick() => self.onboard().await,
+            }
+        }
+    }
+
+    /// One pass over every Node: labels and startup taints to the center, deleted nodes
+    /// decommissioned.
+    async fn sync(&mut self) -> Result<(), String> {
+        let nodes = self.kube.all_nodes().await.map_err(|e| e.to_string())?;
+        let mut seen = HashSet::new();
+        for node in nodes {
+            let Some(name) = node.metadata.name.clone() else { continue };
+            let labels = node.metadata.labels.clone().unwrap_or_default();
+            let onboarding = tainted(&node, &self.cfg.startup_taint);
+            seen.insert(name.clone());
+            if onboarding {
+                self.waiting.entry(name.clone()).or_default();
+            } else {
+                self.waiting.remove(&name);
+            }
+            let now = (labels, onboarding);
+            if self.synced.get(&name) != Some(&now) {
+                self.tell(&name, &now, false).await;
+            }
+        }
+        self.synced.retain(|n, _| seen.contains(n));
+        self.waiting.retain(|n, _| seen.contains(n));
+        self.decommission_gone(&seen).await
+    }
+
+    /// Tells the center what Kubernetes says of a node; remembered once the center has it.
+    async fn tell(&mut self, name: &str, (labels, onboarding): &Synced, onboarded: bool) -> bool {
+        let request = SyncKubernetesNodeRequest {
+            cluster: self.cluster.clone(),
+            node: name.to_owned(),
+            labels: labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+            onboarding: *onboarding,
+            onboarded,
+        };
+        match self.fleet().sync_kubernetes_node(request).await {
+            Ok(_) => {
+                self.synced.insert(name.to_owned(), (labels.clone(), *onboarding));
+                true
+            }
+            // Its agent has not registered yet: told at a later pass.
+            Err(s) if s.code() == Code::NotFound => false,
+            Err(s) => {
+                tracing::warn!(node = name, error = %s.message(), "kubernetes nodes: cannot sync the node to the center");
+                false
+            }
+        }
+    }
+
+    async fn decommission_gone(&mut self, seen: &HashSet<String>) -> Result<(), String> {
+        let request = ListNodesRequest { clusters: vec![self.cluster.clone()], brief: true, ..Default::default() };
+        let known = self.fleet().list_nodes(request).await.map_err(|s| s.message().to_owned())?.into_inner().nodes;
+        let gone: Vec<String> = known
+            .into_iter()
+            .filter(|n| n.kubernetes_synced_time.is_some() && !n.connected && !seen.contains(&n.name))
+            .map(|n| n.name)
+            .collect();
+        if gone.len() > self.cfg.max_decommissions_per_pass {
+            tracing::error!(
+                nodes = gone.len(),
+                max = self.cfg.max_decommissions_per_pass,
+                "kubernetes nodes: more nodes gone from Kubernetes than max_decommissions_per_pass; decommissioning none \
+                 (check the kubeconfig; `nodekeeper nodes delete` takes them one by one)"
+            );
+            return Ok(());
+        }
+        for node in gone {
+            let request = DecommissionNodeRequest {
+                cluster: self.cluster.clone(),
+                node: node.clone(),
+                reason: "deleted from Kubernetes".into(),
+            };
+            match self.fleet().decommission_node(request).await {
+                Ok(r) => tracing::info!(node = %node, faults_closed = r.into_inner().faults_closed,
+                    "kubernetes nodes: node deleted from Kubernetes decommissioned"),
+                // Its agent connected meanwhile (a Node deleted and registering again).
+                Err(s) if s.code() == Code::FailedPrecondition => {}
+                Err(s) => tracing::warn!(node = %node, error = %s.message(), "kubernetes nodes: cannot decommission"),
+            }
+        }
+        Ok(())
+    }
+
+    /// Checks the gates of each waiting node; removes the startup taint of those whose gates hold.
+    async fn onboard(&mut self) {
+        let names: Vec<String> = self.waiting.keys().cloned().collect();
+        for name in names {
+            let request = GetNodeRequest { cluster: self.cluster.clone(), node: name.clone() };
+            let why = match self.fleet().get_node(request).await {
+                Ok(node) => crate::center::first_failing_gate(&node.into_inner()),
+                Err(s) if s.code() == Code::NotFound => Some("agent connected: the node is not registered".into()),
+                Err(s) => {
+                    tracing::warn!(node = %name, error = %s.message(), "kubernetes nodes: cannot read the node's gates");
+                    continue;
+                }
+            };
+            if let Some(why) = why {
+                if self.waiting.get(&name) != Some(&why) {
+                    tracing::info!(node = %name, gate = %why, "kubernetes nodes: waiting to onboard");
+                    self.waiting.insert(name, why);
+                }
+                continue;
+            }
+            match self.kube.remove_taint(&name, &self.cfg.startup_taint).await {
+                Ok(_) => {
+                    let labels = self.synced.get(&name).map(|s| s.0.clone()).unwrap_or_default();
+                    if self.tell(&name, &(labels, false), true).await {
+                        tracing::info!(node = %name, "kubernetes nodes: every gate holds; startup taint removed");
+                        self.waiting.remove(&name);
+                    }
+                }
+                Err(e) => tracing::warn!(node = %name, error = %e, "kubernetes nodes: cannot remove the startup taint"),
+            }
+        }
+    }
+}
