@@ -54,6 +54,8 @@ pub struct Remediator {
     cancel: CancellationToken,
     /// Steps by name and outcome, for `/metrics`.
     steps: Family<Vec<(&'static str, String)>, Counter>,
+    /// Nodes waiting to onboard, shared with the node sync, for `/metrics`.
+    onboarding: nodesync::Waiting,
 }
 
 /// How a remediation ended, or why a step could not go on.
@@ -109,6 +111,7 @@ impl Remediator {
             starts: Default::default(),
             cancel,
             steps: Family::default(),
+            onboarding: nodesync::Waiting::default(),
         }))
     }
 
@@ -134,6 +137,7 @@ impl Remediator {
             self.cfg.cluster.clone(),
             self.ch.clone(),
             kube.clone(),
+            self.onboarding.clone(),
             self.cancel.child_token(),
         ))
     }
@@ -151,6 +155,15 @@ impl Remediator {
         let active: Gauge = Gauge::default();
         active.set(self.busy.lock().expect("busy lock").len() as i64);
         r.register("active_remediations", "Nodes with a remediation in progress", active);
+        let waiting = Family::<Vec<(&'static str, String)>, Gauge>::default();
+        for (gate, nodes) in self.onboarding.by_gate() {
+            waiting.get_or_create(&vec![("gate", gate)]).set(nodes as i64);
+        }
+        r.register(
+            "onboarding_waiting_nodes",
+            "Nodes carrying the startup taint, by the first readiness gate that holds them",
+            waiting,
+        );
         nodekeeper_common::metrics::encode(&r)
     }
 

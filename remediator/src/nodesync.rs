@@ -12,6 +12,7 @@
 //!   left to a person.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::{Arc, Mutex};
 
 use nodekeeper_proto::v1::{
     DecommissionNodeRequest, GetNodeRequest, ListNodesRequest, SyncKubernetesNodeRequest,
@@ -25,6 +26,27 @@ use tonic::transport::Channel;
 use crate::config::KubernetesNodesConfig;
 use crate::kube::{Kube, tainted};
 
+/// The nodes waiting to onboard, each with the first gate that holds it and why ("" before its
+/// first check); shared with `/metrics`.
+#[derive(Clone, Default)]
+pub struct Waiting(Arc<Mutex<BTreeMap<String, (String, String)>>>);
+
+impl Waiting {
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, (String, String)>> {
+        self.0.lock().expect("onboarding lock")
+    }
+
+    /// How many nodes each gate holds ("unchecked": not checked yet).
+    pub fn by_gate(&self) -> BTreeMap<String, usize> {
+        let mut out = BTreeMap::new();
+        for (gate, _) in self.lock().values() {
+            let gate = if gate.is_empty() { "unchecked" } else { gate };
+            *out.entry(gate.to_owned()).or_default() += 1;
+        }
+        out
+    }
+}
+
 /// What the center was last told of a Node: its labels and whether it carries the startup taint.
 type Synced = (BTreeMap<String, String>, bool);
 
@@ -35,8 +57,8 @@ pub struct NodeSync {
     kube: Kube,
     cancel: CancellationToken,
     synced: HashMap<String, Synced>,
-    /// Nodes carrying the startup taint, with the last reason they wait (logged when it changes).
-    waiting: BTreeMap<String, String>,
+    /// Nodes carrying the startup taint, with why they wait (logged when it changes).
+    waiting: Waiting,
 }
 
 impl NodeSync {
@@ -45,9 +67,10 @@ impl NodeSync {
         cluster: String,
         ch: Channel,
         kube: Kube,
+        waiting: Waiting,
         cancel: CancellationToken,
     ) -> Self {
-        Self { cfg, cluster, ch, kube, cancel, synced: HashMap::new(), waiting: BTreeMap::new() }
+        Self { cfg, cluster, ch, kube, cancel, synced: HashMap::new(), waiting }
     }
 
     fn fleet(&self) -> FleetServiceClient<Channel> {
@@ -85,9 +108,9 @@ impl NodeSync {
             let onboarding = tainted(&node, &self.cfg.startup_taint);
             seen.insert(name.clone());
             if onboarding {
-                self.waiting.entry(name.clone()).or_default();
+                self.waiting.lock().entry(name.clone()).or_default();
             } else {
-                self.waiting.remove(&name);
+                self.waiting.lock().remove(&name);
             }
             let now = (labels, onboarding);
             if self.synced.get(&name) != Some(&now) {
@@ -95,7 +118,7 @@ impl NodeSync {
             }
         }
         self.synced.retain(|n, _| seen.contains(n));
-        self.waiting.retain(|n, _| seen.contains(n));
+        self.waiting.lock().retain(|n, _| seen.contains(n));
         self.decommission_gone(&seen).await
     }
 
@@ -158,21 +181,24 @@ impl NodeSync {
 
     /// Checks the gates of each waiting node; removes the startup taint of those whose gates hold.
     async fn onboard(&mut self) {
-        let names: Vec<String> = self.waiting.keys().cloned().collect();
+        let names: Vec<String> = self.waiting.lock().keys().cloned().collect();
         for name in names {
             let request = GetNodeRequest { cluster: self.cluster.clone(), node: name.clone() };
-            let why = match self.fleet().get_node(request).await {
-                Ok(node) => crate::center::first_failing_gate(&node.into_inner()),
-                Err(s) if s.code() == Code::NotFound => Some("agent connected: the node is not registered".into()),
+            let failing = match self.fleet().get_node(request).await {
+                Ok(node) => node.into_inner().gates.into_iter().find(|g| !g.holds).map(|g| (g.name, g.reason)),
+                Err(s) if s.code() == Code::NotFound => {
+                    Some(("agent connected".into(), "the node is not registered".into()))
+                }
                 Err(s) => {
                     tracing::warn!(node = %name, error = %s.message(), "kubernetes nodes: cannot read the node's gates");
                     continue;
                 }
             };
-            if let Some(why) = why {
-                if self.waiting.get(&name) != Some(&why) {
-                    tracing::info!(node = %name, gate = %why, "kubernetes nodes: waiting to onboard");
-                    self.waiting.insert(name, why);
+            if let Some(failing) = failing {
+                let mut waiting = self.waiting.lock();
+                if waiting.get(&name) != Some(&failing) {
+                    tracing::info!(node = %name, gate = %failing.0, why = %failing.1, "kubernetes nodes: waiting to onboard");
+                    waiting.insert(name, failing);
                 }
                 continue;
             }
@@ -181,7 +207,7 @@ impl NodeSync {
                     let labels = self.synced.get(&name).map(|s| s.0.clone()).unwrap_or_default();
                     if self.tell(&name, &(labels, false), true).await {
                         tracing::info!(node = %name, "kubernetes nodes: every gate holds; startup taint removed");
-                        self.waiting.remove(&name);
+                        self.waiting.lock().remove(&name);
                     }
                 }
                 Err(e) => tracing::warn!(node = %name, error = %e, "kubernetes nodes: cannot remove the startup taint"),

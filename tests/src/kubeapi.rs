@@ -85,14 +85,38 @@ impl FakeKube {
     }
 
     pub fn add_node(&self, name: &str) {
+        self.register_node(name, json!({}), &[]);
+    }
+
+    /// A node as a kubelet registers it: with its labels (`--node-labels` and the well-known
+    /// ones) and `--register-with-taints` (keys, effect NoSchedule).
+    pub fn register_node(&self, name: &str, labels: Value, taints: &[&str]) {
         let mut k = self.lock();
         k.resource_version += 1;
+        let taints: Vec<Value> = taints.iter().map(|t| json!({ "key": t, "effect": "NoSchedule" })).collect();
         let node = json!({
             "apiVersion": "v1", "kind": "Node",
-            "metadata": { "name": name, "resourceVersion": k.resource_version.to_string(), "labels": {}, "annotations": {} },
-            "spec": {},
+            "metadata": { "name": name, "resourceVersion": k.resource_version.to_string(), "labels": labels, "annotations": {} },
+            "spec": { "taints": taints },
         });
         k.nodes.insert(name.to_owned(), node);
+    }
+
+    /// Someone changes the node's labels (`kubectl label`): `labels` replaces them.
+    pub fn set_labels(&self, name: &str, labels: Value) {
+        let mut k = self.lock();
+        k.resource_version += 1;
+        let rv = k.resource_version.to_string();
+        let node = k.nodes.get_mut(name).expect("node");
+        node["metadata"]["labels"] = labels;
+        node["metadata"]["resourceVersion"] = json!(rv);
+    }
+
+    /// `kubectl delete node`.
+    pub fn delete_node(&self, name: &str) {
+        let mut k = self.lock();
+        k.resource_version += 1;
+        k.nodes.remove(name);
     }
 
     /// A pod on `node`; `owner`: the kind of its controller (e.g. "DaemonSet", "ReplicaSet").
@@ -470,14 +494,31 @@ async fn list_nodes(State(k): State<FakeKube>, uri: Uri, h: HeaderMap) -> Respon
     let selector: Vec<(String, String)> = query(&uri, "labelSelector")
         .map(|v| v.split(',').filter_map(|kv| kv.split_once('=')).map(|(a, b)| (a.to_owned(), b.to_owned())).collect())
         .unwrap_or_default();
+    // Pages: `limit` items after the `continue` token (here the last name of the previous page).
+    let limit = query(&uri, "limit").and_then(|l| l.parse::<usize>().ok()).filter(|l| *l > 0).unwrap_or(usize::MAX);
+    let after = query(&uri, "continue").unwrap_or_default();
     let inner = k.lock();
-    let items = inner
+    let mut items: Vec<Value> = inner
         .nodes
-        .values()
+        .iter()
+        .filter(|(name, _)| after.is_empty() || name.as_str() > after.as_str())
+        .map(|(_, n)| n)
         .filter(|n| selector.iter().all(|(key, v)| n["metadata"]["labels"][key] == v.as_str()))
+        .take(limit.saturating_add(1))
         .cloned()
         .collect();
-    list("NodeList", items, inner.resource_version)
+    let more = items.len() > limit;
+    items.truncate(limit);
+    let mut response = json!({
+        "apiVersion": "v1", "kind": "NodeList",
+        "metadata": { "resourceVersion": inner.resource_version.to_string() },
+        "items": items,
+    });
+    if more {
+        let last = response["items"][limit - 1]["metadata"]["name"].clone();
+        response["metadata"]["continue"] = last;
+    }
+    object(&response)
 }
 
 async fn list_pods(State(k): State<FakeKube>, uri: Uri, h: HeaderMap) -> Response {

@@ -453,6 +453,17 @@ impl AgentConn {
         }
     }
 
+    /// The next desired state the center sends this node.
+    pub async fn next_desired(&mut self) -> Result<nodekeeper_proto::v1::DesiredState, tonic::Status> {
+        loop {
+            match self.rx.message().await? {
+                Some(CenterMessage { msg: Some(center_message::Msg::DesiredState(d)) }) => return Ok(d),
+                Some(_) => continue,
+                None => return Err(tonic::Status::aborted("stream ended")),
+            }
+        }
+    }
+
     /// Sends a batch and waits for its acknowledgement.
     pub async fn send_acked(&mut self, batch_id: u64, observations: Vec<Observation>) -> Ack {
         self.send_batch(batch_id, observations).await;
