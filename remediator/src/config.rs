@@ -53,6 +53,45 @@ pub struct Config {
     /// The center's conditions written on the Kubernetes Nodes.
     pub node_conditions: NodeConditionsConfig,
     pub kubernetes_nodes: KubernetesNodesConfig,
+    pub leader_election: LeaderElectionConfig,
+}
+
+/// Several replicas, one acting: leader election through a coordination.k8s.io Lease.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LeaderElectionConfig {
+    /// Off: this process acts alone (one remediator per cluster, as under systemd).
+    pub enabled: bool,
+    /// The Lease's namespace (in a pod: its own, from the downward API).
+    pub namespace: String,
+    /// The Lease's name; default "nodekeeper-remediator-<cluster>".
+    pub lease_name: String,
+    /// A replica's name in the Lease; default: the host (pod) name and a random suffix.
+    pub identity: String,
+    /// How long a lease not renewed stays its holder's.
+    #[serde(with = "duration")]
+    pub lease_duration: Duration,
+    /// A leader that could not renew for this long stops (shorter than lease_duration).
+    #[serde(with = "duration")]
+    pub renew_deadline: Duration,
+    /// How often each replica tries to take or renew the lease.
+    #[serde(with = "duration")]
+    pub retry_period: Duration,
+}
+
+impl Default for LeaderElectionConfig {
+    /// client-go's defaults.
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            namespace: "nodekeeper".into(),
+            lease_name: String::new(),
+            identity: String::new(),
+            lease_duration: Duration::from_secs(15),
+            renew_deadline: Duration::from_secs(10),
+            retry_period: Duration::from_secs(2),
+        }
+    }
 }
 
 /// The cluster's Kubernetes Nodes kept in step with the center: labels synced, new nodes
@@ -212,6 +251,7 @@ impl Default for Config {
             playbook: default_playbooks(),
             node_conditions: NodeConditionsConfig::default(),
             kubernetes_nodes: KubernetesNodesConfig::default(),
+            leader_election: LeaderElectionConfig::default(),
         }
     }
 }
@@ -225,6 +265,17 @@ impl Config {
         }
         if self.node_conditions.field_manager.is_empty() {
             return Err("node_conditions.field_manager: expected a name".into());
+        }
+        let l = &self.leader_election;
+        if l.enabled
+            && !(l.retry_period < l.renew_deadline
+                && l.renew_deadline < l.lease_duration
+                && l.lease_duration >= Duration::from_secs(1))
+        {
+            return Err("leader_election: expected retry_period < renew_deadline < lease_duration (at least 1s)".into());
+        }
+        if l.enabled && l.namespace.is_empty() {
+            return Err("leader_election.namespace: expected the Lease's namespace".into());
         }
         let k = &self.kubernetes_nodes;
         if k.sync_period < Duration::from_secs(1) || k.onboarding_check < Duration::from_millis(100) {

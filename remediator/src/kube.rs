@@ -37,7 +37,7 @@ fn api_error(e: kube::Error) -> KubeError {
     }
 }
 
-fn is_conflict(e: &kube::Error) -> bool {
+pub(crate) fn is_conflict(e: &kube::Error) -> bool {
     matches!(e, kube::Error::Api(s) if s.code == 409)
 }
 

@@ -12,6 +12,7 @@ pub mod conditions;
 pub mod config;
 mod events;
 pub mod kube;
+pub mod leader;
 pub mod nodesync;
 mod playbook;
 
@@ -56,6 +57,8 @@ pub struct Remediator {
     steps: Family<Vec<(&'static str, String)>, Counter>,
     /// Nodes waiting to onboard, shared with the node sync, for `/metrics`.
     onboarding: nodesync::Waiting,
+    /// This replica acts (it leads, or there is no election).
+    leading: std::sync::atomic::AtomicBool,
 }
 
 /// How a remediation ended, or why a step could not go on.
@@ -112,6 +115,7 @@ impl Remediator {
             cancel,
             steps: Family::default(),
             onboarding: nodesync::Waiting::default(),
+            leading: Default::default(),
         }))
     }
 
@@ -142,6 +146,28 @@ impl Remediator {
         ))
     }
 
+    /// The leader election of this cluster's replicas, when it is on.
+    pub fn elector(&self) -> anyhow::Result<Option<leader::Elector>> {
+        let cfg = &self.cfg.leader_election;
+        if !cfg.enabled {
+            return Ok(None);
+        }
+        let Some(kube) = &self.kube else {
+            anyhow::bail!("leader_election needs Kubernetes access (kubeconfig, or running in a pod)");
+        };
+        let mut cfg = cfg.clone();
+        if cfg.lease_name.is_empty() {
+            cfg.lease_name = format!("nodekeeper-remediator-{}", self.cfg.cluster);
+        }
+        let identity = if cfg.identity.is_empty() { leader::default_identity() } else { cfg.identity.clone() };
+        Ok(Some(leader::Elector::new(kube.client(), cfg, identity)))
+    }
+
+    /// Whether this replica acts, for `/metrics`.
+    pub fn set_leading(&self, leading: bool) {
+        self.leading.store(leading, std::sync::atomic::Ordering::Relaxed);
+    }
+
     fn fleet(&self) -> FleetServiceClient<Channel> {
         FleetServiceClient::new(self.ch.clone())
     }
@@ -155,6 +181,9 @@ impl Remediator {
         let active: Gauge = Gauge::default();
         active.set(self.busy.lock().expect("busy lock").len() as i64);
         r.register("active_remediations", "Nodes with a remediation in progress", active);
+        let leader: Gauge = Gauge::default();
+        leader.set(i64::from(self.leading.load(std::sync::atomic::Ordering::Relaxed)));
+        r.register("leader", "1 while this replica acts (it leads, or leader election is off)", leader);
         let waiting = Family::<Vec<(&'static str, String)>, Gauge>::default();
         for (gate, nodes) in self.onboarding.by_gate() {
             waiting.get_or_create(&vec![("gate", gate)]).set(nodes as i64);

@@ -67,17 +67,48 @@ fn main() -> ExitCode {
             nodekeeper_common::metrics::spawn(addr, move || std::future::ready(r.render_metrics()), cancel.clone())
                 .await?;
         }
-        let exporter = remediator.conditions_exporter().map(|e| tokio::spawn(e.run()));
-        let node_sync = remediator.node_sync().map(|s| tokio::spawn(s.run()));
-        let running = tokio::spawn(remediator.run());
         let _watchdog = nodekeeper_common::systemd::spawn_watchdog(cancel.child_token());
+        // With leader election, a replica acts only while it leads; without, at once.
+        let (leading_tx, mut leading) = tokio::sync::watch::channel(false);
+        let campaign = tokio_util::sync::CancellationToken::new();
+        let election = match remediator.elector()? {
+            Some(elector) => Some(tokio::spawn(elector.run(leading_tx, campaign.clone()))),
+            None => {
+                leading_tx.send_replace(true);
+                None
+            }
+        };
         nodekeeper_common::systemd::ready();
-        shutdown.await;
-        nodekeeper_common::systemd::stopping();
+        let mut shutdown = std::pin::pin!(shutdown);
+        let mut lost = false;
+        let leads = tokio::select! {
+            _ = &mut shutdown => false,
+            l = leading.wait_for(|l| *l) => l.is_ok(),
+        };
+        if leads {
+            remediator.set_leading(true);
+            let exporter = remediator.conditions_exporter().map(|e| tokio::spawn(e.run()));
+            let node_sync = remediator.node_sync().map(|s| tokio::spawn(s.run()));
+            let running = tokio::spawn(remediator.clone().run());
+            tokio::select! {
+                _ = &mut shutdown => {}
+                _ = leading.wait_for(|l| !*l) => lost = true,
+            }
+            nodekeeper_common::systemd::stopping();
+            cancel.cancel();
+            for task in [Some(running), exporter, node_sync].into_iter().flatten() {
+                let _ = task.await;
+            }
+            remediator.set_leading(false);
+        }
         cancel.cancel();
-        let _ = running.await;
-        for task in [exporter, node_sync].into_iter().flatten() {
-            let _ = task.await;
+        // The lease is given up only once nothing of this replica acts any more.
+        campaign.cancel();
+        if let Some(e) = election {
+            let _ = e.await;
+        }
+        if lost {
+            anyhow::bail!("lost the leader election lease: stopped acting; the supervisor starts this replica again");
         }
         tracing::info!("remediator stopped");
         Ok(())

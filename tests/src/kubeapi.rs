@@ -4,9 +4,12 @@
 //! 415 for a patch content type it does not take, 429 from a PodDisruptionBudget on eviction, and
 //! the three patch content types (merge, strategic merge with taints merged by key, JSON patch),
 //! the nodes' status subresource (conditions merged by type, each with its field manager), and
-//! core/v1 Events (created, and patched as recorders aggregate them).
+//! core/v1 Events (created, and patched as recorders aggregate them), and coordination.k8s.io
+//! Leases (`leases.rs`).
 //! Tests seed it, make "another writer" change a node between the remediator's read and its
 //! write, and read back what the remediator did.
+
+mod leases;
 
 use std::collections::{BTreeMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -39,6 +42,8 @@ struct Inner {
     status_writes: Vec<(String, Vec<Value>, std::time::Instant)>,
     /// core/v1 Events by (namespace, name).
     events: BTreeMap<(String, String), Value>,
+    /// coordination.k8s.io/v1 Leases by (namespace, name).
+    leases: BTreeMap<(String, String), Value>,
 }
 
 #[derive(Clone, Default)]
@@ -591,6 +596,8 @@ impl Server {
             .route("/api/v1/namespaces/{ns}/pods/{name}/eviction", post(evict_pod))
             .route("/api/v1/namespaces/{ns}/events", post(create_event))
             .route("/api/v1/namespaces/{ns}/events/{name}", axum::routing::patch(patch_event))
+            .route("/apis/coordination.k8s.io/v1/namespaces/{ns}/leases", post(leases::create))
+            .route("/apis/coordination.k8s.io/v1/namespaces/{ns}/leases/{name}", get(leases::get).put(leases::replace))
             .with_state(kube.clone());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let url = format!("http://{}", listener.local_addr().expect("addr"));

@@ -348,6 +348,14 @@ impl Remediator {
     }
 }
 
+impl Remediator {
+    /// SIGKILL: a replica dying without giving anything up.
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 impl Drop for Remediator {
     fn drop(&mut self) {
         let _ = self.child.kill();

@@ -502,3 +502,88 @@ async fn a_restarted_remediator_resumes_where_the_timeline_says_and_releases_its
         .permits;
     assert!(permits.is_empty(), "the isolate permit went with the isolation: {permits:?}");
 }
+
+/// Two replicas electing a leader through a Lease: 4 s lease, renewed every 500 ms.
+const REPLICA: &str = "[leader_election]\nenabled = true\nnamespace = \"nodekeeper\"\nlease_duration = \"4s\"\n\
+                       renew_deadline = \"3s\"\nretry_period = \"500ms\"\n";
+
+fn lease_time(lease: &serde_json::Value, field: &str) -> std::time::SystemTime {
+    let text = lease["spec"][field].as_str().unwrap_or_else(|| panic!("{field} in {lease}"));
+    humantime::parse_rfc3339(text).unwrap_or_else(|e| panic!("{field} {text}: {e}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn of_two_replicas_only_the_leader_acts_and_the_other_takes_over_within_the_lease() {
+    let center = EventCenter::start(CENTER).await;
+    let api = kubeapi::Server::start().await;
+    let nodes = node_names(1);
+    api.kube.add_node(&nodes[0]);
+    let _conns = register(&center, &nodes).await;
+    let replica = |metrics: u16| {
+        let quick = "poll_interval = \"200ms\"\nstep_deadline = \"60s\"\nmigration_timeout = \"1s\"\n";
+        let extra = format!("{quick}metrics_listen = \"127.0.0.1:{metrics}\"\n{REPLICA}{}", heal_playbook("HaFault"));
+        Remediator::start(&center.url(), &api.kubeconfig, &extra)
+    };
+    let scrape = |port: u16| format!("http://127.0.0.1:{port}/metrics");
+    let gauge = |port: u16, name: &'static str| async move {
+        let text = nodekeeper_tests::try_http_get(&scrape(port)).await.ok()?;
+        nodekeeper_tests::metric(&text, name)
+    };
+    let (port_a, port_b) = (nodekeeper_tests::free_port(), nodekeeper_tests::free_port());
+    let mut a = replica(port_a);
+    wait_for("replica a leading", Duration::from_secs(20), || async {
+        (gauge(port_a, "nodekeeper_remediator_leader").await == Some(1.0)).then_some(())
+    })
+    .await;
+    let lease_name = "nodekeeper-remediator-c1";
+    let holder_a = api.kube.lease("nodekeeper", lease_name).unwrap()["spec"]["holderIdentity"].clone();
+    let _b = replica(port_b);
+    wait_for("replica b following", Duration::from_secs(20), || async {
+        (gauge(port_b, "nodekeeper_remediator_leader").await == Some(0.0)).then_some(())
+    })
+    .await;
+
+    // A fault: the leader isolates the node and waits at `verify` (recorded when it passes); the
+    // follower does nothing.
+    report(&center, "ha", "n00", "HaFault", true).await;
+    let fault = wait_for("the fault", Duration::from_secs(30), || async {
+        fault_ids(&center, "HaFault").await.first().copied()
+    })
+    .await;
+    wait_for("the leader's isolation", Duration::from_secs(30), || async {
+        steps(&center, fault).await.contains(&"label-pods".to_owned()).then_some(())
+    })
+    .await;
+    assert!(gauge(port_a, "nodekeeper_remediator_steps_total").await.unwrap_or(0.0) >= 2.0, "the leader's steps counted");
+    assert_eq!(gauge(port_b, "nodekeeper_remediator_steps_total").await.unwrap_or(0.0), 0.0, "the follower acted");
+
+    // The leader dies mid-remediation: the follower takes the lease over within its duration
+    // (plus the follower's retry period), and finishes the remediation without repeating a step.
+    a.kill9();
+    let last_renewal = lease_time(&api.kube.lease("nodekeeper", lease_name).unwrap(), "renewTime");
+    let taken = wait_for("replica b leading", Duration::from_secs(20), || async {
+        let lease = api.kube.lease("nodekeeper", lease_name)?;
+        (lease["spec"]["holderIdentity"] != holder_a).then_some(lease)
+    })
+    .await;
+    assert_eq!(taken["spec"]["leaseTransitions"], 1, "{taken}");
+    let took = lease_time(&taken, "acquireTime").duration_since(last_renewal).unwrap();
+    assert!(
+        took <= Duration::from_secs(4) + Duration::from_millis(2 * 500),
+        "taken over {took:?} after the last renewal"
+    );
+    wait_for("replica b acting", Duration::from_secs(20), || async {
+        (gauge(port_b, "nodekeeper_remediator_leader").await == Some(1.0)).then_some(())
+    })
+    .await;
+    report(&center, "ha-cleared", "n00", "HaFault", false).await;
+    let done = wait_for("the release by the new leader", Duration::from_secs(30), || async {
+        let s = steps(&center, fault).await;
+        s.contains(&"release".to_owned()).then_some(s)
+    })
+    .await;
+    for step in ["isolate", "label-pods", "release"] {
+        assert_eq!(done.iter().filter(|s| *s == step).count(), 1, "{step} once: {done:?}");
+    }
+    assert_eq!(cordoned_and_tainted(&api.kube.node("n00"), TAINT), (false, false));
+}
