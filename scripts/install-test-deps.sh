@@ -21,6 +21,7 @@ needs=(
     "mkfs.ext4:e2fsprogs"         # the disk-full test runs the center on a small loop-mounted ext4
     "mount:mount"                 # and mounts it (loop devices)
     "fallocate:util-linux"        # and fills it
+    "python3:python3"             # kubernetes-validate (below) checks the Kubernetes manifests
 )
 
 missing=()
@@ -33,12 +34,22 @@ for entry in "${needs[@]}"; do
         command -v "$cmd" >/dev/null 2>&1 || missing+=("$pkg")
     fi
 done
-if [ ${#missing[@]} -eq 0 ]; then
-    exit 0
+# ...in a venv of its own, which needs python3-venv.
+python3 -c 'import ensurepip' >/dev/null 2>&1 || missing+=("python3-venv")
+if [ ${#missing[@]} -gt 0 ]; then
+    echo "installing test dependencies: ${missing[*]}"
+    sudo=""
+    [ "$(id -u)" -eq 0 ] || sudo="sudo"
+    export DEBIAN_FRONTEND=noninteractive
+    $sudo apt-get update -qq
+    $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}"
 fi
-echo "installing test dependencies: ${missing[*]}"
-sudo=""
-[ "$(id -u)" -eq 0 ] || sudo="sudo"
-export DEBIAN_FRONTEND=noninteractive
-$sudo apt-get update -qq
-$sudo apt-get install -y -qq --no-install-recommends "${missing[@]}"
+
+# kubernetes-validate (PyPI; it carries the Kubernetes OpenAPI schemas, so the manifests are
+# checked offline), in a venv of its own where tests/tests/manifests.rs looks for it.
+tools="$HOME/.cache/nodekeeper-test-tools"
+if [ ! -x "$tools/venv/bin/kubernetes-validate" ]; then
+    echo "installing kubernetes-validate into $tools/venv"
+    python3 -m venv "$tools/venv"
+    "$tools/venv/bin/pip" install -q --disable-pip-version-check "kubernetes-validate==1.37.0"
+fi

@@ -484,6 +484,11 @@ mod tests {
         let e = check("[alertmanager]\nurl = \"alertmanager:9093\"\n").unwrap_err();
         assert!(e.starts_with("alertmanager.url: expected an http:// or https:// URL"), "{e}");
         check("[alertmanager]\nurl = \"http://am:9093\"\n[[permits.gate]]\nalerts = ['alertname=\"X\"']\n").unwrap();
+        let e = check("[[readiness_gates]]\nselector = \"pool\"\nconditions = [\"LogsReady\"]\n").unwrap_err();
+        assert!(e.starts_with("readiness_gates[0].selector: invalid selector"), "{e}");
+        let e = check("[[readiness_gates]]\nconditions = []\n").unwrap_err();
+        assert_eq!(e, "readiness_gates[0].conditions: expected at least one condition type");
+        check("[[readiness_gates]]\nselector = \"pool=gpu\"\nconditions = [\"LogsReady\"]\n").unwrap();
     }
 
     #[test]

@@ -340,4 +340,34 @@ mod tests {
         let e = parse("budget_atempts = 3\n").unwrap_err().to_string();
         assert!(e.contains("budget_atempts"), "{e}");
     }
+
+    #[test]
+    fn the_in_cluster_config_parses_and_elects_a_leader() {
+        use yaml_rust2::YamlLoader;
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../packaging/kubernetes/remediator.yaml");
+        let docs = YamlLoader::load_from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        let map = docs.iter().find(|d| d["kind"].as_str() == Some("ConfigMap")).expect("the ConfigMap");
+        let text = map["data"]["remediator.toml"].as_str().expect("remediator.toml in the ConfigMap");
+        let cfg: Config = nodekeeper_common::config::parse(&path, text).unwrap();
+        cfg.validate().unwrap();
+        assert!(cfg.leader_election.enabled && cfg.kubeconfig.is_none() && !cfg.dry_run);
+        assert_eq!(cfg.leader_election.namespace, "nodekeeper");
+        let deployment = docs.iter().find(|d| d["kind"].as_str() == Some("Deployment")).expect("the Deployment");
+        assert_eq!(deployment["spec"]["replicas"].as_i64(), Some(2));
+    }
+
+    #[test]
+    fn leader_election_timings_are_checked() {
+        let parse = |toml: &str| {
+            nodekeeper_common::config::parse::<Config>(
+                std::path::Path::new("r.toml"),
+                &format!("cluster = \"c1\"\ninsecure = true\n[leader_election]\nenabled = true\n{toml}"),
+            )
+            .unwrap()
+            .validate()
+        };
+        parse("").unwrap();
+        let e = parse("renew_deadline = \"20s\"\n").unwrap_err();
+        assert!(e.starts_with("leader_election: expected retry_period < renew_deadline < lease_duration"), "{e}");
+    }
 }

@@ -5,11 +5,13 @@
 //! the three patch content types (merge, strategic merge with taints merged by key, JSON patch),
 //! the nodes' status subresource (conditions merged by type, each with its field manager), and
 //! core/v1 Events (created, and patched as recorders aggregate them), and coordination.k8s.io
-//! Leases (`leases.rs`).
+//! Leases (`leases.rs`); with the RBAC rules the project ships enforced (`rbac.rs`: 403 for a
+//! request they do not grant).
 //! Tests seed it, make "another writer" change a node between the remediator's read and its
 //! write, and read back what the remediator did.
 
 mod leases;
+pub mod rbac;
 
 use std::collections::{BTreeMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -44,6 +46,9 @@ struct Inner {
     events: BTreeMap<(String, String), Value>,
     /// coordination.k8s.io/v1 Leases by (namespace, name).
     leases: BTreeMap<(String, String), Value>,
+    /// The RBAC rules in force (the shipped ones), and those requests were granted by.
+    rbac: std::collections::BTreeSet<rbac::Access>,
+    rbac_used: std::collections::BTreeSet<rbac::Access>,
 }
 
 #[derive(Clone, Default)]
@@ -587,6 +592,8 @@ async fn evict_pod(
 impl Server {
     pub async fn start() -> Server {
         let kube = FakeKube::default();
+        let rules = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../packaging/kubernetes/rbac.yaml");
+        kube.lock().rbac = rbac::load(&rules);
         let app = Router::new()
             .route("/api/v1/nodes", get(list_nodes))
             .route("/api/v1/nodes/{name}", get(get_node).patch(patch_node))
@@ -598,6 +605,7 @@ impl Server {
             .route("/api/v1/namespaces/{ns}/events/{name}", axum::routing::patch(patch_event))
             .route("/apis/coordination.k8s.io/v1/namespaces/{ns}/leases", post(leases::create))
             .route("/apis/coordination.k8s.io/v1/namespaces/{ns}/leases/{name}", get(leases::get).put(leases::replace))
+            .layer(axum::middleware::from_fn_with_state(kube.clone(), rbac::enforce))
             .with_state(kube.clone());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let url = format!("http://{}", listener.local_addr().expect("addr"));

@@ -554,7 +554,10 @@ async fn of_two_replicas_only_the_leader_acts_and_the_other_takes_over_within_th
         steps(&center, fault).await.contains(&"label-pods".to_owned()).then_some(())
     })
     .await;
-    assert!(gauge(port_a, "nodekeeper_remediator_steps_total").await.unwrap_or(0.0) >= 2.0, "the leader's steps counted");
+    assert!(
+        gauge(port_a, "nodekeeper_remediator_steps_total").await.unwrap_or(0.0) >= 2.0,
+        "the leader's steps counted"
+    );
     assert_eq!(gauge(port_b, "nodekeeper_remediator_steps_total").await.unwrap_or(0.0), 0.0, "the follower acted");
 
     // The leader dies mid-remediation: the follower takes the lease over within its duration
