@@ -8,7 +8,7 @@ use axum::http::{HeaderMap, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
 
-use super::{FakeKube, object, status};
+use super::{Failure, FakeKube, object, status};
 
 impl FakeKube {
     /// The Lease `name` of namespace `ns`.
@@ -17,11 +17,11 @@ impl FakeKube {
     }
 }
 
-fn parse(body: &Bytes) -> Result<Value, Response> {
+fn parse(body: &Bytes) -> Result<Value, Failure> {
     let lease: Value =
-        serde_json::from_slice(body).map_err(|e| status(StatusCode::BAD_REQUEST, "BadRequest", e.to_string()))?;
+        serde_json::from_slice(body).map_err(|e| Failure(StatusCode::BAD_REQUEST, "BadRequest", e.to_string()))?;
     if lease.get("kind").is_some_and(|k| k != "Lease") {
-        return Err(status(StatusCode::BAD_REQUEST, "BadRequest", format!("not a Lease: {lease}")));
+        return Err(Failure(StatusCode::BAD_REQUEST, "BadRequest", format!("not a Lease: {lease}")));
     }
     Ok(lease)
 }
@@ -49,7 +49,7 @@ pub(super) async fn create(
     k.log("POST", &uri, &h);
     let mut lease = match parse(&body) {
         Ok(l) => l,
-        Err(r) => return r,
+        Err(f) => return f.into_response(),
     };
     let Some(name) = lease["metadata"]["name"].as_str().map(str::to_owned) else {
         return status(StatusCode::UNPROCESSABLE_ENTITY, "Invalid", "metadata.name: Required value".into());
@@ -82,7 +82,7 @@ pub(super) async fn replace(
     k.log("PUT", &uri, &h);
     let mut lease = match parse(&body) {
         Ok(l) => l,
-        Err(r) => return r,
+        Err(f) => return f.into_response(),
     };
     let mut inner = k.lock();
     let key = (ns.clone(), name.clone());
