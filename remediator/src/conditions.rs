@@ -13,7 +13,7 @@
 //! producers report (the detector's NodeUnreachable) stay theirs. Kubernetes' own condition types
 //! (Ready, MemoryPressure, ...) are never written. Temporary problems go to [`crate::events`].
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::Node as KubeNode;
@@ -27,10 +27,7 @@ use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
 
-use crate::config::NodeConditionsConfig;
-
-/// The kubelet's and the node controller's condition types: never ours to write.
-const KUBERNETES_TYPES: [&str; 5] = ["Ready", "MemoryPressure", "DiskPressure", "PIDPressure", "NetworkUnavailable"];
+use crate::config::{KUBERNETES_TYPES, NodeConditionsConfig};
 
 /// Nodes whose conditions are listed in one request at the start of a subscription.
 const LIST_CHUNK: usize = 200;
@@ -53,15 +50,17 @@ fn rfc3339(t: Option<&prost_types::Timestamp>) -> String {
     nodekeeper_common::time::rfc3339(&t.copied().unwrap_or_default())
 }
 
-/// What the Node's conditions must say of `node`, sorted by type.
-pub fn desired(node: &Node) -> Vec<KubeCondition> {
+/// What the Node's conditions must say of `node`, sorted by type; `rename` maps a center type to
+/// the Node's (unlisted: the same, node-problem-detector's names).
+pub fn desired(node: &Node, rename: &BTreeMap<String, String>) -> Vec<KubeCondition> {
     let silent = node.liveness() == Liveness::Lost;
     let mut out: Vec<KubeCondition> = node
         .conditions
         .iter()
         .filter_map(|nc| {
             let c = nc.condition.as_ref()?;
-            if c.r#type.is_empty() || KUBERNETES_TYPES.contains(&c.r#type.as_str()) {
+            let kind = rename.get(&c.r#type).unwrap_or(&c.r#type).clone();
+            if kind.is_empty() || KUBERNETES_TYPES.contains(&kind.as_str()) {
                 return None;
             }
             if silent && nc.producer == AGENT {
@@ -74,7 +73,7 @@ pub fn desired(node: &Node) -> Vec<KubeCondition> {
                     node.last_heartbeat_time.as_ref()
                 };
                 return Some(KubeCondition {
-                    r#type: c.r#type.clone(),
+                    r#type: kind,
                     status: "Unknown",
                     reason: "NodekeeperAgentNotReporting".into(),
                     message: format!(
@@ -91,7 +90,7 @@ pub fn desired(node: &Node) -> Vec<KubeCondition> {
             };
             let reason = if c.reason.is_empty() { c.r#type.clone() } else { c.reason.clone() };
             Some(KubeCondition {
-                r#type: c.r#type.clone(),
+                r#type: kind,
                 status,
                 reason,
                 message: c.message.clone(),
@@ -207,7 +206,7 @@ impl Exporter {
             }
             for node in chunk {
                 let full = Node { conditions: by_node.remove(&node.name).unwrap_or_default(), ..node.clone() };
-                self.export(&node.name, desired(&full), false).await;
+                self.export(&node.name, desired(&full, &self.cfg.rename), false).await;
             }
         }
         let mut tick = tokio::time::interval(self.tick());
@@ -243,7 +242,7 @@ impl Exporter {
     async fn changed(&mut self, name: &str) {
         let req = GetNodeRequest { cluster: self.cluster.clone(), node: name.to_owned() };
         match FleetServiceClient::new(self.ch.clone()).get_node(req).await {
-            Ok(node) => self.export(name, desired(&node.into_inner()), false).await,
+            Ok(node) => self.export(name, desired(&node.into_inner(), &self.cfg.rename), false).await,
             Err(s) => tracing::warn!(node = name, error = s.message(), "node conditions: cannot read the node"),
         }
     }
@@ -326,19 +325,25 @@ mod tests {
             ],
             ..Default::default()
         };
-        let d = desired(&node);
+        let none = BTreeMap::new();
+        let d = desired(&node, &none);
         assert_eq!(d.iter().map(|c| c.r#type.as_str()).collect::<Vec<_>>(), ["KernelDeadlock", "NodeUnreachable"]);
+        // Renamed types go under their new name; a rename to Kubernetes' own is never written.
+        let rename: BTreeMap<String, String> =
+            [("KernelDeadlock".into(), "KernelHasDeadlock".into()), ("NodeUnreachable".into(), "Ready".into())].into();
+        let r = desired(&node, &rename);
+        assert_eq!(r.iter().map(|c| c.r#type.as_str()).collect::<Vec<_>>(), ["KernelHasDeadlock"]);
         assert_eq!(d[0].status, "True");
         assert_eq!(d[0].last_transition_time, "2027-01-15T08:00:00Z");
         // A silent agent: its conditions Unknown since its last heartbeat; the detector's stay.
         node.liveness = Liveness::Lost as i32;
-        let d = desired(&node);
+        let d = desired(&node, &none);
         assert_eq!((d[0].status, d[0].reason.as_str()), ("Unknown", "NodekeeperAgentNotReporting"));
         assert_eq!(d[0].last_transition_time, "2027-01-15T08:10:00Z");
         assert_eq!(d[1].status, "False");
         // A change reported after the last heartbeat: Unknown from that change on.
         node.last_heartbeat_time = Some(prost_types::Timestamp { seconds: 1_799_999_000, nanos: 0 });
-        assert_eq!(desired(&node)[0].last_transition_time, "2027-01-15T08:00:00Z");
+        assert_eq!(desired(&node, &none)[0].last_transition_time, "2027-01-15T08:00:00Z");
         let p = patch(&d, "2027-01-15T09:00:00Z");
         assert_eq!(p["status"]["conditions"][0]["lastHeartbeatTime"], "2027-01-15T09:00:00Z");
         assert_eq!(p["status"]["conditions"][1]["type"], "NodeUnreachable");

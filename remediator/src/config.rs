@@ -128,6 +128,10 @@ impl Default for KubernetesNodesConfig {
     }
 }
 
+/// The kubelet's and the node controller's condition types: never ours to write.
+pub const KUBERNETES_TYPES: [&str; 5] =
+    ["Ready", "MemoryPressure", "DiskPressure", "PIDPressure", "NetworkUnavailable"];
+
 /// The center's conditions on the Nodes' `status.conditions`, as node-problem-detector writes them.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -140,11 +144,20 @@ pub struct NodeConditionsConfig {
     pub heartbeat_period: Duration,
     /// The field manager of the writes.
     pub field_manager: String,
+    /// The Node condition type of a center condition type, where they differ (e.g.
+    /// `RaidDegraded = "StorageDegraded"`); unlisted types keep their names, node-problem-detector's
+    /// (KernelDeadlock, ReadonlyFilesystem, ...), so configs written for it work unchanged.
+    pub rename: std::collections::BTreeMap<String, String>,
 }
 
 impl Default for NodeConditionsConfig {
     fn default() -> Self {
-        Self { enabled: true, heartbeat_period: Duration::from_secs(300), field_manager: "nodekeeper".into() }
+        Self {
+            enabled: true,
+            heartbeat_period: Duration::from_secs(300),
+            field_manager: "nodekeeper".into(),
+            rename: Default::default(),
+        }
     }
 }
 
@@ -265,6 +278,12 @@ impl Config {
         }
         if self.node_conditions.field_manager.is_empty() {
             return Err("node_conditions.field_manager: expected a name".into());
+        }
+        for (from, to) in &self.node_conditions.rename {
+            nodekeeper_common::names::event_type(to).map_err(|e| format!("node_conditions.rename.{from}: {e}"))?;
+            if KUBERNETES_TYPES.contains(&to.as_str()) {
+                return Err(format!("node_conditions.rename.{from}: {to} is Kubernetes' own condition type"));
+            }
         }
         let l = &self.leader_election;
         if l.enabled
