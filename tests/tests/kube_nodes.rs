@@ -21,9 +21,10 @@ use serde_json::json;
 
 const STARTUP_TAINT: &str = "nodekeeper.io/not-ready";
 
-/// A center whose nodes beat rarely (the hand-driven streams send no heartbeats), with `extra`.
+/// A center whose nodes beat rarely (the hand-driven streams send no heartbeats), with `extra`
+/// (top-level keys and tables) first.
 async fn center(extra: &str) -> EventCenter {
-    EventCenter::start(&format!("[nodes]\ndefault_heartbeat_interval = \"60s\"\ncheck_interval = \"100ms\"\n{extra}"))
+    EventCenter::start(&format!("{extra}\n[nodes]\ndefault_heartbeat_interval = \"60s\"\ncheck_interval = \"100ms\"\n"))
         .await
 }
 
@@ -205,7 +206,12 @@ async fn next_of(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn labels_follow_kubernetes_and_deleted_nodes_are_decommissioned() {
-    let center = center("").await;
+    let metrics = free_port();
+    let center = center(&format!("metrics_listen = \"127.0.0.1:{metrics}\"\n")).await;
+    let lost_nodes = || async move {
+        let text = http_get(&format!("http://127.0.0.1:{metrics}/metrics")).await;
+        metric_where(&text, "nodekeeper_eventcenter_nodes", "state=\"lost\"")
+    };
     let api = kubeapi::Server::start().await;
     for n in ["n-a", "n-b", "n-d", "n-e"] {
         api.kube.register_node(n, json!({ "zone": "a" }), &[]);
@@ -214,7 +220,12 @@ async fn labels_follow_kubernetes_and_deleted_nodes_are_decommissioned() {
     // n-b, n-d and n-e registered and went away (their agents are not connected); n-x is a node
     // outside Kubernetes.
     for n in ["n-b", "n-d", "n-e", "n-x"] {
-        drop(AgentConn::connect(&center.url(), hello("c1", n, "b1")).await.unwrap());
+        let mut h = hello("c1", n, "b1");
+        if n == "n-b" {
+            // n-b beats every second: lost 3 s after its agent left.
+            h.heartbeat_interval = Some(nodekeeper_common::time::to_duration(Duration::from_secs(1)));
+        }
+        drop(AgentConn::connect(&center.url(), h).await.unwrap());
     }
     // n-b has an open fault.
     ReportServiceClient::new(center.channel().await)
@@ -249,8 +260,9 @@ async fn labels_follow_kubernetes_and_deleted_nodes_are_decommissioned() {
     assert_eq!(n.labels.get("zone").map(String::as_str), Some("b"));
     assert_eq!(n.labels.get("role").map(String::as_str), Some("gpu"));
 
-    // Deleted from Kubernetes with its agent gone: decommissioned, its fault closed, and
-    // subscribers told.
+    // Deleted from Kubernetes with its agent gone (and lost): decommissioned, its fault closed,
+    // no longer counted lost, and subscribers told.
+    wait_for("n-b lost", Duration::from_secs(20), || async { (lost_nodes().await == Some(1.0)).then_some(()) }).await;
     api.kube.delete_node("n-b");
     let gone = next_of(&mut sub, "NodeDecommissioned", "n-b").await;
     assert_eq!((gone.node.as_str(), gone.attributes["reason"].as_str()), ("n-b", "deleted from Kubernetes"));
@@ -275,6 +287,7 @@ async fn labels_follow_kubernetes_and_deleted_nodes_are_decommissioned() {
     assert_eq!(faults.len(), 1);
     assert_eq!(faults[0].state(), FaultState::Resolved);
     assert_eq!(faults[0].resolution, "node decommissioned: deleted from Kubernetes");
+    assert_eq!(lost_nodes().await.unwrap_or(0.0), 0.0, "a decommissioned node is not lost");
 
     // Deleted while its agent is connected (a Node registering again): left alone. Two at once,
     // above the pass's limit of one: left to a person.
