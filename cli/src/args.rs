@@ -99,6 +99,10 @@ pub enum Command {
     /// Desired components of nodes and what the nodes report.
     #[command(subcommand)]
     Components(ComponentsCmd),
+    /// Fleet rollouts of node components: waves, bake, gates, pause, abort, rollback. The safe way
+    /// to change many nodes.
+    #[command(subcommand)]
+    Rollouts(RolloutsCmd),
     /// Durable consumers (subscribers' positions) and how far behind they are.
     #[command(subcommand)]
     Consumers(ConsumersCmd),
@@ -304,6 +308,46 @@ pub struct NodeRef {
 }
 
 #[derive(Debug, Subcommand)]
+pub enum RolloutsCmd {
+    /// Create a rollout from a TOML file (see packaging/rollout.toml): checked whole, planned in
+    /// waves from the nodes its selector matches now; nothing is stored when anything is wrong.
+    Create {
+        /// The rollout file.
+        #[arg(long, short = 'f')]
+        file: std::path::PathBuf,
+    },
+    /// Rollouts with their phase, wave and how many nodes changed.
+    List {
+        /// Only rollouts of this cluster (repeatable).
+        #[arg(long)]
+        cluster: Vec<String>,
+    },
+    /// One rollout: its strategy, each node's wave and phase, and its timeline.
+    Show {
+        /// The rollout's name.
+        name: String,
+    },
+    /// Pause a rollout: no new node starts until it is resumed.
+    Pause(RolloutControlArgs),
+    /// Resume a paused rollout.
+    Resume(RolloutControlArgs),
+    /// Stop a rollout for good; changed nodes stay as they are.
+    Abort(RolloutControlArgs),
+    /// Take every changed node back to the versions it had, in waves.
+    Rollback(RolloutControlArgs),
+}
+
+/// A person's control of a rollout.
+#[derive(Debug, Args)]
+pub struct RolloutControlArgs {
+    /// The rollout's name.
+    pub name: String,
+    /// Why, recorded in the rollout's timeline with who did it.
+    #[arg(long)]
+    pub reason: Option<String>,
+}
+
+#[derive(Debug, Subcommand)]
 pub enum ComponentsCmd {
     /// Each node's components: desired and installed versions, phase, last error; and whether the
     /// node passes the readiness gate "components converged".
@@ -317,7 +361,9 @@ pub enum ComponentsCmd {
     },
     /// Set the desired components of one node or of the nodes a label selector matches, from a
     /// spec file (the format `nodekeeper-agent components apply` reads; see
-    /// packaging/components.toml). The nodes converge to it.
+    /// packaging/components.toml). The nodes converge to it, all at once: for one node or a
+    /// one-off change; to change many nodes, a rollout (`nodekeeper rollouts create`) is the safe
+    /// way (waves, bake, gates, fleet rollback).
     Set {
         /// The cluster of the nodes.
         #[arg(long)]

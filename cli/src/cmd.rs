@@ -10,6 +10,7 @@ use tonic::{Code, Status};
 
 use crate::args::{
     BreakerCmd, Cli, Command, ComponentsCmd, ConsumersCmd, EventsCmd, FaultsCmd, Filter, Format, NodesCmd, PermitsCmd,
+    RolloutsCmd,
 };
 use crate::connect::{channel, explain_failure, status};
 use crate::output::{self, enum_name, json_line, table, time};
@@ -44,6 +45,7 @@ async fn call(ch: Channel, json: bool, command: Command) -> anyhow::Result<()> {
         Command::Nodes(NodesCmd::List { cluster, decommissioned }) => {
             crate::nodes::list(ch, json, cluster, decommissioned).await
         }
+        Command::Rollouts(cmd) => rollouts(ch, json, cmd).await,
         Command::Nodes(NodesCmd::Show { target }) => crate::nodes::show(ch, json, target).await,
         Command::Nodes(NodesCmd::Delete { target, reason }) => crate::nodes::delete(ch, json, target, reason).await,
         Command::Events(EventsCmd::List { from, limit, filter }) => events_list(ch, json, from, limit, filter).await,
@@ -110,7 +112,21 @@ async fn call(ch: Channel, json: bool, command: Command) -> anyhow::Result<()> {
     }
 }
 
-fn event_row(e: &Event) -> Vec<String> {
+async fn rollouts(ch: Channel, json: bool, cmd: RolloutsCmd) -> anyhow::Result<()> {
+    use crate::rollouts;
+    use nodekeeper_proto::v1::RolloutControl;
+    match cmd {
+        RolloutsCmd::Create { file } => rollouts::create(ch, json, &file).await,
+        RolloutsCmd::List { cluster } => rollouts::list(ch, json, cluster).await,
+        RolloutsCmd::Show { name } => rollouts::show(ch, json, name).await,
+        RolloutsCmd::Pause(a) => rollouts::control(ch, json, a.name, RolloutControl::Pause, a.reason).await,
+        RolloutsCmd::Resume(a) => rollouts::control(ch, json, a.name, RolloutControl::Resume, a.reason).await,
+        RolloutsCmd::Abort(a) => rollouts::control(ch, json, a.name, RolloutControl::Abort, a.reason).await,
+        RolloutsCmd::Rollback(a) => rollouts::control(ch, json, a.name, RolloutControl::Rollback, a.reason).await,
+    }
+}
+
+pub(crate) fn event_row(e: &Event) -> Vec<String> {
     let condition = e
         .condition
         .as_ref()
@@ -128,7 +144,8 @@ fn event_row(e: &Event) -> Vec<String> {
     ]
 }
 
-const EVENT_HEADER: [&str; 8] = ["CURSOR", "RECEIVED", "CLUSTER", "NODE", "TYPE", "SEVERITY", "CONDITION", "MESSAGE"];
+pub(crate) const EVENT_HEADER: [&str; 8] =
+    ["CURSOR", "RECEIVED", "CLUSTER", "NODE", "TYPE", "SEVERITY", "CONDITION", "MESSAGE"];
 
 async fn events_list(ch: Channel, json: bool, from: Option<String>, limit: u32, filter: Filter) -> anyhow::Result<()> {
     let resp = EventServiceClient::new(ch)

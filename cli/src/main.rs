@@ -9,6 +9,7 @@ mod connect;
 mod dev;
 mod nodes;
 mod output;
+mod rollouts;
 
 fn main() -> ExitCode {
     let args = args::parse();

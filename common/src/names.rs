@@ -48,6 +48,11 @@ pub fn producer(value: &str) -> Result<(), NameError> {
     dns_subdomain("producer id", value)
 }
 
+/// A rollout's name: like a node name (`kubelet-1.31.2`, `containerd.2026-11`).
+pub fn rollout(value: &str) -> Result<(), NameError> {
+    dns_subdomain("rollout name", value)
+}
+
 /// A component's name (containerd, kubelet, node-exporter): a DNS-1123 label.
 pub fn component(value: &str) -> Result<(), NameError> {
     const WHAT: &str = "component name";

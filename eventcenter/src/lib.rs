@@ -15,6 +15,7 @@ pub mod metrics;
 pub mod permits;
 pub mod quorum;
 pub mod readiness;
+pub mod rollout;
 pub mod selector;
 pub mod store;
 pub mod subscribe;
@@ -27,7 +28,7 @@ use std::time::{Duration, SystemTime};
 use nodekeeper_proto::v1::{
     agent_service_server::AgentServiceServer, event_service_server::EventServiceServer,
     fleet_service_server::FleetServiceServer, permit_service_server::PermitServiceServer,
-    report_service_server::ReportServiceServer,
+    report_service_server::ReportServiceServer, rollout_service_server::RolloutServiceServer,
 };
 use thiserror::Error;
 use tokio::net::TcpListener;
@@ -143,6 +144,7 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: impl Future<Ou
         sessions: Arc::default(),
         quorum: Arc::new(quorum::Quorum::new(open_verdicts)),
         permits,
+        rollouts: Arc::default(),
     };
 
     let max = config.limits.max_message_bytes;
@@ -175,6 +177,7 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: impl Future<Ou
             FleetServiceServer::<api::fleet::FleetApi>::NAME,
             ReportServiceServer::<api::report::ReportApi>::NAME,
             PermitServiceServer::<api::permits::PermitApi>::NAME,
+            RolloutServiceServer::<api::rollouts::RolloutApi>::NAME,
         ];
         served.into_iter().fold(
             tonic_reflection::server::Builder::configure()
@@ -197,7 +200,8 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: impl Future<Ou
         .add_service(EventServiceServer::new(api::events::EventApi(ctx.clone())).max_decoding_message_size(max))
         .add_service(FleetServiceServer::new(api::fleet::FleetApi(ctx.clone())).max_decoding_message_size(max))
         .add_service(ReportServiceServer::new(api::report::ReportApi(ctx.clone())).max_decoding_message_size(max))
-        .add_service(PermitServiceServer::new(api::permits::PermitApi(ctx.clone())).max_decoding_message_size(max));
+        .add_service(PermitServiceServer::new(api::permits::PermitApi(ctx.clone())).max_decoding_message_size(max))
+        .add_service(RolloutServiceServer::new(api::rollouts::RolloutApi(ctx.clone())).max_decoding_message_size(max));
     let stop = cancel.clone().cancelled_owned();
     let server: std::pin::Pin<Box<dyn Future<Output = Result<(), tonic::transport::Error>> + Send>> = match &tls {
         Some(tls) => {
@@ -255,6 +259,7 @@ async fn writers_health(health: &tonic_health::server::HealthReporter, disk_low:
     health.set_service_status(<FleetServiceServer<api::fleet::FleetApi> as NamedService>::NAME, status).await;
     health.set_service_status(<ReportServiceServer<api::report::ReportApi> as NamedService>::NAME, status).await;
     health.set_service_status(<PermitServiceServer<api::permits::PermitApi> as NamedService>::NAME, status).await;
+    health.set_service_status(<RolloutServiceServer<api::rollouts::RolloutApi> as NamedService>::NAME, status).await;
 }
 
 /// SIGHUP re-reads the TLS certificate, key and CA (they are also re-read when they change).

@@ -176,10 +176,20 @@ pub fn describe(defects: &[Defect]) -> String {
 /// The components and the line each begins on.
 fn parse_located(path: &Path, text: &str) -> Result<(Vec<ComponentSpec>, Vec<usize>), String> {
     let f: SpecFile = nodekeeper_common::config::parse(path, text).map_err(|e| e.to_string())?;
+    from_toml(path, text, f.component)
+}
+
+/// The `[[component]]` entries of a TOML file (`text`, read from `path`) as specs, checked as a
+/// whole, with the line of each; for files that hold components among other keys (rollouts).
+pub fn from_toml(
+    path: &Path,
+    text: &str,
+    components: Vec<TomlComponent>,
+) -> Result<(Vec<ComponentSpec>, Vec<usize>), String> {
     let line_of = |offset: usize| text[..offset.min(text.len())].matches('\n').count() + 1;
     let mut out = Vec::new();
     let mut lines = Vec::new();
-    for c in f.component {
+    for c in components {
         let line = line_of(c.name.span().start);
         let at = |e: String| format!("{}:{line}: component {:?}: {e}", path.display(), c.name.get_ref());
         lines.push(line);

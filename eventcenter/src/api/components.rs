@@ -56,7 +56,7 @@ pub async fn push(ctx: &Ctx, key: &NodeKey, labels: &HashMap<String, String>) ->
     Ok(tx.send(Ok(CenterMessage { msg: Some(center_message::Msg::DesiredState(state)) })).await.is_ok())
 }
 
-fn check_spec(s: &ComponentSpec) -> Result<(), Status> {
+pub(crate) fn check_spec(s: &ComponentSpec) -> Result<(), Status> {
     let bad = |e: String| Status::invalid_argument(format!("component {:?}: {e}", s.name));
     nodekeeper_common::names::component(&s.name).map_err(|e| bad(e.to_string()))?;
     nodekeeper_common::names::package(&s.package).map_err(|e| bad(e.to_string()))?;

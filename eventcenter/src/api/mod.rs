@@ -8,6 +8,7 @@ pub mod fleet;
 pub mod nodes;
 pub mod permits;
 pub mod report;
+pub mod rollouts;
 
 use std::sync::Arc;
 
@@ -35,6 +36,8 @@ pub struct Ctx {
     pub quorum: Arc<crate::quorum::Quorum>,
     /// The rate-limit center.
     pub permits: Arc<crate::permits::RateLimiter>,
+    /// Held while a rollout is created or changed: one change at a time.
+    pub rollouts: Arc<tokio::sync::Mutex<()>>,
 }
 
 /// What a caller may do, from its certificate. `None` on an insecure center: everything.

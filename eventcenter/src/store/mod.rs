@@ -36,6 +36,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("migrations/0002_components.sql"),
     include_str!("migrations/0003_permits.sql"),
     include_str!("migrations/0004_decommissioned.sql"),
+    include_str!("migrations/0005_rollouts.sql"),
 ];
 
 /// Fault state numbers as stored (equal to `nodekeeper.v1.FaultState`).
@@ -512,6 +513,19 @@ impl Store {
     pub async fn put_guard(&self, cluster: String, body: Vec<u8>, events: Vec<NewEvent>) -> Result<u64> {
         let change = writer::ComponentsChange::Guard { cluster, body, events };
         self.submit(2, |reply, permit| writer::Op::Components { change, reply, permit }).await
+    }
+
+    /// Stores a rollout's state with the events of its timeline; returns the last event's cursor.
+    pub async fn put_rollout(
+        &self,
+        name: String,
+        cluster: String,
+        body: Vec<u8>,
+        events: Vec<NewEvent>,
+    ) -> Result<u64> {
+        let rows = events.len().max(1);
+        let change = writer::ComponentsChange::Rollout { name, cluster, body, events };
+        self.submit(rows, |reply, permit| writer::Op::Components { change, reply, permit }).await
     }
 
     /// Records a remediation step on a fault (`event.fault_id`) and moves the fault to `state`

@@ -26,12 +26,13 @@ pub struct FaultFilter {
 }
 
 fn read_events(conn: &Connection, after: u64, limit: usize) -> Result<Vec<Event>> {
-    let mut stmt = conn
-        .prepare_cached("SELECT cursor, body FROM events WHERE cursor > ?1 ORDER BY cursor LIMIT ?2")
-        .map_err(sql)?;
-    let rows = stmt
-        .query_map(params![after as i64, limit as i64], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, Vec<u8>>(1)?)))
-        .map_err(sql)?;
+    events_where(conn, "cursor > ?1 ORDER BY cursor LIMIT ?2", params![after as i64, limit as i64])
+}
+
+/// The events `SELECT cursor, body FROM events WHERE <clause>` finds, each with its cursor.
+fn events_where(conn: &Connection, clause: &str, args: impl rusqlite::Params) -> Result<Vec<Event>> {
+    let mut stmt = conn.prepare_cached(&format!("SELECT cursor, body FROM events WHERE {clause}")).map_err(sql)?;
+    let rows = stmt.query_map(args, |r| Ok((r.get::<_, i64>(0)?, r.get::<_, Vec<u8>>(1)?))).map_err(sql)?;
     let mut out = Vec::new();
     for row in rows {
         let (cursor, body) = row.map_err(sql)?;
@@ -202,6 +203,39 @@ impl Store {
         .await
     }
 
+    /// The rollouts of the clusters (every cluster when empty), by name.
+    pub async fn list_rollouts(&self, clusters: Vec<String>) -> Result<Vec<nodekeeper_proto::v1::Rollout>> {
+        self.read(move |c| {
+            let mut stmt = c.prepare_cached("SELECT cluster, body FROM rollouts ORDER BY name").map_err(sql)?;
+            let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, Vec<u8>>(1)?))).map_err(sql)?;
+            let mut out = Vec::new();
+            for row in rows {
+                let (cluster, body) = row.map_err(sql)?;
+                if clusters.is_empty() || clusters.contains(&cluster) {
+                    out.push(decode("rollouts", &body)?);
+                }
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    /// A rollout and its timeline, oldest event first.
+    pub async fn get_rollout(&self, name: String) -> Result<Option<(nodekeeper_proto::v1::Rollout, Vec<Event>)>> {
+        self.read(move |c| {
+            let body: Option<Vec<u8>> = c
+                .prepare_cached("SELECT body FROM rollouts WHERE name = ?1")
+                .and_then(|mut s| s.query_row([&name], |r| r.get(0)).optional())
+                .map_err(sql)?;
+            let Some(body) = body else { return Ok(None) };
+            let rollout = decode("rollouts", &body)?;
+            let clause = "cursor IN (SELECT cursor FROM rollout_events WHERE name = ?1) ORDER BY cursor";
+            let events = events_where(c, clause, [&name])?;
+            Ok(Some((rollout, events)))
+        })
+        .await
+    }
+
     /// The types of the open faults (not resolved) of each node of the clusters (every cluster
     /// when empty; of one node when `node` is given).
     pub async fn open_fault_types(
@@ -290,17 +324,7 @@ impl Store {
     pub async fn get_fault(&self, id: u64) -> Result<Option<(Fault, Vec<Event>)>> {
         self.read(move |c| {
             let Some(fault) = fault(c, id)? else { return Ok(None) };
-            let mut stmt =
-                c.prepare_cached("SELECT cursor, body FROM events WHERE fault_id = ?1 ORDER BY cursor").map_err(sql)?;
-            let rows =
-                stmt.query_map([id as i64], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, Vec<u8>>(1)?))).map_err(sql)?;
-            let mut events = Vec::new();
-            for row in rows {
-                let (cursor, body) = row.map_err(sql)?;
-                let mut e: Event = decode("events", &body)?;
-                e.cursor = cursor.to_string();
-                events.push(e);
-            }
+            let events = events_where(c, "fault_id = ?1 ORDER BY cursor", [id as i64])?;
             Ok(Some((fault, events)))
         })
         .await

@@ -117,6 +117,13 @@ pub(crate) enum ComponentsChange {
         body: Vec<u8>,
         events: Vec<NewEvent>,
     },
+    /// A rollout's new state and the events of its timeline.
+    Rollout {
+        name: String,
+        cluster: String,
+        body: Vec<u8>,
+        events: Vec<NewEvent>,
+    },
 }
 
 impl Op {
@@ -461,6 +468,24 @@ impl Writer {
                     )
                     .map_err(|e| self.err(e))?;
                 self.append(events, published).map(|_| 0)
+            }
+            ComponentsChange::Rollout { name, cluster, body, events } => {
+                self.conn
+                    .prepare_cached(
+                        "INSERT INTO rollouts (name, cluster, body) VALUES (?1, ?2, ?3)
+                         ON CONFLICT (name) DO UPDATE SET body = excluded.body",
+                    )
+                    .and_then(|mut s| s.execute(params![name, cluster, body]))
+                    .map_err(|e| self.err(e))?;
+                let mut last = 0;
+                for a in self.append(events, published)? {
+                    self.conn
+                        .prepare_cached("INSERT OR IGNORE INTO rollout_events (name, cursor) VALUES (?1, ?2)")
+                        .and_then(|mut s| s.execute(params![name, a.cursor as i64]))
+                        .map_err(|e| self.err(e))?;
+                    last = a.cursor;
+                }
+                Ok(last)
             }
             ComponentsChange::FaultAction { event, state } => {
                 let fault_id = event.event.fault_id;

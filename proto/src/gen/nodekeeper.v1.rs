@@ -5205,3 +5205,818 @@ pub mod report_service_server {
         const NAME: &'static str = SERVICE_NAME;
     }
 }
+/// Days and hours, in a time zone, inside which new nodes may start changing.
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct MaintenanceWindow {
+    /// "mon" .. "sun"; empty: every day.
+    #[prost(string, repeated, tag = "1")]
+    pub days: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
+    /// "HH:MM", local to `time_zone`; `end` before `start` spans midnight.
+    #[prost(string, tag = "2")]
+    pub start: ::prost::alloc::string::String,
+    #[prost(string, tag = "3")]
+    pub end: ::prost::alloc::string::String,
+    /// IANA name, e.g. "Europe/Berlin"; empty: UTC.
+    #[prost(string, tag = "4")]
+    pub time_zone: ::prost::alloc::string::String,
+}
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct RolloutStrategy {
+    /// Node counts or percentages of the selected nodes, increasing, the last "100%", e.g.
+    /// \["1", "5%", "25%", "100%"\]: each wave takes the nodes up to its size.
+    #[prost(string, repeated, tag = "1")]
+    pub waves: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
+    /// The most nodes changing at once within a wave (default 1).
+    #[prost(uint32, tag = "2")]
+    pub max_parallel: u32,
+    /// How long a wave's nodes are watched after the last one changed, before the next wave.
+    #[prost(message, optional, tag = "3")]
+    pub bake: ::core::option::Option<::prost_types::Duration>,
+    /// Outside every window no new node starts (none: any time).
+    #[prost(message, repeated, tag = "4")]
+    pub windows: ::prost::alloc::vec::Vec<MaintenanceWindow>,
+    /// Cordon and drain each node before its change (Eviction API), uncordon after.
+    #[prost(bool, tag = "5")]
+    pub drain: bool,
+    /// Failed nodes tolerated: a count ("2") or a share of the selected nodes ("5%"); default "0".
+    #[prost(string, tag = "6")]
+    pub failure_budget: ::prost::alloc::string::String,
+    #[prost(enumeration = "RolloutFailureAction", tag = "7")]
+    pub on_failure: i32,
+}
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct RolloutSpec {
+    #[prost(string, tag = "1")]
+    pub name: ::prost::alloc::string::String,
+    #[prost(string, tag = "2")]
+    pub cluster: ::prost::alloc::string::String,
+    /// Label selector, "k=v,k2=v2".
+    #[prost(string, tag = "3")]
+    pub selector: ::prost::alloc::string::String,
+    #[prost(message, repeated, tag = "4")]
+    pub components: ::prost::alloc::vec::Vec<ComponentSpec>,
+    #[prost(message, optional, tag = "5")]
+    pub strategy: ::core::option::Option<RolloutStrategy>,
+}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct RolloutNode {
+    #[prost(string, tag = "1")]
+    pub node: ::prost::alloc::string::String,
+    /// Index into the waves.
+    #[prost(uint32, tag = "2")]
+    pub wave: u32,
+    #[prost(enumeration = "RolloutNodePhase", tag = "3")]
+    pub phase: i32,
+    /// Why it failed or was skipped.
+    #[prost(string, tag = "4")]
+    pub reason: ::prost::alloc::string::String,
+}
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct Rollout {
+    #[prost(message, optional, tag = "1")]
+    pub spec: ::core::option::Option<RolloutSpec>,
+    #[prost(enumeration = "RolloutPhase", tag = "2")]
+    pub phase: i32,
+    /// The wave in progress (index into spec.strategy.waves).
+    #[prost(uint32, tag = "3")]
+    pub wave: u32,
+    #[prost(message, repeated, tag = "4")]
+    pub nodes: ::prost::alloc::vec::Vec<RolloutNode>,
+    /// Why it waits, halted or was stopped.
+    #[prost(string, tag = "5")]
+    pub reason: ::prost::alloc::string::String,
+    /// Who created it (from the certificate).
+    #[prost(string, tag = "6")]
+    pub created_by: ::prost::alloc::string::String,
+    #[prost(message, optional, tag = "7")]
+    pub created_time: ::core::option::Option<::prost_types::Timestamp>,
+    #[prost(message, optional, tag = "8")]
+    pub updated_time: ::core::option::Option<::prost_types::Timestamp>,
+}
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct CreateRolloutRequest {
+    #[prost(message, optional, tag = "1")]
+    pub spec: ::core::option::Option<RolloutSpec>,
+}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct ListRolloutsRequest {
+    #[prost(string, repeated, tag = "1")]
+    pub clusters: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
+}
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct ListRolloutsResponse {
+    #[prost(message, repeated, tag = "1")]
+    pub rollouts: ::prost::alloc::vec::Vec<Rollout>,
+}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct GetRolloutRequest {
+    #[prost(string, tag = "1")]
+    pub name: ::prost::alloc::string::String,
+}
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct GetRolloutResponse {
+    #[prost(message, optional, tag = "1")]
+    pub rollout: ::core::option::Option<Rollout>,
+    #[prost(message, repeated, tag = "2")]
+    pub events: ::prost::alloc::vec::Vec<Event>,
+}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct ControlRolloutRequest {
+    #[prost(string, tag = "1")]
+    pub name: ::prost::alloc::string::String,
+    #[prost(enumeration = "RolloutControl", tag = "2")]
+    pub control: i32,
+    /// Why, recorded with the issuer.
+    #[prost(string, tag = "3")]
+    pub reason: ::prost::alloc::string::String,
+}
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, ::prost::Enumeration)]
+#[repr(i32)]
+pub enum RolloutFailureAction {
+    Unspecified = 0,
+    /// Stop; changed nodes stay as they are.
+    Halt = 1,
+    /// Every changed node back to the versions it had, in waves too.
+    Rollback = 2,
+}
+impl RolloutFailureAction {
+    /// String value of the enum field names used in the ProtoBuf definition.
+    ///
+    /// The values are not transformed in any way and thus are considered stable
+    /// (if the ProtoBuf definition does not change) and safe for programmatic use.
+    pub fn as_str_name(&self) -> &'static str {
+        match self {
+            Self::Unspecified => "ROLLOUT_FAILURE_ACTION_UNSPECIFIED",
+            Self::Halt => "ROLLOUT_FAILURE_ACTION_HALT",
+            Self::Rollback => "ROLLOUT_FAILURE_ACTION_ROLLBACK",
+        }
+    }
+    /// Creates an enum from field names used in the ProtoBuf definition.
+    pub fn from_str_name(value: &str) -> ::core::option::Option<Self> {
+        match value {
+            "ROLLOUT_FAILURE_ACTION_UNSPECIFIED" => Some(Self::Unspecified),
+            "ROLLOUT_FAILURE_ACTION_HALT" => Some(Self::Halt),
+            "ROLLOUT_FAILURE_ACTION_ROLLBACK" => Some(Self::Rollback),
+            _ => None,
+        }
+    }
+}
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, ::prost::Enumeration)]
+#[repr(i32)]
+pub enum RolloutPhase {
+    Unspecified = 0,
+    Pending = 1,
+    Progressing = 2,
+    /// Waiting on a gate; goes on by itself when it holds again.
+    Waiting = 3,
+    /// Paused by a person.
+    Paused = 4,
+    Completed = 5,
+    Halted = 6,
+    RollingBack = 7,
+    RolledBack = 8,
+    Aborted = 9,
+}
+impl RolloutPhase {
+    /// String value of the enum field names used in the ProtoBuf definition.
+    ///
+    /// The values are not transformed in any way and thus are considered stable
+    /// (if the ProtoBuf definition does not change) and safe for programmatic use.
+    pub fn as_str_name(&self) -> &'static str {
+        match self {
+            Self::Unspecified => "ROLLOUT_PHASE_UNSPECIFIED",
+            Self::Pending => "ROLLOUT_PHASE_PENDING",
+            Self::Progressing => "ROLLOUT_PHASE_PROGRESSING",
+            Self::Waiting => "ROLLOUT_PHASE_WAITING",
+            Self::Paused => "ROLLOUT_PHASE_PAUSED",
+            Self::Completed => "ROLLOUT_PHASE_COMPLETED",
+            Self::Halted => "ROLLOUT_PHASE_HALTED",
+            Self::RollingBack => "ROLLOUT_PHASE_ROLLING_BACK",
+            Self::RolledBack => "ROLLOUT_PHASE_ROLLED_BACK",
+            Self::Aborted => "ROLLOUT_PHASE_ABORTED",
+        }
+    }
+    /// Creates an enum from field names used in the ProtoBuf definition.
+    pub fn from_str_name(value: &str) -> ::core::option::Option<Self> {
+        match value {
+            "ROLLOUT_PHASE_UNSPECIFIED" => Some(Self::Unspecified),
+            "ROLLOUT_PHASE_PENDING" => Some(Self::Pending),
+            "ROLLOUT_PHASE_PROGRESSING" => Some(Self::Progressing),
+            "ROLLOUT_PHASE_WAITING" => Some(Self::Waiting),
+            "ROLLOUT_PHASE_PAUSED" => Some(Self::Paused),
+            "ROLLOUT_PHASE_COMPLETED" => Some(Self::Completed),
+            "ROLLOUT_PHASE_HALTED" => Some(Self::Halted),
+            "ROLLOUT_PHASE_ROLLING_BACK" => Some(Self::RollingBack),
+            "ROLLOUT_PHASE_ROLLED_BACK" => Some(Self::RolledBack),
+            "ROLLOUT_PHASE_ABORTED" => Some(Self::Aborted),
+            _ => None,
+        }
+    }
+}
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, ::prost::Enumeration)]
+#[repr(i32)]
+pub enum RolloutNodePhase {
+    Unspecified = 0,
+    Waiting = 1,
+    Changing = 2,
+    Changed = 3,
+    Failed = 4,
+    RolledBack = 5,
+    /// Left out: it left the selector or the fleet.
+    Skipped = 6,
+}
+impl RolloutNodePhase {
+    /// String value of the enum field names used in the ProtoBuf definition.
+    ///
+    /// The values are not transformed in any way and thus are considered stable
+    /// (if the ProtoBuf definition does not change) and safe for programmatic use.
+    pub fn as_str_name(&self) -> &'static str {
+        match self {
+            Self::Unspecified => "ROLLOUT_NODE_PHASE_UNSPECIFIED",
+            Self::Waiting => "ROLLOUT_NODE_PHASE_WAITING",
+            Self::Changing => "ROLLOUT_NODE_PHASE_CHANGING",
+            Self::Changed => "ROLLOUT_NODE_PHASE_CHANGED",
+            Self::Failed => "ROLLOUT_NODE_PHASE_FAILED",
+            Self::RolledBack => "ROLLOUT_NODE_PHASE_ROLLED_BACK",
+            Self::Skipped => "ROLLOUT_NODE_PHASE_SKIPPED",
+        }
+    }
+    /// Creates an enum from field names used in the ProtoBuf definition.
+    pub fn from_str_name(value: &str) -> ::core::option::Option<Self> {
+        match value {
+            "ROLLOUT_NODE_PHASE_UNSPECIFIED" => Some(Self::Unspecified),
+            "ROLLOUT_NODE_PHASE_WAITING" => Some(Self::Waiting),
+            "ROLLOUT_NODE_PHASE_CHANGING" => Some(Self::Changing),
+            "ROLLOUT_NODE_PHASE_CHANGED" => Some(Self::Changed),
+            "ROLLOUT_NODE_PHASE_FAILED" => Some(Self::Failed),
+            "ROLLOUT_NODE_PHASE_ROLLED_BACK" => Some(Self::RolledBack),
+            "ROLLOUT_NODE_PHASE_SKIPPED" => Some(Self::Skipped),
+            _ => None,
+        }
+    }
+}
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, ::prost::Enumeration)]
+#[repr(i32)]
+pub enum RolloutControl {
+    Unspecified = 0,
+    Pause = 1,
+    Resume = 2,
+    Abort = 3,
+    Rollback = 4,
+}
+impl RolloutControl {
+    /// String value of the enum field names used in the ProtoBuf definition.
+    ///
+    /// The values are not transformed in any way and thus are considered stable
+    /// (if the ProtoBuf definition does not change) and safe for programmatic use.
+    pub fn as_str_name(&self) -> &'static str {
+        match self {
+            Self::Unspecified => "ROLLOUT_CONTROL_UNSPECIFIED",
+            Self::Pause => "ROLLOUT_CONTROL_PAUSE",
+            Self::Resume => "ROLLOUT_CONTROL_RESUME",
+            Self::Abort => "ROLLOUT_CONTROL_ABORT",
+            Self::Rollback => "ROLLOUT_CONTROL_ROLLBACK",
+        }
+    }
+    /// Creates an enum from field names used in the ProtoBuf definition.
+    pub fn from_str_name(value: &str) -> ::core::option::Option<Self> {
+        match value {
+            "ROLLOUT_CONTROL_UNSPECIFIED" => Some(Self::Unspecified),
+            "ROLLOUT_CONTROL_PAUSE" => Some(Self::Pause),
+            "ROLLOUT_CONTROL_RESUME" => Some(Self::Resume),
+            "ROLLOUT_CONTROL_ABORT" => Some(Self::Abort),
+            "ROLLOUT_CONTROL_ROLLBACK" => Some(Self::Rollback),
+            _ => None,
+        }
+    }
+}
+/// Generated client implementations.
+pub mod rollout_service_client {
+    #![allow(
+        unused_variables,
+        dead_code,
+        missing_docs,
+        clippy::wildcard_imports,
+        clippy::let_unit_value,
+    )]
+    use tonic::codegen::*;
+    use tonic::codegen::http::Uri;
+    #[derive(Debug, Clone)]
+    pub struct RolloutServiceClient<T> {
+        inner: tonic::client::Grpc<T>,
+    }
+    impl RolloutServiceClient<tonic::transport::Channel> {
+        /// Attempt to create a new client by connecting to a given endpoint.
+        pub async fn connect<D>(dst: D) -> Result<Self, tonic::transport::Error>
+        where
+            D: TryInto<tonic::transport::Endpoint>,
+            D::Error: Into<StdError>,
+        {
+            let conn = tonic::transport::Endpoint::new(dst)?.connect().await?;
+            Ok(Self::new(conn))
+        }
+    }
+    impl<T> RolloutServiceClient<T>
+    where
+        T: tonic::client::GrpcService<tonic::body::Body>,
+        T::Error: Into<StdError>,
+        T::ResponseBody: Body<Data = Bytes> + std::marker::Send + 'static,
+        <T::ResponseBody as Body>::Error: Into<StdError> + std::marker::Send,
+    {
+        pub fn new(inner: T) -> Self {
+            let inner = tonic::client::Grpc::new(inner);
+            Self { inner }
+        }
+        pub fn with_origin(inner: T, origin: Uri) -> Self {
+            let inner = tonic::client::Grpc::with_origin(inner, origin);
+            Self { inner }
+        }
+        pub fn with_interceptor<F>(
+            inner: T,
+            interceptor: F,
+        ) -> RolloutServiceClient<InterceptedService<T, F>>
+        where
+            F: tonic::service::Interceptor,
+            T::ResponseBody: Default,
+            T: tonic::codegen::Service<
+                http::Request<tonic::body::Body>,
+                Response = http::Response<
+                    <T as tonic::client::GrpcService<tonic::body::Body>>::ResponseBody,
+                >,
+            >,
+            <T as tonic::codegen::Service<
+                http::Request<tonic::body::Body>,
+            >>::Error: Into<StdError> + std::marker::Send + std::marker::Sync,
+        {
+            RolloutServiceClient::new(InterceptedService::new(inner, interceptor))
+        }
+        /// Compress requests with the given encoding.
+        ///
+        /// This requires the server to support it otherwise it might respond with an
+        /// error.
+        #[must_use]
+        pub fn send_compressed(mut self, encoding: CompressionEncoding) -> Self {
+            self.inner = self.inner.send_compressed(encoding);
+            self
+        }
+        /// Enable decompressing responses.
+        #[must_use]
+        pub fn accept_compressed(mut self, encoding: CompressionEncoding) -> Self {
+            self.inner = self.inner.accept_compressed(encoding);
+            self
+        }
+        /// Limits the maximum size of a decoded message.
+        ///
+        /// Default: `4MB`
+        #[must_use]
+        pub fn max_decoding_message_size(mut self, limit: usize) -> Self {
+            self.inner = self.inner.max_decoding_message_size(limit);
+            self
+        }
+        /// Limits the maximum size of an encoded message.
+        ///
+        /// Default: `usize::MAX`
+        #[must_use]
+        pub fn max_encoding_message_size(mut self, limit: usize) -> Self {
+            self.inner = self.inner.max_encoding_message_size(limit);
+            self
+        }
+        /// Checks and stores a rollout (admins of its cluster): the waves are planned from the nodes the
+        /// selector matches now. ALREADY_EXISTS for a name in use, INVALID_ARGUMENT naming the problem
+        /// for the rest; nothing is stored then.
+        pub async fn create_rollout(
+            &mut self,
+            request: impl tonic::IntoRequest<super::CreateRolloutRequest>,
+        ) -> std::result::Result<tonic::Response<super::Rollout>, tonic::Status> {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/nodekeeper.v1.RolloutService/CreateRollout",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(
+                    GrpcMethod::new("nodekeeper.v1.RolloutService", "CreateRollout"),
+                );
+            self.inner.unary(req, path, codec).await
+        }
+        pub async fn list_rollouts(
+            &mut self,
+            request: impl tonic::IntoRequest<super::ListRolloutsRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::ListRolloutsResponse>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/nodekeeper.v1.RolloutService/ListRollouts",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("nodekeeper.v1.RolloutService", "ListRollouts"));
+            self.inner.unary(req, path, codec).await
+        }
+        /// A rollout with its timeline of events.
+        pub async fn get_rollout(
+            &mut self,
+            request: impl tonic::IntoRequest<super::GetRolloutRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::GetRolloutResponse>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/nodekeeper.v1.RolloutService/GetRollout",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("nodekeeper.v1.RolloutService", "GetRollout"));
+            self.inner.unary(req, path, codec).await
+        }
+        /// A person's pause, resume, abort or rollback; recorded with the issuer.
+        pub async fn control_rollout(
+            &mut self,
+            request: impl tonic::IntoRequest<super::ControlRolloutRequest>,
+        ) -> std::result::Result<tonic::Response<super::Rollout>, tonic::Status> {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/nodekeeper.v1.RolloutService/ControlRollout",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(
+                    GrpcMethod::new("nodekeeper.v1.RolloutService", "ControlRollout"),
+                );
+            self.inner.unary(req, path, codec).await
+        }
+    }
+}
+/// Generated server implementations.
+pub mod rollout_service_server {
+    #![allow(
+        unused_variables,
+        dead_code,
+        missing_docs,
+        clippy::wildcard_imports,
+        clippy::let_unit_value,
+    )]
+    use tonic::codegen::*;
+    /// Generated trait containing gRPC methods that should be implemented for use with RolloutServiceServer.
+    #[async_trait]
+    pub trait RolloutService: std::marker::Send + std::marker::Sync + 'static {
+        /// Checks and stores a rollout (admins of its cluster): the waves are planned from the nodes the
+        /// selector matches now. ALREADY_EXISTS for a name in use, INVALID_ARGUMENT naming the problem
+        /// for the rest; nothing is stored then.
+        async fn create_rollout(
+            &self,
+            request: tonic::Request<super::CreateRolloutRequest>,
+        ) -> std::result::Result<tonic::Response<super::Rollout>, tonic::Status>;
+        async fn list_rollouts(
+            &self,
+            request: tonic::Request<super::ListRolloutsRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::ListRolloutsResponse>,
+            tonic::Status,
+        >;
+        /// A rollout with its timeline of events.
+        async fn get_rollout(
+            &self,
+            request: tonic::Request<super::GetRolloutRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::GetRolloutResponse>,
+            tonic::Status,
+        >;
+        /// A person's pause, resume, abort or rollback; recorded with the issuer.
+        async fn control_rollout(
+            &self,
+            request: tonic::Request<super::ControlRolloutRequest>,
+        ) -> std::result::Result<tonic::Response<super::Rollout>, tonic::Status>;
+    }
+    #[derive(Debug)]
+    pub struct RolloutServiceServer<T> {
+        inner: Arc<T>,
+        accept_compression_encodings: EnabledCompressionEncodings,
+        send_compression_encodings: EnabledCompressionEncodings,
+        max_decoding_message_size: Option<usize>,
+        max_encoding_message_size: Option<usize>,
+    }
+    impl<T> RolloutServiceServer<T> {
+        pub fn new(inner: T) -> Self {
+            Self::from_arc(Arc::new(inner))
+        }
+        pub fn from_arc(inner: Arc<T>) -> Self {
+            Self {
+                inner,
+                accept_compression_encodings: Default::default(),
+                send_compression_encodings: Default::default(),
+                max_decoding_message_size: None,
+                max_encoding_message_size: None,
+            }
+        }
+        pub fn with_interceptor<F>(
+            inner: T,
+            interceptor: F,
+        ) -> InterceptedService<Self, F>
+        where
+            F: tonic::service::Interceptor,
+        {
+            InterceptedService::new(Self::new(inner), interceptor)
+        }
+        /// Enable decompressing requests with the given encoding.
+        #[must_use]
+        pub fn accept_compressed(mut self, encoding: CompressionEncoding) -> Self {
+            self.accept_compression_encodings.enable(encoding);
+            self
+        }
+        /// Compress responses with the given encoding, if the client supports it.
+        #[must_use]
+        pub fn send_compressed(mut self, encoding: CompressionEncoding) -> Self {
+            self.send_compression_encodings.enable(encoding);
+            self
+        }
+        /// Limits the maximum size of a decoded message.
+        ///
+        /// Default: `4MB`
+        #[must_use]
+        pub fn max_decoding_message_size(mut self, limit: usize) -> Self {
+            self.max_decoding_message_size = Some(limit);
+            self
+        }
+        /// Limits the maximum size of an encoded message.
+        ///
+        /// Default: `usize::MAX`
+        #[must_use]
+        pub fn max_encoding_message_size(mut self, limit: usize) -> Self {
+            self.max_encoding_message_size = Some(limit);
+            self
+        }
+    }
+    impl<T, B> tonic::codegen::Service<http::Request<B>> for RolloutServiceServer<T>
+    where
+        T: RolloutService,
+        B: Body + std::marker::Send + 'static,
+        B::Error: Into<StdError> + std::marker::Send + 'static,
+    {
+        type Response = http::Response<tonic::body::Body>;
+        type Error = std::convert::Infallible;
+        type Future = BoxFuture<Self::Response, Self::Error>;
+        fn poll_ready(
+            &mut self,
+            _cx: &mut Context<'_>,
+        ) -> Poll<std::result::Result<(), Self::Error>> {
+            Poll::Ready(Ok(()))
+        }
+        fn call(&mut self, req: http::Request<B>) -> Self::Future {
+            match req.uri().path() {
+                "/nodekeeper.v1.RolloutService/CreateRollout" => {
+                    #[allow(non_camel_case_types)]
+                    struct CreateRolloutSvc<T: RolloutService>(pub Arc<T>);
+                    impl<
+                        T: RolloutService,
+                    > tonic::server::UnaryService<super::CreateRolloutRequest>
+                    for CreateRolloutSvc<T> {
+                        type Response = super::Rollout;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::CreateRolloutRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as RolloutService>::create_rollout(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = CreateRolloutSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/nodekeeper.v1.RolloutService/ListRollouts" => {
+                    #[allow(non_camel_case_types)]
+                    struct ListRolloutsSvc<T: RolloutService>(pub Arc<T>);
+                    impl<
+                        T: RolloutService,
+                    > tonic::server::UnaryService<super::ListRolloutsRequest>
+                    for ListRolloutsSvc<T> {
+                        type Response = super::ListRolloutsResponse;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::ListRolloutsRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as RolloutService>::list_rollouts(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = ListRolloutsSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/nodekeeper.v1.RolloutService/GetRollout" => {
+                    #[allow(non_camel_case_types)]
+                    struct GetRolloutSvc<T: RolloutService>(pub Arc<T>);
+                    impl<
+                        T: RolloutService,
+                    > tonic::server::UnaryService<super::GetRolloutRequest>
+                    for GetRolloutSvc<T> {
+                        type Response = super::GetRolloutResponse;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::GetRolloutRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as RolloutService>::get_rollout(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = GetRolloutSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/nodekeeper.v1.RolloutService/ControlRollout" => {
+                    #[allow(non_camel_case_types)]
+                    struct ControlRolloutSvc<T: RolloutService>(pub Arc<T>);
+                    impl<
+                        T: RolloutService,
+                    > tonic::server::UnaryService<super::ControlRolloutRequest>
+                    for ControlRolloutSvc<T> {
+                        type Response = super::Rollout;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::ControlRolloutRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as RolloutService>::control_rollout(&inner, request)
+                                    .await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = ControlRolloutSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                _ => {
+                    Box::pin(async move {
+                        let mut response = http::Response::new(
+                            tonic::body::Body::default(),
+                        );
+                        let headers = response.headers_mut();
+                        headers
+                            .insert(
+                                tonic::Status::GRPC_STATUS,
+                                (tonic::Code::Unimplemented as i32).into(),
+                            );
+                        headers
+                            .insert(
+                                http::header::CONTENT_TYPE,
+                                tonic::metadata::GRPC_CONTENT_TYPE,
+                            );
+                        Ok(response)
+                    })
+                }
+            }
+        }
+    }
+    impl<T> Clone for RolloutServiceServer<T> {
+        fn clone(&self) -> Self {
+            let inner = self.inner.clone();
+            Self {
+                inner,
+                accept_compression_encodings: self.accept_compression_encodings,
+                send_compression_encodings: self.send_compression_encodings,
+                max_decoding_message_size: self.max_decoding_message_size,
+                max_encoding_message_size: self.max_encoding_message_size,
+            }
+        }
+    }
+    /// Generated gRPC service name
+    pub const SERVICE_NAME: &str = "nodekeeper.v1.RolloutService";
+    impl<T> tonic::server::NamedService for RolloutServiceServer<T> {
+        const NAME: &'static str = SERVICE_NAME;
+    }
+}
