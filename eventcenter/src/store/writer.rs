@@ -27,9 +27,11 @@ use super::{
 };
 
 mod nodes;
+mod state;
 
 pub(crate) use nodes::NodeChange;
 pub use nodes::NodeChanged;
+pub(crate) use state::ComponentsChange;
 
 pub(crate) enum Op {
     Append {
@@ -84,45 +86,6 @@ pub(crate) enum Op {
     },
     Close {
         reply: oneshot::Sender<()>,
-    },
-}
-
-/// Small state kept beside the log (desired components, component status, permits, guards),
-/// written with the events that record it.
-pub(crate) enum ComponentsChange {
-    Desired {
-        cluster: String,
-        target: String,
-        specs: Vec<u8>,
-    },
-    Status {
-        key: NodeKey,
-        body: Vec<u8>,
-    },
-    Permit {
-        id: String,
-        cluster: String,
-        granted_ms: i64,
-        active: bool,
-        body: Vec<u8>,
-        events: Vec<NewEvent>,
-    },
-    /// A remediation step on a fault: its event, and the fault's new state (0: unchanged).
-    FaultAction {
-        event: Box<NewEvent>,
-        state: i32,
-    },
-    Guard {
-        cluster: String,
-        body: Vec<u8>,
-        events: Vec<NewEvent>,
-    },
-    /// A rollout's new state and the events of its timeline.
-    Rollout {
-        name: String,
-        cluster: String,
-        body: Vec<u8>,
-        events: Vec<NewEvent>,
     },
 }
 
@@ -420,105 +383,6 @@ impl Writer {
             Op::Components { reply, permit, .. } => defer(reply, Err(e), permit),
             Op::Node { reply, permit, .. } => defer(reply, Err(e), permit),
             Op::Close { .. } => Box::new(|_| {}),
-        }
-    }
-
-    fn components(&mut self, change: ComponentsChange, published: &mut Vec<Event>) -> Result<u64> {
-        let now = nodekeeper_common::time::to_unix_ms(std::time::SystemTime::now());
-        match change {
-            ComponentsChange::Desired { cluster, target, specs } => {
-                let generation: i64 = self
-                    .conn
-                    .query_row(
-                        "SELECT COALESCE((SELECT value FROM meta WHERE key = 'components_generation'), 0) + 1",
-                        [],
-                        |r| r.get(0),
-                    )
-                    .map_err(|e| self.err(e))?;
-                self.conn
-                    .execute(
-                        "INSERT INTO meta (key, value) VALUES ('components_generation', ?1) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-                        [generation],
-                    )
-                    .map_err(|e| self.err(e))?;
-                self.conn
-                    .execute(
-                        "INSERT INTO desired_components (cluster, target, generation, specs) VALUES (?1, ?2, ?3, ?4)
-                         ON CONFLICT (cluster, target) DO UPDATE SET generation = excluded.generation, specs = excluded.specs",
-                        rusqlite::params![cluster, target, generation, specs],
-                    )
-                    .map_err(|e| self.err(e))?;
-                Ok(generation as u64)
-            }
-            ComponentsChange::Permit { id, cluster, granted_ms, active, body, events } => {
-                self.conn
-                    .execute(
-                        "INSERT INTO permits (id, cluster, granted_ms, active, body) VALUES (?1, ?2, ?3, ?4, ?5)
-                         ON CONFLICT (id) DO UPDATE SET active = excluded.active, body = excluded.body",
-                        rusqlite::params![id, cluster, granted_ms, active, body],
-                    )
-                    .map_err(|e| self.err(e))?;
-                self.append(events, published).map(|_| 0)
-            }
-            ComponentsChange::Guard { cluster, body, events } => {
-                self.conn
-                    .execute(
-                        "INSERT INTO guards (cluster, body) VALUES (?1, ?2) ON CONFLICT (cluster) DO UPDATE SET body = excluded.body",
-                        rusqlite::params![cluster, body],
-                    )
-                    .map_err(|e| self.err(e))?;
-                self.append(events, published).map(|_| 0)
-            }
-            ComponentsChange::Rollout { name, cluster, body, events } => {
-                self.conn
-                    .prepare_cached(
-                        "INSERT INTO rollouts (name, cluster, body) VALUES (?1, ?2, ?3)
-                         ON CONFLICT (name) DO UPDATE SET body = excluded.body",
-                    )
-                    .and_then(|mut s| s.execute(params![name, cluster, body]))
-                    .map_err(|e| self.err(e))?;
-                let mut last = 0;
-                for a in self.append(events, published)? {
-                    self.conn
-                        .prepare_cached("INSERT OR IGNORE INTO rollout_events (name, cursor) VALUES (?1, ?2)")
-                        .and_then(|mut s| s.execute(params![name, a.cursor as i64]))
-                        .map_err(|e| self.err(e))?;
-                    last = a.cursor;
-                }
-                Ok(last)
-            }
-            ComponentsChange::FaultAction { event, state } => {
-                let fault_id = event.event.fault_id;
-                let appended = self.append(vec![*event], published)?;
-                let Some(a) = appended.first() else { return Ok(0) };
-                // A resent step changes nothing; a resolved fault is not reopened.
-                if !a.duplicate && state != 0 {
-                    let body: Option<Vec<u8>> = self
-                        .conn
-                        .prepare_cached("SELECT body FROM faults WHERE id = ?1")
-                        .and_then(|mut s| s.query_row([fault_id as i64], |r| r.get(0)).optional())
-                        .map_err(|e| self.err(e))?;
-                    if let Some(body) = body {
-                        let mut fault = Fault::decode(body.as_slice())
-                            .map_err(|e| StoreError::Corrupt { table: "faults", message: e.to_string() })?;
-                        if fault.state != FAULT_RESOLVED {
-                            fault.state = state;
-                            self.save_fault(&fault)?;
-                        }
-                    }
-                }
-                Ok(a.cursor)
-            }
-            ComponentsChange::Status { key, body } => {
-                self.conn
-                    .execute(
-                        "INSERT INTO component_status (cluster, node, updated_ms, body) VALUES (?1, ?2, ?3, ?4)
-                         ON CONFLICT (cluster, node) DO UPDATE SET updated_ms = excluded.updated_ms, body = excluded.body",
-                        rusqlite::params![key.cluster, key.node, now, body],
-                    )
-                    .map_err(|e| self.err(e))?;
-                Ok(0)
-            }
         }
     }
 
