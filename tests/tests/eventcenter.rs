@@ -763,6 +763,7 @@ async fn reflection_lists_and_describes_every_service() {
         "nodekeeper.v1.FleetService",
         "nodekeeper.v1.PermitService",
         "nodekeeper.v1.ReportService",
+        "nodekeeper.v1.RolloutService",
     ];
 
     let mut client = v1::server_reflection_client::ServerReflectionClient::new(center.channel().await);

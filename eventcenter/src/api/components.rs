@@ -133,13 +133,21 @@ pub async fn list(
     if !req.nodes.is_empty() {
         nodes.retain(|n| req.nodes.contains(&n.name));
     }
-    let nodes = of_nodes(ctx, &nodes, &req.nodes).await?;
+    let nodes = of_nodes(ctx, &nodes).await?;
     Ok(Response::new(ListComponentsResponse { nodes }))
 }
 
+/// The key of the only node of `nodes` (reads for one node are narrowed to it).
+pub fn only(nodes: &[Node]) -> Option<NodeKey> {
+    match nodes {
+        [n] => Some(NodeKey { cluster: n.cluster.clone(), node: n.name.clone() }),
+        _ => None,
+    }
+}
+
 /// Each node's components, desired against reported, and whether they converged; nodes with
-/// neither are left out. `names`: the nodes' names when only some are asked for (empty: all).
-pub async fn of_nodes(ctx: &Ctx, nodes: &[Node], names: &[String]) -> Result<Vec<NodeComponents>, Status> {
+/// neither are left out.
+pub async fn of_nodes(ctx: &Ctx, nodes: &[Node]) -> Result<Vec<NodeComponents>, Status> {
     let clusters: Vec<String> = {
         let mut c: Vec<String> = nodes.iter().map(|n| n.cluster.clone()).collect();
         c.sort();
@@ -148,7 +156,7 @@ pub async fn of_nodes(ctx: &Ctx, nodes: &[Node], names: &[String]) -> Result<Vec
     };
     let mut reports: HashMap<(String, String), ComponentStatusReport> = ctx
         .store
-        .component_statuses(clusters, names.to_vec())
+        .component_statuses(clusters, only(nodes))
         .await
         .map_err(store_status)?
         .into_iter()

@@ -17,16 +17,11 @@ const NODE_WRITERS: &[Kind] = &[Kind::Subscriber, Kind::Admin];
 
 /// Fills each node's gates (one node's reads are narrowed to it).
 pub async fn fill_gates(ctx: &Ctx, nodes: &mut [Node]) -> Result<(), Status> {
-    let one = match nodes {
-        [n] => Some(n.name.clone()),
-        _ => None,
-    };
-    let names: Vec<String> = one.iter().cloned().collect();
-    let components = super::components::of_nodes(ctx, nodes, &names).await?;
+    let components = super::components::of_nodes(ctx, nodes).await?;
     let mut clusters: Vec<String> = nodes.iter().map(|n| n.cluster.clone()).collect();
     clusters.sort();
     clusters.dedup();
-    let open = ctx.store.open_fault_types(clusters, one).await.map_err(store_status)?;
+    let open = ctx.store.open_fault_types(clusters, super::components::only(nodes)).await.map_err(store_status)?;
     for n in nodes {
         let c = components.iter().find(|c| c.cluster == n.cluster && c.node == n.name);
         let faults = open.get(&(n.cluster.clone(), n.name.clone())).map(Vec::as_slice).unwrap_or_default();

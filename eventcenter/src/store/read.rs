@@ -104,26 +104,30 @@ impl Store {
     }
 
     /// The component status each node reported last, by (cluster, node).
-    /// The component status reports of the clusters' nodes (every cluster when empty), of the
-    /// named nodes only when `nodes` is not empty.
+    /// The component status reports of the clusters' nodes (every cluster when empty), or of
+    /// `one` node only.
     pub async fn component_statuses(
         &self,
         clusters: Vec<String>,
-        nodes: Vec<String>,
+        one: Option<NodeKey>,
     ) -> Result<Vec<(String, String, nodekeeper_proto::v1::ComponentStatusReport)>> {
         self.read(move |c| {
             let mut stmt = c
-                .prepare_cached("SELECT cluster, node, body FROM component_status ORDER BY cluster, node")
+                .prepare_cached(
+                    "SELECT cluster, node, body FROM component_status
+                     WHERE ?1 IS NULL OR (cluster = ?1 AND node = ?2) ORDER BY cluster, node",
+                )
                 .map_err(sql)?;
+            let key = one.map(|k| (k.cluster, k.node)).unzip();
             let rows = stmt
-                .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, Vec<u8>>(2)?)))
+                .query_map(params![key.0, key.1], |r| {
+                    Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, Vec<u8>>(2)?))
+                })
                 .map_err(sql)?;
             let mut out = Vec::new();
             for row in rows {
                 let (cluster, node, body) = row.map_err(sql)?;
-                if (!clusters.is_empty() && !clusters.contains(&cluster))
-                    || (!nodes.is_empty() && !nodes.contains(&node))
-                {
+                if !clusters.is_empty() && !clusters.contains(&cluster) {
                     continue;
                 }
                 out.push((cluster, node, decode("component_status", &body)?));
@@ -237,21 +241,24 @@ impl Store {
     }
 
     /// The types of the open faults (not resolved) of each node of the clusters (every cluster
-    /// when empty; of one node when `node` is given).
+    /// when empty), or of `one` node only.
     pub async fn open_fault_types(
         &self,
         clusters: Vec<String>,
-        node: Option<String>,
+        one: Option<NodeKey>,
     ) -> Result<std::collections::HashMap<(String, String), Vec<String>>> {
         self.read(move |c| {
             let mut stmt = c
                 .prepare_cached(
-                    "SELECT cluster, node, type FROM faults WHERE state <> 4 AND (?1 IS NULL OR node = ?1)
-                     ORDER BY cluster, node, type",
+                    "SELECT cluster, node, type FROM faults
+                     WHERE state <> 4 AND (?1 IS NULL OR (cluster = ?1 AND node = ?2)) ORDER BY cluster, node, type",
                 )
                 .map_err(sql)?;
+            let key = one.map(|k| (k.cluster, k.node)).unzip();
             let rows = stmt
-                .query_map([node], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, String>(2)?)))
+                .query_map(params![key.0, key.1], |r| {
+                    Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, String>(2)?))
+                })
                 .map_err(sql)?;
             let mut out: std::collections::HashMap<(String, String), Vec<String>> = Default::default();
             for row in rows {
