@@ -550,3 +550,79 @@ async fn the_agents_local_api_refuses_callers_that_are_not_on_its_node() {
     assert!(nodekeeper_tests::health_ok(&agent.status_url()).await);
     assert!(stored_events(center.channel().await, "host-0", "TestEvent").await.is_empty());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_lifecycle_and_rollouts_are_for_their_writers_and_clusters_only() {
+    use nodekeeper_proto::v1::{
+        ComponentSpec, CreateRolloutRequest, DecommissionNodeRequest, GetRolloutRequest, RolloutSpec, RolloutStrategy,
+        SyncKubernetesNodeRequest, fleet_service_client::FleetServiceClient,
+        rollout_service_client::RolloutServiceClient,
+    };
+    let pki = Pki::new().await;
+    let center = pki.center().await;
+    let url = center.url();
+    let _a =
+        AgentConn::connect_channel(tls_channel(&url, &pki.files("node-a")).await.unwrap(), hello("a", "node-a", "b1"))
+            .await
+            .unwrap();
+    let node_b =
+        AgentConn::connect_channel(tls_channel(&url, &pki.files("node-b")).await.unwrap(), hello("b", "node-b", "b1"))
+            .await
+            .unwrap();
+    drop(node_b);
+    let sync = |cluster: &str, node: &str| SyncKubernetesNodeRequest {
+        cluster: cluster.into(),
+        node: node.into(),
+        labels: [("zone".to_owned(), "x".to_owned())].into(),
+        ..Default::default()
+    };
+    let decommission = |cluster: &str, node: &str| DecommissionNodeRequest {
+        cluster: cluster.into(),
+        node: node.into(),
+        reason: "t".into(),
+    };
+    // A node may neither tell the center what Kubernetes says nor take nodes out.
+    let mut as_node = FleetServiceClient::new(tls_channel(&url, &pki.files("node-a")).await.unwrap());
+    assert_eq!(as_node.sync_kubernetes_node(sync("a", "node-a")).await.unwrap_err().code(), Code::PermissionDenied);
+    assert_eq!(
+        as_node.decommission_node(decommission("a", "node-a")).await.unwrap_err().code(),
+        Code::PermissionDenied
+    );
+    // The remediator of cluster a: its own cluster only.
+    let mut sub = FleetServiceClient::new(tls_channel(&url, &pki.files("subscriber-a")).await.unwrap());
+    assert!(sub.sync_kubernetes_node(sync("a", "node-a")).await.unwrap().into_inner().changed);
+    assert_eq!(sub.sync_kubernetes_node(sync("b", "node-b")).await.unwrap_err().code(), Code::PermissionDenied);
+    assert_eq!(sub.decommission_node(decommission("b", "node-b")).await.unwrap_err().code(), Code::PermissionDenied);
+    // Labels a Kubernetes Node cannot have are refused.
+    let mut bad = sync("a", "node-a");
+    bad.labels.insert("zone".into(), "x".repeat(64));
+    assert_eq!(sub.sync_kubernetes_node(bad).await.unwrap_err().code(), Code::InvalidArgument);
+    let b = FleetServiceClient::new(center.channel().await)
+        .get_node(nodekeeper_proto::v1::GetNodeRequest { cluster: "b".into(), node: "node-b".into() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(b.decommissioned_time.is_none() && b.kubernetes_labels.is_empty(), "{b:?}");
+
+    // Rollouts: created by admins only.
+    let spec = RolloutSpec {
+        name: "r1".into(),
+        cluster: "a".into(),
+        selector: "zone=x".into(),
+        components: vec![ComponentSpec {
+            name: "kubelet".into(),
+            package: "kubelet".into(),
+            version: "1.31.2-1".into(),
+            ..Default::default()
+        }],
+        strategy: Some(RolloutStrategy { waves: vec!["100%".into()], ..Default::default() }),
+    };
+    let mut sub_rollouts = RolloutServiceClient::new(tls_channel(&url, &pki.files("subscriber-a")).await.unwrap());
+    let refused = sub_rollouts.create_rollout(CreateRolloutRequest { spec: Some(spec.clone()) }).await.unwrap_err();
+    assert_eq!(refused.code(), Code::PermissionDenied);
+    let mut admin = RolloutServiceClient::new(center.channel().await);
+    admin.create_rollout(CreateRolloutRequest { spec: Some(spec) }).await.unwrap();
+    // Readers of its cluster read it.
+    let mut detector = RolloutServiceClient::new(tls_channel(&url, &pki.files("detector-a")).await.unwrap());
+    detector.get_rollout(GetRolloutRequest { name: "r1".into() }).await.unwrap();
+}
