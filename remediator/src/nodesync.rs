@@ -47,6 +47,35 @@ impl Waiting {
     }
 }
 
+/// SyncKubernetesNode calls in flight at once.
+const TELL_AT_ONCE: usize = 32;
+
+/// Tells the center what Kubernetes says of a node; true once the center has it.
+async fn tell(
+    mut fleet: FleetServiceClient<Channel>,
+    cluster: String,
+    name: &str,
+    (labels, onboarding): &Synced,
+    onboarded: bool,
+) -> bool {
+    let request = SyncKubernetesNodeRequest {
+        cluster,
+        node: name.to_owned(),
+        labels: labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+        onboarding: *onboarding,
+        onboarded,
+    };
+    match fleet.sync_kubernetes_node(request).await {
+        Ok(_) => true,
+        // Its agent has not registered yet: told at a later pass.
+        Err(s) if s.code() == Code::NotFound => false,
+        Err(s) => {
+            tracing::warn!(node = name, error = %s.message(), "kubernetes nodes: cannot sync the node to the center");
+            false
+        }
+    }
+}
+
 /// What the center was last told of a Node: its labels and whether it carries the startup taint.
 type Synced = (BTreeMap<String, String>, bool);
 
@@ -102,6 +131,7 @@ impl NodeSync {
     async fn sync(&mut self) -> Result<(), String> {
         let nodes = self.kube.all_nodes().await.map_err(|e| e.to_string())?;
         let mut seen = HashSet::new();
+        let mut changed = Vec::new();
         for node in nodes {
             let Some(name) = node.metadata.name.clone() else { continue };
             let labels = node.metadata.labels.clone().unwrap_or_default();
@@ -114,34 +144,40 @@ impl NodeSync {
             }
             let now = (labels, onboarding);
             if self.synced.get(&name) != Some(&now) {
-                self.tell(&name, &now, false).await;
+                changed.push((name, now));
             }
+        }
+        // Several at once, so that the center commits them in groups (a first pass has every node).
+        let limit = Arc::new(tokio::sync::Semaphore::new(TELL_AT_ONCE));
+        let mut told = tokio::task::JoinSet::new();
+        for (name, state) in changed {
+            let permit = limit.clone().acquire_owned().await.expect("the semaphore is never closed");
+            let (fleet, cluster) = (self.fleet(), self.cluster.clone());
+            told.spawn(async move {
+                let ok = tell(fleet, cluster, &name, &state, false).await;
+                drop(permit);
+                (name, state, ok)
+            });
+            while let Some(done) = told.try_join_next() {
+                self.remember(done);
+            }
+        }
+        while let Some(done) = told.join_next().await {
+            self.remember(done);
         }
         self.synced.retain(|n, _| seen.contains(n));
         self.waiting.lock().retain(|n, _| seen.contains(n));
         self.decommission_gone(&seen).await
     }
 
-    /// Tells the center what Kubernetes says of a node; remembered once the center has it.
-    async fn tell(&mut self, name: &str, (labels, onboarding): &Synced, onboarded: bool) -> bool {
-        let request = SyncKubernetesNodeRequest {
-            cluster: self.cluster.clone(),
-            node: name.to_owned(),
-            labels: labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
-            onboarding: *onboarding,
-            onboarded,
-        };
-        match self.fleet().sync_kubernetes_node(request).await {
-            Ok(_) => {
-                self.synced.insert(name.to_owned(), (labels.clone(), *onboarding));
-                true
+    /// What the center was told of a node, once it has it.
+    fn remember(&mut self, done: Result<(String, Synced, bool), tokio::task::JoinError>) {
+        match done {
+            Ok((name, state, true)) => {
+                self.synced.insert(name, state);
             }
-            // Its agent has not registered yet: told at a later pass.
-            Err(s) if s.code() == Code::NotFound => false,
-            Err(s) => {
-                tracing::warn!(node = name, error = %s.message(), "kubernetes nodes: cannot sync the node to the center");
-                false
-            }
+            Ok(_) => {}
+            Err(e) => tracing::error!(error = %e, "kubernetes nodes: a sync task failed"),
         }
     }
 
@@ -205,7 +241,9 @@ impl NodeSync {
             match self.kube.remove_taint(&name, &self.cfg.startup_taint).await {
                 Ok(_) => {
                     let labels = self.synced.get(&name).map(|s| s.0.clone()).unwrap_or_default();
-                    if self.tell(&name, &(labels, false), true).await {
+                    let state = (labels, false);
+                    if tell(self.fleet(), self.cluster.clone(), &name, &state, true).await {
+                        self.synced.insert(name.clone(), state);
                         tracing::info!(node = %name, "kubernetes nodes: every gate holds; startup taint removed");
                         self.waiting.lock().remove(&name);
                     }
