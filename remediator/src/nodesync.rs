@@ -129,7 +129,9 @@ impl NodeSync {
     /// One pass over every Node: labels and startup taints to the center, deleted nodes
     /// decommissioned.
     async fn sync(&mut self) -> Result<(), String> {
+        let started = std::time::Instant::now();
         let nodes = self.kube.all_nodes().await.map_err(|e| e.to_string())?;
+        let listed = nodes.len();
         let mut seen = HashSet::new();
         let mut changed = Vec::new();
         for node in nodes {
@@ -147,23 +149,27 @@ impl NodeSync {
                 changed.push((name, now));
             }
         }
+        let told = changed.len();
         // Several at once, so that the center commits them in groups (a first pass has every node).
         let limit = Arc::new(tokio::sync::Semaphore::new(TELL_AT_ONCE));
-        let mut told = tokio::task::JoinSet::new();
+        let mut tasks = tokio::task::JoinSet::new();
         for (name, state) in changed {
             let permit = limit.clone().acquire_owned().await.expect("the semaphore is never closed");
             let (fleet, cluster) = (self.fleet(), self.cluster.clone());
-            told.spawn(async move {
+            tasks.spawn(async move {
                 let ok = tell(fleet, cluster, &name, &state, false).await;
                 drop(permit);
                 (name, state, ok)
             });
-            while let Some(done) = told.try_join_next() {
+            while let Some(done) = tasks.try_join_next() {
                 self.remember(done);
             }
         }
-        while let Some(done) = told.join_next().await {
+        while let Some(done) = tasks.join_next().await {
             self.remember(done);
+        }
+        if told > 0 {
+            tracing::info!(nodes = listed, changed = told, took = ?started.elapsed(), "kubernetes nodes: synced to the center");
         }
         self.synced.retain(|n, _| seen.contains(n));
         self.waiting.lock().retain(|n, _| seen.contains(n));

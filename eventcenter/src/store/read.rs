@@ -112,15 +112,16 @@ impl Store {
         one: Option<NodeKey>,
     ) -> Result<Vec<(String, String, nodekeeper_proto::v1::ComponentStatusReport)>> {
         self.read(move |c| {
-            let mut stmt = c
-                .prepare_cached(
-                    "SELECT cluster, node, body FROM component_status
-                     WHERE ?1 IS NULL OR (cluster = ?1 AND node = ?2) ORDER BY cluster, node",
-                )
-                .map_err(sql)?;
-            let key = one.map(|k| (k.cluster, k.node)).unzip();
+            let (query, args) = match &one {
+                Some(k) => (
+                    "SELECT cluster, node, body FROM component_status WHERE cluster = ?1 AND node = ?2",
+                    vec![&k.cluster, &k.node],
+                ),
+                None => ("SELECT cluster, node, body FROM component_status ORDER BY cluster, node", vec![]),
+            };
+            let mut stmt = c.prepare_cached(query).map_err(sql)?;
             let rows = stmt
-                .query_map(params![key.0, key.1], |r| {
+                .query_map(rusqlite::params_from_iter(args), |r| {
                     Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, Vec<u8>>(2)?))
                 })
                 .map_err(sql)?;
@@ -248,15 +249,16 @@ impl Store {
         one: Option<NodeKey>,
     ) -> Result<std::collections::HashMap<(String, String), Vec<String>>> {
         self.read(move |c| {
-            let mut stmt = c
-                .prepare_cached(
-                    "SELECT cluster, node, type FROM faults
-                     WHERE state <> 4 AND (?1 IS NULL OR (cluster = ?1 AND node = ?2)) ORDER BY cluster, node, type",
-                )
-                .map_err(sql)?;
-            let key = one.map(|k| (k.cluster, k.node)).unzip();
+            let (query, args) = match &one {
+                Some(k) => (
+                    "SELECT cluster, node, type FROM faults WHERE state <> 4 AND cluster = ?1 AND node = ?2 ORDER BY type",
+                    vec![&k.cluster, &k.node],
+                ),
+                None => ("SELECT cluster, node, type FROM faults WHERE state <> 4 ORDER BY cluster, node, type", vec![]),
+            };
+            let mut stmt = c.prepare_cached(query).map_err(sql)?;
             let rows = stmt
-                .query_map(params![key.0, key.1], |r| {
+                .query_map(rusqlite::params_from_iter(args), |r| {
                     Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, String>(2)?))
                 })
                 .map_err(sql)?;
@@ -382,10 +384,22 @@ fn fault(c: &Connection, id: u64) -> Result<Option<Fault>> {
 }
 
 fn conditions(c: &Connection, clusters: &[String], nodes: &[String]) -> Result<Vec<NodeCondition>> {
-    let mut stmt =
-        c.prepare_cached("SELECT cluster, node, body FROM conditions ORDER BY cluster, node, type").map_err(sql)?;
+    // One node, or one cluster: read by the primary key, not the whole table.
+    let (query, args): (&str, Vec<&String>) = match (clusters, nodes) {
+        ([cluster], [node]) => (
+            "SELECT cluster, node, body FROM conditions WHERE cluster = ?1 AND node = ?2 ORDER BY type",
+            vec![cluster, node],
+        ),
+        ([cluster], _) => {
+            ("SELECT cluster, node, body FROM conditions WHERE cluster = ?1 ORDER BY node, type", vec![cluster])
+        }
+        _ => ("SELECT cluster, node, body FROM conditions ORDER BY cluster, node, type", vec![]),
+    };
+    let mut stmt = c.prepare_cached(query).map_err(sql)?;
     let rows = stmt
-        .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, Vec<u8>>(2)?)))
+        .query_map(rusqlite::params_from_iter(args), |r| {
+            Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, Vec<u8>>(2)?))
+        })
         .map_err(sql)?;
     let mut out = Vec::new();
     for row in rows {
