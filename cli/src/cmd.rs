@@ -334,10 +334,7 @@ async fn faults_show(
         ("Resolved", time(f.resolved_time.as_ref())),
         ("Resolution", f.resolution.clone()),
     ];
-    for (k, v) in fields.iter().filter(|(k, v)| *k != "Resolution" || !v.is_empty()) {
-        output::println(&format!("{k:<11} {v}"))?;
-    }
-    output::println("")?;
+    output::fields(&fields, 11, &["Resolution"])?;
     output::println("Timeline:")?;
     table(&EVENT_HEADER, &resp.events.iter().map(event_row).collect::<Vec<_>>())?;
     Ok(())

@@ -102,10 +102,7 @@ pub async fn show(ch: Channel, json: bool, target: NodeRef) -> anyhow::Result<()
         ("Kubernetes", kubernetes),
         ("Labels", labels.join(",")),
     ];
-    for (k, v) in fields {
-        output::println(&format!("{k:<15} {v}"))?;
-    }
-    output::println("")?;
+    output::fields(&fields, 15, &[])?;
     output::println("Readiness gates:")?;
     let rows: Vec<Vec<String>> = n
         .gates

@@ -25,6 +25,15 @@ pub fn json_line<M: Message>(full_name: &str, msg: &M) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// "Key   value" lines of one object, keys padded to `width`, then an empty line; rows whose key
+/// is in `optional` are left out when their value is empty.
+pub fn fields(rows: &[(&str, String)], width: usize, optional: &[&str]) -> std::io::Result<()> {
+    for (k, v) in rows.iter().filter(|(k, v)| !(v.is_empty() && optional.contains(k))) {
+        println(&format!("{k:<width$} {v}"))?;
+    }
+    println("")
+}
+
 /// A table with a header row, columns padded to their widest cell.
 pub fn table(header: &[&str], rows: &[Vec<String>]) -> std::io::Result<()> {
     let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();

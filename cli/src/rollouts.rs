@@ -188,10 +188,7 @@ pub async fn show(ch: Channel, json: bool, name: String) -> anyhow::Result<()> {
         ("Changed", progress(&r)),
         ("Created", format!("{} by {}", time(r.created_time.as_ref()), r.created_by)),
     ];
-    for (k, v) in fields.iter().filter(|(k, v)| *k != "Reason" || !v.is_empty()) {
-        output::println(&format!("{k:<11} {v}"))?;
-    }
-    output::println("")?;
+    output::fields(&fields, 11, &["Reason"])?;
     output::println("Nodes:")?;
     let rows: Vec<Vec<String>> = r
         .nodes

@@ -23,13 +23,7 @@ pub fn step(s: &RecordStepRequest) -> Result<(), Status> {
     if s.step.is_empty() || s.step.len() > 64 {
         return Err(bad("the step name must be 1 to 64 bytes".into()));
     }
-    if s.message.len() > observation::MAX_TEXT_BYTES {
-        return Err(bad(format!(
-            "message is {} bytes, at most {} allowed",
-            s.message.len(),
-            observation::MAX_TEXT_BYTES
-        )));
-    }
+    text("message", &s.message).map_err(|e| bad(e.message().to_owned()))?;
     observation::attributes(&s.attributes).map_err(bad)?;
     if matches!(s.state(), FaultState::Open | FaultState::Resolved) {
         return Err(bad(

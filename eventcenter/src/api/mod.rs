@@ -59,6 +59,11 @@ pub fn deny(id: &Identity, why: String) -> Status {
     Status::permission_denied(why)
 }
 
+/// Who did it, as events record it: "<kind> <name>" from the certificate, "insecure" without TLS.
+pub fn issuer(caller: &Caller) -> String {
+    caller.as_ref().map_or_else(|| "insecure".to_owned(), |id| format!("{} {}", id.kind.as_str(), id.name))
+}
+
 /// The caller must be one of `kinds`.
 pub fn require(caller: &Caller, kinds: &[Kind], what: &str) -> Result<(), Status> {
     match caller {

@@ -8,7 +8,7 @@ use nodekeeper_proto::v1::{
 };
 use tonic::{Request, Response, Status};
 
-use super::{Caller, Ctx, require, require_cluster, store_status};
+use super::{Caller, Ctx, issuer, require, require_cluster, store_status};
 use crate::store::NodeKey;
 use crate::{readiness, validate};
 
@@ -28,11 +28,6 @@ pub async fn fill_gates(ctx: &Ctx, nodes: &mut [Node]) -> Result<(), Status> {
         n.gates = readiness::gates(n, c, faults, &ctx.config.readiness_gates);
     }
     Ok(())
-}
-
-/// The caller's name, to record who did it.
-fn issuer(caller: &Caller) -> String {
-    caller.as_ref().map_or_else(|| "insecure".to_owned(), |id| format!("{} {}", id.kind.as_str(), id.name))
 }
 
 fn key_of(caller: &Caller, cluster: String, node: String) -> Result<NodeKey, Status> {
@@ -55,7 +50,6 @@ pub async fn sync_kubernetes(
     let req = request.into_inner();
     let key = key_of(&caller, req.cluster, req.node)?;
     validate::labels(&req.labels)?;
-    let before = ctx.store.get_node(key.clone()).await.map_err(store_status)?.ok_or_else(|| no_node(&key))?;
     let changed = ctx
         .store
         .sync_kubernetes(key.clone(), req.labels, req.onboarding, req.onboarded, issuer(&caller))
@@ -63,11 +57,8 @@ pub async fn sync_kubernetes(
         .map_err(store_status)?
         .ok_or_else(|| no_node(&key))?;
     // New labels may select other desired components.
-    if changed.changed {
-        let after = ctx.store.get_node(key.clone()).await.map_err(store_status)?.ok_or_else(|| no_node(&key))?;
-        if after.labels != before.labels {
-            super::components::push(ctx, &key, &after.labels).await?;
-        }
+    if let Some(labels) = &changed.labels {
+        super::components::push(ctx, &key, labels).await?;
     }
     if req.onboarded {
         tracing::info!(cluster = %key.cluster, node = %key.node, by = %issuer(&caller), "node onboarded: startup taint removed");

@@ -10,16 +10,11 @@ use nodekeeper_proto::v1::{
 use prost::Message;
 use tonic::{Request, Response, Status};
 
-use super::{Caller, Ctx, READERS, require, require_cluster, scope_clusters, store_status};
+use super::{Ctx, READERS, issuer, require, require_cluster, scope_clusters, store_status};
 use crate::store::{Identity, NewEvent};
 use crate::{rollout, selector};
 
 pub struct RolloutApi(pub Ctx);
-
-/// Who did it, as events record it.
-fn issuer(caller: &Caller) -> String {
-    caller.as_ref().map_or_else(|| "insecure".to_owned(), |id| format!("{} {}", id.kind.as_str(), id.name))
-}
 
 /// An event of the rollout's timeline.
 fn rollout_event(r: &Rollout, kind: &str, message: String, by: &str) -> NewEvent {
@@ -76,7 +71,7 @@ impl rollout_service_server::RolloutService for RolloutApi {
         }
         // One change of the rollouts at a time: the name is checked and taken under the lock.
         let _one = self.0.rollouts.lock().await;
-        if self.0.store.get_rollout(spec.name.clone()).await.map_err(store_status)?.is_some() {
+        if self.0.store.rollout(spec.name.clone()).await.map_err(store_status)?.is_some() {
             return Err(Status::already_exists(format!("a rollout named {} exists", spec.name)));
         }
         let nodes: Vec<String> = self

@@ -225,18 +225,17 @@ impl Store {
         .await
     }
 
+    /// A rollout, without its timeline.
+    pub async fn rollout(&self, name: String) -> Result<Option<nodekeeper_proto::v1::Rollout>> {
+        self.read(move |c| rollout(c, &name)).await
+    }
+
     /// A rollout and its timeline, oldest event first.
     pub async fn get_rollout(&self, name: String) -> Result<Option<(nodekeeper_proto::v1::Rollout, Vec<Event>)>> {
         self.read(move |c| {
-            let body: Option<Vec<u8>> = c
-                .prepare_cached("SELECT body FROM rollouts WHERE name = ?1")
-                .and_then(|mut s| s.query_row([&name], |r| r.get(0)).optional())
-                .map_err(sql)?;
-            let Some(body) = body else { return Ok(None) };
-            let rollout = decode("rollouts", &body)?;
+            let Some(r) = rollout(c, &name)? else { return Ok(None) };
             let clause = "cursor IN (SELECT cursor FROM rollout_events WHERE name = ?1) ORDER BY cursor";
-            let events = events_where(c, clause, [&name])?;
-            Ok(Some((rollout, events)))
+            Ok(Some((r, events_where(c, clause, [&name])?)))
         })
         .await
     }
@@ -410,6 +409,14 @@ fn conditions(c: &Connection, clusters: &[String], nodes: &[String]) -> Result<V
         out.push(decode("conditions", &body)?);
     }
     Ok(out)
+}
+
+fn rollout(c: &Connection, name: &str) -> Result<Option<nodekeeper_proto::v1::Rollout>> {
+    let body: Option<Vec<u8>> = c
+        .prepare_cached("SELECT body FROM rollouts WHERE name = ?1")
+        .and_then(|mut s| s.query_row([name], |r| r.get(0)).optional())
+        .map_err(sql)?;
+    body.map(|b| decode("rollouts", &b)).transpose()
 }
 
 /// A node as readers see it: liveness from the columns, labels merged.

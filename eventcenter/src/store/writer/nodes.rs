@@ -37,6 +37,8 @@ pub struct NodeChanged {
     pub faults_closed: u32,
     /// Of the last event it recorded (0: none).
     pub cursor: u64,
+    /// The node's labels (merged), when a Kubernetes sync changed them.
+    pub labels: Option<HashMap<String, String>>,
 }
 
 /// A node event of the center's.
@@ -238,12 +240,15 @@ impl Writer {
         if events.is_empty() && !first_sync && info.onboarding == onboarding {
             return Ok(Some(NodeChanged::default()));
         }
+        let before = crate::store::merged_labels(&info);
         info.kubernetes_labels = labels;
         info.kubernetes_synced_time = info.kubernetes_synced_time.or(Some(nktime::to_timestamp(now)));
         info.onboarding = onboarding && !onboarded;
         self.save_node(&info)?;
         let cursor = self.center_events(events, published)?;
-        Ok(Some(NodeChanged { changed: true, faults_closed: 0, cursor }))
+        let after = crate::store::merged_labels(&info);
+        let labels = (after != before).then_some(after);
+        Ok(Some(NodeChanged { changed: true, cursor, labels, ..Default::default() }))
     }
 
     fn decommission(
@@ -296,7 +301,7 @@ impl Writer {
         e.attributes.insert("reason".into(), reason.to_owned());
         e.attributes.insert("faults_closed".into(), closed.join(","));
         let cursor = self.center_events(vec![e], published)?;
-        Ok(Some(NodeChanged { changed: true, faults_closed: closed.len() as u32, cursor }))
+        Ok(Some(NodeChanged { changed: true, faults_closed: closed.len() as u32, cursor, labels: None }))
     }
 }
 
