@@ -141,6 +141,12 @@ async fn the_cluster_role_grants_what_the_remediator_uses_and_nothing_more() {
         .await
         .unwrap();
 
+    // The release comes after the fault clears (every rule may be used before it).
+    wait_for("the node released", Duration::from_secs(30), || async {
+        (api.kube.node("n1")["spec"]["unschedulable"] == json!(null)).then_some(())
+    })
+    .await;
+
     // Every rule was needed; nothing was asked that the rules do not grant (it would have been
     // refused, and the wait would not end).
     let rules = api.kube.rbac_rules();
