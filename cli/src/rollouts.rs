@@ -45,6 +45,8 @@ struct StrategyFile {
     failure_budget: Option<String>,
     #[serde(default)]
     on_failure: Option<String>,
+    #[serde(default, with = "nodekeeper_common::config::duration::option")]
+    node_timeout: Option<Duration>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -92,6 +94,7 @@ pub fn load(path: &Path) -> Result<RolloutSpec, String> {
             drain: f.strategy.drain,
             failure_budget: f.strategy.failure_budget.unwrap_or_default(),
             on_failure: on_failure as i32,
+            node_timeout: f.strategy.node_timeout.map(nodekeeper_common::time::to_duration),
         }),
     })
 }

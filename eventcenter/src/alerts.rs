@@ -1,7 +1,8 @@
 //! Ops alerts: a tripped breaker (`NodekeeperBreakerTripped`), an escalated fault
 //! (`NodekeeperFaultEscalated`), a cluster losing heartbeats from many nodes at once
 //! (`NodekeeperHeartbeatLoss`), a durable consumer falling behind (`NodekeeperSubscriberLag`) and
-//! the store's disk within its reserve (`NodekeeperStoreDiskLow`).
+//! the store's disk within its reserve (`NodekeeperStoreDiskLow`), a rollout halted or rolled back
+//! (`NodekeeperRolloutHalted`, `NodekeeperRolloutRolledBack`).
 //! What fires is derived from the center's state each round, so a restarted center sends what
 //! still holds. Alertmanager gets every firing alert again each `resend_interval`, each saying it
 //! ends after three of those: Alertmanager resolves on its own what a stopped center no longer
@@ -14,7 +15,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use nodekeeper_common::time::timestamp_to_unix_ms;
-use nodekeeper_proto::v1::FaultState;
+use nodekeeper_proto::v1::{FaultState, Rollout, RolloutPhase};
 use tokio_util::sync::CancellationToken;
 
 use crate::alertmanager::Webhooks;
@@ -109,6 +110,13 @@ async fn firing(src: &Sources, now: SystemTime, ends_at: SystemTime) -> Option<V
             ));
         }
     }
+    match src.store.list_rollouts(vec![]).await {
+        Ok(rollouts) => out.extend(rollout_alerts(&rollouts, now, ends_at)),
+        Err(e) => {
+            tracing::error!(error = %e, "cannot read rollouts for alerts");
+            return None;
+        }
+    }
     match src.store.list_consumers().await {
         Ok(consumers) => {
             for c in consumers.into_iter().filter(|c| c.lag > cfg.subscriber_lag_events) {
@@ -198,4 +206,38 @@ pub async fn run(
             }
         }
     }
+}
+
+/// How long a rolled-back rollout keeps its alert firing (nobody acknowledges an alert here).
+const ROLLED_BACK_ALERT: Duration = Duration::from_secs(3600);
+
+/// `NodekeeperRolloutHalted` while a rollout is halted (until a person aborts or rolls it back),
+/// `NodekeeperRolloutRolledBack` while one rolls back and for an hour after.
+fn rollout_alerts(rollouts: &[Rollout], now: SystemTime, ends_at: SystemTime) -> Vec<PostableAlert> {
+    let mut out = Vec::new();
+    for r in rollouts {
+        let spec = r.spec.clone().unwrap_or_default();
+        let updated = time(r.updated_time.as_ref());
+        let name = match r.phase() {
+            RolloutPhase::Halted => "NodekeeperRolloutHalted",
+            RolloutPhase::RollingBack => "NodekeeperRolloutRolledBack",
+            RolloutPhase::RolledBack if now.duration_since(updated).unwrap_or_default() < ROLLED_BACK_ALERT => {
+                "NodekeeperRolloutRolledBack"
+            }
+            _ => continue,
+        };
+        out.push(alert(
+            &[("alertname", name), ("cluster", &spec.cluster), ("rollout", &spec.name), ("severity", "warning")],
+            format!(
+                "rollout {} of cluster {} is {}: {}",
+                spec.name,
+                spec.cluster,
+                crate::rollout::phase_name(r.phase()),
+                r.reason
+            ),
+            updated,
+            ends_at,
+        ));
+    }
+    out
 }

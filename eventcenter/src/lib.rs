@@ -147,6 +147,8 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: impl Future<Ou
         rollouts: Arc::default(),
     };
 
+    tasks.push(tokio::spawn(rollout::controller::run(ctx.clone())));
+
     let max = config.limits.max_message_bytes;
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<EventServiceServer<api::events::EventApi>>().await;

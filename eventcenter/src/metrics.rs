@@ -25,6 +25,8 @@ pub struct Metrics {
     connected: GaugeFamily,
     faults: GaugeFamily,
     consumer_lag: GaugeFamily,
+    rollouts: GaugeFamily,
+    rollout_nodes: GaugeFamily,
     /// One scrape at a time: a scrape clears the state gauges before it fills them again.
     scrape: tokio::sync::Mutex<()>,
 }
@@ -57,6 +59,8 @@ impl Metrics {
             connected: GaugeFamily::default(),
             faults: GaugeFamily::default(),
             consumer_lag: GaugeFamily::default(),
+            rollouts: GaugeFamily::default(),
+            rollout_nodes: GaugeFamily::default(),
             scrape: tokio::sync::Mutex::new(()),
             registry: r,
             store,
@@ -71,6 +75,12 @@ impl Metrics {
             "consumer_lag_events",
             "Events stored after a durable consumer's acknowledged position",
             this.consumer_lag.clone(),
+        );
+        r.register("rollouts", "Rollouts by cluster and phase", this.rollouts.clone());
+        r.register(
+            "rollout_nodes",
+            "Nodes of each rollout still running (or paused, halted) by phase",
+            this.rollout_nodes.clone(),
         );
         this
     }
@@ -114,6 +124,29 @@ impl Metrics {
                 }
             }
             Err(e) => tracing::warn!(error = %e, "metrics: cannot read consumers"),
+        }
+        self.rollouts.clear();
+        self.rollout_nodes.clear();
+        match self.store.list_rollouts(vec![]).await {
+            Ok(rollouts) => {
+                use nodekeeper_proto::v1::RolloutPhase;
+                for r in rollouts {
+                    let spec = r.spec.clone().unwrap_or_default();
+                    let phase = crate::rollout::phase_name(r.phase()).replace(' ', "_");
+                    self.rollouts.get_or_create(&vec![("cluster", spec.cluster.clone()), ("phase", phase)]).inc();
+                    // Finished rollouts keep no per-rollout series.
+                    if matches!(r.phase(), RolloutPhase::Completed | RolloutPhase::RolledBack | RolloutPhase::Aborted) {
+                        continue;
+                    }
+                    for n in &r.nodes {
+                        let phase = n.phase().as_str_name().trim_start_matches("ROLLOUT_NODE_PHASE_").to_lowercase();
+                        let labels =
+                            vec![("cluster", spec.cluster.clone()), ("rollout", spec.name.clone()), ("phase", phase)];
+                        self.rollout_nodes.get_or_create(&labels).inc();
+                    }
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "metrics: cannot read rollouts"),
         }
         nodekeeper_common::metrics::encode(&self.registry)
     }

@@ -31,6 +31,7 @@ pub fn operation(name: &str) -> Option<Operation> {
         "reinstall-os" => Operation::ReinstallOs,
         "hardware-repair" => Operation::HardwareRepair,
         "release" => Operation::Release,
+        "upgrade" => Operation::Upgrade,
         _ => return None,
     })
 }
@@ -156,8 +157,7 @@ impl RateLimiter {
                 Severity::Warning,
                 vec![("permit_id", p.id.clone())],
             );
-            let granted = p.granted_time.as_ref().map(timestamp_to_unix_ms).unwrap_or(0);
-            store.put_permit(p.id.clone(), p.cluster.clone(), granted, false, p.encode_to_vec(), vec![e]).await?;
+            store.put_permits(vec![(p, false)], vec![e]).await?;
         }
         Ok(())
     }
@@ -252,103 +252,165 @@ impl RateLimiter {
         fault_id: u64,
         lease: Option<Duration>,
     ) -> Result<Decision, StoreError> {
+        let (mut granted, denied) =
+            self.acquire_many(store, holder, op, cluster, &[(node.to_owned(), fault_id)], lease).await?;
+        Ok(match (granted.pop(), denied) {
+            (Some(p), _) => Decision::Granted(p),
+            (None, reason) => Decision::Denied(reason.unwrap_or_default()),
+        })
+    }
+
+    /// Why `op` would be denied in `cluster` now by a guard or a business gate (a freeze, the
+    /// breaker, a closed gate), without asking for a permit.
+    pub async fn held_back(&self, store: &Store, cluster: &str, op: Operation) -> Result<Option<String>, StoreError> {
+        let gate = if op == Operation::Release { None } else { self.gates.closed(cluster).await };
+        self.check_breaker(store, cluster).await?;
+        Ok(self.blocked(cluster, op).map(|(_, r)| r).or(gate))
+    }
+
+    /// Decides permits for several nodes (node, fault id) in order, as one decision: the ones
+    /// granted before the first denial, and that denial's reason. Granted permits and the
+    /// decisions' events are stored in one transaction before they are answered.
+    pub async fn acquire_many(
+        &self,
+        store: &Store,
+        holder: &str,
+        op: Operation,
+        cluster: &str,
+        nodes: &[(String, u64)],
+        lease: Option<Duration>,
+    ) -> Result<(Vec<Permit>, Option<String>), StoreError> {
         // Gates may ask Alertmanager: outside the decision lock, which they take no slot under.
         let gate = if op == Operation::Release { None } else { self.gates.closed(cluster).await };
         let _one = self.decide.lock().await;
         self.store_expired(store).await?;
         self.check_breaker(store, cluster).await?;
         let opname = operation_name(op);
-        let mut denied = self.blocked(cluster, op).or(gate.map(|g| ("gate", g)));
-        let mut share_check = None;
-        if denied.is_none() {
-            let st = self.state.lock().expect("permits lock");
-            if let Some(p) =
-                st.active.values().find(|p| p.cluster == cluster && p.node == node && p.operation == op as i32)
-            {
-                denied = Some(("node_holds_permit", format!("node {node} already holds permit {} for {opname}", p.id)));
-            } else if let Some(policy) = self.policy(op, cluster) {
-                let in_flight =
-                    st.active.values().filter(|p| p.cluster == cluster && p.operation == op as i32).count() as u32;
-                let since = now_ms() - policy.window.as_millis() as i64;
-                let recent =
-                    st.recent.iter().filter(|(c, o, t)| c == cluster && *o == op as i32 && *t >= since).count() as u32;
-                if let Some(max) = policy.max_in_flight.filter(|m| in_flight >= *m) {
-                    denied = Some((
-                        "max_in_flight",
-                        format!("max in flight: {in_flight} {opname} permits held in cluster {cluster}, at most {max}"),
-                    ));
-                } else if let Some(max) = policy.max_per_window.filter(|m| recent >= *m) {
-                    denied = Some((
-                        "max_per_window",
-                        format!(
-                            "max per window: {recent} {opname} permits granted in cluster {cluster} within {}, at most {max}",
-                            humantime::format_duration(policy.window)
-                        ),
-                    ));
-                } else {
-                    share_check = policy.max_share.map(|share| (in_flight, share));
-                }
-            }
-        }
-        if let Some((in_flight, share)) = share_check {
-            let nodes = store.count_nodes(cluster.to_owned()).await?.max(1);
-            if (in_flight + 1) as f64 / nodes as f64 > share {
-                denied = Some((
-                    "max_share",
-                    format!(
-                        "max share: {} of {nodes} nodes of cluster {cluster} would be isolated, at most {:.0}%",
-                        in_flight + 1,
-                        share * 100.0
-                    ),
-                ));
-            }
-        }
-        if let Some((class, reason)) = denied {
-            self.count(&opname, "denied", class);
-            let e = event(
-                cluster,
-                node,
-                "PermitDenied",
-                format!("{opname} for {holder} denied: {reason}"),
-                Severity::Warning,
-                vec![("operation", opname.clone()), ("holder", holder.to_owned()), ("fault_id", fault_id.to_string())],
-            );
-            store.append(vec![e]).await?;
-            return Ok(Decision::Denied(reason));
-        }
+        let blocked = self.blocked(cluster, op).or(gate.map(|g| ("gate", g)));
+        let policy = self.policy(op, cluster);
+        let nodes_in_cluster = match policy.and_then(|p| p.max_share) {
+            Some(_) if blocked.is_none() => store.count_nodes(cluster.to_owned()).await?.max(1),
+            _ => 1,
+        };
         let lease = lease.unwrap_or(self.config.default_lease).min(self.config.max_lease);
         let now = SystemTime::now();
-        let permit = Permit {
-            id: format!("{:016x}", rand::random::<u64>()),
-            operation: op as i32,
-            cluster: cluster.to_owned(),
-            node: node.to_owned(),
-            fault_id,
-            holder: holder.to_owned(),
-            granted_time: Some(nktime::to_timestamp(now)),
-            lease_expiry_time: Some(nktime::to_timestamp(now + lease)),
-        };
-        let e = event(
-            cluster,
-            node,
-            "PermitGranted",
-            format!("{opname} granted to {holder} for {} (permit {})", humantime::format_duration(lease), permit.id),
-            Severity::Info,
-            vec![
-                ("operation", opname),
-                ("holder", holder.to_owned()),
-                ("permit_id", permit.id.clone()),
-                ("fault_id", fault_id.to_string()),
-            ],
-        );
-        store
-            .put_permit(permit.id.clone(), cluster.to_owned(), to_unix_ms(now), true, permit.encode_to_vec(), vec![e])
-            .await?;
-        self.count(&operation_name(op), "granted", "");
-        let mut st = self.state.lock().expect("permits lock");
-        st.recent.push((cluster.to_owned(), op as i32, to_unix_ms(now)));
-        st.active.insert(permit.id.clone(), permit.clone());
-        Ok(Decision::Granted(permit))
+        let mut granted = Vec::new();
+        let mut events = Vec::new();
+        let mut denied = None;
+        {
+            let mut st = self.state.lock().expect("permits lock");
+            for (node, fault_id) in nodes {
+                let reason = blocked
+                    .clone()
+                    .or_else(|| Self::over_policy(&st, policy, &opname, op, cluster, node, nodes_in_cluster));
+                if let Some((class, reason)) = reason {
+                    self.count(&opname, "denied", class);
+                    events.push(event(
+                        cluster,
+                        node,
+                        "PermitDenied",
+                        format!("{opname} for {holder} denied: {reason}"),
+                        Severity::Warning,
+                        vec![
+                            ("operation", opname.clone()),
+                            ("holder", holder.to_owned()),
+                            ("fault_id", fault_id.to_string()),
+                        ],
+                    ));
+                    denied = Some(reason);
+                    break;
+                }
+                let permit = Permit {
+                    id: format!("{:016x}", rand::random::<u64>()),
+                    operation: op as i32,
+                    cluster: cluster.to_owned(),
+                    node: node.to_owned(),
+                    fault_id: *fault_id,
+                    holder: holder.to_owned(),
+                    granted_time: Some(nktime::to_timestamp(now)),
+                    lease_expiry_time: Some(nktime::to_timestamp(now + lease)),
+                };
+                events.push(event(
+                    cluster,
+                    node,
+                    "PermitGranted",
+                    format!(
+                        "{opname} granted to {holder} for {} (permit {})",
+                        humantime::format_duration(lease),
+                        permit.id
+                    ),
+                    Severity::Info,
+                    vec![
+                        ("operation", opname.clone()),
+                        ("holder", holder.to_owned()),
+                        ("permit_id", permit.id.clone()),
+                        ("fault_id", fault_id.to_string()),
+                    ],
+                ));
+                self.count(&opname, "granted", "");
+                st.recent.push((cluster.to_owned(), op as i32, to_unix_ms(now)));
+                st.active.insert(permit.id.clone(), permit.clone());
+                granted.push(permit);
+            }
+        }
+        let rows = granted.iter().map(|p| (p.clone(), true)).collect();
+        if let Err(e) = store.put_permits(rows, events).await {
+            // Not stored, not granted.
+            let mut st = self.state.lock().expect("permits lock");
+            for p in &granted {
+                st.active.remove(&p.id);
+            }
+            return Err(e);
+        }
+        Ok((granted, denied))
+    }
+
+    /// Why the policy of `op` in `cluster` forbids one more permit for `node`, if it does.
+    #[allow(clippy::too_many_arguments)]
+    fn over_policy(
+        st: &State,
+        policy: Option<&crate::config::PermitPolicy>,
+        opname: &str,
+        op: Operation,
+        cluster: &str,
+        node: &str,
+        nodes_in_cluster: usize,
+    ) -> Option<(&'static str, String)> {
+        if let Some(p) = st.active.values().find(|p| p.cluster == cluster && p.node == node && p.operation == op as i32)
+        {
+            return Some(("node_holds_permit", format!("node {node} already holds permit {} for {opname}", p.id)));
+        }
+        let policy = policy?;
+        let in_flight = st.active.values().filter(|p| p.cluster == cluster && p.operation == op as i32).count() as u32;
+        let since = now_ms() - policy.window.as_millis() as i64;
+        let recent = st.recent.iter().filter(|(c, o, t)| c == cluster && *o == op as i32 && *t >= since).count() as u32;
+        if let Some(max) = policy.max_in_flight.filter(|m| in_flight >= *m) {
+            return Some((
+                "max_in_flight",
+                format!("max in flight: {in_flight} {opname} permits held in cluster {cluster}, at most {max}"),
+            ));
+        }
+        if let Some(max) = policy.max_per_window.filter(|m| recent >= *m) {
+            return Some((
+                "max_per_window",
+                format!(
+                    "max per window: {recent} {opname} permits granted in cluster {cluster} within {}, at most {max}",
+                    humantime::format_duration(policy.window)
+                ),
+            ));
+        }
+        let share = policy.max_share?;
+        if (in_flight + 1) as f64 / nodes_in_cluster as f64 > share {
+            return Some((
+                "max_share",
+                format!(
+                    "max share: {} of {nodes_in_cluster} nodes of cluster {cluster} would be isolated, at most {:.0}%",
+                    in_flight + 1,
+                    share * 100.0
+                ),
+            ));
+        }
+        None
     }
 
     fn count(&self, operation: &str, decision: &'static str, reason: &'static str) {
@@ -365,23 +427,50 @@ impl RateLimiter {
         success: bool,
         by: &str,
     ) -> Result<Option<Permit>, StoreError> {
+        Ok(self.release_many(store, &[(id.to_owned(), success)], by).await?.pop())
+    }
+
+    /// Ends permits (id, success) in one transaction; returns those that were active.
+    pub async fn release_many(
+        &self,
+        store: &Store,
+        ids: &[(String, bool)],
+        by: &str,
+    ) -> Result<Vec<Permit>, StoreError> {
         let _one = self.decide.lock().await;
-        let Some(p) = self.state.lock().expect("permits lock").active.remove(id) else { return Ok(None) };
-        let e = event(
-            &p.cluster,
-            &p.node,
-            "PermitReleased",
-            format!(
-                "permit {id} for {} released by {by} ({})",
-                operation_name(p.operation()),
-                if success { "succeeded" } else { "failed" }
-            ),
-            Severity::Info,
-            vec![("permit_id", id.to_owned()), ("success", success.to_string())],
-        );
-        let granted = p.granted_time.as_ref().map(timestamp_to_unix_ms).unwrap_or(0);
-        store.put_permit(p.id.clone(), p.cluster.clone(), granted, false, p.encode_to_vec(), vec![e]).await?;
-        Ok(Some(p))
+        let mut ended = Vec::new();
+        let mut events = Vec::new();
+        {
+            let mut st = self.state.lock().expect("permits lock");
+            for (id, success) in ids {
+                let Some(p) = st.active.remove(id) else { continue };
+                events.push(event(
+                    &p.cluster,
+                    &p.node,
+                    "PermitReleased",
+                    format!(
+                        "permit {id} for {} released by {by} ({})",
+                        operation_name(p.operation()),
+                        if *success { "succeeded" } else { "failed" }
+                    ),
+                    Severity::Info,
+                    vec![("permit_id", id.to_owned()), ("success", success.to_string())],
+                ));
+                ended.push(p);
+            }
+        }
+        if ended.is_empty() {
+            return Ok(ended);
+        }
+        let rows = ended.iter().map(|p| (p.clone(), false)).collect();
+        if let Err(e) = store.put_permits(rows, events).await {
+            let mut st = self.state.lock().expect("permits lock");
+            for p in &ended {
+                st.active.insert(p.id.clone(), p.clone());
+            }
+            return Err(e);
+        }
+        Ok(ended)
     }
 
     /// The active permit `id` if it allows `op` on `node` of `cluster` now.

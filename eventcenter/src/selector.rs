@@ -24,3 +24,10 @@ pub fn parse(s: &str) -> Result<Vec<(String, String)>, String> {
 pub fn matches(selector: &str, labels: &HashMap<String, String>) -> bool {
     parse(selector).is_ok_and(|pairs| pairs.iter().all(|(k, v)| labels.get(k) == Some(v)))
 }
+
+/// The desired-components target of a valid selector: "selector:" and its pairs in the order
+/// given, trimmed (one selector, one row, however it was spaced).
+pub fn target(s: &str) -> Result<String, String> {
+    let canonical: Vec<String> = parse(s)?.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    Ok(format!("selector:{}", canonical.join(",")))
+}

@@ -8,6 +8,7 @@ pub mod alertmanager;
 pub mod kubeapi;
 pub mod netns;
 pub mod rpmnode;
+pub mod simnode;
 
 use std::future::Future;
 use std::net::{SocketAddr, TcpListener};
@@ -532,6 +533,7 @@ pub struct Agent {
     pub state_dir: PathBuf,
     env: Vec<(String, String)>,
     log: Option<PathBuf>,
+    cwd: Option<PathBuf>,
     child: Option<Child>,
     _tmp: tempfile::TempDir,
 }
@@ -550,6 +552,9 @@ pub struct AgentSpec<'a> {
     pub netns: Option<(&'a str, std::net::IpAddr)>,
     /// Append the agent's log (stderr) to this file instead of the test's stderr.
     pub log: Option<&'a Path>,
+    /// The agent's working directory (its hooks' and health checks' too): a node's installroot
+    /// makes a relative path in a shared spec name each node's own file, as `/` would on a node.
+    pub cwd: Option<&'a Path>,
 }
 
 impl<'a> AgentSpec<'a> {
@@ -562,6 +567,7 @@ impl<'a> AgentSpec<'a> {
             monitors: "[monitors]\nenabled = false\n",
             netns: None,
             log: None,
+            cwd: None,
         }
     }
 }
@@ -600,6 +606,7 @@ impl Agent {
             state_dir,
             env,
             log: spec.log.map(Path::to_owned),
+            cwd: spec.cwd.map(Path::to_owned),
             child: None,
             _tmp: tmp,
         };
@@ -619,6 +626,9 @@ impl Agent {
             .stdin(Stdio::null());
         for (k, v) in &self.env {
             cmd.env(k, v);
+        }
+        if let Some(dir) = &self.cwd {
+            cmd.current_dir(dir);
         }
         if let Some(log) = &self.log {
             let file = std::fs::File::options().create(true).append(true).open(log).expect("open the agent's log");

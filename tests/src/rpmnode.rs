@@ -185,3 +185,18 @@ pub fn held_upgrade(n: &Node, phase: &str) -> std::process::Child {
     wait_for_file(&n.root().join(format!("nk-reached-{phase}")));
     child
 }
+
+/// The root's dnf transactions, newest first, as (action, packages altered). rpm's INSTALLTID
+/// cannot tell them apart: it is a time in seconds, and two transactions may share one.
+pub fn transactions(root: &Path) -> Vec<(String, String)> {
+    let mut q = std::process::Command::new("dnf");
+    q.arg(format!("--installroot={}", root.display())).args(["--releasever=1", "-q", "history", "list"]);
+    let (ok, out) = run(q);
+    assert!(ok, "dnf history: {out}");
+    out.lines()
+        .filter_map(|l| {
+            let cols: Vec<&str> = l.split('|').map(str::trim).collect();
+            (cols.len() == 5 && cols[0].parse::<u32>().is_ok()).then(|| (cols[3].to_owned(), cols[4].to_owned()))
+        })
+        .collect()
+}

@@ -4,27 +4,12 @@
 
 use std::path::{Path, PathBuf};
 
-use nodekeeper_tests::rpmnode::{Node, one_component, run};
+use nodekeeper_tests::rpmnode::{Node, one_component, run, transactions};
 use nodekeeper_tests::{rpm_installed, rpm_repo};
 
 /// The three packages' installed versions.
 fn three(root: &Path) -> [Option<String>; 3] {
     ["nk-kube", "nk-kubeadm", "nk-ctr"].map(|p| rpm_installed(root, p))
-}
-
-/// The root's dnf transactions, newest first, as (action, packages altered). rpm's INSTALLTID
-/// cannot tell them apart: it is a time in seconds, and two transactions may share one.
-fn transactions(root: &Path) -> Vec<(String, String)> {
-    let mut q = std::process::Command::new("dnf");
-    q.arg(format!("--installroot={}", root.display())).args(["--releasever=1", "-q", "history", "list"]);
-    let (ok, out) = run(q);
-    assert!(ok, "dnf history: {out}");
-    out.lines()
-        .filter_map(|l| {
-            let cols: Vec<&str> = l.split('|').map(str::trim).collect();
-            (cols.len() == 5 && cols[0].parse::<u32>().is_ok()).then(|| (cols[3].to_owned(), cols[4].to_owned()))
-        })
-        .collect()
 }
 
 /// A spec of the component "kube": nk-kube with nk-kubeadm at its version and nk-ctr at its own,

@@ -58,6 +58,13 @@ impl Manager {
             if reinstalling { Some(Verb::Reinstall) } else { Verb::combined(moving.iter().filter_map(|(_, _, v)| *v)) };
         if verb.is_none() && drift.is_empty() {
             self.set(spec, own.as_ref(), ComponentPhase::Converged, "", None);
+            // A rolled-back version is no longer desired, and the one desired is in place (a
+            // fleet rollback, or a person setting the previous version): the failure is over.
+            if self.rejected.remove(&spec.name).is_some() {
+                self.save_rejected();
+                let at = own.as_ref().map(ToString::to_string).unwrap_or_default();
+                self.failure_over(spec, format!("{} is at its desired version {at}", spec.name));
+            }
             return Outcome::Converged { changed: false };
         }
         let what = match verb {
@@ -213,22 +220,24 @@ impl Manager {
                 }
                 self.set(spec, target.as_ref(), ComponentPhase::Converged, "", Some(true));
                 log(format!("{}: converged at {}", spec.name, j.to));
-                let cond = failed_condition(&spec.name);
-                self.findings.push(
-                    Finding::condition(
-                        SOURCE,
-                        &cond,
-                        ConditionStatus::False,
-                        "ComponentConverged",
-                        format!("{} converged at {}", spec.name, j.to),
-                        class(RecommendedAction::Manual),
-                    )
-                    .with("component", &spec.name),
-                );
+                self.failure_over(spec, format!("{} converged at {}", spec.name, j.to));
                 Outcome::Converged { changed: true }
             }
             Err(e) => self.rollback(spec, j, e, true, log).await,
         }
+    }
+
+    /// The component's `<Title>UpgradeFailed` condition set False (it converged).
+    fn failure_over(&mut self, spec: &ComponentSpec, message: String) {
+        let finding = Finding::condition(
+            SOURCE,
+            &failed_condition(&spec.name),
+            ConditionStatus::False,
+            "ComponentConverged",
+            message,
+            class(RecommendedAction::Manual),
+        );
+        self.findings.push(finding.with("component", &spec.name));
     }
 
     /// Undoes a transition: the previous package version, the previous config files, a restart.

@@ -18,42 +18,82 @@ use crate::store::DesiredRow;
 use crate::store::NodeKey;
 use crate::{selector, validate};
 
-/// The desired state of one node: the specs of every selector its labels match (older
-/// generations first, a newer one replacing a component of the same name), then its own.
+/// A cluster's desired-components rows, indexed: selector rows (oldest generation first) and
+/// each node's own row.
+pub struct Desired<'a> {
+    selectors: Vec<&'a DesiredRow>,
+    own: HashMap<&'a str, &'a DesiredRow>,
+}
+
+impl<'a> Desired<'a> {
+    pub fn new(rows: &'a [DesiredRow]) -> Self {
+        let mut out = Desired { selectors: Vec::new(), own: HashMap::new() };
+        for row in rows {
+            if let Some(node) = row.0.strip_prefix("node:") {
+                out.own.insert(node, row);
+            } else {
+                out.selectors.push(row);
+            }
+        }
+        out
+    }
+
+    /// The node's own row: (generation, specs).
+    pub fn own(&self, node: &str) -> Option<(u64, &'a [ComponentSpec])> {
+        self.own.get(node).map(|(_, g, specs)| (*g, specs.as_slice()))
+    }
+
+    /// The specs of the row of `target` ("selector:..."), if there is one.
+    pub fn selector_row(&self, target: &str) -> Option<&'a [ComponentSpec]> {
+        self.selectors.iter().find(|(t, _, _)| t == target).map(|(_, _, specs)| specs.as_slice())
+    }
+
+    /// The desired state of one node: the specs of every selector its labels match (older
+    /// generations first, a newer one replacing a component of the same name), then its own.
+    pub fn effective(&self, node: &str, labels: &HashMap<String, String>) -> DesiredState {
+        let mut by_name: BTreeMap<String, ComponentSpec> = BTreeMap::new();
+        let mut generation = 0;
+        let matching = self.selectors.iter().filter(|(target, _, _)| {
+            target.strip_prefix("selector:").is_some_and(|sel| selector::matches(sel, labels))
+        });
+        for (_, g, specs) in matching.chain(self.own.get(node)) {
+            generation = generation.max(*g);
+            for s in specs {
+                by_name.insert(s.name.clone(), s.clone());
+            }
+        }
+        DesiredState { generation, components: by_name.into_values().collect() }
+    }
+}
+
+/// The desired state of one node (see `Desired::effective`).
 pub fn effective(rows: &[DesiredRow], node: &str, labels: &HashMap<String, String>) -> DesiredState {
-    let mut by_name: BTreeMap<String, ComponentSpec> = BTreeMap::new();
-    let mut generation = 0;
-    let own = format!("node:{node}");
-    let mut apply = |g: u64, specs: &[ComponentSpec], by_name: &mut BTreeMap<String, ComponentSpec>| {
-        generation = generation.max(g);
-        for s in specs {
-            by_name.insert(s.name.clone(), s.clone());
-        }
-    };
-    for (target, g, specs) in rows {
-        if let Some(sel) = target.strip_prefix("selector:")
-            && selector::matches(sel, labels)
-        {
-            apply(*g, specs, &mut by_name);
-        }
-    }
-    for (target, g, specs) in rows {
-        if target == &own {
-            apply(*g, specs, &mut by_name);
-        }
-    }
-    DesiredState { generation, components: by_name.into_values().collect() }
+    Desired::new(rows).effective(node, labels)
 }
 
 /// Sends a connected node its desired state (if anything is desired of it).
 pub async fn push(ctx: &Ctx, key: &NodeKey, labels: &HashMap<String, String>) -> Result<bool, Status> {
-    let rows = ctx.store.desired_components(key.cluster.clone()).await.map_err(store_status)?;
-    let state = effective(&rows, &key.node, labels);
-    if state.generation == 0 {
-        return Ok(false);
+    Ok(push_many(ctx, &key.cluster, &[(key.node.as_str(), labels)]).await? == 1)
+}
+
+/// Sends each connected node (name, labels) of `cluster` its desired state, reading the
+/// cluster's desired components once; returns how many were sent one.
+pub async fn push_many(ctx: &Ctx, cluster: &str, nodes: &[(&str, &HashMap<String, String>)]) -> Result<usize, Status> {
+    let rows = ctx.store.desired_components(cluster.to_owned()).await.map_err(store_status)?;
+    let desired = Desired::new(&rows);
+    let mut sent = 0;
+    for (node, labels) in nodes {
+        let state = desired.effective(node, labels);
+        if state.generation == 0 {
+            continue;
+        }
+        let key = NodeKey { cluster: cluster.to_owned(), node: (*node).to_owned() };
+        let Some(tx) = ctx.sessions.sender(&key) else { continue };
+        if tx.send(Ok(CenterMessage { msg: Some(center_message::Msg::DesiredState(state)) })).await.is_ok() {
+            sent += 1;
+        }
     }
-    let Some(tx) = ctx.sessions.sender(key) else { return Ok(false) };
-    Ok(tx.send(Ok(CenterMessage { msg: Some(center_message::Msg::DesiredState(state)) })).await.is_ok())
+    Ok(sent)
 }
 
 pub(crate) fn check_spec(s: &ComponentSpec) -> Result<(), Status> {
@@ -87,11 +127,7 @@ pub async fn set_desired(
             validate::name(nodekeeper_common::names::node(n))?;
             format!("node:{n}")
         }
-        Some(Target::Selector(s)) => {
-            let pairs = selector::parse(s).map_err(Status::invalid_argument)?;
-            let canonical: Vec<String> = pairs.iter().map(|(k, v)| format!("{k}={v}")).collect();
-            format!("selector:{}", canonical.join(","))
-        }
+        Some(Target::Selector(s)) => selector::target(s).map_err(Status::invalid_argument)?,
         None => return Err(Status::invalid_argument("name a node or a label selector")),
     };
     let mut names = std::collections::HashSet::new();
@@ -105,18 +141,17 @@ pub async fn set_desired(
     let generation = ctx.store.set_desired(req.cluster.clone(), target.clone(), body).await.map_err(store_status)?;
     // Which known nodes it concerns, and push to those connected.
     let nodes = ctx.store.list_nodes(vec![req.cluster.clone()], false).await.map_err(store_status)?;
-    let mut matched = 0;
-    for n in nodes {
-        let hit = match &req.target {
+    let hits: Vec<&Node> = nodes
+        .iter()
+        .filter(|n| match &req.target {
             Some(Target::Node(name)) => &n.name == name,
             Some(Target::Selector(s)) => selector::matches(s, &n.labels),
             None => false,
-        };
-        if hit {
-            matched += 1;
-            push(ctx, &NodeKey { cluster: n.cluster.clone(), node: n.name.clone() }, &n.labels).await?;
-        }
-    }
+        })
+        .collect();
+    let matched = hits.len() as u32;
+    let targets: Vec<(&str, &HashMap<String, String>)> = hits.iter().map(|n| (n.name.as_str(), &n.labels)).collect();
+    push_many(ctx, &req.cluster, &targets).await?;
     tracing::info!(cluster = %req.cluster, target = %target, generation, nodes = matched, components = req.components.len(), "desired components set");
     Ok(Response::new(SetDesiredComponentsResponse { generation, nodes_matched: matched }))
 }
@@ -156,20 +191,21 @@ pub async fn of_nodes(ctx: &Ctx, nodes: &[Node]) -> Result<Vec<NodeComponents>, 
     };
     let mut reports: HashMap<(String, String), ComponentStatusReport> = ctx
         .store
-        .component_statuses(clusters, only(nodes))
+        .component_statuses(clusters.clone(), only(nodes))
         .await
         .map_err(store_status)?
         .into_iter()
         .map(|(c, n, r)| ((c, n), r))
         .collect();
-    let mut desired_by_cluster: HashMap<String, Vec<DesiredRow>> = HashMap::new();
+    let mut rows_by_cluster: HashMap<String, Vec<DesiredRow>> = HashMap::new();
+    for c in &clusters {
+        rows_by_cluster.insert(c.clone(), ctx.store.desired_components(c.clone()).await.map_err(store_status)?);
+    }
+    let desired_by_cluster: HashMap<&str, Desired<'_>> =
+        rows_by_cluster.iter().map(|(c, rows)| (c.as_str(), Desired::new(rows))).collect();
     let mut out = Vec::new();
     for n in nodes {
-        if !desired_by_cluster.contains_key(&n.cluster) {
-            let rows = ctx.store.desired_components(n.cluster.clone()).await.map_err(store_status)?;
-            desired_by_cluster.insert(n.cluster.clone(), rows);
-        }
-        let desired = effective(&desired_by_cluster[&n.cluster], &n.name, &n.labels);
+        let desired = desired_by_cluster[n.cluster.as_str()].effective(&n.name, &n.labels);
         let report = reports.remove(&(n.cluster.clone(), n.name.clone())).unwrap_or_default();
         if desired.components.is_empty() && report.components.is_empty() {
             continue;
@@ -208,7 +244,7 @@ pub async fn of_nodes(ctx: &Ctx, nodes: &[Node]) -> Result<Vec<NodeComponents>, 
 }
 
 /// What a component's status says it wants: its version, or "absent" (as the agent reports it).
-fn desired_version(d: &nodekeeper_proto::v1::ComponentSpec) -> &str {
+pub fn desired_version(d: &nodekeeper_proto::v1::ComponentSpec) -> &str {
     if d.absent { "absent" } else { &d.version }
 }
 

@@ -36,8 +36,8 @@ pub struct Ctx {
     pub quorum: Arc<crate::quorum::Quorum>,
     /// The rate-limit center.
     pub permits: Arc<crate::permits::RateLimiter>,
-    /// Held while a rollout is created or changed: one change at a time.
-    pub rollouts: Arc<tokio::sync::Mutex<()>>,
+    /// One change of the rollouts at a time (API and controller), and the controller's wake-up.
+    pub rollouts: Arc<crate::rollout::Shared>,
 }
 
 /// What a caller may do, from its certificate. `None` on an insecure center: everything.

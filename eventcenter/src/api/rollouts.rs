@@ -3,50 +3,27 @@
 
 use nodekeeper_common::tls::Kind;
 use nodekeeper_proto::v1::{
-    Category, ControlRolloutRequest, CreateRolloutRequest, Event, EventKind, GetRolloutRequest, GetRolloutResponse,
-    ListRolloutsRequest, ListRolloutsResponse, Origin, Rollout, RolloutControl, RolloutFailureAction, RolloutPhase,
-    Severity, rollout_service_server,
+    ControlRolloutRequest, CreateRolloutRequest, GetRolloutRequest, GetRolloutResponse, ListRolloutsRequest,
+    ListRolloutsResponse, Rollout, RolloutControl, RolloutFailureAction, RolloutPhase, Severity,
+    rollout_service_server,
 };
 use prost::Message;
 use tonic::{Request, Response, Status};
 
 use super::{Ctx, READERS, issuer, require, require_cluster, scope_clusters, store_status};
-use crate::store::{Identity, NewEvent};
+use crate::store::NewEvent;
 use crate::{rollout, selector};
 
 pub struct RolloutApi(pub Ctx);
 
-/// An event of the rollout's timeline.
-fn rollout_event(r: &Rollout, kind: &str, message: String, by: &str) -> NewEvent {
-    let spec = r.spec.clone().unwrap_or_default();
-    let mut event = Event {
-        cluster: spec.cluster.clone(),
-        kind: EventKind::Action as i32,
-        r#type: kind.to_owned(),
-        message,
-        severity: Severity::Info as i32,
-        category: Category::Action as i32,
-        time: Some(nodekeeper_common::time::now_timestamp()),
-        origin: Some(Origin { producer: "center".into(), ..Default::default() }),
-        source: "eventcenter".into(),
-        ..Default::default()
-    };
-    event.attributes.insert("rollout".into(), spec.name);
-    event.attributes.insert("issuer".into(), by.to_owned());
-    NewEvent::new(Identity::Center, event)
-}
-
 async fn save(ctx: &Ctx, r: &Rollout, events: Vec<NewEvent>) -> Result<(), Status> {
     let spec = r.spec.as_ref().expect("a stored rollout has its spec");
     ctx.store
-        .put_rollout(spec.name.clone(), spec.cluster.clone(), r.encode_to_vec(), events)
+        .put_rollout(spec.name.clone(), spec.cluster.clone(), r.encode_to_vec(), events, vec![])
         .await
-        .map(|_| ())
-        .map_err(store_status)
-}
-
-fn phase_name(p: RolloutPhase) -> String {
-    p.as_str_name().trim_start_matches("ROLLOUT_PHASE_").to_ascii_lowercase()
+        .map_err(store_status)?;
+    ctx.rollouts.changed.notify_one();
+    Ok(())
 }
 
 #[tonic::async_trait]
@@ -65,12 +42,17 @@ impl rollout_service_server::RolloutService for RolloutApi {
             }
         }
         let strategy = spec.strategy.get_or_insert_default();
+        if strategy.drain {
+            return Err(Status::invalid_argument(
+                "strategy.drain: cordon and drain during a rollout is not built yet; leave it out",
+            ));
+        }
         strategy.max_parallel = strategy.max_parallel.max(1);
         if strategy.on_failure == RolloutFailureAction::Unspecified as i32 {
             strategy.on_failure = RolloutFailureAction::Halt as i32;
         }
         // One change of the rollouts at a time: the name is checked and taken under the lock.
-        let _one = self.0.rollouts.lock().await;
+        let _one = self.0.rollouts.lock.lock().await;
         if self.0.store.rollout(spec.name.clone()).await.map_err(store_status)?.is_some() {
             return Err(Status::already_exists(format!("a rollout named {} exists", spec.name)));
         }
@@ -111,7 +93,7 @@ impl rollout_service_server::RolloutService for RolloutApi {
             spec.selector,
             strategy.waves.join(", ")
         );
-        let created = rollout_event(&r, "RolloutCreated", message, &by);
+        let created = rollout::event(&r, "RolloutCreated", "", None, message, Severity::Info, &by);
         save(&self.0, &r, vec![created]).await?;
         tracing::info!(rollout = %spec.name, cluster = %spec.cluster, nodes = r.nodes.len(), by = %by, "rollout created");
         Ok(Response::new(r))
@@ -148,7 +130,7 @@ impl rollout_service_server::RolloutService for RolloutApi {
         require(&caller, &[Kind::Admin], "control rollouts")?;
         let req = request.into_inner();
         crate::validate::text("reason", &req.reason)?;
-        let _one = self.0.rollouts.lock().await;
+        let _one = self.0.rollouts.lock.lock().await;
         let not_found = || Status::not_found(format!("no rollout {}", req.name));
         let (mut r, _) =
             self.0.store.get_rollout(req.name.clone()).await.map_err(store_status)?.ok_or_else(not_found)?;
@@ -167,7 +149,15 @@ impl rollout_service_server::RolloutService for RolloutApi {
             _ => "RolloutRollbackStarted",
         };
         let why = if req.reason.is_empty() { String::new() } else { format!(": {}", req.reason) };
-        let event = rollout_event(&r, kind, format!("{verb} by {by}{why}; now {}", phase_name(next)), &by);
+        let event = rollout::event(
+            &r,
+            kind,
+            "",
+            None,
+            format!("{verb} by {by}{why}; now {}", rollout::phase_name(next)),
+            Severity::Info,
+            &by,
+        );
         r.phase = next as i32;
         r.reason = format!("{verb} by {by}{why}");
         r.updated_time = Some(nodekeeper_common::time::now_timestamp());

@@ -495,18 +495,16 @@ impl Store {
         self.submit_within_reserve(1, |reply, permit| writer::Op::Components { change, reply, permit }).await
     }
 
-    /// Stores a permit (granted, released or expired) and the events that record the decision.
-    pub async fn put_permit(
+    /// Stores permits (granted, released or expired: active or not) and the events that record
+    /// the decisions, in one transaction.
+    pub async fn put_permits(
         &self,
-        id: String,
-        cluster: String,
-        granted_ms: i64,
-        active: bool,
-        body: Vec<u8>,
+        permits: Vec<(nodekeeper_proto::v1::Permit, bool)>,
         events: Vec<NewEvent>,
     ) -> Result<u64> {
-        let change = writer::ComponentsChange::Permit { id, cluster, granted_ms, active, body, events };
-        self.submit(2, |reply, permit| writer::Op::Components { change, reply, permit }).await
+        let rows = permits.len() + events.len();
+        let change = writer::ComponentsChange::Permits { permits, events };
+        self.submit(rows, |reply, permit| writer::Op::Components { change, reply, permit }).await
     }
 
     /// Stores a cluster's guard ("" for the global freeze) with the events that record it.
@@ -515,16 +513,19 @@ impl Store {
         self.submit(2, |reply, permit| writer::Op::Components { change, reply, permit }).await
     }
 
-    /// Stores a rollout's state with the events of its timeline; returns the last event's cursor.
+    /// Stores a rollout's state with the events of its timeline and the desired components it
+    /// sets (target, encoded DesiredState), all in one transaction; returns the generation the
+    /// desired components were written at (0 when none).
     pub async fn put_rollout(
         &self,
         name: String,
         cluster: String,
         body: Vec<u8>,
         events: Vec<NewEvent>,
+        desired: Vec<(String, Vec<u8>)>,
     ) -> Result<u64> {
-        let rows = events.len().max(1);
-        let change = writer::ComponentsChange::Rollout { name, cluster, body, events };
+        let rows = events.len() + desired.len() + 1;
+        let change = writer::ComponentsChange::Rollout { name, cluster, body, events, desired };
         self.submit(rows, |reply, permit| writer::Op::Components { change, reply, permit }).await
     }
 

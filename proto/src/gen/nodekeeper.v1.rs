@@ -4020,6 +4020,8 @@ pub enum Operation {
     HardwareRepair = 7,
     /// Releasing a healed node; allowed while the breaker is tripped.
     Release = 8,
+    /// Changing a node's components in a rollout (one permit per node).
+    Upgrade = 9,
 }
 impl Operation {
     /// String value of the enum field names used in the ProtoBuf definition.
@@ -4037,6 +4039,7 @@ impl Operation {
             Self::ReinstallOs => "OPERATION_REINSTALL_OS",
             Self::HardwareRepair => "OPERATION_HARDWARE_REPAIR",
             Self::Release => "OPERATION_RELEASE",
+            Self::Upgrade => "OPERATION_UPGRADE",
         }
     }
     /// Creates an enum from field names used in the ProtoBuf definition.
@@ -4051,6 +4054,7 @@ impl Operation {
             "OPERATION_REINSTALL_OS" => Some(Self::ReinstallOs),
             "OPERATION_HARDWARE_REPAIR" => Some(Self::HardwareRepair),
             "OPERATION_RELEASE" => Some(Self::Release),
+            "OPERATION_UPGRADE" => Some(Self::Upgrade),
             _ => None,
         }
     }
@@ -5243,6 +5247,10 @@ pub struct RolloutStrategy {
     pub failure_budget: ::prost::alloc::string::String,
     #[prost(enumeration = "RolloutFailureAction", tag = "7")]
     pub on_failure: i32,
+    /// How long a node may take to converge at the rollout's versions before it counts as failed
+    /// (default 10 minutes).
+    #[prost(message, optional, tag = "8")]
+    pub node_timeout: ::core::option::Option<::prost_types::Duration>,
 }
 #[derive(Clone, PartialEq, ::prost::Message)]
 pub struct RolloutSpec {
@@ -5258,7 +5266,7 @@ pub struct RolloutSpec {
     #[prost(message, optional, tag = "5")]
     pub strategy: ::core::option::Option<RolloutStrategy>,
 }
-#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+#[derive(Clone, PartialEq, ::prost::Message)]
 pub struct RolloutNode {
     #[prost(string, tag = "1")]
     pub node: ::prost::alloc::string::String,
@@ -5270,6 +5278,25 @@ pub struct RolloutNode {
     /// Why it failed or was skipped.
     #[prost(string, tag = "4")]
     pub reason: ::prost::alloc::string::String,
+    /// The node's own desired components before the rollout changed them (restored on rollback);
+    /// `had_own` false when it had none of its own.
+    #[prost(message, repeated, tag = "5")]
+    pub previous_own: ::prost::alloc::vec::Vec<ComponentSpec>,
+    #[prost(bool, tag = "6")]
+    pub had_own: bool,
+    /// When its change (or its rollback) was commanded.
+    #[prost(message, optional, tag = "7")]
+    pub started_time: ::core::option::Option<::prost_types::Timestamp>,
+    /// Its rollback was commanded.
+    #[prost(bool, tag = "8")]
+    pub rollback_started: bool,
+    #[prost(string, tag = "9")]
+    pub permit_id: ::prost::alloc::string::String,
+    /// What the node ran of the rollout's components before (its desired versions then): a node
+    /// that failed keeps them when the rollout completes, so it does not try a version that failed
+    /// on it again.
+    #[prost(message, repeated, tag = "10")]
+    pub previous: ::prost::alloc::vec::Vec<ComponentSpec>,
 }
 #[derive(Clone, PartialEq, ::prost::Message)]
 pub struct Rollout {
@@ -5292,6 +5319,9 @@ pub struct Rollout {
     pub created_time: ::core::option::Option<::prost_types::Timestamp>,
     #[prost(message, optional, tag = "8")]
     pub updated_time: ::core::option::Option<::prost_types::Timestamp>,
+    /// Set when the wave in progress has changed all its nodes: the next starts after this.
+    #[prost(message, optional, tag = "9")]
+    pub bake_until: ::core::option::Option<::prost_types::Timestamp>,
 }
 #[derive(Clone, PartialEq, ::prost::Message)]
 pub struct CreateRolloutRequest {
@@ -5424,6 +5454,8 @@ pub enum RolloutNodePhase {
     RolledBack = 5,
     /// Left out: it left the selector or the fleet.
     Skipped = 6,
+    /// Commanded back to the versions it had.
+    RollingBack = 7,
 }
 impl RolloutNodePhase {
     /// String value of the enum field names used in the ProtoBuf definition.
@@ -5439,6 +5471,7 @@ impl RolloutNodePhase {
             Self::Failed => "ROLLOUT_NODE_PHASE_FAILED",
             Self::RolledBack => "ROLLOUT_NODE_PHASE_ROLLED_BACK",
             Self::Skipped => "ROLLOUT_NODE_PHASE_SKIPPED",
+            Self::RollingBack => "ROLLOUT_NODE_PHASE_ROLLING_BACK",
         }
     }
     /// Creates an enum from field names used in the ProtoBuf definition.
@@ -5451,6 +5484,7 @@ impl RolloutNodePhase {
             "ROLLOUT_NODE_PHASE_FAILED" => Some(Self::Failed),
             "ROLLOUT_NODE_PHASE_ROLLED_BACK" => Some(Self::RolledBack),
             "ROLLOUT_NODE_PHASE_SKIPPED" => Some(Self::Skipped),
+            "ROLLOUT_NODE_PHASE_ROLLING_BACK" => Some(Self::RollingBack),
             _ => None,
         }
     }

@@ -20,12 +20,9 @@ pub(crate) enum ComponentsChange {
         key: NodeKey,
         body: Vec<u8>,
     },
-    Permit {
-        id: String,
-        cluster: String,
-        granted_ms: i64,
-        active: bool,
-        body: Vec<u8>,
+    /// Permits (granted, released or expired: `active` or not) and the events of the decisions.
+    Permits {
+        permits: Vec<(nodekeeper_proto::v1::Permit, bool)>,
         events: Vec<NewEvent>,
     },
     /// A remediation step on a fault: its event, and the fault's new state (0: unchanged).
@@ -38,12 +35,14 @@ pub(crate) enum ComponentsChange {
         body: Vec<u8>,
         events: Vec<NewEvent>,
     },
-    /// A rollout's new state and the events of its timeline.
+    /// A rollout's new state, the events of its timeline, and the desired components it sets
+    /// (target, encoded DesiredState) at one new generation.
     Rollout {
         name: String,
         cluster: String,
         body: Vec<u8>,
         events: Vec<NewEvent>,
+        desired: Vec<(String, Vec<u8>)>,
     },
 }
 
@@ -51,38 +50,19 @@ impl Writer {
     pub(super) fn components(&mut self, change: ComponentsChange, published: &mut Vec<Event>) -> Result<u64> {
         let now = nodekeeper_common::time::to_unix_ms(std::time::SystemTime::now());
         match change {
-            ComponentsChange::Desired { cluster, target, specs } => {
-                let generation: i64 = self
-                    .conn
-                    .query_row(
-                        "SELECT COALESCE((SELECT value FROM meta WHERE key = 'components_generation'), 0) + 1",
-                        [],
-                        |r| r.get(0),
-                    )
-                    .map_err(|e| self.err(e))?;
-                self.conn
-                    .execute(
-                        "INSERT INTO meta (key, value) VALUES ('components_generation', ?1) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-                        [generation],
-                    )
-                    .map_err(|e| self.err(e))?;
-                self.conn
-                    .execute(
-                        "INSERT INTO desired_components (cluster, target, generation, specs) VALUES (?1, ?2, ?3, ?4)
-                         ON CONFLICT (cluster, target) DO UPDATE SET generation = excluded.generation, specs = excluded.specs",
-                        rusqlite::params![cluster, target, generation, specs],
-                    )
-                    .map_err(|e| self.err(e))?;
-                Ok(generation as u64)
-            }
-            ComponentsChange::Permit { id, cluster, granted_ms, active, body, events } => {
-                self.conn
-                    .execute(
-                        "INSERT INTO permits (id, cluster, granted_ms, active, body) VALUES (?1, ?2, ?3, ?4, ?5)
-                         ON CONFLICT (id) DO UPDATE SET active = excluded.active, body = excluded.body",
-                        rusqlite::params![id, cluster, granted_ms, active, body],
-                    )
-                    .map_err(|e| self.err(e))?;
+            ComponentsChange::Desired { cluster, target, specs } => self.set_desired(&cluster, &[(target, specs)]),
+            ComponentsChange::Permits { permits, events } => {
+                for (p, active) in permits {
+                    let granted_ms =
+                        p.granted_time.as_ref().map(nodekeeper_common::time::timestamp_to_unix_ms).unwrap_or(0);
+                    self.conn
+                        .prepare_cached(
+                            "INSERT INTO permits (id, cluster, granted_ms, active, body) VALUES (?1, ?2, ?3, ?4, ?5)
+                             ON CONFLICT (id) DO UPDATE SET active = excluded.active, body = excluded.body",
+                        )
+                        .and_then(|mut s| s.execute(params![p.id, p.cluster, granted_ms, active, p.encode_to_vec()]))
+                        .map_err(|e| self.err(e))?;
+                }
                 self.append(events, published).map(|_| 0)
             }
             ComponentsChange::Guard { cluster, body, events } => {
@@ -94,7 +74,8 @@ impl Writer {
                     .map_err(|e| self.err(e))?;
                 self.append(events, published).map(|_| 0)
             }
-            ComponentsChange::Rollout { name, cluster, body, events } => {
+            ComponentsChange::Rollout { name, cluster, body, events, desired } => {
+                let generation = if desired.is_empty() { 0 } else { self.set_desired(&cluster, &desired)? };
                 self.conn
                     .prepare_cached(
                         "INSERT INTO rollouts (name, cluster, body) VALUES (?1, ?2, ?3)
@@ -102,15 +83,13 @@ impl Writer {
                     )
                     .and_then(|mut s| s.execute(params![name, cluster, body]))
                     .map_err(|e| self.err(e))?;
-                let mut last = 0;
                 for a in self.append(events, published)? {
                     self.conn
                         .prepare_cached("INSERT OR IGNORE INTO rollout_events (name, cursor) VALUES (?1, ?2)")
                         .and_then(|mut s| s.execute(params![name, a.cursor as i64]))
                         .map_err(|e| self.err(e))?;
-                    last = a.cursor;
                 }
-                Ok(last)
+                Ok(generation)
             }
             ComponentsChange::FaultAction { event, state } => {
                 let fault_id = event.event.fault_id;
@@ -145,5 +124,33 @@ impl Writer {
                 Ok(0)
             }
         }
+    }
+
+    /// Writes desired components of targets of a cluster at one new generation (returned).
+    fn set_desired(&mut self, cluster: &str, rows: &[(String, Vec<u8>)]) -> Result<u64> {
+        let generation: i64 = self
+            .conn
+            .query_row(
+                "SELECT COALESCE((SELECT value FROM meta WHERE key = 'components_generation'), 0) + 1",
+                [],
+                |r| r.get(0),
+            )
+            .map_err(|e| self.err(e))?;
+        self.conn
+            .execute(
+                "INSERT INTO meta (key, value) VALUES ('components_generation', ?1) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                [generation],
+            )
+            .map_err(|e| self.err(e))?;
+        for (target, specs) in rows {
+            self.conn
+                .prepare_cached(
+                    "INSERT INTO desired_components (cluster, target, generation, specs) VALUES (?1, ?2, ?3, ?4)
+                     ON CONFLICT (cluster, target) DO UPDATE SET generation = excluded.generation, specs = excluded.specs",
+                )
+                .and_then(|mut s| s.execute(params![cluster, target, generation, specs]))
+                .map_err(|e| self.err(e))?;
+        }
+        Ok(generation as u64)
     }
 }

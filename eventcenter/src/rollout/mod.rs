@@ -1,11 +1,63 @@
 //! Rollouts as the center checks and plans them: a spec is valid as a whole or refused with the
 //! first problem named (nothing is stored); its waves are planned from the nodes the selector
 //! matches when it is created (by name, so the plan is the same on every replica and restart), and
-//! how a person's control moves its phase.
+//! how a person's control moves its phase. The controller (`controller`) drives them.
+
+pub mod controller;
+pub mod window;
 
 use nodekeeper_proto::v1::{
-    RolloutControl, RolloutFailureAction, RolloutNode, RolloutNodePhase, RolloutPhase, RolloutSpec,
+    Category, Event, EventKind, Origin, Rollout, RolloutControl, RolloutFailureAction, RolloutNode, RolloutNodePhase,
+    RolloutPhase, RolloutSpec, Severity,
 };
+
+use crate::store::{Identity, NewEvent};
+
+/// What the API and the controller share: one change of the rollouts at a time, and a wake-up
+/// for the controller when a person created or controlled one.
+#[derive(Default)]
+pub struct Shared {
+    pub lock: tokio::sync::Mutex<()>,
+    pub changed: tokio::sync::Notify,
+}
+
+/// An event of a rollout's timeline (`node` empty: of the whole rollout; `wave` counted from 1),
+/// recorded with who caused it.
+pub fn event(
+    r: &Rollout,
+    kind: &str,
+    node: &str,
+    wave: Option<u32>,
+    message: String,
+    severity: Severity,
+    by: &str,
+) -> NewEvent {
+    let spec = r.spec.clone().unwrap_or_default();
+    let mut event = Event {
+        cluster: spec.cluster.clone(),
+        node: node.to_owned(),
+        kind: EventKind::Action as i32,
+        r#type: kind.to_owned(),
+        message,
+        severity: severity as i32,
+        category: Category::Action as i32,
+        time: Some(nodekeeper_common::time::now_timestamp()),
+        origin: Some(Origin { producer: "center".into(), ..Default::default() }),
+        source: "eventcenter/rollouts".into(),
+        ..Default::default()
+    };
+    event.attributes.insert("rollout".into(), spec.name);
+    event.attributes.insert("issuer".into(), by.to_owned());
+    if let Some(w) = wave {
+        event.attributes.insert("wave".into(), w.to_string());
+    }
+    NewEvent::new(Identity::Center, event)
+}
+
+/// "progressing", "rolled back", ...
+pub fn phase_name(p: RolloutPhase) -> String {
+    p.as_str_name().trim_start_matches("ROLLOUT_PHASE_").to_ascii_lowercase().replace('_', " ")
+}
 
 /// A wave's size: a node count, or a percentage of the selected nodes.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -86,8 +138,8 @@ pub fn validate(spec: &RolloutSpec) -> Result<(), String> {
                 return Err(at(format!("day {d:?}: expected mon, tue, wed, thu, fri, sat or sun")));
             }
         }
-        minutes(&w.start).map_err(|e| at(format!("start: {e}")))?;
-        minutes(&w.end).map_err(|e| at(format!("end: {e}")))?;
+        window::minutes(&w.start).map_err(|e| at(format!("start: {e}")))?;
+        window::minutes(&w.end).map_err(|e| at(format!("end: {e}")))?;
         if w.start == w.end {
             return Err(at("start and end are the same: an empty window".into()));
         }
@@ -96,17 +148,6 @@ pub fn validate(spec: &RolloutSpec) -> Result<(), String> {
         }
     }
     Ok(())
-}
-
-/// "HH:MM" → minutes after midnight.
-pub fn minutes(hhmm: &str) -> Result<u32, String> {
-    let bad = || format!("{hhmm:?}: expected HH:MM");
-    let (h, m) = hhmm.split_once(':').ok_or_else(bad)?;
-    let (h, m): (u32, u32) = (h.parse().map_err(|_| bad())?, m.parse().map_err(|_| bad())?);
-    if h > 23 || m > 59 || hhmm.len() != 5 {
-        return Err(bad());
-    }
-    Ok(h * 60 + m)
 }
 
 /// The nodes in waves: `nodes` (the selected ones) sorted by name, wave i taking them up to its
@@ -124,7 +165,7 @@ pub fn plan(spec: &RolloutSpec, mut nodes: Vec<String>) -> Vec<RolloutNode> {
                 node: node.clone(),
                 wave: i as u32,
                 phase: RolloutNodePhase::Waiting as i32,
-                reason: String::new(),
+                ..Default::default()
             });
         }
         taken = upto;
