@@ -8,7 +8,7 @@ use std::time::Duration;
 use nodekeeper_agent::components::spec::{TomlComponent, from_toml};
 use nodekeeper_proto::v1::{
     ControlRolloutRequest, CreateRolloutRequest, GetRolloutRequest, ListRolloutsRequest, MaintenanceWindow, Rollout,
-    RolloutControl, RolloutFailureAction, RolloutNodePhase, RolloutSpec, RolloutStrategy,
+    RolloutControl, RolloutFailureAction, RolloutNodePhase, RolloutPhase, RolloutSpec, RolloutStrategy,
     rollout_service_client::RolloutServiceClient,
 };
 use serde::Deserialize;
@@ -99,8 +99,25 @@ pub fn load(path: &Path) -> Result<RolloutSpec, String> {
     })
 }
 
+/// A rollout of thousands of nodes, with its timeline, is several MB: more than gRPC's default
+/// 4 MiB a message.
+fn client(ch: Channel) -> RolloutServiceClient<Channel> {
+    RolloutServiceClient::new(ch).max_decoding_message_size(256 << 20)
+}
+
 fn phase(r: &Rollout) -> String {
     enum_name(r.phase().as_str_name(), "ROLLOUT_PHASE_")
+}
+
+/// "2 of 3 (25%)", and until when it bakes.
+fn wave(r: &Rollout, waves: &[String]) -> String {
+    let size = waves.get(r.wave as usize).cloned().unwrap_or_default();
+    let mut out = format!("{} of {} ({size})", r.wave + 1, waves.len());
+    let running = matches!(r.phase(), RolloutPhase::Progressing | RolloutPhase::Waiting);
+    if let Some(t) = r.bake_until.as_ref().filter(|_| running) {
+        out.push_str(&format!(", baking until {}", time(Some(t))));
+    }
+    out
 }
 
 /// "changed/total" of a rollout's nodes.
@@ -111,11 +128,7 @@ fn progress(r: &Rollout) -> String {
 
 pub async fn create(ch: Channel, json: bool, file: &Path) -> anyhow::Result<()> {
     let spec = load(file).map_err(|e| status(Status::invalid_argument(e)))?;
-    let r = RolloutServiceClient::new(ch)
-        .create_rollout(CreateRolloutRequest { spec: Some(spec) })
-        .await
-        .map_err(status)?
-        .into_inner();
+    let r = client(ch).create_rollout(CreateRolloutRequest { spec: Some(spec) }).await.map_err(status)?.into_inner();
     if json {
         return json_line("nodekeeper.v1.Rollout", &r);
     }
@@ -134,11 +147,7 @@ pub async fn create(ch: Channel, json: bool, file: &Path) -> anyhow::Result<()> 
 }
 
 pub async fn list(ch: Channel, json: bool, clusters: Vec<String>) -> anyhow::Result<()> {
-    let rollouts = RolloutServiceClient::new(ch)
-        .list_rollouts(ListRolloutsRequest { clusters })
-        .await
-        .map_err(status)?
-        .into_inner();
+    let rollouts = client(ch).list_rollouts(ListRolloutsRequest { clusters }).await.map_err(status)?.into_inner();
     if json {
         for r in &rollouts.rollouts {
             json_line("nodekeeper.v1.Rollout", r)?;
@@ -167,8 +176,7 @@ pub async fn list(ch: Channel, json: bool, clusters: Vec<String>) -> anyhow::Res
 }
 
 pub async fn show(ch: Channel, json: bool, name: String) -> anyhow::Result<()> {
-    let resp =
-        RolloutServiceClient::new(ch).get_rollout(GetRolloutRequest { name }).await.map_err(status)?.into_inner();
+    let resp = client(ch).get_rollout(GetRolloutRequest { name }).await.map_err(status)?.into_inner();
     if json {
         return json_line("nodekeeper.v1.GetRolloutResponse", &resp);
     }
@@ -186,7 +194,9 @@ pub async fn show(ch: Channel, json: bool, name: String) -> anyhow::Result<()> {
         ("Parallel", strategy.max_parallel.to_string()),
         ("Bake", bake),
         ("On failure", enum_name(strategy.on_failure().as_str_name(), "ROLLOUT_FAILURE_ACTION_")),
+        ("Drain", if strategy.drain { "cordon and drain each node" } else { "no" }.into()),
         ("Phase", phase(&r)),
+        ("Wave", wave(&r, &strategy.waves)),
         ("Reason", r.reason.clone()),
         ("Changed", progress(&r)),
         ("Created", format!("{} by {}", time(r.created_time.as_ref()), r.created_by)),
@@ -220,7 +230,7 @@ pub async fn control(
     reason: Option<String>,
 ) -> anyhow::Result<()> {
     let request = ControlRolloutRequest { name, control: control as i32, reason: reason.unwrap_or_default() };
-    let r = RolloutServiceClient::new(ch).control_rollout(request).await.map_err(status)?.into_inner();
+    let r = client(ch).control_rollout(request).await.map_err(status)?.into_inner();
     if json {
         return json_line("nodekeeper.v1.Rollout", &r);
     }

@@ -19,6 +19,10 @@ pub const FAULT_ID: &str = "nodekeeper.io/fault-id";
 /// Set when the node was already cordoned by someone else when we isolated it: release leaves it
 /// cordoned.
 pub const WAS_CORDONED: &str = "nodekeeper.io/was-cordoned";
+/// On a node we cordoned for a rollout: the rollout's name.
+pub const ROLLOUT_CORDON: &str = "nodekeeper.io/cordoned-for-rollout";
+/// Set when the node was already cordoned when a rollout cordoned it: the uncordon leaves it so.
+pub const ROLLOUT_WAS_CORDONED: &str = "nodekeeper.io/rollout-was-cordoned";
 
 #[derive(Debug, thiserror::Error)]
 pub enum KubeError {
@@ -229,6 +233,56 @@ impl Kube {
                     "spec": spec,
                 });
                 Some((patch, if was_cordoned { Released::LeftCordoned } else { Released::Uncordoned }))
+            })
+            .await?;
+        Ok(done.unwrap_or(Released::NotOurs))
+    }
+
+    /// Cordons the node for a rollout, annotated with the rollout and whether it was cordoned
+    /// already (by someone else). Returns that.
+    pub async fn cordon_for_rollout(&self, name: &str, rollout: &str) -> Result<bool, KubeError> {
+        let done = self
+            .patch_node(name, |node| {
+                let annotations = node.metadata.annotations.clone().unwrap_or_default();
+                if annotations.get(ROLLOUT_CORDON).is_some_and(|r| r == rollout) {
+                    return None;
+                }
+                let was_cordoned = node.spec.as_ref().and_then(|s| s.unschedulable) == Some(true);
+                let patch = json!({
+                    "metadata": { "annotations": { ROLLOUT_CORDON: rollout, ROLLOUT_WAS_CORDONED: was_cordoned.to_string() } },
+                    "spec": { "unschedulable": true },
+                });
+                Some((patch, was_cordoned))
+            })
+            .await?;
+        match done {
+            Some(was) => Ok(was),
+            // Cordoned by this rollout already (a retry): what we noted then.
+            None => Ok(self
+                .node(name)
+                .await?
+                .metadata
+                .annotations
+                .and_then(|a| a.get(ROLLOUT_WAS_CORDONED).cloned())
+                .is_some_and(|v| v == "true")),
+        }
+    }
+
+    /// Undoes `cordon_for_rollout`: uncordons unless the node was cordoned before it or is held
+    /// isolated now; removes the annotations.
+    pub async fn uncordon_after_rollout(&self, name: &str) -> Result<Released, KubeError> {
+        let done = self
+            .patch_node(name, |node| {
+                let annotations = node.metadata.annotations.clone().unwrap_or_default();
+                annotations.get(ROLLOUT_CORDON)?;
+                let keep = annotations.get(ROLLOUT_WAS_CORDONED).is_some_and(|v| v == "true")
+                    || annotations.contains_key(ISOLATED_BY);
+                let mut patch =
+                    json!({ "metadata": { "annotations": { ROLLOUT_CORDON: null, ROLLOUT_WAS_CORDONED: null } } });
+                if !keep {
+                    patch["spec"] = json!({ "unschedulable": null });
+                }
+                Some((patch, if keep { Released::LeftCordoned } else { Released::Uncordoned }))
             })
             .await?;
         Ok(done.unwrap_or(Released::NotOurs))

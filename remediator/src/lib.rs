@@ -15,6 +15,7 @@ pub mod kube;
 pub mod leader;
 pub mod nodesync;
 mod playbook;
+pub mod rollouts;
 
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -144,6 +145,18 @@ impl Remediator {
             self.onboarding.clone(),
             self.cancel.child_token(),
         ))
+    }
+
+    /// The Kubernetes work of this cluster's rollouts (drain, uncordon), when there is
+    /// Kubernetes access and this is not a dry run.
+    pub fn rollout_worker(&self) -> Option<std::sync::Arc<rollouts::NodeWorker>> {
+        let kube = self.kube.as_ref().filter(|_| !self.cfg.dry_run)?;
+        Some(std::sync::Arc::new(rollouts::NodeWorker::new(
+            self.cfg.cluster.clone(),
+            self.ch.clone(),
+            kube.clone(),
+            self.cancel.child_token(),
+        )))
     }
 
     /// The leader election of this cluster's replicas, when it is on.

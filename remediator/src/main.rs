@@ -89,6 +89,7 @@ fn main() -> ExitCode {
             remediator.set_leading(true);
             let exporter = remediator.conditions_exporter().map(|e| tokio::spawn(e.run()));
             let node_sync = remediator.node_sync().map(|s| tokio::spawn(s.run()));
+            let rollout_work = remediator.rollout_worker().map(|w| tokio::spawn(w.run()));
             let running = tokio::spawn(remediator.clone().run());
             tokio::select! {
                 _ = &mut shutdown => {}
@@ -96,7 +97,7 @@ fn main() -> ExitCode {
             }
             nodekeeper_common::systemd::stopping();
             cancel.cancel();
-            for task in [Some(running), exporter, node_sync].into_iter().flatten() {
+            for task in [Some(running), exporter, node_sync, rollout_work].into_iter().flatten() {
                 let _ = task.await;
             }
             remediator.set_leading(false);

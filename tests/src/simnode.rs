@@ -4,7 +4,7 @@
 
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::{Duration, SystemTime};
 
 use nodekeeper_proto::v1::{
     AgentMessage, ComponentPhase, ComponentStatus, ComponentStatusReport, DesiredState, Heartbeat, Hello,
@@ -12,7 +12,7 @@ use nodekeeper_proto::v1::{
 };
 
 /// What the simulated nodes saw: (node, when, the desired state).
-pub type Seen = Arc<Mutex<Vec<(String, Instant, DesiredState)>>>;
+pub type Seen = Arc<Mutex<Vec<(String, SystemTime, DesiredState)>>>;
 
 /// Settings shared by simulated nodes.
 #[derive(Clone)]
@@ -22,11 +22,13 @@ pub struct Sim {
     /// Versions whose change fails (the node reports the component failed and rolled back).
     pub broken: Arc<Mutex<HashSet<String>>>,
     pub seen: Seen,
+    /// Streams opened (welcomed) so far.
+    pub connected: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl Sim {
     pub fn new(url: String, heartbeat: Duration) -> Sim {
-        Sim { url, heartbeat, broken: Arc::default(), seen: Arc::default() }
+        Sim { url, heartbeat, broken: Arc::default(), seen: Arc::default(), connected: Arc::default() }
     }
 
     /// Runs one node until the center ends its stream; connects again after that.
@@ -39,6 +41,7 @@ impl Sim {
                 tokio::time::sleep(Duration::from_millis(200)).await;
                 continue;
             };
+            self.connected.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             let (tx, mut rx) = conn.into_parts();
             let mut tick = tokio::time::interval(self.heartbeat);
             loop {
@@ -52,7 +55,7 @@ impl Sim {
                     m = rx.message() => match m {
                         Ok(Some(m)) => {
                             let Some(center_message::Msg::DesiredState(d)) = m.msg else { continue };
-                            self.seen.lock().unwrap().push((node.clone(), Instant::now(), d.clone()));
+                            self.seen.lock().unwrap().push((node.clone(), SystemTime::now(), d.clone()));
                             let report = self.report(&d, &mut installed);
                             let msg = AgentMessage { msg: Some(agent_message::Msg::ComponentStatus(report)) };
                             if tx.send(msg).await.is_err() {

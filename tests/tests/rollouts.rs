@@ -7,7 +7,9 @@ use std::time::{Duration, SystemTime};
 
 use nodekeeper_tests::alertmanager::Alertmanager;
 use nodekeeper_tests::simnode::Sim;
-use nodekeeper_tests::{AgentConn, EventCenter, cli, free_port, hello, http_get, json_lines, metric_where, wait_for};
+use nodekeeper_tests::{
+    AgentConn, EventCenter, Remediator, cli, free_port, hello, http_get, json_lines, kubeapi, metric_where, wait_for,
+};
 
 /// Nodes n00.. of cluster c1 in pool `pool`, registered (their streams kept open).
 async fn nodes(center: &EventCenter, n: usize, pool: &str) -> Vec<AgentConn> {
@@ -311,4 +313,86 @@ async fn a_rollout_waits_on_alerts_and_freezes_takes_newcomers_and_leaves_its_ve
     .await;
     let text = http_get(&format!("http://127.0.0.1:{metrics}/metrics")).await;
     assert_eq!(metric_where(&text, "nodekeeper_eventcenter_rollouts", "phase=\"completed\""), Some(1.0), "{text}");
+}
+
+/// The types of a node's events in the timeline, in order.
+fn node_steps(shown: &serde_json::Value, node: &str) -> Vec<String> {
+    shown["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["node"] == node)
+        .map(|e| e["type"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_draining_rollout_cordons_and_drains_each_node_before_its_change_and_uncordons_only_its_own() {
+    let center = EventCenter::start("[nodes]\ncheck_interval = \"50ms\"\n").await;
+    let url = center.url();
+    let api = kubeapi::Server::start().await;
+    for i in 0..4 {
+        let node = format!("gpu-{i:02}");
+        api.kube.add_node(&node);
+        api.kube.add_pod("apps", &format!("web-{i}"), &node, Some("ReplicaSet"));
+    }
+    // Someone else cordoned gpu-02; a PodDisruptionBudget holds gpu-01's pod for now.
+    api.kube.cordon("gpu-02");
+    api.kube.block_eviction("apps", "web-1", true);
+    let sim = Sim::new(url.clone(), Duration::from_millis(500));
+    sim_nodes(&sim, 0..4);
+    let _remediator =
+        Remediator::start(&url, &api.kubeconfig, "[[playbook]]\ntypes = [\"NoSuchFault\"]\nsteps = [\"escalate\"]\n");
+    wait_for("4 nodes", Duration::from_secs(20), || async {
+        let (_, out, _) = cli(&url, &["nodes", "list", "-o", "json"]).await;
+        (json_lines(&out).len() == 4).then_some(())
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let strategy = "max_parallel = 2\nbake = \"1s\"\ndrain = true";
+    let file = rollout_file(dir.path(), "kubelet-1.31.2", r#""1", "100%""#, strategy, "1.31.2-1");
+    let (code, _, err) = cli(&url, &["rollouts", "create", "-f", file.to_str().unwrap()]).await;
+    assert_eq!(code, 0, "{err}");
+    let name = "kubelet-1.31.2";
+
+    // gpu-01 stays cordoned, draining, unchanged while its pod cannot be evicted.
+    let shown = wait_rollout(&url, name, "gpu-01 draining", |s| {
+        s["rollout"]["nodes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|n| n["node"] == "gpu-01" && n["phase"] == "ROLLOUT_NODE_PHASE_DRAINING")
+    })
+    .await;
+    assert!(!node_steps(&shown, "gpu-01").contains(&"RolloutNodeStarted".to_owned()));
+    wait_for("gpu-01 cordoned", Duration::from_secs(20), || async {
+        (api.kube.node("gpu-01")["spec"]["unschedulable"] == true).then_some(())
+    })
+    .await;
+    assert!(api.kube.pod("apps", "web-1").is_some(), "the budget holds the pod");
+    api.kube.block_eviction("apps", "web-1", false);
+
+    let shown = wait_rollout(&url, name, "the rollout completed", |s| phase_is(s, "ROLLOUT_PHASE_COMPLETED")).await;
+    for i in 0..4 {
+        let node = format!("gpu-{i:02}");
+        assert_eq!(
+            node_steps(&shown, &node),
+            [
+                "RolloutNodeDraining",
+                "RolloutNodeDrained",
+                "RolloutNodeStarted",
+                "RolloutNodeChanged",
+                "RolloutNodeUncordoning",
+                "RolloutNodeUncordoned"
+            ],
+            "{node}: cordoned and drained before its change, uncordoned after"
+        );
+        assert!(api.kube.pod("apps", &format!("web-{i}")).is_none(), "{node}'s pod evicted");
+        let cordoned = api.kube.node(&node)["spec"]["unschedulable"] == true;
+        assert_eq!(cordoned, node == "gpu-02", "{node}: only the node someone else cordoned stays cordoned");
+        let annotations = &api.kube.node(&node)["metadata"]["annotations"];
+        assert!(annotations.get("nodekeeper.io/cordoned-for-rollout").is_none_or(|v| v.is_null()), "{annotations}");
+    }
+    let drained = shown["events"].as_array().unwrap().iter().find(|e| e["type"] == "RolloutNodeDrained").unwrap();
+    assert_eq!(drained["attributes"]["issuer"], "insecure", "recorded by the remediator");
 }

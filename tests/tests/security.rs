@@ -554,9 +554,9 @@ async fn the_agents_local_api_refuses_callers_that_are_not_on_its_node() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn node_lifecycle_and_rollouts_are_for_their_writers_and_clusters_only() {
     use nodekeeper_proto::v1::{
-        ComponentSpec, CreateRolloutRequest, DecommissionNodeRequest, GetRolloutRequest, RolloutSpec, RolloutStrategy,
-        SyncKubernetesNodeRequest, fleet_service_client::FleetServiceClient,
-        rollout_service_client::RolloutServiceClient,
+        ComponentSpec, CreateRolloutRequest, DecommissionNodeRequest, GetRolloutRequest, NodeWorkAction,
+        PendingNodeWorkRequest, RecordNodeWorkRequest, RolloutSpec, RolloutStrategy, SyncKubernetesNodeRequest,
+        fleet_service_client::FleetServiceClient, rollout_service_client::RolloutServiceClient,
     };
     let pki = Pki::new().await;
     let center = pki.center().await;
@@ -625,4 +625,23 @@ async fn node_lifecycle_and_rollouts_are_for_their_writers_and_clusters_only() {
     // Readers of its cluster read it.
     let mut detector = RolloutServiceClient::new(tls_channel(&url, &pki.files("detector-a")).await.unwrap());
     detector.get_rollout(GetRolloutRequest { name: "r1".into() }).await.unwrap();
+    // The Kubernetes work of rollouts: the cluster's remediator (or an admin) only, and only what
+    // a node waits for.
+    let work = |action: NodeWorkAction| RecordNodeWorkRequest {
+        rollout: "r1".into(),
+        node: "node-a".into(),
+        action: action as i32,
+        success: true,
+        message: "done".into(),
+    };
+    let refused = detector.record_node_work(work(NodeWorkAction::Drain)).await.unwrap_err();
+    assert_eq!(refused.code(), Code::PermissionDenied);
+    let mut as_node = RolloutServiceClient::new(tls_channel(&url, &pki.files("node-a")).await.unwrap());
+    let refused = as_node.pending_node_work(PendingNodeWorkRequest { cluster: "a".into() }).await.unwrap_err();
+    assert_eq!(refused.code(), Code::PermissionDenied);
+    let refused = sub_rollouts.pending_node_work(PendingNodeWorkRequest { cluster: "b".into() }).await.unwrap_err();
+    assert_eq!(refused.code(), Code::PermissionDenied, "another cluster's work");
+    sub_rollouts.pending_node_work(PendingNodeWorkRequest { cluster: "a".into() }).await.unwrap();
+    let stale = sub_rollouts.record_node_work(work(NodeWorkAction::Uncordon)).await.unwrap_err();
+    assert_eq!(stale.code(), Code::FailedPrecondition, "node-a awaits no uncordon: {stale:?}");
 }

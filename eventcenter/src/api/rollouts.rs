@@ -13,6 +13,10 @@ use tonic::{Request, Response, Status};
 use super::{Ctx, READERS, issuer, require, require_cluster, scope_clusters, store_status};
 use crate::store::NewEvent;
 use crate::{rollout, selector};
+use nodekeeper_proto::v1::{
+    NodeWork, NodeWorkAction, PendingNodeWorkRequest, PendingNodeWorkResponse, RecordNodeWorkRequest,
+    RecordNodeWorkResponse, RolloutNodePhase,
+};
 
 pub struct RolloutApi(pub Ctx);
 
@@ -42,11 +46,6 @@ impl rollout_service_server::RolloutService for RolloutApi {
             }
         }
         let strategy = spec.strategy.get_or_insert_default();
-        if strategy.drain {
-            return Err(Status::invalid_argument(
-                "strategy.drain: cordon and drain during a rollout is not built yet; leave it out",
-            ));
-        }
         strategy.max_parallel = strategy.max_parallel.max(1);
         if strategy.on_failure == RolloutFailureAction::Unspecified as i32 {
             strategy.on_failure = RolloutFailureAction::Halt as i32;
@@ -164,5 +163,95 @@ impl rollout_service_server::RolloutService for RolloutApi {
         save(&self.0, &r, vec![event]).await?;
         tracing::info!(rollout = %req.name, control = %verb, by = %by, "rollout controlled");
         Ok(Response::new(r))
+    }
+
+    async fn pending_node_work(
+        &self,
+        request: Request<PendingNodeWorkRequest>,
+    ) -> Result<Response<PendingNodeWorkResponse>, Status> {
+        let caller = self.0.caller(&request)?;
+        require(&caller, &[Kind::Subscriber, Kind::Admin], "do rollouts' node work")?;
+        let cluster = request.into_inner().cluster;
+        require_cluster(&caller, &cluster)?;
+        let mut work = Vec::new();
+        for r in self.0.store.list_rollouts(vec![cluster]).await.map_err(store_status)? {
+            let spec = r.spec.clone().unwrap_or_default();
+            let strategy = spec.strategy.unwrap_or_default();
+            let timeout = strategy
+                .node_timeout
+                .or(Some(nodekeeper_common::time::to_duration(rollout::controller::DEFAULT_NODE_TIMEOUT)));
+            for n in &r.nodes {
+                let action = match n.phase() {
+                    RolloutNodePhase::Draining if !n.drained => NodeWorkAction::Drain,
+                    RolloutNodePhase::Uncordoning => NodeWorkAction::Uncordon,
+                    _ => continue,
+                };
+                work.push(NodeWork {
+                    rollout: spec.name.clone(),
+                    node: n.node.clone(),
+                    action: action as i32,
+                    timeout,
+                });
+            }
+        }
+        Ok(Response::new(PendingNodeWorkResponse { work }))
+    }
+
+    async fn record_node_work(
+        &self,
+        request: Request<RecordNodeWorkRequest>,
+    ) -> Result<Response<RecordNodeWorkResponse>, Status> {
+        let caller = self.0.caller(&request)?;
+        require(&caller, &[Kind::Subscriber, Kind::Admin], "do rollouts' node work")?;
+        let req = request.into_inner();
+        crate::validate::text("message", &req.message)?;
+        let _one = self.0.rollouts.lock.lock().await;
+        let not_found = || Status::not_found(format!("no rollout {}", req.rollout));
+        let mut r = self.0.store.rollout(req.rollout.clone()).await.map_err(store_status)?.ok_or_else(not_found)?;
+        let cluster = r.spec.as_ref().map(|s| s.cluster.clone()).unwrap_or_default();
+        require_cluster(&caller, &cluster)?;
+        let i = r
+            .nodes
+            .iter()
+            .position(|n| n.node == req.node)
+            .ok_or_else(|| Status::not_found(format!("node {} is not in rollout {}", req.node, req.rollout)))?;
+        let by = issuer(&caller);
+        let action = req.action();
+        let n = &mut r.nodes[i];
+        let (kind, message, severity) = match (action, n.phase()) {
+            (NodeWorkAction::Drain, RolloutNodePhase::Draining) if !n.drained && req.success => {
+                n.drained = true;
+                ("RolloutNodeDrained", format!("{} drained: {}", n.node, req.message), Severity::Info)
+            }
+            (NodeWorkAction::Drain, RolloutNodePhase::Draining) if !n.drained => {
+                n.phase = RolloutNodePhase::Uncordoning as i32;
+                n.then = RolloutNodePhase::Failed as i32;
+                n.reason = format!("drain failed: {}", req.message);
+                n.started_time = Some(nodekeeper_common::time::now_timestamp());
+                ("RolloutNodeFailed", format!("{} failed: {}; uncordon requested", n.node, n.reason), Severity::Warning)
+            }
+            (NodeWorkAction::Uncordon, RolloutNodePhase::Uncordoning) => {
+                n.phase = n.then;
+                if !req.success {
+                    n.phase = RolloutNodePhase::Failed as i32;
+                    n.reason = format!("uncordon failed: {}", req.message);
+                }
+                ("RolloutNodeUncordoned", format!("{}: {}", n.node, req.message), Severity::Info)
+            }
+            (_, phase) => {
+                let phase = phase.as_str_name().trim_start_matches("ROLLOUT_NODE_PHASE_").to_ascii_lowercase();
+                return Err(Status::failed_precondition(format!(
+                    "node {} of rollout {} is {phase}: no {} is awaited",
+                    req.node,
+                    req.rollout,
+                    action.as_str_name().trim_start_matches("NODE_WORK_ACTION_").to_ascii_lowercase()
+                )));
+            }
+        };
+        let wave = Some(r.nodes[i].wave + 1);
+        let event = rollout::event(&r, kind, &req.node, wave, message, severity, &by);
+        r.updated_time = Some(nodekeeper_common::time::now_timestamp());
+        save(&self.0, &r, vec![event]).await?;
+        Ok(Response::new(RecordNodeWorkResponse {}))
     }
 }

@@ -112,12 +112,15 @@ impl Store {
         one: Option<NodeKey>,
     ) -> Result<Vec<(String, String, nodekeeper_proto::v1::ComponentStatusReport)>> {
         self.read(move |c| {
-            let (query, args) = match &one {
-                Some(k) => (
+            let (query, args) = match (&one, clusters.as_slice()) {
+                (Some(k), _) => (
                     "SELECT cluster, node, body FROM component_status WHERE cluster = ?1 AND node = ?2",
                     vec![&k.cluster, &k.node],
                 ),
-                None => ("SELECT cluster, node, body FROM component_status ORDER BY cluster, node", vec![]),
+                (None, [c]) => {
+                    ("SELECT cluster, node, body FROM component_status WHERE cluster = ?1 ORDER BY node", vec![c])
+                }
+                (None, _) => ("SELECT cluster, node, body FROM component_status ORDER BY cluster, node", vec![]),
             };
             let mut stmt = c.prepare_cached(query).map_err(sql)?;
             let rows = stmt
@@ -248,12 +251,16 @@ impl Store {
         one: Option<NodeKey>,
     ) -> Result<std::collections::HashMap<(String, String), Vec<String>>> {
         self.read(move |c| {
-            let (query, args) = match &one {
-                Some(k) => (
+            let (query, args) = match (&one, clusters.as_slice()) {
+                (Some(k), _) => (
                     "SELECT cluster, node, type FROM faults WHERE state <> 4 AND cluster = ?1 AND node = ?2 ORDER BY type",
                     vec![&k.cluster, &k.node],
                 ),
-                None => ("SELECT cluster, node, type FROM faults WHERE state <> 4 ORDER BY cluster, node, type", vec![]),
+                (None, [c]) => (
+                    "SELECT cluster, node, type FROM faults WHERE state <> 4 AND cluster = ?1 ORDER BY node, type",
+                    vec![c],
+                ),
+                (None, _) => ("SELECT cluster, node, type FROM faults WHERE state <> 4 ORDER BY cluster, node, type", vec![]),
             };
             let mut stmt = c.prepare_cached(query).map_err(sql)?;
             let rows = stmt

@@ -5297,6 +5297,15 @@ pub struct RolloutNode {
     /// on it again.
     #[prost(message, repeated, tag = "10")]
     pub previous: ::prost::alloc::vec::Vec<ComponentSpec>,
+    /// Drained: its change may be commanded (strategy.drain).
+    #[prost(bool, tag = "11")]
+    pub drained: bool,
+    /// While uncordoning: the phase it takes once uncordoned (changed, failed or skipped).
+    #[prost(enumeration = "RolloutNodePhase", tag = "12")]
+    pub then: i32,
+    /// Its change was commanded (its own desired components written).
+    #[prost(bool, tag = "13")]
+    pub commanded: bool,
 }
 #[derive(Clone, PartialEq, ::prost::Message)]
 pub struct Rollout {
@@ -5360,6 +5369,44 @@ pub struct ControlRolloutRequest {
     #[prost(string, tag = "3")]
     pub reason: ::prost::alloc::string::String,
 }
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct NodeWork {
+    #[prost(string, tag = "1")]
+    pub rollout: ::prost::alloc::string::String,
+    #[prost(string, tag = "2")]
+    pub node: ::prost::alloc::string::String,
+    #[prost(enumeration = "NodeWorkAction", tag = "3")]
+    pub action: i32,
+    /// How long it may take before the rollout counts the node as failed.
+    #[prost(message, optional, tag = "4")]
+    pub timeout: ::core::option::Option<::prost_types::Duration>,
+}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct PendingNodeWorkRequest {
+    #[prost(string, tag = "1")]
+    pub cluster: ::prost::alloc::string::String,
+}
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct PendingNodeWorkResponse {
+    #[prost(message, repeated, tag = "1")]
+    pub work: ::prost::alloc::vec::Vec<NodeWork>,
+}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct RecordNodeWorkRequest {
+    #[prost(string, tag = "1")]
+    pub rollout: ::prost::alloc::string::String,
+    #[prost(string, tag = "2")]
+    pub node: ::prost::alloc::string::String,
+    #[prost(enumeration = "NodeWorkAction", tag = "3")]
+    pub action: i32,
+    #[prost(bool, tag = "4")]
+    pub success: bool,
+    /// What was done, or why it could not be.
+    #[prost(string, tag = "5")]
+    pub message: ::prost::alloc::string::String,
+}
+#[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct RecordNodeWorkResponse {}
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, ::prost::Enumeration)]
 #[repr(i32)]
 pub enum RolloutFailureAction {
@@ -5456,6 +5503,10 @@ pub enum RolloutNodePhase {
     Skipped = 6,
     /// Commanded back to the versions it had.
     RollingBack = 7,
+    /// Waiting to be cordoned and drained before its change (strategy.drain).
+    Draining = 8,
+    /// Waiting to be uncordoned; then it takes the phase in `then`.
+    Uncordoning = 9,
 }
 impl RolloutNodePhase {
     /// String value of the enum field names used in the ProtoBuf definition.
@@ -5472,6 +5523,8 @@ impl RolloutNodePhase {
             Self::RolledBack => "ROLLOUT_NODE_PHASE_ROLLED_BACK",
             Self::Skipped => "ROLLOUT_NODE_PHASE_SKIPPED",
             Self::RollingBack => "ROLLOUT_NODE_PHASE_ROLLING_BACK",
+            Self::Draining => "ROLLOUT_NODE_PHASE_DRAINING",
+            Self::Uncordoning => "ROLLOUT_NODE_PHASE_UNCORDONING",
         }
     }
     /// Creates an enum from field names used in the ProtoBuf definition.
@@ -5485,6 +5538,8 @@ impl RolloutNodePhase {
             "ROLLOUT_NODE_PHASE_ROLLED_BACK" => Some(Self::RolledBack),
             "ROLLOUT_NODE_PHASE_SKIPPED" => Some(Self::Skipped),
             "ROLLOUT_NODE_PHASE_ROLLING_BACK" => Some(Self::RollingBack),
+            "ROLLOUT_NODE_PHASE_DRAINING" => Some(Self::Draining),
+            "ROLLOUT_NODE_PHASE_UNCORDONING" => Some(Self::Uncordoning),
             _ => None,
         }
     }
@@ -5520,6 +5575,37 @@ impl RolloutControl {
             "ROLLOUT_CONTROL_RESUME" => Some(Self::Resume),
             "ROLLOUT_CONTROL_ABORT" => Some(Self::Abort),
             "ROLLOUT_CONTROL_ROLLBACK" => Some(Self::Rollback),
+            _ => None,
+        }
+    }
+}
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, ::prost::Enumeration)]
+#[repr(i32)]
+pub enum NodeWorkAction {
+    Unspecified = 0,
+    /// Cordon (recording who did) and evict its pods through the Eviction API.
+    Drain = 1,
+    /// Uncordon, unless someone else had cordoned it.
+    Uncordon = 2,
+}
+impl NodeWorkAction {
+    /// String value of the enum field names used in the ProtoBuf definition.
+    ///
+    /// The values are not transformed in any way and thus are considered stable
+    /// (if the ProtoBuf definition does not change) and safe for programmatic use.
+    pub fn as_str_name(&self) -> &'static str {
+        match self {
+            Self::Unspecified => "NODE_WORK_ACTION_UNSPECIFIED",
+            Self::Drain => "NODE_WORK_ACTION_DRAIN",
+            Self::Uncordon => "NODE_WORK_ACTION_UNCORDON",
+        }
+    }
+    /// Creates an enum from field names used in the ProtoBuf definition.
+    pub fn from_str_name(value: &str) -> ::core::option::Option<Self> {
+        match value {
+            "NODE_WORK_ACTION_UNSPECIFIED" => Some(Self::Unspecified),
+            "NODE_WORK_ACTION_DRAIN" => Some(Self::Drain),
+            "NODE_WORK_ACTION_UNCORDON" => Some(Self::Uncordon),
             _ => None,
         }
     }
@@ -5714,6 +5800,61 @@ pub mod rollout_service_client {
                 );
             self.inner.unary(req, path, codec).await
         }
+        /// The Kubernetes work a cluster's rollouts wait for (cordon and drain before a node's change,
+        /// uncordon after): the cluster's remediator asks, does it, and records each with
+        /// RecordNodeWork. Remediators and admins of the cluster.
+        pub async fn pending_node_work(
+            &mut self,
+            request: impl tonic::IntoRequest<super::PendingNodeWorkRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::PendingNodeWorkResponse>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/nodekeeper.v1.RolloutService/PendingNodeWork",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(
+                    GrpcMethod::new("nodekeeper.v1.RolloutService", "PendingNodeWork"),
+                );
+            self.inner.unary(req, path, codec).await
+        }
+        pub async fn record_node_work(
+            &mut self,
+            request: impl tonic::IntoRequest<super::RecordNodeWorkRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::RecordNodeWorkResponse>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/nodekeeper.v1.RolloutService/RecordNodeWork",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(
+                    GrpcMethod::new("nodekeeper.v1.RolloutService", "RecordNodeWork"),
+                );
+            self.inner.unary(req, path, codec).await
+        }
     }
 }
 /// Generated server implementations.
@@ -5756,6 +5897,23 @@ pub mod rollout_service_server {
             &self,
             request: tonic::Request<super::ControlRolloutRequest>,
         ) -> std::result::Result<tonic::Response<super::Rollout>, tonic::Status>;
+        /// The Kubernetes work a cluster's rollouts wait for (cordon and drain before a node's change,
+        /// uncordon after): the cluster's remediator asks, does it, and records each with
+        /// RecordNodeWork. Remediators and admins of the cluster.
+        async fn pending_node_work(
+            &self,
+            request: tonic::Request<super::PendingNodeWorkRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::PendingNodeWorkResponse>,
+            tonic::Status,
+        >;
+        async fn record_node_work(
+            &self,
+            request: tonic::Request<super::RecordNodeWorkRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::RecordNodeWorkResponse>,
+            tonic::Status,
+        >;
     }
     #[derive(Debug)]
     pub struct RolloutServiceServer<T> {
@@ -5999,6 +6157,98 @@ pub mod rollout_service_server {
                     let inner = self.inner.clone();
                     let fut = async move {
                         let method = ControlRolloutSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/nodekeeper.v1.RolloutService/PendingNodeWork" => {
+                    #[allow(non_camel_case_types)]
+                    struct PendingNodeWorkSvc<T: RolloutService>(pub Arc<T>);
+                    impl<
+                        T: RolloutService,
+                    > tonic::server::UnaryService<super::PendingNodeWorkRequest>
+                    for PendingNodeWorkSvc<T> {
+                        type Response = super::PendingNodeWorkResponse;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::PendingNodeWorkRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as RolloutService>::pending_node_work(&inner, request)
+                                    .await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = PendingNodeWorkSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/nodekeeper.v1.RolloutService/RecordNodeWork" => {
+                    #[allow(non_camel_case_types)]
+                    struct RecordNodeWorkSvc<T: RolloutService>(pub Arc<T>);
+                    impl<
+                        T: RolloutService,
+                    > tonic::server::UnaryService<super::RecordNodeWorkRequest>
+                    for RecordNodeWorkSvc<T> {
+                        type Response = super::RecordNodeWorkResponse;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::RecordNodeWorkRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as RolloutService>::record_node_work(&inner, request)
+                                    .await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = RecordNodeWorkSvc(inner);
                         let codec = tonic_prost::ProstCodec::default();
                         let mut grpc = tonic::server::Grpc::new(codec)
                             .apply_compression_config(
