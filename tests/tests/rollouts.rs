@@ -252,9 +252,12 @@ async fn a_rollout_waits_on_alerts_and_freezes_takes_newcomers_and_leaves_its_ve
     .await;
     let dir = tempfile::tempdir().unwrap();
     let strategy = "max_parallel = 2\nbake = \"1s\"";
-    let file = rollout_file(dir.path(), "kubelet-1.31.2", r#""1", "50%", "100%""#, strategy, "1.31.2-1");
-    let (code, _, err) = cli(&url, &["rollouts", "create", "-f", file.to_str().unwrap()]).await;
+    // 5% of 12 nodes is no more than the first wave's one: that wave takes none, and is passed
+    // over without a bake.
+    let file = rollout_file(dir.path(), "kubelet-1.31.2", r#""1", "5%", "50%", "100%""#, strategy, "1.31.2-1");
+    let (code, out, err) = cli(&url, &["rollouts", "create", "-f", file.to_str().unwrap()]).await;
     assert_eq!(code, 0, "{err}");
+    assert!(out.contains("1: 1, 5%: 0, 50%: 5, 100%: 6"), "{out}");
     let name = "kubelet-1.31.2";
     wait_rollout(&url, name, "the first wave done", |s| count(s, "RolloutWaveChanged") >= 1).await;
 
@@ -278,7 +281,7 @@ async fn a_rollout_waits_on_alerts_and_freezes_takes_newcomers_and_leaves_its_ve
     let shown = wait_rollout(&url, name, "the newcomer planned", |s| count(s, "RolloutNodeAdded") == 1).await;
     let newcomer =
         shown["rollout"]["nodes"].as_array().unwrap().iter().find(|n| n["node"] == "gpu-12").unwrap().clone();
-    assert_eq!(newcomer["wave"], 2, "{newcomer}");
+    assert_eq!(newcomer["wave"], 3, "{newcomer}");
     assert_eq!(count(&shown, "RolloutNodeStarted"), started, "no node started while the alert fires");
     am.post(&[("alertname", "PodCreationFailing"), ("cluster", "c1")], true).await;
     wait_rollout(&url, name, "the rollout to go on", |s| count(s, "RolloutContinued") >= 1).await;
@@ -301,6 +304,15 @@ async fn a_rollout_waits_on_alerts_and_freezes_takes_newcomers_and_leaves_its_ve
     let shown = wait_rollout(&url, name, "the rollout completed", |s| phase_is(s, "ROLLOUT_PHASE_COMPLETED")).await;
     assert_eq!(count(&shown, "RolloutNodeStarted"), 13);
     assert_eq!(count(&shown, "RolloutNodeChanged"), 13);
+    let waves: Vec<&str> = shown["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["type"] == "RolloutWaveChanged" || e["type"] == "RolloutWaveStarted")
+        .map(|e| e["message"].as_str().unwrap())
+        .collect();
+    assert_eq!(waves.len(), 5, "three waves baked, two started, the empty one passed over: {waves:?}");
+    assert!(waves.iter().all(|m| !m.starts_with("wave 2 of 4")), "{waves:?}");
     sim_nodes(&sim, 13..14);
     wait_for("the late node given the rollout's version", Duration::from_secs(20), || async {
         let seen = sim.seen.lock().unwrap();

@@ -77,6 +77,17 @@ impl Pass<'_> {
             if r.nodes.iter().any(|n| n.wave == wave && (n.phase() == NodePhase::Waiting || in_flight(n.phase()))) {
                 break;
             }
+            // A wave that took no node (no bigger than the one before) has nothing to bake.
+            if r.bake_until.is_none() && !r.nodes.iter().any(|n| n.wave == wave) {
+                match next_wave(r, wave, s.waves.len()) {
+                    Some(next) => r.wave = next,
+                    None => {
+                        self.complete(r);
+                        return Ok(None);
+                    }
+                }
+                continue;
+            }
             let bake = from_duration(s.bake.as_ref()).unwrap_or_default();
             let Some(until) = r.bake_until.as_ref().map(timestamp_to_unix_ms) else {
                 let of = |p: NodePhase| r.nodes.iter().filter(|n| n.wave == wave && n.phase() == p).count();
@@ -102,11 +113,11 @@ impl Pass<'_> {
                 self.go_on(r);
                 return Ok(Some(Instant::now() + Duration::from_millis(left as u64)));
             }
-            if wave as usize + 1 >= s.waves.len() {
+            let Some(next) = next_wave(r, wave, s.waves.len()) else {
                 self.complete(r);
                 return Ok(None);
-            }
-            r.wave += 1;
+            };
+            r.wave = next;
             r.bake_until = None;
             let count = r.nodes.iter().filter(|n| n.wave == r.wave).count();
             let msg = format!("wave {} of {} started: {count} node(s)", r.wave + 1, s.waves.len());
@@ -296,6 +307,11 @@ impl Pass<'_> {
         r.reason.clear();
         self.rollout_event(r, "RolloutCompleted", msg, Severity::Info);
     }
+}
+
+/// The first wave after `wave` that has nodes.
+fn next_wave(r: &Rollout, wave: u32, waves: usize) -> Option<u32> {
+    (wave + 1..waves as u32).find(|w| r.nodes.iter().any(|n| n.wave == *w))
 }
 
 /// An operator's gate condition (`condition <type>`): it says whether a node may take pods, not
