@@ -14,11 +14,11 @@ use std::sync::Mutex;
 use std::time::{Duration, SystemTime};
 
 use nodekeeper_common::time::{self as nktime, timestamp_to_unix_ms, to_unix_ms};
-use nodekeeper_proto::v1::{Category, ClusterGuard, Event, EventKind, Operation, Origin, Permit, Severity};
+use nodekeeper_proto::v1::{ClusterGuard, Operation, Permit, Severity};
 use prost::Message;
 
 use crate::config::PermitsConfig;
-use crate::store::{Identity, NewEvent, Store, StoreError};
+use crate::store::{NewEvent, Store, StoreError};
 
 /// The operation named in configuration.
 pub fn operation(name: &str) -> Option<Operation> {
@@ -76,23 +76,7 @@ fn event(
     severity: Severity,
     attributes: Vec<(&str, String)>,
 ) -> NewEvent {
-    NewEvent::new(
-        Identity::Center,
-        Event {
-            cluster: cluster.to_owned(),
-            node: node.to_owned(),
-            kind: EventKind::Action as i32,
-            r#type: kind.to_owned(),
-            message,
-            severity: severity as i32,
-            category: Category::Action as i32,
-            time: Some(nktime::now_timestamp()),
-            origin: Some(Origin { producer: "center".into(), ..Default::default() }),
-            source: "eventcenter/permits".into(),
-            attributes: attributes.into_iter().map(|(k, v)| (k.to_owned(), v)).collect(),
-            ..Default::default()
-        },
-    )
+    NewEvent::center_action("eventcenter/permits", cluster, node, kind, message, severity, attributes)
 }
 
 fn now_ms() -> i64 {

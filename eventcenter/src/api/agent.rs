@@ -80,7 +80,7 @@ pub async fn send_command(
 ) -> Result<Response<nodekeeper_proto::v1::SendCommandResponse>, Status> {
     use nodekeeper_proto::v1::{Command, command, send_command_request};
     let caller = ctx.caller(&request)?;
-    super::require(&caller, &[Kind::Subscriber, Kind::Admin], "send commands to nodes")?;
+    super::require(&caller, super::ACTORS, "send commands to nodes")?;
     let req = request.into_inner();
     validate::name(nodekeeper_common::names::cluster(&req.cluster))?;
     validate::name(nodekeeper_common::names::node(&req.node))?;

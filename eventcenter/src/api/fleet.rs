@@ -1,7 +1,6 @@
 //! Nodes, faults and conditions.
 
 use nodekeeper_common::names;
-use nodekeeper_common::tls::Kind;
 use nodekeeper_proto::v1::{
     Category, DecommissionNodeRequest, DecommissionNodeResponse, Event, EventKind, Fault, FaultState, GetFaultRequest,
     GetFaultResponse, GetNodeRequest, Inventory, ListComponentsRequest, ListComponentsResponse, ListConditionsRequest,
@@ -128,7 +127,7 @@ impl fleet_service_server::FleetService for FleetApi {
 
     async fn record_step(&self, request: Request<RecordStepRequest>) -> Result<Response<RecordStepResponse>, Status> {
         let caller = self.0.caller(&request)?;
-        require(&caller, &[Kind::Subscriber, Kind::Admin], "record remediation steps")?;
+        require(&caller, super::ACTORS, "record remediation steps")?;
         let req = request.into_inner();
         validate::step(&req)?;
         let state = req.state();

@@ -102,6 +102,8 @@ pub fn require_cluster(caller: &Caller, cluster: &str) -> Result<(), Status> {
 
 /// Readers of events and fleet state.
 pub const READERS: &[Kind] = &[Kind::Subscriber, Kind::Detector, Kind::Admin];
+/// Who acts on a cluster's nodes: its remediators (subscriber certificates) and admins.
+pub const ACTORS: &[Kind] = &[Kind::Subscriber, Kind::Admin];
 
 /// The status a client gets for a store error: retryable codes where retrying helps, and never
 /// the server's paths. A full disk is logged by the disk reserve, once per change, not per call.

@@ -2,7 +2,6 @@
 //! (`SyncKubernetesNode`), and its decommissioning (`DecommissionNode`).
 
 use nodekeeper_common::names;
-use nodekeeper_common::tls::Kind;
 use nodekeeper_proto::v1::{
     DecommissionNodeRequest, DecommissionNodeResponse, Node, SyncKubernetesNodeRequest, SyncKubernetesNodeResponse,
 };
@@ -11,9 +10,6 @@ use tonic::{Request, Response, Status};
 use super::{Caller, Ctx, issuer, require, require_cluster, store_status};
 use crate::store::NodeKey;
 use crate::{readiness, validate};
-
-/// Who may tell the center about nodes: the remediator (a subscriber) and operators.
-const NODE_WRITERS: &[Kind] = &[Kind::Subscriber, Kind::Admin];
 
 /// Fills each node's gates (one node's reads are narrowed to it).
 pub async fn fill_gates(ctx: &Ctx, nodes: &mut [Node]) -> Result<(), Status> {
@@ -46,7 +42,7 @@ pub async fn sync_kubernetes(
     request: Request<SyncKubernetesNodeRequest>,
 ) -> Result<Response<SyncKubernetesNodeResponse>, Status> {
     let caller = ctx.caller(&request)?;
-    require(&caller, NODE_WRITERS, "sync nodes from Kubernetes")?;
+    require(&caller, super::ACTORS, "sync nodes from Kubernetes")?;
     let req = request.into_inner();
     let key = key_of(&caller, req.cluster, req.node)?;
     validate::labels(&req.labels)?;
@@ -71,7 +67,7 @@ pub async fn decommission(
     request: Request<DecommissionNodeRequest>,
 ) -> Result<Response<DecommissionNodeResponse>, Status> {
     let caller = ctx.caller(&request)?;
-    require(&caller, NODE_WRITERS, "decommission nodes")?;
+    require(&caller, super::ACTORS, "decommission nodes")?;
     let req = request.into_inner();
     let key = key_of(&caller, req.cluster, req.node)?;
     let reason = if req.reason.trim().is_empty() { "no reason given".to_owned() } else { req.reason };

@@ -29,7 +29,7 @@ impl permit_service_server::PermitService for PermitApi {
         request: Request<AcquirePermitRequest>,
     ) -> Result<Response<AcquirePermitResponse>, Status> {
         let caller = self.0.caller(&request)?;
-        require(&caller, &[Kind::Subscriber, Kind::Admin], "acquire permits")?;
+        require(&caller, super::ACTORS, "acquire permits")?;
         let req = request.into_inner();
         validate::name(nodekeeper_common::names::cluster(&req.cluster))?;
         validate::name(nodekeeper_common::names::node(&req.node))?;
@@ -58,7 +58,7 @@ impl permit_service_server::PermitService for PermitApi {
         request: Request<ReleasePermitRequest>,
     ) -> Result<Response<ReleasePermitResponse>, Status> {
         let caller = self.0.caller(&request)?;
-        require(&caller, &[Kind::Subscriber, Kind::Admin], "release permits")?;
+        require(&caller, super::ACTORS, "release permits")?;
         let req = request.into_inner();
         if let Ok(p) = self.0.permits.check_any(&req.permit_id) {
             require_cluster(&caller, &p.cluster)?;

@@ -170,7 +170,7 @@ impl rollout_service_server::RolloutService for RolloutApi {
         request: Request<PendingNodeWorkRequest>,
     ) -> Result<Response<PendingNodeWorkResponse>, Status> {
         let caller = self.0.caller(&request)?;
-        require(&caller, &[Kind::Subscriber, Kind::Admin], "do rollouts' node work")?;
+        require(&caller, super::ACTORS, "do rollouts' node work")?;
         let cluster = request.into_inner().cluster;
         require_cluster(&caller, &cluster)?;
         let mut work = Vec::new();
@@ -202,7 +202,7 @@ impl rollout_service_server::RolloutService for RolloutApi {
         request: Request<RecordNodeWorkRequest>,
     ) -> Result<Response<RecordNodeWorkResponse>, Status> {
         let caller = self.0.caller(&request)?;
-        require(&caller, &[Kind::Subscriber, Kind::Admin], "do rollouts' node work")?;
+        require(&caller, super::ACTORS, "do rollouts' node work")?;
         let req = request.into_inner();
         crate::validate::text("message", &req.message)?;
         let _one = self.0.rollouts.lock.lock().await;

@@ -7,11 +7,10 @@ pub mod controller;
 pub mod window;
 
 use nodekeeper_proto::v1::{
-    Category, Event, EventKind, Origin, Rollout, RolloutControl, RolloutFailureAction, RolloutNode, RolloutNodePhase,
-    RolloutPhase, RolloutSpec, Severity,
+    Rollout, RolloutControl, RolloutFailureAction, RolloutNode, RolloutNodePhase, RolloutPhase, RolloutSpec, Severity,
 };
 
-use crate::store::{Identity, NewEvent};
+use crate::store::NewEvent;
 
 /// What the API and the controller share: one change of the rollouts at a time, and a wake-up
 /// for the controller when a person created or controlled one.
@@ -33,25 +32,11 @@ pub fn event(
     by: &str,
 ) -> NewEvent {
     let spec = r.spec.clone().unwrap_or_default();
-    let mut event = Event {
-        cluster: spec.cluster.clone(),
-        node: node.to_owned(),
-        kind: EventKind::Action as i32,
-        r#type: kind.to_owned(),
-        message,
-        severity: severity as i32,
-        category: Category::Action as i32,
-        time: Some(nodekeeper_common::time::now_timestamp()),
-        origin: Some(Origin { producer: "center".into(), ..Default::default() }),
-        source: "eventcenter/rollouts".into(),
-        ..Default::default()
-    };
-    event.attributes.insert("rollout".into(), spec.name);
-    event.attributes.insert("issuer".into(), by.to_owned());
+    let mut attributes = vec![("rollout", spec.name), ("issuer", by.to_owned())];
     if let Some(w) = wave {
-        event.attributes.insert("wave".into(), w.to_string());
+        attributes.push(("wave", w.to_string()));
     }
-    NewEvent::new(Identity::Center, event)
+    NewEvent::center_action("eventcenter/rollouts", &spec.cluster, node, kind, message, severity, attributes)
 }
 
 /// "progressing", "rolled back", ...

@@ -139,6 +139,35 @@ impl NewEvent {
         let body = prost::Message::encode_to_vec(&event);
         NewEvent { identity, event, body }
     }
+
+    /// An action the center itself records (`source`: the part of the center, e.g.
+    /// "eventcenter/permits"; `node` empty: of the cluster).
+    pub fn center_action(
+        source: &str,
+        cluster: &str,
+        node: &str,
+        kind: &str,
+        message: String,
+        severity: nodekeeper_proto::v1::Severity,
+        attributes: Vec<(&str, String)>,
+    ) -> Self {
+        use nodekeeper_proto::v1::{Category, EventKind, Origin};
+        let event = Event {
+            cluster: cluster.to_owned(),
+            node: node.to_owned(),
+            kind: EventKind::Action as i32,
+            r#type: kind.to_owned(),
+            message,
+            severity: severity as i32,
+            category: Category::Action as i32,
+            time: Some(nodekeeper_common::time::now_timestamp()),
+            origin: Some(Origin { producer: "center".into(), ..Default::default() }),
+            source: source.to_owned(),
+            attributes: attributes.into_iter().map(|(k, v)| (k.to_owned(), v)).collect(),
+            ..Default::default()
+        };
+        NewEvent::new(Identity::Center, event)
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
