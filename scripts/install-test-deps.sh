@@ -22,6 +22,10 @@ needs=(
     "mount:mount"                 # and mounts it (loop devices)
     "fallocate:util-linux"        # and fills it
     "python3:python3"             # kubernetes-validate (below) checks the Kubernetes manifests
+    "tgtd:tgt"                    # the storage syncer keeps a real iSCSI target's ACL (tgtadm)
+    "iscsi-inq:libiscsi-bin"      # and a userspace initiator logs in to it
+    "ganesha.nfsd:nfs-ganesha"    # and a real NFS server's export clients
+    "nfs-ls:libnfs-utils"         # and a userspace NFS client lists the export
 )
 
 missing=()
@@ -34,6 +38,8 @@ for entry in "${needs[@]}"; do
         command -v "$cmd" >/dev/null 2>&1 || missing+=("$pkg")
     fi
 done
+# ganesha's VFS backend (the export of a local directory) is a package of its own.
+[ -n "$(ls /usr/lib/*/ganesha/libfsalvfs.so 2>/dev/null)" ] || missing+=("nfs-ganesha-vfs")
 # ...in a venv of its own, which needs python3-venv.
 python3 -c 'import ensurepip' >/dev/null 2>&1 || missing+=("python3-venv")
 if [ ${#missing[@]} -gt 0 ]; then

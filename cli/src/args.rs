@@ -127,6 +127,10 @@ pub enum Command {
     /// The circuit breaker of a cluster.
     #[command(subcommand)]
     Breaker(BreakerCmd),
+    /// Storage access lists kept by nodekeeper-storage (their changes: `events list --type
+    /// StorageAclEntryAdded --type StorageAclEntryRemoved --type StorageAclGuardHeld`).
+    #[command(subcommand)]
+    Storage(StorageCmd),
     /// A small CA for development and small fleets.
     #[command(subcommand)]
     Certs(CertsCmd),
@@ -293,6 +297,24 @@ pub enum BreakerCmd {
         /// The cluster whose breaker to reset.
         #[arg(long)]
         cluster: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum StorageCmd {
+    /// Let a storage list's guard through once: the syncer's next pass removes every entry it
+    /// held back (see the StorageAclGuardHeld event for how many, and why). Recorded with you as
+    /// the issuer.
+    Force {
+        /// The cluster the list follows.
+        #[arg(long)]
+        cluster: String,
+        /// The list's target name in the syncer's configuration.
+        #[arg(long)]
+        target: String,
+        /// Why, recorded in the event.
+        #[arg(long)]
+        reason: String,
     },
 }
 

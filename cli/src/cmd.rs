@@ -10,7 +10,7 @@ use tonic::{Code, Status};
 
 use crate::args::{
     BreakerCmd, Cli, Command, ComponentsCmd, ConsumersCmd, EventsCmd, FaultsCmd, Filter, Format, NodesCmd, PermitsCmd,
-    RolloutsCmd,
+    RolloutsCmd, StorageCmd,
 };
 use crate::connect::{channel, explain_failure, status};
 use crate::output::{self, enum_name, json_line, table, time};
@@ -92,6 +92,35 @@ async fn call(ch: Channel, json: bool, command: Command) -> anyhow::Result<()> {
                 .await
                 .map_err(status)?;
             output::println(&format!("breaker of {cluster} reset"))?;
+            Ok(())
+        }
+        Command::Storage(StorageCmd::Force { cluster, target, reason }) => {
+            use nodekeeper_proto::v1::{
+                Observation, RecordActionsRequest, RecordedAction, report_service_client::ReportServiceClient,
+            };
+            let now = nodekeeper_common::time::now_timestamp();
+            let action = Observation {
+                time: Some(now),
+                r#type: "StorageAclForced".into(),
+                message: format!("{target}: removals held back by the guard let through once: {reason}"),
+                severity: nodekeeper_proto::v1::Severity::Warning as i32,
+                attributes: [("target".to_owned(), target.clone()), ("reason".to_owned(), reason)].into(),
+                source: "cli".into(),
+                ..Default::default()
+            };
+            let action = RecordedAction {
+                action_id: format!("storage-force-{target}-{}.{}", now.seconds, now.nanos),
+                cluster: cluster.clone(),
+                node: String::new(),
+                action: Some(action),
+            };
+            let r = ReportServiceClient::new(ch)
+                .record_actions(RecordActionsRequest { producer: String::new(), actions: vec![action] })
+                .await
+                .map_err(status)?
+                .into_inner();
+            let cursor = r.results.first().map(|r| r.cursor.as_str()).unwrap_or("");
+            output::println(&format!("guard of {target} in cluster {cluster} let through once (event {cursor})"))?;
             Ok(())
         }
         Command::Components(ComponentsCmd::List { node, cluster }) => components_list(ch, json, cluster, node).await,

@@ -9,6 +9,7 @@ pub mod kubeapi;
 pub mod netns;
 pub mod rpmnode;
 pub mod simnode;
+pub mod storage;
 
 use std::future::Future;
 use std::net::{SocketAddr, TcpListener};

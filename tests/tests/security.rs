@@ -645,3 +645,40 @@ async fn node_lifecycle_and_rollouts_are_for_their_writers_and_clusters_only() {
     let stale = sub_rollouts.record_node_work(work(NodeWorkAction::Uncordon)).await.unwrap_err();
     assert_eq!(stale.code(), Code::FailedPrecondition, "node-a awaits no uncordon: {stale:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn recorded_actions_carry_their_certificates_name_and_stay_in_their_cluster() {
+    use nodekeeper_proto::v1::{
+        Observation, RecordActionsRequest, RecordedAction, report_service_client::ReportServiceClient,
+    };
+    let pki = Pki::new().await;
+    let center = pki.center().await;
+    let url = center.url();
+    let action = |cluster: &str, producer: &str| RecordActionsRequest {
+        producer: producer.into(),
+        actions: vec![RecordedAction {
+            action_id: format!("acl-{cluster}-{producer}"),
+            cluster: cluster.into(),
+            node: String::new(),
+            action: Some(Observation {
+                r#type: "StorageAclEntryAdded".into(),
+                message: "entry added".into(),
+                ..Default::default()
+            }),
+        }],
+    };
+    // A storage syncer (a subscriber certificate) records for its own cluster, as itself.
+    let mut sub = ReportServiceClient::new(tls_channel(&url, &pki.files("subscriber-a")).await.unwrap());
+    sub.record_actions(action("a", "")).await.unwrap();
+    assert_eq!(sub.record_actions(action("b", "")).await.unwrap_err().code(), Code::PermissionDenied);
+    assert_eq!(sub.record_actions(action("a", "storage-x")).await.unwrap_err().code(), Code::PermissionDenied);
+    // Nodes and detectors record no actions.
+    let mut node = ReportServiceClient::new(tls_channel(&url, &pki.files("node-a")).await.unwrap());
+    assert_eq!(node.record_actions(action("a", "")).await.unwrap_err().code(), Code::PermissionDenied);
+    let mut det = ReportServiceClient::new(tls_channel(&url, &pki.files("detector-a")).await.unwrap());
+    assert_eq!(det.record_actions(action("a", "")).await.unwrap_err().code(), Code::PermissionDenied);
+    let stored = nodekeeper_tests::stored_events(center.channel().await, "", "StorageAclEntryAdded").await;
+    assert_eq!(stored.len(), 1, "{stored:?}");
+    assert_eq!(stored[0].origin.as_ref().unwrap().producer, "subscriber-a");
+    assert_eq!(stored[0].attributes["issuer"], "subscriber subscriber-a");
+}

@@ -1,12 +1,15 @@
 //! Reports from other producers, idempotent by (producer, report id).
 
 use nodekeeper_common::names;
-use nodekeeper_proto::v1::{Origin, ReportRequest, ReportResponse, ReportResult, report_service_server};
+use nodekeeper_proto::v1::{
+    ActionResult, Category, EventKind, Origin, RecordActionsRequest, RecordActionsResponse, ReportRequest,
+    ReportResponse, ReportResult, report_service_server,
+};
 use tonic::{Request, Response, Status};
 
 use nodekeeper_common::tls::Kind;
 
-use super::{Ctx, deny, require, require_cluster, store_status, to_event};
+use super::{ACTORS, Caller, Ctx, deny, issuer, require, require_cluster, store_status, to_event};
 use crate::cursor;
 use crate::store::{Identity, NewEvent};
 use crate::validate;
@@ -19,15 +22,8 @@ impl report_service_server::ReportService for ReportApi {
         let caller = self.0.caller(&request)?;
         require(&caller, &[Kind::Detector, Kind::Admin], "report about nodes")?;
         let mut req = request.into_inner();
-        // The producer is who the certificate says, never what the message claims.
-        if let Some(id) = &caller {
-            if !req.producer.is_empty() && req.producer != id.name {
-                return Err(deny(id, format!("{} may not report as producer {}", id.name, req.producer)));
-            }
-            req.producer = id.name.clone();
-        }
+        req.producer = producer(&caller, req.producer)?;
         let limits = &self.0.config.limits;
-        validate::name(names::producer(&req.producer))?;
         self.0.limits.admit(&caller, req.reports.len())?;
         if req.reports.len() > limits.max_batch {
             return Err(Status::resource_exhausted(format!(
@@ -97,4 +93,69 @@ impl report_service_server::ReportService for ReportApi {
             .collect();
         Ok(Response::new(ReportResponse { results }))
     }
+
+    async fn record_actions(
+        &self,
+        request: Request<RecordActionsRequest>,
+    ) -> Result<Response<RecordActionsResponse>, Status> {
+        let caller = self.0.caller(&request)?;
+        require(&caller, ACTORS, "record actions")?;
+        let req = request.into_inner();
+        // A person's CLI claims no producer: without TLS it has no name but "insecure".
+        let claimed = if req.producer.is_empty() && caller.is_none() { issuer(&caller) } else { req.producer };
+        let producer = producer(&caller, claimed)?;
+        self.0.limits.admit(&caller, req.actions.len())?;
+        let max = self.0.config.limits.max_batch;
+        if req.actions.len() > max {
+            return Err(Status::resource_exhausted(format!(
+                "{} actions in one request, at most {max} allowed",
+                req.actions.len()
+            )));
+        }
+        let mut events = Vec::with_capacity(req.actions.len());
+        let mut ids = Vec::with_capacity(req.actions.len());
+        for (i, a) in req.actions.into_iter().enumerate() {
+            let what = |s: Status| Status::invalid_argument(format!("action {i}: {}", s.message()));
+            validate::name(names::report_id(&a.action_id)).map_err(what)?;
+            validate::name(names::cluster(&a.cluster)).map_err(what)?;
+            if !a.node.is_empty() {
+                validate::name(names::node(&a.node)).map_err(what)?;
+            }
+            require_cluster(&caller, &a.cluster)?;
+            let mut action = a.action.ok_or_else(|| Status::invalid_argument(format!("action {i} is empty")))?;
+            if action.condition.is_some() {
+                return Err(Status::invalid_argument(format!(
+                    "action {i} sets a condition: an action cannot, report it instead"
+                )));
+            }
+            validate::observation(&action, &|| format!("action {i}"))?;
+            action.attributes.insert("issuer".into(), issuer(&caller));
+            let origin = Origin { producer: producer.clone(), report_id: a.action_id.clone(), ..Default::default() };
+            let mut event = to_event(&a.cluster, &a.node, action, origin);
+            event.kind = EventKind::Action as i32;
+            event.category = Category::Action as i32;
+            events.push(NewEvent::new(Identity::report(&producer, &a.action_id), event));
+            ids.push(a.action_id);
+        }
+        let appended = self.0.store.append(events).await.map_err(store_status)?;
+        let results = ids
+            .into_iter()
+            .zip(appended)
+            .map(|(action_id, a)| ActionResult { action_id, cursor: cursor::format(a.cursor), duplicate: a.duplicate })
+            .collect();
+        Ok(Response::new(RecordActionsResponse { results }))
+    }
+}
+
+/// The producer is who the certificate says, never what the message claims.
+fn producer(caller: &Caller, claimed: String) -> Result<String, Status> {
+    let producer = match caller {
+        Some(id) if !claimed.is_empty() && claimed != id.name => {
+            return Err(deny(id, format!("{} may not act as producer {claimed}", id.name)));
+        }
+        Some(id) => id.name.clone(),
+        None => claimed,
+    };
+    validate::name(names::producer(&producer))?;
+    Ok(producer)
 }

@@ -4914,6 +4914,42 @@ pub struct ReportResponse {
     #[prost(message, repeated, tag = "1")]
     pub results: ::prost::alloc::vec::Vec<ReportResult>,
 }
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct RecordedAction {
+    /// Chosen by the producer, unique per producer; resending the same id is a no-op.
+    #[prost(string, tag = "1")]
+    pub action_id: ::prost::alloc::string::String,
+    #[prost(string, tag = "2")]
+    pub cluster: ::prost::alloc::string::String,
+    /// The node the action concerns; empty: the cluster.
+    #[prost(string, tag = "3")]
+    pub node: ::prost::alloc::string::String,
+    /// Its type, reason, message, severity, attributes and source; a condition is refused.
+    #[prost(message, optional, tag = "4")]
+    pub action: ::core::option::Option<Observation>,
+}
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct RecordActionsRequest {
+    /// Who acted; must be the caller's certificate name when there is one.
+    #[prost(string, tag = "1")]
+    pub producer: ::prost::alloc::string::String,
+    #[prost(message, repeated, tag = "2")]
+    pub actions: ::prost::alloc::vec::Vec<RecordedAction>,
+}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct ActionResult {
+    #[prost(string, tag = "1")]
+    pub action_id: ::prost::alloc::string::String,
+    #[prost(string, tag = "2")]
+    pub cursor: ::prost::alloc::string::String,
+    #[prost(bool, tag = "3")]
+    pub duplicate: bool,
+}
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct RecordActionsResponse {
+    #[prost(message, repeated, tag = "1")]
+    pub results: ::prost::alloc::vec::Vec<ActionResult>,
+}
 /// Generated client implementations.
 pub mod report_service_client {
     #![allow(
@@ -5027,6 +5063,34 @@ pub mod report_service_client {
                 .insert(GrpcMethod::new("nodekeeper.v1.ReportService", "Report"));
             self.inner.unary(req, path, codec).await
         }
+        /// Actions a subscriber took outside the center (storage access-list entries added or removed,
+        /// a person's go-ahead for them), each recorded as an ACTION event with the caller as its
+        /// producer. Subscriber or admin certificates of the actions' clusters; all or none are stored.
+        /// Idempotent by (producer, action_id).
+        pub async fn record_actions(
+            &mut self,
+            request: impl tonic::IntoRequest<super::RecordActionsRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::RecordActionsResponse>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/nodekeeper.v1.ReportService/RecordActions",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("nodekeeper.v1.ReportService", "RecordActions"));
+            self.inner.unary(req, path, codec).await
+        }
     }
 }
 /// Generated server implementations.
@@ -5047,6 +5111,17 @@ pub mod report_service_server {
             &self,
             request: tonic::Request<super::ReportRequest>,
         ) -> std::result::Result<tonic::Response<super::ReportResponse>, tonic::Status>;
+        /// Actions a subscriber took outside the center (storage access-list entries added or removed,
+        /// a person's go-ahead for them), each recorded as an ACTION event with the caller as its
+        /// producer. Subscriber or admin certificates of the actions' clusters; all or none are stored.
+        /// Idempotent by (producer, action_id).
+        async fn record_actions(
+            &self,
+            request: tonic::Request<super::RecordActionsRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::RecordActionsResponse>,
+            tonic::Status,
+        >;
     }
     #[derive(Debug)]
     pub struct ReportServiceServer<T> {
@@ -5154,6 +5229,51 @@ pub mod report_service_server {
                     let inner = self.inner.clone();
                     let fut = async move {
                         let method = ReportSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/nodekeeper.v1.ReportService/RecordActions" => {
+                    #[allow(non_camel_case_types)]
+                    struct RecordActionsSvc<T: ReportService>(pub Arc<T>);
+                    impl<
+                        T: ReportService,
+                    > tonic::server::UnaryService<super::RecordActionsRequest>
+                    for RecordActionsSvc<T> {
+                        type Response = super::RecordActionsResponse;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::RecordActionsRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as ReportService>::record_actions(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = RecordActionsSvc(inner);
                         let codec = tonic_prost::ProstCodec::default();
                         let mut grpc = tonic::server::Grpc::new(codec)
                             .apply_compression_config(
