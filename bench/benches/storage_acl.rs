@@ -109,6 +109,7 @@ async fn main() {
     })
     .await;
     let idle_pass = gauge(&syncer, "nodekeeper_storage_pass_seconds").await.unwrap();
+    let passes = gauge(&syncer, "nodekeeper_storage_passes_total").await.unwrap();
     for i in 0..DRIFT {
         tgt.edit("unbind", &iqn(i * 7, 0));
         tgt.edit("bind", &format!("iqn.2026-12.io.bench:foreign{i}"));
@@ -120,6 +121,11 @@ async fn main() {
     })
     .await;
     let drift_seen = t0.elapsed();
+    // The pass that repaired it has ended (it records the changes after making them).
+    wait_for("the repairing pass's end", Duration::from_secs(30), || async {
+        (gauge(&syncer, "nodekeeper_storage_passes_total").await? > passes).then_some(())
+    })
+    .await;
     let drift_pass = gauge(&syncer, "nodekeeper_storage_pass_seconds").await.unwrap();
 
     // Replacements: each node back with a new boot and a new name, one after another.

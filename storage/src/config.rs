@@ -127,9 +127,29 @@ pub enum Backend {
         #[serde(default = "default_access_type")]
         access_type: String,
     },
+    /// NetApp ONTAP (REST API, 9.6 and later): initiator names in `igroup`, or client addresses
+    /// as the client matches of rule `rule_index` of `export_policy`, in SVM `svm`.
+    Ontap {
+        /// The cluster or SVM management address, e.g. "https://ontap-mgmt.example".
+        url: String,
+        svm: String,
+        igroup: Option<String>,
+        export_policy: Option<String>,
+        #[serde(default = "default_rule_index")]
+        rule_index: u32,
+        username: String,
+        /// A file holding the password (its trailing newline ignored), read at each pass.
+        password_file: PathBuf,
+        /// The CA bundle (PEM) that signed ONTAP's certificate; unset: the system's roots.
+        ca: Option<PathBuf>,
+    },
     /// Any other storage, through commands (argv, no shell): `list` prints one entry per line;
     /// `add` and `remove` get the entry as the argument written `{entry}`.
     Command { list: Vec<String>, add: Vec<String>, remove: Vec<String> },
+}
+
+fn default_rule_index() -> u32 {
+    1
 }
 
 fn default_access_type() -> String {
@@ -179,6 +199,26 @@ impl Config {
                 }
                 if !["RW", "RO", "MDONLY", "MDONLY_RO", "None"].contains(&access_type.as_str()) {
                     return Err(format!("target[{i}].backend.access_type: expected RW, RO, MDONLY, MDONLY_RO or None"));
+                }
+            }
+            if let Backend::Ontap { url, igroup, export_policy, .. } = &t.backend {
+                let parsed = reqwest::Url::parse(url)
+                    .map_err(|e| format!("target[{i}].backend.url: expected an http(s) URL, got {url:?}: {e}"))?;
+                if !["https", "http"].contains(&parsed.scheme()) {
+                    return Err(format!("target[{i}].backend.url: expected an http(s) URL, got {url:?}"));
+                }
+                match (t.clients, igroup, export_policy) {
+                    (Clients::Initiators, Some(_), None) | (Clients::Addresses, None, Some(_)) => {}
+                    (Clients::Initiators, _, _) => {
+                        return Err(format!(
+                            "target[{i}].backend: initiators live in an igroup: expected igroup (and no export_policy)"
+                        ));
+                    }
+                    (Clients::Addresses, _, _) => {
+                        return Err(format!(
+                            "target[{i}].backend: addresses live in an export policy rule: expected export_policy (and no igroup)"
+                        ));
+                    }
                 }
             }
             if let Backend::Command { list, add, remove } = &t.backend {

@@ -59,12 +59,13 @@ impl Syncer {
     pub fn new(cfg: Config, ch: Channel, cancel: CancellationToken) -> anyhow::Result<Arc<Syncer>> {
         std::fs::create_dir_all(&cfg.state_dir)
             .map_err(|e| anyhow::anyhow!("state_dir {}: {e}", cfg.state_dir.display()))?;
+        nodekeeper_common::tls::install_default_provider();
         let mut targets = Vec::new();
         for t in &cfg.targets {
             let memory = state::load(&cfg.state_dir, &t.name)?;
-            targets.push(Kept { cfg: t.clone(), backend: backend::Backend::new(t), memory, held: None, forced: false });
+            let backend = backend::Backend::new(t).map_err(|e| anyhow::anyhow!("target {}: {e}", t.name))?;
+            targets.push(Kept { cfg: t.clone(), backend, memory, held: None, forced: false });
         }
-        nodekeeper_common::tls::install_default_provider();
         let http = reqwest::Client::builder().timeout(Duration::from_secs(10)).build()?;
         Ok(Arc::new(Syncer {
             metrics: metrics::Metrics::default(),

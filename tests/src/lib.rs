@@ -7,6 +7,7 @@
 pub mod alertmanager;
 pub mod kubeapi;
 pub mod netns;
+pub mod ontap;
 pub mod rpmnode;
 pub mod simnode;
 pub mod storage;

@@ -195,6 +195,7 @@ async fn register(url: &str, i: u32, addr: &str) {
     let mut h = hello("c1", node, &format!("00000000-0000-4000-8000-{i:012x}"));
     h.inventory = Some(Inventory {
         hostname: node.into(),
+        iscsi_initiator_name: format!("iqn.2026-12.io.example:sim-{i}"),
         interfaces: vec![NetworkInterface {
             name: "eth0".into(),
             addresses: vec![format!("{addr}/24")],
@@ -367,4 +368,68 @@ async fn recorded_actions_are_validated_all_or_none_and_idempotent() {
     let stored = stored_events(ch, "", "StorageAclEntryAdded").await;
     assert_eq!(stored.len(), 2, "{stored:?}");
     assert!(stored.iter().all(|e| e.origin.as_ref().unwrap().report_id != "good"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ontap_igroup_and_export_rule_follow_the_fleet_through_its_rest_api() {
+    use nodekeeper_tests::ontap::{self, Ontap};
+    let center = EventCenter::start(CENTER).await;
+    let ch = center.channel().await;
+    let stale = "iqn.2026-12.io.example:retired-long-ago";
+    let fake = Ontap::start("k8s-c1", &[stale], "k8s-c1-nfs").await;
+    let dir = tempfile::tempdir().unwrap();
+    let password = dir.path().join("ontap.password");
+    std::fs::write(&password, format!("{}\n", ontap::PASSWORD)).unwrap();
+    let common = format!(
+        "url = \"{}\", svm = \"{}\", username = \"{}\", password_file = \"{}\"",
+        fake.url,
+        ontap::SVM,
+        ontap::USER,
+        password.display()
+    );
+    let targets = format!(
+        "[[target]]\nname = \"igroup\"\nclients = \"initiators\"\ngrace = \"1s\"\nmax_remove_share = 1.0\n\
+         backend = {{ kind = \"ontap\", igroup = \"k8s-c1\", {common} }}\n\
+         [[target]]\nname = \"exports\"\nclients = \"addresses\"\ngrace = \"1s\"\nmax_remove_share = 1.0\n\
+         backend = {{ kind = \"ontap\", export_policy = \"k8s-c1-nfs\", {common} }}\n"
+    );
+    let syncer = Syncer::start(&center.url(), RESYNC, &targets);
+    // Seven nodes: more than two pages of the fake's records.
+    for i in 1..=7 {
+        register(&center.url(), i, &format!("10.1.0.{i}")).await;
+    }
+    let iqns =
+        |r: std::ops::RangeInclusive<u32>| r.map(|i| format!("iqn.2026-12.io.example:sim-{i}")).collect::<Vec<_>>();
+    let addrs = |r: std::ops::RangeInclusive<u32>| {
+        let mut v: Vec<String> = r.map(|i| format!("10.1.0.{i}")).collect();
+        v.sort();
+        v
+    };
+    until("the igroup holds the fleet's initiators", 15, || fake.initiators("k8s-c1") == iqns(1..=7)).await;
+    until("the export rule holds the fleet's addresses", 15, || fake.clients("k8s-c1-nfs") == addrs(1..=7)).await;
+    let removed = storage_events(&ch, "", "StorageAclEntryRemoved", 1).await;
+    assert_eq!(removed[0].attributes["entry"], stale);
+
+    // Decommissioned: out of both after the grace.
+    FleetServiceClient::new(ch.clone())
+        .decommission_node(DecommissionNodeRequest { cluster: "c1".into(), node: "sim-7".into(), reason: "t".into() })
+        .await
+        .unwrap();
+    until("sim-7 out of the igroup", 15, || fake.initiators("k8s-c1") == iqns(1..=6)).await;
+    until("sim-7 out of the export rule", 15, || fake.clients("k8s-c1-nfs") == addrs(1..=6)).await;
+
+    // A wrong password: passes fail (counted, logged), nothing changes; the right one again: on.
+    std::fs::write(&password, "wrong\n").unwrap();
+    let errors = || async {
+        let text = nodekeeper_tests::try_http_get(&syncer.metrics).await.ok()?;
+        nodekeeper_tests::metric_where(&text, "nodekeeper_storage_errors_total", "target=\"igroup\"")
+    };
+    wait_for("a failed pass counted", Duration::from_secs(10), || async { errors().await.filter(|e| *e >= 1.0) }).await;
+    fake.state.lock().unwrap().igroups.get_mut("k8s-c1").unwrap().1.retain(|i| !i.ends_with("sim-1"));
+    let failed = errors().await.unwrap();
+    wait_for("another failed pass", Duration::from_secs(10), || async { errors().await.filter(|e| *e > failed) }).await;
+    assert!(!fake.initiators("k8s-c1").contains(&iqns(1..=1)[0]));
+    std::fs::write(&password, ontap::PASSWORD).unwrap();
+    until("the hand edit repaired", 15, || fake.initiators("k8s-c1") == iqns(1..=6)).await;
+    assert!(fake.state.lock().unwrap().requests.iter().any(|r| r.contains("/rules/1/clients")));
 }

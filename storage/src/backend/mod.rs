@@ -3,6 +3,7 @@
 
 mod command;
 mod ganesha;
+mod ontap;
 mod tgt;
 
 use std::collections::BTreeSet;
@@ -12,17 +13,19 @@ use crate::config::{self, Clients};
 
 pub use command::Command;
 pub use ganesha::Ganesha;
+pub use ontap::Ontap;
 pub use tgt::Tgt;
 
 pub enum Backend {
     Tgt(Tgt),
     Ganesha(Ganesha),
+    Ontap(Ontap),
     Command(Command),
 }
 
 impl Backend {
-    pub fn new(t: &config::Target) -> Backend {
-        match &t.backend {
+    pub fn new(t: &config::Target) -> Result<Backend, String> {
+        Ok(match &t.backend {
             config::Backend::Tgt { tid, control_port, tgtadm } => {
                 Backend::Tgt(Tgt { tid: *tid, control_port: *control_port, tgtadm: tgtadm.clone() })
             }
@@ -32,10 +35,26 @@ impl Backend {
                 pid_file: pid_file.clone(),
                 access_type: access_type.clone(),
             }),
+            config::Backend::Ontap { url, svm, igroup, export_policy, rule_index, username, password_file, ca } => {
+                let object = match (igroup, export_policy) {
+                    (Some(g), _) => ontap::Object::Igroup(g.clone()),
+                    (None, p) => {
+                        ontap::Object::ExportRule { policy: p.clone().unwrap_or_default(), index: *rule_index }
+                    }
+                };
+                Backend::Ontap(Ontap {
+                    base: reqwest::Url::parse(url).map_err(|e| format!("{url}: {e}"))?,
+                    svm: svm.clone(),
+                    object,
+                    username: username.clone(),
+                    password_file: password_file.clone(),
+                    http: Ontap::client(ca.as_deref())?,
+                })
+            }
             config::Backend::Command { list, add, remove } => {
                 Backend::Command(Command { list: list.clone(), add: add.clone(), remove: remove.clone() })
             }
-        }
+        })
     }
 
     /// Every entry on the target (of either kind where it holds both).
@@ -43,6 +62,7 @@ impl Backend {
         match self {
             Backend::Tgt(b) => b.list().await,
             Backend::Ganesha(b) => b.list(),
+            Backend::Ontap(b) => b.list().await,
             Backend::Command(b) => b.list().await,
         }
     }
@@ -68,6 +88,7 @@ impl Backend {
                     out.push(b.run(&b.remove, e).await);
                 }
             }
+            Backend::Ontap(b) => out = b.apply(add, remove).await,
             Backend::Ganesha(b) => {
                 let written = b.list().and_then(|mut list| {
                     list.extend(add.iter().cloned());
