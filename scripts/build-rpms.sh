@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Builds the nodekeeper-agent and nodekeeper-server RPMs from this checkout (packaging/nodekeeper.spec).
+# Builds the nodekeeper-agent, nodekeeper-server and nodekeeper-storage RPMs from this checkout (packaging/nodekeeper.spec).
 #
 #   scripts/build-rpms.sh [--version V] [--release R] [--bin-dir DIR] [--out DIR]
 #
@@ -37,17 +37,17 @@ trap 'rm -rf "${cleanup[@]}"' EXIT
 if [ -z "$bin_dir" ]; then
     echo "building binaries (agent: node-agent profile; services and CLI: release)"
     cargo build --locked --profile node-agent -p nodekeeper-agent
-    cargo build --locked --release -p nodekeeper-eventcenter -p nodekeeper-detector -p nodekeeper-remediator -p nodekeeper-cli
+    cargo build --locked --release -p nodekeeper-eventcenter -p nodekeeper-detector -p nodekeeper-remediator -p nodekeeper-cli -p nodekeeper-storage
     bin_dir=$(mktemp -d)
     cleanup+=("$bin_dir")
     target=${CARGO_TARGET_DIR:-target}
     cp "$target/node-agent/nodekeeper-agent" "$bin_dir/"
-    for b in nodekeeper-eventcenter nodekeeper-detector nodekeeper-remediator nodekeeper; do
+    for b in nodekeeper-eventcenter nodekeeper-detector nodekeeper-remediator nodekeeper nodekeeper-storage; do
         cp "$target/release/$b" "$bin_dir/"
     done
 fi
 bin_dir=$(cd "$bin_dir" && pwd)
-for b in nodekeeper-agent nodekeeper-eventcenter nodekeeper-detector nodekeeper-remediator nodekeeper; do
+for b in nodekeeper-agent nodekeeper-eventcenter nodekeeper-detector nodekeeper-remediator nodekeeper nodekeeper-storage; do
     [ -x "$bin_dir/$b" ] || { echo "build-rpms.sh: $bin_dir/$b is missing" >&2; exit 1; }
 done
 

@@ -18,6 +18,8 @@ pub struct Config {
     /// The event center.
     pub center: String,
     pub tls: Option<nodekeeper_common::tls::TlsFiles>,
+    /// Allow an http:// center (no TLS): development and tests only.
+    pub insecure: bool,
     /// Plans are recorded as events and logged; no target is changed.
     pub dry_run: bool,
     /// Prometheus `/metrics` listener (plain HTTP); unset: none.
@@ -43,6 +45,7 @@ impl Default for Config {
             cluster: String::new(),
             center: "http://127.0.0.1:7443".into(),
             tls: None,
+            insecure: false,
             dry_run: false,
             metrics_listen: None,
             state_dir: "/var/lib/nodekeeper-storage".into(),
@@ -164,6 +167,9 @@ impl Config {
     pub fn validate(&self) -> Result<(), String> {
         nodekeeper_common::names::cluster(&self.cluster).map_err(|e| format!("cluster: {e}"))?;
         nodekeeper_common::names::producer(&self.name).map_err(|e| format!("name: {e}"))?;
+        if self.tls.is_none() && !self.insecure {
+            return Err("tls: mutual TLS is the default; set tls.ca, tls.cert and tls.key, or insecure = true".into());
+        }
         if self.resync_interval < Duration::from_secs(1) {
             return Err("resync_interval: expected at least 1s".into());
         }
@@ -254,6 +260,7 @@ mod tests {
         let c = parse(
             r#"
             cluster = "c1"
+            insecure = true
             [[target]]
             name = "vol1"
             clients = "initiators"
@@ -276,8 +283,17 @@ mod tests {
     }
 
     #[test]
+    fn the_packaged_config_is_valid() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../packaging/storage.toml");
+        let c: Config = nodekeeper_common::config::load(&path).unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.targets.len(), 2);
+        assert!(c.tls.is_some());
+    }
+
+    #[test]
     fn bad_values_name_their_key() {
-        let base = "cluster = \"c1\"\n[[target]]\nname = \"t\"\nclients = \"initiators\"\n";
+        let base = "cluster = \"c1\"\ninsecure = true\n[[target]]\nname = \"t\"\nclients = \"initiators\"\n";
         let e = parse(&format!("{base}backend = {{ kind = \"tgt\", tid = 1 }}\nmax_remove_share = 2.0\n")).unwrap_err();
         assert!(e.contains("target[0].max_remove_share"), "{e}");
         let e = parse(&format!("{base}backend = {{ kind = \"nas\" }}\n")).unwrap_err();
@@ -292,7 +308,10 @@ mod tests {
         assert!(e.contains("networks"), "{e}");
         let e = parse(&format!("{base}backend = {{ kind = \"tgt\", tid = 1, control_port = 40000 }}\n")).unwrap_err();
         assert!(e.contains("target[0].backend.control_port: tgtd takes 0 to 32767"), "{e}");
-        let e = parse("cluster = \"c1\"\n").unwrap_err();
+        let e = parse("cluster = \"c1\"\ninsecure = true\n").unwrap_err();
         assert!(e.contains("at least one [[target]]"), "{e}");
+        let e = parse(&format!("{base}backend = {{ kind = \"tgt\", tid = 1 }}\n").replace("insecure = true\n", ""))
+            .unwrap_err();
+        assert!(e.contains("mutual TLS is the default"), "{e}");
     }
 }

@@ -44,6 +44,9 @@ struct Kept {
     held: Option<String>,
     /// A person let the guard through: the next pass removes what it must.
     forced: bool,
+    /// Dry run: the changes the last pass planned (and recorded), so that a plan repeated by every
+    /// pass is recorded once.
+    planned: BTreeSet<String>,
 }
 
 pub struct Syncer {
@@ -64,7 +67,7 @@ impl Syncer {
         for t in &cfg.targets {
             let memory = state::load(&cfg.state_dir, &t.name)?;
             let backend = backend::Backend::new(t).map_err(|e| anyhow::anyhow!("target {}: {e}", t.name))?;
-            targets.push(Kept { cfg: t.clone(), backend, memory, held: None, forced: false });
+            targets.push(Kept { cfg: t.clone(), backend, memory, held: None, forced: false, planned: BTreeSet::new() });
         }
         let http = reqwest::Client::builder().timeout(Duration::from_secs(10)).build()?;
         Ok(Arc::new(Syncer {
@@ -251,6 +254,7 @@ impl Syncer {
         let mut len = actual.len();
         let mut failed = None;
         let mut records = Vec::new();
+        let mut planned = BTreeSet::new();
         for (op, kind, changes, results) in
             [("add", "StorageAclEntryAdded", &p.add, add), ("remove", "StorageAclEntryRemoved", &p.remove, remove)]
         {
@@ -270,7 +274,11 @@ impl Syncer {
                 }
                 self.metrics.changed(&t.name, op);
                 tracing::info!(target_name = %t.name, entry = %c.entry, node = %c.node, why = %c.why, dry_run = self.cfg.dry_run, "storage access {}", verb(kind));
-                records.push(self.action(t, kind, c, now_ms));
+                let key = format!("{op} {}", c.entry);
+                if !self.cfg.dry_run || !k.planned.contains(&key) {
+                    records.push(self.action(t, kind, c, now_ms));
+                }
+                planned.insert(key);
             }
         }
         if k.memory != before {
@@ -285,6 +293,7 @@ impl Syncer {
             tracing::info!(target_name = %t.name, "the guard no longer holds removals back");
         }
         k.held = p.held;
+        k.planned = planned;
         self.record(t, records).await;
         self.metrics.set(&t.name, len, p.waiting, k.held.is_some(), started.elapsed());
         self.alert(t, k.held.as_deref()).await;

@@ -218,7 +218,7 @@ impl Syncer {
         std::fs::write(
             &config,
             format!(
-                "name = \"storage-c1\"\ncluster = \"c1\"\ncenter = \"{center}\"\nstate_dir = \"{}\"\nmetrics_listen = \"127.0.0.1:{port}\"\n{extra}\n{targets}",
+                "name = \"storage-c1\"\ncluster = \"c1\"\ncenter = \"{center}\"\ninsecure = true\nstate_dir = \"{}\"\nmetrics_listen = \"127.0.0.1:{port}\"\n{extra}\n{targets}",
                 dir.path().join("state").display()
             ),
         )

@@ -12,6 +12,7 @@ use nodekeeper_proto::v1::{
     permit_service_client::PermitServiceClient, report_service_client::ReportServiceClient,
 };
 use nodekeeper_tests::alertmanager::Alertmanager;
+use nodekeeper_tests::storage::Tgt;
 use nodekeeper_tests::{
     Agent, AgentConn, AgentSpec, EventCenter, KillOnDrop, LOGS_ONLY, bin, cli, condition_report, free_port, hello,
     http_get, json_lines, metric, metric_where, wait_for,
@@ -52,6 +53,37 @@ fn remediator_toml(center: &str, metrics: u16) -> String {
     format!(
         "name = \"r1\"\ncluster = \"c1\"\ncenter = \"{center}\"\ninsecure = true\ndry_run = true\nstart_from = \"oldest\"\nmetrics_listen = \"127.0.0.1:{metrics}\"\n"
     )
+}
+
+/// A storage syncer of cluster c1 keeping the ACL of `tgt`'s target, /metrics on `metrics`.
+fn storage_toml(center: &str, metrics: u16, tgt: &Tgt, state: &std::path::Path) -> String {
+    format!(
+        "name = \"s1\"\ncluster = \"c1\"\ncenter = \"{center}\"\ninsecure = true\nresync_interval = \"1s\"\nstate_dir = \"{}\"\nmetrics_listen = \"127.0.0.1:{metrics}\"\n[[target]]\nname = \"vol\"\nclients = \"initiators\"\n{}",
+        state.display(),
+        tgt.backend_toml()
+    )
+}
+
+/// A node of cluster c1 with an initiator name, registered through its own short stream.
+async fn register_initiator(center: &str) {
+    let mut h = hello("c1", "iscsi-1", "00000000-0000-4000-8000-0000000000a1");
+    h.inventory = Some(nodekeeper_proto::v1::Inventory {
+        iscsi_initiator_name: "iqn.2026-12.io.example:iscsi-1".into(),
+        ..Default::default()
+    });
+    drop(AgentConn::connect(center, h).await.unwrap());
+}
+
+/// Waits until the syncer's target holds one entry and it made `passes` passes; its metrics.
+async fn storage_synced(metrics: u16, passes: f64) -> String {
+    let url = format!("http://127.0.0.1:{metrics}/metrics");
+    wait_for("the storage syncer's passes", Duration::from_secs(30), || async {
+        let text = nodekeeper_tests::try_http_get(&url).await.ok()?;
+        (metric(&text, "nodekeeper_storage_entries")? == 1.0
+            && metric(&text, "nodekeeper_storage_passes_total")? >= passes)
+            .then_some(text)
+    })
+    .await
 }
 
 /// Starts one of our services with `config`; killed when dropped.
@@ -165,8 +197,18 @@ async fn every_service_serves_metrics_that_promtool_accepts() {
     .await;
     promtool("the remediator", &text).await;
 
+    let tgt = Tgt::start("127.0.0.1".parse().unwrap()).await;
+    register_initiator(&url).await;
+    let storage_metrics = free_port();
+    let state = dir.path().join("storage-state");
+    let _storage = spawn_service(dir.path(), "nodekeeper-storage", &storage_toml(&url, storage_metrics, &tgt, &state));
+    let text = storage_synced(storage_metrics, 1.0).await;
+    promtool("the storage syncer", &text).await;
+    assert_eq!(metric_where(&text, "nodekeeper_storage_changes_total", r#"op="add""#), Some(1.0), "{text}");
+    let storage_url = format!("http://127.0.0.1:{storage_metrics}/metrics");
+
     // Prometheus asks for OpenMetrics and gets it.
-    for url in [&center_url, &agent_url, &detector_url, &remediator_url] {
+    for url in [&center_url, &agent_url, &detector_url, &remediator_url, &storage_url] {
         let (content_type, body) = openmetrics(url).await;
         assert!(content_type.starts_with("application/openmetrics-text"), "{url}: {content_type}");
         assert!(body.ends_with("# EOF\n"), "{url}: {body}");
@@ -562,6 +604,13 @@ async fn every_service_makes_only_the_system_calls_its_unit_allows() {
     let detector = Traced::start(d, "nodekeeper-detector", &["--config", &detector_config]);
     let remediator_config = config_file(d, "nodekeeper-remediator", &remediator_toml(&center, remediator_metrics));
     let remediator = Traced::start(d, "nodekeeper-remediator", &["--config", &remediator_config]);
+    // The storage syncer on a real tgt: its tgtadm children run under its unit's filter too.
+    let tgt = Tgt::start("127.0.0.1".parse().unwrap()).await;
+    register_initiator(&center).await;
+    let storage_metrics = free_port();
+    let storage_config =
+        config_file(d, "nodekeeper-storage", &storage_toml(&center, storage_metrics, &tgt, &d.join("storage-state")));
+    let storage = Traced::start(d, "nodekeeper-storage", &["--config", &storage_config]);
 
     // Work for each: a kernel fault the agent reports and the remediator plans for, probes,
     // scrapes, checks run at least twice.
@@ -582,6 +631,7 @@ async fn every_service_makes_only_the_system_calls_its_unit_allows() {
     for port in [center_metrics, remediator_metrics] {
         http_get(&format!("http://127.0.0.1:{port}/metrics")).await;
     }
+    storage_synced(storage_metrics, 3.0).await;
     // The clock check (adjtimex) has run once it has a CPU series.
     wait_for("the agent's clock check", Duration::from_secs(30), || async {
         let text = nodekeeper_tests::try_http_get(&format!("http://127.0.0.1:{status}/metrics")).await.ok()?;
@@ -596,6 +646,7 @@ async fn every_service_makes_only_the_system_calls_its_unit_allows() {
         (detector, "nodekeeper-detector.service"),
         (remediator, "nodekeeper-remediator.service"),
         (traced_center, "nodekeeper-eventcenter.service"),
+        (storage, "nodekeeper-storage.service"),
     ] {
         let allowed = allowed_by(unit, &groups);
         let calls = traced.stop().await;

@@ -143,7 +143,7 @@ fn rpms_install_with_dnf_and_an_upgrade_keeps_an_edited_config() {
     build_base_rpm(work.path(), &repo);
     createrepo(&repo);
 
-    dnf(&root, &repo, &cache, &["install", "nodekeeper-agent", "nodekeeper-server"]);
+    dnf(&root, &repo, &cache, &["install", "nodekeeper-agent", "nodekeeper-server", "nodekeeper-storage"]);
     let version = env!("CARGO_PKG_VERSION");
     assert_eq!(rpm_installed(&root, "nodekeeper-agent").unwrap(), format!("0:{version}-1"));
     assert_eq!(rpm_installed(&root, "nodekeeper-server").unwrap(), format!("0:{version}-1"));
@@ -153,6 +153,7 @@ fn rpms_install_with_dnf_and_an_upgrade_keeps_an_edited_config() {
         "usr/bin/nodekeeper-detector",
         "usr/bin/nodekeeper-remediator",
         "usr/bin/nodekeeper",
+        "usr/bin/nodekeeper-storage",
     ] {
         let meta = std::fs::metadata(root.join(f)).unwrap_or_else(|e| panic!("{f}: {e}"));
         assert_eq!(meta.mode() & 0o777, 0o755, "{f}");
@@ -160,15 +161,19 @@ fn rpms_install_with_dnf_and_an_upgrade_keeps_an_edited_config() {
         let said = run(Command::new(root.join(f)).arg("--version"));
         assert!(said.contains(env!("CARGO_PKG_VERSION")), "{f} --version: {said}");
     }
-    for unit in ["agent", "eventcenter", "detector", "remediator"] {
+    for unit in ["agent", "eventcenter", "detector", "remediator", "storage"] {
         let installed = std::fs::read_to_string(root.join(format!("usr/lib/systemd/system/nodekeeper-{unit}.service")));
         let ours = std::fs::read_to_string(checkout().join(format!("systemd/nodekeeper-{unit}.service"))).unwrap();
         assert_eq!(installed.unwrap(), ours, "{unit} unit");
     }
     // The configs are the documented ones, marked as configuration, readable by the service user.
-    let configs =
-        run(Command::new("rpm").arg("--root").arg(&root).args(["-qc", "nodekeeper-agent", "nodekeeper-server"]));
-    for c in ["agent", "eventcenter", "detector", "remediator"] {
+    let configs = run(Command::new("rpm").arg("--root").arg(&root).args([
+        "-qc",
+        "nodekeeper-agent",
+        "nodekeeper-server",
+        "nodekeeper-storage",
+    ]));
+    for c in ["agent", "eventcenter", "detector", "remediator", "storage"] {
         assert!(configs.contains(&format!("/etc/nodekeeper/{c}.toml")), "{configs}");
     }
     // %pre made the system user; the event store's directory is its own.
@@ -181,6 +186,10 @@ fn rpms_install_with_dnf_and_an_upgrade_keeps_an_edited_config() {
     let center_config = std::fs::metadata(root.join("etc/nodekeeper/eventcenter.toml")).unwrap();
     assert_eq!((center_config.uid(), center_config.mode() & 0o777), (0, 0o640));
     assert_eq!(std::fs::metadata(root.join("var/lib/nodekeeper")).unwrap().mode() & 0o777, 0o700);
+    // The storage syncer's config may hold nothing secret but names its certificates: root's only.
+    let storage_config = std::fs::metadata(root.join("etc/nodekeeper/storage.toml")).unwrap();
+    assert_eq!((storage_config.uid(), storage_config.mode() & 0o777), (0, 0o600));
+    assert_eq!(std::fs::metadata(root.join("var/lib/nodekeeper-storage")).unwrap().mode() & 0o777, 0o700);
 
     // An operator edits the agent's config; a newer build changes its default config.
     let agent_toml = root.join("etc/nodekeeper/agent.toml");

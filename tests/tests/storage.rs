@@ -433,3 +433,52 @@ async fn an_ontap_igroup_and_export_rule_follow_the_fleet_through_its_rest_api()
     until("the hand edit repaired", 15, || fake.initiators("k8s-c1") == iqns(1..=6)).await;
     assert!(fake.state.lock().unwrap().requests.iter().any(|r| r.contains("/rules/1/clients")));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dry_run_records_its_plan_once_and_changes_nothing_then_a_command_backend_applies_it() {
+    let center = EventCenter::start(CENTER).await;
+    let ch = center.channel().await;
+    let dir = tempfile::tempdir().unwrap();
+    let list = dir.path().join("clients");
+    std::fs::write(&list, "10.2.0.99\n").unwrap();
+    let l = list.display().to_string();
+    // The operator's own scripts (shell ones here): the entry arrives as one argument, $0.
+    let target = format!(
+        "[[target]]\nname = \"filer\"\nclients = \"addresses\"\nmax_remove_share = 1.0\n\
+         backend = {{ kind = \"command\", list = [\"cat\", \"{l}\"], \
+         add = [\"sh\", \"-c\", \"printf '%s\\\\n' \\\"$0\\\" >> {l}\", \"{{entry}}\"], \
+         remove = [\"sh\", \"-c\", \"grep -vx \\\"$0\\\" {l} > {l}.new; mv {l}.new {l}\", \"{{entry}}\"] }}\n"
+    );
+    for i in 1..=3 {
+        register(&center.url(), i, &format!("10.1.0.{i}")).await;
+    }
+    let dry = Syncer::start(&center.url(), &format!("{RESYNC}dry_run = true\n"), &target);
+    let all = |ch: Channel| async move {
+        let mut v = Vec::new();
+        for kind in ["StorageAclEntryAdded", "StorageAclEntryRemoved"] {
+            for node in ["", "sim-1", "sim-2", "sim-3"] {
+                v.extend(stored_events(ch.clone(), node, kind).await);
+            }
+        }
+        v
+    };
+    let c = ch.clone();
+    let planned = wait_for("the dry run's plan recorded", Duration::from_secs(10), || {
+        let c = c.clone();
+        async move { Some(all(c).await).filter(|v| v.len() == 4) }
+    })
+    .await;
+    assert!(planned.iter().all(|e| e.attributes["dry_run"] == "true"), "{planned:?}");
+    passes(&dry, "filer", 3).await;
+    assert_eq!(all(ch.clone()).await.len(), 4, "a repeated plan was recorded again");
+    assert_eq!(std::fs::read_to_string(&list).unwrap(), "10.2.0.99\n", "a dry run changed the list");
+    drop(dry);
+
+    let _real = Syncer::start(&center.url(), RESYNC, &target);
+    let sorted = || {
+        let mut v: Vec<String> = std::fs::read_to_string(&list).unwrap().lines().map(str::to_owned).collect();
+        v.sort();
+        v
+    };
+    until("the list applied by the commands", 10, || sorted() == ["10.1.0.1", "10.1.0.2", "10.1.0.3"]).await;
+}
