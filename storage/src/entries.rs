@@ -105,7 +105,17 @@ pub fn wanted<'a>(t: &Target, nodes: impl IntoIterator<Item = &'a Node>) -> BTre
             tracing::warn!(target_name = %t.name, node = %n.name, "{why}: left out of the list");
         }
         for e in good {
-            out.entry(e).or_insert_with(|| n.name.clone());
+            match out.get(&e) {
+                // Two nodes claim one initiator name (or address): a cloned image, or a node
+                // claiming another's access. Both keep it; someone must look.
+                Some(other) if other != &n.name => {
+                    tracing::warn!(target_name = %t.name, entry = %e, node = %n.name, other = %other, "two nodes claim the same entry");
+                }
+                Some(_) => {}
+                None => {
+                    out.insert(e, n.name.clone());
+                }
+            }
         }
     }
     out

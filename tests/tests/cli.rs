@@ -399,6 +399,7 @@ async fn errors_read_once_plaintext_centers_are_named_and_help_lines_are_complet
         (&["components", "reinstall", "-h"], "--node", "The node's name"),
         (&["consumers", "delete", "-h"], "<NAME>", "The consumer's name"),
         (&["faults", "list", "-h"], "--limit", "At most this many faults"),
+        (&["storage", "force", "-h"], "--target", "The list's target name"),
     ] {
         let (_, out, _) = nodekeeper(home.path(), &[&["--server", &url][..], args].concat()).await;
         let line = out.lines().find(|l| l.trim_start().starts_with(flag)).unwrap_or_else(|| panic!("{args:?}: {out}"));
