@@ -26,6 +26,9 @@ needs=(
     "iscsi-inq:libiscsi-bin"      # and a userspace initiator logs in to it
     "ganesha.nfsd:nfs-ganesha"    # and a real NFS server's export clients
     "nfs-ls:libnfs-utils"         # and a userspace NFS client lists the export
+    "chromium:chromium"           # the dashboard's tests run in a real browser
+    "chromedriver:chromium-driver" # driven through WebDriver
+    "npm:npm"                     # axe-core (below) audits the pages' accessibility
 )
 
 missing=()
@@ -58,4 +61,11 @@ if [ ! -x "$tools/venv/bin/kubernetes-validate" ]; then
     echo "installing kubernetes-validate into $tools/venv"
     python3 -m venv "$tools/venv"
     "$tools/venv/bin/pip" install -q --disable-pip-version-check "kubernetes-validate==1.37.0"
+fi
+
+# axe-core (npm), the accessibility audit the dashboard's tests run inside the browser.
+if [ ! -f "$tools/axe/node_modules/axe-core/axe.min.js" ]; then
+    echo "installing axe-core into $tools/axe"
+    mkdir -p "$tools/axe"
+    npm install --silent --no-audit --no-fund --prefix "$tools/axe" "axe-core@4.14.1"
 fi

@@ -134,6 +134,15 @@ pub enum Command {
     /// A small CA for development and small fleets.
     #[command(subcommand)]
     Certs(CertsCmd),
+    /// The fleet dashboard in a browser: live pages of clusters, nodes, faults, rollouts and
+    /// guards, served on loopback with your own credentials (what your identity may see and do,
+    /// and nothing more). Ctrl-C stops it.
+    Dashboard {
+        /// Where to serve it: a loopback address (it acts with your credentials; share it behind an
+        /// authenticating proxy, see the README).
+        #[arg(long, default_value = "127.0.0.1:7480")]
+        listen: std::net::SocketAddr,
+    },
     /// Run the whole system on this machine for a first look: an event center, an agent for
     /// this machine, a detector and a remediator in dry run.
     Dev(DevArgs),
@@ -153,6 +162,9 @@ pub struct DevArgs {
     /// The agent's status port.
     #[arg(long, default_value_t = 7444)]
     pub status_port: u16,
+    /// Where the dashboard is served (loopback).
+    #[arg(long, default_value = "127.0.0.1:7480")]
+    pub dashboard: std::net::SocketAddr,
 }
 
 #[derive(Debug, Subcommand)]

@@ -33,11 +33,39 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         _ => {}
     }
     let ch = channel(&cli.server, cli.certs.as_deref(), &cli.identity).await?;
+    if let Command::Dashboard { listen } = cli.command {
+        let who = if crate::connect::server_url(&cli.server).starts_with("https://") {
+            cli.identity
+        } else {
+            "insecure".into()
+        };
+        return dashboard(ch, who, listen, nodekeeper_common::shutdown::signal()).await;
+    }
     let json = cli.output == Format::Json;
     match call(ch, json, cli.command).await {
         Ok(()) => Ok(()),
         Err(err) => Err(explain_failure(&cli.server, cli.certs.as_deref(), &cli.identity, err).await),
     }
+}
+
+/// Serves the dashboard on `listen` (loopback only: it acts with the operator's credentials)
+/// until `shutdown`.
+pub async fn dashboard(
+    ch: Channel,
+    identity: String,
+    listen: std::net::SocketAddr,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    if !listen.ip().is_loopback() {
+        anyhow::bail!(
+            "--listen {listen}: the dashboard acts with your credentials and listens on loopback only; to share it, put an authenticating proxy in front of a loopback one (README)"
+        );
+    }
+    let listener =
+        tokio::net::TcpListener::bind(listen).await.map_err(|e| anyhow::anyhow!("cannot listen on {listen}: {e}"))?;
+    output::println(&format!("dashboard on http://{listen}/ as {identity}; Ctrl-C stops it"))?;
+    nodekeeper_dashboard::serve(ch, identity, listener, shutdown).await?;
+    Ok(())
 }
 
 async fn call(ch: Channel, json: bool, command: Command) -> anyhow::Result<()> {
@@ -137,7 +165,7 @@ async fn call(ch: Channel, json: bool, command: Command) -> anyhow::Result<()> {
             let action = Action::ReinstallComponent(ReinstallComponent { component });
             send_command(ch, json, target.cluster, target.node, action).await
         }
-        Command::Dev(_) | Command::Certs(_) => unreachable!("handled by run"),
+        Command::Dev(_) | Command::Certs(_) | Command::Dashboard { .. } => unreachable!("handled by run"),
     }
 }
 

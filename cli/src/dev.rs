@@ -257,7 +257,11 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     )?;
 
     // A health check would find another instance on a taken port and take it for ours.
-    for (addr, flag) in [(args.listen, "--listen"), (([127, 0, 0, 1], args.status_port).into(), "--status-port")] {
+    for (addr, flag) in [
+        (args.listen, "--listen"),
+        (([127, 0, 0, 1], args.status_port).into(), "--status-port"),
+        (args.dashboard, "--dashboard"),
+    ] {
         if let Err(err) = std::net::TcpListener::bind(addr) {
             bail!("{addr} is not free ({err}; another nodekeeper dev?): stop it, or choose another {flag}");
         }
@@ -282,6 +286,15 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     let mut remediator =
         Service::spawn("the remediator", &remediator_bin, &["--config", &config], dir.join("remediator.log"))?;
 
+    // The dashboard, in this process, as the development admin.
+    let (dash_stop, dash_stopped) = tokio::sync::oneshot::channel::<()>();
+    let dash_ch = crate::connect::channel(&center_url, Some(&pki), "admin").await?;
+    let who = if args.insecure { "insecure" } else { "admin" }.to_owned();
+    let dash_listener = tokio::net::TcpListener::bind(args.dashboard).await?;
+    let dashboard = tokio::spawn(nodekeeper_dashboard::serve(dash_ch, who, dash_listener, async move {
+        let _ = dash_stopped.await;
+    }));
+
     let server_flag =
         if center_url == crate::connect::DEFAULT_SERVER { String::new() } else { format!(" --server {center_url}") };
     let cli = format!("nodekeeper{server_flag}{certs_flag}");
@@ -298,6 +311,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
             "  remediator    cluster dev, dry run: plans are recorded on the faults, nothing is done  (log {})",
             remediator.log.display()
         ),
+        format!("  dashboard     http://{}/  (live, as the development admin)", args.dashboard),
         String::new(),
         "Try:".into(),
         format!("  {cli} nodes list"),
@@ -330,6 +344,8 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         s = detector.child.wait() => Some(detector.failure(s, "")),
         s = remediator.child.wait() => Some(remediator.failure(s, "")),
     };
+    let _ = dash_stop.send(());
+    let _ = dashboard.await;
     // The agent before the center: it flushes its outbox to the center before the center stops.
     for service in [&mut remediator, &mut detector, &mut agent, &mut center] {
         service.stop(Duration::from_secs(10)).await;

@@ -5,6 +5,7 @@
 //! command builds them first (`cargo build --workspace --bins`).
 
 pub mod alertmanager;
+pub mod browser;
 pub mod kubeapi;
 pub mod netns;
 pub mod ontap;
