@@ -203,6 +203,9 @@ async fn main() {
     println!("  transferred {:.0} KB (the document {:.0} KB before compression)", bytes / 1024.0, raw / 1024.0);
     println!("  center CPU with {RATE} events/s for {}s:", WINDOW.as_secs());
     println!("    no page open: {idle:.3} cores");
-    println!("    {TABS} overview pages open (one dashboard, app.js's requests): {pages:.3} cores (+{:.3})", pages - idle);
+    println!(
+        "    {TABS} overview pages open (one dashboard, app.js's requests): {pages:.3} cores (+{:.3})",
+        pages - idle
+    );
     println!("    {TABS} `nodekeeper events watch` instead: {watched:.3} cores (+{:.3})", watched - idle);
 }

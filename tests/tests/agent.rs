@@ -280,6 +280,7 @@ async fn nodekeeper_dev_runs_shows_this_machine_stops_on_sigint_and_resumes() {
     let home = tmp.path().join("home");
     let port = free_port();
     let status_port = free_port();
+    let dashboard = free_port();
     let server = format!("https://127.0.0.1:{port}");
     let hostname = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap().trim().to_owned();
     for run in 0..2 {
@@ -287,6 +288,7 @@ async fn nodekeeper_dev_runs_shows_this_machine_stops_on_sigint_and_resumes() {
             .args(["dev", "--data-dir"])
             .arg(&data)
             .args(["--listen", &format!("127.0.0.1:{port}"), "--status-port", &status_port.to_string()])
+            .args(["--dashboard", &format!("127.0.0.1:{dashboard}")])
             .env("HOME", &home)
             .stdout(std::process::Stdio::piped())
             .kill_on_drop(true)
@@ -303,6 +305,13 @@ async fn nodekeeper_dev_runs_shows_this_machine_stops_on_sigint_and_resumes() {
         })
         .await;
         assert_eq!(node["inventory"]["hostname"], hostname.as_str());
+        // The dashboard, as the development admin, shows the machine's cluster.
+        let page = format!("http://127.0.0.1:{dashboard}/");
+        let overview = wait_for("the dashboard", Duration::from_secs(20), || async {
+            nodekeeper_tests::try_http_get(&page).await.ok().filter(|p| p.contains("Cluster dev"))
+        })
+        .await;
+        assert!(overview.contains(&format!("/nodes/dev/{hostname}")), "{overview}");
         // Over mutual TLS: the plain port answers nothing useful, the agent presented its certificate.
         assert!(home.join(".config/nodekeeper/pki/admin.pem").exists());
         let (code, out, _) = cli(&server.replace("https", "http"), &["nodes", "list"]).await;
@@ -347,6 +356,7 @@ async fn nodekeeper_dev_runs_shows_this_machine_stops_on_sigint_and_resumes() {
         let mut out = String::new();
         tokio::io::AsyncReadExt::read_to_string(&mut dev.stdout.take().unwrap(), &mut out).await.unwrap();
         assert!(out.contains("nodekeeper dev is running") && out.contains("nodes list"), "{out}");
+        assert!(out.contains(&format!("dashboard     http://127.0.0.1:{dashboard}/")), "{out}");
         let (code, _, _) = cli_in(Some(&home), &server, &["nodes", "list"]).await;
         assert_eq!(code, 3, "the event center stopped with it");
     }

@@ -215,6 +215,7 @@ fn dev(data: &Path, home: &Path, port: u16, status_port: u16) -> Command {
     let mut cmd = Command::new(bin("nodekeeper"));
     cmd.args(["dev", "--data-dir"]).arg(data);
     cmd.args(["--listen", &format!("127.0.0.1:{port}"), "--status-port", &status_port.to_string()]);
+    cmd.args(["--dashboard", &format!("127.0.0.1:{}", nodekeeper_tests::free_port())]);
     cmd.env("HOME", home).env_remove("RUST_LOG").stderr(Stdio::piped());
     cmd
 }
