@@ -292,11 +292,12 @@ impl Syncer {
         } else if p.held.is_none() && k.held.is_some() {
             tracing::info!(target_name = %t.name, "the guard no longer holds removals back");
         }
+        let was_held = k.held.is_some();
         k.held = p.held;
         k.planned = planned;
         self.record(t, records).await;
         self.metrics.set(&t.name, len, p.waiting, k.held.is_some(), started.elapsed());
-        self.alert(t, k.held.as_deref()).await;
+        self.alert(t, k.held.as_deref(), was_held).await;
         failed.map_or(Ok(()), Err)
     }
 
@@ -343,17 +344,16 @@ impl Syncer {
     }
 
     /// `NodekeeperStorageAclGuard` to Alertmanager while the guard holds, resolved when it stops.
-    async fn alert(&self, t: &Target, held: Option<&str>) {
+    /// Sent at every pass while the guard holds (lasting three passes unless sent again), and
+    /// once resolved at the pass that finds it no longer holding (`was_held`).
+    async fn alert(&self, t: &Target, held: Option<&str>, was_held: bool) {
         let Some(base) = &self.cfg.alertmanager else { return };
         let now = std::time::SystemTime::now();
         let ends = match held {
             Some(_) => now + self.cfg.resync_interval * 3,
-            None if self.metrics.was_alerting(&t.name, false) => now,
+            None if was_held => now,
             None => return,
         };
-        if held.is_some() {
-            self.metrics.was_alerting(&t.name, true);
-        }
         let alert = serde_json::json!([{
             "labels": {
                 "alertname": "NodekeeperStorageAclGuard",

@@ -1,9 +1,6 @@
 //! `/metrics`: each target's list size, the entries waiting out their grace, changes, errors and
 //! whether the guard holds it.
 
-use std::collections::HashSet;
-use std::sync::Mutex;
-
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
@@ -20,8 +17,6 @@ pub struct Metrics {
     changes: Family<Labels, Counter>,
     passes: Family<Labels, Counter>,
     errors: Family<Labels, Counter>,
-    /// Targets whose guard alert was sent firing and not yet resolved.
-    alerting: Mutex<HashSet<String>>,
 }
 
 fn target(t: &str) -> Labels {
@@ -44,12 +39,6 @@ impl Metrics {
 
     pub fn error(&self, t: &str) {
         self.errors.get_or_create(&target(t)).inc();
-    }
-
-    /// Notes that the target's alert fires (`firing`) or asks whether it did, forgetting it.
-    pub fn was_alerting(&self, t: &str, firing: bool) -> bool {
-        let mut a = self.alerting.lock().unwrap_or_else(|p| p.into_inner());
-        if firing { a.insert(t.to_owned()) } else { a.remove(t) }
     }
 
     pub fn render(&self) -> String {
