@@ -134,6 +134,12 @@ async fn the_cluster_role_grants_what_the_remediator_uses_and_nothing_more() {
         kubeapi::cordoned_and_tainted(&api.kube.node("n1"), "nodekeeper.io/fault").1.then_some(())
     })
     .await;
+    // The playbook evicts before it verifies; a fault cleared before that would end it early and
+    // leave the eviction rule unused (CI saw that race).
+    wait_for("the pod evicted", Duration::from_secs(30), || async {
+        api.kube.pod("shop", "web-1").is_none().then_some(())
+    })
+    .await;
     agent.send_acked(1, vec![oom(1)]).await;
     agent.send_acked(2, vec![oom(2)]).await;
     ReportServiceClient::new(center.channel().await)
