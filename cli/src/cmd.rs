@@ -210,6 +210,7 @@ async fn events_list(ch: Channel, json: bool, from: Option<String>, limit: u32, 
             after_cursor: from.unwrap_or_default(),
             filter: Some(filter.to_proto()),
             limit,
+            ..Default::default()
         })
         .await
         .map_err(status)?
@@ -516,7 +517,7 @@ async fn permits_list(ch: Channel, json: bool, clusters: Vec<String>) -> anyhow:
     use nodekeeper_proto::v1::{GetGuardStateRequest, ListPermitsRequest, permit_service_client::PermitServiceClient};
     let mut client = PermitServiceClient::new(ch);
     let permits = client.list_permits(ListPermitsRequest { clusters }).await.map_err(status)?.into_inner().permits;
-    let guards = client.get_guard_state(GetGuardStateRequest {}).await.map_err(status)?.into_inner();
+    let guards = client.get_guard_state(GetGuardStateRequest::default()).await.map_err(status)?.into_inner();
     if json {
         for p in &permits {
             json_line("nodekeeper.v1.Permit", p)?;

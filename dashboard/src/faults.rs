@@ -103,18 +103,7 @@ pub async fn show(State(app): State<Shared>, Path(id): Path<u64>, Query(f): Quer
             dt { "message" } dd { (fault.message) }
         }
         h2 { "Timeline" }
-        ol class="timeline" {
-            @for e in &r.events {
-                @let by = e.origin.as_ref().map(|o| o.producer.as_str()).unwrap_or("");
-                li {
-                    time { (layout::time(e.time.as_ref())) } " "
-                    strong { (e.r#type) }
-                    @if let Some(step) = e.attributes.get("step") { " " (step) }
-                    " — " (e.message)
-                    @if !by.is_empty() { " (" (by) ")" }
-                }
-            }
-        }
+        (layout::timeline(&r.events, false, false))
     };
     let live = format!("cluster={}&node={}", fault.cluster, fault.node);
     Ok(layout::respond(f.only_main(), &format!("Fault {id}"), &live, body))

@@ -2,7 +2,7 @@
 
 use axum::response::{IntoResponse, Response};
 use maud::{DOCTYPE, Markup, html};
-use nodekeeper_proto::v1::{FaultState, Severity};
+use nodekeeper_proto::v1::{Event, FaultState, Severity};
 
 /// A whole page: `live` is the query `/live` follows for it (empty: the page is not live).
 pub fn page(title: &str, live: &str, main: Markup) -> Markup {
@@ -72,4 +72,30 @@ pub const UNRESOLVED: [FaultState; 4] =
 /// A node's page.
 pub fn node_href(cluster: &str, node: &str) -> String {
     format!("/nodes/{cluster}/{node}")
+}
+
+/// A duration as people write it ("10m"), or "—".
+pub fn duration(d: Option<&prost_types::Duration>) -> String {
+    nodekeeper_common::time::from_duration(d).map_or_else(|| "—".into(), |d| humantime::format_duration(d).to_string())
+}
+
+/// Events as a timeline, in the order given: when, type, the remediation step, node (when asked),
+/// message, producer, and the fault it belongs to (when asked).
+pub fn timeline(events: &[Event], with_node: bool, with_fault: bool) -> Markup {
+    html! {
+        ol class="timeline" {
+            @for e in events {
+                @let by = e.origin.as_ref().map(|o| o.producer.as_str()).unwrap_or("");
+                li {
+                    time { (time(e.time.as_ref())) } " "
+                    strong { (e.r#type) }
+                    @if let Some(step) = e.attributes.get("step") { " " (step) }
+                    @if with_node && !e.node.is_empty() { " " a href=(node_href(&e.cluster, &e.node)) { (e.node) } }
+                    " — " (e.message)
+                    @if !by.is_empty() { " (" (by) ")" }
+                    @if with_fault && e.fault_id != 0 { " " a href=(format!("/faults/{}", e.fault_id)) { "fault " (e.fault_id) } }
+                }
+            }
+        }
+    }
 }

@@ -1,15 +1,18 @@
-//! One node: liveness, readiness gates, conditions, inventory, components desired against
-//! installed, and its faults (each a link to its timeline).
+//! One node: liveness, readiness gates, its faults (each a link to its timeline), its recent
+//! events, conditions, components desired against installed, and inventory.
 
 use axum::extract::{Path, Query, State};
 use maud::html;
 use nodekeeper_proto::v1::{
-    ComponentPhase, ConditionStatus, GetNodeRequest, ListComponentsRequest, ListFaultsRequest,
-    fleet_service_client::FleetServiceClient,
+    ComponentPhase, ConditionStatus, EventFilter, GetNodeRequest, ListComponentsRequest, ListEventsRequest,
+    ListFaultsRequest, event_service_client::EventServiceClient, fleet_service_client::FleetServiceClient,
 };
 
 use crate::layout;
 use crate::{Fragment, Page, Shared};
+
+/// How many of the node's newest events the page shows.
+const RECENT: u32 = 30;
 
 pub async fn page(
     State(app): State<Shared>,
@@ -35,6 +38,16 @@ pub async fn page(
         .await?
         .into_inner()
         .faults;
+    let recent = EventServiceClient::new(app.ch.clone())
+        .list_events(ListEventsRequest {
+            filter: Some(EventFilter { clusters: vec![cluster.clone()], nodes: vec![node.clone()], ..Default::default() }),
+            limit: RECENT,
+            newest_first: true,
+            ..Default::default()
+        })
+        .await?
+        .into_inner()
+        .events;
     let liveness = layout::name(n.liveness().as_str_name(), "LIVENESS_");
     let inv = n.inventory.clone().unwrap_or_default();
     let body = html! {
@@ -77,6 +90,11 @@ pub async fn page(
                     }
                 }
             }
+        }
+        h2 { "Recent events" }
+        @if recent.is_empty() { p { "None." } } @else {
+            p { "The newest " (recent.len()) " of the node's events, newest first." }
+            (layout::timeline(&recent, false, true))
         }
         h2 { "Conditions" }
         @if n.conditions.is_empty() { p { "None." } } @else {

@@ -104,11 +104,7 @@ pub async fn show(State(app): State<Shared>, Path(name): Path<String>, Query(f):
             }
         }
         h2 { "Timeline" }
-        ol class="timeline" {
-            @for e in &r.events {
-                li { time { (layout::time(e.time.as_ref())) } " " strong { (e.r#type) } " " (e.node) " — " (e.message) }
-            }
-        }
+        (layout::timeline(&r.events, true, false))
     };
     let live = format!("cluster={}", spec.cluster);
     Ok(layout::respond(f.only_main(), &format!("Rollout {name}"), &live, body))

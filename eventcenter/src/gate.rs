@@ -8,6 +8,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::alertmanager::Alertmanager;
+use nodekeeper_proto::v1::GateVerdict;
+
 use crate::config::GateConfig;
 
 type Answer = Result<Vec<String>, String>;
@@ -37,15 +39,8 @@ impl Gates {
 
     /// Why disruptive operations are denied in `cluster` now, if a gate is closed.
     pub async fn closed(&self, cluster: &str) -> Option<String> {
-        for (i, g) in self.gates.iter().enumerate() {
-            if g.cluster != "*" && g.cluster != cluster {
-                continue;
-            }
-            let verdict = match &g.metric {
-                Some(metric) => self.metric_verdict(g, metric, cluster),
-                None => self.alert_verdict(i, g, cluster).await,
-            };
-            match verdict {
+        for (i, g) in self.applying(cluster) {
+            match self.verdict(i, g, cluster).await {
                 Verdict::Open => {}
                 Verdict::Closed(why) => return Some(format!("business health: {why}")),
                 Verdict::Unknown(why) if g.when_unknown == "allow" => {
@@ -55,6 +50,31 @@ impl Gates {
             }
         }
         None
+    }
+
+    /// Every gate that applies to `cluster`, with its verdict now (for the guards' view).
+    pub async fn verdicts(&self, cluster: &str) -> Vec<GateVerdict> {
+        let mut out = Vec::new();
+        for (i, g) in self.applying(cluster) {
+            let (state, reason, denies) = match self.verdict(i, g, cluster).await {
+                Verdict::Open => ("open", String::new(), false),
+                Verdict::Closed(why) => ("closed", why, true),
+                Verdict::Unknown(why) => ("unknown", why, g.when_unknown != "allow"),
+            };
+            out.push(GateVerdict { gate: describe(g), state: state.into(), reason, denies });
+        }
+        out
+    }
+
+    fn applying<'a>(&'a self, cluster: &'a str) -> impl Iterator<Item = (usize, &'a GateConfig)> + 'a {
+        self.gates.iter().enumerate().filter(move |(_, g)| g.cluster == "*" || g.cluster == cluster)
+    }
+
+    async fn verdict(&self, i: usize, g: &GateConfig, cluster: &str) -> Verdict {
+        match &g.metric {
+            Some(metric) => self.metric_verdict(g, metric, cluster),
+            None => self.alert_verdict(i, g, cluster).await,
+        }
     }
 
     fn metric_verdict(&self, g: &GateConfig, metric: &str, cluster: &str) -> Verdict {
@@ -107,6 +127,18 @@ impl Gates {
     }
 }
 
+/// What a gate checks, in words.
+fn describe(g: &GateConfig) -> String {
+    let unknown = if g.when_unknown == "allow" { "; unknown allows" } else { "; unknown denies" };
+    match (&g.metric, g.min, g.max) {
+        (Some(m), Some(min), Some(max)) => format!("{m} between {min} and {max}{unknown}"),
+        (Some(m), Some(min), None) => format!("{m} at least {min}{unknown}"),
+        (Some(m), None, Some(max)) => format!("{m} at most {max}{unknown}"),
+        (Some(m), None, None) => format!("{m} reported{unknown}"),
+        (None, ..) => format!("no alert firing matching {{{}}}{unknown}", g.alerts.join(", ")),
+    }
+}
+
 enum Verdict {
     Open,
     Closed(String),
@@ -143,12 +175,25 @@ mod tests {
         assert_eq!(gates.closed("c1").await, None);
         // Another cluster's value says nothing about c2.
         assert!(gates.closed("c2").await.is_some());
+        // The guards' view tells each gate's verdict.
+        let c2 = gates.verdicts("c2").await;
+        assert_eq!(c2.len(), 1);
+        assert_eq!(c2[0].gate, "pod_creation_success_rate between 0.99 and 1; unknown denies");
+        assert_eq!((c2[0].state.as_str(), c2[0].denies), ("unknown", true));
+        let c1 = gates.verdicts("c1").await;
+        assert_eq!((c1[0].state.as_str(), c1[0].denies, c1[0].reason.as_str()), ("open", false, ""));
+        gates.report_metric("c1", "pod_creation_success_rate", 0.5);
+        let c1 = gates.verdicts("c1").await;
+        assert_eq!((c1[0].state.as_str(), c1[0].denies), ("closed", true));
+        assert!(c1[0].reason.contains("below 0.99"), "{:?}", c1[0]);
     }
 
     #[tokio::test]
     async fn when_unknown_allow_lets_operations_through_and_other_clusters_gates_do_not_apply() {
         let gates = Gates::new(vec![metric_gate(Some(0.99), None, "allow")], None, Duration::from_secs(1));
         assert_eq!(gates.closed("c1").await, None);
+        let v = gates.verdicts("c1").await;
+        assert_eq!((v[0].gate.as_str(), v[0].state.as_str(), v[0].denies), ("pod_creation_success_rate at least 0.99; unknown allows", "unknown", false));
         let mut only_c2 = metric_gate(Some(0.99), None, "deny");
         only_c2.cluster = "c2".into();
         let gates = Gates::new(vec![only_c2], None, Duration::from_secs(1));

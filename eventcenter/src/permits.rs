@@ -14,7 +14,7 @@ use std::sync::Mutex;
 use std::time::{Duration, SystemTime};
 
 use nodekeeper_common::time::{self as nktime, timestamp_to_unix_ms, to_unix_ms};
-use nodekeeper_proto::v1::{ClusterGuard, Operation, Permit, Severity};
+use nodekeeper_proto::v1::{ClusterGuard, ClusterLimits, Operation, Permit, PolicyUse, Severity};
 use prost::Message;
 
 use crate::config::PermitsConfig;
@@ -365,9 +365,7 @@ impl RateLimiter {
             return Some(("node_holds_permit", format!("node {node} already holds permit {} for {opname}", p.id)));
         }
         let policy = policy?;
-        let in_flight = st.active.values().filter(|p| p.cluster == cluster && p.operation == op as i32).count() as u32;
-        let since = now_ms() - policy.window.as_millis() as i64;
-        let recent = st.recent.iter().filter(|(c, o, t)| c == cluster && *o == op as i32 && *t >= since).count() as u32;
+        let (in_flight, recent) = Self::usage(st, policy, op, cluster);
         if let Some(max) = policy.max_in_flight.filter(|m| in_flight >= *m) {
             return Some((
                 "max_in_flight",
@@ -395,6 +393,49 @@ impl RateLimiter {
             ));
         }
         None
+    }
+
+    /// Permits of `op` held in `cluster` now, and granted there within the policy's window.
+    fn usage(st: &State, policy: &crate::config::PermitPolicy, op: Operation, cluster: &str) -> (u32, u32) {
+        let in_flight = st.active.values().filter(|p| p.cluster == cluster && p.operation == op as i32).count() as u32;
+        let since = now_ms() - policy.window.as_millis() as i64;
+        let recent = st.recent.iter().filter(|(c, o, t)| c == cluster && *o == op as i32 && *t >= since).count() as u32;
+        (in_flight, recent)
+    }
+
+    /// What limits `cluster` (of `nodes` nodes) now: each operation's policy with its use and
+    /// whether it would deny one more permit, and each business gate's verdict.
+    pub async fn limits(&self, cluster: &str, nodes: usize) -> ClusterLimits {
+        let mut policies = Vec::new();
+        {
+            let st = self.state.lock().expect("permits lock");
+            for op in (1..).map_while(|i| Operation::try_from(i).ok()) {
+                let Some(policy) = self.policy(op, cluster) else { continue };
+                let (in_flight, granted_in_window) = Self::usage(&st, policy, op, cluster);
+                // No node holds a permit under the empty name: only the policy's limits answer.
+                let denies = Self::over_policy(&st, Some(policy), &operation_name(op), op, cluster, "", nodes)
+                    .map(|(_, why)| why)
+                    .unwrap_or_default();
+                policies.push(PolicyUse {
+                    operation: op as i32,
+                    policy_cluster: policy.cluster.clone(),
+                    max_in_flight: policy.max_in_flight,
+                    in_flight,
+                    max_per_window: policy.max_per_window,
+                    granted_in_window,
+                    window: Some(nktime::to_duration(policy.window)),
+                    max_share: policy.max_share,
+                    denies,
+                });
+            }
+        }
+        let gates = self.gates.verdicts(cluster).await;
+        ClusterLimits { cluster: cluster.to_owned(), nodes: nodes as u32, policies, gates }
+    }
+
+    /// The breaker's rule: (fault share, window).
+    pub fn breaker_rule(&self) -> (f64, Duration) {
+        (self.config.breaker_fault_share, self.config.breaker_window)
     }
 
     fn count(&self, operation: &str, decision: &'static str, reason: &'static str) {

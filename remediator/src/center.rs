@@ -145,6 +145,7 @@ impl Remediator {
                         ..Default::default()
                     }),
                     limit: 10_000,
+                    ..Default::default()
                 })
                 .await
                 .map_err(rpc("events"))?

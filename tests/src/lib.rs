@@ -724,6 +724,7 @@ pub async fn stored_events(ch: Channel, node: &str, kind: &str) -> Vec<nodekeepe
                 after_cursor: after,
                 filter: Some(EventFilter { nodes: vec![node.into()], types: vec![kind.into()], ..Default::default() }),
                 limit: 10_000,
+                ..Default::default()
             })
             .await
             .expect("list events")

@@ -100,9 +100,33 @@ async fn every_page_loads_clean_and_a_fault_appears_live_with_its_remediation() 
     assert!(took <= Duration::from_secs(2), "the fault appeared after {took:?}: {row}");
     assert!(b.console_errors().await.is_empty());
 
+    // Keyboard: Tab reaches the fault's link; a live refresh keeps the focus on it; Enter opens it.
+    let mut href = serde_json::Value::Null;
+    for _ in 0..20 {
+        b.client.find(Locator::Css("body")).await.unwrap().send_keys(&Key::Tab.to_string()).await.unwrap();
+        href = b.client.execute("return document.activeElement.getAttribute('href')", vec![]).await.unwrap();
+        if href.as_str().is_some_and(|h| h.starts_with("/faults/")) {
+            break;
+        }
+    }
+    assert!(href.as_str().is_some_and(|h| h.starts_with("/faults/")), "Tab never reached the fault: {href}");
+    b.client.execute("document.querySelector('main h1').dataset.stale = '1'", vec![]).await.unwrap();
+    let status = Command::new(bin("nodekeeper-agent"))
+        .args(["emit", "--port", &agent.status_port.to_string(), "--type", "TaskHung", "--message", "again"])
+        .stdout(Stdio::null())
+        .status()
+        .unwrap();
+    assert!(status.success());
+    wait_for("a live refresh", Duration::from_secs(10), || async {
+        let stale = b.client.execute("return document.querySelector('main h1').dataset.stale", vec![]).await.ok()?;
+        stale.is_null().then_some(())
+    })
+    .await;
+    let still = b.client.execute("return document.activeElement.getAttribute('href')", vec![]).await.unwrap();
+    assert_eq!(still, href, "the refresh kept the keyboard focus");
+    b.client.active_element().await.unwrap().send_keys(&Key::Enter.to_string()).await.unwrap();
+
     // Its page: the remediator's steps follow, live.
-    let link = b.client.find(Locator::Css("main table tbody a[href^='/faults/']")).await.unwrap();
-    link.click().await.unwrap();
     wait_for("the remediation steps on the fault's page", Duration::from_secs(15), || async {
         b.text("ol.timeline").await.filter(|t| t.contains("RemediationStep")).map(drop)
     })
@@ -112,8 +136,27 @@ async fn every_page_loads_clean_and_a_fault_appears_live_with_its_remediation() 
     visit(&b, &dash, &path, &format!("Fault {id}"), "fault").await;
     visit(&b, &dash, "/nodes/c1/node-a", "Node node-a", "node").await;
     assert!(b.text("main").await.unwrap().contains("KernelDeadlock"));
+    // Its recent events, newest first: the registration, the fault's event with its link.
+    let recent = b.text("main ol.timeline").await.unwrap();
+    assert!(recent.contains("NodeRegistered") && recent.contains("TaskHung"), "{recent}");
+    assert!(recent.find("TaskHung") < recent.find("NodeRegistered"), "newest first: {recent}");
+    b.client.find(Locator::Css(&format!("main ol.timeline a[href='/faults/{id}']"))).await.expect("the fault's link");
     visit(&b, &dash, "/rollouts", "Rollouts", "rollouts").await;
+    // Guards: every permit policy of the cluster with its use, as the API has them.
     visit(&b, &dash, "/guards", "Guards", "guards").await;
+    let guards = PermitServiceClient::new(center.channel().await)
+        .get_guard_state(GetGuardStateRequest { include_limits: true })
+        .await
+        .unwrap()
+        .into_inner();
+    let c1 = guards.limits.iter().find(|l| l.cluster == "c1").expect("c1's limits");
+    let rows = b.client.find_all(Locator::Css("main table[data-limits=c1] tbody tr")).await.unwrap();
+    assert_eq!(rows.len(), c1.policies.len());
+    for (row, p) in rows.iter().zip(&c1.policies) {
+        let text = row.text().await.unwrap();
+        let op = p.operation().as_str_name().trim_start_matches("OPERATION_").to_lowercase().replace('_', " ");
+        assert!(text.starts_with(&op) && text.contains(&format!("{} / ", p.in_flight)), "{text} vs {p:?}");
+    }
     visit(&b, &dash, "/confirm?action=freeze&cluster=c1", "Confirm", "confirm").await;
     b.close().await;
 }
@@ -186,7 +229,7 @@ async fn reads_follow_the_identity_and_actions_carry_it() {
     let answer = b.text("main").await.unwrap();
     assert!(title == "Done · nodekeeper" && answer.contains("Done: frozen"), "{title}: {answer}");
     let guards = PermitServiceClient::new(center.channel().await)
-        .get_guard_state(GetGuardStateRequest {})
+        .get_guard_state(GetGuardStateRequest::default())
         .await
         .unwrap()
         .into_inner();
@@ -228,7 +271,7 @@ async fn other_sites_cannot_use_the_dashboard_with_the_operators_credentials() {
         .unwrap();
     assert_eq!(r.status(), 403);
     let guards = PermitServiceClient::new(center.channel().await)
-        .get_guard_state(GetGuardStateRequest {})
+        .get_guard_state(GetGuardStateRequest::default())
         .await
         .unwrap()
         .into_inner();

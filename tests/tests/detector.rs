@@ -103,6 +103,7 @@ async fn events(center: &EventCenter, types: &[&str]) -> Vec<Event> {
                     ..Default::default()
                 }),
                 limit: 10_000,
+                ..Default::default()
             })
             .await
             .unwrap()

@@ -56,6 +56,53 @@ async fn same_batch_twice_and_interleaved_is_stored_once_in_sequence_order() {
     assert_eq!(sequences(&events_of(ch, "n2").await), (1..=100).collect::<Vec<_>>());
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_nodes_newest_events_come_first_page_by_page() {
+    let center = EventCenter::start(QUICK).await;
+    let mut a = AgentConn::connect(&center.url(), hello("c1", "n1", "b1")).await.unwrap();
+    let mut b = AgentConn::connect(&center.url(), hello("c1", "n2", "b1")).await.unwrap();
+    for chunk in 0..5u64 {
+        a.send_acked(chunk, (chunk * 10 + 1..=chunk * 10 + 10).map(observation).collect()).await;
+        b.send_acked(chunk, (chunk * 10 + 1..=chunk * 10 + 10).map(observation).collect()).await;
+    }
+    let mut client = EventServiceClient::new(center.channel().await);
+    let ask = |before: String| ListEventsRequest {
+        filter: Some(EventFilter {
+            clusters: vec!["c1".into()],
+            nodes: vec!["n1".into()],
+            types: vec!["TestEvent".into()],
+            ..Default::default()
+        }),
+        limit: 20,
+        newest_first: true,
+        before_cursor: before,
+        ..Default::default()
+    };
+    let mut seen = Vec::new();
+    let mut before = String::new();
+    for expected in [20, 20, 10] {
+        let page = client.list_events(ask(before)).await.unwrap().into_inner();
+        assert_eq!(page.events.len(), expected);
+        assert!(page.events.iter().all(|e| e.node == "n1"));
+        seen.extend(sequences(&page.events));
+        before = page.next_cursor;
+    }
+    assert_eq!(before, "", "no older page");
+    assert_eq!(seen, (1..=50).rev().collect::<Vec<_>>());
+
+    // The index needs one node; it scans back, not forth.
+    let mut no_node = ask(String::new());
+    no_node.filter.as_mut().unwrap().nodes.clear();
+    let err = client.list_events(no_node).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().contains("exactly one cluster and one node"), "{}", err.message());
+    let err = client
+        .list_events(ListEventsRequest { after_cursor: "1".into(), ..ask(String::new()) })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+}
+
 /// A producer that keeps every unacknowledged batch and resends it after reconnecting, as the
 /// agent's outbox does.
 async fn stream_until(url: String, node: &str, total: u64, acked: Arc<AtomicU64>) {

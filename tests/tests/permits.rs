@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use nodekeeper_proto::v1::{
-    AcquirePermitRequest, ListPermitsRequest, Operation, Reboot, RecommendedAction, ReleasePermitRequest,
+    AcquirePermitRequest, GetGuardStateRequest, GuardState, ListPermitsRequest, Operation, Reboot, RecommendedAction, ReleasePermitRequest,
     ReportMetricRequest, ReportRequest, SendCommandRequest, fleet_service_client::FleetServiceClient,
     permit_service_client::PermitServiceClient, report_service_client::ReportServiceClient, send_command_request,
 };
@@ -82,6 +82,23 @@ async fn policies_limit_permits_and_every_decision_is_an_event() {
     assert_eq!(granted.len(), 2, "reboot and isolate of n0");
     assert_eq!(stored_events(ch.clone(), "n3", "PermitDenied").await.len(), 1);
     assert_eq!(stored_events(ch.clone(), "n0", "PermitReleased").await.len(), 1);
+
+    // The guards' view shows each policy's use and why it denies now.
+    let state = guard_state(&ch).await;
+    assert_eq!(state.breaker_fault_share, 0.3);
+    assert_eq!(state.breaker_window, Some(prost_types::Duration { seconds: 600, nanos: 0 }));
+    let [c1] = &state.limits[..] else { panic!("{:?}", state.limits) };
+    assert_eq!((c1.cluster.as_str(), c1.nodes), ("c1", 10));
+    let policy = |op: Operation| c1.policies.iter().find(|p| p.operation() == op).unwrap();
+    let reboot = policy(Operation::Reboot);
+    assert_eq!((reboot.in_flight, reboot.max_in_flight), (1, Some(2)));
+    assert_eq!((reboot.granted_in_window, reboot.max_per_window), (3, Some(3)));
+    assert!(reboot.denies.starts_with("max per window: 3 reboot permits"), "{reboot:?}");
+    let isolate = policy(Operation::Isolate);
+    assert_eq!((isolate.in_flight, isolate.max_share), (5, Some(0.5)));
+    assert!(isolate.denies.starts_with("max share: 6 of 10 nodes"), "{isolate:?}");
+    // Operations with no policy in this configuration are not listed (it replaces the defaults).
+    assert!(c1.policies.iter().all(|p| matches!(p.operation(), Operation::Reboot | Operation::Isolate)), "{c1:?}");
 
     // Permits survive a restart of the center: still active, still counted.
     let before = PermitServiceClient::new(ch.clone())
@@ -168,6 +185,14 @@ metric = "pod_creation_success_rate"
 min = 0.99
 "#;
 
+async fn guard_state(ch: &Channel) -> GuardState {
+    PermitServiceClient::new(ch.clone())
+        .get_guard_state(GetGuardStateRequest { include_limits: true })
+        .await
+        .unwrap()
+        .into_inner()
+}
+
 async fn report_metric(ch: &Channel, value: f64) {
     PermitServiceClient::new(ch.clone())
         .report_metric(ReportMetricRequest { cluster: "c1".into(), name: "pod_creation_success_rate".into(), value })
@@ -219,8 +244,14 @@ async fn a_firing_alert_or_a_metric_out_of_range_holds_disruption_until_it_clear
         denied.contains("pod_creation_success_rate = 0.93 in cluster c1") && denied.contains("below 0.99"),
         "{denied}"
     );
+    let gates = guard_state(&ch).await.limits.remove(0).gates;
+    let metric = gates.iter().find(|g| g.gate.starts_with("pod_creation_success_rate")).unwrap();
+    assert_eq!((metric.state.as_str(), metric.denies), ("closed", true), "{gates:?}");
+    assert!(metric.reason.contains("below 0.99"), "{metric:?}");
     report_metric(&ch, 0.999).await;
     reboot_granted(&ch, "n0").await.expect("back in range");
+    let gates = guard_state(&ch).await.limits.remove(0).gates;
+    assert!(gates.iter().all(|g| g.state == "open" && !g.denies), "{gates:?}");
 
     // Alertmanager gone: business health is unknown, and unknown denies.
     am.kill();

@@ -9,6 +9,15 @@
   var timer = null;
   var last = 0;
   function say(text) { if (status) status.textContent = text; }
+  // What keyboard focus is on inside main, as a selector that finds it again in the new content
+  // (by id, else by link target), so a refresh does not throw the reader back to the top.
+  function focusKey() {
+    var el = document.activeElement;
+    if (!el || el === main || !main.contains(el)) return null;
+    if (el.id) return "#" + CSS.escape(el.id);
+    var href = el.getAttribute("href");
+    return href ? 'a[href="' + CSS.escape(href) + '"]' : null;
+  }
   function refresh() {
     timer = null;
     last = Date.now();
@@ -17,9 +26,9 @@
       .then(function (r) { return r.ok ? r.text() : null; })
       .then(function (html) {
         if (html === null) return;
-        var focused = document.activeElement && document.activeElement.id;
+        var focused = focusKey();
         main.innerHTML = html;
-        if (focused) { var el = document.getElementById(focused); if (el) el.focus(); }
+        if (focused) { var el = main.querySelector(focused); if (el) el.focus(); }
         say("live, updated " + new Date().toLocaleTimeString());
       })
       .catch(function () { say("live, update failed"); });

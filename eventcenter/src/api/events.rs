@@ -41,6 +41,51 @@ impl EventApi {
     }
 }
 
+impl EventApi {
+    /// A node's newest events, from its index, scanning back from `before_cursor`.
+    async fn newest_first(&self, req: ListEventsRequest) -> Result<ListEventsResponse, Status> {
+        let filter = req.filter.clone().unwrap_or_default();
+        let ([cluster], [node]) = (filter.clusters.as_slice(), filter.nodes.as_slice()) else {
+            return Err(Status::invalid_argument("newest_first: the filter must name exactly one cluster and one node"));
+        };
+        if !req.after_cursor.is_empty() {
+            return Err(Status::invalid_argument("newest_first: scan back with before_cursor, not after_cursor"));
+        }
+        let mut before = if req.before_cursor.is_empty() { u64::MAX } else { cursor::parse(&req.before_cursor)? };
+        let limit = match req.limit as usize {
+            0 => 100,
+            n => n.min(MAX_LIST),
+        };
+        let key = crate::store::NodeKey { cluster: cluster.clone(), node: node.clone() };
+        let matcher = Matcher::new(Some(&filter));
+        let mut events = Vec::new();
+        loop {
+            let page = self.0.store.node_events_before(key.clone(), before, limit).await.map_err(store_status)?;
+            let full = page.len() == limit;
+            for e in page {
+                before = cursor::parse(&e.cursor)?;
+                if matcher.matches(&e) {
+                    events.push(e);
+                    if events.len() == limit {
+                        return Ok(ListEventsResponse {
+                            events,
+                            next_cursor: cursor::format(before),
+                            head_cursor: cursor::format(self.0.store.head()),
+                        });
+                    }
+                }
+            }
+            if !full {
+                return Ok(ListEventsResponse {
+                    events,
+                    next_cursor: String::new(),
+                    head_cursor: cursor::format(self.0.store.head()),
+                });
+            }
+        }
+    }
+}
+
 /// The owner of the caller's durable consumers: its whole identity, kind, clusters and name, so
 /// that a subscriber of one cluster can neither see nor move a consumer of another cluster's
 /// subscriber of the same name. "" on an insecure center.
@@ -90,6 +135,9 @@ impl event_service_server::EventService for EventApi {
         require(&caller, READERS, "read events")?;
         let mut req = request.into_inner();
         scope_filter(&caller, &mut req.filter)?;
+        if req.newest_first {
+            return self.newest_first(req).await.map(Response::new);
+        }
         let store = &self.0.store;
         let after = cursor::parse(&req.after_cursor)?;
         let floor = store.floor();

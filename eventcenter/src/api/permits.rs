@@ -125,12 +125,28 @@ impl permit_service_server::PermitService for PermitApi {
     async fn get_guard_state(&self, request: Request<GetGuardStateRequest>) -> Result<Response<GuardState>, Status> {
         let caller = self.0.caller(&request)?;
         require(&caller, READERS, "read the guards")?;
+        let include_limits = request.get_ref().include_limits;
         let (global_frozen, mut clusters) = self.0.permits.guards();
         let scope = scope_clusters(&caller, Vec::new())?;
         if !scope.is_empty() {
             clusters.retain(|g| scope.contains(&g.cluster));
         }
-        Ok(Response::new(GuardState { global_frozen, clusters }))
+        let mut limits = Vec::new();
+        if include_limits {
+            for (cluster, nodes) in self.0.store.cluster_sizes().await.map_err(store_status)? {
+                if scope.is_empty() || scope.contains(&cluster) {
+                    limits.push(self.0.permits.limits(&cluster, nodes).await);
+                }
+            }
+        }
+        let (breaker_fault_share, window) = self.0.permits.breaker_rule();
+        Ok(Response::new(GuardState {
+            global_frozen,
+            clusters,
+            limits,
+            breaker_fault_share,
+            breaker_window: Some(nodekeeper_common::time::to_duration(window)),
+        }))
     }
 
     async fn report_metric(

@@ -37,6 +37,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("migrations/0003_permits.sql"),
     include_str!("migrations/0004_decommissioned.sql"),
     include_str!("migrations/0005_rollouts.sql"),
+    include_str!("migrations/0006_node_events.sql"),
 ];
 
 /// Fault state numbers as stored (equal to `nodekeeper.v1.FaultState`).
@@ -120,6 +121,11 @@ pub fn consumer_parts(key: &str) -> (&str, &str) {
 /// The origin of one agent boot.
 pub fn agent_origin(cluster: &str, node: &str, boot_id: &str) -> OriginKey {
     format!("a/{cluster}/{node}/{boot_id}").into()
+}
+
+/// The key under which a node is interned in `origins`, for the events' node index.
+pub(crate) fn node_origin(cluster: &str, node: &str) -> String {
+    format!("n/{cluster}/{node}")
 }
 
 const CENTER_ORIGIN: &str = "c";

@@ -194,6 +194,31 @@ impl Store {
         .await
     }
 
+    /// Up to `limit` events about one node with a cursor below `before`, newest first (from the
+    /// node index: events stored since migration 6).
+    pub async fn node_events_before(&self, key: NodeKey, before: u64, limit: usize) -> Result<Vec<Event>> {
+        self.read(move |c| {
+            let origin = super::node_origin(&key.cluster, &key.node);
+            let clause = "node_ref = (SELECT id FROM origins WHERE key = ?1) AND cursor < ?2 ORDER BY cursor DESC LIMIT ?3";
+            events_where(c, clause, params![origin, before.min(i64::MAX as u64) as i64, limit as i64])
+        })
+        .await
+    }
+
+    /// Every cluster with nodes, with how many (decommissioned ones left out).
+    pub async fn cluster_sizes(&self) -> Result<Vec<(String, usize)>> {
+        self.read(move |c| {
+            let mut s = c
+                .prepare_cached(
+                    "SELECT cluster, COUNT(*) FROM nodes WHERE decommissioned_ms IS NULL GROUP BY cluster ORDER BY cluster",
+                )
+                .map_err(sql)?;
+            let rows = s.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)? as usize))).map_err(sql)?;
+            rows.collect::<rusqlite::Result<Vec<_>>>().map_err(sql)
+        })
+        .await
+    }
+
     pub async fn get_node(&self, key: NodeKey) -> Result<Option<Node>> {
         self.read(move |c| {
             let row: Option<(Vec<u8>, bool, i64)> = c

@@ -16,6 +16,7 @@ CREATE TABLE origins (
 
 -- Append-only. `cursor` is assigned by the single writer in commit order; (origin, origin_seq)
 -- is the event's identity, so a resent observation is stored once.
+-- `node_ref` (added by 0006) is the `origins` id of `n/<cluster>/<node>` for events about a node.
 CREATE TABLE events (
     cursor      INTEGER PRIMARY KEY,
     origin      INTEGER NOT NULL,
@@ -23,9 +24,10 @@ CREATE TABLE events (
     received_ms INTEGER NOT NULL,
     fault_id    INTEGER,
     body        BLOB NOT NULL
-);
+, node_ref INTEGER);
 CREATE UNIQUE INDEX events_identity ON events (origin, origin_seq);
 CREATE INDEX events_fault ON events (fault_id) WHERE fault_id IS NOT NULL;
+CREATE INDEX events_node ON events (node_ref) WHERE node_ref IS NOT NULL;
 
 -- One row per node; `info` is an encoded nodekeeper.v1.Node with its static fields;
 -- `decommissioned_ms` is set while the node is decommissioned (added by 0004 with ALTER TABLE,

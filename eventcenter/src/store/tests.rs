@@ -142,6 +142,38 @@ fn retention_removes_a_prefix_and_raises_the_floor() {
     });
 }
 
+#[test]
+fn a_nodes_events_come_newest_first_from_its_index() {
+    rt().block_on(async {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), StoreOptions::default()).unwrap();
+        // Interleaved nodes in one batch, a cluster-wide event, and a duplicate.
+        let mut batch: Vec<_> = (1..=6).map(|s| agent_event(if s % 2 == 0 { "n2" } else { "n1" }, "b1", s)).collect();
+        batch.push(observation_event(Identity::Center, "", "cluster-wide".into()));
+        batch.push(agent_event("n1", "b1", 1));
+        store.append(batch).await.unwrap();
+        let key = |n: &str| NodeKey { cluster: "c1".into(), node: n.into() };
+        let cursors = |events: Vec<Event>| events.iter().map(|e| e.cursor.clone()).collect::<Vec<_>>();
+        assert_eq!(cursors(store.node_events_before(key("n1"), u64::MAX, 10).await.unwrap()), ["5", "3", "1"]);
+        assert_eq!(cursors(store.node_events_before(key("n2"), 6, 1).await.unwrap()), ["4"]);
+        assert!(store.node_events_before(key("n3"), u64::MAX, 10).await.unwrap().is_empty());
+        store.close().await;
+        // The query reads the node index, not the log.
+        let conn = Connection::open(dir.path().join("eventcenter.db")).unwrap();
+        let plan: Vec<String> = conn
+            .prepare(
+                "EXPLAIN QUERY PLAN SELECT cursor, body FROM events WHERE node_ref = (SELECT id FROM origins WHERE key = 'n/c1/n1') AND cursor < 9 ORDER BY cursor DESC LIMIT 5",
+            )
+            .unwrap()
+            .query_map([], |r| r.get::<_, String>(3))
+            .unwrap()
+            .map(Result::unwrap)
+            .collect();
+        assert!(plan.iter().any(|d| d.contains("USING INDEX events_node")), "{plan:?}");
+        assert!(!plan.iter().any(|d| d.contains("TEMP B-TREE")), "no sort: {plan:?}");
+    });
+}
+
 #[derive(Debug, Clone)]
 enum Op {
     Append(Vec<(u8, u8, u8)>),

@@ -429,16 +429,34 @@ impl Writer {
             }
             origin_ids.push(id);
         }
+        // The node each event is about, for the node index (a batch is mostly one node's).
+        let mut node_refs = Vec::with_capacity(events.len());
+        let mut last_node: Option<(&str, &str, i64)> = None;
+        for e in &events {
+            let (cluster, node) = (e.event.cluster.as_str(), e.event.node.as_str());
+            let id = match last_node {
+                _ if node.is_empty() => None,
+                Some((c, n, id)) if c == cluster && n == node => Some(id),
+                _ => {
+                    let id = self.origin_id(&OriginKey::from(super::node_origin(cluster, node)))?;
+                    last_node = Some((cluster, node, id));
+                    Some(id)
+                }
+            };
+            node_refs.push(id);
+        }
         let mut next = self.next_cursor;
         let mut out = Vec::with_capacity(events.len());
         let mut insert = self
             .conn
             .prepare_cached(
-                "INSERT INTO events (cursor, origin, origin_seq, received_ms, fault_id, body)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6) ON CONFLICT (origin, origin_seq) DO NOTHING",
+                "INSERT INTO events (cursor, origin, origin_seq, received_ms, fault_id, body, node_ref)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7) ON CONFLICT (origin, origin_seq) DO NOTHING",
             )
             .map_err(|e| self.err(e))?;
-        for (NewEvent { identity, mut event, mut body }, origin) in events.into_iter().zip(origin_ids) {
+        for ((NewEvent { identity, mut event, mut body }, origin), node_ref) in
+            events.into_iter().zip(origin_ids).zip(node_refs)
+        {
             let origin_seq = match &identity {
                 Identity::Keyed { sequence, .. } => *sequence as i64,
                 Identity::Center => next as i64,
@@ -455,7 +473,7 @@ impl Writer {
             }
             let fault_id = (event.fault_id != 0).then_some(event.fault_id as i64);
             let n = insert
-                .execute(params![next as i64, origin, origin_seq, received_ms, fault_id, body])
+                .execute(params![next as i64, origin, origin_seq, received_ms, fault_id, body, node_ref])
                 .map_err(|e| self.err(e))?;
             if n == 1 {
                 event.cursor = next.to_string();

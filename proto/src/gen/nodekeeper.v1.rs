@@ -1494,12 +1494,20 @@ pub struct ListEventsRequest {
     /// At most this many events (default 100, max 10000).
     #[prost(uint32, tag = "3")]
     pub limit: u32,
+    /// The newest matching events first, scanning back from `before_cursor` (empty: the newest). The
+    /// filter must name exactly one cluster and one node: this reads the node's index, which holds
+    /// the events stored since the center had it (migration 6); `after_cursor` must be empty.
+    #[prost(bool, tag = "4")]
+    pub newest_first: bool,
+    #[prost(string, tag = "5")]
+    pub before_cursor: ::prost::alloc::string::String,
 }
 #[derive(Clone, PartialEq, ::prost::Message)]
 pub struct ListEventsResponse {
     #[prost(message, repeated, tag = "1")]
     pub events: ::prost::alloc::vec::Vec<Event>,
-    /// Resume here to continue after this page (covers events the filter skipped too).
+    /// Resume here to continue after this page (covers events the filter skipped too); with
+    /// newest_first, the `before_cursor` of the next (older) page, empty when there is none.
     #[prost(string, tag = "2")]
     pub next_cursor: ::prost::alloc::string::String,
     /// The newest committed cursor at the time of the query.
@@ -3972,7 +3980,12 @@ pub struct ResetBreakerRequest {
 #[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct ResetBreakerResponse {}
 #[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
-pub struct GetGuardStateRequest {}
+pub struct GetGuardStateRequest {
+    /// Also each cluster's permit policies with their use now and its business gates' verdicts
+    /// (`limits`); Alertmanager is asked at most once per query interval.
+    #[prost(bool, tag = "1")]
+    pub include_limits: bool,
+}
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct ClusterGuard {
     #[prost(string, tag = "1")]
@@ -3986,12 +3999,72 @@ pub struct ClusterGuard {
     #[prost(message, optional, tag = "5")]
     pub since_time: ::core::option::Option<::prost_types::Timestamp>,
 }
+/// A permit policy as it applies to one cluster, with its use now.
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct PolicyUse {
+    #[prost(enumeration = "Operation", tag = "1")]
+    pub operation: i32,
+    /// The policy's cluster: this cluster's own, or "\*".
+    #[prost(string, tag = "2")]
+    pub policy_cluster: ::prost::alloc::string::String,
+    #[prost(uint32, optional, tag = "3")]
+    pub max_in_flight: ::core::option::Option<u32>,
+    #[prost(uint32, tag = "4")]
+    pub in_flight: u32,
+    #[prost(uint32, optional, tag = "5")]
+    pub max_per_window: ::core::option::Option<u32>,
+    #[prost(uint32, tag = "6")]
+    pub granted_in_window: u32,
+    #[prost(message, optional, tag = "7")]
+    pub window: ::core::option::Option<::prost_types::Duration>,
+    #[prost(double, optional, tag = "8")]
+    pub max_share: ::core::option::Option<f64>,
+    /// Why the policy would deny one more permit now; empty if it would grant one.
+    #[prost(string, tag = "9")]
+    pub denies: ::prost::alloc::string::String,
+}
+/// A business-health gate as it applies to one cluster now.
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct GateVerdict {
+    /// What it checks, e.g. "pod_creation_success_rate at least 0.99" or "no alert matching {...}".
+    #[prost(string, tag = "1")]
+    pub gate: ::prost::alloc::string::String,
+    /// "open", "closed" or "unknown".
+    #[prost(string, tag = "2")]
+    pub state: ::prost::alloc::string::String,
+    #[prost(string, tag = "3")]
+    pub reason: ::prost::alloc::string::String,
+    /// Whether it denies disruptive operations now (closed, or unknown with when_unknown = "deny").
+    #[prost(bool, tag = "4")]
+    pub denies: bool,
+}
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct ClusterLimits {
+    #[prost(string, tag = "1")]
+    pub cluster: ::prost::alloc::string::String,
+    /// Nodes in the cluster, decommissioned ones left out.
+    #[prost(uint32, tag = "2")]
+    pub nodes: u32,
+    #[prost(message, repeated, tag = "3")]
+    pub policies: ::prost::alloc::vec::Vec<PolicyUse>,
+    #[prost(message, repeated, tag = "4")]
+    pub gates: ::prost::alloc::vec::Vec<GateVerdict>,
+}
 #[derive(Clone, PartialEq, ::prost::Message)]
 pub struct GuardState {
     #[prost(bool, tag = "1")]
     pub global_frozen: bool,
     #[prost(message, repeated, tag = "2")]
     pub clusters: ::prost::alloc::vec::Vec<ClusterGuard>,
+    /// With include_limits: every cluster with nodes in the caller's scope.
+    #[prost(message, repeated, tag = "3")]
+    pub limits: ::prost::alloc::vec::Vec<ClusterLimits>,
+    /// The breaker's rule: it trips when faults open on more than this share of a cluster's nodes
+    /// within the window.
+    #[prost(double, tag = "4")]
+    pub breaker_fault_share: f64,
+    #[prost(message, optional, tag = "5")]
+    pub breaker_window: ::core::option::Option<::prost_types::Duration>,
 }
 #[derive(Clone, PartialEq, ::prost::Message)]
 pub struct ReportMetricRequest {
