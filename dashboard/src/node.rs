@@ -40,7 +40,11 @@ pub async fn page(
         .faults;
     let recent = EventServiceClient::new(app.ch.clone())
         .list_events(ListEventsRequest {
-            filter: Some(EventFilter { clusters: vec![cluster.clone()], nodes: vec![node.clone()], ..Default::default() }),
+            filter: Some(EventFilter {
+                clusters: vec![cluster.clone()],
+                nodes: vec![node.clone()],
+                ..Default::default()
+            }),
             limit: RECENT,
             newest_first: true,
             ..Default::default()

@@ -72,7 +72,8 @@ pub async fn page(State(app): State<Shared>, Query(f): Query<Fragment>) -> Page 
         .await?
         .into_inner()
         .faults;
-    let guards = PermitServiceClient::new(app.ch.clone()).get_guard_state(GetGuardStateRequest::default()).await?.into_inner();
+    let guards =
+        PermitServiceClient::new(app.ch.clone()).get_guard_state(GetGuardStateRequest::default()).await?.into_inner();
     let rollouts = RolloutServiceClient::new(app.ch.clone())
         .max_decoding_message_size(256 << 20)
         .list_rollouts(ListRolloutsRequest::default())

@@ -193,7 +193,10 @@ mod tests {
         let gates = Gates::new(vec![metric_gate(Some(0.99), None, "allow")], None, Duration::from_secs(1));
         assert_eq!(gates.closed("c1").await, None);
         let v = gates.verdicts("c1").await;
-        assert_eq!((v[0].gate.as_str(), v[0].state.as_str(), v[0].denies), ("pod_creation_success_rate at least 0.99; unknown allows", "unknown", false));
+        assert_eq!(
+            (v[0].gate.as_str(), v[0].state.as_str(), v[0].denies),
+            ("pod_creation_success_rate at least 0.99; unknown allows", "unknown", false)
+        );
         let mut only_c2 = metric_gate(Some(0.99), None, "deny");
         only_c2.cluster = "c2".into();
         let gates = Gates::new(vec![only_c2], None, Duration::from_secs(1));

@@ -96,10 +96,8 @@ async fn a_nodes_newest_events_come_first_page_by_page() {
     let err = client.list_events(no_node).await.unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
     assert!(err.message().contains("exactly one cluster and one node"), "{}", err.message());
-    let err = client
-        .list_events(ListEventsRequest { after_cursor: "1".into(), ..ask(String::new()) })
-        .await
-        .unwrap_err();
+    let err =
+        client.list_events(ListEventsRequest { after_cursor: "1".into(), ..ask(String::new()) }).await.unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
 }
 

@@ -5,9 +5,10 @@
 use std::time::Duration;
 
 use nodekeeper_proto::v1::{
-    AcquirePermitRequest, GetGuardStateRequest, GuardState, ListPermitsRequest, Operation, Reboot, RecommendedAction, ReleasePermitRequest,
-    ReportMetricRequest, ReportRequest, SendCommandRequest, fleet_service_client::FleetServiceClient,
-    permit_service_client::PermitServiceClient, report_service_client::ReportServiceClient, send_command_request,
+    AcquirePermitRequest, GetGuardStateRequest, GuardState, ListPermitsRequest, Operation, Reboot, RecommendedAction,
+    ReleasePermitRequest, ReportMetricRequest, ReportRequest, SendCommandRequest,
+    fleet_service_client::FleetServiceClient, permit_service_client::PermitServiceClient,
+    report_service_client::ReportServiceClient, send_command_request,
 };
 use nodekeeper_tests::alertmanager::Alertmanager;
 use nodekeeper_tests::{AgentConn, EventCenter, cli, condition_report, hello, stored_events, wait_for};
@@ -86,7 +87,7 @@ async fn policies_limit_permits_and_every_decision_is_an_event() {
     // The guards' view shows each policy's use and why it denies now.
     let state = guard_state(&ch).await;
     assert_eq!(state.breaker_fault_share, 0.3);
-    assert_eq!(state.breaker_window, Some(prost_types::Duration { seconds: 600, nanos: 0 }));
+    assert_eq!(state.breaker_window, Some(prost_types::Duration { seconds: 300, nanos: 0 }));
     let [c1] = &state.limits[..] else { panic!("{:?}", state.limits) };
     assert_eq!((c1.cluster.as_str(), c1.nodes), ("c1", 10));
     let policy = |op: Operation| c1.policies.iter().find(|p| p.operation() == op).unwrap();

@@ -6,9 +6,10 @@ use std::time::Duration;
 
 use nodekeeper_common::tls::TlsFiles;
 use nodekeeper_proto::v1::{
-    Condition, ConditionStatus, EventFilter, ListEventsRequest, ListNodesRequest, Observation, Report, ReportRequest,
-    StartPosition, SubscribeRequest, event_service_client::EventServiceClient,
-    fleet_service_client::FleetServiceClient, report_service_client::ReportServiceClient, subscribe_response,
+    Condition, ConditionStatus, EventFilter, GetGuardStateRequest, ListEventsRequest, ListNodesRequest, Observation,
+    Report, ReportRequest, StartPosition, SubscribeRequest, event_service_client::EventServiceClient,
+    fleet_service_client::FleetServiceClient, permit_service_client::PermitServiceClient,
+    report_service_client::ReportServiceClient, subscribe_response,
 };
 use nodekeeper_tests::{AgentConn, EventCenter, bin, hello, observation, stored_events, tls_channel, wait_for};
 use tonic::Code;
@@ -160,6 +161,22 @@ async fn a_subscriber_for_cluster_a_sees_none_of_cluster_b() {
         ..Default::default()
     };
     assert_eq!(events.list_events(ask_b).await.unwrap_err().code(), Code::PermissionDenied);
+    // A node's newest events: its own cluster's, not b's.
+    let newest = |cluster: &str, node: &str| ListEventsRequest {
+        filter: Some(EventFilter { clusters: vec![cluster.into()], nodes: vec![node.into()], ..Default::default() }),
+        newest_first: true,
+        ..Default::default()
+    };
+    let mine = events.list_events(newest("a", "node-a")).await.unwrap().into_inner().events;
+    assert_eq!(mine.iter().filter(|e| e.r#type == "TestEvent").count(), 5);
+    assert_eq!(events.list_events(newest("b", "node-b")).await.unwrap_err().code(), Code::PermissionDenied);
+    // The guards' limits: cluster a's only.
+    let guards = PermitServiceClient::new(ch.clone())
+        .get_guard_state(GetGuardStateRequest { include_limits: true })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(guards.limits.iter().map(|l| l.cluster.as_str()).collect::<Vec<_>>(), ["a"]);
     // The stream too: everything up to the first bookmark is cluster a's.
     let req = SubscribeRequest {
         start: StartPosition::Oldest as i32,

@@ -46,7 +46,9 @@ impl EventApi {
     async fn newest_first(&self, req: ListEventsRequest) -> Result<ListEventsResponse, Status> {
         let filter = req.filter.clone().unwrap_or_default();
         let ([cluster], [node]) = (filter.clusters.as_slice(), filter.nodes.as_slice()) else {
-            return Err(Status::invalid_argument("newest_first: the filter must name exactly one cluster and one node"));
+            return Err(Status::invalid_argument(
+                "newest_first: the filter must name exactly one cluster and one node",
+            ));
         };
         if !req.after_cursor.is_empty() {
             return Err(Status::invalid_argument("newest_first: scan back with before_cursor, not after_cursor"));

@@ -199,7 +199,8 @@ impl Store {
     pub async fn node_events_before(&self, key: NodeKey, before: u64, limit: usize) -> Result<Vec<Event>> {
         self.read(move |c| {
             let origin = super::node_origin(&key.cluster, &key.node);
-            let clause = "node_ref = (SELECT id FROM origins WHERE key = ?1) AND cursor < ?2 ORDER BY cursor DESC LIMIT ?3";
+            let clause =
+                "node_ref = (SELECT id FROM origins WHERE key = ?1) AND cursor < ?2 ORDER BY cursor DESC LIMIT ?3";
             events_where(c, clause, params![origin, before.min(i64::MAX as u64) as i64, limit as i64])
         })
         .await
