@@ -29,6 +29,7 @@ needs=(
     "chromium:chromium"           # the dashboard's tests run in a real browser
     "chromedriver:chromium-driver" # driven through WebDriver
     "npm:npm"                     # axe-core (below) audits the pages' accessibility
+    "/usr/lib/postgresql/15/bin/initdb:postgresql-15"  # the event center's PostgreSQL store runs against throwaway clusters
 )
 
 missing=()

@@ -8,6 +8,7 @@
 //! Every committed event is also published on a broadcast channel for live subscribers; a
 //! subscriber that lags re-reads the store, so the channel may drop but the subscriber never skips.
 
+pub mod postgres;
 mod read;
 mod space;
 
@@ -60,6 +61,11 @@ pub enum StoreError {
     Full { free: u64, reserve: u64 },
     #[error("corrupt row in {table}: {message}")]
     Corrupt { table: &'static str, message: String },
+    #[error("postgres: {message}")]
+    Postgres { message: String },
+    /// PostgreSQL would acknowledge commits it has not made durable.
+    #[error("postgres: synchronous_commit is {found}: acknowledged events could be lost; set it to on")]
+    NotDurable { found: String },
 }
 
 impl StoreError {
@@ -71,9 +77,10 @@ impl StoreError {
     pub fn for_client(&self) -> String {
         match self {
             StoreError::Sqlite { message, .. } => format!("store: {message}"),
-            StoreError::NotWal { .. } | StoreError::NotSynchronousFull { .. } | StoreError::SchemaTooNew { .. } => {
-                "store misconfigured; see the event center's log".to_owned()
-            }
+            StoreError::NotWal { .. }
+            | StoreError::NotSynchronousFull { .. }
+            | StoreError::SchemaTooNew { .. }
+            | StoreError::NotDurable { .. } => "store misconfigured; see the event center's log".to_owned(),
             other => other.to_string(),
         }
     }

@@ -1,0 +1,30 @@
+-- The event log on PostgreSQL (the same shape as SQLite's, see ../schema.sql).
+
+-- The newest cursor. Every append transaction locks this row first, so appends of all replicas
+-- commit one after another, in cursor order.
+CREATE TABLE log_head (
+    one  BOOLEAN PRIMARY KEY DEFAULT TRUE CHECK (one),
+    head BIGINT NOT NULL
+);
+INSERT INTO log_head (head) VALUES (0);
+
+-- Interned keys: event origins (`a/<cluster>/<node>/<boot>`, `p/<producer>/<report>`,
+-- `c/<replica>`) and nodes (`n/<cluster>/<node>`).
+CREATE TABLE origins (
+    id  BIGSERIAL PRIMARY KEY,
+    key TEXT NOT NULL UNIQUE
+);
+
+-- Append-only; (origin, origin_seq) is the event's identity.
+CREATE TABLE events (
+    cursor      BIGINT PRIMARY KEY,
+    origin      BIGINT NOT NULL,
+    origin_seq  BIGINT NOT NULL,
+    received_ms BIGINT NOT NULL,
+    fault_id    BIGINT,
+    node_ref    BIGINT,
+    body        BYTEA NOT NULL
+);
+CREATE UNIQUE INDEX events_identity ON events (origin, origin_seq);
+CREATE INDEX events_fault ON events (fault_id) WHERE fault_id IS NOT NULL;
+CREATE INDEX events_node ON events (node_ref, cursor) WHERE node_ref IS NOT NULL;

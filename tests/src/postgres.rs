@@ -1,0 +1,125 @@
+//! A throwaway PostgreSQL 15 cluster (Debian's `postgresql-15`): `initdb` in a temporary
+//! directory, the server on a free loopback port with its socket in that directory, run as the
+//! `postgres` user when the tests run as root (PostgreSQL refuses root). Killed and removed on
+//! drop.
+
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use crate::{free_port, wait_for};
+
+const BIN: &str = "/usr/lib/postgresql/15/bin";
+
+pub struct Postgres {
+    dir: tempfile::TempDir,
+    pub port: u16,
+    child: Option<Child>,
+}
+
+/// The uid and gid to run PostgreSQL as: ours, unless we are root.
+fn owner() -> Option<(u32, u32)> {
+    if !nix::unistd::geteuid().is_root() {
+        return None;
+    }
+    let user = nix::unistd::User::from_name("postgres").ok().flatten().expect("the postgres user (postgresql-15)");
+    Some((user.uid.as_raw(), user.gid.as_raw()))
+}
+
+fn command(name: &str) -> Command {
+    let path = Path::new(BIN).join(name);
+    assert!(path.exists(), "{} is missing: run scripts/install-test-deps.sh", path.display());
+    let mut c = Command::new(path);
+    if let Some((uid, gid)) = owner() {
+        c.uid(uid).gid(gid);
+    }
+    c.stdin(Stdio::null());
+    c
+}
+
+impl Postgres {
+    /// A new cluster, running and accepting connections.
+    pub async fn start() -> Postgres {
+        let dir = tempfile::tempdir().expect("temp dir");
+        if let Some((uid, gid)) = owner() {
+            std::os::unix::fs::chown(dir.path(), Some(uid), Some(gid)).expect("chown the cluster's directory");
+        }
+        let data = dir.path().join("data");
+        let out = command("initdb")
+            .args(["-D"])
+            .arg(&data)
+            .args(["-U", "postgres", "--auth=trust", "-E", "UTF8", "--no-instructions", "--no-sync"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn initdb")
+            .wait_with_output()
+            .expect("initdb");
+        assert!(out.status.success(), "initdb: {}", String::from_utf8_lossy(&out.stderr));
+        let mut pg = Postgres { dir, port: free_port(), child: None };
+        pg.spawn().await;
+        pg
+    }
+
+    fn data(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    /// Starts the server on the cluster's port (again, after `kill9`).
+    pub async fn spawn(&mut self) {
+        let log = std::fs::File::create(self.dir.path().join("postgres.log")).expect("log file");
+        if let Some((uid, gid)) = owner() {
+            std::os::unix::fs::chown(self.dir.path().join("postgres.log"), Some(uid), Some(gid)).unwrap();
+        }
+        let child = command("postgres")
+            .arg("-D")
+            .arg(self.data())
+            .args(["-p", &self.port.to_string(), "-c", "listen_addresses=127.0.0.1"])
+            .arg("-c")
+            .arg(format!("unix_socket_directories={}", self.dir.path().display()))
+            .args(["-c", "fsync=on", "-c", "synchronous_commit=on", "-c", "max_connections=200"])
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn postgres");
+        self.child = Some(child);
+        let url = self.url("postgres");
+        wait_for("postgres accepting connections", Duration::from_secs(30), || {
+            let url = url.clone();
+            async move { tokio_postgres::connect(&url, tokio_postgres::NoTls).await.ok().map(drop) }
+        })
+        .await;
+    }
+
+    /// A libpq-style URL of a database of this cluster.
+    pub fn url(&self, db: &str) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/{db}", self.port)
+    }
+
+    /// Creates a database; its URL.
+    pub async fn create_database(&self, name: &str) -> String {
+        let (client, conn) = tokio_postgres::connect(&self.url("postgres"), tokio_postgres::NoTls).await.unwrap();
+        tokio::spawn(conn);
+        client.batch_execute(&format!("CREATE DATABASE \"{name}\"")).await.unwrap();
+        self.url(name)
+    }
+
+    /// The server's log so far (for failure messages).
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("postgres.log")).unwrap_or_default()
+    }
+
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Postgres {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}

@@ -1,0 +1,219 @@
+//! The event log on a real PostgreSQL 15 (a throwaway cluster per test): three replicas appending
+//! at once keep one log whose cursors are contiguous and in commit order (a reader on any replica
+//! never sees a gap, even for a moment), idempotent by identity; a server killed mid-ingest and
+//! started again loses nothing acknowledged and stores nothing twice; a server that would
+//! acknowledge without durability is refused.
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use nodekeeper_eventcenter::store::postgres::{PgLog, PgOptions};
+use nodekeeper_eventcenter::store::{Identity, NewEvent, StoreError, agent_origin};
+use nodekeeper_proto::v1::Event;
+use nodekeeper_tests::postgres::Postgres;
+use tokio::task::JoinSet;
+
+fn event(node: &str, seq: u64) -> NewEvent {
+    let e = Event {
+        cluster: "c1".into(),
+        node: node.into(),
+        r#type: "TestEvent".into(),
+        message: format!("{node}/{seq}"),
+        ..Default::default()
+    };
+    NewEvent::new(Identity::agent(&agent_origin("c1", node, "b1"), seq), e)
+}
+
+fn center_event(replica: usize, i: usize) -> NewEvent {
+    let e = Event {
+        cluster: "c1".into(),
+        r#type: "CenterTest".into(),
+        message: format!("r{replica}/{i}"),
+        ..Default::default()
+    };
+    NewEvent::new(Identity::Center, e)
+}
+
+/// Follows the log through one replica until it has `total` events, checking at every read that
+/// the first new event is the one right after what it had: the cursors it returns.
+async fn follow(log: Arc<PgLog>, total: u64) -> Vec<(u64, String)> {
+    let mut head = log.watch_head();
+    let mut seen: Vec<(u64, String)> = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    while (seen.len() as u64) < total {
+        let after = seen.last().map_or(0, |(c, _)| *c);
+        let page = log.read_after(after, 1000).await.unwrap();
+        for (i, e) in page.iter().enumerate() {
+            let cursor: u64 = e.cursor.parse().unwrap();
+            assert_eq!(cursor, after + 1 + i as u64, "a gap or a reordering after cursor {after}");
+            seen.push((cursor, e.message.clone()));
+        }
+        if page.is_empty() {
+            // Woken by this replica's commits and the others' notifications.
+            tokio::time::timeout_at(deadline, head.changed()).await.expect("the log stopped growing").unwrap();
+        }
+    }
+    seen
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_replicas_keep_one_contiguous_log_in_commit_order() {
+    let pg = Postgres::start().await;
+    let url = pg.create_database("log").await;
+    // Started together: the migrations run once.
+    let (a, b, c) = tokio::join!(
+        PgLog::open(&url, PgOptions::default()),
+        PgLog::open(&url, PgOptions::default()),
+        PgLog::open(&url, PgOptions::default())
+    );
+    let replicas = [Arc::new(a.unwrap()), Arc::new(b.unwrap()), Arc::new(c.unwrap())];
+
+    const NODES: u64 = 150;
+    const BATCHES: u64 = 20;
+    const PER_BATCH: u64 = 10;
+    const CENTER: usize = 50;
+    let total = NODES * BATCHES * PER_BATCH + 3 * CENTER as u64;
+    let followers: Vec<_> = replicas.iter().map(|r| tokio::spawn(follow(r.clone(), total))).collect();
+
+    let mut producers = JoinSet::new();
+    for n in 0..NODES {
+        let log = replicas[n as usize % 3].clone();
+        producers.spawn(async move {
+            let node = format!("n{n}");
+            let mut acked = BTreeMap::new();
+            for batch in 0..BATCHES {
+                let events: Vec<_> = (1..=PER_BATCH).map(|i| event(&node, batch * PER_BATCH + i)).collect();
+                let answers = log.append(events.clone()).await.unwrap();
+                assert!(answers.iter().all(|a| !a.duplicate));
+                // Resent (a reconnecting agent): the same cursors, nothing stored.
+                let again = log.append(events).await.unwrap();
+                assert!(again.iter().all(|a| a.duplicate));
+                assert_eq!(
+                    again.iter().map(|a| a.cursor).collect::<Vec<_>>(),
+                    answers.iter().map(|a| a.cursor).collect::<Vec<_>>()
+                );
+                for (i, a) in answers.iter().enumerate() {
+                    acked.insert(a.cursor, format!("{node}/{}", batch * PER_BATCH + 1 + i as u64));
+                }
+            }
+            acked
+        });
+    }
+    for (r, log) in replicas.iter().enumerate() {
+        let log = log.clone();
+        producers.spawn(async move {
+            let mut acked = BTreeMap::new();
+            for i in 0..CENTER {
+                let a = log.append(vec![center_event(r, i)]).await.unwrap();
+                acked.insert(a[0].cursor, format!("r{r}/{i}"));
+            }
+            acked
+        });
+    }
+    let mut acked = BTreeMap::new();
+    while let Some(done) = producers.join_next().await {
+        acked.extend(done.unwrap());
+    }
+    assert_eq!(acked.len() as u64, total, "every acknowledged event has a cursor of its own");
+
+    let mut logs = Vec::new();
+    for f in followers {
+        logs.push(f.await.unwrap());
+    }
+    let expected: Vec<(u64, String)> = acked.into_iter().collect();
+    assert_eq!(expected.first().map(|e| e.0), Some(1));
+    assert_eq!(expected.last().map(|e| e.0), Some(total));
+    for (r, log) in logs.iter().enumerate() {
+        assert!(log == &expected, "replica {r}'s reader saw another log");
+    }
+    assert!(replicas.iter().all(|r| r.head() == total));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_same_batch_on_two_replicas_at_once_is_stored_once() {
+    let pg = Postgres::start().await;
+    let url = pg.create_database("log").await;
+    let a = PgLog::open(&url, PgOptions::default()).await.unwrap();
+    let b = PgLog::open(&url, PgOptions::default()).await.unwrap();
+    // An agent that resends to another replica while its first attempt is still committing.
+    for round in 0..200 {
+        let events: Vec<_> = (1..=5).map(|i| event("n1", round * 5 + i)).collect();
+        let (x, y) = tokio::join!(a.append(events.clone()), b.append(events));
+        let (x, y) = (x.unwrap(), y.unwrap());
+        for (x, y) in x.iter().zip(&y) {
+            assert_eq!(x.cursor, y.cursor, "one cursor per identity");
+            assert!(x.duplicate != y.duplicate, "stored by exactly one replica: {x:?} {y:?}");
+        }
+    }
+    let all = follow(Arc::new(a), 1000).await;
+    assert_eq!(all.iter().map(|(_, m)| m.clone()).collect::<HashSet<_>>().len(), 1000);
+    assert_eq!(b.head(), 1000);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_killed_mid_ingest_loses_and_doubles_nothing() {
+    let mut pg = Postgres::start().await;
+    let url = pg.create_database("log").await;
+    let log = Arc::new(PgLog::open(&url, PgOptions::default()).await.unwrap());
+    const NODES: u64 = 20;
+    const BATCHES: u64 = 40;
+    let mut producers = JoinSet::new();
+    for n in 0..NODES {
+        let log = log.clone();
+        producers.spawn(async move {
+            let node = format!("n{n}");
+            let mut acked = HashSet::new();
+            for batch in 0..BATCHES {
+                let events: Vec<_> = (1..=5).map(|i| event(&node, batch * 5 + i)).collect();
+                // An agent resends what was not acknowledged until it is.
+                loop {
+                    match log.append(events.clone()).await {
+                        Ok(answers) => {
+                            acked.extend(answers.iter().map(|a| a.cursor));
+                            break;
+                        }
+                        Err(StoreError::Postgres { .. }) => tokio::time::sleep(Duration::from_millis(100)).await,
+                        Err(e) => panic!("{e}"),
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            acked
+        });
+    }
+    // Kill the server once a part is in, and start it again.
+    let mut head = log.watch_head();
+    tokio::time::timeout(Duration::from_secs(60), head.wait_for(|h| *h >= 500)).await.unwrap().unwrap();
+    assert!(log.head() < NODES * BATCHES * 5, "the server is killed mid-ingest");
+    pg.kill9();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    pg.spawn().await;
+
+    let mut acked = HashSet::new();
+    while let Some(done) = producers.join_next().await {
+        acked.extend(done.unwrap());
+    }
+    let total = NODES * BATCHES * 5;
+    assert_eq!(acked.len() as u64, total);
+    let all = follow(log.clone(), total).await;
+    assert_eq!(all.len() as u64, total, "{}", pg.log());
+    let distinct: HashSet<&String> = all.iter().map(|(_, m)| m).collect();
+    assert_eq!(distinct.len() as u64, total, "an event stored twice");
+    assert!(acked.iter().all(|c| *c >= 1 && *c <= total));
+    assert_eq!(log.read_after(total, 10).await.unwrap().len(), 0, "nothing beyond");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_that_would_acknowledge_without_durability_is_refused() {
+    let pg = Postgres::start().await;
+    let url = pg.create_database("lax").await;
+    let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(conn);
+    client.batch_execute("ALTER DATABASE lax SET synchronous_commit = off").await.unwrap();
+    match PgLog::open(&url, PgOptions::default()).await {
+        Err(StoreError::NotDurable { found }) => assert_eq!(found, "off"),
+        Err(e) => panic!("{e}"),
+        Ok(_) => panic!("a log on a server without durable commits"),
+    }
+}
