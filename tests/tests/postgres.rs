@@ -2,12 +2,15 @@
 //! at once keep one log whose cursors are contiguous and in commit order (a reader on any replica
 //! never sees a gap, even for a moment), idempotent by identity; a server killed mid-ingest and
 //! started again loses nothing acknowledged and stores nothing twice; a server that would
-//! acknowledge without durability is refused.
+//! acknowledge without durability is refused. Leases: one leader among three contenders at any
+//! moment, taken over when the leader dies or gives up, and nobody leading while the database is
+//! unreachable.
 
 use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
+use nodekeeper_eventcenter::store::postgres::lease::{Lease, LeaseConfig};
 use nodekeeper_eventcenter::store::postgres::{PgLog, PgOptions};
 use nodekeeper_eventcenter::store::{Identity, NewEvent, StoreError, agent_origin};
 use nodekeeper_proto::v1::Event;
@@ -216,4 +219,84 @@ async fn a_server_that_would_acknowledge_without_durability_is_refused() {
         Err(e) => panic!("{e}"),
         Ok(_) => panic!("a log on a server without durable commits"),
     }
+}
+
+fn quick_lease() -> LeaseConfig {
+    LeaseConfig {
+        lease_duration: Duration::from_millis(1500),
+        renew_deadline: Duration::from_millis(1000),
+        retry_period: Duration::from_millis(200),
+    }
+}
+
+/// Which of the contenders lead now (their epochs).
+fn leaders(leases: &[Option<Lease>]) -> Vec<(usize, u64)> {
+    leases
+        .iter()
+        .enumerate()
+        .filter_map(|(i, l)| l.as_ref().and_then(|l| (*l.leading().borrow()).map(|e| (i, e))))
+        .collect()
+}
+
+/// Watches the contenders every 20 ms until `until` holds of the leaders, checking that never
+/// two lead at once; the leaders then.
+async fn watch_leaders(
+    leases: &[Option<Lease>],
+    within: Duration,
+    until: impl Fn(&[(usize, u64)]) -> bool,
+) -> Vec<(usize, u64)> {
+    let deadline = std::time::Instant::now() + within;
+    loop {
+        let now = leaders(leases);
+        assert!(now.len() <= 1, "two leaders at once: {now:?}");
+        if until(&now) {
+            return now;
+        }
+        assert!(std::time::Instant::now() < deadline, "leaders stayed {now:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_replica_leads_and_another_takes_over_when_it_dies_or_steps_down() {
+    let mut pg = Postgres::start().await;
+    let url = pg.create_database("lease").await;
+    let log = PgLog::open(&url, PgOptions::default()).await.unwrap();
+    let mut leases: Vec<Option<Lease>> = (0..3)
+        .map(|i| Some(Lease::contend(log.pool(), "singleton", &format!("replica-{i}"), quick_lease()).unwrap()))
+        .collect();
+    let first = watch_leaders(&leases, Duration::from_secs(10), |l| l.len() == 1).await[0];
+    // Stays with it while it renews.
+    watch_leaders(&leases, Duration::from_secs(3), false_after(Duration::from_secs(2))).await;
+    assert_eq!(leaders(&leases), [first]);
+
+    // The leader dies (no release): another takes over once the lease ran out, with a new epoch.
+    let died = std::time::Instant::now();
+    drop(leases[first.0].take());
+    let second = watch_leaders(&leases, Duration::from_secs(10), |l| l.len() == 1).await[0];
+    assert!(died.elapsed() >= Duration::from_millis(1000), "taken before the lease could run out");
+    assert!(second.0 != first.0 && second.1 > first.1, "{first:?} then {second:?}");
+
+    // A graceful stop gives the lease up: the last one takes it at its next try.
+    let released = std::time::Instant::now();
+    leases[second.0].take().unwrap().release().await;
+    let third = watch_leaders(&leases, Duration::from_secs(10), |l| l.len() == 1).await[0];
+    assert!(released.elapsed() < Duration::from_millis(1000), "{:?}", released.elapsed());
+    assert!(third.1 > second.1);
+
+    // The database unreachable: the leader stops leading within its renew deadline; back, it
+    // leads again.
+    pg.kill9();
+    let gone = std::time::Instant::now();
+    watch_leaders(&leases, Duration::from_secs(5), |l| l.is_empty()).await;
+    // Before anyone else could have taken the lease (its duration after the last renewal).
+    assert!(gone.elapsed() <= Duration::from_millis(1500), "led {:?} without the database", gone.elapsed());
+    pg.spawn().await;
+    watch_leaders(&leases, Duration::from_secs(15), |l| l.len() == 1).await;
+}
+
+/// A condition that turns true after `d` from its first call.
+fn false_after(d: Duration) -> impl Fn(&[(usize, u64)]) -> bool {
+    let start = std::time::Instant::now();
+    move |_| start.elapsed() >= d
 }

@@ -26,7 +26,9 @@ use tokio_postgres::{AsyncMessage, Client, Config, NoTls};
 
 use super::{Appended, Identity, NewEvent, OriginKey, Result, StoreError};
 
-const MIGRATIONS: &[&str] = &[include_str!("postgres/0001_log.sql")];
+pub mod lease;
+
+const MIGRATIONS: &[&str] = &[include_str!("postgres/0001_log.sql"), include_str!("postgres/0002_leases.sql")];
 
 /// Commits notify this channel with the new head.
 const CHANNEL: &str = "nodekeeper_log";
@@ -37,7 +39,7 @@ const MIGRATION_LOCK: i64 = 0x6e6f_6465_6b65_6570;
 /// How long a group is retried across a lost connection (a failover) before its callers are told.
 const RETRY_FOR: Duration = Duration::from_secs(60);
 
-fn pg(e: tokio_postgres::Error) -> StoreError {
+pub(crate) fn pg(e: tokio_postgres::Error) -> StoreError {
     StoreError::Postgres { message: e.to_string() }
 }
 
@@ -126,6 +128,11 @@ impl PgLog {
         let (reply, answer) = oneshot::channel();
         self.queue.send(Job { events, reply }).await.map_err(|_| StoreError::Closed)?;
         answer.await.map_err(|_| StoreError::Closed)?
+    }
+
+    /// The replica's pool of connections (for leases and reads beside the log).
+    pub fn pool(&self) -> deadpool_postgres::Pool {
+        self.readers.clone()
     }
 
     /// The newest cursor this replica knows committed (its own commits and every other replica's
