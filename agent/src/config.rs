@@ -310,20 +310,7 @@ impl Config {
         if let Some(n) = &self.node_name {
             nodekeeper_common::names::node(n).map_err(|e| format!("node_name: {e}"))?;
         }
-        if self.center.starts_with("https://") {
-            if self.tls.is_none() {
-                return Err("tls: an https:// center needs tls.ca, tls.cert and tls.key".into());
-            }
-        } else if self.center.starts_with("http://") {
-            if !self.insecure {
-                return Err(format!(
-                    "center: {:?} is plaintext; use https:// with [tls], or set insecure = true (development only)",
-                    self.center
-                ));
-            }
-        } else {
-            return Err(format!("center: expected an https:// (or, insecure, http://) address, got {:?}", self.center));
-        }
+        nodekeeper_common::tls::check_center(&self.center, self.tls.is_some(), self.insecure)?;
         if self.heartbeat_interval < Duration::from_millis(100) {
             return Err("heartbeat_interval must be at least 100ms".into());
         }

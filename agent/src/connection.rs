@@ -45,6 +45,9 @@ pub struct Connection {
     pub components: Option<crate::components::driver::Link>,
     /// When the open session counts as healthy (it was welcomed `HEALTHY_SESSION` before).
     pub healthy_after: Option<tokio::time::Instant>,
+    /// Which of the center's addresses the next session tries; a broken session moves on to the
+    /// next one (a random start spreads a fleet over the replicas).
+    pub address: usize,
 }
 
 /// A session welcomed at least this long before it broke was healthy: the next reconnect starts
@@ -77,13 +80,15 @@ impl Connection {
                 End::Shutdown => return,
                 End::Broken(reason) => {
                     self.set_connected(false);
+                    let center = self.center().to_owned();
+                    self.address = self.address.wrapping_add(1);
                     // A session that stayed up a while was healthy: start again from the shortest delay.
                     if self.healthy_after.take().is_some_and(|t| tokio::time::Instant::now() >= t) {
                         backoff.reset();
                     }
                     let delay = backoff.next_delay();
                     let stats = self.outbox.stats();
-                    tracing::warn!(center = %self.config.center, error = %reason, retry_in = ?delay, outbox_depth = stats.depth, "connection to the event center lost");
+                    tracing::warn!(center = %center, next = %self.center(), error = %reason, retry_in = ?delay, outbox_depth = stats.depth, "connection to the event center lost");
                     systemd::status(&format!(
                         "center unreachable ({reason}); {} observations waiting; retry in {:.1}s",
                         stats.depth,
@@ -96,6 +101,12 @@ impl Connection {
                 }
             }
         }
+    }
+
+    /// The center address the next (or the open) session uses.
+    fn center(&self) -> &str {
+        let addresses = nodekeeper_common::tls::center_addresses(&self.config.center);
+        addresses.get(self.address % addresses.len().max(1)).copied().unwrap_or(&self.config.center)
     }
 
     fn set_connected(&self, connected: bool) {
@@ -121,7 +132,7 @@ impl Connection {
             None => (None, None, None),
         };
         // Made at every connection: a rotated certificate is used from the next reconnect.
-        let endpoint = match nodekeeper_common::tls::endpoint(&self.config.center, self.config.tls.as_ref()) {
+        let endpoint = match nodekeeper_common::tls::endpoint(self.center(), self.config.tls.as_ref()) {
             Ok(e) => e
                 .connect_timeout(Duration::from_secs(5))
                 .http2_keep_alive_interval(Duration::from_secs(30))
@@ -147,7 +158,7 @@ impl Connection {
         };
         let center_last = match inbound.message().await {
             Ok(Some(CenterMessage { msg: Some(center_message::Msg::Welcome(w)) })) => {
-                tracing::info!(center = %self.config.center, center_version = %w.center_version,
+                tracing::info!(center = %self.center(), center_version = %w.center_version,
                     last_stored_sequence = w.last_stored_sequence, "connected to the event center");
                 w.last_stored_sequence
             }
@@ -168,7 +179,7 @@ impl Connection {
         self.set_connected(true);
         self.healthy_after = Some(tokio::time::Instant::now() + HEALTHY_SESSION);
         self.report_losses().await;
-        systemd::status(&format!("connected to {}", self.config.center));
+        systemd::status(&format!("connected to {}", self.center()));
         if let Some(status) = &mut components_status {
             let report = status.borrow_and_update().clone();
             if (!report.components.is_empty() || report.generation > 0)

@@ -125,6 +125,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         inventory_paths: config.paths.clone(),
         components,
         healthy_after: None,
+        address: rand::random::<u32>() as usize,
     };
     let mut conn_task = tokio::spawn(connection.run(conn_cancel.clone()));
 
@@ -161,11 +162,14 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
 /// 127.0.0.1, plus the address this node uses toward the center (what the detector will probe).
 async fn default_status_addrs(center: &str) -> Vec<IpAddr> {
     let mut addrs = vec![IpAddr::V4(Ipv4Addr::LOCALHOST)];
-    if let Some(ip) = local_ip_toward(center).await
-        && !ip.is_loopback()
-        && !ip.is_unspecified()
-    {
-        addrs.push(ip);
+    for address in nodekeeper_common::tls::center_addresses(center) {
+        if let Some(ip) = local_ip_toward(address).await
+            && !ip.is_loopback()
+            && !ip.is_unspecified()
+            && !addrs.contains(&ip)
+        {
+            addrs.push(ip);
+        }
     }
     addrs
 }

@@ -12,7 +12,7 @@ use crate::connect::DEFAULT_SERVER;
 #[command(name = "nodekeeper", version)]
 pub struct Cli {
     /// Event center address: host:port (TLS), https://host:port, or http://host:port for a
-    /// center without TLS.
+    /// center without TLS; a center's replicas separated by commas (the first that answers).
     #[arg(long, global = true, env = "NODEKEEPER_SERVER", default_value = DEFAULT_SERVER)]
     pub server: String,
     /// Output format.

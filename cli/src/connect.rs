@@ -82,9 +82,21 @@ pub fn exit_code(err: &anyhow::Error) -> u8 {
 #[error("{0}")]
 pub struct Unreachable(String);
 
-/// A connected channel to the center at `server` (see [`server_url`]); for https, with the
-/// identity's credentials in `certs`.
+/// A connected channel to the center at `server` (see [`server_url`]; the replicas of a center
+/// separated by commas: the first that answers); for https, with the identity's credentials in
+/// `certs`.
 pub async fn channel(server: &str, certs: Option<&Path>, identity: &str) -> anyhow::Result<Channel> {
+    let mut failed = None;
+    for one in nodekeeper_common::tls::center_addresses(server) {
+        match channel_to(one, certs, identity).await {
+            Ok(ch) => return Ok(ch),
+            Err(e) => failed = Some(e),
+        }
+    }
+    Err(failed.unwrap_or_else(|| anyhow::anyhow!("--server: expected the event center's address")))
+}
+
+async fn channel_to(server: &str, certs: Option<&Path>, identity: &str) -> anyhow::Result<Channel> {
     let url = server_url(server);
     let dir = certs.map(Path::to_path_buf).unwrap_or_else(default_certs_dir);
     let files = url.starts_with("https://").then(|| nodekeeper_common::tls::TlsFiles::in_dir(&dir, identity));

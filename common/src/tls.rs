@@ -260,6 +260,103 @@ pub fn https_client_config(ca: Option<&Path>) -> Result<Arc<rustls::ClientConfig
     Ok(Arc::new(config))
 }
 
+/// The addresses in a `center` setting: one URL, or the center's replicas separated by commas
+/// (`https://a:7443,https://b:7443`).
+pub fn center_addresses(center: &str) -> Vec<&str> {
+    center.split(',').map(str::trim).filter(|a| !a.is_empty()).collect()
+}
+
+/// Checks every address of a `center` setting: https with TLS files, or http only when
+/// `insecure` (development). The message names the key.
+pub fn check_center(center: &str, tls: bool, insecure: bool) -> Result<(), String> {
+    let addresses = center_addresses(center);
+    if addresses.is_empty() {
+        return Err("center: expected the event center's address, e.g. \"https://center:7443\"".into());
+    }
+    for a in addresses {
+        if a.starts_with("https://") {
+            if !tls {
+                return Err("tls: an https:// center needs tls.ca, tls.cert and tls.key".into());
+            }
+        } else if a.starts_with("http://") {
+            if !insecure {
+                return Err(format!(
+                    "center: {a:?} is plaintext; use https:// with [tls], or set insecure = true (development only)"
+                ));
+            }
+        } else {
+            return Err(format!("center: expected https:// (or, insecure, http://) addresses, got {a:?}"));
+        }
+    }
+    Ok(())
+}
+
+/// A lazily connecting channel to the center at `center` (see [`center_addresses`]), each
+/// endpoint shaped by `tune`. With several replicas it holds one that answers and moves to the
+/// next when that one stops answering (see [`follow_replicas`]); calls made while it has none
+/// wait. Needs a tokio runtime.
+pub fn center_channel(
+    center: &str,
+    tls: Option<&TlsFiles>,
+    tune: impl Fn(tonic::transport::Endpoint) -> tonic::transport::Endpoint,
+) -> Result<tonic::transport::Channel, TlsError> {
+    let mut endpoints =
+        center_addresses(center).into_iter().map(|a| endpoint(a, tls).map(&tune)).collect::<Result<Vec<_>, _>>()?;
+    match endpoints.len() {
+        0 => Err(TlsError::Config(format!("no center address in {center:?}"))),
+        1 => Ok(endpoints.remove(0).connect_lazy()),
+        _ => {
+            let (channel, changes) = tonic::transport::Channel::balance_channel(4);
+            tokio::spawn(follow_replicas(endpoints, changes));
+            Ok(channel)
+        }
+    }
+}
+
+/// How often the replica in use is checked.
+const REPLICA_CHECK: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Keeps `changes`' channel on one replica: the first that accepts a connection (from a random
+/// start, to spread clients), checked every second, and the next that accepts one when it stops.
+/// Balancing over all of them would not do: tonic sends calls to an endpoint it cannot reach and
+/// fails them.
+async fn follow_replicas(
+    endpoints: Vec<tonic::transport::Endpoint>,
+    changes: tokio::sync::mpsc::Sender<tonic::transport::channel::Change<usize, tonic::transport::Endpoint>>,
+) {
+    use tonic::transport::channel::Change;
+    let n = endpoints.len();
+    let mut current: Option<usize> = None;
+    let mut start = rand::random::<u32>() as usize;
+    loop {
+        let answering = match current {
+            Some(i) => endpoints[i].connect().await.is_ok(),
+            None => false,
+        };
+        if !answering {
+            for k in 0..n {
+                let i = (start + k) % n;
+                if Some(i) != current && endpoints[i].connect().await.is_ok() {
+                    tracing::info!(center = %endpoints[i].uri(), "using this replica of the center");
+                    if changes.send(Change::Insert(i, endpoints[i].clone())).await.is_err() {
+                        return;
+                    }
+                    if let Some(old) = current.replace(i) {
+                        tracing::warn!(center = %endpoints[old].uri(), "replica of the center not answering; moved on");
+                        let _ = changes.send(Change::Remove(old)).await;
+                    }
+                    start = i + 1;
+                    break;
+                }
+            }
+        }
+        if changes.is_closed() {
+            return;
+        }
+        tokio::time::sleep(REPLICA_CHECK).await;
+    }
+}
+
 /// A client endpoint for `url`; with `tls`, mutual TLS trusting `tls.ca` and presenting
 /// `tls.cert`. The files are read now, so an endpoint made for each connection picks up rotated
 /// credentials.
@@ -382,6 +479,20 @@ pub fn peer_identity<T>(req: &tonic::Request<T>) -> Result<Identity, tonic::Stat
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_center_setting_names_one_address_or_several_each_checked() {
+        assert_eq!(center_addresses(" https://a:1 , https://b:2,"), ["https://a:1", "https://b:2"]);
+        assert!(check_center("https://a:1,https://b:2", true, false).is_ok());
+        let plain = check_center("https://a:1, http://b:2", true, false).unwrap_err();
+        assert!(plain.starts_with("center: \"http://b:2\" is plaintext"), "{plain}");
+        assert!(check_center("http://a:1,http://b:2", false, true).is_ok());
+        assert!(check_center("https://a:1", false, false).unwrap_err().starts_with("tls: an https:// center needs"));
+        assert!(check_center("a:1", true, false).unwrap_err().contains("expected https://"));
+        assert!(
+            check_center(" , ", true, false).unwrap_err().starts_with("center: expected the event center's address")
+        );
+    }
 
     #[test]
     fn identity_uris_round_trip() {

@@ -109,16 +109,7 @@ impl Config {
                 return Err(format!("{k} must be at least 10ms"));
             }
         }
-        if self.center.starts_with("https://") && self.tls.is_none() {
-            return Err("tls: an https:// center needs tls.ca, tls.cert and tls.key".into());
-        }
-        if self.center.starts_with("http://") && !self.insecure {
-            return Err(format!(
-                "center: {:?} is plaintext; use https:// with [tls], or set insecure = true",
-                self.center
-            ));
-        }
-        Ok(())
+        nodekeeper_common::tls::check_center(&self.center, self.tls.is_some(), self.insecure)
     }
 }
 

@@ -53,11 +53,10 @@ fn main() -> ExitCode {
     };
     let result: anyhow::Result<()> = runtime.block_on(async move {
         let shutdown = nodekeeper_common::shutdown::signal();
-        let endpoint = nodekeeper_common::tls::endpoint(&config.center, config.tls.as_ref())?
-            .connect_timeout(std::time::Duration::from_secs(5))
-            .timeout(std::time::Duration::from_secs(10));
         // Connects lazily: a detector that starts before the center waits for it.
-        let channel = endpoint.connect_lazy();
+        let channel = nodekeeper_common::tls::center_channel(&config.center, config.tls.as_ref(), |e| {
+            e.connect_timeout(std::time::Duration::from_secs(5)).timeout(std::time::Duration::from_secs(10))
+        })?;
         if config.insecure {
             tracing::warn!("talking to the center WITHOUT TLS (insecure): development and tests only");
         }

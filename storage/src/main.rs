@@ -57,10 +57,9 @@ fn main() -> ExitCode {
         if config.tls.is_none() {
             tracing::warn!("talking to the center WITHOUT TLS (insecure): development and tests only");
         }
-        let channel = nodekeeper_common::tls::endpoint(&config.center, config.tls.as_ref())?
-            .connect_timeout(std::time::Duration::from_secs(5))
-            .timeout(std::time::Duration::from_secs(60))
-            .connect_lazy();
+        let channel = nodekeeper_common::tls::center_channel(&config.center, config.tls.as_ref(), |e| {
+            e.connect_timeout(std::time::Duration::from_secs(5)).timeout(std::time::Duration::from_secs(60))
+        })?;
         let cancel = tokio_util::sync::CancellationToken::new();
         let metrics_listen = config.metrics_listen;
         let syncer = nodekeeper_storage::Syncer::new(config, channel, cancel.clone())?;
