@@ -2,7 +2,8 @@
 //! at once keep one log whose cursors are contiguous and in commit order (a reader on any replica
 //! never sees a gap, even for a moment), idempotent by identity; a server killed mid-ingest and
 //! started again loses nothing acknowledged and stores nothing twice; a server that would
-//! acknowledge without durability is refused. Leases: one leader among three contenders at any
+//! acknowledge without durability is refused. Durable consumers and retention are shared by the
+//! replicas (retention run by two at once removes each event once). Leases: one leader among three contenders at any
 //! moment, taken over when the leader dies or gives up, and nobody leading while the database is
 //! unreachable.
 
@@ -299,4 +300,50 @@ async fn one_replica_leads_and_another_takes_over_when_it_dies_or_steps_down() {
 fn false_after(d: Duration) -> impl Fn(&[(usize, u64)]) -> bool {
     let start = std::time::Instant::now();
     move |_| start.elapsed() >= d
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consumers_and_retention_are_shared_by_the_replicas() {
+    let pg = Postgres::start().await;
+    let url = pg.create_database("log").await;
+    let a = PgLog::open(&url, PgOptions::default()).await.unwrap();
+    let b = PgLog::open(&url, PgOptions::default()).await.unwrap();
+    a.append((1..=50).map(|i| event("n1", i)).collect()).await.unwrap();
+    let between = nodekeeper_common::time::to_unix_ms(std::time::SystemTime::now()) + 1;
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    b.append((51..=100).map(|i| event("n2", i)).collect()).await.unwrap();
+
+    // A consumer made on one replica is the same on the other; positions only move forward.
+    assert_eq!(a.ensure_consumer("owner:sub", 10).await.unwrap(), 10);
+    assert_eq!(b.ensure_consumer("owner:sub", 99).await.unwrap(), 10, "it exists: its position stays");
+    assert!(b.ack_consumer("owner:sub", 30).await.unwrap());
+    assert!(a.ack_consumer("owner:sub", 20).await.unwrap());
+    let listed = a.list_consumers().await.unwrap();
+    assert_eq!(listed.len(), 1);
+    assert_eq!((listed[0].acked_cursor.as_str(), listed[0].lag), ("30", a.head() - 30));
+    assert!(!a.ack_consumer("owner:nobody", 5).await.unwrap());
+
+    // A node's newest events, from either replica.
+    let newest = b.node_events_before("c1", "n1", u64::MAX, 3).await.unwrap();
+    assert_eq!(newest.iter().map(|e| e.message.as_str()).collect::<Vec<_>>(), ["n1/50", "n1/49", "n1/48"]);
+
+    // Retention from both replicas at once, a few rows at a time: the first 50 removed once.
+    let (mut removed_a, mut removed_b) = (0, 0);
+    loop {
+        let (x, y) = tokio::join!(a.retain(between, 7), b.retain(between, 7));
+        let (x, y) = (x.unwrap(), y.unwrap());
+        (removed_a, removed_b) = (removed_a + x, removed_b + y);
+        if x == 0 && y == 0 {
+            break;
+        }
+    }
+    assert_eq!(removed_a + removed_b, 50);
+    assert_eq!((a.floor().await.unwrap(), b.floor().await.unwrap()), (50, 50));
+    let rest = a.read_after(0, 1000).await.unwrap();
+    assert_eq!(rest.first().map(|e| e.cursor.as_str()), Some("51"));
+    assert_eq!(rest.len(), 50);
+
+    assert!(a.delete_consumer("owner:sub").await.unwrap());
+    assert!(!b.delete_consumer("owner:sub").await.unwrap());
+    assert!(b.list_consumers().await.unwrap().is_empty());
 }
