@@ -2,7 +2,8 @@
 //! at once keep one log whose cursors are contiguous and in commit order (a reader on any replica
 //! never sees a gap, even for a moment), idempotent by identity; a server killed mid-ingest and
 //! started again loses nothing acknowledged and stores nothing twice; a server that would
-//! acknowledge without durability is refused. Durable consumers and retention are shared by the
+//! acknowledge without durability is refused. Conditions reported through different replicas fold
+//! into one fault. Durable consumers and retention are shared by the
 //! replicas (retention run by two at once removes each event once). Leases: one leader among three contenders at any
 //! moment, taken over when the leader dies or gives up, and nobody leading while the database is
 //! unreachable.
@@ -346,4 +347,51 @@ async fn consumers_and_retention_are_shared_by_the_replicas() {
     assert!(a.delete_consumer("owner:sub").await.unwrap());
     assert!(!b.delete_consumer("owner:sub").await.unwrap());
     assert!(b.list_consumers().await.unwrap().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn conditions_through_different_replicas_fold_into_one_fault() {
+    use nodekeeper_proto::v1::{Condition, ConditionStatus, FaultState};
+    let pg = Postgres::start().await;
+    let url = pg.create_database("log").await;
+    let replicas = [
+        PgLog::open(&url, PgOptions::default()).await.unwrap(),
+        PgLog::open(&url, PgOptions::default()).await.unwrap(),
+    ];
+    let condition = |seq: u64, status: ConditionStatus| {
+        let mut e = event("n1", seq);
+        e.event.r#type = "KernelDeadlock".into();
+        e.event.condition =
+            Some(Condition { r#type: "KernelDeadlock".into(), status: status as i32, ..Default::default() });
+        NewEvent::new(e.identity, e.event)
+    };
+    // Opened through one, seen again and resolved through the other, then open again.
+    let steps = [
+        (1, ConditionStatus::True, 0),
+        (2, ConditionStatus::True, 1),
+        (3, ConditionStatus::False, 0),
+        (4, ConditionStatus::True, 1),
+    ];
+    let mut cursors = Vec::new();
+    for (seq, status, r) in steps {
+        cursors.push(replicas[r].append(vec![condition(seq, status)]).await.unwrap()[0].cursor);
+    }
+    // A resend folds nothing twice.
+    assert!(replicas[0].append(vec![condition(2, ConditionStatus::True)]).await.unwrap()[0].duplicate);
+
+    let events = replicas[1].read_after(0, 10).await.unwrap();
+    let faults: Vec<u64> = events.iter().map(|e| e.fault_id).collect();
+    assert_eq!(faults[0], faults[1]);
+    assert_eq!(faults[1], faults[2]);
+    assert!(faults[0] != 0 && faults[3] != 0 && faults[3] != faults[0], "{faults:?}");
+    let (first, timeline) = replicas[0].get_fault(faults[0]).await.unwrap().unwrap();
+    assert_eq!((first.state, first.count), (FaultState::Resolved as i32, 3));
+    assert_eq!(first.opened_cursor, cursors[0].to_string());
+    assert_eq!(timeline.iter().map(|e| e.cursor.parse::<u64>().unwrap()).collect::<Vec<_>>(), cursors[..3]);
+    let (second, timeline) = replicas[1].get_fault(faults[3]).await.unwrap().unwrap();
+    assert_eq!((second.state, second.count, timeline.len()), (FaultState::Open as i32, 1, 1));
+    // The condition's transition time is the center's: it moved at each change of status.
+    let t = |i: usize| events[i].condition.as_ref().unwrap().last_transition_time;
+    assert_eq!(t(0), t(1), "kept while the status stays");
+    assert_ne!(t(1), t(2));
 }

@@ -8,6 +8,7 @@
 //! Every committed event is also published on a broadcast channel for live subscribers; a
 //! subscriber that lags re-reads the store, so the channel may drop but the subscriber never skips.
 
+mod fold;
 pub mod postgres;
 mod read;
 mod space;

@@ -29,7 +29,11 @@ pub mod lease;
 mod read;
 mod writer;
 
-const MIGRATIONS: &[&str] = &[include_str!("postgres/0001_log.sql"), include_str!("postgres/0002_leases.sql")];
+const MIGRATIONS: &[&str] = &[
+    include_str!("postgres/0001_log.sql"),
+    include_str!("postgres/0002_leases.sql"),
+    include_str!("postgres/0003_faults.sql"),
+];
 
 /// Commits notify this channel with the new head.
 const CHANNEL: &str = "nodekeeper_log";

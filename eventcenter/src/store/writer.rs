@@ -16,14 +16,14 @@ use std::sync::mpsc::{Receiver, RecvTimeoutError, TryRecvError};
 use std::time::{Duration, Instant, SystemTime};
 
 use nodekeeper_common::time::to_unix_ms;
-use nodekeeper_proto::v1::{Condition, ConditionStatus, Event, Fault, FaultState, NodeCondition};
+use nodekeeper_proto::v1::{Condition, Event, Fault, NodeCondition};
 use prost::Message;
 use rusqlite::{Connection, OptionalExtension, params};
 use tokio::sync::{OwnedSemaphorePermit, broadcast, oneshot, watch};
 
 use super::{
-    Appended, FAULT_RESOLVED, HelloOutcome, Identity, LiveBatch, NewEvent, NodeHello, NodeKey, OriginKey, Result,
-    StoreError, StoreOptions,
+    Appended, HelloOutcome, Identity, LiveBatch, NewEvent, NodeHello, NodeKey, OriginKey, Result, StoreError,
+    StoreOptions,
 };
 
 mod nodes;
@@ -514,59 +514,19 @@ impl Writer {
     /// records the node's latest condition state. Sets `event.fault_id` and the condition's transition
     /// time (the center's: it moves only when the status does).
     fn fold_condition(&self, event: &mut Event, cursor: u64) -> Result<()> {
-        let Some(mut condition) = event.condition.clone() else { return Ok(()) };
-        let producer = event.origin.as_ref().map(|o| o.producer.clone()).unwrap_or_default();
-        let received = event.received_time;
-        // The transition time is the center's: kept while the status stays, else the producer's
-        // (or the observation's time) at the change.
-        let before = self.condition(&event.cluster, &event.node, &condition.r#type)?;
-        condition.last_transition_time = match before {
-            Some(b) if b.status == condition.status && b.last_transition_time.is_some() => b.last_transition_time,
-            _ => condition.last_transition_time.or(event.time).or(received),
-        };
-        event.condition = Some(condition.clone());
-        let node_condition = NodeCondition {
-            cluster: event.cluster.clone(),
-            node: event.node.clone(),
-            condition: Some(condition.clone()),
-            producer,
-            updated_time: received,
-        };
+        let Some(kind) = event.condition.as_ref().map(|c| c.r#type.clone()) else { return Ok(()) };
+        let before = self.condition(&event.cluster, &event.node, &kind)?;
+        let open = self.open_fault(&event.cluster, &event.node, &kind)?;
+        let Some(folded) = super::fold::fold(event, before, open, cursor) else { return Ok(()) };
         self.conn
             .prepare_cached(
                 "INSERT INTO conditions (cluster, node, type, body) VALUES (?1, ?2, ?3, ?4)
                  ON CONFLICT (cluster, node, type) DO UPDATE SET body = excluded.body",
             )
-            .and_then(|mut s| {
-                s.execute(params![event.cluster, event.node, condition.r#type, node_condition.encode_to_vec()])
-            })
+            .and_then(|mut s| s.execute(params![event.cluster, event.node, kind, folded.condition.encode_to_vec()]))
             .map_err(|e| self.err(e))?;
-
-        let open = self.open_fault(&event.cluster, &event.node, &condition.r#type)?;
-        let status = ConditionStatus::try_from(condition.status).unwrap_or(ConditionStatus::Unspecified);
-        let time = event.time.or(received);
-        match (status, open) {
-            (ConditionStatus::True, None) => {
-                let boot_id = event.origin.as_ref().map(|o| o.boot_id.clone()).unwrap_or_default();
-                let mut fault = Fault {
-                    id: 0,
-                    cluster: event.cluster.clone(),
-                    node: event.node.clone(),
-                    r#type: condition.r#type.clone(),
-                    state: FaultState::Open as i32,
-                    severity: event.severity,
-                    category: event.category,
-                    action: event.action,
-                    reason: event.reason.clone(),
-                    message: event.message.clone(),
-                    count: 1,
-                    first_seen_time: time,
-                    last_seen_time: time,
-                    resolved_time: None,
-                    boot_id,
-                    opened_cursor: cursor.to_string(),
-                    resolution: String::new(),
-                };
+        match folded.fault {
+            super::fold::FaultChange::Open(mut fault) => {
                 let id: i64 = self
                     .conn
                     .prepare_cached(
@@ -580,28 +540,8 @@ impl Writer {
                 self.save_fault(&fault)?;
                 event.fault_id = fault.id;
             }
-            (ConditionStatus::True | ConditionStatus::Unknown, Some(mut fault)) => {
-                fault.count += 1;
-                fault.last_seen_time = time;
-                if !event.message.is_empty() {
-                    fault.message = event.message.clone();
-                }
-                if !event.reason.is_empty() {
-                    fault.reason = event.reason.clone();
-                }
-                fault.severity = fault.severity.max(event.severity);
-                self.save_fault(&fault)?;
-                event.fault_id = fault.id;
-            }
-            (ConditionStatus::False, Some(mut fault)) => {
-                fault.count += 1;
-                fault.last_seen_time = time;
-                fault.resolved_time = time;
-                fault.state = FAULT_RESOLVED;
-                self.save_fault(&fault)?;
-                event.fault_id = fault.id;
-            }
-            _ => {}
+            super::fold::FaultChange::Update(fault) => self.save_fault(&fault)?,
+            super::fold::FaultChange::None => {}
         }
         Ok(())
     }

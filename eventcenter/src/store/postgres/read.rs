@@ -27,6 +27,22 @@ impl PgLog {
         self.readers.get().await.map_err(|e| StoreError::Postgres { message: e.to_string() })
     }
 
+    /// A fault and its timeline (the events folded into it, oldest first).
+    pub async fn get_fault(&self, id: u64) -> Result<Option<(nodekeeper_proto::v1::Fault, Vec<Event>)>> {
+        let reader = self.reader().await?;
+        let Some(row) = reader.query_opt("SELECT body FROM faults WHERE id = $1", &[&(id as i64)]).await.map_err(pg)?
+        else {
+            return Ok(None);
+        };
+        let fault: nodekeeper_proto::v1::Fault = prost::Message::decode(row.get::<_, &[u8]>(0))
+            .map_err(|e| StoreError::Corrupt { table: "faults", message: e.to_string() })?;
+        let rows = reader
+            .query("SELECT cursor, body FROM events WHERE fault_id = $1 ORDER BY cursor", &[&(id as i64)])
+            .await
+            .map_err(pg)?;
+        Ok(Some((fault, rows.iter().map(event_of).collect::<Result<_>>()?)))
+    }
+
     /// Every cursor up to this one was removed by retention.
     pub async fn floor(&self) -> Result<u64> {
         let row = self.reader().await?.query_one("SELECT floor FROM log_head", &[]).await.map_err(pg)?;

@@ -6,11 +6,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use nodekeeper_common::time::to_unix_ms;
+use nodekeeper_proto::v1::{Event, Fault, NodeCondition};
 use tokio::sync::{mpsc, watch};
-use tokio_postgres::{Client, Config};
+use tokio_postgres::{Client, Config, Transaction};
 
 use super::{CHANNEL, Job, PgOptions, RETRY_FOR, connect, pg};
-use crate::store::{Appended, Identity, StoreError};
+use crate::store::fold::{FaultChange, fold};
+use crate::store::{Appended, Identity, NewEvent, StoreError};
 
 /// The replica's writer: takes queued appends in order, commits them in groups, answers after
 /// the commit; across a lost connection it reconnects and retries the group.
@@ -121,7 +123,7 @@ async fn append_group(
     let ids: HashMap<String, i64> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
     let id_of = |i: usize| ids[&keys[i]];
 
-    // What is stored already, under the lock that every append takes.
+    // What is stored already (why this lookup, before the lock, misses nothing: below).
     let (origins, seqs): (Vec<i64>, Vec<i64>) = refs.iter().map(|(o, s, _)| (id_of(*o), *s)).unzip();
     let stored = tx
         .query(
@@ -142,7 +144,8 @@ async fn append_group(
 
     let received_ms = to_unix_ms(SystemTime::now()).max(last_received_ms);
     let mut next = head;
-    let (mut c, mut o, mut s, mut n, mut b) = (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let (mut c, mut o, mut s, mut n) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let mut new_events: Vec<&NewEvent> = Vec::new();
     let mut answers = Vec::with_capacity(group.len());
     let mut at = 0;
     for job in group {
@@ -160,20 +163,33 @@ async fn append_group(
             o.push(origin);
             s.push(seq);
             n.push(node);
-            b.push(e.body.as_slice());
+            new_events.push(e);
             answer.push(Appended { cursor: next as u64, duplicate: false });
         }
         answers.push(answer);
     }
+    // Condition events (few) fold into their faults, in cursor order, and are stored as folded.
+    let mut folded: HashMap<usize, Vec<u8>> = HashMap::new();
+    let mut f: Vec<Option<i64>> = vec![None; new_events.len()];
+    for (i, e) in new_events.iter().enumerate() {
+        if e.event.condition.is_some() {
+            let mut event = e.event.clone();
+            fold_condition(&tx, &mut event, c[i]).await?;
+            f[i] = (event.fault_id != 0).then_some(event.fault_id as i64);
+            folded.insert(i, prost::Message::encode_to_vec(&event));
+        }
+    }
+    let b: Vec<&[u8]> =
+        new_events.iter().enumerate().map(|(i, e)| folded.get(&i).map_or(e.body.as_slice(), Vec::as_slice)).collect();
     if next > head {
         // Sent together (pipelined on the connection), executed in order.
-        let event_args: [&(dyn tokio_postgres::types::ToSql + Sync); 6] = [&c, &o, &s, &received_ms, &n, &b];
+        let event_args: [&(dyn tokio_postgres::types::ToSql + Sync); 7] = [&c, &o, &s, &received_ms, &n, &b, &f];
         let head_args: [&(dyn tokio_postgres::types::ToSql + Sync); 3] = [&next, &CHANNEL, &received_ms];
         let insert = tx.execute(
-            "INSERT INTO events (cursor, origin, origin_seq, received_ms, node_ref, body)
-             SELECT cursor, origin, seq, $4, node_ref, body
-             FROM unnest($1::bigint[], $2::bigint[], $3::bigint[], $5::bigint[], $6::bytea[])
-                  AS i (cursor, origin, seq, node_ref, body)",
+            "INSERT INTO events (cursor, origin, origin_seq, received_ms, node_ref, body, fault_id)
+             SELECT cursor, origin, seq, $4, node_ref, body, fault_id
+             FROM unnest($1::bigint[], $2::bigint[], $3::bigint[], $5::bigint[], $6::bytea[], $7::bigint[])
+                  AS i (cursor, origin, seq, node_ref, body, fault_id)",
             &event_args,
         );
         let moved = tx.execute(
@@ -192,4 +208,62 @@ async fn append_group(
     }
     tx.commit().await.map_err(pg)?;
     Ok((answers, next as u64))
+}
+
+/// Folds a condition event into the node's condition and its fault (see `store::fold`), in the
+/// group's transaction: under the head's lock, so replicas fold one after another.
+async fn fold_condition(tx: &Transaction<'_>, event: &mut Event, cursor: i64) -> Result<(), StoreError> {
+    let Some(kind) = event.condition.as_ref().map(|c| c.r#type.clone()) else { return Ok(()) };
+    let key: [&(dyn tokio_postgres::types::ToSql + Sync); 3] = [&event.cluster, &event.node, &kind];
+    let before = tx
+        .query_opt("SELECT body FROM conditions WHERE cluster = $1 AND node = $2 AND type = $3", &key)
+        .await
+        .map_err(pg)?
+        .map(|r| decode::<NodeCondition>("conditions", r.get(0)))
+        .transpose()?
+        .and_then(|c| c.condition);
+    let open = tx
+        .query_opt("SELECT body FROM faults WHERE cluster = $1 AND node = $2 AND type = $3 AND state <> 4", &key)
+        .await
+        .map_err(pg)?
+        .map(|r| decode::<Fault>("faults", r.get(0)))
+        .transpose()?;
+    let Some(folded) = fold(event, before, open, cursor as u64) else { return Ok(()) };
+    tx.execute(
+        "INSERT INTO conditions (cluster, node, type, body) VALUES ($1, $2, $3, $4)
+         ON CONFLICT (cluster, node, type) DO UPDATE SET body = excluded.body",
+        &[&event.cluster, &event.node, &kind, &prost::Message::encode_to_vec(&folded.condition)],
+    )
+    .await
+    .map_err(pg)?;
+    let save = |fault: &Fault| {
+        let (id, state, body) = (fault.id as i64, fault.state, prost::Message::encode_to_vec(fault));
+        async move {
+            tx.execute("UPDATE faults SET state = $2, body = $3 WHERE id = $1", &[&id, &state, &body])
+                .await
+                .map(drop)
+                .map_err(pg)
+        }
+    };
+    match folded.fault {
+        FaultChange::Open(mut fault) => {
+            let row = tx
+                .query_one(
+                    "INSERT INTO faults (cluster, node, type, state, body) VALUES ($1, $2, $3, $4, '') RETURNING id",
+                    &[&fault.cluster, &fault.node, &fault.r#type, &fault.state],
+                )
+                .await
+                .map_err(pg)?;
+            fault.id = row.get::<_, i64>(0) as u64;
+            save(&fault).await?;
+            event.fault_id = fault.id;
+        }
+        FaultChange::Update(fault) => save(&fault).await?,
+        FaultChange::None => {}
+    }
+    Ok(())
+}
+
+fn decode<M: prost::Message + Default>(table: &'static str, body: &[u8]) -> Result<M, StoreError> {
+    M::decode(body).map_err(|e| StoreError::Corrupt { table, message: e.to_string() })
 }
