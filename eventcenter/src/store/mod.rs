@@ -9,6 +9,7 @@
 //! subscriber that lags re-reads the store, so the channel may drop but the subscriber never skips.
 
 mod fold;
+mod lifecycle;
 pub mod postgres;
 mod read;
 mod space;

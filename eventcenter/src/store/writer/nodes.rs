@@ -5,13 +5,13 @@
 use std::collections::HashMap;
 use std::time::{Duration, SystemTime};
 
-use nodekeeper_common::time::{self as nktime, to_duration, to_unix_ms};
-use nodekeeper_proto::v1::{Category, Event, EventKind, Fault, Inventory, Node, Origin, Severity};
+use nodekeeper_common::time::to_unix_ms;
+use nodekeeper_proto::v1::{Event, Fault, Node};
 use prost::Message;
 use rusqlite::{OptionalExtension, params};
 
 use super::Writer;
-use crate::store::{FAULT_RESOLVED, HelloOutcome, NodeHello, NodeKey, Result, StoreError};
+use crate::store::{HelloOutcome, NodeHello, NodeKey, Result, StoreError, lifecycle};
 
 /// A change to a node that does not come from its agent.
 pub(crate) enum NodeChange {
@@ -39,23 +39,6 @@ pub struct NodeChanged {
     pub cursor: u64,
     /// The node's labels (merged), when a Kubernetes sync changed them.
     pub labels: Option<HashMap<String, String>>,
-}
-
-/// A node event of the center's.
-fn node_event(key: &NodeKey, kind: &str, severity: Severity, message: String, now: SystemTime) -> Event {
-    Event {
-        cluster: key.cluster.clone(),
-        node: key.node.clone(),
-        kind: EventKind::Node as i32,
-        r#type: kind.to_owned(),
-        message,
-        severity: severity as i32,
-        category: Category::Lifecycle as i32,
-        time: Some(nktime::to_timestamp(now)),
-        origin: Some(Origin { producer: "center".into(), ..Default::default() }),
-        source: "eventcenter".into(),
-        ..Default::default()
-    }
 }
 
 impl Writer {
@@ -93,47 +76,7 @@ impl Writer {
         let now = SystemTime::now();
         let key = NodeKey { cluster: hello.cluster.clone(), node: hello.node.clone() };
         let previous = self.stored_node(&key)?;
-        let info = Node {
-            name: hello.node.clone(),
-            cluster: hello.cluster.clone(),
-            boot_id: hello.boot_id.clone(),
-            agent_version: hello.agent_version.clone(),
-            inventory: Some(hello.inventory.clone()),
-            labels: hello.labels.clone(),
-            registered_time: previous.as_ref().and_then(|p| p.registered_time).or(Some(nktime::to_timestamp(now))),
-            heartbeat_interval: Some(to_duration(hello.heartbeat_interval)),
-            status_port: hello.status_port,
-            // What Kubernetes said of it stays; a hello ends a decommission.
-            kubernetes_labels: previous.as_ref().map(|p| p.kubernetes_labels.clone()).unwrap_or_default(),
-            kubernetes_synced_time: previous.as_ref().and_then(|p| p.kubernetes_synced_time),
-            onboarding: previous.as_ref().is_some_and(|p| p.onboarding),
-            onboarded_time: previous.as_ref().and_then(|p| p.onboarded_time),
-            ..Default::default()
-        };
-        let base = |kind: &str, message: String| node_event(&key, kind, Severity::Info, message, now);
-        let mut events = Vec::new();
-        match &previous {
-            None => events.push(base("NodeRegistered", format!("node registered, agent {}", hello.agent_version))),
-            Some(p) if p.decommissioned_time.is_some() => events.push(base(
-                "NodeRegistered",
-                format!("node registered again after it was decommissioned, agent {}", hello.agent_version),
-            )),
-            Some(p) => {
-                if p.boot_id != hello.boot_id {
-                    let mut e =
-                        base("NodeRebooted", format!("boot id changed from {} to {}", p.boot_id, hello.boot_id));
-                    e.attributes.insert("previous_boot_id".into(), p.boot_id.clone());
-                    e.attributes.insert("boot_id".into(), hello.boot_id.clone());
-                    events.push(e);
-                }
-                let changed = inventory_changes(p.inventory.as_ref(), &hello.inventory);
-                if !changed.is_empty() {
-                    let mut e = base("NodeInventoryChanged", format!("inventory changed: {}", changed.join(", ")));
-                    e.attributes.insert("changed".into(), changed.join(","));
-                    events.push(e);
-                }
-            }
-        }
+        let (info, events) = lifecycle::registered(previous.as_ref(), &hello, now);
         self.center_events(events, published)?;
         let now_ms = to_unix_ms(now);
         self.conn
@@ -168,14 +111,7 @@ impl Writer {
         if n == 0 {
             return Ok(());
         }
-        let (kind, severity, message) = if lost {
-            ("NodeHeartbeatLost", Severity::Error, format!("no heartbeat for {:.1}s", grace.as_secs_f64()))
-        } else {
-            ("NodeHeartbeatResumed", Severity::Info, "heartbeats resumed".to_owned())
-        };
-        let mut event = node_event(&key, kind, severity, message, now);
-        event.attributes.insert("grace_ms".into(), grace.as_millis().to_string());
-        self.center_event(event, published)
+        self.center_event(lifecycle::liveness_event(&key, lost, grace, now), published)
     }
 
     pub(super) fn node_change(
@@ -201,49 +137,11 @@ impl Writer {
         published: &mut Vec<Event>,
     ) -> Result<Option<NodeChanged>> {
         let Some(mut info) = self.stored_node(&key)? else { return Ok(None) };
-        let now = SystemTime::now();
-        let mut events = Vec::new();
-        let diff = label_changes(&info.kubernetes_labels, &labels);
-        if !diff.is_empty() {
-            let mut e = node_event(
-                &key,
-                "NodeLabelsChanged",
-                Severity::Info,
-                format!("Kubernetes labels changed: {}", diff.join(", ")),
-                now,
-            );
-            e.attributes.insert("changed".into(), diff.join(","));
-            events.push(e);
-        }
-        if onboarding && !info.onboarding {
-            events.push(node_event(
-                &key,
-                "NodeOnboarding",
-                Severity::Info,
-                "the Kubernetes Node carries the startup taint: it takes no pods until its gates hold".into(),
-                now,
-            ));
-        }
-        if onboarded {
-            let mut e = node_event(
-                &key,
-                "NodeOnboarded",
-                Severity::Info,
-                format!("every gate held: {issuer} removed the startup taint"),
-                now,
-            );
-            e.attributes.insert("issuer".into(), issuer.to_owned());
-            events.push(e);
-            info.onboarded_time = Some(nktime::to_timestamp(now));
-        }
-        let first_sync = info.kubernetes_synced_time.is_none();
-        if events.is_empty() && !first_sync && info.onboarding == onboarding {
-            return Ok(Some(NodeChanged::default()));
-        }
         let before = crate::store::merged_labels(&info);
-        info.kubernetes_labels = labels;
-        info.kubernetes_synced_time = info.kubernetes_synced_time.or(Some(nktime::to_timestamp(now)));
-        info.onboarding = onboarding && !onboarded;
+        let Some(events) = lifecycle::kubernetes(&mut info, labels, onboarding, onboarded, issuer, SystemTime::now())
+        else {
+            return Ok(Some(NodeChanged::default()));
+        };
         self.save_node(&info)?;
         let cursor = self.center_events(events, published)?;
         let after = crate::store::merged_labels(&info);
@@ -263,7 +161,6 @@ impl Writer {
             return Ok(Some(NodeChanged::default()));
         }
         let now = SystemTime::now();
-        let resolution = format!("node decommissioned: {reason}");
         let bodies: Vec<Vec<u8>> = self
             .conn
             .prepare_cached("SELECT body FROM faults WHERE cluster = ?1 AND node = ?2 AND state <> 4 ORDER BY id")
@@ -271,18 +168,15 @@ impl Writer {
                 s.query_map(params![key.cluster, key.node], |r| r.get(0))?.collect::<rusqlite::Result<Vec<_>>>()
             })
             .map_err(|e| self.err(e))?;
-        let mut closed = Vec::new();
-        for body in bodies {
-            let mut fault = Fault::decode(body.as_slice())
-                .map_err(|e| StoreError::Corrupt { table: "faults", message: e.to_string() })?;
-            fault.state = FAULT_RESOLVED;
-            fault.resolved_time = Some(nktime::to_timestamp(now));
-            fault.resolution = resolution.clone();
-            self.save_fault(&fault)?;
-            closed.push(fault.id.to_string());
+        let open = bodies
+            .iter()
+            .map(|b| Fault::decode(b.as_slice()))
+            .collect::<std::result::Result<Vec<_>, _>>()
+            .map_err(|e| StoreError::Corrupt { table: "faults", message: e.to_string() })?;
+        let (closed, e) = lifecycle::decommissioned(&mut info, open, reason, issuer, now);
+        for fault in &closed {
+            self.save_fault(fault)?;
         }
-        info.decommissioned_time = Some(nktime::to_timestamp(now));
-        info.onboarding = false;
         self.save_node(&info)?;
         self.conn
             .prepare_cached(
@@ -290,54 +184,7 @@ impl Writer {
             )
             .and_then(|mut s| s.execute(params![key.cluster, key.node, to_unix_ms(now)]))
             .map_err(|e| self.err(e))?;
-        let mut e = node_event(
-            &key,
-            "NodeDecommissioned",
-            Severity::Info,
-            format!("{resolution} (by {issuer}); {} open fault(s) closed", closed.len()),
-            now,
-        );
-        e.attributes.insert("issuer".into(), issuer.to_owned());
-        e.attributes.insert("reason".into(), reason.to_owned());
-        e.attributes.insert("faults_closed".into(), closed.join(","));
         let cursor = self.center_events(vec![e], published)?;
         Ok(Some(NodeChanged { changed: true, faults_closed: closed.len() as u32, cursor, labels: None }))
     }
-}
-
-/// "+key", "-key" and "~key" for each label added, removed or changed, in key order.
-fn label_changes(old: &HashMap<String, String>, new: &HashMap<String, String>) -> Vec<String> {
-    let mut keys: Vec<&String> = old.keys().chain(new.keys()).collect();
-    keys.sort();
-    keys.dedup();
-    keys.into_iter()
-        .filter_map(|k| match (old.get(k), new.get(k)) {
-            (None, Some(_)) => Some(format!("+{k}")),
-            (Some(_), None) => Some(format!("-{k}")),
-            (Some(a), Some(b)) if a != b => Some(format!("~{k}")),
-            _ => None,
-        })
-        .collect()
-}
-
-/// Names of the inventory fields that differ.
-fn inventory_changes(old: Option<&Inventory>, new: &Inventory) -> Vec<&'static str> {
-    let default = Inventory::default();
-    let old = old.unwrap_or(&default);
-    let mut changed = Vec::new();
-    let mut check = |name: &'static str, differs: bool| {
-        if differs {
-            changed.push(name);
-        }
-    };
-    check("hostname", old.hostname != new.hostname);
-    check("interfaces", old.interfaces != new.interfaces);
-    check("kernel_version", old.kernel_version != new.kernel_version);
-    check("os", old.os_name != new.os_name || old.os_version != new.os_version);
-    check("cpu", old.cpu_model != new.cpu_model || old.cpu_count != new.cpu_count);
-    check("memory_bytes", old.memory_bytes != new.memory_bytes);
-    check("disks", old.disks != new.disks);
-    check("iscsi_initiator_name", old.iscsi_initiator_name != new.iscsi_initiator_name);
-    check("machine_id", old.machine_id != new.machine_id);
-    changed
 }
