@@ -3,7 +3,8 @@
 //! never sees a gap, even for a moment), idempotent by identity; a server killed mid-ingest and
 //! started again loses nothing acknowledged and stores nothing twice; a server that would
 //! acknowledge without durability is refused. Conditions reported through different replicas fold
-//! into one fault. Durable consumers and retention are shared by the
+//! into one fault; a node's life (registration, reboot, liveness, Kubernetes labels,
+//! decommissioning) recorded through any replica, each change once. Durable consumers and retention are shared by the
 //! replicas (retention run by two at once removes each event once). Leases: one leader among three contenders at any
 //! moment, taken over when the leader dies or gives up, and nobody leading while the database is
 //! unreachable.
@@ -394,4 +395,85 @@ async fn conditions_through_different_replicas_fold_into_one_fault() {
     let t = |i: usize| events[i].condition.as_ref().unwrap().last_transition_time;
     assert_eq!(t(0), t(1), "kept while the status stays");
     assert_ne!(t(1), t(2));
+}
+
+fn hello(boot: &str) -> nodekeeper_eventcenter::store::NodeHello {
+    nodekeeper_eventcenter::store::NodeHello {
+        cluster: "c1".into(),
+        node: "n1".into(),
+        boot_id: boot.into(),
+        agent_version: "0.1.0".into(),
+        inventory: Default::default(),
+        labels: Default::default(),
+        heartbeat_interval: Duration::from_secs(10),
+        status_port: 0,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_nodes_life_is_recorded_once_through_any_replica() {
+    use nodekeeper_eventcenter::store::NodeKey;
+    use nodekeeper_proto::v1::{Condition, ConditionStatus, FaultState, Liveness};
+    let pg = Postgres::start().await;
+    let url = pg.create_database("log").await;
+    let (a, b) = (
+        PgLog::open(&url, PgOptions::default()).await.unwrap(),
+        PgLog::open(&url, PgOptions::default()).await.unwrap(),
+    );
+    let key = NodeKey { cluster: "c1".into(), node: "n1".into() };
+    let types = |events: &[Event]| events.iter().map(|e| e.r#type.clone()).collect::<Vec<_>>();
+
+    assert_eq!(a.hello(hello("b1")).await.unwrap().last_stored_sequence, 0);
+    b.append((1..=5).map(|i| event("n1", i)).collect()).await.unwrap();
+    // Again through the other replica: where its events stand, nothing new recorded.
+    assert_eq!(b.hello(hello("b1")).await.unwrap().last_stored_sequence, 5);
+    a.hello(hello("b2")).await.unwrap();
+    let log = a.read_after(0, 100).await.unwrap();
+    assert_eq!(
+        types(&log).iter().filter(|t| *t != "TestEvent").collect::<Vec<_>>(),
+        ["NodeRegistered", "NodeRebooted"]
+    );
+
+    // Both replicas decide the node is lost at once: one transition.
+    let (x, y) = tokio::join!(
+        a.set_liveness(key.clone(), true, Duration::from_secs(30)),
+        b.set_liveness(key.clone(), true, Duration::from_secs(30))
+    );
+    x.unwrap();
+    y.unwrap();
+    let node = b.get_node(key.clone()).await.unwrap().unwrap();
+    assert_eq!((node.liveness(), node.boot_id.as_str()), (Liveness::Lost, "b2"));
+    let lost = a.read_after(0, 100).await.unwrap().into_iter().filter(|e| e.r#type == "NodeHeartbeatLost").count();
+    assert_eq!(lost, 1);
+
+    // Kubernetes' labels; an unknown node is none of the center's.
+    let labels: std::collections::HashMap<String, String> = [("pool".to_owned(), "a".to_owned())].into();
+    let changed =
+        a.sync_kubernetes(key.clone(), labels.clone(), false, false, "remediator".into()).await.unwrap().unwrap();
+    assert!(changed.changed && changed.labels.is_some_and(|l| l["pool"] == "a"));
+    assert!(
+        b.sync_kubernetes(key.clone(), labels, false, false, "remediator".into())
+            .await
+            .unwrap()
+            .is_some_and(|c| !c.changed)
+    );
+    let stranger = NodeKey { cluster: "c1".into(), node: "n9".into() };
+    assert!(a.sync_kubernetes(stranger, Default::default(), false, false, "r".into()).await.unwrap().is_none());
+
+    // An open fault, then the node decommissioned through the other replica: the fault closes.
+    let mut open = event("n1", 6);
+    open.event.condition =
+        Some(Condition { r#type: "KernelDeadlock".into(), status: ConditionStatus::True as i32, ..Default::default() });
+    let open = NewEvent::new(open.identity, open.event);
+    a.append(vec![open]).await.unwrap();
+    let done = b.decommission(key.clone(), "replaced".into(), "admin/ops".into()).await.unwrap().unwrap();
+    assert_eq!((done.changed, done.faults_closed), (true, 1));
+    assert!(!a.decommission(key.clone(), "again".into(), "admin/ops".into()).await.unwrap().unwrap().changed);
+    let log = a.read_after(0, 100).await.unwrap();
+    let fault = log.iter().find(|e| e.r#type == "TestEvent" && e.fault_id != 0).unwrap().fault_id;
+    let (fault, _) = a.get_fault(fault).await.unwrap().unwrap();
+    assert_eq!(fault.state, FaultState::Resolved as i32);
+    assert_eq!(fault.resolution, "node decommissioned: replaced");
+    assert!(b.get_node(key).await.unwrap().unwrap().decommissioned_time.is_some());
+    assert_eq!(types(&log).iter().filter(|t| *t == "NodeDecommissioned").count(), 1);
 }

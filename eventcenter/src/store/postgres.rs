@@ -23,7 +23,9 @@ use std::time::Duration;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_postgres::{AsyncMessage, Client, Config, NoTls};
 
-use super::{Appended, Identity, NewEvent, OriginKey, Result, StoreError};
+use super::writer::{NodeChange, NodeChanged};
+use super::{Appended, HelloOutcome, Identity, NewEvent, NodeHello, NodeKey, Result, StoreError};
+use writer::{Center, Done, Op};
 
 pub mod lease;
 mod read;
@@ -33,6 +35,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("postgres/0001_log.sql"),
     include_str!("postgres/0002_leases.sql"),
     include_str!("postgres/0003_faults.sql"),
+    include_str!("postgres/0004_nodes.sql"),
 ];
 
 /// Commits notify this channel with the new head.
@@ -65,14 +68,13 @@ pub struct PgLog {
     head: watch::Receiver<u64>,
     /// Connections for reads; a broken one is replaced when next taken.
     readers: deadpool_postgres::Pool,
-    /// This replica's origin for the events the center makes, and their next sequence.
-    center_origin: OriginKey,
-    center_seq: AtomicU64,
+    /// This replica's identity for the events the center makes.
+    center: Center,
 }
 
 struct Job {
-    events: Vec<NewEvent>,
-    reply: oneshot::Sender<Result<Vec<Appended>>>,
+    op: Op,
+    reply: oneshot::Sender<Result<Done>>,
 }
 
 async fn connect(config: &Config) -> Result<Client> {
@@ -102,7 +104,9 @@ impl PgLog {
         let head_tx = Arc::new(head_tx);
         tokio::spawn(listen(config.clone(), head_tx.clone()));
         let (queue, jobs) = mpsc::channel(1024);
-        tokio::spawn(writer::write(config.clone(), client, jobs, head_tx, options));
+        let center =
+            Center { origin: format!("c/{:016x}", rand::random::<u64>()).into(), seq: Arc::new(AtomicU64::new(1)) };
+        tokio::spawn(writer::write(config.clone(), client, jobs, head_tx, options, center.clone()));
         let manager = deadpool_postgres::Manager::from_config(
             config,
             NoTls,
@@ -112,13 +116,7 @@ impl PgLog {
             .max_size(16)
             .build()
             .map_err(|e| StoreError::Postgres { message: format!("connection pool: {e}") })?;
-        Ok(PgLog {
-            queue,
-            head: head_rx,
-            readers,
-            center_origin: format!("c/{:016x}", rand::random::<u64>()).into(),
-            center_seq: AtomicU64::new(1),
-        })
+        Ok(PgLog { queue, head: head_rx, readers, center })
     }
 
     /// Appends events; answered once their group committed. Duplicates (by identity) are not
@@ -126,12 +124,61 @@ impl PgLog {
     pub async fn append(&self, mut events: Vec<NewEvent>) -> Result<Vec<Appended>> {
         for e in &mut events {
             if e.identity == Identity::Center {
-                let sequence = self.center_seq.fetch_add(1, Ordering::Relaxed);
-                e.identity = Identity::Keyed { origin: self.center_origin.clone(), sequence };
+                let sequence = self.center.seq.fetch_add(1, Ordering::Relaxed);
+                e.identity = Identity::Keyed { origin: self.center.origin.clone(), sequence };
             }
         }
+        match self.run(Op::Append(events)).await? {
+            Done::Appended(a) => Ok(a),
+            _ => Err(answered_otherwise()),
+        }
+    }
+
+    /// An agent's hello: the node registered (or its changes recorded); where its boot's events
+    /// stand.
+    pub async fn hello(&self, hello: NodeHello) -> Result<HelloOutcome> {
+        match self.run(Op::Hello(Box::new(hello))).await? {
+            Done::Hello(h) => Ok(h),
+            _ => Err(answered_otherwise()),
+        }
+    }
+
+    /// A liveness transition (recorded once, whichever replica decides it).
+    pub async fn set_liveness(&self, key: NodeKey, lost: bool, grace: Duration) -> Result<()> {
+        match self.run(Op::Liveness { key, lost, grace }).await? {
+            Done::Liveness => Ok(()),
+            _ => Err(answered_otherwise()),
+        }
+    }
+
+    /// What Kubernetes says of a node; `None` if the center does not know it.
+    pub async fn sync_kubernetes(
+        &self,
+        key: NodeKey,
+        labels: std::collections::HashMap<String, String>,
+        onboarding: bool,
+        onboarded: bool,
+        issuer: String,
+    ) -> Result<Option<NodeChanged>> {
+        self.node_change(NodeChange::Kubernetes { key, labels, onboarding, onboarded, issuer }).await
+    }
+
+    /// Decommissions a node (its open faults closed); `None` if the center does not know it.
+    pub async fn decommission(&self, key: NodeKey, reason: String, issuer: String) -> Result<Option<NodeChanged>> {
+        self.node_change(NodeChange::Decommission { key, reason, issuer }).await
+    }
+
+    async fn node_change(&self, change: NodeChange) -> Result<Option<NodeChanged>> {
+        match self.run(Op::Node(change)).await? {
+            Done::Node(n) => Ok(n),
+            _ => Err(answered_otherwise()),
+        }
+    }
+
+    /// Queues `op` for this replica's writer; its answer after the commit.
+    async fn run(&self, op: Op) -> Result<Done> {
         let (reply, answer) = oneshot::channel();
-        self.queue.send(Job { events, reply }).await.map_err(|_| StoreError::Closed)?;
+        self.queue.send(Job { op, reply }).await.map_err(|_| StoreError::Closed)?;
         answer.await.map_err(|_| StoreError::Closed)?
     }
 
@@ -150,6 +197,10 @@ impl PgLog {
     pub fn watch_head(&self) -> watch::Receiver<u64> {
         self.head.clone()
     }
+}
+
+fn answered_otherwise() -> StoreError {
+    StoreError::Postgres { message: "the writer answered another operation".into() }
 }
 
 async fn read_head(client: &Client) -> Result<u64> {

@@ -453,7 +453,7 @@ fn rollout(c: &Connection, name: &str) -> Result<Option<nodekeeper_proto::v1::Ro
 }
 
 /// A node as readers see it: liveness from the columns, labels merged.
-fn stored_node(node: &mut Node, lost: bool, changed_ms: i64) {
+pub(super) fn stored_node(node: &mut Node, lost: bool, changed_ms: i64) {
     node.liveness = if lost { Liveness::Lost } else { Liveness::Alive } as i32;
     node.liveness_changed_time = Some(timestamp_from_unix_ms(changed_ms));
     node.labels = super::merged_labels(node);

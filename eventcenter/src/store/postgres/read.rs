@@ -27,6 +27,37 @@ impl PgLog {
         self.readers.get().await.map_err(|e| StoreError::Postgres { message: e.to_string() })
     }
 
+    /// A node as readers see it (liveness from the columns, labels merged, its conditions).
+    pub async fn get_node(&self, key: crate::store::NodeKey) -> Result<Option<nodekeeper_proto::v1::Node>> {
+        let reader = self.reader().await?;
+        let Some(row) = reader
+            .query_opt(
+                "SELECT info, lost, liveness_changed_ms FROM nodes WHERE cluster = $1 AND name = $2",
+                &[&key.cluster, &key.node],
+            )
+            .await
+            .map_err(pg)?
+        else {
+            return Ok(None);
+        };
+        let mut node: nodekeeper_proto::v1::Node = prost::Message::decode(row.get::<_, &[u8]>(0))
+            .map_err(|e| StoreError::Corrupt { table: "nodes", message: e.to_string() })?;
+        crate::store::read::stored_node(&mut node, row.get(1), row.get(2));
+        let conditions = reader
+            .query(
+                "SELECT body FROM conditions WHERE cluster = $1 AND node = $2 ORDER BY type",
+                &[&key.cluster, &key.node],
+            )
+            .await
+            .map_err(pg)?;
+        node.conditions = conditions
+            .iter()
+            .map(|r| prost::Message::decode(r.get::<_, &[u8]>(0)))
+            .collect::<std::result::Result<_, _>>()
+            .map_err(|e| StoreError::Corrupt { table: "conditions", message: e.to_string() })?;
+        Ok(Some(node))
+    }
+
     /// A fault and its timeline (the events folded into it, oldest first).
     pub async fn get_fault(&self, id: u64) -> Result<Option<(nodekeeper_proto::v1::Fault, Vec<Event>)>> {
         let reader = self.reader().await?;

@@ -1,8 +1,10 @@
 //! A replica's writer: appends queued by its callers committed in groups, each group under the
 //! log head's lock (see the parent module).
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
 use nodekeeper_common::time::to_unix_ms;
@@ -10,9 +12,12 @@ use nodekeeper_proto::v1::{Event, Fault, NodeCondition};
 use tokio::sync::{mpsc, watch};
 use tokio_postgres::{Client, Config, Transaction};
 
+mod nodes;
+
 use super::{CHANNEL, Job, PgOptions, RETRY_FOR, connect, pg};
 use crate::store::fold::{FaultChange, fold};
-use crate::store::{Appended, Identity, NewEvent, StoreError};
+use crate::store::writer::{NodeChange, NodeChanged};
+use crate::store::{Appended, HelloOutcome, Identity, NewEvent, NodeHello, NodeKey, OriginKey, StoreError};
 
 /// The replica's writer: takes queued appends in order, commits them in groups, answers after
 /// the commit; across a lost connection it reconnects and retries the group.
@@ -22,14 +27,15 @@ pub(super) async fn write(
     mut jobs: mpsc::Receiver<Job>,
     head: Arc<watch::Sender<u64>>,
     options: PgOptions,
+    center: Center,
 ) {
     while let Some(first) = jobs.recv().await {
         let mut group = vec![first];
-        let mut rows = group[0].events.len();
+        let mut rows = group[0].op.rows();
         while rows < options.commit_max_rows {
             match jobs.try_recv() {
                 Ok(job) => {
-                    rows += job.events.len();
+                    rows += job.op.rows();
                     group.push(job);
                 }
                 Err(_) => break,
@@ -37,7 +43,7 @@ pub(super) async fn write(
         }
         let started = Instant::now();
         let outcome = loop {
-            match append_group(&mut client, &group).await {
+            match commit_group(&mut client, &group, &center).await {
                 Ok(done) => break Ok(done),
                 Err(Conflict) => {
                     tracing::debug!("an identity of the group was stored by another replica meanwhile; trying again");
@@ -83,35 +89,146 @@ impl From<StoreError> for GroupError {
     }
 }
 
-/// One group in one transaction: the answers per job, and the head after it.
-async fn append_group(
-    client: &mut Client,
-    group: &[Job],
-) -> std::result::Result<(Vec<Vec<Appended>>, u64), GroupError> {
-    let tx = client.transaction().await.map_err(pg)?;
-    // Intern every origin and node key the group names.
-    let events = group.iter().flat_map(|j| &j.events);
-    let mut keys: Vec<String> = Vec::new();
-    let mut key_index: HashMap<String, usize> = HashMap::new();
-    let mut intern = |k: String| {
-        let next = key_index.len();
-        *key_index.entry(k.clone()).or_insert_with(|| {
-            keys.push(k);
-            next
-        })
-    };
-    let mut refs = Vec::new();
-    for e in events.clone() {
-        let Identity::Keyed { origin, sequence } = &e.identity else {
-            // `append` gives center events their replica's identity before it queues them.
-            let message = "an event without an identity reached the writer".into();
-            return Err(Failed(StoreError::Postgres { message }));
-        };
-        let origin = intern(origin.to_string());
-        let node =
-            (!e.event.node.is_empty()).then(|| intern(crate::store::node_origin(&e.event.cluster, &e.event.node)));
-        refs.push((origin, *sequence as i64, node));
+/// What a replica's writer does in a group's transaction.
+pub(crate) enum Op {
+    Append(Vec<NewEvent>),
+    Hello(Box<NodeHello>),
+    Liveness { key: NodeKey, lost: bool, grace: Duration },
+    Node(NodeChange),
+}
+
+impl Op {
+    fn rows(&self) -> usize {
+        match self {
+            Op::Append(events) => events.len(),
+            _ => 1,
+        }
     }
+}
+
+/// What an [`Op`] answers.
+pub(crate) enum Done {
+    Appended(Vec<Appended>),
+    Hello(HelloOutcome),
+    Liveness,
+    Node(Option<NodeChanged>),
+}
+
+/// The replica's identity for the events the center makes, and their next sequence.
+#[derive(Clone)]
+pub(super) struct Center {
+    pub origin: OriginKey,
+    pub seq: Arc<AtomicU64>,
+}
+
+/// Rows for `events`, gathered over a group and inserted together (before an operation that
+/// reads the log, and at the end).
+#[derive(Default)]
+struct Rows<'a> {
+    cursor: Vec<i64>,
+    origin: Vec<i64>,
+    seq: Vec<i64>,
+    node: Vec<Option<i64>>,
+    body: Vec<Cow<'a, [u8]>>,
+    fault: Vec<Option<i64>>,
+}
+
+/// A group's transaction once it holds the head: the next cursor and the rows not yet inserted.
+struct Log<'t, 'a> {
+    tx: &'t Transaction<'t>,
+    next: i64,
+    received_ms: i64,
+    rows: Rows<'a>,
+    /// Interned keys (origins and nodes) by key.
+    ids: HashMap<String, i64>,
+    center: &'t Center,
+}
+
+impl<'a> Log<'_, 'a> {
+    /// The ids of `keys` in `origins`, interned if new.
+    async fn intern(&mut self, keys: Vec<String>) -> Result<(), StoreError> {
+        let missing: Vec<String> = keys.into_iter().filter(|k| !self.ids.contains_key(k)).collect();
+        if missing.is_empty() {
+            return Ok(());
+        }
+        self.ids.extend(intern(self.tx, &missing).await?);
+        Ok(())
+    }
+
+    /// Gives `event` the next cursor (folding a condition event) and queues its row.
+    async fn push(
+        &mut self,
+        origin: i64,
+        seq: i64,
+        mut event: Cow<'a, Event>,
+        body: Cow<'a, [u8]>,
+    ) -> Result<i64, StoreError> {
+        self.next += 1;
+        let node = (!event.node.is_empty())
+            .then(|| self.ids.get(&crate::store::node_origin(&event.cluster, &event.node)).copied())
+            .flatten();
+        let (body, fault) = if event.condition.is_some() {
+            fold_condition(self.tx, event.to_mut(), self.next).await?;
+            let fault = (event.fault_id != 0).then_some(event.fault_id as i64);
+            (Cow::Owned(prost::Message::encode_to_vec(event.as_ref())), fault)
+        } else {
+            (body, None)
+        };
+        let r = &mut self.rows;
+        r.cursor.push(self.next);
+        r.origin.push(origin);
+        r.seq.push(seq);
+        r.node.push(node);
+        r.body.push(body);
+        r.fault.push(fault);
+        Ok(self.next)
+    }
+
+    /// Appends events the center makes (with this replica's identity); the cursor of the last.
+    async fn center_events(&mut self, events: Vec<Event>) -> Result<u64, StoreError> {
+        let mut keys = vec![self.center.origin.to_string()];
+        keys.extend(
+            events.iter().filter(|e| !e.node.is_empty()).map(|e| crate::store::node_origin(&e.cluster, &e.node)),
+        );
+        self.intern(keys).await?;
+        let origin = self.ids[&*self.center.origin];
+        let mut last = 0;
+        for mut event in events {
+            event.received_time = Some(nodekeeper_common::time::now_timestamp());
+            let seq = self.center.seq.fetch_add(1, Ordering::Relaxed) as i64;
+            let body = prost::Message::encode_to_vec(&event);
+            last = self.push(origin, seq, Cow::Owned(event), Cow::Owned(body)).await? as u64;
+        }
+        Ok(last)
+    }
+
+    /// Inserts the queued rows.
+    async fn flush(&mut self) -> std::result::Result<(), GroupError> {
+        if self.rows.cursor.is_empty() {
+            return Ok(());
+        }
+        let rows = std::mem::take(&mut self.rows);
+        let body: Vec<&[u8]> = rows.body.iter().map(|b| b.as_ref()).collect();
+        let inserted = self
+            .tx
+            .execute(
+                "INSERT INTO events (cursor, origin, origin_seq, received_ms, node_ref, body, fault_id)
+                 SELECT cursor, origin, seq, $4, node_ref, body, fault_id
+                 FROM unnest($1::bigint[], $2::bigint[], $3::bigint[], $5::bigint[], $6::bytea[], $7::bigint[])
+                      AS i (cursor, origin, seq, node_ref, body, fault_id)",
+                &[&rows.cursor, &rows.origin, &rows.seq, &self.received_ms, &rows.node, &body, &rows.fault],
+            )
+            .await;
+        match inserted {
+            Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::UNIQUE_VIOLATION) => Err(Conflict),
+            Err(e) => Err(Failed(pg(e))),
+            Ok(_) => Ok(()),
+        }
+    }
+}
+
+/// The ids of `keys` in `origins`, added where new.
+async fn intern(tx: &Transaction<'_>, keys: &[String]) -> Result<HashMap<String, i64>, StoreError> {
     let rows = tx
         .query(
             "INSERT INTO origins (key) SELECT unnest($1::text[]) ON CONFLICT (key) DO UPDATE SET key = excluded.key
@@ -120,11 +237,40 @@ async fn append_group(
         )
         .await
         .map_err(pg)?;
-    let ids: HashMap<String, i64> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
-    let id_of = |i: usize| ids[&keys[i]];
+    Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+}
 
+/// One group in one transaction: the answers per job, and the head after it.
+async fn commit_group(
+    client: &mut Client,
+    group: &[Job],
+    center: &Center,
+) -> std::result::Result<(Vec<Done>, u64), GroupError> {
+    let tx = client.transaction().await.map_err(pg)?;
+    // The appended events' identities, interned with their nodes' keys before the lock.
+    let appended = group.iter().filter_map(|j| match &j.op {
+        Op::Append(events) => Some(events),
+        _ => None,
+    });
+    let mut keys: Vec<String> = Vec::new();
+    let mut identities = Vec::new();
+    for e in appended.clone().flatten() {
+        let Identity::Keyed { origin, sequence } = &e.identity else {
+            // `append` gives center events their replica's identity before it queues them.
+            let message = "an event without an identity reached the writer".into();
+            return Err(Failed(StoreError::Postgres { message }));
+        };
+        keys.push(origin.to_string());
+        if !e.event.node.is_empty() {
+            keys.push(crate::store::node_origin(&e.event.cluster, &e.event.node));
+        }
+        identities.push((origin.to_string(), *sequence as i64));
+    }
+    keys.sort();
+    keys.dedup();
+    let ids = intern(&tx, &keys).await?;
+    let (origins, seqs): (Vec<i64>, Vec<i64>) = identities.iter().map(|(o, s)| (ids[o], *s)).unzip();
     // What is stored already (why this lookup, before the lock, misses nothing: below).
-    let (origins, seqs): (Vec<i64>, Vec<i64>) = refs.iter().map(|(o, s, _)| (id_of(*o), *s)).unzip();
     let stored = tx
         .query(
             "SELECT e.origin, e.origin_seq, e.cursor FROM events e
@@ -141,70 +287,45 @@ async fn append_group(
     // it. Should that ever change, the unique index fails the insert and the group is tried again.
     let locked = tx.query_one("SELECT head, received_ms FROM log_head FOR UPDATE", &[]).await.map_err(pg)?;
     let (head, last_received_ms): (i64, i64) = (locked.get(0), locked.get(1));
-
     let received_ms = to_unix_ms(SystemTime::now()).max(last_received_ms);
-    let mut next = head;
-    let (mut c, mut o, mut s, mut n) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-    let mut new_events: Vec<&NewEvent> = Vec::new();
+    let mut log = Log { tx: &tx, next: head, received_ms, rows: Rows::default(), ids, center };
     let mut answers = Vec::with_capacity(group.len());
     let mut at = 0;
     for job in group {
-        let mut answer = Vec::with_capacity(job.events.len());
-        for e in &job.events {
-            let (origin, seq, node) = (origins[at], seqs[at], refs[at].2.map(id_of));
-            at += 1;
-            if let Some(cursor) = cursors.get(&(origin, seq)) {
-                answer.push(Appended { cursor: *cursor as u64, duplicate: true });
-                continue;
+        let done = match &job.op {
+            Op::Append(events) => {
+                let mut answer = Vec::with_capacity(events.len());
+                for e in events {
+                    let (origin, seq) = (origins[at], seqs[at]);
+                    at += 1;
+                    if let Some(cursor) = cursors.get(&(origin, seq)) {
+                        answer.push(Appended { cursor: *cursor as u64, duplicate: true });
+                        continue;
+                    }
+                    let cursor = log.push(origin, seq, Cow::Borrowed(&e.event), Cow::Borrowed(&e.body)).await?;
+                    cursors.insert((origin, seq), cursor);
+                    answer.push(Appended { cursor: cursor as u64, duplicate: false });
+                }
+                Done::Appended(answer)
             }
-            next += 1;
-            cursors.insert((origin, seq), next);
-            c.push(next);
-            o.push(origin);
-            s.push(seq);
-            n.push(node);
-            new_events.push(e);
-            answer.push(Appended { cursor: next as u64, duplicate: false });
-        }
-        answers.push(answer);
+            op => {
+                // What they read of the log includes what the group appended before them.
+                log.flush().await?;
+                nodes::apply(&mut log, op).await?
+            }
+        };
+        answers.push(done);
     }
-    // Condition events (few) fold into their faults, in cursor order, and are stored as folded.
-    let mut folded: HashMap<usize, Vec<u8>> = HashMap::new();
-    let mut f: Vec<Option<i64>> = vec![None; new_events.len()];
-    for (i, e) in new_events.iter().enumerate() {
-        if e.event.condition.is_some() {
-            let mut event = e.event.clone();
-            fold_condition(&tx, &mut event, c[i]).await?;
-            f[i] = (event.fault_id != 0).then_some(event.fault_id as i64);
-            folded.insert(i, prost::Message::encode_to_vec(&event));
-        }
-    }
-    let b: Vec<&[u8]> =
-        new_events.iter().enumerate().map(|(i, e)| folded.get(&i).map_or(e.body.as_slice(), Vec::as_slice)).collect();
+    log.flush().await?;
+    let next = log.next;
     if next > head {
-        // Sent together (pipelined on the connection), executed in order.
-        let event_args: [&(dyn tokio_postgres::types::ToSql + Sync); 7] = [&c, &o, &s, &received_ms, &n, &b, &f];
-        let head_args: [&(dyn tokio_postgres::types::ToSql + Sync); 3] = [&next, &CHANNEL, &received_ms];
-        let insert = tx.execute(
-            "INSERT INTO events (cursor, origin, origin_seq, received_ms, node_ref, body, fault_id)
-             SELECT cursor, origin, seq, $4, node_ref, body, fault_id
-             FROM unnest($1::bigint[], $2::bigint[], $3::bigint[], $5::bigint[], $6::bytea[], $7::bigint[])
-                  AS i (cursor, origin, seq, node_ref, body, fault_id)",
-            &event_args,
-        );
-        let moved = tx.execute(
+        tx.execute(
             "WITH moved AS (UPDATE log_head SET head = $1, received_ms = $3 RETURNING head)
              SELECT pg_notify($2, head::text) FROM moved",
-            &head_args,
-        );
-        let (inserted, moved) = tokio::join!(insert, moved);
-        if let Err(e) = &inserted
-            && e.code() == Some(&tokio_postgres::error::SqlState::UNIQUE_VIOLATION)
-        {
-            return Err(Conflict);
-        }
-        inserted.map_err(pg)?;
-        moved.map_err(pg)?;
+            &[&next, &CHANNEL, &received_ms],
+        )
+        .await
+        .map_err(pg)?;
     }
     tx.commit().await.map_err(pg)?;
     Ok((answers, next as u64))
@@ -236,15 +357,6 @@ async fn fold_condition(tx: &Transaction<'_>, event: &mut Event, cursor: i64) ->
     )
     .await
     .map_err(pg)?;
-    let save = |fault: &Fault| {
-        let (id, state, body) = (fault.id as i64, fault.state, prost::Message::encode_to_vec(fault));
-        async move {
-            tx.execute("UPDATE faults SET state = $2, body = $3 WHERE id = $1", &[&id, &state, &body])
-                .await
-                .map(drop)
-                .map_err(pg)
-        }
-    };
     match folded.fault {
         FaultChange::Open(mut fault) => {
             let row = tx
@@ -255,13 +367,23 @@ async fn fold_condition(tx: &Transaction<'_>, event: &mut Event, cursor: i64) ->
                 .await
                 .map_err(pg)?;
             fault.id = row.get::<_, i64>(0) as u64;
-            save(&fault).await?;
+            save_fault(tx, &fault).await?;
             event.fault_id = fault.id;
         }
-        FaultChange::Update(fault) => save(&fault).await?,
+        FaultChange::Update(fault) => save_fault(tx, &fault).await?,
         FaultChange::None => {}
     }
     Ok(())
+}
+
+async fn save_fault(tx: &Transaction<'_>, fault: &Fault) -> Result<(), StoreError> {
+    tx.execute(
+        "UPDATE faults SET state = $2, body = $3 WHERE id = $1",
+        &[&(fault.id as i64), &fault.state, &prost::Message::encode_to_vec(fault)],
+    )
+    .await
+    .map(drop)
+    .map_err(pg)
 }
 
 fn decode<M: prost::Message + Default>(table: &'static str, body: &[u8]) -> Result<M, StoreError> {

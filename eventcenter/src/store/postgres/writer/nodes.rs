@@ -1,0 +1,131 @@
+//! A node's life on PostgreSQL, in the group's transaction (see `store::lifecycle` for what each
+//! change does; this only reads and writes). Each is idempotent by the state it finds, so a group
+//! retried after a lost connection records nothing twice.
+
+use std::time::SystemTime;
+
+use nodekeeper_common::time::to_unix_ms;
+use nodekeeper_proto::v1::{Fault, Node};
+
+use super::{Done, GroupError, Log, Op, decode};
+use crate::store::postgres::pg;
+use crate::store::writer::{NodeChange, NodeChanged};
+use crate::store::{HelloOutcome, NodeKey, StoreError, lifecycle, merged_labels};
+
+pub(super) async fn apply(log: &mut Log<'_, '_>, op: &Op) -> Result<Done, GroupError> {
+    Ok(match op {
+        Op::Append(_) => unreachable!("appends are the group's own path"),
+        Op::Hello(hello) => {
+            let now = SystemTime::now();
+            let key = NodeKey { cluster: hello.cluster.clone(), node: hello.node.clone() };
+            let previous = stored_node(log, &key, true).await?;
+            let (info, events) = lifecycle::registered(previous.as_ref(), hello, now);
+            log.center_events(events).await?;
+            log.tx
+                .execute(
+                    "INSERT INTO nodes (cluster, name, lost, liveness_changed_ms, info) VALUES ($1, $2, FALSE, $3, $4)
+                     ON CONFLICT (cluster, name) DO UPDATE SET info = excluded.info, decommissioned_ms = NULL",
+                    &[&hello.cluster, &hello.node, &to_unix_ms(now), &prost::Message::encode_to_vec(&info)],
+                )
+                .await
+                .map_err(pg)?;
+            // The agent's events this group appended were inserted before (flushed).
+            let origin = crate::store::agent_origin(&hello.cluster, &hello.node, &hello.boot_id);
+            let last: i64 = log
+                .tx
+                .query_one(
+                    "SELECT COALESCE(MAX(origin_seq), 0) FROM events WHERE origin = (SELECT id FROM origins WHERE key = $1)",
+                    &[&origin.to_string()],
+                )
+                .await
+                .map_err(pg)?
+                .get(0);
+            Done::Hello(HelloOutcome { last_stored_sequence: last as u64, labels: merged_labels(&info) })
+        }
+        Op::Liveness { key, lost, grace } => {
+            let now = SystemTime::now();
+            // Only a change of state: a retried group records the transition once.
+            let changed = log
+                .tx
+                .execute(
+                    "UPDATE nodes SET lost = $3, liveness_changed_ms = $4 WHERE cluster = $1 AND name = $2 AND lost <> $3",
+                    &[&key.cluster, &key.node, lost, &to_unix_ms(now)],
+                )
+                .await
+                .map_err(pg)?;
+            if changed > 0 {
+                log.center_events(vec![lifecycle::liveness_event(key, *lost, *grace, now)]).await?;
+            }
+            Done::Liveness
+        }
+        Op::Node(NodeChange::Kubernetes { key, labels, onboarding, onboarded, issuer }) => {
+            let Some(mut info) = stored_node(log, key, true).await? else { return Ok(Done::Node(None)) };
+            let before = merged_labels(&info);
+            let now = SystemTime::now();
+            let Some(events) = lifecycle::kubernetes(&mut info, labels.clone(), *onboarding, *onboarded, issuer, now)
+            else {
+                return Ok(Done::Node(Some(NodeChanged::default())));
+            };
+            save_node(log, &info).await?;
+            let cursor = log.center_events(events).await?;
+            let after = merged_labels(&info);
+            let labels = (after != before).then_some(after);
+            Done::Node(Some(NodeChanged { changed: true, cursor, labels, ..Default::default() }))
+        }
+        Op::Node(NodeChange::Decommission { key, reason, issuer }) => {
+            let Some(mut info) = stored_node(log, key, true).await? else { return Ok(Done::Node(None)) };
+            if info.decommissioned_time.is_some() {
+                return Ok(Done::Node(Some(NodeChanged::default())));
+            }
+            let now = SystemTime::now();
+            let open = log
+                .tx
+                .query(
+                    "SELECT body FROM faults WHERE cluster = $1 AND node = $2 AND state <> 4 ORDER BY id",
+                    &[&key.cluster, &key.node],
+                )
+                .await
+                .map_err(pg)?
+                .iter()
+                .map(|r| decode::<Fault>("faults", r.get(0)))
+                .collect::<Result<Vec<_>, _>>()?;
+            let (closed, event) = lifecycle::decommissioned(&mut info, open, reason, issuer, now);
+            for fault in &closed {
+                super::save_fault(log.tx, fault).await?;
+            }
+            save_node(log, &info).await?;
+            log.tx
+                .execute(
+                    "UPDATE nodes SET lost = FALSE, liveness_changed_ms = $3, decommissioned_ms = $3
+                     WHERE cluster = $1 AND name = $2",
+                    &[&key.cluster, &key.node, &to_unix_ms(now)],
+                )
+                .await
+                .map_err(pg)?;
+            let cursor = log.center_events(vec![event]).await?;
+            Done::Node(Some(NodeChanged { changed: true, faults_closed: closed.len() as u32, cursor, labels: None }))
+        }
+    })
+}
+
+/// The stored node (locked for the rest of the transaction when `lock`).
+async fn stored_node(log: &Log<'_, '_>, key: &NodeKey, lock: bool) -> Result<Option<Node>, StoreError> {
+    let sql = if lock {
+        "SELECT info FROM nodes WHERE cluster = $1 AND name = $2 FOR UPDATE"
+    } else {
+        "SELECT info FROM nodes WHERE cluster = $1 AND name = $2"
+    };
+    let row = log.tx.query_opt(sql, &[&key.cluster, &key.node]).await.map_err(pg)?;
+    row.map(|r| decode::<Node>("nodes", r.get(0))).transpose()
+}
+
+async fn save_node(log: &Log<'_, '_>, info: &Node) -> Result<(), StoreError> {
+    log.tx
+        .execute(
+            "UPDATE nodes SET info = $3 WHERE cluster = $1 AND name = $2",
+            &[&info.cluster, &info.name, &prost::Message::encode_to_vec(info)],
+        )
+        .await
+        .map(drop)
+        .map_err(pg)
+}
