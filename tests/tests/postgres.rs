@@ -4,7 +4,9 @@
 //! started again loses nothing acknowledged and stores nothing twice; a server that would
 //! acknowledge without durability is refused. Conditions reported through different replicas fold
 //! into one fault; a node's life (registration, reboot, liveness, Kubernetes labels,
-//! decommissioning) recorded through any replica, each change once. Durable consumers and retention are shared by the
+//! decommissioning) recorded through any replica, each change once; the state beside the log
+//! (guards, permits, desired components, rollouts, remediation steps) written with its events.
+//! Durable consumers and retention are shared by the
 //! replicas (retention run by two at once removes each event once). Leases: one leader among three contenders at any
 //! moment, taken over when the leader dies or gives up, and nobody leading while the database is
 //! unreachable.
@@ -476,4 +478,99 @@ async fn a_nodes_life_is_recorded_once_through_any_replica() {
     assert_eq!(fault.resolution, "node decommissioned: replaced");
     assert!(b.get_node(key).await.unwrap().unwrap().decommissioned_time.is_some());
     assert_eq!(types(&log).iter().filter(|t| *t == "NodeDecommissioned").count(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_state_beside_the_log_is_written_with_its_events_through_any_replica() {
+    use nodekeeper_proto::v1::{
+        ClusterGuard, Condition, ConditionStatus, DesiredState, FaultState, Operation, Permit, Rollout, Severity,
+    };
+    let pg = Postgres::start().await;
+    let url = pg.create_database("log").await;
+    let (a, b) = (
+        PgLog::open(&url, PgOptions::default()).await.unwrap(),
+        PgLog::open(&url, PgOptions::default()).await.unwrap(),
+    );
+    let action = |kind: &str| NewEvent::center_action("test", "c1", "n1", kind, kind.into(), Severity::Info, vec![]);
+
+    // A freeze and permits, with the events of the decisions.
+    let guard = ClusterGuard { cluster: "c1".into(), frozen: true, reason: "maintenance".into(), ..Default::default() };
+    a.put_guard("c1".into(), prost::Message::encode_to_vec(&guard), vec![action("Frozen")]).await.unwrap();
+    assert_eq!(b.guards().await.unwrap(), [guard]);
+    let permit = |id: &str| Permit {
+        id: id.into(),
+        operation: Operation::Reboot as i32,
+        cluster: "c1".into(),
+        node: "n1".into(),
+        ..Default::default()
+    };
+    b.put_permits(
+        vec![(permit("p1"), true), (permit("p2"), true)],
+        vec![action("PermitGranted"), action("PermitGranted")],
+    )
+    .await
+    .unwrap();
+    a.put_permits(vec![(permit("p1"), false)], vec![action("PermitReleased")]).await.unwrap();
+    let mut permits = a.permits_since(0).await.unwrap();
+    permits.sort_by(|x, y| x.0.id.cmp(&y.0.id));
+    assert_eq!(
+        permits.iter().map(|(p, active)| (p.id.as_str(), *active)).collect::<Vec<_>>(),
+        [("p1", false), ("p2", true)]
+    );
+
+    // Desired components from both replicas at once: each write its own, growing generation.
+    let specs = |v: &str| {
+        prost::Message::encode_to_vec(&DesiredState {
+            components: vec![nodekeeper_proto::v1::ComponentSpec { name: v.into(), ..Default::default() }],
+            ..Default::default()
+        })
+    };
+    let (x, y) = tokio::join!(
+        a.set_desired("c1".into(), "node:n1".into(), specs("x")),
+        b.set_desired("c1".into(), "node:n2".into(), specs("y"))
+    );
+    let (x, y) = (x.unwrap(), y.unwrap());
+    assert!(x != y && x > 0 && y > 0);
+    let rows = b.desired_components("c1").await.unwrap();
+    assert_eq!(rows.iter().map(|r| r.1).collect::<Vec<_>>(), [x.min(y), x.max(y)], "oldest generation first");
+
+    // A rollout with its timeline and the desired components it commands.
+    let rollout = Rollout { reason: "waiting for its window".into(), ..Default::default() };
+    let generation = a
+        .put_rollout(
+            "r1".into(),
+            "c1".into(),
+            prost::Message::encode_to_vec(&rollout),
+            vec![action("RolloutCreated"), action("RolloutStarted")],
+            vec![("node:n3".into(), specs("z"))],
+        )
+        .await
+        .unwrap();
+    assert!(generation > x.max(y));
+    let (stored, timeline) = b.get_rollout("r1").await.unwrap().unwrap();
+    assert_eq!(stored, rollout);
+    assert_eq!(timeline.iter().map(|e| e.r#type.as_str()).collect::<Vec<_>>(), ["RolloutCreated", "RolloutStarted"]);
+
+    // A remediation step moves its fault; resent, it changes nothing.
+    let mut open = event("n1", 1);
+    open.event.condition =
+        Some(Condition { r#type: "KernelDeadlock".into(), status: ConditionStatus::True as i32, ..Default::default() });
+    a.append(vec![NewEvent::new(open.identity, open.event)]).await.unwrap();
+    let fault = a.read_after(0, 100).await.unwrap().iter().find(|e| e.fault_id != 0).unwrap().fault_id;
+    let step = || {
+        let mut e = Event {
+            cluster: "c1".into(),
+            node: "n1".into(),
+            r#type: "RemediationStep".into(),
+            fault_id: fault,
+            ..Default::default()
+        };
+        e.attributes.insert("step".into(), "isolate".into());
+        NewEvent::new(Identity::report("remediator-c1", "f1-isolate"), e)
+    };
+    let first = b.fault_action(step(), FaultState::Isolated as i32).await.unwrap();
+    assert_eq!(a.fault_action(step(), FaultState::Recovering as i32).await.unwrap(), first, "the resent step");
+    let (f, timeline) = a.get_fault(fault).await.unwrap().unwrap();
+    assert_eq!(f.state, FaultState::Isolated as i32);
+    assert_eq!(timeline.len(), 2, "the condition event and the step");
 }

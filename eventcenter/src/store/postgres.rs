@@ -23,7 +23,7 @@ use std::time::Duration;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_postgres::{AsyncMessage, Client, Config, NoTls};
 
-use super::writer::{NodeChange, NodeChanged};
+use super::writer::{ComponentsChange, NodeChange, NodeChanged};
 use super::{Appended, HelloOutcome, Identity, NewEvent, NodeHello, NodeKey, Result, StoreError};
 use writer::{Center, Done, Op};
 
@@ -36,6 +36,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("postgres/0002_leases.sql"),
     include_str!("postgres/0003_faults.sql"),
     include_str!("postgres/0004_nodes.sql"),
+    include_str!("postgres/0005_state.sql"),
 ];
 
 /// Commits notify this channel with the new head.
@@ -48,7 +49,12 @@ const MIGRATION_LOCK: i64 = 0x6e6f_6465_6b65_6570;
 const RETRY_FOR: Duration = Duration::from_secs(60);
 
 pub(crate) fn pg(e: tokio_postgres::Error) -> StoreError {
-    StoreError::Postgres { message: e.to_string() }
+    // The server's own words (and SQLSTATE) where it answered; "db error" alone says nothing.
+    let message = match e.as_db_error() {
+        Some(db) => format!("{} (SQLSTATE {})", db.message(), db.code().code()),
+        None => e.to_string(),
+    };
+    StoreError::Postgres { message }
 }
 
 pub struct PgOptions {
@@ -121,14 +127,8 @@ impl PgLog {
 
     /// Appends events; answered once their group committed. Duplicates (by identity) are not
     /// stored again and answered with the cursor they have.
-    pub async fn append(&self, mut events: Vec<NewEvent>) -> Result<Vec<Appended>> {
-        for e in &mut events {
-            if e.identity == Identity::Center {
-                let sequence = self.center.seq.fetch_add(1, Ordering::Relaxed);
-                e.identity = Identity::Keyed { origin: self.center.origin.clone(), sequence };
-            }
-        }
-        match self.run(Op::Append(events)).await? {
+    pub async fn append(&self, events: Vec<NewEvent>) -> Result<Vec<Appended>> {
+        match self.run(Op::Append(self.identified(events))).await? {
             Done::Appended(a) => Ok(a),
             _ => Err(answered_otherwise()),
         }
@@ -173,6 +173,71 @@ impl PgLog {
             Done::Node(n) => Ok(n),
             _ => Err(answered_otherwise()),
         }
+    }
+
+    /// Sets the desired components of a target of a cluster; the new generation.
+    pub async fn set_desired(&self, cluster: String, target: String, specs: Vec<u8>) -> Result<u64> {
+        self.state(ComponentsChange::Desired { cluster, target, specs }).await
+    }
+
+    /// Records the component status a node reported.
+    pub async fn set_component_status(&self, key: NodeKey, body: Vec<u8>) -> Result<u64> {
+        self.state(ComponentsChange::Status { key, body }).await
+    }
+
+    /// Stores permits (active or not) with the events of the decisions, in one transaction.
+    pub async fn put_permits(
+        &self,
+        permits: Vec<(nodekeeper_proto::v1::Permit, bool)>,
+        events: Vec<NewEvent>,
+    ) -> Result<u64> {
+        let events = self.identified(events);
+        self.state(ComponentsChange::Permits { permits, events }).await
+    }
+
+    /// Stores a cluster's guard ("" for the global freeze) with the events that record it.
+    pub async fn put_guard(&self, cluster: String, body: Vec<u8>, events: Vec<NewEvent>) -> Result<u64> {
+        let events = self.identified(events);
+        self.state(ComponentsChange::Guard { cluster, body, events }).await
+    }
+
+    /// Stores a rollout's state with its timeline's events and the desired components it sets,
+    /// in one transaction; the generation of those (0: none).
+    pub async fn put_rollout(
+        &self,
+        name: String,
+        cluster: String,
+        body: Vec<u8>,
+        events: Vec<NewEvent>,
+        desired: Vec<(String, Vec<u8>)>,
+    ) -> Result<u64> {
+        let events = self.identified(events);
+        self.state(ComponentsChange::Rollout { name, cluster, body, events, desired }).await
+    }
+
+    /// Records a remediation step on a fault and moves the fault to `state` (0: unchanged; a
+    /// resolved fault stays resolved); the event's cursor. A resent step changes nothing.
+    pub async fn fault_action(&self, event: NewEvent, state: i32) -> Result<u64> {
+        let event = Box::new(self.identified(vec![event]).remove(0));
+        self.state(ComponentsChange::FaultAction { event, state }).await
+    }
+
+    async fn state(&self, change: ComponentsChange) -> Result<u64> {
+        match self.run(Op::State(change)).await? {
+            Done::State(n) => Ok(n),
+            _ => Err(answered_otherwise()),
+        }
+    }
+
+    /// Events the center makes get this replica's identity, before the first attempt.
+    fn identified(&self, mut events: Vec<NewEvent>) -> Vec<NewEvent> {
+        for e in &mut events {
+            if e.identity == Identity::Center {
+                let sequence = self.center.seq.fetch_add(1, Ordering::Relaxed);
+                e.identity = Identity::Keyed { origin: self.center.origin.clone(), sequence };
+            }
+        }
+        events
     }
 
     /// Queues `op` for this replica's writer; its answer after the commit.

@@ -13,10 +13,11 @@ use tokio::sync::{mpsc, watch};
 use tokio_postgres::{Client, Config, Transaction};
 
 mod nodes;
+mod state;
 
 use super::{CHANNEL, Job, PgOptions, RETRY_FOR, connect, pg};
 use crate::store::fold::{FaultChange, fold};
-use crate::store::writer::{NodeChange, NodeChanged};
+use crate::store::writer::{ComponentsChange, NodeChange, NodeChanged};
 use crate::store::{Appended, HelloOutcome, Identity, NewEvent, NodeHello, NodeKey, OriginKey, StoreError};
 
 /// The replica's writer: takes queued appends in order, commits them in groups, answers after
@@ -95,6 +96,7 @@ pub(crate) enum Op {
     Hello(Box<NodeHello>),
     Liveness { key: NodeKey, lost: bool, grace: Duration },
     Node(NodeChange),
+    State(ComponentsChange),
 }
 
 impl Op {
@@ -112,6 +114,8 @@ pub(crate) enum Done {
     Hello(HelloOutcome),
     Liveness,
     Node(Option<NodeChanged>),
+    /// A generation, a cursor or 0, as the SQLite writer answers the same change.
+    State(u64),
 }
 
 /// The replica's identity for the events the center makes, and their next sequence.
@@ -147,7 +151,10 @@ struct Log<'t, 'a> {
 impl<'a> Log<'_, 'a> {
     /// The ids of `keys` in `origins`, interned if new.
     async fn intern(&mut self, keys: Vec<String>) -> Result<(), StoreError> {
-        let missing: Vec<String> = keys.into_iter().filter(|k| !self.ids.contains_key(k)).collect();
+        let mut missing: Vec<String> = keys.into_iter().filter(|k| !self.ids.contains_key(k)).collect();
+        // One statement may not touch a row twice.
+        missing.sort();
+        missing.dedup();
         if missing.is_empty() {
             return Ok(());
         }
@@ -167,13 +174,14 @@ impl<'a> Log<'_, 'a> {
         let node = (!event.node.is_empty())
             .then(|| self.ids.get(&crate::store::node_origin(&event.cluster, &event.node)).copied())
             .flatten();
-        let (body, fault) = if event.condition.is_some() {
+        let body = if event.condition.is_some() {
             fold_condition(self.tx, event.to_mut(), self.next).await?;
-            let fault = (event.fault_id != 0).then_some(event.fault_id as i64);
-            (Cow::Owned(prost::Message::encode_to_vec(event.as_ref())), fault)
+            Cow::Owned(prost::Message::encode_to_vec(event.as_ref()))
         } else {
-            (body, None)
+            body
         };
+        // A fault's timeline: its condition events and the steps recorded on it.
+        let fault = (event.fault_id != 0).then_some(event.fault_id as i64);
         let r = &mut self.rows;
         r.cursor.push(self.next);
         r.origin.push(origin);
@@ -200,6 +208,45 @@ impl<'a> Log<'_, 'a> {
             last = self.push(origin, seq, Cow::Owned(event), Cow::Owned(body)).await? as u64;
         }
         Ok(last)
+    }
+
+    /// Appends events an operation records (duplicates, by identity, stored once), looked up
+    /// under the lock: operations are few.
+    async fn append_events(&mut self, events: &'a [NewEvent]) -> Result<Vec<Appended>, GroupError> {
+        let mut keys = Vec::new();
+        for e in events {
+            let Identity::Keyed { origin, .. } = &e.identity else {
+                let message = "an event without an identity reached the writer".into();
+                return Err(Failed(StoreError::Postgres { message }));
+            };
+            keys.push(origin.to_string());
+            if !e.event.node.is_empty() {
+                keys.push(crate::store::node_origin(&e.event.cluster, &e.event.node));
+            }
+        }
+        self.intern(keys).await?;
+        // Earlier rows of this group must be visible to the lookup.
+        self.flush().await?;
+        let mut out = Vec::with_capacity(events.len());
+        for e in events {
+            let Identity::Keyed { origin, sequence } = &e.identity else { unreachable!("checked above") };
+            let (origin, seq) = (self.ids[&**origin], *sequence as i64);
+            let stored = self
+                .tx
+                .query_opt("SELECT cursor FROM events WHERE origin = $1 AND origin_seq = $2", &[&origin, &seq])
+                .await
+                .map_err(pg)?;
+            let pending = self.rows.origin.iter().zip(&self.rows.seq).position(|(o, s)| *o == origin && *s == seq);
+            match (stored, pending) {
+                (Some(r), _) => out.push(Appended { cursor: r.get::<_, i64>(0) as u64, duplicate: true }),
+                (None, Some(i)) => out.push(Appended { cursor: self.rows.cursor[i] as u64, duplicate: true }),
+                (None, None) => {
+                    let cursor = self.push(origin, seq, Cow::Borrowed(&e.event), Cow::Borrowed(&e.body)).await?;
+                    out.push(Appended { cursor: cursor as u64, duplicate: false });
+                }
+            }
+        }
+        Ok(out)
     }
 
     /// Inserts the queued rows.
@@ -308,10 +355,24 @@ async fn commit_group(
                 }
                 Done::Appended(answer)
             }
-            op => {
-                // What they read of the log includes what the group appended before them.
+            // Operations read the log and the state: what the group appended before them is
+            // inserted first.
+            Op::Hello(hello) => {
                 log.flush().await?;
-                nodes::apply(&mut log, op).await?
+                Done::Hello(nodes::hello(&mut log, hello).await?)
+            }
+            Op::Liveness { key, lost, grace } => {
+                log.flush().await?;
+                nodes::liveness(&mut log, key, *lost, *grace).await?;
+                Done::Liveness
+            }
+            Op::Node(change) => {
+                log.flush().await?;
+                Done::Node(nodes::change(&mut log, change).await?)
+            }
+            Op::State(change) => {
+                log.flush().await?;
+                Done::State(state::apply(&mut log, change).await?)
             }
         };
         answers.push(done);

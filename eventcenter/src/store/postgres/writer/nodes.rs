@@ -2,80 +2,89 @@
 //! change does; this only reads and writes). Each is idempotent by the state it finds, so a group
 //! retried after a lost connection records nothing twice.
 
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use nodekeeper_common::time::to_unix_ms;
 use nodekeeper_proto::v1::{Fault, Node};
 
-use super::{Done, GroupError, Log, Op, decode};
+use super::{GroupError, Log, decode};
 use crate::store::postgres::pg;
 use crate::store::writer::{NodeChange, NodeChanged};
-use crate::store::{HelloOutcome, NodeKey, StoreError, lifecycle, merged_labels};
+use crate::store::{HelloOutcome, NodeHello, NodeKey, StoreError, lifecycle, merged_labels};
 
-pub(super) async fn apply(log: &mut Log<'_, '_>, op: &Op) -> Result<Done, GroupError> {
-    Ok(match op {
-        Op::Append(_) => unreachable!("appends are the group's own path"),
-        Op::Hello(hello) => {
-            let now = SystemTime::now();
-            let key = NodeKey { cluster: hello.cluster.clone(), node: hello.node.clone() };
-            let previous = stored_node(log, &key, true).await?;
-            let (info, events) = lifecycle::registered(previous.as_ref(), hello, now);
-            log.center_events(events).await?;
-            log.tx
-                .execute(
-                    "INSERT INTO nodes (cluster, name, lost, liveness_changed_ms, info) VALUES ($1, $2, FALSE, $3, $4)
-                     ON CONFLICT (cluster, name) DO UPDATE SET info = excluded.info, decommissioned_ms = NULL",
-                    &[&hello.cluster, &hello.node, &to_unix_ms(now), &prost::Message::encode_to_vec(&info)],
-                )
-                .await
-                .map_err(pg)?;
-            // The agent's events this group appended were inserted before (flushed).
-            let origin = crate::store::agent_origin(&hello.cluster, &hello.node, &hello.boot_id);
-            let last: i64 = log
-                .tx
-                .query_one(
-                    "SELECT COALESCE(MAX(origin_seq), 0) FROM events WHERE origin = (SELECT id FROM origins WHERE key = $1)",
-                    &[&origin.to_string()],
-                )
-                .await
-                .map_err(pg)?
-                .get(0);
-            Done::Hello(HelloOutcome { last_stored_sequence: last as u64, labels: merged_labels(&info) })
-        }
-        Op::Liveness { key, lost, grace } => {
-            let now = SystemTime::now();
-            // Only a change of state: a retried group records the transition once.
-            let changed = log
-                .tx
-                .execute(
-                    "UPDATE nodes SET lost = $3, liveness_changed_ms = $4 WHERE cluster = $1 AND name = $2 AND lost <> $3",
-                    &[&key.cluster, &key.node, lost, &to_unix_ms(now)],
-                )
-                .await
-                .map_err(pg)?;
-            if changed > 0 {
-                log.center_events(vec![lifecycle::liveness_event(key, *lost, *grace, now)]).await?;
-            }
-            Done::Liveness
-        }
-        Op::Node(NodeChange::Kubernetes { key, labels, onboarding, onboarded, issuer }) => {
-            let Some(mut info) = stored_node(log, key, true).await? else { return Ok(Done::Node(None)) };
+/// An agent's hello: the node stored, its events, where its boot's events stand.
+pub(super) async fn hello(log: &mut Log<'_, '_>, hello: &NodeHello) -> Result<HelloOutcome, GroupError> {
+    let now = SystemTime::now();
+    let key = NodeKey { cluster: hello.cluster.clone(), node: hello.node.clone() };
+    let previous = stored_node(log, &key).await?;
+    let (info, events) = lifecycle::registered(previous.as_ref(), hello, now);
+    log.center_events(events).await?;
+    log.tx
+        .execute(
+            "INSERT INTO nodes (cluster, name, lost, liveness_changed_ms, info) VALUES ($1, $2, FALSE, $3, $4)
+             ON CONFLICT (cluster, name) DO UPDATE SET info = excluded.info, decommissioned_ms = NULL",
+            &[&hello.cluster, &hello.node, &to_unix_ms(now), &prost::Message::encode_to_vec(&info)],
+        )
+        .await
+        .map_err(pg)?;
+    // The agent's events this group appended were inserted before (flushed).
+    let origin = crate::store::agent_origin(&hello.cluster, &hello.node, &hello.boot_id);
+    let last: i64 = log
+        .tx
+        .query_one(
+            "SELECT COALESCE(MAX(origin_seq), 0) FROM events WHERE origin = (SELECT id FROM origins WHERE key = $1)",
+            &[&origin.to_string()],
+        )
+        .await
+        .map_err(pg)?
+        .get(0);
+    Ok(HelloOutcome { last_stored_sequence: last as u64, labels: merged_labels(&info) })
+}
+
+/// A liveness transition, recorded only if it changes the node (a retried group, or two
+/// replicas deciding at once, record it once).
+pub(super) async fn liveness(
+    log: &mut Log<'_, '_>,
+    key: &NodeKey,
+    lost: bool,
+    grace: Duration,
+) -> Result<(), GroupError> {
+    let now = SystemTime::now();
+    let changed = log
+        .tx
+        .execute(
+            "UPDATE nodes SET lost = $3, liveness_changed_ms = $4 WHERE cluster = $1 AND name = $2 AND lost <> $3",
+            &[&key.cluster, &key.node, &lost, &to_unix_ms(now)],
+        )
+        .await
+        .map_err(pg)?;
+    if changed > 0 {
+        log.center_events(vec![lifecycle::liveness_event(key, lost, grace, now)]).await?;
+    }
+    Ok(())
+}
+
+/// What Kubernetes says of a node, or its decommissioning; `None` if the node is unknown.
+pub(super) async fn change(log: &mut Log<'_, '_>, change: &NodeChange) -> Result<Option<NodeChanged>, GroupError> {
+    Ok(Some(match change {
+        NodeChange::Kubernetes { key, labels, onboarding, onboarded, issuer } => {
+            let Some(mut info) = stored_node(log, key).await? else { return Ok(None) };
             let before = merged_labels(&info);
             let now = SystemTime::now();
             let Some(events) = lifecycle::kubernetes(&mut info, labels.clone(), *onboarding, *onboarded, issuer, now)
             else {
-                return Ok(Done::Node(Some(NodeChanged::default())));
+                return Ok(Some(NodeChanged::default()));
             };
             save_node(log, &info).await?;
             let cursor = log.center_events(events).await?;
             let after = merged_labels(&info);
             let labels = (after != before).then_some(after);
-            Done::Node(Some(NodeChanged { changed: true, cursor, labels, ..Default::default() }))
+            NodeChanged { changed: true, cursor, labels, ..Default::default() }
         }
-        Op::Node(NodeChange::Decommission { key, reason, issuer }) => {
-            let Some(mut info) = stored_node(log, key, true).await? else { return Ok(Done::Node(None)) };
+        NodeChange::Decommission { key, reason, issuer } => {
+            let Some(mut info) = stored_node(log, key).await? else { return Ok(None) };
             if info.decommissioned_time.is_some() {
-                return Ok(Done::Node(Some(NodeChanged::default())));
+                return Ok(Some(NodeChanged::default()));
             }
             let now = SystemTime::now();
             let open = log
@@ -103,19 +112,18 @@ pub(super) async fn apply(log: &mut Log<'_, '_>, op: &Op) -> Result<Done, GroupE
                 .await
                 .map_err(pg)?;
             let cursor = log.center_events(vec![event]).await?;
-            Done::Node(Some(NodeChanged { changed: true, faults_closed: closed.len() as u32, cursor, labels: None }))
+            NodeChanged { changed: true, faults_closed: closed.len() as u32, cursor, labels: None }
         }
-    })
+    }))
 }
 
-/// The stored node (locked for the rest of the transaction when `lock`).
-async fn stored_node(log: &Log<'_, '_>, key: &NodeKey, lock: bool) -> Result<Option<Node>, StoreError> {
-    let sql = if lock {
-        "SELECT info FROM nodes WHERE cluster = $1 AND name = $2 FOR UPDATE"
-    } else {
-        "SELECT info FROM nodes WHERE cluster = $1 AND name = $2"
-    };
-    let row = log.tx.query_opt(sql, &[&key.cluster, &key.node]).await.map_err(pg)?;
+/// The stored node.
+async fn stored_node(log: &Log<'_, '_>, key: &NodeKey) -> Result<Option<Node>, StoreError> {
+    let row = log
+        .tx
+        .query_opt("SELECT info FROM nodes WHERE cluster = $1 AND name = $2", &[&key.cluster, &key.node])
+        .await
+        .map_err(pg)?;
     row.map(|r| decode::<Node>("nodes", r.get(0))).transpose()
 }
 
