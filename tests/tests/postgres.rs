@@ -574,3 +574,58 @@ async fn the_state_beside_the_log_is_written_with_its_events_through_any_replica
     assert_eq!(f.state, FaultState::Isolated as i32);
     assert_eq!(timeline.len(), 2, "the condition event and the step");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_fleet_reads_back_filtered_as_asked() {
+    use nodekeeper_eventcenter::store::{FaultFilter, NodeKey};
+    use nodekeeper_proto::v1::{Condition, ConditionStatus, FaultState};
+    let pg = Postgres::start().await;
+    let url = pg.create_database("log").await;
+    let log = PgLog::open(&url, PgOptions::default()).await.unwrap();
+    // Nodes a1, a2 in cluster a and b1 in cluster b; a fault on a1 and on b1; a2 decommissioned.
+    for (cluster, node) in [("a", "a1"), ("a", "a2"), ("b", "b1")] {
+        let mut h = hello("boot");
+        (h.cluster, h.node) = (cluster.into(), node.into());
+        log.hello(h).await.unwrap();
+        let e = Event {
+            cluster: cluster.into(),
+            node: node.into(),
+            r#type: "DiskFailing".into(),
+            condition: Some(Condition {
+                r#type: "DiskFailing".into(),
+                status: ConditionStatus::True as i32,
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        log.append(vec![NewEvent::new(Identity::agent(&agent_origin(cluster, node, "boot"), 1), e)]).await.unwrap();
+    }
+    log.decommission(NodeKey { cluster: "a".into(), node: "a2".into() }, "gone".into(), "admin/x".into())
+        .await
+        .unwrap();
+
+    let names = |nodes: Vec<nodekeeper_proto::v1::Node>| nodes.into_iter().map(|n| n.name).collect::<Vec<_>>();
+    assert_eq!(names(log.list_nodes(vec!["a".into()], false).await.unwrap()), ["a1"]);
+    assert_eq!(names(log.list_nodes(vec!["a".into()], true).await.unwrap()), ["a1", "a2"]);
+    assert_eq!(names(log.list_nodes(Vec::new(), false).await.unwrap()), ["a1", "b1"]);
+    let a1 = log.list_nodes(vec!["a".into()], false).await.unwrap().remove(0);
+    assert_eq!(a1.conditions.len(), 1, "nodes come with their conditions");
+    assert_eq!(log.count_nodes("a").await.unwrap(), 1);
+    assert_eq!(log.cluster_sizes().await.unwrap(), [("a".to_owned(), 1), ("b".to_owned(), 1)]);
+    assert_eq!(log.list_conditions(vec!["b".into()], Vec::new()).await.unwrap().len(), 1);
+
+    let open = FaultFilter { states: vec![FaultState::Open as i32], limit: 10, ..Default::default() };
+    let faults = log.list_faults(open.clone()).await.unwrap();
+    assert_eq!(faults.iter().map(|f| f.node.as_str()).collect::<Vec<_>>(), ["b1", "a1"], "newest first, a2's closed");
+    let in_a = FaultFilter { clusters: vec!["a".into()], limit: 10, ..Default::default() };
+    assert_eq!(log.list_faults(in_a).await.unwrap().len(), 2);
+    assert_eq!(log.list_faults(FaultFilter { limit: 1, ..open }).await.unwrap().len(), 1);
+    let counts = log.unresolved_fault_counts().await.unwrap();
+    assert_eq!(counts.values().sum::<u64>(), 2);
+    let types =
+        log.open_fault_types(Vec::new(), Some(NodeKey { cluster: "b".into(), node: "b1".into() })).await.unwrap();
+    assert_eq!(types.len(), 1);
+    assert_eq!(types[&("b".to_owned(), "b1".to_owned())], ["DiskFailing"]);
+    assert!(log.list_rollouts(vec!["a".into()]).await.unwrap().is_empty());
+    assert_eq!(log.consumer_position("nobody").await.unwrap(), None);
+}

@@ -27,6 +27,7 @@ use super::writer::{ComponentsChange, NodeChange, NodeChanged};
 use super::{Appended, HelloOutcome, Identity, NewEvent, NodeHello, NodeKey, Result, StoreError};
 use writer::{Center, Done, Op};
 
+mod fleet;
 pub mod lease;
 mod read;
 mod writer;

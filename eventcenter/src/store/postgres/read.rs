@@ -23,107 +23,8 @@ impl PgLog {
         rows.iter().map(event_of).collect()
     }
 
-    async fn reader(&self) -> Result<deadpool_postgres::Object> {
+    pub(super) async fn reader(&self) -> Result<deadpool_postgres::Object> {
         self.readers.get().await.map_err(|e| StoreError::Postgres { message: e.to_string() })
-    }
-
-    /// A node as readers see it (liveness from the columns, labels merged, its conditions).
-    pub async fn get_node(&self, key: crate::store::NodeKey) -> Result<Option<nodekeeper_proto::v1::Node>> {
-        let reader = self.reader().await?;
-        let Some(row) = reader
-            .query_opt(
-                "SELECT info, lost, liveness_changed_ms FROM nodes WHERE cluster = $1 AND name = $2",
-                &[&key.cluster, &key.node],
-            )
-            .await
-            .map_err(pg)?
-        else {
-            return Ok(None);
-        };
-        let mut node: nodekeeper_proto::v1::Node = decode("nodes", row.get(0))?;
-        crate::store::read::stored_node(&mut node, row.get(1), row.get(2));
-        let conditions = reader
-            .query(
-                "SELECT body FROM conditions WHERE cluster = $1 AND node = $2 ORDER BY type",
-                &[&key.cluster, &key.node],
-            )
-            .await
-            .map_err(pg)?;
-        node.conditions = conditions.iter().map(|r| decode("conditions", r.get(0))).collect::<Result<_>>()?;
-        Ok(Some(node))
-    }
-
-    /// A fault and its timeline (the events folded into it, oldest first).
-    pub async fn get_fault(&self, id: u64) -> Result<Option<(nodekeeper_proto::v1::Fault, Vec<Event>)>> {
-        let reader = self.reader().await?;
-        let Some(row) = reader.query_opt("SELECT body FROM faults WHERE id = $1", &[&(id as i64)]).await.map_err(pg)?
-        else {
-            return Ok(None);
-        };
-        let fault: nodekeeper_proto::v1::Fault = decode("faults", row.get(0))?;
-        let rows = reader
-            .query("SELECT cursor, body FROM events WHERE fault_id = $1 ORDER BY cursor", &[&(id as i64)])
-            .await
-            .map_err(pg)?;
-        Ok(Some((fault, rows.iter().map(event_of).collect::<Result<_>>()?)))
-    }
-
-    /// Every target's desired components in a cluster, oldest generation first.
-    pub async fn desired_components(&self, cluster: &str) -> Result<Vec<crate::store::DesiredRow>> {
-        let rows = self
-            .reader()
-            .await?
-            .query(
-                "SELECT target, generation, specs FROM desired_components WHERE cluster = $1 ORDER BY generation",
-                &[&cluster],
-            )
-            .await
-            .map_err(pg)?;
-        rows.iter()
-            .map(|r| {
-                let state: nodekeeper_proto::v1::DesiredState = decode("desired_components", r.get(2))?;
-                Ok((r.get(0), r.get::<_, i64>(1) as u64, state.components))
-            })
-            .collect()
-    }
-
-    /// Permits granted since `since_ms`, and every active one, with whether it is active.
-    pub async fn permits_since(&self, since_ms: i64) -> Result<Vec<(nodekeeper_proto::v1::Permit, bool)>> {
-        let rows = self
-            .reader()
-            .await?
-            .query(
-                "SELECT body, active FROM permits WHERE granted_ms >= $1 OR active ORDER BY granted_ms",
-                &[&since_ms],
-            )
-            .await
-            .map_err(pg)?;
-        rows.iter().map(|r| Ok((decode("permits", r.get(0))?, r.get(1)))).collect()
-    }
-
-    /// Every stored freeze and breaker ("" cluster: the global freeze).
-    pub async fn guards(&self) -> Result<Vec<nodekeeper_proto::v1::ClusterGuard>> {
-        let rows = self.reader().await?.query("SELECT body FROM guards ORDER BY cluster", &[]).await.map_err(pg)?;
-        rows.iter().map(|r| decode("guards", r.get(0))).collect()
-    }
-
-    /// A rollout and its timeline, oldest event first.
-    pub async fn get_rollout(&self, name: &str) -> Result<Option<(nodekeeper_proto::v1::Rollout, Vec<Event>)>> {
-        let reader = self.reader().await?;
-        let Some(row) = reader.query_opt("SELECT body FROM rollouts WHERE name = $1", &[&name]).await.map_err(pg)?
-        else {
-            return Ok(None);
-        };
-        let rollout = decode("rollouts", row.get(0))?;
-        let rows = reader
-            .query(
-                "SELECT e.cursor, e.body FROM events e JOIN rollout_events r ON r.cursor = e.cursor
-                 WHERE r.name = $1 ORDER BY e.cursor",
-                &[&name],
-            )
-            .await
-            .map_err(pg)?;
-        Ok(Some((rollout, rows.iter().map(event_of).collect::<Result<_>>()?)))
     }
 
     /// Every cursor up to this one was removed by retention.
@@ -231,12 +132,12 @@ impl PgLog {
     }
 }
 
-fn event_of(r: &tokio_postgres::Row) -> Result<Event> {
+pub(super) fn event_of(r: &tokio_postgres::Row) -> Result<Event> {
     let mut event: Event = decode("events", r.get(1))?;
     event.cursor = r.get::<_, i64>(0).to_string();
     Ok(event)
 }
 
-fn decode<M: prost::Message + Default>(table: &'static str, body: &[u8]) -> Result<M> {
+pub(super) fn decode<M: prost::Message + Default>(table: &'static str, body: &[u8]) -> Result<M> {
     M::decode(body).map_err(|e| StoreError::Corrupt { table, message: e.to_string() })
 }
