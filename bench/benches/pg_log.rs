@@ -1,4 +1,4 @@
-//! The event log's store on its own (no gRPC): three `PgLog` replicas on one PostgreSQL 15 (a
+//! The event log's store on its own (no gRPC): three `PgStore` replicas on one PostgreSQL 15 (a
 //! throwaway cluster on this machine, `fsync=on`, `synchronous_commit=on`) against the SQLite store
 //! of the single center, side by side in one run. Each phase: 500 producers (agent streams) spread
 //! over the replicas append batches of 50 events of 256 bytes; max rate (every producer appends as
@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
 use nodekeeper_bench::{histogram, summary};
-use nodekeeper_eventcenter::store::postgres::{PgLog, PgOptions};
+use nodekeeper_eventcenter::store::postgres::{PgOptions, PgStore};
 use nodekeeper_eventcenter::store::{Appended, Identity, NewEvent, Result, Store, StoreOptions, agent_origin};
 use nodekeeper_proto::v1::Event;
 use nodekeeper_tests::postgres::Postgres;
@@ -28,7 +28,7 @@ const PRODUCERS: usize = 500;
 /// A log to append to: one of the PostgreSQL replicas or the SQLite store.
 #[derive(Clone)]
 enum Log {
-    Pg(Arc<PgLog>),
+    Pg(Arc<PgStore>),
     Sqlite(Arc<Store>),
 }
 
@@ -114,7 +114,7 @@ async fn main() {
     let url = pg.create_database("bench").await;
     let mut replicas = Vec::new();
     for _ in 0..3 {
-        replicas.push(Log::Pg(Arc::new(PgLog::open(&url, PgOptions::default()).await.expect("open"))));
+        replicas.push(Log::Pg(Arc::new(PgStore::open(&url, PgOptions::default()).await.expect("open"))));
     }
     let dir = tempfile::tempdir().expect("temp dir");
     let sqlite = [Log::Sqlite(Arc::new(Store::open(dir.path(), StoreOptions::default()).expect("open")))];

@@ -16,7 +16,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use nodekeeper_eventcenter::store::postgres::lease::{Lease, LeaseConfig};
-use nodekeeper_eventcenter::store::postgres::{PgLog, PgOptions};
+use nodekeeper_eventcenter::store::postgres::{PgOptions, PgStore};
 use nodekeeper_eventcenter::store::{Identity, NewEvent, StoreError, agent_origin};
 use nodekeeper_proto::v1::Event;
 use nodekeeper_tests::postgres::Postgres;
@@ -45,7 +45,7 @@ fn center_event(replica: usize, i: usize) -> NewEvent {
 
 /// Follows the log through one replica until it has `total` events, checking at every read that
 /// the first new event is the one right after what it had: the cursors it returns.
-async fn follow(log: Arc<PgLog>, total: u64) -> Vec<(u64, String)> {
+async fn follow(log: Arc<PgStore>, total: u64) -> Vec<(u64, String)> {
     let mut head = log.watch_head();
     let mut seen: Vec<(u64, String)> = Vec::new();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
@@ -71,9 +71,9 @@ async fn three_replicas_keep_one_contiguous_log_in_commit_order() {
     let url = pg.create_database("log").await;
     // Started together: the migrations run once.
     let (a, b, c) = tokio::join!(
-        PgLog::open(&url, PgOptions::default()),
-        PgLog::open(&url, PgOptions::default()),
-        PgLog::open(&url, PgOptions::default())
+        PgStore::open(&url, PgOptions::default()),
+        PgStore::open(&url, PgOptions::default()),
+        PgStore::open(&url, PgOptions::default())
     );
     let replicas = [Arc::new(a.unwrap()), Arc::new(b.unwrap()), Arc::new(c.unwrap())];
 
@@ -142,8 +142,8 @@ async fn three_replicas_keep_one_contiguous_log_in_commit_order() {
 async fn the_same_batch_on_two_replicas_at_once_is_stored_once() {
     let pg = Postgres::start().await;
     let url = pg.create_database("log").await;
-    let a = PgLog::open(&url, PgOptions::default()).await.unwrap();
-    let b = PgLog::open(&url, PgOptions::default()).await.unwrap();
+    let a = PgStore::open(&url, PgOptions::default()).await.unwrap();
+    let b = PgStore::open(&url, PgOptions::default()).await.unwrap();
     // An agent that resends to another replica while its first attempt is still committing.
     for round in 0..200 {
         let events: Vec<_> = (1..=5).map(|i| event("n1", round * 5 + i)).collect();
@@ -163,7 +163,7 @@ async fn the_same_batch_on_two_replicas_at_once_is_stored_once() {
 async fn a_server_killed_mid_ingest_loses_and_doubles_nothing() {
     let mut pg = Postgres::start().await;
     let url = pg.create_database("log").await;
-    let log = Arc::new(PgLog::open(&url, PgOptions::default()).await.unwrap());
+    let log = Arc::new(PgStore::open(&url, PgOptions::default()).await.unwrap());
     const NODES: u64 = 20;
     const BATCHES: u64 = 40;
     let mut producers = JoinSet::new();
@@ -219,7 +219,7 @@ async fn a_server_that_would_acknowledge_without_durability_is_refused() {
     let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await.unwrap();
     tokio::spawn(conn);
     client.batch_execute("ALTER DATABASE lax SET synchronous_commit = off").await.unwrap();
-    match PgLog::open(&url, PgOptions::default()).await {
+    match PgStore::open(&url, PgOptions::default()).await {
         Err(StoreError::NotDurable { found }) => assert_eq!(found, "off"),
         Err(e) => panic!("{e}"),
         Ok(_) => panic!("a log on a server without durable commits"),
@@ -266,7 +266,7 @@ async fn watch_leaders(
 async fn one_replica_leads_and_another_takes_over_when_it_dies_or_steps_down() {
     let mut pg = Postgres::start().await;
     let url = pg.create_database("lease").await;
-    let log = PgLog::open(&url, PgOptions::default()).await.unwrap();
+    let log = PgStore::open(&url, PgOptions::default()).await.unwrap();
     let mut leases: Vec<Option<Lease>> = (0..3)
         .map(|i| Some(Lease::contend(log.pool(), "singleton", &format!("replica-{i}"), quick_lease()).unwrap()))
         .collect();
@@ -310,8 +310,8 @@ fn false_after(d: Duration) -> impl Fn(&[(usize, u64)]) -> bool {
 async fn consumers_and_retention_are_shared_by_the_replicas() {
     let pg = Postgres::start().await;
     let url = pg.create_database("log").await;
-    let a = PgLog::open(&url, PgOptions::default()).await.unwrap();
-    let b = PgLog::open(&url, PgOptions::default()).await.unwrap();
+    let a = PgStore::open(&url, PgOptions::default()).await.unwrap();
+    let b = PgStore::open(&url, PgOptions::default()).await.unwrap();
     a.append((1..=50).map(|i| event("n1", i)).collect()).await.unwrap();
     let between = nodekeeper_common::time::to_unix_ms(std::time::SystemTime::now()) + 1;
     tokio::time::sleep(Duration::from_millis(5)).await;
@@ -358,8 +358,8 @@ async fn conditions_through_different_replicas_fold_into_one_fault() {
     let pg = Postgres::start().await;
     let url = pg.create_database("log").await;
     let replicas = [
-        PgLog::open(&url, PgOptions::default()).await.unwrap(),
-        PgLog::open(&url, PgOptions::default()).await.unwrap(),
+        PgStore::open(&url, PgOptions::default()).await.unwrap(),
+        PgStore::open(&url, PgOptions::default()).await.unwrap(),
     ];
     let condition = |seq: u64, status: ConditionStatus| {
         let mut e = event("n1", seq);
@@ -419,8 +419,8 @@ async fn a_nodes_life_is_recorded_once_through_any_replica() {
     let pg = Postgres::start().await;
     let url = pg.create_database("log").await;
     let (a, b) = (
-        PgLog::open(&url, PgOptions::default()).await.unwrap(),
-        PgLog::open(&url, PgOptions::default()).await.unwrap(),
+        PgStore::open(&url, PgOptions::default()).await.unwrap(),
+        PgStore::open(&url, PgOptions::default()).await.unwrap(),
     );
     let key = NodeKey { cluster: "c1".into(), node: "n1".into() };
     let types = |events: &[Event]| events.iter().map(|e| e.r#type.clone()).collect::<Vec<_>>();
@@ -488,8 +488,8 @@ async fn the_state_beside_the_log_is_written_with_its_events_through_any_replica
     let pg = Postgres::start().await;
     let url = pg.create_database("log").await;
     let (a, b) = (
-        PgLog::open(&url, PgOptions::default()).await.unwrap(),
-        PgLog::open(&url, PgOptions::default()).await.unwrap(),
+        PgStore::open(&url, PgOptions::default()).await.unwrap(),
+        PgStore::open(&url, PgOptions::default()).await.unwrap(),
     );
     let action = |kind: &str| NewEvent::center_action("test", "c1", "n1", kind, kind.into(), Severity::Info, vec![]);
 
@@ -581,7 +581,7 @@ async fn the_fleet_reads_back_filtered_as_asked() {
     use nodekeeper_proto::v1::{Condition, ConditionStatus, FaultState};
     let pg = Postgres::start().await;
     let url = pg.create_database("log").await;
-    let log = PgLog::open(&url, PgOptions::default()).await.unwrap();
+    let log = PgStore::open(&url, PgOptions::default()).await.unwrap();
     // Nodes a1, a2 in cluster a and b1 in cluster b; a fault on a1 and on b1; a2 decommissioned.
     for (cluster, node) in [("a", "a1"), ("a", "a2"), ("b", "b1")] {
         let mut h = hello("boot");

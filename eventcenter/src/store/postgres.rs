@@ -1,5 +1,7 @@
-//! The event log on PostgreSQL, for several center replicas on one database (issue 19, first
-//! step: the log; the state beside it, and the center on top, follow).
+//! The event center's store on PostgreSQL, for several center replicas on one database (issue 19
+//! in progress: the store is complete enough to be tested on its own; the center does not run on
+//! it yet). The log, the folding of conditions into faults, a node's life, the state beside the
+//! log and its reads, durable consumers, retention and leases.
 //!
 //! Cursors stay contiguous and in commit order across replicas: every append transaction first
 //! locks the `log_head` row, gives its new events the cursors after the head, and commits with the
@@ -10,8 +12,10 @@
 //! (so another replica storing the same identity has committed by then); events the center makes
 //! get an identity of their replica before the first attempt, so retrying a group whose commit was
 //! cut off stores nothing twice. A commit notifies `nodekeeper_log` with the new head; listeners
-//! only wake readers, which read the table. `writer.rs` is the group commit, `read.rs` the reads,
-//! durable consumers and retention, `lease.rs` leases for work that runs once.
+//! only wake readers, which read the table. `writer.rs` is the group commit (with
+//! `writer/nodes.rs` and `writer/state.rs`, the operations that record events), `read.rs` the log's
+//! reads, durable consumers and retention, `fleet.rs` the fleet's state read back, `lease.rs` leases
+//! for work that runs once.
 //!
 //! The connection is a libpq-style URL (`postgres://u@h1:5432,h2:5432/db?target_session_attrs=read-write`):
 //! after a failover the writer reconnects, finds the promoted primary, and retries its group.
@@ -69,8 +73,8 @@ impl Default for PgOptions {
     }
 }
 
-/// One replica's handle on the shared log.
-pub struct PgLog {
+/// One replica's handle on the shared store.
+pub struct PgStore {
     queue: mpsc::Sender<Job>,
     head: watch::Receiver<u64>,
     /// Connections for reads; a broken one is replaced when next taken.
@@ -94,10 +98,10 @@ async fn connect(config: &Config) -> Result<Client> {
     Ok(client)
 }
 
-impl PgLog {
+impl PgStore {
     /// Connects, refuses a server that would acknowledge what it has not made durable, applies
     /// the migrations not yet applied, and starts this replica's writer and listener.
-    pub async fn open(url: &str, options: PgOptions) -> Result<PgLog> {
+    pub async fn open(url: &str, options: PgOptions) -> Result<PgStore> {
         let config: Config =
             url.parse().map_err(|e| StoreError::Postgres { message: format!("connection URL: {e}") })?;
         let mut client = connect(&config).await?;
@@ -123,7 +127,7 @@ impl PgLog {
             .max_size(16)
             .build()
             .map_err(|e| StoreError::Postgres { message: format!("connection pool: {e}") })?;
-        Ok(PgLog { queue, head: head_rx, readers, center })
+        Ok(PgStore { queue, head: head_rx, readers, center })
     }
 
     /// Appends events; answered once their group committed. Duplicates (by identity) are not

@@ -9,10 +9,10 @@ use nodekeeper_proto::v1::{
 };
 
 use super::read::{decode, event_of};
-use super::{PgLog, pg};
+use super::{PgStore, pg};
 use crate::store::{DesiredRow, FaultFilter, NodeKey, Result};
 
-impl PgLog {
+impl PgStore {
     /// A node as readers see it (liveness from the columns, labels merged, its conditions).
     pub async fn get_node(&self, key: NodeKey) -> Result<Option<Node>> {
         let reader = self.reader().await?;

@@ -5,10 +5,10 @@ use std::time::SystemTime;
 use nodekeeper_common::time::to_unix_ms;
 use nodekeeper_proto::v1::Event;
 
-use super::{PgLog, pg};
+use super::{PgStore, pg};
 use crate::store::{Result, StoreError};
 
-impl PgLog {
+impl PgStore {
     /// Up to `limit` events after `after`, in cursor order.
     pub async fn read_after(&self, after: u64, limit: usize) -> Result<Vec<Event>> {
         let rows = self
