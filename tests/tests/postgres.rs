@@ -629,3 +629,25 @@ async fn the_fleet_reads_back_filtered_as_asked() {
     assert!(log.list_rollouts(vec!["a".into()]).await.unwrap().is_empty());
     assert_eq!(log.consumer_position("nobody").await.unwrap(), None);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replicas_live_feed_carries_what_every_replica_commits_in_order() {
+    let pg = Postgres::start().await;
+    let url = pg.create_database("log").await;
+    let (a, b) = (
+        PgStore::open(&url, PgOptions::default()).await.unwrap(),
+        PgStore::open(&url, PgOptions::default()).await.unwrap(),
+    );
+    let mut live = b.subscribe_live();
+    for i in 1..=100 {
+        let store = if i % 2 == 0 { &a } else { &b };
+        store.append(vec![event("n1", i)]).await.unwrap();
+    }
+    let mut seen = Vec::new();
+    while seen.len() < 100 {
+        let batch =
+            tokio::time::timeout(Duration::from_secs(10), live.recv()).await.expect("the live feed stalled").unwrap();
+        seen.extend(batch.iter().map(|e| e.cursor.parse::<u64>().unwrap()));
+    }
+    assert_eq!(seen, (1..=100).collect::<Vec<_>>(), "every event, from both replicas, in cursor order");
+}

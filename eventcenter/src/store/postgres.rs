@@ -34,6 +34,7 @@ use writer::{Center, Done, Op};
 mod fleet;
 pub mod lease;
 mod read;
+mod tail;
 mod writer;
 
 const MIGRATIONS: &[&str] = &[
@@ -81,6 +82,8 @@ pub struct PgStore {
     readers: deadpool_postgres::Pool,
     /// This replica's identity for the events the center makes.
     center: Center,
+    /// Every committed event, in cursor order (see `tail.rs`).
+    live: tokio::sync::broadcast::Sender<super::LiveBatch>,
 }
 
 struct Job {
@@ -127,7 +130,9 @@ impl PgStore {
             .max_size(16)
             .build()
             .map_err(|e| StoreError::Postgres { message: format!("connection pool: {e}") })?;
-        Ok(PgStore { queue, head: head_rx, readers, center })
+        let (live, _) = tokio::sync::broadcast::channel(1024);
+        tokio::spawn(tail::follow(readers.clone(), head_rx.clone(), live.clone(), head));
+        Ok(PgStore { queue, head: head_rx, readers, center, live })
     }
 
     /// Appends events; answered once their group committed. Duplicates (by identity) are not
@@ -250,6 +255,11 @@ impl PgStore {
         let (reply, answer) = oneshot::channel();
         self.queue.send(Job { op, reply }).await.map_err(|_| StoreError::Closed)?;
         answer.await.map_err(|_| StoreError::Closed)?
+    }
+
+    /// Every event committed from now on, by any replica, in cursor order, in batches.
+    pub fn subscribe_live(&self) -> tokio::sync::broadcast::Receiver<super::LiveBatch> {
+        self.live.subscribe()
     }
 
     /// The replica's pool of connections (for leases and reads beside the log).

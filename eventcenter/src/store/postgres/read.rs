@@ -11,16 +11,7 @@ use crate::store::{Result, StoreError};
 impl PgStore {
     /// Up to `limit` events after `after`, in cursor order.
     pub async fn read_after(&self, after: u64, limit: usize) -> Result<Vec<Event>> {
-        let rows = self
-            .reader()
-            .await?
-            .query(
-                "SELECT cursor, body FROM events WHERE cursor > $1 ORDER BY cursor LIMIT $2",
-                &[&(after as i64), &(limit as i64)],
-            )
-            .await
-            .map_err(pg)?;
-        rows.iter().map(event_of).collect()
+        read_after(&self.readers, after, limit).await
     }
 
     pub(super) async fn reader(&self) -> Result<deadpool_postgres::Object> {
@@ -140,4 +131,17 @@ pub(super) fn event_of(r: &tokio_postgres::Row) -> Result<Event> {
 
 pub(super) fn decode<M: prost::Message + Default>(table: &'static str, body: &[u8]) -> Result<M> {
     M::decode(body).map_err(|e| StoreError::Corrupt { table, message: e.to_string() })
+}
+
+/// Up to `limit` events after `after`, in cursor order.
+pub(super) async fn read_after(pool: &deadpool_postgres::Pool, after: u64, limit: usize) -> Result<Vec<Event>> {
+    let reader = pool.get().await.map_err(|e| StoreError::Postgres { message: e.to_string() })?;
+    let rows = reader
+        .query(
+            "SELECT cursor, body FROM events WHERE cursor > $1 ORDER BY cursor LIMIT $2",
+            &[&(after as i64), &(limit as i64)],
+        )
+        .await
+        .map_err(pg)?;
+    rows.iter().map(event_of).collect()
 }
