@@ -549,6 +549,7 @@ async fn the_state_beside_the_log_is_written_with_its_events_through_any_replica
     assert!(generation > x.max(y));
     let (stored, timeline) = b.get_rollout("r1").await.unwrap().unwrap();
     assert_eq!(stored, rollout);
+    assert_eq!(a.rollout("r1").await.unwrap(), Some(rollout));
     assert_eq!(timeline.iter().map(|e| e.r#type.as_str()).collect::<Vec<_>>(), ["RolloutCreated", "RolloutStarted"]);
 
     // A remediation step moves its fault; resent, it changes nothing.
@@ -572,6 +573,7 @@ async fn the_state_beside_the_log_is_written_with_its_events_through_any_replica
     assert_eq!(a.fault_action(step(), FaultState::Recovering as i32).await.unwrap(), first, "the resent step");
     let (f, timeline) = a.get_fault(fault).await.unwrap().unwrap();
     assert_eq!(f.state, FaultState::Isolated as i32);
+    assert_eq!(b.fault(fault).await.unwrap().map(|f| f.state), Some(FaultState::Isolated as i32));
     assert_eq!(timeline.len(), 2, "the condition event and the step");
 }
 
@@ -643,11 +645,21 @@ async fn a_replicas_live_feed_carries_what_every_replica_commits_in_order() {
         let store = if i % 2 == 0 { &a } else { &b };
         store.append(vec![event("n1", i)]).await.unwrap();
     }
+    // Queued in call order, answered after their commits, cursors in that order.
+    let mut queued = Vec::new();
+    for i in 101..=110 {
+        queued.push(a.append_queued(vec![event("n1", i)]).await.unwrap());
+    }
+    let mut cursors = Vec::new();
+    for q in queued {
+        cursors.push(q.await.unwrap()[0].cursor);
+    }
+    assert_eq!(cursors, (101..=110).collect::<Vec<_>>());
     let mut seen = Vec::new();
-    while seen.len() < 100 {
+    while seen.len() < 110 {
         let batch =
             tokio::time::timeout(Duration::from_secs(10), live.recv()).await.expect("the live feed stalled").unwrap();
         seen.extend(batch.iter().map(|e| e.cursor.parse::<u64>().unwrap()));
     }
-    assert_eq!(seen, (1..=100).collect::<Vec<_>>(), "every event, from both replicas, in cursor order");
+    assert_eq!(seen, (1..=110).collect::<Vec<_>>(), "every event, from both replicas, in cursor order");
 }

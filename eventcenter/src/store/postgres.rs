@@ -144,6 +144,23 @@ impl PgStore {
         }
     }
 
+    /// Like [`PgStore::append`], but returns once the events are queued, in call order, so that a
+    /// stream can keep reading while earlier batches commit; the future answers after the commit.
+    pub async fn append_queued(
+        &self,
+        events: Vec<NewEvent>,
+    ) -> Result<impl std::future::Future<Output = Result<Vec<Appended>>> + use<>> {
+        let (reply, answer) = oneshot::channel();
+        let job = Job { op: Op::Append(self.identified(events)), reply };
+        self.queue.send(job).await.map_err(|_| StoreError::Closed)?;
+        Ok(async move {
+            match answer.await.map_err(|_| StoreError::Closed)?? {
+                Done::Appended(a) => Ok(a),
+                _ => Err(answered_otherwise()),
+            }
+        })
+    }
+
     /// An agent's hello: the node registered (or its changes recorded); where its boot's events
     /// stand.
     pub async fn hello(&self, hello: NodeHello) -> Result<HelloOutcome> {

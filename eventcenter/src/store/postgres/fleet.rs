@@ -276,6 +276,24 @@ impl PgStore {
         rows.iter().map(|r| decode("rollouts", r.get(0))).collect()
     }
 
+    /// A rollout, without its timeline.
+    pub async fn rollout(&self, name: &str) -> Result<Option<Rollout>> {
+        let row =
+            self.reader().await?.query_opt("SELECT body FROM rollouts WHERE name = $1", &[&name]).await.map_err(pg)?;
+        row.map(|r| decode("rollouts", r.get(0))).transpose()
+    }
+
+    /// A fault, without its events.
+    pub async fn fault(&self, id: u64) -> Result<Option<Fault>> {
+        let row = self
+            .reader()
+            .await?
+            .query_opt("SELECT body FROM faults WHERE id = $1", &[&(id as i64)])
+            .await
+            .map_err(pg)?;
+        row.map(|r| decode("faults", r.get(0))).transpose()
+    }
+
     /// A durable consumer's acknowledged cursor, if it exists.
     pub async fn consumer_position(&self, name: &str) -> Result<Option<u64>> {
         let row = self
