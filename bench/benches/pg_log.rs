@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use hdrhistogram::Histogram;
 use nodekeeper_bench::{histogram, summary};
 use nodekeeper_eventcenter::store::postgres::{PgOptions, PgStore};
-use nodekeeper_eventcenter::store::{Appended, Identity, NewEvent, Result, Store, StoreOptions, agent_origin};
+use nodekeeper_eventcenter::store::{Appended, Identity, NewEvent, Result, Sqlite, StoreOptions, agent_origin};
 use nodekeeper_proto::v1::Event;
 use nodekeeper_tests::postgres::Postgres;
 use tokio::sync::Mutex;
@@ -29,7 +29,7 @@ const PRODUCERS: usize = 500;
 #[derive(Clone)]
 enum Log {
     Pg(Arc<PgStore>),
-    Sqlite(Arc<Store>),
+    Sqlite(Arc<Sqlite>),
 }
 
 impl Log {
@@ -117,7 +117,7 @@ async fn main() {
         replicas.push(Log::Pg(Arc::new(PgStore::open(&url, PgOptions::default()).await.expect("open"))));
     }
     let dir = tempfile::tempdir().expect("temp dir");
-    let sqlite = [Log::Sqlite(Arc::new(Store::open(dir.path(), StoreOptions::default()).expect("open")))];
+    let sqlite = [Log::Sqlite(Arc::new(Sqlite::open(dir.path(), StoreOptions::default()).expect("open")))];
 
     println!("| store | phase | events/s | append → ack |");
     println!("|---|---|---|---|");

@@ -67,6 +67,10 @@ pub struct StoreConfig {
     /// RESOURCE_EXHAUSTED and retry; agents keep theirs), health of the writing services says
     /// NOT_SERVING and `NodekeeperStoreDiskLow` fires.
     pub min_free_bytes: u64,
+    /// A PostgreSQL database shared by the center's replicas, as a libpq-style URL
+    /// (`postgres://user@h1:5432,h2:5432/nodekeeper?target_session_attrs=read-write`); unset: the
+    /// embedded SQLite store in `data_dir`. Work in progress (issue 19): not for production yet.
+    pub postgres_url: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -320,6 +324,7 @@ impl Default for StoreConfig {
             commit_delay: Duration::from_millis(1),
             max_pending_rows: 200_000,
             min_free_bytes: 256 << 20,
+            postgres_url: None,
         }
     }
 }

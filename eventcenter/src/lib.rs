@@ -71,15 +71,21 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: impl Future<Ou
         }
         (None, false) => return Err(RunError::NoTls),
     };
-    let store = Store::open(
-        &config.data_dir,
-        StoreOptions {
-            commit_max_rows: config.store.commit_max_rows,
-            commit_delay: config.store.commit_delay,
-            max_pending_rows: config.store.max_pending_rows,
-            min_free_bytes: config.store.min_free_bytes,
-        },
-    )?;
+    let store = match &config.store.postgres_url {
+        Some(url) => {
+            let options = store::postgres::PgOptions { commit_max_rows: config.store.commit_max_rows };
+            Store::Postgres(Arc::new(store::postgres::PgStore::open(url, options).await?))
+        }
+        None => Store::Sqlite(store::Sqlite::open(
+            &config.data_dir,
+            StoreOptions {
+                commit_max_rows: config.store.commit_max_rows,
+                commit_delay: config.store.commit_delay,
+                max_pending_rows: config.store.max_pending_rows,
+                min_free_bytes: config.store.min_free_bytes,
+            },
+        )?),
+    };
     let cancel = CancellationToken::new();
     let (liveness, mut tasks) = liveness::Liveness::start(store.clone(), config.nodes.clone(), cancel.clone()).await?;
     tasks.push(tokio::spawn(retention_loop(

@@ -8,12 +8,14 @@
 //! Every committed event is also published on a broadcast channel for live subscribers; a
 //! subscriber that lags re-reads the store, so the channel may drop but the subscriber never skips.
 
+mod engine;
 mod fold;
 mod lifecycle;
 pub mod postgres;
 mod read;
 mod space;
 
+pub use engine::Store;
 pub use read::DesiredRow;
 pub use space::DiskState;
 mod writer;
@@ -276,7 +278,7 @@ impl Default for StoreMetrics {
 pub type LiveBatch = Arc<Vec<Event>>;
 
 #[derive(Clone)]
-pub struct Store {
+pub struct Sqlite {
     inner: Arc<Inner>,
 }
 
@@ -296,10 +298,10 @@ struct Inner {
     checkpointer: Mutex<Option<(std::sync::mpsc::Sender<()>, std::thread::JoinHandle<()>)>>,
 }
 
-impl Store {
+impl Sqlite {
     /// Opens (creating if needed) the store at `dir/eventcenter.db`, applies migrations, checks
     /// the durability settings and starts the writer thread.
-    pub fn open(dir: &Path, options: StoreOptions) -> Result<Store> {
+    pub fn open(dir: &Path, options: StoreOptions) -> Result<Sqlite> {
         std::fs::create_dir_all(dir).map_err(|e| StoreError::sqlite(dir, format!("creating directory: {e}")))?;
         let path = dir.join("eventcenter.db");
         let conn = open_writer(&path)?;
@@ -335,7 +337,7 @@ impl Store {
             .spawn(move || w.run(ops_rx))
             .map_err(|e| StoreError::sqlite(&path, format!("spawning writer thread: {e}")))?;
         let checkpointer = spawn_checkpointer(&path, space.clone())?;
-        Ok(Store {
+        Ok(Sqlite {
             inner: Arc::new(Inner {
                 path,
                 ops: ops_tx,
@@ -434,7 +436,7 @@ impl Store {
         rx.await.map_err(|_| StoreError::Closed)?
     }
 
-    /// Like [`Store::append`], but returns once the events are queued, in call order, so that a
+    /// Like [`Sqlite::append`], but returns once the events are queued, in call order, so that a
     /// stream can keep reading while earlier batches commit; the future answers after the commit.
     pub async fn append_queued(
         &self,

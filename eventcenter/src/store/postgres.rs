@@ -84,6 +84,11 @@ pub struct PgStore {
     center: Center,
     /// Every committed event, in cursor order (see `tail.rs`).
     live: tokio::sync::broadcast::Sender<super::LiveBatch>,
+    /// The retention floor as this replica last knew it (read at open, moved by its retention).
+    floor: Arc<AtomicU64>,
+    metrics: super::StoreMetrics,
+    /// Always "not low": the database's disk is its operators' to watch.
+    disk: watch::Sender<super::DiskState>,
 }
 
 struct Job {
@@ -132,7 +137,17 @@ impl PgStore {
             .map_err(|e| StoreError::Postgres { message: format!("connection pool: {e}") })?;
         let (live, _) = tokio::sync::broadcast::channel(1024);
         tokio::spawn(tail::follow(readers.clone(), head_rx.clone(), live.clone(), head));
-        Ok(PgStore { queue, head: head_rx, readers, center, live })
+        let floor: i64 = client_floor(&readers).await?;
+        Ok(PgStore {
+            queue,
+            head: head_rx,
+            readers,
+            center,
+            live,
+            floor: Arc::new(AtomicU64::new(floor as u64)),
+            metrics: Default::default(),
+            disk: watch::channel(super::DiskState::default()).0,
+        })
     }
 
     /// Appends events; answered once their group committed. Duplicates (by identity) are not
@@ -279,6 +294,27 @@ impl PgStore {
         self.live.subscribe()
     }
 
+    /// Counters of the store (not fed by this engine yet).
+    pub fn metrics(&self) -> &super::StoreMetrics {
+        &self.metrics
+    }
+
+    pub fn disk(&self) -> super::DiskState {
+        *self.disk.borrow()
+    }
+
+    pub fn watch_disk(&self) -> watch::Receiver<super::DiskState> {
+        self.disk.subscribe()
+    }
+
+    /// The retention floor as this replica knows it.
+    pub fn floor_now(&self) -> u64 {
+        self.floor.load(Ordering::Acquire)
+    }
+
+    /// Nothing to wait for: every call was answered after its commit.
+    pub async fn close(&self) {}
+
     /// The replica's pool of connections (for leases and reads beside the log).
     pub fn pool(&self) -> deadpool_postgres::Pool {
         self.readers.clone()
@@ -294,6 +330,11 @@ impl PgStore {
     pub fn watch_head(&self) -> watch::Receiver<u64> {
         self.head.clone()
     }
+}
+
+async fn client_floor(pool: &deadpool_postgres::Pool) -> Result<i64> {
+    let client = pool.get().await.map_err(|e| StoreError::Postgres { message: e.to_string() })?;
+    Ok(client.query_one("SELECT floor FROM log_head", &[]).await.map_err(pg)?.get(0))
 }
 
 fn answered_otherwise() -> StoreError {

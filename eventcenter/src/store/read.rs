@@ -5,7 +5,7 @@ use nodekeeper_proto::v1::{Consumer, Event, Fault, Liveness, Node, NodeCondition
 use prost::Message;
 use rusqlite::{Connection, OptionalExtension, params};
 
-use super::{NodeKey, Result, Store, StoreError};
+use super::{NodeKey, Result, Sqlite, StoreError};
 
 fn decode<M: Message + Default>(table: &'static str, bytes: &[u8]) -> Result<M> {
     M::decode(bytes).map_err(|e| StoreError::Corrupt { table, message: e.to_string() })
@@ -46,7 +46,7 @@ fn events_where(conn: &Connection, clause: &str, args: impl rusqlite::Params) ->
 /// One target's desired components: (target, generation, specs).
 pub type DesiredRow = (String, u64, Vec<nodekeeper_proto::v1::ComponentSpec>);
 
-impl Store {
+impl Sqlite {
     /// Every target's desired components in a cluster, oldest generation first.
     pub async fn desired_components(&self, cluster: String) -> Result<Vec<DesiredRow>> {
         self.read(move |c| {

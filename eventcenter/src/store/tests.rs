@@ -76,7 +76,7 @@ fn a_newer_schema_is_refused() {
 fn duplicates_are_stored_once_and_cursors_stay_contiguous() {
     rt().block_on(async {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path(), StoreOptions::default()).unwrap();
+        let store = Sqlite::open(dir.path(), StoreOptions::default()).unwrap();
         let batch: Vec<_> = (1..=5).map(|s| agent_event("n1", "b1", s)).collect();
         let first = store.append(batch.clone()).await.unwrap();
         assert!(first.iter().all(|a| !a.duplicate));
@@ -99,7 +99,7 @@ fn duplicates_are_stored_once_and_cursors_stay_contiguous() {
 fn conditions_fold_into_faults() {
     rt().block_on(async {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path(), StoreOptions::default()).unwrap();
+        let store = Sqlite::open(dir.path(), StoreOptions::default()).unwrap();
         store.append(vec![condition_event("n1", 1, ConditionStatus::True)]).await.unwrap();
         store.append(vec![condition_event("n1", 2, ConditionStatus::True)]).await.unwrap();
         // A resend folds nothing twice.
@@ -127,7 +127,7 @@ fn conditions_fold_into_faults() {
 fn retention_removes_a_prefix_and_raises_the_floor() {
     rt().block_on(async {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path(), StoreOptions::default()).unwrap();
+        let store = Sqlite::open(dir.path(), StoreOptions::default()).unwrap();
         store.append((1..=25).map(|s| agent_event("n1", "b1", s)).collect()).await.unwrap();
         let future = nodekeeper_common::time::to_unix_ms(std::time::SystemTime::now()) + 60_000;
         assert_eq!(store.retain(future, 10).await.unwrap(), 10);
@@ -136,7 +136,7 @@ fn retention_removes_a_prefix_and_raises_the_floor() {
         assert_eq!(store.retain(future, 100).await.unwrap(), 0);
         assert_eq!(store.floor(), 25);
         store.close().await;
-        let store = Store::open(dir.path(), StoreOptions::default()).unwrap();
+        let store = Sqlite::open(dir.path(), StoreOptions::default()).unwrap();
         assert_eq!((store.floor(), store.head()), (25, 25), "floor and head survive a restart");
         store.close().await;
     });
@@ -146,7 +146,7 @@ fn retention_removes_a_prefix_and_raises_the_floor() {
 fn a_nodes_events_come_newest_first_from_its_index() {
     rt().block_on(async {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path(), StoreOptions::default()).unwrap();
+        let store = Sqlite::open(dir.path(), StoreOptions::default()).unwrap();
         // Interleaved nodes in one batch, a cluster-wide event, and a duplicate.
         let mut batch: Vec<_> = (1..=6).map(|s| agent_event(if s % 2 == 0 { "n2" } else { "n1" }, "b1", s)).collect();
         batch.push(observation_event(Identity::Center, "", "cluster-wide".into()));
@@ -227,7 +227,7 @@ proptest! {
     fn store_matches_model(ops in prop::collection::vec(op(), 1..30)) {
         rt().block_on(async {
             let dir = tempfile::tempdir().unwrap();
-            let mut store = Store::open(dir.path(), StoreOptions::default()).unwrap();
+            let mut store = Sqlite::open(dir.path(), StoreOptions::default()).unwrap();
             let mut model = Model::default();
             for op in ops {
                 match op {
@@ -283,7 +283,7 @@ proptest! {
                     }
                     Op::Restart => {
                         store.close().await;
-                        store = Store::open(dir.path(), StoreOptions::default()).unwrap();
+                        store = Sqlite::open(dir.path(), StoreOptions::default()).unwrap();
                         prop_assert_eq!(store.head(), model.log.len() as u64);
                         prop_assert_eq!(store.floor(), model.floor);
                         for (name, pos) in &model.consumers {
