@@ -93,6 +93,16 @@ impl EventCenter {
         let tmp = tempfile::tempdir().expect("tempdir");
         let data_dir = tmp.path().join("data");
         let config = tmp.path().join("eventcenter.toml");
+        // NODEKEEPER_TEST_STORE=postgres: the same test against the PostgreSQL store.
+        let config_toml = match postgres::shared_database() {
+            Some(url) => {
+                let mut table: toml::Table = config_toml.parse().expect("the test's center config");
+                let store = table.entry("store").or_insert_with(|| toml::Value::Table(Default::default()));
+                store.as_table_mut().expect("[store]").insert("postgres_url".into(), toml::Value::String(url));
+                table.to_string()
+            }
+            None => config_toml.to_owned(),
+        };
         std::fs::write(&config, config_toml).expect("write config");
         EventCenter {
             addr: SocketAddr::from(([127, 0, 0, 1], free_port())),

@@ -16,6 +16,8 @@ pub struct Postgres {
     dir: tempfile::TempDir,
     pub port: u16,
     child: Option<Child>,
+    /// The server dies with the thread that started it.
+    tied: bool,
 }
 
 /// The uid and gid to run PostgreSQL as: ours, unless we are root.
@@ -25,6 +27,45 @@ fn owner() -> Option<(u32, u32)> {
     }
     let user = nix::unistd::User::from_name("postgres").ok().flatten().expect("the postgres user (postgresql-15)");
     Some((user.uid.as_raw(), user.gid.as_raw()))
+}
+
+/// The cluster this test process's event centers share when `NODEKEEPER_TEST_STORE=postgres`
+/// (the suite run against the PostgreSQL store): started on first use by a thread that lives as
+/// long as the process, its server killed with the process (PR_SET_PDEATHSIG). A database of its
+/// own for each center: the URL.
+pub fn shared_database() -> Option<String> {
+    use std::sync::OnceLock;
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static PORT: OnceLock<u16> = OnceLock::new();
+    static NEXT: AtomicU32 = AtomicU32::new(1);
+    if std::env::var("NODEKEEPER_TEST_STORE").as_deref() != Ok("postgres") {
+        return None;
+    }
+    let port = *PORT.get_or_init(|| {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+            let pg = rt.block_on(Postgres::start_tied());
+            tx.send(pg.port).expect("send the port");
+            // Holds the cluster for the life of the process.
+            loop {
+                std::thread::park();
+            }
+        });
+        rx.recv().expect("the shared PostgreSQL cluster")
+    });
+    let name = format!("center{}_{}", std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed));
+    let out = command("psql")
+        .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-U", "postgres", "-q", "-c"])
+        .arg(format!("CREATE DATABASE {name}"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn psql")
+        .wait_with_output()
+        .expect("psql");
+    assert!(out.status.success(), "psql: {}", String::from_utf8_lossy(&out.stderr));
+    Some(format!("postgres://postgres@127.0.0.1:{port}/{name}"))
 }
 
 fn command(name: &str) -> Command {
@@ -41,6 +82,15 @@ fn command(name: &str) -> Command {
 impl Postgres {
     /// A new cluster, running and accepting connections.
     pub async fn start() -> Postgres {
+        Self::start_with(false).await
+    }
+
+    /// A new cluster whose server dies with the thread that starts it.
+    async fn start_tied() -> Postgres {
+        Self::start_with(true).await
+    }
+
+    async fn start_with(tied: bool) -> Postgres {
         let dir = tempfile::tempdir().expect("temp dir");
         if let Some((uid, gid)) = owner() {
             std::os::unix::fs::chown(dir.path(), Some(uid), Some(gid)).expect("chown the cluster's directory");
@@ -57,7 +107,7 @@ impl Postgres {
             .wait_with_output()
             .expect("initdb");
         assert!(out.status.success(), "initdb: {}", String::from_utf8_lossy(&out.stderr));
-        let mut pg = Postgres { dir, port: free_port(), child: None };
+        let mut pg = Postgres { dir, port: free_port(), child: None, tied };
         pg.spawn().await;
         pg
     }
@@ -72,7 +122,17 @@ impl Postgres {
         if let Some((uid, gid)) = owner() {
             std::os::unix::fs::chown(self.dir.path().join("postgres.log"), Some(uid), Some(gid)).unwrap();
         }
-        let child = command("postgres")
+        let mut postgres = command("postgres");
+        if self.tied {
+            // util-linux's setpriv sets the parent-death signal, then becomes the server.
+            let program = postgres.get_program().to_owned();
+            postgres = Command::new("setpriv");
+            postgres.args(["--pdeathsig", "KILL", "--"]).arg(program).stdin(Stdio::null());
+            if let Some((uid, gid)) = owner() {
+                postgres.uid(uid).gid(gid);
+            }
+        }
+        let child = postgres
             .arg("-D")
             .arg(self.data())
             .args(["-p", &self.port.to_string(), "-c", "listen_addresses=127.0.0.1"])

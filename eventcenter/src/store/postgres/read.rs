@@ -118,6 +118,9 @@ impl PgStore {
         let deleted =
             tx.execute("DELETE FROM events WHERE cursor > $1 AND cursor <= $2", &[&floor, &last]).await.map_err(pg)?;
         tx.execute("UPDATE log_head SET floor = $1", &[&last]).await.map_err(pg)?;
+        // Raised before the commit, as on SQLite: a reader that sees the new floor early refuses
+        // a cursor about to become unreadable, the safe direction.
+        self.floor.fetch_max(last as u64, std::sync::atomic::Ordering::AcqRel);
         tx.commit().await.map_err(pg)?;
         Ok(deleted)
     }
