@@ -68,6 +68,19 @@ pub fn shared_database() -> Option<String> {
     Some(format!("postgres://postgres@127.0.0.1:{port}/{name}"))
 }
 
+/// Removes the clusters of test processes that are gone (a process's shared cluster outlives its
+/// last test: nothing drops it).
+fn remove_orphans() {
+    let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else { return };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(pid) = name.strip_prefix("nodekeeper-pg-").and_then(|r| r.split('-').next()) else { continue };
+        if !Path::new("/proc").join(pid).exists() {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
+}
+
 fn command(name: &str) -> Command {
     let path = Path::new(BIN).join(name);
     assert!(path.exists(), "{} is missing: run scripts/install-test-deps.sh", path.display());
@@ -91,7 +104,13 @@ impl Postgres {
     }
 
     async fn start_with(tied: bool) -> Postgres {
-        let dir = tempfile::tempdir().expect("temp dir");
+        if tied {
+            remove_orphans();
+        }
+        let dir = tempfile::Builder::new()
+            .prefix(&format!("nodekeeper-pg-{}-", std::process::id()))
+            .tempdir()
+            .expect("temp dir");
         if let Some((uid, gid)) = owner() {
             std::os::unix::fs::chown(dir.path(), Some(uid), Some(gid)).expect("chown the cluster's directory");
         }
