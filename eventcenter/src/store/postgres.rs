@@ -1,7 +1,8 @@
-//! The event center's store on PostgreSQL, for several center replicas on one database (issue 19
-//! in progress: the store is complete enough to be tested on its own; the center does not run on
-//! it yet). The log, the folding of conditions into faults, a node's life, the state beside the
-//! log and its reads, durable consumers, retention and leases.
+//! The event center's store on PostgreSQL (`[store] postgres_url`), for several center replicas
+//! on one database (issue 19 in progress: the store keeps its promises across replicas; the
+//! center's own coordination across them does not exist yet, so one center per database). The
+//! log, the folding of conditions into faults, a node's life, the state beside the log and its
+//! reads, durable consumers, retention, a live feed and leases.
 //!
 //! Cursors stay contiguous and in commit order across replicas: every append transaction first
 //! locks the `log_head` row, gives its new events the cursors after the head, and commits with the
@@ -153,10 +154,7 @@ impl PgStore {
     /// Appends events; answered once their group committed. Duplicates (by identity) are not
     /// stored again and answered with the cursor they have.
     pub async fn append(&self, events: Vec<NewEvent>) -> Result<Vec<Appended>> {
-        match self.run(Op::Append(self.identified(events))).await? {
-            Done::Appended(a) => Ok(a),
-            _ => Err(answered_otherwise()),
-        }
+        self.append_queued(events).await?.await
     }
 
     /// Like [`PgStore::append`], but returns once the events are queued, in call order, so that a

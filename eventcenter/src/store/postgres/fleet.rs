@@ -215,10 +215,7 @@ impl PgStore {
         clusters: Vec<String>,
         one: Option<NodeKey>,
     ) -> Result<HashMap<(String, String), Vec<String>>> {
-        let (clusters, nodes) = match one {
-            Some(k) => (vec![k.cluster], vec![k.node]),
-            None => (clusters, Vec::new()),
-        };
+        let (clusters, nodes) = scope(clusters, one);
         let rows = self
             .reader()
             .await?
@@ -244,10 +241,7 @@ impl PgStore {
         clusters: Vec<String>,
         one: Option<NodeKey>,
     ) -> Result<Vec<(String, String, ComponentStatusReport)>> {
-        let (clusters, nodes) = match one {
-            Some(k) => (vec![k.cluster], vec![k.node]),
-            None => (clusters, Vec::new()),
-        };
+        let (clusters, nodes) = scope(clusters, one);
         let rows = self
             .reader()
             .await?
@@ -303,5 +297,13 @@ impl PgStore {
             .await
             .map_err(pg)?;
         Ok(row.map(|r| r.get::<_, i64>(0) as u64))
+    }
+}
+
+/// The (clusters, nodes) filter of a read by clusters, or of `one` node only.
+fn scope(clusters: Vec<String>, one: Option<NodeKey>) -> (Vec<String>, Vec<String>) {
+    match one {
+        Some(k) => (vec![k.cluster], vec![k.node]),
+        None => (clusters, Vec::new()),
     }
 }
