@@ -52,6 +52,10 @@ pub struct Sources {
 /// know must not resolve what it failed to read.
 async fn firing(src: &Sources, now: SystemTime, ends_at: SystemTime) -> Option<Vec<PostableAlert>> {
     let mut out = Vec::new();
+    if let Err(err) = src.permits.sync(&src.store).await {
+        tracing::warn!(error = %err, "cannot read the guards for the ops alerts");
+        return None;
+    }
     for g in src.permits.guards().1.into_iter().filter(|g| g.breaker_tripped) {
         out.push(alert(
             &[("alertname", "NodekeeperBreakerTripped"), ("cluster", &g.cluster), ("severity", "critical")],

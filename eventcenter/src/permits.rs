@@ -55,6 +55,12 @@ struct State {
     guards: HashMap<String, ClusterGuard>,
 }
 
+/// Held while deciding (see `RateLimiter::deciding`); the database's lock goes with it.
+struct Deciding<'a> {
+    _one: tokio::sync::MutexGuard<'a, ()>,
+    _db: crate::store::PermitsLock,
+}
+
 pub struct RateLimiter {
     config: PermitsConfig,
     state: Mutex<State>,
@@ -89,6 +95,19 @@ impl RateLimiter {
         gates: crate::gate::Gates,
         store: &Store,
     ) -> Result<RateLimiter, StoreError> {
+        let state = Self::read_state(&config, store).await?;
+        Ok(RateLimiter {
+            config,
+            state: Mutex::new(state),
+            decide: tokio::sync::Mutex::new(()),
+            gates,
+            changed: tokio::sync::Notify::new(),
+            decisions: Default::default(),
+        })
+    }
+
+    /// Permits, recent grants and guards as stored.
+    async fn read_state(config: &PermitsConfig, store: &Store) -> Result<State, StoreError> {
         let longest = config.policy.iter().map(|p| p.window).max().unwrap_or_default().max(config.breaker_window);
         let since = now_ms() - longest.as_millis() as i64;
         let mut state = State::default();
@@ -102,14 +121,27 @@ impl RateLimiter {
         for g in store.guards().await? {
             state.guards.insert(g.cluster.clone(), g);
         }
-        Ok(RateLimiter {
-            config,
-            state: Mutex::new(state),
-            decide: tokio::sync::Mutex::new(()),
-            gates,
-            changed: tokio::sync::Notify::new(),
-            decisions: Default::default(),
-        })
+        Ok(state)
+    }
+
+    /// On a store shared by several replicas, reads what the others decided (their permits and
+    /// guards); alone on its store, this replica's memory is already the truth.
+    pub async fn sync(&self, store: &Store) -> Result<(), StoreError> {
+        if store.shared() {
+            let state = Self::read_state(&self.config, store).await?;
+            *self.state.lock().expect("permits lock") = state;
+        }
+        Ok(())
+    }
+
+    /// One decision at a time, in this replica and (on a shared store) across every replica:
+    /// the guard holds the decision lock and the database's lock, and the state is read afresh
+    /// under them, so two replicas never both take the last slot.
+    async fn deciding(&self, store: &Store) -> Result<Deciding<'_>, StoreError> {
+        let one = self.decide.lock().await;
+        let db = store.lock_permits().await?;
+        self.sync(store).await?;
+        Ok(Deciding { _one: one, _db: db })
     }
 
     fn policy(&self, op: Operation, cluster: &str) -> Option<&crate::config::PermitPolicy> {
@@ -248,6 +280,7 @@ impl RateLimiter {
     /// breaker, a closed gate), without asking for a permit.
     pub async fn held_back(&self, store: &Store, cluster: &str, op: Operation) -> Result<Option<String>, StoreError> {
         let gate = if op == Operation::Release { None } else { self.gates.closed(cluster).await };
+        let _deciding = self.deciding(store).await?;
         self.check_breaker(store, cluster).await?;
         Ok(self.blocked(cluster, op).map(|(_, r)| r).or(gate))
     }
@@ -266,7 +299,7 @@ impl RateLimiter {
     ) -> Result<(Vec<Permit>, Option<String>), StoreError> {
         // Gates may ask Alertmanager: outside the decision lock, which they take no slot under.
         let gate = if op == Operation::Release { None } else { self.gates.closed(cluster).await };
-        let _one = self.decide.lock().await;
+        let _deciding = self.deciding(store).await?;
         self.store_expired(store).await?;
         self.check_breaker(store, cluster).await?;
         let opname = operation_name(op);
@@ -462,7 +495,7 @@ impl RateLimiter {
         ids: &[(String, bool)],
         by: &str,
     ) -> Result<Vec<Permit>, StoreError> {
-        let _one = self.decide.lock().await;
+        let _deciding = self.deciding(store).await?;
         let mut ended = Vec::new();
         let mut events = Vec::new();
         {
@@ -545,7 +578,7 @@ impl RateLimiter {
         reason: &str,
         by: &str,
     ) -> Result<(), StoreError> {
-        let _one = self.decide.lock().await;
+        let _deciding = self.deciding(store).await?;
         let mut g = self.state.lock().expect("permits lock").guards.get(cluster).cloned().unwrap_or_default();
         g.cluster = cluster.to_owned();
         g.frozen = frozen;
@@ -571,7 +604,7 @@ impl RateLimiter {
     }
 
     pub async fn reset_breaker(&self, store: &Store, cluster: &str, by: &str) -> Result<(), StoreError> {
-        let _one = self.decide.lock().await;
+        let _deciding = self.deciding(store).await?;
         let mut g = self.state.lock().expect("permits lock").guards.get(cluster).cloned().unwrap_or_default();
         g.cluster = cluster.to_owned();
         g.breaker_tripped = false;

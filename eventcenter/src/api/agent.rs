@@ -100,6 +100,7 @@ pub async fn send_command(
             }
             // The permit must have been granted by this center, for a reboot of this node, and
             // still be active.
+            ctx.permits.sync(&ctx.store).await.map_err(store_status)?;
             ctx.permits
                 .check(&req.permit_id, nodekeeper_proto::v1::Operation::Reboot, &req.cluster, &req.node)
                 .map_err(|e| Status::failed_precondition(format!("reboot refused: {e}")))?;

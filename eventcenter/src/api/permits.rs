@@ -60,6 +60,7 @@ impl permit_service_server::PermitService for PermitApi {
         let caller = self.0.caller(&request)?;
         require(&caller, super::ACTORS, "release permits")?;
         let req = request.into_inner();
+        self.0.permits.sync(&self.0.store).await.map_err(store_status)?;
         if let Ok(p) = self.0.permits.check_any(&req.permit_id) {
             require_cluster(&caller, &p.cluster)?;
         }
@@ -82,6 +83,7 @@ impl permit_service_server::PermitService for PermitApi {
         let caller = self.0.caller(&request)?;
         require(&caller, READERS, "list permits")?;
         let clusters = scope_clusters(&caller, request.into_inner().clusters)?;
+        self.0.permits.sync(&self.0.store).await.map_err(store_status)?;
         Ok(Response::new(ListPermitsResponse { permits: self.0.permits.active(&clusters) }))
     }
 
@@ -126,6 +128,7 @@ impl permit_service_server::PermitService for PermitApi {
         let caller = self.0.caller(&request)?;
         require(&caller, READERS, "read the guards")?;
         let include_limits = request.get_ref().include_limits;
+        self.0.permits.sync(&self.0.store).await.map_err(store_status)?;
         let (global_frozen, mut clusters) = self.0.permits.guards();
         let scope = scope_clusters(&caller, Vec::new())?;
         if !scope.is_empty() {

@@ -33,7 +33,28 @@ macro_rules! both {
     };
 }
 
+/// Held while permits are decided: on PostgreSQL the database's lock over every replica's
+/// decisions; on SQLite nothing (its one center decides alone, under its own lock).
+pub struct PermitsLock {
+    _held: Option<super::postgres::AdvisoryLock>,
+}
+
 impl Store {
+    /// Whether other replicas write this store too (so what this replica keeps in memory of the
+    /// shared state must be read again before it decides on it).
+    pub fn shared(&self) -> bool {
+        matches!(self, Store::Postgres(_))
+    }
+
+    pub async fn lock_permits(&self) -> Result<PermitsLock> {
+        Ok(PermitsLock {
+            _held: match self {
+                Store::Sqlite(_) => None,
+                Store::Postgres(p) => Some(p.lock_permits().await?),
+            },
+        })
+    }
+
     pub fn metrics(&self) -> &StoreMetrics {
         both!(self, s => s.metrics(), p => p.metrics())
     }

@@ -15,7 +15,7 @@ pub mod postgres;
 mod read;
 mod space;
 
-pub use engine::Store;
+pub use engine::{PermitsLock, Store};
 pub use read::DesiredRow;
 pub use space::DiskState;
 mod writer;

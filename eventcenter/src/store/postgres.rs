@@ -52,6 +52,9 @@ const CHANNEL: &str = "nodekeeper_log";
 /// Serializes migrations of replicas that start together.
 const MIGRATION_LOCK: i64 = 0x6e6f_6465_6b65_6570;
 
+/// Serializes permit decisions across replicas.
+const PERMITS_LOCK: i64 = 0x6e6b_7065_726d_6974;
+
 /// How long a group is retried across a lost connection (a failover) before its callers are told.
 const RETRY_FOR: Duration = Duration::from_secs(60);
 
@@ -327,6 +330,54 @@ impl PgStore {
     /// Follows the head.
     pub fn watch_head(&self) -> watch::Receiver<u64> {
         self.head.clone()
+    }
+}
+
+/// A session-level advisory lock held on one of the pool's connections until dropped. The
+/// unlock is sent when it is dropped; if it fails, the connection is closed instead (which
+/// releases the lock on the server) rather than returned to the pool still holding it.
+pub struct AdvisoryLock {
+    client: Option<deadpool_postgres::Object>,
+    key: i64,
+}
+
+impl Drop for AdvisoryLock {
+    fn drop(&mut self) {
+        let Some(client) = self.client.take() else { return };
+        let key = self.key;
+        tokio::spawn(async move {
+            if let Err(e) = client.execute("SELECT pg_advisory_unlock($1)", &[&key]).await {
+                tracing::warn!(error = %e, "cannot release an advisory lock; closing its connection");
+                drop(deadpool_postgres::Object::take(client));
+            }
+        });
+    }
+}
+
+impl PgStore {
+    /// Waits for the lock of permit decisions, which every replica takes to decide.
+    pub async fn lock_permits(&self) -> Result<AdvisoryLock> {
+        self.advisory_lock(PERMITS_LOCK).await
+    }
+
+    /// Waits for an advisory lock. Taken in a task of its own: a caller that gives up waiting
+    /// (a cancelled request) must not leave the lock granted later to a pooled connection that
+    /// nobody unlocks; the task's result, dropped, unlocks it.
+    async fn advisory_lock(&self, key: i64) -> Result<AdvisoryLock> {
+        let pool = self.readers.clone();
+        let take = tokio::spawn(async move {
+            let client = pool.get().await.map_err(|e| StoreError::Postgres { message: e.to_string() })?;
+            let mut lock = AdvisoryLock { client: Some(client), key };
+            if let Some(c) = &lock.client {
+                if let Err(e) = c.execute("SELECT pg_advisory_lock($1)", &[&key]).await {
+                    // Not locked: nothing to unlock, and the connection may be broken.
+                    drop(lock.client.take().map(deadpool_postgres::Object::take));
+                    return Err(pg(e));
+                }
+            }
+            Ok(lock)
+        });
+        take.await.map_err(|e| StoreError::Postgres { message: format!("taking a lock: {e}") })?
     }
 }
 
