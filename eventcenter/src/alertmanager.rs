@@ -53,6 +53,7 @@ type Delivered = Vec<(BTreeMap<String, String>, bool)>;
 
 /// Generic JSON webhooks: each gets the alerts when what fires or resolves changed, and again
 /// every `repeat` while anything fires.
+#[derive(Clone)]
 pub struct Webhooks {
     urls: Vec<reqwest::Url>,
     http: reqwest::Client,

@@ -40,6 +40,7 @@ fn alert(labels: &[(&str, &str)], summary: String, starts_at: SystemTime, ends_a
 }
 
 /// What the alerts are derived from.
+#[derive(Clone)]
 pub struct Sources {
     pub permits: Arc<RateLimiter>,
     pub store: Store,
@@ -101,7 +102,14 @@ async fn firing(src: &Sources, now: SystemTime, ends_at: SystemTime) -> Option<V
         ));
     }
     let cfg = &src.config;
-    for (cluster, c) in src.liveness.census() {
+    let census = match src.store.census().await {
+        Ok(stored) => stored.unwrap_or_else(|| src.liveness.census()),
+        Err(e) => {
+            tracing::error!(error = %e, "cannot read the nodes' liveness for alerts");
+            return None;
+        }
+    };
+    for (cluster, c) in census {
         if c.lost >= cfg.heartbeat_loss_min_nodes && c.lost as f64 > cfg.heartbeat_loss_share * c.nodes as f64 {
             out.push(alert(
                 &[("alertname", "NodekeeperHeartbeatLoss"), ("cluster", &cluster), ("severity", "critical")],

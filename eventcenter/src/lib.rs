@@ -88,12 +88,12 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: impl Future<Ou
     };
     let cancel = CancellationToken::new();
     let (liveness, mut tasks) = liveness::Liveness::start(store.clone(), config.nodes.clone(), cancel.clone()).await?;
-    tasks.push(tokio::spawn(retention_loop(
-        store.clone(),
-        config.store.retention,
-        config.store.retention_interval,
-        cancel.clone(),
-    )));
+    let leading = store.leading();
+    let (retention, every) = (config.store.retention, config.store.retention_interval);
+    let retained = store.clone();
+    tasks.push(while_leading(leading.clone(), "retention", cancel.clone(), move |stop| {
+        tokio::spawn(retention_loop(retained.clone(), retention, every, stop))
+    }));
     let config = Arc::new(config);
     // The detector verdicts the store holds as open conditions.
     let open_verdicts = store
@@ -124,13 +124,10 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: impl Future<Ou
             liveness: liveness.clone(),
             config: config.alerts.clone(),
         };
-        tasks.push(tokio::spawn(alerts::run(
-            alertmanager,
-            webhooks,
-            sources,
-            config.alertmanager.resend_interval,
-            cancel.clone(),
-        )));
+        let resend = config.alertmanager.resend_interval;
+        tasks.push(while_leading(leading.clone(), "ops alerts", cancel.clone(), move |stop| {
+            tokio::spawn(alerts::run(alertmanager.clone(), webhooks.clone(), sources.clone(), resend, stop))
+        }));
     }
     if let Some(addr) = config.metrics_listen {
         let m = Arc::new(metrics::Metrics::new(store.clone(), liveness.clone(), permits.decisions.clone()));
@@ -153,7 +150,10 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: impl Future<Ou
         rollouts: Arc::default(),
     };
 
-    tasks.push(tokio::spawn(rollout::controller::run(ctx.clone())));
+    let controlled = ctx.clone();
+    tasks.push(while_leading(leading, "rollout controller", cancel.clone(), move |stop| {
+        tokio::spawn(rollout::controller::run(Ctx { cancel: stop, ..controlled.clone() }))
+    }));
 
     let max = config.limits.max_message_bytes;
     let (health, health_service) = tonic_health::server::health_reporter();
@@ -256,6 +256,47 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: impl Future<Ou
     store.close().await;
     tracing::info!("event center stopped");
     served.map_err(RunError::from)
+}
+
+/// Runs work that must run once among the replicas while this replica leads (always, on
+/// SQLite): started when it starts leading, cancelled when it stops.
+fn while_leading<F>(
+    mut leading: tokio::sync::watch::Receiver<Option<u64>>,
+    name: &'static str,
+    cancel: CancellationToken,
+    start: F,
+) -> tokio::task::JoinHandle<()>
+where
+    F: Fn(CancellationToken) -> tokio::task::JoinHandle<()> + Send + 'static,
+{
+    tokio::spawn(async move {
+        let mut running: Option<(CancellationToken, tokio::task::JoinHandle<()>)> = None;
+        loop {
+            let lead = *leading.borrow_and_update();
+            match (lead, running.take()) {
+                (Some(epoch), None) => {
+                    tracing::info!(work = name, epoch, "leading: starting");
+                    let stop = cancel.child_token();
+                    running = Some((stop.clone(), start(stop)));
+                }
+                (None, Some((stop, task))) => {
+                    tracing::warn!(work = name, "no longer leading: stopping");
+                    stop.cancel();
+                    let _ = task.await;
+                }
+                (_, r) => running = r,
+            }
+            tokio::select! {
+                _ = cancel.cancelled() => break,
+                // A sender gone (SQLite's constant lead) changes nothing any more.
+                changed = leading.changed() => if changed.is_err() { cancel.cancelled().await; break },
+            }
+        }
+        if let Some((stop, task)) = running {
+            stop.cancel();
+            let _ = task.await;
+        }
+    })
 }
 
 /// The services that write say NOT_SERVING while the store's disk is within its reserve; reads

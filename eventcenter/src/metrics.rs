@@ -21,6 +21,7 @@ pub struct Metrics {
     store: Store,
     liveness: Arc<Liveness>,
     head: Gauge,
+    leader: Gauge,
     nodes: GaugeFamily,
     connected: GaugeFamily,
     faults: GaugeFamily,
@@ -55,6 +56,7 @@ impl Metrics {
         );
         let mut this = Metrics {
             head: Gauge::default(),
+            leader: Gauge::default(),
             nodes: GaugeFamily::default(),
             connected: GaugeFamily::default(),
             faults: GaugeFamily::default(),
@@ -68,6 +70,11 @@ impl Metrics {
         };
         let r = &mut this.registry;
         r.register("head_cursor", "Cursor of the newest stored event", this.head.clone());
+        r.register(
+            "leader",
+            "1 while this replica runs the work that runs once (rollout controller, ops alerts, retention); always 1 on SQLite",
+            this.leader.clone(),
+        );
         r.register("nodes", "Known nodes by cluster and liveness (alive, lost)", this.nodes.clone());
         r.register("connected_agents", "Nodes with an open agent stream, by cluster", this.connected.clone());
         r.register("unresolved_faults", "Faults not resolved, by type, severity and state", this.faults.clone());
@@ -89,6 +96,7 @@ impl Metrics {
     pub async fn render(&self) -> String {
         let _one = self.scrape.lock().await;
         self.head.set(self.store.head() as i64);
+        self.leader.set(i64::from(self.store.leading().borrow().is_some()));
         self.nodes.clear();
         self.connected.clear();
         for (cluster, c) in self.liveness.census() {

@@ -8,20 +8,37 @@ use nodekeeper_proto::v1::{
     AcquirePermitRequest, Event, EventFilter, ListEventsRequest, ListPermitsRequest, Operation, ReleasePermitRequest,
     event_service_client::EventServiceClient, permit_service_client::PermitServiceClient,
 };
-use nodekeeper_tests::EventCenter;
+use std::time::Duration;
+
+use nodekeeper_proto::v1::{AgentMessage, ObservationBatch, agent_message, center_message};
 use nodekeeper_tests::postgres::Postgres;
+use nodekeeper_tests::{
+    Agent, AgentConn, AgentSpec, EventCenter, free_port, hello, metric, observation, sequences, stored_events,
+    try_http_get, wait_for,
+};
 use tonic::transport::Channel;
 
 /// `n` replicas of a center configured with `config` (without a [store] section) on a new
 /// database of `pg`.
 async fn replicas(pg: &Postgres, n: usize, config: &str) -> Vec<EventCenter> {
     let url = pg.create_database("nodekeeper").await;
-    let config = format!("{config}\n[store]\npostgres_url = \"{url}\"\n");
     let mut out = Vec::new();
     for _ in 0..n {
-        out.push(EventCenter::start(&config).await);
+        out.push(EventCenter::start(&replica_config(&url, config).0).await);
     }
     out
+}
+
+/// A replica's config on the database at `url`, with its own metrics listener: (config, port).
+fn replica_config(url: &str, config: &str) -> (String, u16) {
+    let port = free_port();
+    (format!("metrics_listen = \"127.0.0.1:{port}\"\n{config}\n[store]\npostgres_url = \"{url}\"\n"), port)
+}
+
+/// Whether the replica whose metrics listen on `port` leads the work that runs once.
+async fn leads(port: u16) -> bool {
+    let text = try_http_get(&format!("http://127.0.0.1:{port}/metrics")).await.unwrap_or_default();
+    metric(&text, "nodekeeper_eventcenter_leader") == Some(1.0)
 }
 
 /// Every stored event of type `kind`.
@@ -104,4 +121,120 @@ async fn two_replicas_racing_for_the_last_permit_never_both_get_it() {
     assert_eq!(events_of_type(a.clone(), "PermitReleased").await.len(), ROUNDS, "one release recorded per round");
     let active = PermitServiceClient::new(b).list_permits(ListPermitsRequest::default()).await.unwrap().into_inner();
     assert!(active.permits.is_empty(), "all released: {:?}", active.permits);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_killed_mid_ingest_loses_nothing_and_no_node_is_declared_lost() {
+    let pg = Postgres::start().await;
+    let url = pg.create_database("nodekeeper").await;
+    let config = "[nodes]\ncheck_interval = \"100ms\"\n";
+    // The victim starts first: it leads, and every agent connects to it (the others are not up).
+    let (victim_config, victim_metrics) = replica_config(&url, config);
+    let mut victim = EventCenter::new(&victim_config);
+    let others_config = [replica_config(&url, config), replica_config(&url, config)];
+    let mut others = [EventCenter::new(&others_config[0].0), EventCenter::new(&others_config[1].0)];
+    victim.spawn().await;
+    wait_for("the first replica leads", Duration::from_secs(20), || async {
+        leads(victim_metrics).await.then_some(())
+    })
+    .await;
+    let all = format!("{},{},{}", victim.url(), others[0].url(), others[1].url());
+    let names: Vec<String> = (0..6).map(|i| format!("node-{i}")).collect();
+    let mut agents = Vec::new();
+    for name in &names {
+        let mut spec = AgentSpec::new(name, &all);
+        spec.heartbeat = "1s";
+        agents.push(Agent::start(spec).await);
+    }
+    for a in &agents {
+        a.wait_connected().await;
+    }
+    for o in &mut others {
+        o.spawn().await;
+    }
+    let reader = others[0].channel().await;
+
+    // Ingest straight into the victim, every batch acknowledged or not, until it dies.
+    let direct = AgentConn::connect(&victim.url(), hello("c1", "direct", "b1")).await.unwrap();
+    let (tx, mut rx) = direct.into_parts();
+    let (acked_tx, mut acked_rx) = tokio::sync::watch::channel(0u64);
+    let ingest = tokio::spawn(async move {
+        let mut acked = Vec::new();
+        for seq in 1u64.. {
+            let batch = ObservationBatch { batch_id: seq, observations: vec![observation(seq)] };
+            let msg = AgentMessage { msg: Some(agent_message::Msg::Observations(batch)) };
+            if tx.send(msg).await.is_err() {
+                break;
+            }
+            let ack = loop {
+                match rx.message().await {
+                    Ok(Some(m)) => match m.msg {
+                        Some(center_message::Msg::Ack(a)) => break Some(a),
+                        _ => continue,
+                    },
+                    _ => break None,
+                }
+            };
+            let Some(ack) = ack else { break };
+            assert_eq!(ack.batch_id, seq);
+            acked.push(seq);
+            acked_tx.send_replace(seq);
+        }
+        acked
+    });
+    // The agents go on reporting while it dies; one of them dies with it.
+    for a in &agents {
+        a.emit(vec![observation(0), observation(0)]).await;
+    }
+    acked_rx.wait_for(|n| *n >= 200).await.unwrap();
+    let mut dead_agent = agents.pop().expect("an agent");
+    victim.kill9();
+    dead_agent.kill9();
+    let acked = ingest.await.unwrap();
+    assert!(acked.len() >= 200);
+
+    // Nothing acknowledged lost, nothing stored twice.
+    let stored = sequences(&stored_events(reader.clone(), "direct", "TestEvent").await);
+    let stored_set: std::collections::BTreeSet<u64> = stored.iter().copied().collect();
+    assert_eq!(stored_set.len(), stored.len(), "stored twice");
+    let lost: Vec<u64> = acked.iter().filter(|s| !stored_set.contains(s)).copied().collect();
+    assert!(lost.is_empty(), "acknowledged by the killed replica and lost: {lost:?}");
+
+    // The surviving agents go on with the other replicas, and what they report arrives.
+    for (i, a) in agents.iter().enumerate() {
+        let mut o = observation(0);
+        o.message = format!("after {i}");
+        a.emit(vec![o]).await;
+    }
+    for (i, a) in agents.iter().enumerate() {
+        wait_for("an agent's report after the kill", Duration::from_secs(30), || async {
+            let events = stored_events(reader.clone(), &a.node, "TestEvent").await;
+            events.iter().any(|e| e.message == format!("after {i}")).then_some(())
+        })
+        .await;
+    }
+    // The work that runs once moved to another replica.
+    wait_for("another replica leads", Duration::from_secs(30), || async {
+        let mut n = 0;
+        for (_, port) in &others_config {
+            n += usize::from(leads(*port).await);
+        }
+        (n == 1).then_some(())
+    })
+    .await;
+    // The agent that died with the replica is watched by another (its lease ran out) and
+    // declared lost; none of the others ever is.
+    let declared = wait_for("the dead agent's node declared lost", Duration::from_secs(60), || async {
+        let lost = events_of_type(reader.clone(), "NodeHeartbeatLost").await;
+        (!lost.is_empty()).then_some(lost)
+    })
+    .await;
+    let lost_nodes: Vec<&str> = declared.iter().map(|e| e.node.as_str()).collect();
+    assert_eq!(lost_nodes, vec![dead_agent.node.as_str()], "only the dead agent's node is lost");
+    // A negative assertion needs a window: a node wrongly taken over would be declared lost one
+    // grace (3 s) after the takeover, as the dead agent's was.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let lost_nodes: Vec<String> =
+        events_of_type(reader.clone(), "NodeHeartbeatLost").await.into_iter().map(|e| e.node).collect();
+    assert_eq!(lost_nodes, vec![dead_agent.node.clone()], "no false NodeHeartbeatLost");
 }

@@ -207,9 +207,10 @@ impl agent_service_server::AgentService for AgentApi {
             labels: hello.labels.clone(),
             heartbeat_interval: interval.unwrap_or(ctx.config.nodes.default_heartbeat_interval),
             status_port: hello.status_port,
+            opens_stream: true,
         };
         let outcome = ctx.store.hello(node_hello.clone()).await.map_err(store_status)?;
-        ctx.liveness.hello(&key, interval);
+        ctx.liveness.hello(&key, interval, outcome.was_lost);
         tracing::info!(cluster = %key.cluster, node = %key.node, boot_id = %hello.boot_id,
             agent_version = %hello.agent_version, last_stored_sequence = outcome.last_stored_sequence, "agent connected");
 
@@ -289,7 +290,7 @@ impl Session {
             }
             Some(agent_message::Msg::Inventory(inventory)) => {
                 self.ctx.liveness.seen(&self.key);
-                let hello = NodeHello { inventory, ..self.hello.clone() };
+                let hello = NodeHello { inventory, opens_stream: false, ..self.hello.clone() };
                 self.ctx.store.hello(hello).await.map_err(store_status)?;
             }
             Some(agent_message::Msg::Hello(_)) => {

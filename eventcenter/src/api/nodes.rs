@@ -72,7 +72,9 @@ pub async fn decommission(
     let key = key_of(&caller, req.cluster, req.node)?;
     let reason = if req.reason.trim().is_empty() { "no reason given".to_owned() } else { req.reason };
     validate::text("reason", &reason)?;
-    if ctx.liveness.connected(&key) {
+    // Connected here, or (replicas) to the replica that owns the node.
+    let stored = ctx.store.get_node(key.clone()).await.map_err(store_status)?;
+    if ctx.liveness.connected(&key) || stored.is_some_and(|n| n.connected) {
         return Err(Status::failed_precondition(format!(
             "node {} of cluster {} has its agent connected: stop the agent first",
             key.node, key.cluster

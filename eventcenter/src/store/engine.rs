@@ -98,8 +98,38 @@ impl Store {
         both!(self, s => s.hello(hello).await, p => p.hello(hello).await)
     }
 
-    pub async fn set_liveness(&self, key: NodeKey, lost: bool, grace: Duration) -> Result<()> {
-        both!(self, s => s.set_liveness(key, lost, grace).await, p => p.set_liveness(key, lost, grace).await)
+    /// Records a liveness transition; whether this replica watches the node (on PostgreSQL a
+    /// loss is recorded only by the node's owner; SQLite's one center watches every node).
+    pub async fn set_liveness(&self, key: NodeKey, lost: bool, grace: Duration) -> Result<bool> {
+        both!(self, s => s.set_liveness(key, lost, grace).await.map(|()| true), p => p.set_liveness(key, lost, grace).await)
+    }
+
+    /// One of the node's agent streams on this replica ended.
+    pub async fn disconnected(&self, key: NodeKey) -> Result<()> {
+        both!(self, _s => Ok(()), p => p.disconnected(key).await)
+    }
+
+    /// The nodes nobody watches, taken over by this replica (PostgreSQL; SQLite's one center
+    /// watches every node from its start).
+    pub async fn adopt_nodes(&self) -> Result<Vec<Node>> {
+        both!(self, _s => Ok(Vec::new()), p => p.adopt_nodes().await)
+    }
+
+    /// Owns again the nodes whose streams this replica has (PostgreSQL).
+    pub async fn reclaim_nodes(&self, connected: Vec<(NodeKey, u32)>) -> Result<u64> {
+        both!(self, _s => Ok(0), p => p.reclaim_nodes(connected).await)
+    }
+
+    /// The fleet's census by cluster as stored, on a store shared by replicas (each replica's
+    /// memory knows only the nodes it watches); `None` on SQLite, whose center's memory knows.
+    pub async fn census(&self) -> Result<Option<BTreeMap<String, super::Census>>> {
+        both!(self, _s => Ok(None), p => p.census().await.map(Some))
+    }
+
+    /// `Some(epoch)` while this replica leads the work that runs once; SQLite's one center
+    /// always does.
+    pub fn leading(&self) -> watch::Receiver<Option<u64>> {
+        both!(self, _s => watch::channel(Some(1)).1, p => p.leading())
     }
 
     pub async fn sync_kubernetes(

@@ -205,6 +205,16 @@ pub struct NodeHello {
     pub labels: HashMap<String, String>,
     pub heartbeat_interval: Duration,
     pub status_port: u32,
+    /// A stream's opening hello (not an inventory update on an open stream).
+    pub opens_stream: bool,
+}
+
+/// A cluster's nodes: known (not decommissioned), lost, with an agent stream open.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Census {
+    pub nodes: u64,
+    pub lost: u64,
+    pub connected: u64,
 }
 
 #[derive(Debug, Clone)]
@@ -213,6 +223,8 @@ pub struct HelloOutcome {
     pub last_stored_sequence: u64,
     /// The node's labels: its agent's merged with its Kubernetes Node's.
     pub labels: HashMap<String, String>,
+    /// The node is stored lost (a replica that did not know may have to record its resumption).
+    pub was_lost: bool,
 }
 
 /// A node's labels as the center uses them: those of its Kubernetes Node, with its agent's own

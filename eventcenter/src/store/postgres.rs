@@ -44,6 +44,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("postgres/0003_faults.sql"),
     include_str!("postgres/0004_nodes.sql"),
     include_str!("postgres/0005_state.sql"),
+    include_str!("postgres/0006_owners.sql"),
 ];
 
 /// Commits notify this channel with the new head.
@@ -93,6 +94,10 @@ pub struct PgStore {
     metrics: super::StoreMetrics,
     /// Always "not low": the database's disk is its operators' to watch.
     disk: watch::Sender<super::DiskState>,
+    /// This replica's own lease (`replica/<id>`: it is alive) and its contention for `leader`;
+    /// given up when the store closes.
+    leases: std::sync::Mutex<Vec<lease::Lease>>,
+    leading: watch::Receiver<Option<u64>>,
 }
 
 struct Job {
@@ -142,6 +147,18 @@ impl PgStore {
         let (live, _) = tokio::sync::broadcast::channel(1024);
         tokio::spawn(tail::follow(readers.clone(), head_rx.clone(), live.clone(), head));
         let floor: i64 = client_floor(&readers).await?;
+        let replica = center.replica();
+        let alive =
+            lease::Lease::contend(readers.clone(), &format!("replica/{replica}"), &replica, Default::default())?;
+        // Alive before it owns a node: otherwise another replica would take its nodes over.
+        let mut held = alive.leading();
+        tokio::time::timeout(Duration::from_secs(30), held.wait_for(Option::is_some))
+            .await
+            .map_err(|_| StoreError::Postgres { message: "cannot take this replica's lease".into() })?
+            .map_err(|_| StoreError::Closed)?;
+        let leader = lease::Lease::contend(readers.clone(), "leader", &replica, Default::default())?;
+        let leading = leader.leading();
+        tracing::info!(replica = %replica, "replica of the event center on PostgreSQL");
         Ok(PgStore {
             queue,
             head: head_rx,
@@ -151,6 +168,8 @@ impl PgStore {
             floor: Arc::new(AtomicU64::new(floor as u64)),
             metrics: Default::default(),
             disk: watch::channel(super::DiskState::default()).0,
+            leases: std::sync::Mutex::new(vec![leader, alive]),
+            leading,
         })
     }
 
@@ -186,12 +205,73 @@ impl PgStore {
         }
     }
 
-    /// A liveness transition (recorded once, whichever replica decides it).
-    pub async fn set_liveness(&self, key: NodeKey, lost: bool, grace: Duration) -> Result<()> {
+    /// A liveness transition (recorded once, whichever replica decides it; a loss only by the
+    /// node's owner). Whether this replica watches the node.
+    pub async fn set_liveness(&self, key: NodeKey, lost: bool, grace: Duration) -> Result<bool> {
         match self.run(Op::Liveness { key, lost, grace }).await? {
-            Done::Liveness => Ok(()),
+            Done::Liveness(mine) => Ok(mine),
             _ => Err(answered_otherwise()),
         }
+    }
+
+    /// One of the node's agent streams on this replica ended.
+    pub async fn disconnected(&self, key: NodeKey) -> Result<()> {
+        self.run(Op::Disconnected(key)).await.map(drop)
+    }
+
+    /// Takes over the nodes nobody watches: those of replicas whose lease ran out (dead, or cut
+    /// off from the database) and those never watched. They are this replica's to watch now,
+    /// with no stream open on it.
+    pub async fn adopt_nodes(&self) -> Result<Vec<nodekeeper_proto::v1::Node>> {
+        let rows = self
+            .reader()
+            .await?
+            .query(
+                "UPDATE nodes SET owner = $1, connections = 0
+                 WHERE decommissioned_ms IS NULL AND (owner IS NULL OR (owner <> $1 AND NOT EXISTS (
+                     SELECT 1 FROM leases l WHERE l.name = 'replica/' || nodes.owner AND l.expires_at > now())))
+                 RETURNING info, lost, liveness_changed_ms",
+                &[&self.center.replica()],
+            )
+            .await
+            .map_err(pg)?;
+        rows.iter()
+            .map(|r| {
+                let mut node: nodekeeper_proto::v1::Node = read::decode("nodes", r.get(0))?;
+                super::read::stored_node(&mut node, r.get(1), r.get(2));
+                Ok(node)
+            })
+            .collect()
+    }
+
+    /// Makes this replica the owner again of the nodes whose streams it has (taken over while
+    /// its lease had run out), with their stream counts: the nodes it took back.
+    pub async fn reclaim_nodes(&self, connected: Vec<(NodeKey, u32)>) -> Result<u64> {
+        let (clusters, names, counts): (Vec<String>, Vec<String>, Vec<i32>) = connected
+            .into_iter()
+            .map(|(k, n)| (k.cluster, k.node, n as i32))
+            .fold((Vec::new(), Vec::new(), Vec::new()), |(mut c, mut n, mut k), (cluster, node, count)| {
+                c.push(cluster);
+                n.push(node);
+                k.push(count);
+                (c, n, k)
+            });
+        self.reader()
+            .await?
+            .execute(
+                "UPDATE nodes SET owner = $1, connections = mine.count
+                 FROM unnest($2::text[], $3::text[], $4::int[]) AS mine (cluster, name, count)
+                 WHERE nodes.cluster = mine.cluster AND nodes.name = mine.name
+                   AND (nodes.owner IS DISTINCT FROM $1 OR nodes.connections <> mine.count)",
+                &[&self.center.replica(), &clusters, &names, &counts],
+            )
+            .await
+            .map_err(pg)
+    }
+
+    /// `Some(epoch)` while this replica leads the work that runs once.
+    pub fn leading(&self) -> watch::Receiver<Option<u64>> {
+        self.leading.clone()
     }
 
     /// What Kubernetes says of a node; `None` if the center does not know it.
@@ -313,8 +393,14 @@ impl PgStore {
         self.floor.load(Ordering::Acquire)
     }
 
-    /// Nothing to wait for: every call was answered after its commit.
-    pub async fn close(&self) {}
+    /// Gives up the leadership and the replica's lease, so that the others take over at once
+    /// (every call was answered after its commit: nothing else to wait for).
+    pub async fn close(&self) {
+        let leases = std::mem::take(&mut *self.leases.lock().expect("leases lock"));
+        for l in leases {
+            l.release().await;
+        }
+    }
 
     /// The replica's pool of connections (for leases and reads beside the log).
     pub fn pool(&self) -> deadpool_postgres::Pool {

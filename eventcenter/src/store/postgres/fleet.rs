@@ -18,7 +18,7 @@ impl PgStore {
         let reader = self.reader().await?;
         let Some(row) = reader
             .query_opt(
-                "SELECT info, lost, liveness_changed_ms FROM nodes WHERE cluster = $1 AND name = $2",
+                "SELECT info, lost, liveness_changed_ms, connections FROM nodes WHERE cluster = $1 AND name = $2",
                 &[&key.cluster, &key.node],
             )
             .await
@@ -28,6 +28,7 @@ impl PgStore {
         };
         let mut node: Node = decode("nodes", row.get(0))?;
         crate::store::read::stored_node(&mut node, row.get(1), row.get(2));
+        node.connected = row.get::<_, i32>(3) > 0;
         let conditions = reader
             .query(
                 "SELECT body FROM conditions WHERE cluster = $1 AND node = $2 ORDER BY type",
@@ -118,7 +119,7 @@ impl PgStore {
         let reader = self.reader().await?;
         let rows = reader
             .query(
-                "SELECT info, lost, liveness_changed_ms FROM nodes
+                "SELECT info, lost, liveness_changed_ms, connections FROM nodes
                  WHERE (cardinality($1::text[]) = 0 OR cluster = ANY($1)) AND ($2 OR decommissioned_ms IS NULL)
                  ORDER BY cluster, name",
                 &[&clusters, &include_decommissioned],
@@ -133,10 +134,32 @@ impl PgStore {
             .map(|r| {
                 let mut node: Node = decode("nodes", r.get(0))?;
                 crate::store::read::stored_node(&mut node, r.get(1), r.get(2));
+                node.connected = r.get::<_, i32>(3) > 0;
                 node.conditions = by_node.remove(&(node.cluster.clone(), node.name.clone())).unwrap_or_default();
                 Ok(node)
             })
             .collect()
+    }
+
+    /// Per cluster: nodes (decommissioned ones left out), lost, with a stream open.
+    pub async fn census(&self) -> Result<std::collections::BTreeMap<String, crate::store::Census>> {
+        let rows = self
+            .reader()
+            .await?
+            .query(
+                "SELECT cluster, COUNT(*), COUNT(*) FILTER (WHERE lost), COUNT(*) FILTER (WHERE connections > 0)
+                 FROM nodes WHERE decommissioned_ms IS NULL GROUP BY cluster",
+                &[],
+            )
+            .await
+            .map_err(pg)?;
+        Ok(rows
+            .iter()
+            .map(|r| {
+                let n = |i| r.get::<_, i64>(i) as u64;
+                (r.get(0), crate::store::Census { nodes: n(1), lost: n(2), connected: n(3) })
+            })
+            .collect())
     }
 
     /// How many nodes a cluster has, decommissioned ones left out.

@@ -95,6 +95,7 @@ pub(crate) enum Op {
     Append(Vec<NewEvent>),
     Hello(Box<NodeHello>),
     Liveness { key: NodeKey, lost: bool, grace: Duration },
+    Disconnected(NodeKey),
     Node(NodeChange),
     State(ComponentsChange),
 }
@@ -112,7 +113,8 @@ impl Op {
 pub(crate) enum Done {
     Appended(Vec<Appended>),
     Hello(HelloOutcome),
-    Liveness,
+    /// Whether this replica watches the node.
+    Liveness(bool),
     Node(Option<NodeChanged>),
     /// A generation, a cursor or 0, as the SQLite writer answers the same change.
     State(u64),
@@ -123,6 +125,14 @@ pub(crate) enum Done {
 pub(super) struct Center {
     pub origin: OriginKey,
     pub seq: Arc<AtomicU64>,
+}
+
+impl Center {
+    /// The replica's identity: the holder of its `replica/<id>` lease and the owner of the nodes
+    /// it watches.
+    pub fn replica(&self) -> String {
+        self.origin.trim_start_matches("c/").to_owned()
+    }
 }
 
 /// Rows for `events`, gathered over a group and inserted together (before an operation that
@@ -363,8 +373,11 @@ async fn commit_group(
             }
             Op::Liveness { key, lost, grace } => {
                 log.flush().await?;
-                nodes::liveness(&mut log, key, *lost, *grace).await?;
-                Done::Liveness
+                Done::Liveness(nodes::liveness(&mut log, key, *lost, *grace).await?)
+            }
+            Op::Disconnected(key) => {
+                nodes::disconnected(&mut log, key).await?;
+                Done::State(0)
             }
             Op::Node(change) => {
                 log.flush().await?;

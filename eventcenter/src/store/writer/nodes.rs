@@ -76,6 +76,12 @@ impl Writer {
         let now = SystemTime::now();
         let key = NodeKey { cluster: hello.cluster.clone(), node: hello.node.clone() };
         let previous = self.stored_node(&key)?;
+        let was_lost: bool = self
+            .conn
+            .prepare_cached("SELECT lost FROM nodes WHERE cluster = ?1 AND name = ?2")
+            .and_then(|mut s| s.query_row(params![key.cluster, key.node], |r| r.get(0)).optional())
+            .map_err(|e| self.err(e))?
+            .unwrap_or(false);
         let (info, events) = lifecycle::registered(previous.as_ref(), &hello, now);
         self.center_events(events, published)?;
         let now_ms = to_unix_ms(now);
@@ -92,7 +98,7 @@ impl Writer {
             .prepare_cached("SELECT COALESCE(MAX(origin_seq), 0) FROM events WHERE origin = ?1")
             .and_then(|mut s| s.query_row([origin], |r| r.get(0)))
             .map_err(|e| self.err(e))?;
-        Ok(HelloOutcome { last_stored_sequence: last as u64, labels: crate::store::merged_labels(&info) })
+        Ok(HelloOutcome { last_stored_sequence: last as u64, labels: crate::store::merged_labels(&info), was_lost })
     }
 
     pub(super) fn liveness(

@@ -12,18 +12,39 @@ use crate::store::postgres::pg;
 use crate::store::writer::{NodeChange, NodeChanged};
 use crate::store::{HelloOutcome, NodeHello, NodeKey, StoreError, lifecycle, merged_labels};
 
-/// An agent's hello: the node stored, its events, where its boot's events stand.
+/// An agent's hello: the node stored, its events, where its boot's events stand. A stream's
+/// hello makes this replica the node's owner (the one watching its liveness); a new owner counts
+/// its streams afresh, since those on the previous owner end with no word from it.
 pub(super) async fn hello(log: &mut Log<'_, '_>, hello: &NodeHello) -> Result<HelloOutcome, GroupError> {
     let now = SystemTime::now();
     let key = NodeKey { cluster: hello.cluster.clone(), node: hello.node.clone() };
     let previous = stored_node(log, &key).await?;
+    let was_lost = log
+        .tx
+        .query_opt("SELECT lost FROM nodes WHERE cluster = $1 AND name = $2", &[&key.cluster, &key.node])
+        .await
+        .map_err(pg)?
+        .is_some_and(|r| r.get(0));
     let (info, events) = lifecycle::registered(previous.as_ref(), hello, now);
     log.center_events(events).await?;
+    let owner = log.center.replica();
     log.tx
         .execute(
-            "INSERT INTO nodes (cluster, name, lost, liveness_changed_ms, info) VALUES ($1, $2, FALSE, $3, $4)
-             ON CONFLICT (cluster, name) DO UPDATE SET info = excluded.info, decommissioned_ms = NULL",
-            &[&hello.cluster, &hello.node, &to_unix_ms(now), &prost::Message::encode_to_vec(&info)],
+            "INSERT INTO nodes AS n (cluster, name, lost, liveness_changed_ms, info, owner, connections)
+             VALUES ($1, $2, FALSE, $3, $4, $5, CASE WHEN $6 THEN 1 ELSE 0 END)
+             ON CONFLICT (cluster, name) DO UPDATE SET info = excluded.info, decommissioned_ms = NULL,
+                 owner = CASE WHEN $6 THEN excluded.owner ELSE n.owner END,
+                 connections = CASE WHEN NOT $6 THEN n.connections
+                                    WHEN n.owner IS DISTINCT FROM excluded.owner THEN 1
+                                    ELSE n.connections + 1 END",
+            &[
+                &hello.cluster,
+                &hello.node,
+                &to_unix_ms(now),
+                &prost::Message::encode_to_vec(&info),
+                &owner,
+                &hello.opens_stream,
+            ],
         )
         .await
         .map_err(pg)?;
@@ -38,29 +59,56 @@ pub(super) async fn hello(log: &mut Log<'_, '_>, hello: &NodeHello) -> Result<He
         .await
         .map_err(pg)?
         .get(0);
-    Ok(HelloOutcome { last_stored_sequence: last as u64, labels: merged_labels(&info) })
+    Ok(HelloOutcome { last_stored_sequence: last as u64, labels: merged_labels(&info), was_lost })
 }
 
 /// A liveness transition, recorded only if it changes the node (a retried group, or two
-/// replicas deciding at once, record it once).
+/// replicas deciding at once, record it once). A loss is recorded only by the node's owner:
+/// whether this replica still watches the node.
 pub(super) async fn liveness(
     log: &mut Log<'_, '_>,
     key: &NodeKey,
     lost: bool,
     grace: Duration,
-) -> Result<(), GroupError> {
+) -> Result<bool, GroupError> {
     let now = SystemTime::now();
-    let changed = log
+    let owner = log.center.replica();
+    let row = log
         .tx
-        .execute(
-            "UPDATE nodes SET lost = $3, liveness_changed_ms = $4 WHERE cluster = $1 AND name = $2 AND lost <> $3",
-            &[&key.cluster, &key.node, &lost, &to_unix_ms(now)],
+        .query_opt(
+            "SELECT lost, owner FROM nodes WHERE cluster = $1 AND name = $2 FOR UPDATE",
+            &[&key.cluster, &key.node],
         )
         .await
         .map_err(pg)?;
-    if changed > 0 {
+    let Some(row) = row else { return Ok(false) };
+    let (was_lost, mine) = (row.get::<_, bool>(0), row.get::<_, Option<String>>(1).as_deref() == Some(owner.as_str()));
+    if lost && !mine {
+        return Ok(false);
+    }
+    if was_lost != lost {
+        log.tx
+            .execute(
+                "UPDATE nodes SET lost = $3, liveness_changed_ms = $4 WHERE cluster = $1 AND name = $2",
+                &[&key.cluster, &key.node, &lost, &to_unix_ms(now)],
+            )
+            .await
+            .map_err(pg)?;
         log.center_events(vec![lifecycle::liveness_event(key, lost, grace, now)]).await?;
     }
+    Ok(mine)
+}
+
+/// One of the node's streams on this replica ended (nothing if another replica owns it now).
+pub(super) async fn disconnected(log: &mut Log<'_, '_>, key: &NodeKey) -> Result<(), GroupError> {
+    log.tx
+        .execute(
+            "UPDATE nodes SET connections = GREATEST(connections - 1, 0)
+             WHERE cluster = $1 AND name = $2 AND owner = $3",
+            &[&key.cluster, &key.node, &log.center.replica()],
+        )
+        .await
+        .map_err(pg)?;
     Ok(())
 }
 
