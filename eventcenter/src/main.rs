@@ -47,6 +47,62 @@ enum Command {
         #[arg(long)]
         to: PathBuf,
     },
+    /// Copies a SQLite store into an empty PostgreSQL database, cursors, faults and consumers'
+    /// positions as they are, for moving a center to replicas on PostgreSQL; e.g.
+    /// `nodekeeper-eventcenter migrate --from sqlite:/var/lib/nodekeeper --to postgres:postgres://nk@db/nodekeeper`.
+    /// Stop the center first; one transaction (a copy cut off leaves the database empty).
+    Migrate {
+        /// `sqlite:` and the store's data directory.
+        #[arg(long)]
+        from: String,
+        /// `postgres:` and a libpq-style URL of an empty database (its migrations are applied).
+        #[arg(long)]
+        to: String,
+    },
+}
+
+/// `migrate`: exit 0 when everything was copied, 2 for malformed locations, 1 otherwise.
+fn migrate(from: &str, to: &str) -> ExitCode {
+    let Some(dir) = from.strip_prefix("sqlite:") else {
+        tracing::error!(from, "--from: expected sqlite:PATH (the data directory of a SQLite store)");
+        return ExitCode::from(2);
+    };
+    let url = match to.strip_prefix("postgres:") {
+        Some(rest) if !rest.starts_with("//") => rest,
+        _ if to.starts_with("postgres://") || to.starts_with("postgresql://") => to,
+        _ => {
+            tracing::error!(to, "--to: expected postgres:URL (a libpq-style URL)");
+            return ExitCode::from(2);
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(err) => {
+            tracing::error!(error = %err, "cannot start the async runtime");
+            return ExitCode::from(EXIT_FAILURE as u8);
+        }
+    };
+    let started = std::time::Instant::now();
+    let copied = runtime.block_on(nodekeeper_eventcenter::store::postgres::import::from_sqlite(
+        std::path::Path::new(dir),
+        url,
+        |table, rows| tracing::info!(table, rows, "copied"),
+    ));
+    match copied {
+        Ok(tables) => {
+            let rows: u64 = tables.iter().map(|(_, n)| n).sum();
+            tracing::info!(
+                rows,
+                seconds = started.elapsed().as_secs_f64(),
+                "migrated: start the centers on PostgreSQL"
+            );
+            ExitCode::SUCCESS
+        }
+        Err(err) => {
+            tracing::error!(error = %err, "migration failed; the target is left as it was");
+            ExitCode::from(EXIT_FAILURE as u8)
+        }
+    }
 }
 
 fn main() -> ExitCode {
@@ -73,6 +129,9 @@ fn main() -> ExitCode {
     }
     if let Some(r) = args.retention {
         config.store.retention = r;
+    }
+    if let Some(Command::Migrate { from, to }) = &args.command {
+        return migrate(from, to);
     }
     // A backup needs only the data directory.
     if let Some(Command::Backup { to }) = &args.command {

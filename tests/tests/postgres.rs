@@ -409,6 +409,7 @@ fn hello(boot: &str) -> nodekeeper_eventcenter::store::NodeHello {
         labels: Default::default(),
         heartbeat_interval: Duration::from_secs(10),
         status_port: 0,
+        opens_stream: true,
     }
 }
 
@@ -436,13 +437,14 @@ async fn a_nodes_life_is_recorded_once_through_any_replica() {
         ["NodeRegistered", "NodeRebooted"]
     );
 
-    // Both replicas decide the node is lost at once: one transition.
+    // Both replicas decide the node is lost at once: one transition, by its owner (the replica
+    // of its last stream's hello); the other learns the node is not its to watch.
     let (x, y) = tokio::join!(
         a.set_liveness(key.clone(), true, Duration::from_secs(30)),
         b.set_liveness(key.clone(), true, Duration::from_secs(30))
     );
-    x.unwrap();
-    y.unwrap();
+    assert!(x.unwrap(), "a owns the node");
+    assert!(!y.unwrap(), "b does not");
     let node = b.get_node(key.clone()).await.unwrap().unwrap();
     assert_eq!((node.liveness(), node.boot_id.as_str()), (Liveness::Lost, "b2"));
     let lost = a.read_after(0, 100).await.unwrap().into_iter().filter(|e| e.r#type == "NodeHeartbeatLost").count();

@@ -5,6 +5,10 @@
 //! watched alone are watched by another, and the work that runs once moves to another replica.
 
 use nodekeeper_proto::v1::{
+    AckConsumerRequest, Condition, ConditionStatus, ListConsumersRequest, ListFaultsRequest, ListNodesRequest,
+    SubscribeRequest, fleet_service_client::FleetServiceClient,
+};
+use nodekeeper_proto::v1::{
     AcquirePermitRequest, Event, EventFilter, ListEventsRequest, ListPermitsRequest, Operation, ReleasePermitRequest,
     event_service_client::EventServiceClient, permit_service_client::PermitServiceClient,
 };
@@ -41,7 +45,7 @@ async fn leads(port: u16) -> bool {
     metric(&text, "nodekeeper_eventcenter_leader") == Some(1.0)
 }
 
-/// Every stored event of type `kind`.
+/// Every stored event of type `kind` (every event: "").
 async fn events_of_type(ch: Channel, kind: &str) -> Vec<Event> {
     let mut client = EventServiceClient::new(ch);
     let (mut after, mut out) = (String::new(), Vec::new());
@@ -49,7 +53,10 @@ async fn events_of_type(ch: Channel, kind: &str) -> Vec<Event> {
         let r = client
             .list_events(ListEventsRequest {
                 after_cursor: after,
-                filter: Some(EventFilter { types: vec![kind.into()], ..Default::default() }),
+                filter: Some(EventFilter {
+                    types: if kind.is_empty() { Vec::new() } else { vec![kind.into()] },
+                    ..Default::default()
+                }),
                 limit: 10_000,
                 ..Default::default()
             })
@@ -237,4 +244,112 @@ async fn a_replica_killed_mid_ingest_loses_nothing_and_no_node_is_declared_lost(
     let lost_nodes: Vec<String> =
         events_of_type(reader.clone(), "NodeHeartbeatLost").await.into_iter().map(|e| e.node).collect();
     assert_eq!(lost_nodes, vec![dead_agent.node.clone()], "no false NodeHeartbeatLost");
+}
+
+/// Runs `nodekeeper-eventcenter migrate`; (exit code, stderr).
+async fn migrate(from: &str, to: &str) -> (i32, String) {
+    let out = tokio::process::Command::new(nodekeeper_tests::bin("nodekeeper-eventcenter"))
+        .args(["migrate", "--from", from, "--to", to])
+        .env("RUST_LOG", "info")
+        .output()
+        .await
+        .expect("run migrate");
+    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+/// What a center holds, as its API answers: every event (cursor, type, node, message), faults
+/// (id, type, state), consumers' positions, active permits, nodes.
+type Holdings =
+    (Vec<(String, String, String, String)>, Vec<(u64, String, i32)>, Vec<(String, String)>, Vec<String>, Vec<String>);
+
+async fn holdings(ch: Channel) -> Holdings {
+    let events = events_of_type(ch.clone(), "").await;
+    let events = events.into_iter().map(|e| (e.cursor, e.r#type, e.node, e.message)).collect();
+    let faults = FleetServiceClient::new(ch.clone())
+        .list_faults(ListFaultsRequest { limit: 10_000, ..Default::default() })
+        .await
+        .unwrap()
+        .into_inner()
+        .faults
+        .into_iter()
+        .map(|f| (f.id, f.r#type, f.state))
+        .collect();
+    let consumers = EventServiceClient::new(ch.clone())
+        .list_consumers(ListConsumersRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .consumers
+        .into_iter()
+        .map(|c| (c.name, c.acked_cursor))
+        .collect();
+    let permits = PermitServiceClient::new(ch.clone())
+        .list_permits(ListPermitsRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .permits
+        .into_iter()
+        .map(|p| p.id)
+        .collect();
+    let nodes = FleetServiceClient::new(ch)
+        .list_nodes(ListNodesRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .nodes
+        .into_iter()
+        .map(|n| n.name)
+        .collect();
+    (events, faults, consumers, permits, nodes)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn migrate_copies_a_sqlite_history_with_its_cursors() {
+    // A SQLite center with a history: events, a fault, a consumer's position, a permit.
+    let mut sqlite = EventCenter::start("[permits]\nbreaker_fault_share = 1.0\n").await;
+    let ch = sqlite.channel().await;
+    let mut agent = AgentConn::connect(&sqlite.url(), hello("c1", "n1", "b1")).await.unwrap();
+    agent.send_acked(1, (1..=50).map(observation).collect()).await;
+    let mut fault = observation(51);
+    fault.r#type = "KernelDeadlock".into();
+    fault.condition =
+        Some(Condition { r#type: "KernelDeadlock".into(), status: ConditionStatus::True as i32, ..Default::default() });
+    agent.send_acked(2, vec![fault]).await;
+    drop(agent);
+    let mut events = EventServiceClient::new(ch.clone());
+    let sub = SubscribeRequest { consumer: "downstream".into(), after_cursor: "0".into(), ..Default::default() };
+    drop(events.subscribe(sub).await.unwrap());
+    events.ack_consumer(AckConsumerRequest { consumer: "downstream".into(), cursor: "20".into() }).await.unwrap();
+    assert!(acquire(ch.clone(), "n1".into()).await.is_some());
+    let before = holdings(ch).await;
+    assert!(before.0.len() > 50 && before.1.len() == 1 && before.2.len() == 1 && before.3.len() == 1);
+    assert!(sqlite.terminate().success());
+
+    // Copied into an empty database, the PostgreSQL center holds the same.
+    let pg = Postgres::start().await;
+    let url = pg.create_database("nodekeeper").await;
+    let from = format!("sqlite:{}", sqlite.data_dir.display());
+    let (code, log) = migrate(&from, &format!("postgres:{url}")).await;
+    assert_eq!(code, 0, "{log}");
+    assert!(log.contains("table=\"events\"") || log.contains("table=events"), "progress per table: {log}");
+    let center = EventCenter::start(&replica_config(&url, "").0).await;
+    let ch = center.channel().await;
+    assert_eq!(holdings(ch.clone()).await, before);
+
+    // The numbering goes on from there, and an agent's identities are known: what it sent is
+    // stored, and its next event follows the head.
+    let head: u64 = before.0.last().unwrap().0.parse().unwrap();
+    let mut agent = AgentConn::connect(&center.url(), hello("c1", "n1", "b1")).await.unwrap();
+    assert_eq!(agent.welcome.last_stored_sequence, 51);
+    assert_eq!(agent.send_acked(3, vec![observation(52)]).await.stored, 1);
+    let after = events_of_type(ch, "TestEvent").await;
+    assert_eq!(after.last().map(|e| e.cursor.parse::<u64>().unwrap()), Some(head + 1), "numbering goes on");
+
+    // A second copy into a database that holds a history is refused; a malformed location too.
+    let (code, log) = migrate(&from, &format!("postgres:{url}")).await;
+    assert_eq!(code, 1, "{log}");
+    assert!(log.contains("not empty"), "{log}");
+    let (code, log) = migrate(&sqlite.data_dir.display().to_string(), &url).await;
+    assert_eq!(code, 2, "{log}");
 }

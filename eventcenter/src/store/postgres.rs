@@ -33,6 +33,7 @@ use super::{Appended, HelloOutcome, Identity, NewEvent, NodeHello, NodeKey, Resu
 use writer::{Center, Done, Op};
 
 mod fleet;
+pub mod import;
 pub mod lease;
 mod read;
 mod tail;
