@@ -15,6 +15,11 @@
 //! The peer runs phases 1 and 2 with the same payloads and producer ids: NATS JetStream (file
 //! storage, deduplication by `Nats-Msg-Id`, publish acknowledgements awaited), one connection per
 //! producer like the agents.
+//!
+//! `--replicas N` runs each phase of the event center a second time against N replicas on one
+//! throwaway PostgreSQL 15 cluster (streams spread over them; the paced phase at `--pg-rate`,
+//! default 20,000 events/s; fan-out with the subscribers on the first replica and the producers on
+//! the others); server CPU and memory summed over the replicas and PostgreSQL's processes.
 
 #![allow(clippy::print_stdout, clippy::print_stderr, reason = "a benchmark reports on the terminal")]
 
@@ -25,11 +30,12 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
 use hdrhistogram::Histogram;
-use nodekeeper_bench::{ProcUsage, histogram, proc_usage, summary};
+use nodekeeper_bench::{ProcUsage, histogram, process_tree, processes_usage, summary};
 use nodekeeper_proto::v1::{
     AgentMessage, EventFilter, Observation, ObservationBatch, Severity, StartPosition, SubscribeRequest, agent_message,
     center_message, event_service_client::EventServiceClient, subscribe_response,
 };
+use nodekeeper_tests::postgres::Postgres;
 use nodekeeper_tests::{AgentConn, EventCenter, free_port, hello, wait_for};
 use tokio::sync::Mutex;
 
@@ -43,6 +49,10 @@ struct Args {
     peer: bool,
     /// Run only this phase: max, paced, fanout.
     only: Option<String>,
+    /// Also against this many replicas on PostgreSQL (0: not).
+    replicas: usize,
+    /// The paced phase's rate on PostgreSQL.
+    pg_rate: u64,
 }
 
 impl Args {
@@ -52,7 +62,7 @@ impl Args {
 }
 
 fn args() -> Args {
-    let mut a = Args { streams: 500, seconds: 10, peer: true, only: None };
+    let mut a = Args { streams: 500, seconds: 10, peer: true, only: None, replicas: 0, pg_rate: 20_000 };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
         match arg.as_str() {
@@ -60,6 +70,8 @@ fn args() -> Args {
             "--seconds" => a.seconds = it.next().and_then(|v| v.parse().ok()).expect("--seconds N"),
             "--no-peer" => a.peer = false,
             "--only" => a.only = it.next(),
+            "--replicas" => a.replicas = it.next().and_then(|v| v.parse().ok()).expect("--replicas N"),
+            "--pg-rate" => a.pg_rate = it.next().and_then(|v| v.parse().ok()).expect("--pg-rate N"),
             _ => {} // cargo bench passes --bench
         }
     }
@@ -90,7 +102,8 @@ struct Outcome {
     events: u64,
     elapsed: Duration,
     latency: Histogram<u64>,
-    server: Option<(ProcUsage, ProcUsage)>,
+    /// Each group of server processes (name, usage before, after).
+    server: Vec<(&'static str, ProcUsage, ProcUsage)>,
 }
 
 impl Outcome {
@@ -99,14 +112,50 @@ impl Outcome {
     }
 
     fn server_line(&self) -> String {
-        match self.server {
-            Some((a, b)) => format!(
-                "server CPU {:.2} cores, RSS {} MiB",
+        let line = |(name, a, b): &(&str, ProcUsage, ProcUsage)| {
+            format!(
+                "{name} CPU {:.2} cores, RSS {} MiB",
                 (b.cpu - a.cpu).as_secs_f64() / self.elapsed.as_secs_f64(),
                 b.rss_bytes >> 20
-            ),
-            None => String::new(),
+            )
+        };
+        self.server.iter().map(line).collect::<Vec<_>>().join("; ")
+    }
+}
+
+/// The servers a phase runs against: one center on SQLite, or replicas on one PostgreSQL.
+struct Centers {
+    centers: Vec<EventCenter>,
+    pg: Option<Postgres>,
+}
+
+impl Centers {
+    async fn start(replicas: usize) -> Centers {
+        if replicas == 0 {
+            return Centers { centers: vec![EventCenter::start("").await], pg: None };
         }
+        let pg = Postgres::start().await;
+        let url = pg.create_database("bench").await;
+        let mut centers = Vec::new();
+        for _ in 0..replicas {
+            centers.push(EventCenter::start(&format!("[store]\npostgres_url = \"{url}\"\n")).await);
+        }
+        Centers { centers, pg: Some(pg) }
+    }
+
+    /// Stream `i`'s center.
+    fn url(&self, i: usize) -> String {
+        self.centers[i % self.centers.len()].url()
+    }
+
+    /// The process groups measured: the centers, and PostgreSQL with its backends.
+    fn groups(&self) -> Vec<(&'static str, Vec<u32>)> {
+        let mut g = vec![("server", self.centers.iter().filter_map(EventCenter::pid).collect())];
+        if let Some(pid) = self.pg.as_ref().and_then(Postgres::pid) {
+            g[0].0 = "replicas";
+            g.push(("postgres", process_tree(pid)));
+        }
+        g
     }
 }
 
@@ -187,7 +236,7 @@ async fn tick(pace: &mut Option<tokio::time::Interval>) {
 }
 
 /// Runs `spawn(i)` for i in 0..n, warms up, measures for `seconds`, then stops them.
-async fn load_phase<F, Fut>(n: usize, seconds: u64, server_pid: Option<u32>, spawn: F) -> Outcome
+async fn load_phase<F, Fut>(n: usize, seconds: u64, servers: Vec<(&'static str, Vec<u32>)>, spawn: F) -> Outcome
 where
     F: Fn(usize, Arc<AtomicBool>, Arc<AtomicBool>, Arc<AtomicU64>, Arc<Mutex<Histogram<u64>>>) -> Fut,
     Fut: std::future::Future<Output = ()> + Send + 'static,
@@ -201,33 +250,46 @@ where
         tasks.spawn(spawn(i, stop.clone(), measuring.clone(), acked.clone(), latencies.clone()));
     }
     tokio::time::sleep(Duration::from_secs(3)).await; // connect and warm up
-    let before = server_pid.and_then(proc_usage);
+    // PostgreSQL starts backends as connections come: the processes are listed after the warm-up.
+    let servers: Vec<(&'static str, Vec<u32>)> = servers
+        .into_iter()
+        .map(|(name, pids)| if name == "postgres" { (name, process_tree(pids[0])) } else { (name, pids) })
+        .collect();
+    let before: Vec<ProcUsage> = servers.iter().map(|(_, p)| processes_usage(p)).collect();
     measuring.store(true, Ordering::SeqCst);
     let t0 = Instant::now();
     tokio::time::sleep(Duration::from_secs(seconds)).await;
     measuring.store(false, Ordering::SeqCst);
     let elapsed = t0.elapsed();
-    let after = server_pid.and_then(proc_usage);
+    let server = servers
+        .iter()
+        .zip(before)
+        .map(|((name, pids), before)| (*name, before, processes_usage(pids)))
+        .filter(|(_, b, _)| b.rss_bytes > 0)
+        .collect();
     let events = acked.load(Ordering::SeqCst);
     stop.store(true, Ordering::SeqCst);
     while tasks.join_next().await.is_some() {}
     let latency = latencies.lock().await.clone();
-    Outcome { events, elapsed, latency, server: before.zip(after) }
+    Outcome { events, elapsed, latency, server }
 }
 
-async fn center_phase(args: &Args, per_stream: Option<u64>) -> Outcome {
-    let center = EventCenter::start("").await;
-    let url = center.url();
-    let pid = center.pid();
-    load_phase(args.streams, args.seconds, pid, |i, stop, measuring, acked, lat| {
-        agent_stream(url.clone(), format!("node-{i}"), per_stream, stop, measuring, acked, lat)
+async fn center_phase(args: &Args, replicas: usize, per_stream: Option<u64>) -> Outcome {
+    let centers = Centers::start(replicas).await;
+    let urls: Vec<String> = (0..args.streams).map(|i| centers.url(i)).collect();
+    load_phase(args.streams, args.seconds, centers.groups(), |i, stop, measuring, acked, lat| {
+        agent_stream(urls[i].clone(), format!("node-{i}"), per_stream, stop, measuring, acked, lat)
     })
     .await
 }
 
-async fn fanout_phase(args: &Args) -> (Outcome, Histogram<u64>) {
-    let center = EventCenter::start("").await;
-    let url = center.url();
+/// Subscribers on the first center; producers on the others when there are several (an event
+/// crosses replicas before it reaches a subscriber).
+async fn fanout_phase(args: &Args, replicas: usize) -> (Outcome, Histogram<u64>) {
+    let centers = Centers::start(replicas).await;
+    let center = &centers.centers[0];
+    let producers: Vec<String> =
+        (0..50).map(|i| centers.url(if replicas > 1 { 1 + i % (replicas - 1) } else { 0 })).collect();
     let subscribers = 10;
     let received = Arc::new(AtomicU64::new(0));
     let fan = Arc::new(Mutex::new(histogram()));
@@ -261,8 +323,8 @@ async fn fanout_phase(args: &Args) -> (Outcome, Histogram<u64>) {
         }));
     }
     // 50 streams × 200 events/s = 10,000 events/s.
-    let outcome = load_phase(50, args.seconds, center.pid(), |i, stop, measuring, acked, lat| {
-        agent_stream(url.clone(), format!("node-{i}"), Some(200), stop, measuring, acked, lat)
+    let outcome = load_phase(50, args.seconds, centers.groups(), |i, stop, measuring, acked, lat| {
+        agent_stream(producers[i].clone(), format!("node-{i}"), Some(200), stop, measuring, acked, lat)
     })
     .await;
     done.store(true, Ordering::SeqCst);
@@ -373,8 +435,8 @@ async fn nats_producer(
 async fn nats_phase(args: &Args, per_stream: Option<u64>) -> Outcome {
     let nats = start_nats().await;
     let url = nats.url.clone();
-    let pid = Some(nats.child.id());
-    load_phase(args.streams, args.seconds, pid, |i, stop, measuring, acked, lat| {
+    let servers = vec![("server", vec![nats.child.id()])];
+    load_phase(args.streams, args.seconds, servers, |i, stop, measuring, acked, lat| {
         nats_producer(url.clone(), format!("node-{i}"), per_stream, stop, measuring, acked, lat)
     })
     .await
@@ -388,13 +450,20 @@ fn report(name: &str, o: &Outcome) -> String {
 async fn main() {
     let args = args();
     let paced = 50_000 / args.streams as u64;
+    let pg_paced = args.pg_rate / args.streams as u64;
+    let pg = format!("{} replicas on PostgreSQL 15", args.replicas);
     let mut rows = vec!["| phase | events/s | batch send → ack | server |".to_owned(), "|---|---|---|---|".to_owned()];
     let mut ec_max = None;
     if args.runs("max") {
         eprintln!("event center: throughput with {} streams for {} s", args.streams, args.seconds);
-        let o = center_phase(&args, None).await;
+        let o = center_phase(&args, 0, None).await;
         rows.push(report("nodekeeper-eventcenter, max rate (fsync per group commit)", &o));
         ec_max = Some(o.rate());
+    }
+    if args.replicas > 0 && args.runs("max") {
+        eprintln!("{pg}: throughput");
+        let o = center_phase(&args, args.replicas, None).await;
+        rows.push(report(&format!("nodekeeper-eventcenter, {pg}, max rate"), &o));
     }
     if args.peer && args.runs("max") {
         eprintln!("NATS JetStream: throughput");
@@ -406,8 +475,13 @@ async fn main() {
     }
     if args.runs("paced") {
         eprintln!("event center: latency at 50,000 events/s");
-        let o = center_phase(&args, Some(paced)).await;
+        let o = center_phase(&args, 0, Some(paced)).await;
         rows.push(report("nodekeeper-eventcenter, paced to 50,000/s", &o));
+    }
+    if args.replicas > 0 && args.runs("paced") {
+        eprintln!("{pg}: latency at {} events/s", args.pg_rate);
+        let o = center_phase(&args, args.replicas, Some(pg_paced)).await;
+        rows.push(report(&format!("nodekeeper-eventcenter, {pg}, paced to {}/s", args.pg_rate), &o));
     }
     if args.peer && args.runs("paced") {
         eprintln!("NATS JetStream: latency at 50,000 events/s");
@@ -415,16 +489,22 @@ async fn main() {
         rows.push(report("NATS JetStream 2.9, paced to 50,000/s", &o));
     }
     if args.runs("fanout") {
-        eprintln!("event center: fan-out to 10 subscribers at 10,000 events/s");
-        let (load, fan) = fanout_phase(&args).await;
-        rows.push(format!(
-            "\nfan-out: 10 subscribers, producers at {:.0} events/s; event → subscriber latency: {}; \
-             producers' batch send → ack: {}; {}",
-            load.rate(),
-            summary(&fan),
-            summary(&load.latency),
-            load.server_line()
-        ));
+        let mut kinds = vec![(0, "one center".to_owned())];
+        if args.replicas > 0 {
+            kinds.push((args.replicas, format!("{pg}, subscribers on one replica, producers on the others")));
+        }
+        for (replicas, name) in kinds {
+            eprintln!("{name}: fan-out to 10 subscribers at 10,000 events/s");
+            let (load, fan) = fanout_phase(&args, replicas).await;
+            rows.push(format!(
+                "\nfan-out ({name}): 10 subscribers, producers at {:.0} events/s; event → subscriber latency: {}; \
+                 producers' batch send → ack: {}; {}",
+                load.rate(),
+                summary(&fan),
+                summary(&load.latency),
+                load.server_line()
+            ));
+        }
     }
     for r in rows {
         println!("{r}");

@@ -41,6 +41,35 @@ pub fn proc_usage(pid: u32) -> Option<ProcUsage> {
     Some(ProcUsage { cpu: Duration::from_millis(ticks * 10), rss_bytes: rss_pages * 4096 })
 }
 
+/// `pid` and every process descended from it (PostgreSQL's backends under its postmaster).
+pub fn process_tree(pid: u32) -> Vec<u32> {
+    let mut parents: Vec<(u32, u32)> = Vec::new();
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Some(p) = entry.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else { continue };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{p}/stat")) else { continue };
+        let Some(ppid) = stat.rfind(')').and_then(|i| stat[i + 2..].split_whitespace().nth(1)?.parse().ok()) else {
+            continue;
+        };
+        parents.push((p, ppid));
+    }
+    let mut tree = vec![pid];
+    let mut i = 0;
+    while i < tree.len() {
+        let parent = tree[i];
+        tree.extend(parents.iter().filter(|(_, pp)| *pp == parent).map(|(p, _)| *p));
+        i += 1;
+    }
+    tree
+}
+
+/// The summed usage of processes (those that exist).
+pub fn processes_usage(pids: &[u32]) -> ProcUsage {
+    pids.iter().filter_map(|p| proc_usage(*p)).fold(ProcUsage { cpu: Duration::ZERO, rss_bytes: 0 }, |a, b| ProcUsage {
+        cpu: a.cpu + b.cpu,
+        rss_bytes: a.rss_bytes + b.rss_bytes,
+    })
+}
+
 /// The cargo target directory this benchmark binary was built in (`target/`).
 pub fn target_dir() -> std::path::PathBuf {
     let exe = std::env::current_exe().expect("current exe");
@@ -95,10 +124,32 @@ impl Sampler {
 
 pub use nodekeeper_tests::KillOnDrop;
 
-/// One simulated agent: `hello`, then a heartbeat every `interval` (random phase) until the center
-/// ends the stream; counts connections and heartbeats.
+/// One simulated agent on its own connection: `hello`, then a heartbeat every `interval` (random
+/// phase) until the center ends the stream; counts connections and heartbeats.
 pub async fn simulated_agent(
     url: String,
+    hello: nodekeeper_proto::v1::Hello,
+    interval: Duration,
+    connected: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    beats: std::sync::Arc<std::sync::atomic::AtomicU64>,
+) {
+    simulated_agent_on(channel(&url).await, hello, interval, connected, beats).await
+}
+
+/// A connection to `url`, retried until the center accepts it.
+pub async fn channel(url: &str) -> tonic::transport::Channel {
+    loop {
+        match tonic::transport::Channel::from_shared(url.to_owned()).expect("url").connect().await {
+            Ok(c) => return c,
+            Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+        }
+    }
+}
+
+/// [`simulated_agent`] on a connection it may share with other simulated agents (one HTTP/2
+/// stream each).
+pub async fn simulated_agent_on(
+    channel: tonic::transport::Channel,
     mut hello: nodekeeper_proto::v1::Hello,
     interval: Duration,
     connected: std::sync::Arc<std::sync::atomic::AtomicU64>,
@@ -109,7 +160,7 @@ pub async fn simulated_agent(
     use std::sync::atomic::Ordering;
     hello.heartbeat_interval = Some(nodekeeper_common::time::to_duration(interval));
     let conn = loop {
-        match nodekeeper_tests::AgentConn::connect(&url, hello.clone()).await {
+        match nodekeeper_tests::AgentConn::connect_channel(channel.clone(), hello.clone()).await {
             Ok(c) => break c,
             Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
         }

@@ -96,17 +96,7 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: impl Future<Ou
     }));
     let config = Arc::new(config);
     // The detector verdicts the store holds as open conditions.
-    let open_verdicts = store
-        .list_conditions(Vec::new(), Vec::new())
-        .await?
-        .into_iter()
-        .filter_map(|c| {
-            let cond = c.condition?;
-            (quorum::VERDICTS.contains(&cond.r#type.as_str())
-                && cond.status() == nodekeeper_proto::v1::ConditionStatus::True)
-                .then_some((c.cluster, c.node, cond.r#type))
-        })
-        .collect::<Vec<_>>();
+    let open_verdicts = quorum::open_verdicts(&store).await?;
     let alertmanager =
         alertmanager::Alertmanager::new(&config.alertmanager).map_err(RunError::Alertmanager)?.map(Arc::new);
     let gates = gate::Gates::new(config.permits.gate.clone(), alertmanager.clone(), config.alertmanager.query_interval);
@@ -150,10 +140,18 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: impl Future<Ou
         rollouts: Arc::default(),
     };
 
+    if store.shared() {
+        let (folding, quorum) = (store.clone(), config.detectors.quorum);
+        tasks.push(while_leading(leading.clone(), "detector quorum", cancel.clone(), move |stop| {
+            tokio::spawn(quorum::follow(folding.clone(), quorum, stop))
+        }));
+    }
     let controlled = ctx.clone();
     tasks.push(while_leading(leading, "rollout controller", cancel.clone(), move |stop| {
         tokio::spawn(rollout::controller::run(Ctx { cancel: stop, ..controlled.clone() }))
     }));
+
+    tasks.push(tokio::spawn(send_agents_away_when_cut_off(store.alive(), ctx.sessions.clone(), cancel.clone())));
 
     let max = config.limits.max_message_bytes;
     let (health, health_service) = tonic_health::server::health_reporter();
@@ -256,6 +254,28 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: impl Future<Ou
     store.close().await;
     tracing::info!("event center stopped");
     served.map_err(RunError::from)
+}
+
+/// A replica whose lease on the database ran out (cut off from it) has had its nodes taken over
+/// by the others, which hear none of their heartbeats: it ends its agents' streams so that they
+/// reconnect to a replica that can record them, and are not declared lost meanwhile.
+async fn send_agents_away_when_cut_off(
+    mut alive: tokio::sync::watch::Receiver<Option<u64>>,
+    sessions: Arc<api::agent::Sessions>,
+    cancel: CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            changed = alive.changed() => if changed.is_err() { return },
+        }
+        if alive.borrow_and_update().is_none() {
+            let status =
+                tonic::Status::unavailable("this replica lost its lease on the database: reconnect to another");
+            let ended = sessions.close_all(&status);
+            tracing::error!(streams = ended, "lost this replica's lease on the database; ended its agents' streams");
+        }
+    }
 }
 
 /// Runs work that must run once among the replicas while this replica leads (always, on

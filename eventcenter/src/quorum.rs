@@ -5,13 +5,19 @@
 //!
 //! Votes are kept in memory: detectors repeat their views every probe round, so a restarted
 //! center has them again within a round. The folded state is the stored condition.
+//!
+//! Replicas on one store: detectors report to whichever replica they hold, so no replica hears
+//! every vote itself. There the vote events are only stored, and the leader folds them ([`follow`]):
+//! it reads every replica's commits from the live feed, counts the `DetectorVote`s, and records
+//! the conditions. A new leader starts from the stored conditions and has every detector's view
+//! again within a probe round.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
 
 use nodekeeper_proto::v1::{Category, Condition, ConditionStatus, Observation, Origin, RecommendedAction, Severity};
 
-use crate::store::{Identity, NewEvent};
+use crate::store::{Identity, NewEvent, Store};
 
 /// The condition types detectors report.
 pub const VERDICTS: [&str; 3] = ["AgentDown", "KubeletDown", "NodeUnreachable"];
@@ -111,6 +117,71 @@ impl Quorum {
         };
         let origin = Origin { producer: "center".into(), ..Default::default() };
         Some(NewEvent::new(Identity::Center, crate::api::to_event(cluster, node, o, origin)))
+    }
+}
+
+/// The vote a stored `DetectorVote` event carries (as `api::report` stores it).
+fn stored_vote(e: &nodekeeper_proto::v1::Event) -> Option<Vote<'_>> {
+    if e.r#type != "DetectorVote" {
+        return None;
+    }
+    Some(Vote {
+        cluster: &e.cluster,
+        node: &e.node,
+        verdict: e.attributes.get("verdict")?,
+        producer: &e.origin.as_ref()?.producer,
+        holds: e.attributes.get("holds")? == "true",
+        message: &e.message,
+    })
+}
+
+/// The conditions of detector verdicts the store holds as true.
+pub async fn open_verdicts(store: &Store) -> Result<Vec<Key>, crate::store::StoreError> {
+    Ok(store
+        .list_conditions(Vec::new(), Vec::new())
+        .await?
+        .into_iter()
+        .filter_map(|c| {
+            let cond = c.condition?;
+            (VERDICTS.contains(&cond.r#type.as_str()) && cond.status() == ConditionStatus::True).then_some((
+                c.cluster,
+                c.node,
+                cond.r#type,
+            ))
+        })
+        .collect())
+}
+
+/// The leader's fold over every replica's votes (see the module's words), until `cancel`.
+pub async fn follow(store: Store, quorum: usize, cancel: tokio_util::sync::CancellationToken) {
+    let mut live = store.subscribe_live();
+    let folded = match open_verdicts(&store).await {
+        Ok(open) => Quorum::new(open),
+        Err(err) => {
+            tracing::error!(error = %err, "detector quorum: cannot read the stored verdicts; not folding votes");
+            return;
+        }
+    };
+    loop {
+        let batch = tokio::select! {
+            _ = cancel.cancelled() => return,
+            b = live.recv() => match b {
+                Ok(b) => b,
+                // Votes come again every probe round: a missed one is repeated.
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                    tracing::warn!(batches = n, "detector quorum: fell behind the live feed");
+                    continue;
+                }
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+            },
+        };
+        let conditions: Vec<NewEvent> =
+            batch.iter().filter_map(stored_vote).filter_map(|v| folded.vote(v, quorum)).collect();
+        if !conditions.is_empty()
+            && let Err(err) = store.append(conditions).await
+        {
+            tracing::error!(error = %err, "detector quorum: cannot record a verdict; it is decided again at the next vote");
+        }
     }
 }
 

@@ -18,7 +18,12 @@ pub struct Postgres {
     child: Option<Child>,
     /// The server dies with the thread that started it.
     tied: bool,
+    /// Settings of the server (`-c name=value`) besides the harness's own.
+    settings: Vec<String>,
 }
+
+/// The name a standby connects with, which a primary started by `start_primary` waits for.
+const STANDBY: &str = "standby1";
 
 /// The uid and gid to run PostgreSQL as: ours, unless we are root.
 fn owner() -> Option<(u32, u32)> {
@@ -81,6 +86,16 @@ fn remove_orphans() {
     }
 }
 
+/// A directory for a cluster, owned by the user the server runs as.
+fn new_dir() -> tempfile::TempDir {
+    let dir =
+        tempfile::Builder::new().prefix(&format!("nodekeeper-pg-{}-", std::process::id())).tempdir().expect("temp dir");
+    if let Some((uid, gid)) = owner() {
+        std::os::unix::fs::chown(dir.path(), Some(uid), Some(gid)).expect("chown the cluster's directory");
+    }
+    dir
+}
+
 fn command(name: &str) -> Command {
     let path = Path::new(BIN).join(name);
     assert!(path.exists(), "{} is missing: run scripts/install-test-deps.sh", path.display());
@@ -95,25 +110,69 @@ fn command(name: &str) -> Command {
 impl Postgres {
     /// A new cluster, running and accepting connections.
     pub async fn start() -> Postgres {
-        Self::start_with(false).await
+        Self::start_with(false, Vec::new()).await
+    }
+
+    /// A new cluster whose commits wait for a synchronous standby (`standby` makes one): with
+    /// `synchronous_commit = on`, a commit is acknowledged once the standby has flushed it.
+    pub async fn start_primary() -> Postgres {
+        Self::start_with(false, vec![format!("synchronous_standby_names={STANDBY}")]).await
+    }
+
+    /// A synchronous streaming standby of this cluster: `pg_basebackup` of it, replicating from
+    /// it, running on a port of its own.
+    pub async fn standby(&self) -> Postgres {
+        let dir = new_dir();
+        let data = dir.path().join("data");
+        let out = command("pg_basebackup")
+            .args(["-h", "127.0.0.1", "-p", &self.port.to_string(), "-U", "postgres", "-D"])
+            .arg(&data)
+            .args(["-R", "-X", "stream", "--no-sync"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn pg_basebackup")
+            .wait_with_output()
+            .expect("pg_basebackup");
+        assert!(out.status.success(), "pg_basebackup: {}", String::from_utf8_lossy(&out.stderr));
+        // Named, so that the primary's synchronous_standby_names waits for it.
+        let conninfo = format!(
+            "primary_conninfo = 'host=127.0.0.1 port={} user=postgres application_name={STANDBY}'\n",
+            self.port
+        );
+        let auto = data.join("postgresql.auto.conf");
+        let mut conf = std::fs::read_to_string(&auto).expect("postgresql.auto.conf");
+        conf.push_str(&conninfo);
+        std::fs::write(&auto, conf).expect("write postgresql.auto.conf");
+        let mut standby = Postgres { dir, port: free_port(), child: None, tied: false, settings: Vec::new() };
+        standby.spawn().await;
+        standby
+    }
+
+    /// Promotes a standby to primary (`pg_ctl promote`, waiting until it is done).
+    pub fn promote(&self) {
+        let out = command("pg_ctl")
+            .args(["promote", "-w", "-D"])
+            .arg(self.data())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn pg_ctl")
+            .wait_with_output()
+            .expect("pg_ctl");
+        assert!(out.status.success(), "pg_ctl promote: {}", String::from_utf8_lossy(&out.stderr));
     }
 
     /// A new cluster whose server dies with the thread that starts it.
     async fn start_tied() -> Postgres {
-        Self::start_with(true).await
+        Self::start_with(true, Vec::new()).await
     }
 
-    async fn start_with(tied: bool) -> Postgres {
+    async fn start_with(tied: bool, settings: Vec<String>) -> Postgres {
         if tied {
             remove_orphans();
         }
-        let dir = tempfile::Builder::new()
-            .prefix(&format!("nodekeeper-pg-{}-", std::process::id()))
-            .tempdir()
-            .expect("temp dir");
-        if let Some((uid, gid)) = owner() {
-            std::os::unix::fs::chown(dir.path(), Some(uid), Some(gid)).expect("chown the cluster's directory");
-        }
+        let dir = new_dir();
         let data = dir.path().join("data");
         let out = command("initdb")
             .args(["-D"])
@@ -126,7 +185,7 @@ impl Postgres {
             .wait_with_output()
             .expect("initdb");
         assert!(out.status.success(), "initdb: {}", String::from_utf8_lossy(&out.stderr));
-        let mut pg = Postgres { dir, port: free_port(), child: None, tied };
+        let mut pg = Postgres { dir, port: free_port(), child: None, tied, settings };
         pg.spawn().await;
         pg
     }
@@ -158,6 +217,7 @@ impl Postgres {
             .arg("-c")
             .arg(format!("unix_socket_directories={}", self.dir.path().display()))
             .args(["-c", "fsync=on", "-c", "synchronous_commit=on", "-c", "max_connections=200"])
+            .args(self.settings.iter().flat_map(|s| ["-c", s.as_str()]))
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -182,6 +242,11 @@ impl Postgres {
         tokio::spawn(conn);
         client.batch_execute(&format!("CREATE DATABASE \"{name}\"")).await.unwrap();
         self.url(name)
+    }
+
+    /// The postmaster's process id while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
     }
 
     /// The server's log so far (for failure messages).

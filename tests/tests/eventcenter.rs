@@ -400,11 +400,17 @@ async fn a_restarted_center_gives_every_node_a_fresh_grace() {
     let a2 = AgentConn::connect(&center.url(), with_interval(hello("c1", "n2", "b1"), 1000)).await.unwrap();
     let ch = center.channel().await;
     let c = ch.clone();
+    // n1 and n2 heartbeat until n3 is declared lost.
+    let (stop, mut stopped) = tokio::sync::watch::channel(false);
     let heartbeats = tokio::spawn(async move {
-        for _ in 0..6 {
+        let mut every = tokio::time::interval(Duration::from_millis(500));
+        while !*stopped.borrow_and_update() {
             a1.send(agent_message::Msg::Heartbeat(Heartbeat::default())).await;
             a2.send(agent_message::Msg::Heartbeat(Heartbeat::default())).await;
-            tokio::time::sleep(Duration::from_millis(500)).await;
+            tokio::select! {
+                _ = every.tick() => {}
+                _ = stopped.changed() => {}
+            }
         }
         (a1, a2)
     });
@@ -416,6 +422,7 @@ async fn a_restarted_center_gives_every_node_a_fresh_grace() {
     })
     .await;
     assert!(restarted.elapsed() >= Duration::from_millis(2900), "n3 lost {:?} after restart", restarted.elapsed());
+    stop.send_replace(true);
     let _agents = heartbeats.await.unwrap();
     for n in ["n1", "n2"] {
         assert!(lifecycle_events(ch.clone(), n, "NodeHeartbeatLost").await.is_empty(), "{n} must not be lost");

@@ -2,19 +2,22 @@
 //! test): permits decided atomically across replicas (two replicas racing for the last slot 1,000
 //! times never both grant it); a replica killed with `kill -9` mid-ingest loses nothing it
 //! acknowledged, its agents go on with the others and no node is declared lost, the nodes it
-//! watched alone are watched by another, and the work that runs once moves to another replica.
+//! watched alone are watched by another, and the work that runs once moves to another replica;
+//! 500 agent streams over three replicas, a subscriber on each: the same contiguous log on all; a
+//! primary with a synchronous standby killed and the standby promoted: the center goes on, nothing
+//! acknowledged lost; `migrate` of a SQLite center's history: every event, cursor, fault, consumer
+//! position and permit there; detector votes reaching different replicas fold into one verdict.
 
-use nodekeeper_proto::v1::{
-    AckConsumerRequest, Condition, ConditionStatus, ListConsumersRequest, ListFaultsRequest, ListNodesRequest,
-    SubscribeRequest, fleet_service_client::FleetServiceClient,
-};
-use nodekeeper_proto::v1::{
-    AcquirePermitRequest, Event, EventFilter, ListEventsRequest, ListPermitsRequest, Operation, ReleasePermitRequest,
-    event_service_client::EventServiceClient, permit_service_client::PermitServiceClient,
-};
 use std::time::Duration;
 
-use nodekeeper_proto::v1::{AgentMessage, ObservationBatch, agent_message, center_message};
+use nodekeeper_proto::v1::{
+    AckConsumerRequest, AcquirePermitRequest, AgentMessage, Condition, ConditionStatus, Event, EventFilter,
+    GetLogInfoRequest, ListConsumersRequest, ListEventsRequest, ListFaultsRequest, ListNodesRequest,
+    ListPermitsRequest, Observation, ObservationBatch, Operation, ReleasePermitRequest, Report, ReportRequest,
+    SubscribeRequest, agent_message, center_message, event_service_client::EventServiceClient,
+    fleet_service_client::FleetServiceClient, permit_service_client::PermitServiceClient,
+    report_service_client::ReportServiceClient, subscribe_response,
+};
 use nodekeeper_tests::postgres::Postgres;
 use nodekeeper_tests::{
     Agent, AgentConn, AgentSpec, EventCenter, free_port, hello, metric, observation, sequences, stored_events,
@@ -37,6 +40,53 @@ async fn replicas(pg: &Postgres, n: usize, config: &str) -> Vec<EventCenter> {
 fn replica_config(url: &str, config: &str) -> (String, u16) {
     let port = free_port();
     (format!("metrics_listen = \"127.0.0.1:{port}\"\n{config}\n[store]\npostgres_url = \"{url}\"\n"), port)
+}
+
+/// Sends one observation per batch to the center at `url` as node `node`, each waiting for its
+/// acknowledgement, until `until` are acknowledged or the stream breaks: the task's answer is the
+/// sequences acknowledged; the watch follows the last one.
+async fn spawn_ingest(
+    url: &str,
+    node: &str,
+    until: u64,
+) -> (tokio::task::JoinHandle<Vec<u64>>, tokio::sync::watch::Receiver<u64>) {
+    let direct = AgentConn::connect(url, hello("c1", node, "b1")).await.unwrap();
+    let (tx, mut rx) = direct.into_parts();
+    let (acked_tx, acked_rx) = tokio::sync::watch::channel(0u64);
+    let task = tokio::spawn(async move {
+        let mut acked = Vec::new();
+        for seq in 1..=until {
+            let batch = ObservationBatch { batch_id: seq, observations: vec![observation(seq)] };
+            let msg = AgentMessage { msg: Some(agent_message::Msg::Observations(batch)) };
+            if tx.send(msg).await.is_err() {
+                break;
+            }
+            let ack = loop {
+                match rx.message().await {
+                    Ok(Some(m)) => match m.msg {
+                        Some(center_message::Msg::Ack(a)) => break Some(a),
+                        _ => continue,
+                    },
+                    _ => break None,
+                }
+            };
+            let Some(ack) = ack else { break };
+            assert_eq!(ack.batch_id, seq);
+            acked.push(seq);
+            acked_tx.send_replace(seq);
+        }
+        acked
+    });
+    (task, acked_rx)
+}
+
+/// Checks that every acknowledged sequence of `node` is stored, none twice.
+async fn assert_stored(ch: Channel, node: &str, acked: &[u64]) {
+    let stored = sequences(&stored_events(ch, node, "TestEvent").await);
+    let stored_set: std::collections::BTreeSet<u64> = stored.iter().copied().collect();
+    assert_eq!(stored_set.len(), stored.len(), "stored twice");
+    let lost: Vec<u64> = acked.iter().filter(|s| !stored_set.contains(s)).copied().collect();
+    assert!(lost.is_empty(), "acknowledged and lost: {lost:?}");
 }
 
 /// Whether the replica whose metrics listen on `port` leads the work that runs once.
@@ -162,33 +212,7 @@ async fn a_replica_killed_mid_ingest_loses_nothing_and_no_node_is_declared_lost(
     let reader = others[0].channel().await;
 
     // Ingest straight into the victim, every batch acknowledged or not, until it dies.
-    let direct = AgentConn::connect(&victim.url(), hello("c1", "direct", "b1")).await.unwrap();
-    let (tx, mut rx) = direct.into_parts();
-    let (acked_tx, mut acked_rx) = tokio::sync::watch::channel(0u64);
-    let ingest = tokio::spawn(async move {
-        let mut acked = Vec::new();
-        for seq in 1u64.. {
-            let batch = ObservationBatch { batch_id: seq, observations: vec![observation(seq)] };
-            let msg = AgentMessage { msg: Some(agent_message::Msg::Observations(batch)) };
-            if tx.send(msg).await.is_err() {
-                break;
-            }
-            let ack = loop {
-                match rx.message().await {
-                    Ok(Some(m)) => match m.msg {
-                        Some(center_message::Msg::Ack(a)) => break Some(a),
-                        _ => continue,
-                    },
-                    _ => break None,
-                }
-            };
-            let Some(ack) = ack else { break };
-            assert_eq!(ack.batch_id, seq);
-            acked.push(seq);
-            acked_tx.send_replace(seq);
-        }
-        acked
-    });
+    let (ingest, mut acked_rx) = spawn_ingest(&victim.url(), "direct", u64::MAX).await;
     // The agents go on reporting while it dies; one of them dies with it.
     for a in &agents {
         a.emit(vec![observation(0), observation(0)]).await;
@@ -201,11 +225,7 @@ async fn a_replica_killed_mid_ingest_loses_nothing_and_no_node_is_declared_lost(
     assert!(acked.len() >= 200);
 
     // Nothing acknowledged lost, nothing stored twice.
-    let stored = sequences(&stored_events(reader.clone(), "direct", "TestEvent").await);
-    let stored_set: std::collections::BTreeSet<u64> = stored.iter().copied().collect();
-    assert_eq!(stored_set.len(), stored.len(), "stored twice");
-    let lost: Vec<u64> = acked.iter().filter(|s| !stored_set.contains(s)).copied().collect();
-    assert!(lost.is_empty(), "acknowledged by the killed replica and lost: {lost:?}");
+    assert_stored(reader.clone(), "direct", &acked).await;
 
     // The surviving agents go on with the other replicas, and what they report arrives.
     for (i, a) in agents.iter().enumerate() {
@@ -352,4 +372,165 @@ async fn migrate_copies_a_sqlite_history_with_its_cursors() {
     assert!(log.contains("not empty"), "{log}");
     let (code, log) = migrate(&sqlite.data_dir.display().to_string(), &url).await;
     assert_eq!(code, 2, "{log}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_center_goes_on_with_the_promoted_standby_and_loses_nothing_acknowledged() {
+    let mut primary = Postgres::start_primary().await;
+    let standby = primary.standby().await;
+    primary.create_database("nodekeeper").await;
+    let url = format!(
+        "postgres://postgres@127.0.0.1:{},127.0.0.1:{}/nodekeeper?target_session_attrs=read-write",
+        primary.port, standby.port
+    );
+    let center = EventCenter::start(&replica_config(&url, "").0).await;
+    const BATCHES: u64 = 300;
+    let (ingest, mut acked) = spawn_ingest(&center.url(), "n1", BATCHES).await;
+    acked.wait_for(|n| *n >= 100).await.unwrap();
+    // The primary dies mid-ingest; the standby is promoted. The center finds it through the URL's
+    // second host and goes on: the stream stays open, acknowledgements resume.
+    primary.kill9();
+    standby.promote();
+    let acked = ingest.await.unwrap();
+    assert_eq!(acked.len() as u64, BATCHES, "the stream went on across the failover");
+    assert_stored(center.channel().await, "n1", &acked).await;
+    // What the center acknowledged is on the promoted standby itself.
+    let (client, conn) = tokio_postgres::connect(&standby.url("nodekeeper"), tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(conn);
+    let stored: i64 = client
+        .query_one("SELECT COUNT(*) FROM events e JOIN origins o ON o.id = e.origin WHERE o.key LIKE 'a/c1/n1/%'", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(stored as u64, BATCHES);
+}
+
+/// Follows the whole log through one replica from its start until it has seen cursor `until`
+/// (sent once known): the cursors it delivered, in order.
+async fn follow_all(ch: Channel, until: tokio::sync::watch::Receiver<u64>) -> Vec<u64> {
+    let mut stream = EventServiceClient::new(ch)
+        .subscribe(SubscribeRequest { after_cursor: "0".into(), ..Default::default() })
+        .await
+        .expect("subscribe")
+        .into_inner();
+    let mut seen = Vec::new();
+    loop {
+        let target = *until.borrow();
+        if target > 0 && seen.last().is_some_and(|c| *c >= target) {
+            return seen;
+        }
+        let next = tokio::time::timeout(Duration::from_secs(60), stream.message()).await;
+        let m = next.expect("a subscriber waited 60 s for the next event").expect("subscription").expect("open");
+        if let Some(subscribe_response::Msg::Event(e)) = m.msg {
+            seen.push(e.cursor.parse().expect("cursor"));
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subscribers_on_every_replica_see_the_same_log_from_500_streams() {
+    let pg = Postgres::start().await;
+    let centers = replicas(&pg, 3, "").await;
+    let mut channels = Vec::new();
+    for c in &centers {
+        channels.push(c.channel().await);
+    }
+    // A subscriber on each replica, from the start of the log.
+    let (head_tx, head_rx) = tokio::sync::watch::channel(0u64);
+    let subscribers: Vec<_> = channels.iter().map(|ch| tokio::spawn(follow_all(ch.clone(), head_rx.clone()))).collect();
+    // 500 agent streams spread over the replicas, each sending 10 batches of 5 observations,
+    // every batch acknowledged.
+    const STREAMS: usize = 500;
+    let mut producers = tokio::task::JoinSet::new();
+    for i in 0..STREAMS {
+        let url = centers[i % centers.len()].url();
+        producers.spawn(async move {
+            let mut conn = AgentConn::connect(&url, hello("c1", &format!("n{i}"), "b1")).await.expect("connect");
+            for b in 0..10u64 {
+                let ack = conn.send_acked(b + 1, (b * 5 + 1..=b * 5 + 5).map(observation).collect()).await;
+                assert_eq!(ack.stored, 5);
+            }
+            conn
+        });
+    }
+    let mut conns = Vec::new();
+    while let Some(c) = producers.join_next().await {
+        conns.push(c.expect("a producer"));
+    }
+    let head: u64 = EventServiceClient::new(channels[0].clone())
+        .get_log_info(GetLogInfoRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .head_cursor
+        .parse()
+        .unwrap();
+    head_tx.send_replace(head);
+    let mut seen = Vec::new();
+    for s in subscribers {
+        seen.push(s.await.expect("a subscriber"));
+    }
+    // One sequence, contiguous from the first cursor, every event once, the same on every replica.
+    let expected: Vec<u64> = (1..=head).collect();
+    for (i, s) in seen.iter().enumerate() {
+        let upto: Vec<u64> = s.iter().copied().filter(|c| *c <= head).collect();
+        assert_eq!(upto.len() as u64, head, "replica {i}: a gap or a duplicate");
+        assert_eq!(upto, expected, "replica {i}: not the log in cursor order");
+    }
+    let stored = events_of_type(channels[1].clone(), "TestEvent").await;
+    assert_eq!(stored.len(), STREAMS * 50, "every acknowledged observation stored once");
+    drop(conns);
+}
+
+/// A detector's verdict about node n1, sent to the center at `ch`.
+async fn vote(ch: Channel, detector: &str, id: &str, holds: bool) {
+    let status = if holds { ConditionStatus::True } else { ConditionStatus::False };
+    let report = Report {
+        report_id: id.into(),
+        cluster: "c1".into(),
+        node: "n1".into(),
+        observation: Some(Observation {
+            r#type: "NodeUnreachable".into(),
+            message: format!("{detector}: no answer"),
+            condition: Some(Condition {
+                r#type: "NodeUnreachable".into(),
+                status: status as i32,
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+    };
+    ReportServiceClient::new(ch)
+        .report(ReportRequest { producer: detector.into(), reports: vec![report] })
+        .await
+        .expect("report");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn detector_votes_through_different_replicas_reach_the_quorum() {
+    let pg = Postgres::start().await;
+    let centers = replicas(&pg, 2, "[detectors]\nquorum = 2\n").await;
+    let (a, b) = (centers[0].channel().await, centers[1].channel().await);
+    drop(AgentConn::connect(&centers[0].url(), hello("c1", "n1", "b1")).await.unwrap());
+    let verdicts = |ch: Channel| async move {
+        events_of_type(ch, "NodeUnreachable")
+            .await
+            .into_iter()
+            .map(|e| e.condition.map(|c| c.status()))
+            .collect::<Vec<_>>()
+    };
+    // One detector on each replica: neither replica heard both, the quorum of two holds.
+    vote(a.clone(), "det-a", "a1", true).await;
+    vote(b.clone(), "det-b", "b1", true).await;
+    wait_for("the verdict recorded", Duration::from_secs(20), || async {
+        (verdicts(a.clone()).await == vec![Some(ConditionStatus::True)]).then_some(())
+    })
+    .await;
+    // Repeated views change nothing; one detector letting go clears it (below the quorum).
+    vote(b.clone(), "det-b", "b2", true).await;
+    vote(a.clone(), "det-a", "a2", false).await;
+    wait_for("the verdict cleared", Duration::from_secs(20), || async {
+        (verdicts(b.clone()).await == vec![Some(ConditionStatus::True), Some(ConditionStatus::False)]).then_some(())
+    })
+    .await;
 }

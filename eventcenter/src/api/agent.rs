@@ -52,6 +52,13 @@ impl Sessions {
     pub(crate) fn sender(&self, key: &NodeKey) -> Option<Tx> {
         self.open.lock().expect("sessions lock").get(key).map(|(_, tx)| tx.clone())
     }
+
+    /// Ends every open stream with `status`: the agents reconnect (elsewhere, given several
+    /// addresses) and resend what was not acknowledged.
+    pub fn close_all(&self, status: &Status) -> usize {
+        let open = self.open.lock().expect("sessions lock");
+        open.values().filter(|(_, tx)| tx.try_send(Err(status.clone())).is_ok()).count()
+    }
 }
 
 /// An action event the center records about a node (commands and their results).

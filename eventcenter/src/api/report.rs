@@ -68,6 +68,10 @@ impl report_service_server::ReportService for ReportApi {
             ));
         }
         let appended = self.0.store.append(events).await.map_err(store_status)?;
+        if self.0.store.shared() {
+            // Replicas: the leader folds every replica's votes (`quorum::follow`).
+            votes.clear();
+        }
         let quorum = self.0.config.detectors.quorum;
         let folded: Vec<NewEvent> = votes
             .into_iter()

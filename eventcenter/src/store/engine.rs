@@ -126,6 +126,12 @@ impl Store {
         both!(self, _s => Ok(None), p => p.census().await.map(Some))
     }
 
+    /// `Some(_)` while this replica holds its lease on the store (PostgreSQL); SQLite's one
+    /// center always does.
+    pub fn alive(&self) -> watch::Receiver<Option<u64>> {
+        both!(self, _s => watch::channel(Some(1)).1, p => p.alive())
+    }
+
     /// `Some(epoch)` while this replica leads the work that runs once; SQLite's one center
     /// always does.
     pub fn leading(&self) -> watch::Receiver<Option<u64>> {

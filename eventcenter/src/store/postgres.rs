@@ -99,6 +99,7 @@ pub struct PgStore {
     /// given up when the store closes.
     leases: std::sync::Mutex<Vec<lease::Lease>>,
     leading: watch::Receiver<Option<u64>>,
+    alive: watch::Receiver<Option<u64>>,
 }
 
 struct Job {
@@ -153,6 +154,7 @@ impl PgStore {
             lease::Lease::contend(readers.clone(), &format!("replica/{replica}"), &replica, Default::default())?;
         // Alive before it owns a node: otherwise another replica would take its nodes over.
         let mut held = alive.leading();
+        let alive_rx = held.clone();
         tokio::time::timeout(Duration::from_secs(30), held.wait_for(Option::is_some))
             .await
             .map_err(|_| StoreError::Postgres { message: "cannot take this replica's lease".into() })?
@@ -171,6 +173,7 @@ impl PgStore {
             disk: watch::channel(super::DiskState::default()).0,
             leases: std::sync::Mutex::new(vec![leader, alive]),
             leading,
+            alive: alive_rx,
         })
     }
 
@@ -268,6 +271,11 @@ impl PgStore {
             )
             .await
             .map_err(pg)
+    }
+
+    /// `Some(_)` while this replica holds its own lease (others take its nodes over when not).
+    pub fn alive(&self) -> watch::Receiver<Option<u64>> {
+        self.alive.clone()
     }
 
     /// `Some(epoch)` while this replica leads the work that runs once.
