@@ -462,15 +462,12 @@ impl PgStore {
         let pool = self.readers.clone();
         let take = tokio::spawn(async move {
             let client = pool.get().await.map_err(|e| StoreError::Postgres { message: e.to_string() })?;
-            let mut lock = AdvisoryLock { client: Some(client), key };
-            if let Some(c) = &lock.client {
-                if let Err(e) = c.execute("SELECT pg_advisory_lock($1)", &[&key]).await {
-                    // Not locked: nothing to unlock, and the connection may be broken.
-                    drop(lock.client.take().map(deadpool_postgres::Object::take));
-                    return Err(pg(e));
-                }
+            if let Err(e) = client.execute("SELECT pg_advisory_lock($1)", &[&key]).await {
+                // Not locked, and the connection may be broken: not returned to the pool.
+                drop(deadpool_postgres::Object::take(client));
+                return Err(pg(e));
             }
-            Ok(lock)
+            Ok(AdvisoryLock { client: Some(client), key })
         });
         take.await.map_err(|e| StoreError::Postgres { message: format!("taking a lock: {e}") })?
     }
