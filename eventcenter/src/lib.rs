@@ -270,6 +270,20 @@ async fn send_agents_away_when_cut_off(
             changed = alive.changed() => if changed.is_err() { return },
         }
         if alive.borrow_and_update().is_none() {
+            // It stops counting itself alive at its renew deadline; the others take its nodes
+            // over only once the lease has run out. A database failover shorter than that (the
+            // replica's commits wait and go on) keeps the streams.
+            let expiry = {
+                let lease = store::postgres::lease::LeaseConfig::default();
+                lease.lease_duration.saturating_sub(lease.renew_deadline)
+            };
+            let back = tokio::select! {
+                _ = cancel.cancelled() => return,
+                back = tokio::time::timeout(expiry, alive.wait_for(Option::is_some)) => back,
+            };
+            if matches!(back, Ok(Ok(_))) {
+                continue;
+            }
             let status =
                 tonic::Status::unavailable("this replica lost its lease on the database: reconnect to another");
             let ended = sessions.close_all(&status);

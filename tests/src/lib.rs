@@ -725,7 +725,14 @@ impl Drop for Agent {
 
 /// Every stored event of `node` with type `kind`, paging through the log.
 pub async fn stored_events(ch: Channel, node: &str, kind: &str) -> Vec<nodekeeper_proto::v1::Event> {
-    use nodekeeper_proto::v1::{EventFilter, ListEventsRequest, event_service_client::EventServiceClient};
+    let filter =
+        nodekeeper_proto::v1::EventFilter { nodes: vec![node.into()], types: vec![kind.into()], ..Default::default() };
+    events_where(ch, filter).await
+}
+
+/// Every stored event that `filter` lets through, oldest first, read page by page.
+pub async fn events_where(ch: Channel, filter: nodekeeper_proto::v1::EventFilter) -> Vec<nodekeeper_proto::v1::Event> {
+    use nodekeeper_proto::v1::{ListEventsRequest, event_service_client::EventServiceClient};
     let mut client = EventServiceClient::new(ch);
     let mut after = String::new();
     let mut out = Vec::new();
@@ -733,7 +740,7 @@ pub async fn stored_events(ch: Channel, node: &str, kind: &str) -> Vec<nodekeepe
         let r = client
             .list_events(ListEventsRequest {
                 after_cursor: after,
-                filter: Some(EventFilter { nodes: vec![node.into()], types: vec![kind.into()], ..Default::default() }),
+                filter: Some(filter.clone()),
                 limit: 10_000,
                 ..Default::default()
             })

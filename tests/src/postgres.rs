@@ -60,16 +60,12 @@ pub fn shared_database() -> Option<String> {
         rx.recv().expect("the shared PostgreSQL cluster")
     });
     let name = format!("center{}_{}", std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed));
-    let out = command("psql")
-        .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-U", "postgres", "-q", "-c"])
-        .arg(format!("CREATE DATABASE {name}"))
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn psql")
-        .wait_with_output()
-        .expect("psql");
-    assert!(out.status.success(), "psql: {}", String::from_utf8_lossy(&out.stderr));
+    run(
+        command("psql")
+            .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-U", "postgres", "-q", "-c"])
+            .arg(format!("CREATE DATABASE {name}")),
+        "psql",
+    );
     Some(format!("postgres://postgres@127.0.0.1:{port}/{name}"))
 }
 
@@ -94,6 +90,18 @@ fn new_dir() -> tempfile::TempDir {
         std::os::unix::fs::chown(dir.path(), Some(uid), Some(gid)).expect("chown the cluster's directory");
     }
     dir
+}
+
+/// Runs a PostgreSQL tool to its end; panics with its stderr (`what` named) if it fails.
+fn run(cmd: &mut Command, what: &str) {
+    let out = cmd
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("spawn {what}: {e}"))
+        .wait_with_output()
+        .unwrap_or_else(|e| panic!("{what}: {e}"));
+    assert!(out.status.success(), "{what}: {}", String::from_utf8_lossy(&out.stderr));
 }
 
 fn command(name: &str) -> Command {
@@ -124,17 +132,13 @@ impl Postgres {
     pub async fn standby(&self) -> Postgres {
         let dir = new_dir();
         let data = dir.path().join("data");
-        let out = command("pg_basebackup")
-            .args(["-h", "127.0.0.1", "-p", &self.port.to_string(), "-U", "postgres", "-D"])
-            .arg(&data)
-            .args(["-R", "-X", "stream", "--no-sync"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn pg_basebackup")
-            .wait_with_output()
-            .expect("pg_basebackup");
-        assert!(out.status.success(), "pg_basebackup: {}", String::from_utf8_lossy(&out.stderr));
+        run(
+            command("pg_basebackup")
+                .args(["-h", "127.0.0.1", "-p", &self.port.to_string(), "-U", "postgres", "-D"])
+                .arg(&data)
+                .args(["-R", "-X", "stream", "--no-sync"]),
+            "pg_basebackup",
+        );
         // Named, so that the primary's synchronous_standby_names waits for it.
         let conninfo = format!(
             "primary_conninfo = 'host=127.0.0.1 port={} user=postgres application_name={STANDBY}'\n",
@@ -151,16 +155,7 @@ impl Postgres {
 
     /// Promotes a standby to primary (`pg_ctl promote`, waiting until it is done).
     pub fn promote(&self) {
-        let out = command("pg_ctl")
-            .args(["promote", "-w", "-D"])
-            .arg(self.data())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn pg_ctl")
-            .wait_with_output()
-            .expect("pg_ctl");
-        assert!(out.status.success(), "pg_ctl promote: {}", String::from_utf8_lossy(&out.stderr));
+        run(command("pg_ctl").args(["promote", "-w", "-D"]).arg(self.data()), "pg_ctl promote");
     }
 
     /// A new cluster whose server dies with the thread that starts it.
@@ -174,17 +169,18 @@ impl Postgres {
         }
         let dir = new_dir();
         let data = dir.path().join("data");
-        let out = command("initdb")
-            .args(["-D"])
-            .arg(&data)
-            .args(["-U", "postgres", "--auth=trust", "-E", "UTF8", "--no-instructions", "--no-sync"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn initdb")
-            .wait_with_output()
-            .expect("initdb");
-        assert!(out.status.success(), "initdb: {}", String::from_utf8_lossy(&out.stderr));
+        run(
+            command("initdb").args(["-D"]).arg(&data).args([
+                "-U",
+                "postgres",
+                "--auth=trust",
+                "-E",
+                "UTF8",
+                "--no-instructions",
+                "--no-sync",
+            ]),
+            "initdb",
+        );
         let mut pg = Postgres { dir, port: free_port(), child: None, tied, settings };
         pg.spawn().await;
         pg

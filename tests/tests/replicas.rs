@@ -12,16 +12,15 @@ use std::time::Duration;
 
 use nodekeeper_proto::v1::{
     AckConsumerRequest, AcquirePermitRequest, AgentMessage, Condition, ConditionStatus, Event, EventFilter,
-    GetLogInfoRequest, ListConsumersRequest, ListEventsRequest, ListFaultsRequest, ListNodesRequest,
-    ListPermitsRequest, Observation, ObservationBatch, Operation, ReleasePermitRequest, Report, ReportRequest,
-    SubscribeRequest, agent_message, center_message, event_service_client::EventServiceClient,
-    fleet_service_client::FleetServiceClient, permit_service_client::PermitServiceClient,
-    report_service_client::ReportServiceClient, subscribe_response,
+    GetLogInfoRequest, ListConsumersRequest, ListFaultsRequest, ListNodesRequest, ListPermitsRequest, Observation,
+    ObservationBatch, Operation, ReleasePermitRequest, Report, ReportRequest, SubscribeRequest, agent_message,
+    center_message, event_service_client::EventServiceClient, fleet_service_client::FleetServiceClient,
+    permit_service_client::PermitServiceClient, report_service_client::ReportServiceClient, subscribe_response,
 };
 use nodekeeper_tests::postgres::Postgres;
 use nodekeeper_tests::{
-    Agent, AgentConn, AgentSpec, EventCenter, free_port, hello, metric, observation, sequences, stored_events,
-    try_http_get, wait_for,
+    Agent, AgentConn, AgentSpec, EventCenter, events_where, free_port, hello, metric, observation, sequences,
+    stored_events, try_http_get, wait_for,
 };
 use tonic::transport::Channel;
 
@@ -97,28 +96,8 @@ async fn leads(port: u16) -> bool {
 
 /// Every stored event of type `kind` (every event: "").
 async fn events_of_type(ch: Channel, kind: &str) -> Vec<Event> {
-    let mut client = EventServiceClient::new(ch);
-    let (mut after, mut out) = (String::new(), Vec::new());
-    loop {
-        let r = client
-            .list_events(ListEventsRequest {
-                after_cursor: after,
-                filter: Some(EventFilter {
-                    types: if kind.is_empty() { Vec::new() } else { vec![kind.into()] },
-                    ..Default::default()
-                }),
-                limit: 10_000,
-                ..Default::default()
-            })
-            .await
-            .expect("list events")
-            .into_inner();
-        out.extend(r.events);
-        if r.next_cursor == r.head_cursor {
-            return out;
-        }
-        after = r.next_cursor;
-    }
+    let types = if kind.is_empty() { Vec::new() } else { vec![kind.into()] };
+    events_where(ch, EventFilter { types, ..Default::default() }).await
 }
 
 async fn acquire(ch: Channel, node: String) -> Option<String> {
