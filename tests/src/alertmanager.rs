@@ -21,22 +21,31 @@ impl Alertmanager {
         std::fs::write(&config, "route:\n  receiver: nowhere\nreceivers:\n  - name: nowhere\n").expect("write config");
         let port = crate::free_port();
         nodekeeper_common::tls::install_default_provider();
+        let log = dir.path().join("alertmanager.log");
         let child = Command::new("prometheus-alertmanager")
             .arg(format!("--config.file={}", config.display()))
             .arg(format!("--storage.path={}", dir.path().join("data").display()))
             .arg(format!("--web.listen-address=127.0.0.1:{port}"))
             .arg("--cluster.listen-address=")
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(std::fs::File::create(&log).expect("create the Alertmanager log"))
             .spawn()
             .expect("prometheus-alertmanager (scripts/install-test-deps.sh installs it)");
-        let am =
+        let mut am =
             Alertmanager { url: format!("http://127.0.0.1:{port}"), child, http: reqwest::Client::new(), _dir: dir };
         let ready = format!("{}/-/ready", am.url);
-        crate::wait_for("Alertmanager ready", Duration::from_secs(30), || async {
-            am.http.get(&ready).send().await.ok().filter(|r| r.status().is_success()).map(|_| ())
-        })
-        .await;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            if am.http.get(&ready).send().await.is_ok_and(|r| r.status().is_success()) {
+                break;
+            }
+            let exited = am.child.try_wait().expect("try_wait");
+            if exited.is_some() || tokio::time::Instant::now() > deadline {
+                let output = std::fs::read_to_string(&log).unwrap_or_default();
+                panic!("Alertmanager not ready (exit: {exited:?}); its log:\n{output}");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
         am
     }
 
