@@ -40,6 +40,17 @@ use nodekeeper_tests::{AgentConn, EventCenter, free_port, hello, wait_for};
 use tokio::sync::Mutex;
 
 const PAYLOAD: usize = 256;
+
+/// PostgreSQL as a write-heavy deployment runs it (durability untouched: `fsync` and
+/// `synchronous_commit` stay on): buffers and WAL sized so that a checkpoint (and the full-page
+/// images after it) does not fall inside a 10-second phase, WAL compressed.
+const PG_SETTINGS: &[&str] = &[
+    "shared_buffers=1GB",
+    "wal_buffers=64MB",
+    "max_wal_size=8GB",
+    "checkpoint_timeout=30min",
+    "wal_compression=lz4",
+];
 const BATCH: u64 = 50;
 const WINDOW: usize = 4;
 
@@ -134,7 +145,7 @@ impl Centers {
         if replicas == 0 {
             return Centers { centers: vec![EventCenter::start("").await], pg: None };
         }
-        let pg = Postgres::start().await;
+        let pg = Postgres::start_configured(PG_SETTINGS).await;
         let url = pg.create_database("bench").await;
         let mut centers = Vec::new();
         for _ in 0..replicas {

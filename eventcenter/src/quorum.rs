@@ -8,9 +8,9 @@
 //!
 //! Replicas on one store: detectors report to whichever replica they hold, so no replica hears
 //! every vote itself. There the vote events are only stored, and the leader folds them ([`follow`]):
-//! it reads every replica's commits from the live feed, counts the `DetectorVote`s, and records
-//! the conditions. A new leader starts from the stored conditions and has every detector's view
-//! again within a probe round.
+//! as the head moves it reads the `DetectorVote` events committed since (by any replica; the store
+//! marks them, so this reads votes only, not the log), and records the conditions. A new leader
+//! starts from the stored conditions and has every detector's view again within a probe round.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
@@ -122,7 +122,7 @@ impl Quorum {
 
 /// The vote a stored `DetectorVote` event carries (as `api::report` stores it).
 fn stored_vote(e: &nodekeeper_proto::v1::Event) -> Option<Vote<'_>> {
-    if e.r#type != "DetectorVote" {
+    if e.r#type != crate::store::DETECTOR_VOTE {
         return None;
     }
     Some(Vote {
@@ -154,7 +154,11 @@ pub async fn open_verdicts(store: &Store) -> Result<Vec<Key>, crate::store::Stor
 
 /// The leader's fold over every replica's votes (see the module's words), until `cancel`.
 pub async fn follow(store: Store, quorum: usize, cancel: tokio_util::sync::CancellationToken) {
-    let mut live = store.subscribe_live();
+    const PAGE: usize = 1000;
+    let mut head = store.watch_head();
+    // Votes committed before this leader started were folded by the one before (and come again
+    // within a probe round).
+    let mut pos = *head.borrow_and_update();
     let folded = match open_verdicts(&store).await {
         Ok(open) => Quorum::new(open),
         Err(err) => {
@@ -163,24 +167,35 @@ pub async fn follow(store: Store, quorum: usize, cancel: tokio_util::sync::Cance
         }
     };
     loop {
-        let batch = tokio::select! {
+        tokio::select! {
             _ = cancel.cancelled() => return,
-            b = live.recv() => match b {
-                Ok(b) => b,
-                // Votes come again every probe round: a missed one is repeated.
-                Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
-                    tracing::warn!(batches = n, "detector quorum: fell behind the live feed");
-                    continue;
+            changed = head.changed() => if changed.is_err() { return },
+        }
+        let upto = *head.borrow_and_update();
+        while pos < upto {
+            let votes = match store.votes(pos, upto, PAGE).await {
+                Ok(votes) => votes,
+                Err(err) => {
+                    tracing::warn!(error = %err, "detector quorum: cannot read the votes; trying again");
+                    break;
                 }
-                Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
-            },
-        };
-        let conditions: Vec<NewEvent> =
-            batch.iter().filter_map(stored_vote).filter_map(|v| folded.vote(v, quorum)).collect();
-        if !conditions.is_empty()
-            && let Err(err) = store.append(conditions).await
-        {
-            tracing::error!(error = %err, "detector quorum: cannot record a verdict; it is decided again at the next vote");
+            };
+            pos = match votes.last() {
+                Some(last) if votes.len() == PAGE => last.cursor.parse().unwrap_or(upto),
+                _ => upto,
+            };
+            let conditions: Vec<NewEvent> =
+                votes.iter().filter_map(stored_vote).filter_map(|v| folded.vote(v, quorum)).collect();
+            if !conditions.is_empty()
+                && let Err(err) = store.append(conditions).await
+            {
+                tracing::error!(error = %err, "detector quorum: cannot record a verdict; it is decided again at the next vote");
+            }
+        }
+        // Reads at most ten times a second however often replicas commit; a vote waits that long.
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tokio::time::sleep(std::time::Duration::from_millis(100)) => {}
         }
     }
 }

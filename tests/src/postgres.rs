@@ -121,6 +121,11 @@ impl Postgres {
         Self::start_with(false, Vec::new()).await
     }
 
+    /// A new cluster started with these server settings (`name=value`) besides the harness's.
+    pub async fn start_configured(settings: &[&str]) -> Postgres {
+        Self::start_with(false, settings.iter().map(|s| (*s).to_owned()).collect()).await
+    }
+
     /// A new cluster whose commits wait for a synchronous standby (`standby` makes one): with
     /// `synchronous_commit = on`, a commit is acknowledged once the standby has flushed it.
     pub async fn start_primary() -> Postgres {

@@ -53,7 +53,7 @@ impl report_service_server::ReportService for ReportApi {
                 votes.push((r.cluster.clone(), r.node.clone(), c.r#type.clone(), holds, o.message.clone()));
                 o.attributes.insert("verdict".into(), c.r#type.clone());
                 o.attributes.insert("holds".into(), holds.to_string());
-                o.r#type = "DetectorVote".into();
+                o.r#type = crate::store::DETECTOR_VOTE.into();
             }
             let origin = Origin {
                 producer: req.producer.clone(),

@@ -76,6 +76,17 @@ impl Store {
         both!(self, s => s.floor(), p => p.floor_now())
     }
 
+    /// Follows the newest committed cursor (PostgreSQL: every replica's commits).
+    pub fn watch_head(&self) -> watch::Receiver<u64> {
+        both!(self, s => s.watch_head(), p => p.watch_head())
+    }
+
+    /// The detector votes in `after..=upto` (PostgreSQL, where the leader folds every replica's
+    /// votes; SQLite's one center folds them as they are reported, and answers none).
+    pub async fn votes(&self, after: u64, upto: u64, limit: usize) -> Result<Vec<Event>> {
+        both!(self, _s => Ok(Vec::new()), p => p.votes(after, upto, limit).await)
+    }
+
     pub fn subscribe_live(&self) -> broadcast::Receiver<LiveBatch> {
         both!(self, s => s.subscribe_live(), p => p.subscribe_live())
     }

@@ -134,6 +134,9 @@ pub fn agent_origin(cluster: &str, node: &str, boot_id: &str) -> OriginKey {
     format!("a/{cluster}/{node}/{boot_id}").into()
 }
 
+/// The type of the events that carry one detector's view of a node (see `crate::quorum`).
+pub const DETECTOR_VOTE: &str = "DetectorVote";
+
 /// The key under which a node is interned in `origins`, for the events' node index.
 pub(crate) fn node_origin(cluster: &str, node: &str) -> String {
     format!("n/{cluster}/{node}")
@@ -384,6 +387,11 @@ impl Sqlite {
     /// The newest committed cursor.
     pub fn head(&self) -> u64 {
         *self.inner.head.borrow()
+    }
+
+    /// Follows the newest committed cursor.
+    pub fn watch_head(&self) -> watch::Receiver<u64> {
+        self.inner.head.clone()
     }
 
     /// The highest cursor removed by retention; resuming after an older cursor is impossible.

@@ -1,8 +1,7 @@
 //! The event center's store on PostgreSQL (`[store] postgres_url`), for several center replicas
-//! on one database (issue 19 in progress: the store keeps its promises across replicas; the
-//! center's own coordination across them does not exist yet, so one center per database). The
-//! log, the folding of conditions into faults, a node's life, the state beside the log and its
-//! reads, durable consumers, retention, a live feed and leases.
+//! on one database: the log, the folding of conditions into faults, a node's life and who watches
+//! it, the state beside the log and its reads, durable consumers, retention, a live feed, leases
+//! (each replica's own and the leader's) and the permits' lock.
 //!
 //! Cursors stay contiguous and in commit order across replicas: every append transaction first
 //! locks the `log_head` row, gives its new events the cursors after the head, and commits with the
@@ -46,6 +45,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("postgres/0004_nodes.sql"),
     include_str!("postgres/0005_state.sql"),
     include_str!("postgres/0006_owners.sql"),
+    include_str!("postgres/0007_votes.sql"),
 ];
 
 /// Commits notify this channel with the new head.
@@ -425,6 +425,20 @@ impl PgStore {
     /// Follows the head.
     pub fn watch_head(&self) -> watch::Receiver<u64> {
         self.head.clone()
+    }
+
+    /// The detector votes with a cursor in `after..=upto`, in cursor order, at most `limit`.
+    pub async fn votes(&self, after: u64, upto: u64, limit: usize) -> Result<Vec<nodekeeper_proto::v1::Event>> {
+        let rows = self
+            .reader()
+            .await?
+            .query(
+                "SELECT cursor, body FROM events WHERE vote AND cursor > $1 AND cursor <= $2 ORDER BY cursor LIMIT $3",
+                &[&(after as i64), &(upto as i64), &(limit as i64)],
+            )
+            .await
+            .map_err(pg)?;
+        rows.iter().map(read::event_of).collect()
     }
 }
 

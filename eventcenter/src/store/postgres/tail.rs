@@ -1,7 +1,8 @@
 //! A replica's live feed: every event any replica commits, in cursor order. One task per replica
 //! follows the head (its own commits and the others' notifications) and reads what is new from the
 //! table, so subscribers on any replica see every event soon after its commit; a subscriber that
-//! lags or sees a gap goes back to the table (`crate::subscribe`), as on SQLite.
+//! lags or sees a gap goes back to the table (`crate::subscribe`), as on SQLite. While nobody on
+//! the replica follows the feed it reads nothing (with many replicas, most have no subscriber).
 
 use std::sync::Arc;
 
@@ -22,6 +23,12 @@ pub(super) async fn follow(
     let mut pos = from;
     loop {
         while pos < *head.borrow() {
+            // Nobody follows: nothing to read. Whoever subscribes later reads the table up to
+            // where the feed then is (a gap sends a subscriber back to the table anyway).
+            if live.receiver_count() == 0 {
+                pos = *head.borrow();
+                break;
+            }
             match super::read::read_after(&pool, pos, PAGE).await {
                 Ok(page) if !page.is_empty() => {
                     pos = page.last().and_then(|e| e.cursor.parse().ok()).unwrap_or(pos);

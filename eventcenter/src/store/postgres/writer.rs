@@ -10,7 +10,7 @@ use std::time::{Duration, Instant, SystemTime};
 use nodekeeper_common::time::to_unix_ms;
 use nodekeeper_proto::v1::{Event, Fault, NodeCondition};
 use tokio::sync::{mpsc, watch};
-use tokio_postgres::{Client, Config, Transaction};
+use tokio_postgres::{Client, Config, Statement, Transaction};
 
 mod nodes;
 mod state;
@@ -30,6 +30,7 @@ pub(super) async fn write(
     options: PgOptions,
     center: Center,
 ) {
+    let mut statements = Statements::prepare(&client).await;
     while let Some(first) = jobs.recv().await {
         let mut group = vec![first];
         let mut rows = group[0].op.rows();
@@ -43,8 +44,15 @@ pub(super) async fn write(
             }
         }
         let started = Instant::now();
+        if statements.is_err() {
+            statements = Statements::prepare(&client).await;
+        }
         let outcome = loop {
-            match commit_group(&mut client, &group, &center).await {
+            let attempt = match &statements {
+                Ok(prepared) => commit_group(&mut client, prepared, &group, &center).await,
+                Err(e) => Err(Failed(e.clone())),
+            };
+            match attempt {
                 Ok(done) => break Ok(done),
                 Err(Conflict) => {
                     tracing::debug!("an identity of the group was stored by another replica meanwhile; trying again");
@@ -54,6 +62,7 @@ pub(super) async fn write(
                     tokio::time::sleep(Duration::from_millis(200)).await;
                     if let Ok(c) = connect(&config).await {
                         client = c;
+                        statements = Statements::prepare(&client).await;
                     }
                 }
                 Err(Failed(e)) => break Err(e),
@@ -87,6 +96,57 @@ use GroupError::{Conflict, Failed};
 impl From<StoreError> for GroupError {
     fn from(e: StoreError) -> Self {
         Failed(e)
+    }
+}
+
+/// The statements of every group, prepared once per connection: a statement given as text is
+/// parsed in a round trip of its own before it runs, and the head's lock is held across several.
+pub(super) struct Statements {
+    intern: Statement,
+    stored: Statement,
+    lock_head: Statement,
+    insert: Statement,
+    move_head: Statement,
+}
+
+impl Statements {
+    async fn prepare(client: &Client) -> Result<Statements, StoreError> {
+        Ok(Statements {
+            intern: client
+                .prepare(
+                    "INSERT INTO origins (key) SELECT unnest($1::text[])
+                     ON CONFLICT (key) DO UPDATE SET key = excluded.key
+                     RETURNING key, id",
+                )
+                .await
+                .map_err(pg)?,
+            stored: client
+                .prepare(
+                    "SELECT e.origin, e.origin_seq, e.cursor FROM events e
+                     JOIN unnest($1::bigint[], $2::bigint[]) AS i (origin, seq)
+                       ON e.origin = i.origin AND e.origin_seq = i.seq",
+                )
+                .await
+                .map_err(pg)?,
+            lock_head: client.prepare("SELECT head, received_ms FROM log_head FOR UPDATE").await.map_err(pg)?,
+            insert: client
+                .prepare(
+                    "INSERT INTO events (cursor, origin, origin_seq, received_ms, node_ref, body, fault_id, vote)
+                     SELECT cursor, origin, seq, $4, node_ref, body, fault_id, vote
+                     FROM unnest($1::bigint[], $2::bigint[], $3::bigint[], $5::bigint[], $6::bytea[], $7::bigint[],
+                                 $8::boolean[])
+                          AS i (cursor, origin, seq, node_ref, body, fault_id, vote)",
+                )
+                .await
+                .map_err(pg)?,
+            move_head: client
+                .prepare(
+                    "WITH moved AS (UPDATE log_head SET head = $1, received_ms = $3 RETURNING head)
+                     SELECT pg_notify($2, head::text) FROM moved",
+                )
+                .await
+                .map_err(pg)?,
+        })
     }
 }
 
@@ -145,11 +205,14 @@ struct Rows<'a> {
     node: Vec<Option<i64>>,
     body: Vec<Cow<'a, [u8]>>,
     fault: Vec<Option<i64>>,
+    /// `Some(true)` for a detector's vote.
+    vote: Vec<Option<bool>>,
 }
 
 /// A group's transaction once it holds the head: the next cursor and the rows not yet inserted.
 struct Log<'t, 'a> {
     tx: &'t Transaction<'t>,
+    statements: &'t Statements,
     next: i64,
     received_ms: i64,
     rows: Rows<'a>,
@@ -168,7 +231,7 @@ impl<'a> Log<'_, 'a> {
         if missing.is_empty() {
             return Ok(());
         }
-        self.ids.extend(intern(self.tx, &missing).await?);
+        self.ids.extend(intern(self.tx, self.statements, &missing).await?);
         Ok(())
     }
 
@@ -199,6 +262,7 @@ impl<'a> Log<'_, 'a> {
         r.node.push(node);
         r.body.push(body);
         r.fault.push(fault);
+        r.vote.push((event.r#type == crate::store::DETECTOR_VOTE).then_some(true));
         Ok(self.next)
     }
 
@@ -269,11 +333,8 @@ impl<'a> Log<'_, 'a> {
         let inserted = self
             .tx
             .execute(
-                "INSERT INTO events (cursor, origin, origin_seq, received_ms, node_ref, body, fault_id)
-                 SELECT cursor, origin, seq, $4, node_ref, body, fault_id
-                 FROM unnest($1::bigint[], $2::bigint[], $3::bigint[], $5::bigint[], $6::bytea[], $7::bigint[])
-                      AS i (cursor, origin, seq, node_ref, body, fault_id)",
-                &[&rows.cursor, &rows.origin, &rows.seq, &self.received_ms, &rows.node, &body, &rows.fault],
+                &self.statements.insert,
+                &[&rows.cursor, &rows.origin, &rows.seq, &self.received_ms, &rows.node, &body, &rows.fault, &rows.vote],
             )
             .await;
         match inserted {
@@ -285,21 +346,19 @@ impl<'a> Log<'_, 'a> {
 }
 
 /// The ids of `keys` in `origins`, added where new.
-async fn intern(tx: &Transaction<'_>, keys: &[String]) -> Result<HashMap<String, i64>, StoreError> {
-    let rows = tx
-        .query(
-            "INSERT INTO origins (key) SELECT unnest($1::text[]) ON CONFLICT (key) DO UPDATE SET key = excluded.key
-             RETURNING key, id",
-            &[&keys],
-        )
-        .await
-        .map_err(pg)?;
+async fn intern(
+    tx: &Transaction<'_>,
+    statements: &Statements,
+    keys: &[String],
+) -> Result<HashMap<String, i64>, StoreError> {
+    let rows = tx.query(&statements.intern, &[&keys]).await.map_err(pg)?;
     Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
 }
 
 /// One group in one transaction: the answers per job, and the head after it.
 async fn commit_group(
     client: &mut Client,
+    statements: &Statements,
     group: &[Job],
     center: &Center,
 ) -> std::result::Result<(Vec<Done>, u64), GroupError> {
@@ -325,27 +384,20 @@ async fn commit_group(
     }
     keys.sort();
     keys.dedup();
-    let ids = intern(&tx, &keys).await?;
+    let ids = intern(&tx, statements, &keys).await?;
     let (origins, seqs): (Vec<i64>, Vec<i64>) = identities.iter().map(|(o, s)| (ids[o], *s)).unzip();
     // What is stored already (why this lookup, before the lock, misses nothing: below).
-    let stored = tx
-        .query(
-            "SELECT e.origin, e.origin_seq, e.cursor FROM events e
-             JOIN unnest($1::bigint[], $2::bigint[]) AS i (origin, seq) ON e.origin = i.origin AND e.origin_seq = i.seq",
-            &[&origins, &seqs],
-        )
-        .await
-        .map_err(pg)?;
+    let stored = tx.query(&statements.stored, &[&origins, &seqs]).await.map_err(pg)?;
     let mut cursors: HashMap<(i64, i64), i64> = stored.iter().map(|r| ((r.get(0), r.get(1)), r.get(2))).collect();
 
     // From here to the commit, every other append waits: as few round trips as can be. The
     // lookup above cannot miss an identity another replica is storing: interning locked the
     // origin's row (ON CONFLICT DO UPDATE) until that replica's commit, so the lookup ran after
     // it. Should that ever change, the unique index fails the insert and the group is tried again.
-    let locked = tx.query_one("SELECT head, received_ms FROM log_head FOR UPDATE", &[]).await.map_err(pg)?;
+    let locked = tx.query_one(&statements.lock_head, &[]).await.map_err(pg)?;
     let (head, last_received_ms): (i64, i64) = (locked.get(0), locked.get(1));
     let received_ms = to_unix_ms(SystemTime::now()).max(last_received_ms);
-    let mut log = Log { tx: &tx, next: head, received_ms, rows: Rows::default(), ids, center };
+    let mut log = Log { tx: &tx, statements, next: head, received_ms, rows: Rows::default(), ids, center };
     let mut answers = Vec::with_capacity(group.len());
     let mut at = 0;
     for job in group {
@@ -390,17 +442,19 @@ async fn commit_group(
         };
         answers.push(done);
     }
-    log.flush().await?;
+    // The last rows and the head's move in one round trip (tokio-postgres pipelines concurrent
+    // statements of a connection, in the order they are issued): the lock is held for less.
     let next = log.next;
-    if next > head {
-        tx.execute(
-            "WITH moved AS (UPDATE log_head SET head = $1, received_ms = $3 RETURNING head)
-             SELECT pg_notify($2, head::text) FROM moved",
-            &[&next, &CHANNEL, &received_ms],
-        )
-        .await
-        .map_err(pg)?;
-    }
+    let moved = async {
+        if next > head {
+            tx.execute(&statements.move_head, &[&next, &CHANNEL, &received_ms]).await.map_err(pg)?;
+        }
+        Ok::<_, StoreError>(())
+    };
+    let (flushed, moved) = tokio::join!(log.flush(), moved);
+    // The insert's error first: after it the head's update only says the transaction failed.
+    flushed?;
+    moved?;
     tx.commit().await.map_err(pg)?;
     Ok((answers, next as u64))
 }
