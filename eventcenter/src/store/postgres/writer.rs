@@ -10,6 +10,8 @@ use std::time::{Duration, Instant, SystemTime};
 use nodekeeper_common::time::to_unix_ms;
 use nodekeeper_proto::v1::{Event, Fault, NodeCondition};
 use tokio::sync::{mpsc, watch};
+use tokio_postgres::binary_copy::BinaryCopyInWriter;
+use tokio_postgres::types::{ToSql, Type};
 use tokio_postgres::{Client, Config, Statement, Transaction};
 
 mod nodes;
@@ -99,13 +101,17 @@ impl From<StoreError> for GroupError {
     }
 }
 
+/// The columns of `Statements::copy_events`, in its order.
+const EVENT_COLUMNS: [Type; 8] =
+    [Type::INT8, Type::INT8, Type::INT8, Type::INT8, Type::INT8, Type::BYTEA, Type::INT8, Type::BOOL];
+
 /// The statements of every group, prepared once per connection: a statement given as text is
 /// parsed in a round trip of its own before it runs, and the head's lock is held across several.
 pub(super) struct Statements {
     intern: Statement,
     stored: Statement,
     lock_head: Statement,
-    insert: Statement,
+    copy_events: Statement,
     move_head: Statement,
 }
 
@@ -129,13 +135,10 @@ impl Statements {
                 .await
                 .map_err(pg)?,
             lock_head: client.prepare("SELECT head, received_ms FROM log_head FOR UPDATE").await.map_err(pg)?,
-            insert: client
+            copy_events: client
                 .prepare(
-                    "INSERT INTO events (cursor, origin, origin_seq, received_ms, node_ref, body, fault_id, vote)
-                     SELECT cursor, origin, seq, $4, node_ref, body, fault_id, vote
-                     FROM unnest($1::bigint[], $2::bigint[], $3::bigint[], $5::bigint[], $6::bytea[], $7::bigint[],
-                                 $8::boolean[])
-                          AS i (cursor, origin, seq, node_ref, body, fault_id, vote)",
+                    "COPY events (cursor, origin, origin_seq, received_ms, node_ref, body, fault_id, vote)
+                     FROM STDIN BINARY",
                 )
                 .await
                 .map_err(pg)?,
@@ -329,15 +332,29 @@ impl<'a> Log<'_, 'a> {
             return Ok(());
         }
         let rows = std::mem::take(&mut self.rows);
-        let body: Vec<&[u8]> = rows.body.iter().map(|b| b.as_ref()).collect();
-        let inserted = self
-            .tx
-            .execute(
-                &self.statements.insert,
-                &[&rows.cursor, &rows.origin, &rows.seq, &self.received_ms, &rows.node, &body, &rows.fault, &rows.vote],
-            )
-            .await;
-        match inserted {
+        // COPY: rows streamed in PostgreSQL's binary format, no statement planned per group and
+        // no arrays unpacked on the server.
+        let copied = async {
+            let sink = self.tx.copy_in(&self.statements.copy_events).await?;
+            let writer = BinaryCopyInWriter::new(sink, &EVENT_COLUMNS);
+            let mut writer = std::pin::pin!(writer);
+            for (i, body) in rows.body.iter().enumerate() {
+                let body: &[u8] = body;
+                let row: [&(dyn ToSql + Sync); 8] = [
+                    &rows.cursor[i],
+                    &rows.origin[i],
+                    &rows.seq[i],
+                    &self.received_ms,
+                    &rows.node[i],
+                    &body,
+                    &rows.fault[i],
+                    &rows.vote[i],
+                ];
+                writer.as_mut().write(&row).await?;
+            }
+            writer.finish().await
+        };
+        match copied.await {
             Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::UNIQUE_VIOLATION) => Err(Conflict),
             Err(e) => Err(Failed(pg(e))),
             Ok(_) => Ok(()),
