@@ -136,7 +136,8 @@ impl PgStore {
         let (queue, jobs) = mpsc::channel(1024);
         let center =
             Center { origin: format!("c/{:016x}", rand::random::<u64>()).into(), seq: Arc::new(AtomicU64::new(1)) };
-        tokio::spawn(writer::write(config.clone(), client, jobs, head_tx, options, center.clone()));
+        let metrics = super::StoreMetrics::default();
+        tokio::spawn(writer::write(config.clone(), client, jobs, head_tx, options, center.clone(), metrics.clone()));
         let manager = deadpool_postgres::Manager::from_config(
             config,
             NoTls,
@@ -169,7 +170,7 @@ impl PgStore {
             center,
             live,
             floor: Arc::new(AtomicU64::new(floor as u64)),
-            metrics: Default::default(),
+            metrics,
             disk: watch::channel(super::DiskState::default()).0,
             leases: std::sync::Mutex::new(vec![leader, alive]),
             leading,
