@@ -121,8 +121,13 @@ impl PgStore {
     /// Connects, refuses a server that would acknowledge what it has not made durable, applies
     /// the migrations not yet applied, and starts this replica's writer and listener.
     pub async fn open(url: &str, options: PgOptions) -> Result<PgStore> {
-        let config: Config =
+        let mut config: Config =
             url.parse().map_err(|e| StoreError::Postgres { message: format!("connection URL: {e}") })?;
+        // Prepared statements planned at each run: a plan cached while the log was small (a new
+        // deployment) would scan the whole table for the identities' lookup once it is large
+        // (measured: the database's CPU doubled at 20,000 events/s).
+        let session = format!("{} -c plan_cache_mode=force_custom_plan", config.get_options().unwrap_or_default());
+        config.options(session.trim_start());
         let mut client = connect(&config).await?;
         let sync: String = client.query_one("SHOW synchronous_commit", &[]).await.map_err(pg)?.get(0);
         if matches!(sync.as_str(), "off" | "local") {

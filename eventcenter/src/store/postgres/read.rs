@@ -139,12 +139,11 @@ pub(super) fn decode<M: prost::Message + Default>(table: &'static str, body: &[u
 /// Up to `limit` events after `after`, in cursor order.
 pub(super) async fn read_after(pool: &deadpool_postgres::Pool, after: u64, limit: usize) -> Result<Vec<Event>> {
     let reader = pool.get().await.map_err(|e| StoreError::Postgres { message: e.to_string() })?;
-    let rows = reader
-        .query(
-            "SELECT cursor, body FROM events WHERE cursor > $1 ORDER BY cursor LIMIT $2",
-            &[&(after as i64), &(limit as i64)],
-        )
+    // Prepared once per connection: the live feed and subscribers read often.
+    let statement = reader
+        .prepare_cached("SELECT cursor, body FROM events WHERE cursor > $1 ORDER BY cursor LIMIT $2")
         .await
         .map_err(pg)?;
+    let rows = reader.query(&statement, &[&(after as i64), &(limit as i64)]).await.map_err(pg)?;
     rows.iter().map(event_of).collect()
 }

@@ -164,10 +164,6 @@ pub(super) struct Statements {
 
 impl Statements {
     async fn prepare(client: &Client) -> Result<Statements, StoreError> {
-        // Planned at each run: a plan cached while the log was small (a new deployment, a test)
-        // would scan the whole table for the identities' lookup once it is large (measured: the
-        // database's CPU doubled at 20,000 events/s).
-        client.batch_execute("SET plan_cache_mode = force_custom_plan").await.map_err(pg)?;
         Ok(Statements {
             intern: client
                 .prepare(
