@@ -44,13 +44,8 @@ const PAYLOAD: usize = 256;
 /// PostgreSQL as a write-heavy deployment runs it (durability untouched: `fsync` and
 /// `synchronous_commit` stay on): buffers and WAL sized so that a checkpoint (and the full-page
 /// images after it) does not fall inside a 10-second phase, WAL compressed.
-const PG_SETTINGS: &[&str] = &[
-    "shared_buffers=1GB",
-    "wal_buffers=64MB",
-    "max_wal_size=8GB",
-    "checkpoint_timeout=30min",
-    "wal_compression=lz4",
-];
+const PG_SETTINGS: &[&str] =
+    &["shared_buffers=1GB", "wal_buffers=64MB", "max_wal_size=8GB", "checkpoint_timeout=30min", "wal_compression=lz4"];
 const BATCH: u64 = 50;
 const WINDOW: usize = 4;
 

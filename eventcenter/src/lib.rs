@@ -379,7 +379,11 @@ fn incoming(listener: TcpListener) -> impl tokio_stream::Stream<Item = std::io::
     })
 }
 
-/// Deletes events older than the retention, a chunk at a time so that ingest is not held up.
+/// How long the lease of a replica that died is kept (for whoever looks into the database).
+const DEAD_REPLICA_KEPT: Duration = Duration::from_secs(3600);
+
+/// Deletes events older than the retention, a chunk at a time so that ingest is not held up; and
+/// the leases of replicas stopped or dead for an hour.
 async fn retention_loop(store: Store, retention: Duration, every: Duration, cancel: CancellationToken) {
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -402,6 +406,11 @@ async fn retention_loop(store: Store, retention: Duration, every: Duration, canc
             if cancel.is_cancelled() {
                 return;
             }
+        }
+        match store.forget_dead_replicas(DEAD_REPLICA_KEPT).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(replicas = n, "removed the leases of replicas stopped or dead for an hour"),
+            Err(err) => tracing::warn!(error = %err, "cannot remove the leases of replicas that are gone"),
         }
     }
 }

@@ -9,7 +9,7 @@
 //! Durable consumers and retention are shared by the
 //! replicas (retention run by two at once removes each event once). Leases: one leader among three contenders at any
 //! moment, taken over when the leader dies or gives up, and nobody leading while the database is
-//! unreachable.
+//! unreachable; the leases of replicas stopped or long dead removed, a live one never.
 
 use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
@@ -298,6 +298,34 @@ async fn one_replica_leads_and_another_takes_over_when_it_dies_or_steps_down() {
     assert!(gone.elapsed() <= Duration::from_millis(1500), "led {:?} without the database", gone.elapsed());
     pg.spawn().await;
     watch_leaders(&leases, Duration::from_secs(15), |l| l.len() == 1).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_leases_of_replicas_long_gone_are_removed_and_only_theirs() {
+    let pg = Postgres::start().await;
+    let url = pg.create_database("gone").await;
+    let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(conn);
+    let replicas = || async {
+        let rows = client.query("SELECT name FROM leases WHERE name LIKE 'replica/%'", &[]).await.unwrap();
+        rows.len()
+    };
+    // A replica that died ten minutes ago (its lease ran out then), one stopped (it gave its lease
+    // up), one alive.
+    drop(PgStore::open(&url, PgOptions::default()).await.unwrap());
+    client
+        .execute("UPDATE leases SET expires_at = now() - interval '10 minutes' WHERE name LIKE 'replica/%'", &[])
+        .await
+        .unwrap();
+    let stopped = PgStore::open(&url, PgOptions::default()).await.unwrap();
+    let alive = PgStore::open(&url, PgOptions::default()).await.unwrap();
+    stopped.close().await;
+    assert_eq!(replicas().await, 3);
+    assert_eq!(alive.forget_dead_replicas(Duration::from_secs(3600)).await.unwrap(), 1, "the one that gave it up");
+    assert_eq!(replicas().await, 2);
+    assert_eq!(alive.forget_dead_replicas(Duration::from_secs(300)).await.unwrap(), 1, "the one gone for 10 minutes");
+    assert_eq!(alive.forget_dead_replicas(Duration::ZERO).await.unwrap(), 0, "a live lease is never removed");
+    assert_eq!(replicas().await, 1);
 }
 
 /// A condition that turns true after `d` from its first call.

@@ -126,6 +126,11 @@ impl Store {
         both!(self, _s => Ok(Vec::new()), p => p.adopt_nodes().await)
     }
 
+    /// Removes the leases of replicas gone for longer than `gone_for` (PostgreSQL).
+    pub async fn forget_dead_replicas(&self, gone_for: Duration) -> Result<u64> {
+        both!(self, _s => Ok(0), p => p.forget_dead_replicas(gone_for).await)
+    }
+
     /// Owns again the nodes whose streams this replica has (PostgreSQL).
     pub async fn reclaim_nodes(&self, connected: Vec<(NodeKey, u32)>) -> Result<u64> {
         both!(self, _s => Ok(0), p => p.reclaim_nodes(connected).await)

@@ -279,6 +279,21 @@ impl PgStore {
             .map_err(pg)
     }
 
+    /// Removes the leases of replicas that stopped (they gave their lease up) or died longer than
+    /// `gone_for` ago (their lease ran out then): each start of a replica is a new identity, so
+    /// they would pile up. Nodes such a replica still owns are taken over as before (no live lease
+    /// of their owner). How many were removed.
+    pub async fn forget_dead_replicas(&self, gone_for: Duration) -> Result<u64> {
+        self.reader()
+            .await?
+            .execute(
+                "DELETE FROM leases WHERE name LIKE 'replica/%' AND expires_at < now() - make_interval(secs => $1)",
+                &[&gone_for.as_secs_f64()],
+            )
+            .await
+            .map_err(pg)
+    }
+
     /// `Some(_)` while this replica holds its own lease (others take its nodes over when not).
     pub fn alive(&self) -> watch::Receiver<Option<u64>> {
         self.alive.clone()

@@ -10,10 +10,10 @@ use std::time::{Duration, Instant, SystemTime};
 use nodekeeper_common::time::to_unix_ms;
 use nodekeeper_proto::v1::{Event, Fault, NodeCondition};
 use tokio::sync::{mpsc, watch};
-use tokio_util::bytes::Bytes;
 use tokio_postgres::binary_copy::BinaryCopyInWriter;
 use tokio_postgres::types::{ToSql, Type};
 use tokio_postgres::{Client, Config, CopyInSink, Statement};
+use tokio_util::bytes::Bytes;
 
 mod nodes;
 mod state;
@@ -417,11 +417,7 @@ impl<'a> Log<'_, 'a> {
 }
 
 /// The ids of `keys` in `origins`, added where new.
-async fn intern(
-    tx: &Client,
-    statements: &Statements,
-    keys: &[String],
-) -> Result<HashMap<String, i64>, StoreError> {
+async fn intern(tx: &Client, statements: &Statements, keys: &[String]) -> Result<HashMap<String, i64>, StoreError> {
     let rows = tx.query(&statements.intern, &[&keys]).await.map_err(pg)?;
     Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
 }
