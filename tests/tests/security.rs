@@ -129,11 +129,15 @@ async fn a_node_certificate_reporting_for_another_node_is_denied_and_nothing_is_
     assert_eq!(nodes.iter().map(|n| n.name.as_str()).collect::<Vec<_>>(), vec!["node-a"]);
     assert!(stored_events(ch.clone(), "node-b", "NodeRegistered").await.is_empty());
     // The detector's verdict is stored as its vote, under the name its certificate carries; the
-    // center then declares the condition (quorum 1) and names the detector as evidence.
+    // center then declares the condition (quorum 1) and names the detector as evidence (on
+    // PostgreSQL the leader folds the stored votes, after the report is answered).
     let votes = stored_events(ch.clone(), "node-a", "DetectorVote").await;
     assert_eq!(votes.len(), 1);
     assert_eq!(votes[0].origin.as_ref().unwrap().producer, "detector-a", "the producer comes from the certificate");
-    let unreachable = stored_events(ch, "node-a", "NodeUnreachable").await;
+    let unreachable = wait_for("the condition declared", Duration::from_secs(10), || async {
+        Some(stored_events(ch.clone(), "node-a", "NodeUnreachable").await).filter(|e| !e.is_empty())
+    })
+    .await;
     assert_eq!(unreachable.len(), 1);
     assert_eq!(unreachable[0].origin.as_ref().unwrap().producer, "center");
     assert!(unreachable[0].message.contains("detector-a"), "{}", unreachable[0].message);

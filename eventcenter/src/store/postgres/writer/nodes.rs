@@ -148,7 +148,7 @@ pub(super) async fn change(log: &mut Log<'_, '_>, change: &NodeChange) -> Result
                 .collect::<Result<Vec<_>, _>>()?;
             let (closed, event) = lifecycle::decommissioned(&mut info, open, reason, issuer, now);
             for fault in &closed {
-                super::save_fault(log.tx, fault).await?;
+                super::faults::save_fault(log.tx, fault).await?;
             }
             save_node(log, &info).await?;
             log.tx

@@ -7,7 +7,8 @@ use std::time::SystemTime;
 use nodekeeper_common::time::{timestamp_to_unix_ms, to_unix_ms};
 use nodekeeper_proto::v1::{Fault, FaultState};
 
-use super::{GroupError, Log, decode, save_fault};
+use super::faults::save_fault;
+use super::{GroupError, Log, decode};
 use crate::store::StoreError;
 use crate::store::postgres::pg;
 use crate::store::writer::ComponentsChange;
