@@ -88,14 +88,6 @@ pub(super) async fn write(
                 });
                 metrics.events.inc_by(stored);
                 metrics.duplicates.inc_by(duplicates);
-                tracing::debug!(
-                    rows,
-                    took_us = took.as_micros() as u64,
-                    until_locked_us = times.until_locked.as_micros() as u64,
-                    held_us = times.held.as_micros() as u64,
-                    commit_us = times.commit.as_micros() as u64,
-                    "group committed"
-                );
                 if took > SLOW_GROUP {
                     tracing::warn!(
                         rows,
