@@ -8,6 +8,7 @@ use nodekeeper_proto::v1::{Condition, ConditionStatus, Event, EventKind, FaultSt
 use proptest::prelude::*;
 use rusqlite::Connection;
 
+use super::sqlite::{MIGRATIONS, open_writer};
 use super::*;
 
 fn rt() -> tokio::runtime::Runtime {
