@@ -7,6 +7,7 @@ use clap::{Parser, Subcommand};
 use nodekeeper_agent::config::{Config, DEFAULT_STATUS_PORT};
 use nodekeeper_common::config::{EXIT_CONFIG, EXIT_FAILURE};
 use nodekeeper_common::logging::{self, LogFormat};
+use nodekeeper_common::service;
 use nodekeeper_proto::v1::{
     Condition, ConditionStatus, EmitRequest, GetAgentStatusRequest, Observation, Severity,
     local_agent_service_client::LocalAgentServiceClient,
@@ -170,10 +171,7 @@ fn main() -> ExitCode {
         Command::Run => {
             let config = match load_config(args.config.as_ref()) {
                 Ok(c) => c,
-                Err(err) => {
-                    tracing::error!(error = %err, "configuration rejected");
-                    return ExitCode::from(EXIT_CONFIG as u8);
-                }
+                Err(err) => return service::config_rejected(err),
             };
             runtime
                 .block_on(async {

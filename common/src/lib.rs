@@ -9,6 +9,7 @@ pub mod logging;
 pub mod metrics;
 pub mod names;
 pub mod observation;
+pub mod service;
 pub mod shutdown;
 pub mod systemd;
 pub mod time;

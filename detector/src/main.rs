@@ -4,8 +4,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
-use nodekeeper_common::config::{EXIT_CONFIG, EXIT_FAILURE};
 use nodekeeper_common::logging::{self, LogFormat};
+use nodekeeper_common::service;
 use nodekeeper_detector::config::Config;
 
 /// nodekeeper-detector: probes nodes from outside and reports AgentDown, KubeletDown and
@@ -39,19 +39,11 @@ fn main() -> ExitCode {
     });
     let config = match config {
         Ok(c) => c,
-        Err(err) => {
-            tracing::error!(error = %err, "configuration rejected");
-            return ExitCode::from(EXIT_CONFIG as u8);
-        }
+        Err(err) => return service::config_rejected(err),
     };
-    let runtime = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
-        Ok(r) => r,
-        Err(err) => {
-            tracing::error!(error = %err, "cannot start the async runtime");
-            return ExitCode::from(EXIT_FAILURE as u8);
-        }
-    };
-    let result: anyhow::Result<()> = runtime.block_on(async move {
+    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    runtime.worker_threads(2);
+    service::run(runtime, "nodekeeper-detector", async move {
         let shutdown = nodekeeper_common::shutdown::signal();
         // Connects lazily: a detector that starts before the center waits for it.
         let channel = nodekeeper_common::tls::center_channel(&config.center, config.tls.as_ref(), |e| {
@@ -75,13 +67,6 @@ fn main() -> ExitCode {
             w.abort();
         }
         nodekeeper_common::systemd::stopping();
-        Ok(())
-    });
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(err) => {
-            tracing::error!(error = format!("{err:#}"), "nodekeeper-detector failed");
-            ExitCode::from(EXIT_FAILURE as u8)
-        }
-    }
+        anyhow::Ok(())
+    })
 }

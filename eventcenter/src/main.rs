@@ -5,8 +5,9 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
-use nodekeeper_common::config::{EXIT_CONFIG, EXIT_FAILURE};
+use nodekeeper_common::config::EXIT_FAILURE;
 use nodekeeper_common::logging::{self, LogFormat};
+use nodekeeper_common::service;
 use nodekeeper_eventcenter::config::Config;
 
 /// The nodekeeper event center: durable record of every fault, node liveness, subscriptions.
@@ -111,10 +112,7 @@ fn main() -> ExitCode {
     let mut config = match &args.config {
         Some(path) => match nodekeeper_common::config::load::<Config>(path) {
             Ok(c) => c,
-            Err(err) => {
-                tracing::error!(error = %err, "configuration rejected");
-                return ExitCode::from(EXIT_CONFIG as u8);
-            }
+            Err(err) => return service::config_rejected(err),
         },
         None => Config::default(),
     };
@@ -148,29 +146,14 @@ fn main() -> ExitCode {
         };
     }
     if let Err(err) = config.validate() {
-        tracing::error!(error = %err, "configuration rejected");
-        return ExitCode::from(EXIT_CONFIG as u8);
+        return service::config_rejected(err);
     }
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
-        Ok(r) => r,
-        Err(err) => {
-            tracing::error!(error = %err, "cannot start the async runtime");
-            return ExitCode::from(EXIT_FAILURE as u8);
-        }
-    };
-    let result = runtime.block_on(async {
+    service::run(tokio::runtime::Builder::new_multi_thread(), "event center", async {
         let shutdown = nodekeeper_common::shutdown::signal();
         let listener = tokio::net::TcpListener::bind(config.listen)
             .await
             .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", config.listen))?;
         nodekeeper_eventcenter::run(config, listener, shutdown).await?;
         anyhow::Ok(())
-    });
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(err) => {
-            tracing::error!(error = format!("{err:#}"), "event center failed");
-            ExitCode::from(EXIT_FAILURE as u8)
-        }
-    }
+    })
 }

@@ -4,8 +4,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
-use nodekeeper_common::config::{EXIT_CONFIG, EXIT_FAILURE};
 use nodekeeper_common::logging::{self, LogFormat};
+use nodekeeper_common::service;
 use nodekeeper_remediator::config::Config;
 
 /// nodekeeper-remediator: follows one cluster's faults, isolates faulty nodes, labels their pods
@@ -38,19 +38,11 @@ fn main() -> ExitCode {
         });
     let config = match config {
         Ok(c) => c,
-        Err(err) => {
-            tracing::error!(error = %err, "configuration rejected");
-            return ExitCode::from(EXIT_CONFIG as u8);
-        }
+        Err(err) => return service::config_rejected(err),
     };
-    let runtime = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
-        Ok(r) => r,
-        Err(err) => {
-            tracing::error!(error = %err, "cannot start the async runtime");
-            return ExitCode::from(EXIT_FAILURE as u8);
-        }
-    };
-    let result: anyhow::Result<()> = runtime.block_on(async move {
+    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    runtime.worker_threads(2);
+    service::run(runtime, "remediator", async move {
         let shutdown = nodekeeper_common::shutdown::signal();
         if config.tls.is_none() {
             tracing::warn!("talking to the center WITHOUT TLS (insecure): development and tests only");
@@ -111,13 +103,6 @@ fn main() -> ExitCode {
             anyhow::bail!("lost the leader election lease: stopped acting; the supervisor starts this replica again");
         }
         tracing::info!("remediator stopped");
-        Ok(())
-    });
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(err) => {
-            tracing::error!(error = %format!("{err:#}"), "remediator failed");
-            ExitCode::from(EXIT_FAILURE as u8)
-        }
-    }
+        anyhow::Ok(())
+    })
 }

@@ -4,8 +4,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
-use nodekeeper_common::config::{EXIT_CONFIG, EXIT_FAILURE};
 use nodekeeper_common::logging::{self, LogFormat};
+use nodekeeper_common::service;
 use nodekeeper_storage::config::Config;
 
 /// nodekeeper-storage: keeps storage access lists (iSCSI initiator names on tgt, NFS client
@@ -40,19 +40,9 @@ fn main() -> ExitCode {
         });
     let config = match config {
         Ok(c) => c,
-        Err(err) => {
-            tracing::error!(error = %err, "configuration rejected");
-            return ExitCode::from(EXIT_CONFIG as u8);
-        }
+        Err(err) => return service::config_rejected(err),
     };
-    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
-        Ok(r) => r,
-        Err(err) => {
-            tracing::error!(error = %err, "cannot start the async runtime");
-            return ExitCode::from(EXIT_FAILURE as u8);
-        }
-    };
-    let result: anyhow::Result<()> = runtime.block_on(async move {
+    service::run(tokio::runtime::Builder::new_current_thread(), "storage syncer", async move {
         let shutdown = nodekeeper_common::shutdown::signal();
         if config.tls.is_none() {
             tracing::warn!("talking to the center WITHOUT TLS (insecure): development and tests only");
@@ -76,13 +66,6 @@ fn main() -> ExitCode {
         cancel.cancel();
         let _ = running.await;
         tracing::info!("storage syncer stopped");
-        Ok(())
-    });
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(err) => {
-            tracing::error!(error = %format!("{err:#}"), "storage syncer failed");
-            ExitCode::from(EXIT_FAILURE as u8)
-        }
-    }
+        anyhow::Ok(())
+    })
 }
