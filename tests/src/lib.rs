@@ -9,6 +9,7 @@ pub mod browser;
 pub mod kubeapi;
 pub mod netns;
 pub mod ontap;
+pub mod pki;
 pub mod postgres;
 pub mod rpmnode;
 pub mod simnode;

@@ -14,6 +14,7 @@ use nodekeeper_proto::v1::{
     permit_service_client::PermitServiceClient,
 };
 use nodekeeper_tests::browser::Browser;
+use nodekeeper_tests::pki::Pki;
 use nodekeeper_tests::{
     Agent, AgentSpec, EventCenter, KillOnDrop, Remediator, bin, free_port, stored_events, wait_for,
 };
@@ -161,49 +162,17 @@ async fn every_page_loads_clean_and_a_fault_appears_live_with_its_remediation() 
     b.close().await;
 }
 
-/// A TLS center with identities from `nodekeeper certs`.
-struct Pki(tempfile::TempDir);
-
-impl Pki {
-    async fn new() -> Pki {
-        let dir = tempfile::tempdir().unwrap();
-        let certs = |args: &[&str]| {
-            let ok = Command::new(bin("nodekeeper")).arg("certs").args(args).arg("--dir").arg(dir.path()).status();
-            assert!(ok.unwrap().success(), "certs {args:?}");
-        };
-        certs(&["init"]);
-        certs(&["issue", "--kind", "server", "--name", "eventcenter", "--san", "127.0.0.1"]);
-        certs(&["issue", "--kind", "admin", "--name", "admin"]);
-        certs(&["issue", "--kind", "subscriber", "--name", "ops-c2", "--cluster", "c2"]);
-        for (node, cluster) in [("node-1", "c1"), ("node-2", "c2")] {
-            certs(&["issue", "--kind", "node", "--name", node, "--cluster", cluster]);
-        }
-        Pki(dir)
-    }
-
-    fn files(&self, name: &str) -> nodekeeper_common::tls::TlsFiles {
-        nodekeeper_common::tls::TlsFiles::in_dir(self.0.path(), name)
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reads_follow_the_identity_and_actions_carry_it() {
-    let pki = Pki::new().await;
-    let f = pki.files("eventcenter");
-    let config = format!(
-        "{CENTER}[tls]\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n",
-        f.ca.display(),
-        f.cert.display(),
-        f.key.display()
-    );
-    let center = EventCenter::start_tls(&config, pki.files("admin")).await;
+    let pki = Pki::new(&[("subscriber", "ops-c2", "c2"), ("node", "node-1", "c1"), ("node", "node-2", "c2")]).await;
+    let center = pki.center(CENTER).await;
     let url = center.url();
     for (node, cluster) in [("node-1", "c1"), ("node-2", "c2")] {
         let ch = nodekeeper_tests::tls_channel(&url, &pki.files(node)).await.unwrap();
         nodekeeper_tests::AgentConn::connect_channel(ch, nodekeeper_tests::hello(cluster, node, "b1")).await.unwrap();
     }
     let server = url.trim_start_matches("https://").to_owned();
-    let certs = pki.0.path().display().to_string();
+    let certs = pki.path().display().to_string();
     let (_ops, ops) = dashboard(&server, &["--certs", &certs, "--identity", "ops-c2"]).await;
     let (_admin, admin) = dashboard(&server, &["--certs", &certs, "--identity", "admin"]).await;
     let b = Browser::start().await;

@@ -1,7 +1,7 @@
 //! Mutual TLS and identities: the real event center with certificates made by the real
 //! `nodekeeper certs`, real gRPC clients presenting them.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
 use nodekeeper_common::tls::TlsFiles;
@@ -11,66 +11,23 @@ use nodekeeper_proto::v1::{
     fleet_service_client::FleetServiceClient, permit_service_client::PermitServiceClient,
     report_service_client::ReportServiceClient, subscribe_response,
 };
-use nodekeeper_tests::{AgentConn, EventCenter, bin, hello, observation, stored_events, tls_channel, wait_for};
+use nodekeeper_tests::pki::{Pki, certs};
+use nodekeeper_tests::{AgentConn, EventCenter, hello, observation, stored_events, tls_channel, wait_for};
 use tonic::Code;
 
-/// A CA and the certificates the tests present, made with `nodekeeper certs`.
-struct Pki {
-    dir: tempfile::TempDir,
-}
+/// The center's settings in these tests.
+const NODES: &str = "[nodes]\ncheck_interval = \"50ms\"\n";
 
-async fn certs(dir: &Path, args: &[&str]) {
-    let out = tokio::process::Command::new(bin("nodekeeper"))
-        .arg("certs")
-        .args(args)
-        .arg("--dir")
-        .arg(dir)
-        .output()
-        .await
-        .expect("run nodekeeper certs");
-    assert!(out.status.success(), "nodekeeper certs {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-}
-
-impl Pki {
-    async fn new() -> Pki {
-        let pki = Pki { dir: tempfile::tempdir().unwrap() };
-        let d = pki.dir.path();
-        certs(d, &["init"]).await;
-        certs(d, &["issue", "--kind", "server", "--name", "eventcenter", "--san", "127.0.0.1"]).await;
-        certs(d, &["issue", "--kind", "admin", "--name", "admin"]).await;
-        certs(d, &["issue", "--kind", "node", "--name", "node-a", "--cluster", "a"]).await;
-        certs(d, &["issue", "--kind", "node", "--name", "node-b", "--cluster", "b"]).await;
-        certs(d, &["issue", "--kind", "subscriber", "--name", "subscriber-a", "--cluster", "a"]).await;
-        certs(d, &["issue", "--kind", "detector", "--name", "detector-a", "--cluster", "a"]).await;
-        certs(d, &["issue", "--kind", "detector", "--name", "detector-b", "--cluster", "a"]).await;
-        pki
-    }
-
-    fn path(&self) -> PathBuf {
-        self.dir.path().to_owned()
-    }
-
-    fn files(&self, name: &str) -> TlsFiles {
-        TlsFiles::in_dir(self.dir.path(), name)
-    }
-
-    fn center_config(&self) -> String {
-        self.center_config_with("")
-    }
-
-    fn center_config_with(&self, limits: &str) -> String {
-        let f = self.files("eventcenter");
-        format!(
-            "[nodes]\ncheck_interval = \"50ms\"\n{limits}\n[tls]\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n",
-            f.ca.display(),
-            f.cert.display(),
-            f.key.display()
-        )
-    }
-
-    async fn center(&self) -> EventCenter {
-        EventCenter::start_tls(&self.center_config(), self.files("admin")).await
-    }
+/// The identities these tests present.
+async fn pki() -> Pki {
+    Pki::new(&[
+        ("node", "node-a", "a"),
+        ("node", "node-b", "b"),
+        ("subscriber", "subscriber-a", "a"),
+        ("detector", "detector-a", "a"),
+        ("detector", "detector-b", "a"),
+    ])
+    .await
 }
 
 fn condition_report(id: &str, cluster: &str, node: &str) -> Report {
@@ -92,8 +49,8 @@ fn condition_report(id: &str, cluster: &str, node: &str) -> Report {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_certificate_reporting_for_another_node_is_denied_and_nothing_is_stored() {
-    let pki = Pki::new().await;
-    let center = pki.center().await;
+    let pki = pki().await;
+    let center = pki.center(NODES).await;
     let url = center.url();
     let as_node_a = || async { tls_channel(&url, &pki.files("node-a")).await.unwrap() };
     for (cluster, node) in [("b", "node-b"), ("a", "node-b"), ("b", "node-a")] {
@@ -145,8 +102,8 @@ async fn a_node_certificate_reporting_for_another_node_is_denied_and_nothing_is_
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_subscriber_for_cluster_a_sees_none_of_cluster_b() {
-    let pki = Pki::new().await;
-    let center = pki.center().await;
+    let pki = pki().await;
+    let center = pki.center(NODES).await;
     let url = center.url();
     for (cluster, node) in [("a", "node-a"), ("b", "node-b")] {
         let ch = tls_channel(&url, &pki.files(node)).await.unwrap();
@@ -240,8 +197,8 @@ fn forge(dir: &Path, name: &str, uri: &str, ca_dir: Option<&Path>, days: (i64, i
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn expired_untrusted_and_self_signed_client_certificates_are_rejected() {
-    let pki = Pki::new().await;
-    let center = pki.center().await;
+    let pki = pki().await;
+    let center = pki.center(NODES).await;
     let url = center.url();
     let tmp = tempfile::tempdir().unwrap();
     // Clients still trust the real server.
@@ -276,10 +233,10 @@ async fn expired_untrusted_and_self_signed_client_certificates_are_rejected() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rotated_ca_and_certificate_are_picked_up_without_a_restart() {
-    let old = Pki::new().await;
-    let mut center = old.center().await;
+    let old = pki().await;
+    let mut center = old.center(NODES).await;
     let pid = center.pid();
-    let new = Pki::new().await;
+    let new = pki().await;
     // Replace the files the center was started with, in place, as a certificate manager does.
     for (from, to) in [
         (new.files("eventcenter").key, old.files("eventcenter").key),
@@ -311,9 +268,9 @@ async fn a_rotated_ca_and_certificate_are_picked_up_without_a_restart() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flood_from_one_identity_is_limited_while_another_keeps_flowing() {
-    let pki = Pki::new().await;
+    let pki = pki().await;
     let limits = "[limits]\nobservations_per_second = 200\nobservations_burst = 1000\nmax_streams_per_identity = 2\n";
-    let center = EventCenter::start_tls(&pki.center_config_with(limits), pki.files("admin")).await;
+    let center = pki.center(&format!("{NODES}{limits}")).await;
     let url = center.url();
     let flooder = ReportServiceClient::new(tls_channel(&url, &pki.files("detector-a")).await.unwrap());
     let mut steady = ReportServiceClient::new(tls_channel(&url, &pki.files("detector-b")).await.unwrap());
@@ -381,8 +338,8 @@ async fn commands_carry_their_issuer_are_recorded_and_are_authorized() {
     use nodekeeper_proto::v1::{
         CommandResult, Reboot, RestartComponent, SendCommandRequest, agent_message, send_command_request,
     };
-    let pki = Pki::new().await;
-    let center = pki.center().await;
+    let pki = pki().await;
+    let center = pki.center(NODES).await;
     let url = center.url();
     let ch = tls_channel(&url, &pki.files("node-a")).await.unwrap();
     let mut agent = AgentConn::connect_channel(ch, hello("a", "node-a", "b1")).await.unwrap();
@@ -438,8 +395,8 @@ async fn commands_carry_their_issuer_are_recorded_and_are_authorized() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn durable_consumers_belong_to_the_identity_and_clusters_that_made_them() {
     use nodekeeper_proto::v1::{AckConsumerRequest, DeleteConsumerRequest, ListConsumersRequest};
-    let pki = Pki::new().await;
-    let center = pki.center().await;
+    let pki = pki().await;
+    let center = pki.center(NODES).await;
     let url = center.url();
     let subscribe = || SubscribeRequest {
         consumer: "remediator".into(),
@@ -499,8 +456,8 @@ async fn only_admins_freeze_and_nodes_acquire_no_permits() {
     use nodekeeper_proto::v1::{
         AcquirePermitRequest, FreezeRequest, Operation, permit_service_client::PermitServiceClient,
     };
-    let pki = Pki::new().await;
-    let center = pki.center().await;
+    let pki = pki().await;
+    let center = pki.center(NODES).await;
     let url = center.url();
     let acquire = AcquirePermitRequest {
         operation: Operation::Reboot as i32,
@@ -525,8 +482,8 @@ async fn only_admins_freeze_and_nodes_acquire_no_permits() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_certificate_with_a_wildcard_cluster_or_name_opens_no_stream() {
-    let pki = Pki::new().await;
-    let center = pki.center().await;
+    let pki = pki().await;
+    let center = pki.center(NODES).await;
     let url = center.url();
     let tmp = tempfile::tempdir().unwrap();
     std::fs::copy(pki.files("admin").ca, tmp.path().join("server-ca.pem")).unwrap();
@@ -579,8 +536,8 @@ async fn node_lifecycle_and_rollouts_are_for_their_writers_and_clusters_only() {
         PendingNodeWorkRequest, RecordNodeWorkRequest, RolloutSpec, RolloutStrategy, SyncKubernetesNodeRequest,
         fleet_service_client::FleetServiceClient, rollout_service_client::RolloutServiceClient,
     };
-    let pki = Pki::new().await;
-    let center = pki.center().await;
+    let pki = pki().await;
+    let center = pki.center(NODES).await;
     let url = center.url();
     let _a =
         AgentConn::connect_channel(tls_channel(&url, &pki.files("node-a")).await.unwrap(), hello("a", "node-a", "b1"))
@@ -672,8 +629,8 @@ async fn recorded_actions_carry_their_certificates_name_and_stay_in_their_cluste
     use nodekeeper_proto::v1::{
         Observation, RecordActionsRequest, RecordedAction, report_service_client::ReportServiceClient,
     };
-    let pki = Pki::new().await;
-    let center = pki.center().await;
+    let pki = pki().await;
+    let center = pki.center(NODES).await;
     let url = center.url();
     let action = |cluster: &str, producer: &str| RecordActionsRequest {
         producer: producer.into(),
