@@ -507,4 +507,26 @@ async fn desired_state_from_the_center_converges_and_commands_round_trip() {
     let node = &json_lines(&out)[0];
     assert!(!node["converged"].as_bool().unwrap_or(false), "canonical JSON omits false: {node}");
     assert_eq!(node["components"][0]["phase"], "COMPONENT_PHASE_FAILED", "{node}");
+
+    // In a listing of several nodes, each node's readiness gates are its own: node-c's components
+    // are behind, the nodes around it (by name) have none desired.
+    let _others = [
+        nodekeeper_tests::AgentConn::connect(&url, nodekeeper_tests::hello("c1", "node-a", "b1")).await.unwrap(),
+        nodekeeper_tests::AgentConn::connect(&url, nodekeeper_tests::hello("c1", "node-z", "b1")).await.unwrap(),
+    ];
+    let listed = nodekeeper_proto::v1::fleet_service_client::FleetServiceClient::new(center.channel().await)
+        .list_nodes(nodekeeper_proto::v1::ListNodesRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .nodes;
+    let components_gate = |name: &str| {
+        let n = listed.iter().find(|n| n.name == name).unwrap_or_else(|| panic!("{name} listed"));
+        n.gates.iter().find(|g| g.name == "components converged").cloned().expect("the components gate")
+    };
+    let c = components_gate("node-c");
+    assert!(!c.holds && c.reason.contains("demo at 0:1.1-1, desired 1.2-1"), "{c:?}");
+    for other in ["node-a", "node-z"] {
+        assert!(components_gate(other).holds, "{other}: {:?}", components_gate(other));
+    }
 }

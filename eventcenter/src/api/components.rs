@@ -180,8 +180,8 @@ pub fn only(nodes: &[Node]) -> Option<NodeKey> {
     }
 }
 
-/// Each node's components, desired against reported, and whether they converged; nodes with
-/// neither are left out.
+/// Each node's components, desired against reported, and whether they converged, in the nodes'
+/// order; nodes with neither are left out.
 pub async fn of_nodes(ctx: &Ctx, nodes: &[Node]) -> Result<Vec<NodeComponents>, Status> {
     let clusters: Vec<String> = {
         let mut c: Vec<String> = nodes.iter().map(|n| n.cluster.clone()).collect();

@@ -18,8 +18,10 @@ pub async fn fill_gates(ctx: &Ctx, nodes: &mut [Node]) -> Result<(), Status> {
     clusters.sort();
     clusters.dedup();
     let open = ctx.store.open_fault_types(clusters, super::components::only(nodes)).await.map_err(store_status)?;
+    // In the nodes' order: one walk, not a search per node (10,000 nodes in a listing).
+    let mut components = components.iter().peekable();
     for n in nodes {
-        let c = components.iter().find(|c| c.cluster == n.cluster && c.node == n.name);
+        let c = components.next_if(|c| c.cluster == n.cluster && c.node == n.name);
         let faults = open.get(&(n.cluster.clone(), n.name.clone())).map(Vec::as_slice).unwrap_or_default();
         n.gates = readiness::gates(n, c, faults, &ctx.config.readiness_gates);
     }
