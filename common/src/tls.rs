@@ -238,6 +238,17 @@ pub fn client_config(files: &TlsFiles) -> Result<Arc<rustls::ClientConfig>, TlsE
 /// A client config for an HTTPS health check: trusting the CAs in `ca` (a PEM bundle; a
 /// self-signed server certificate may be its own), else the system's trust store; HTTP/1.1.
 pub fn https_client_config(ca: Option<&Path>) -> Result<Arc<rustls::ClientConfig>, TlsError> {
+    external_client_config(ca, None, &[b"http/1.1"])
+}
+
+/// A client config for a server outside nodekeeper's own PKI (a database, an HTTPS endpoint):
+/// its certificate and host name verified against the CAs in `ca` (a PEM bundle), else the
+/// system's trust store; `client` (certificate, key) presented when the server asks for one.
+pub fn external_client_config(
+    ca: Option<&Path>,
+    client: Option<(&Path, &Path)>,
+    alpn: &[&[u8]],
+) -> Result<Arc<rustls::ClientConfig>, TlsError> {
     let mut roots = rustls::RootCertStore::empty();
     match ca {
         Some(ca) => {
@@ -251,12 +262,17 @@ pub fn https_client_config(ca: Option<&Path>) -> Result<Arc<rustls::ClientConfig
             roots.add_parsable_certificates(found.certs);
         }
     }
-    let mut config = rustls::ClientConfig::builder_with_provider(provider())
+    let builder = rustls::ClientConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
         .map_err(|e| TlsError::Config(e.to_string()))?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        .with_root_certificates(roots);
+    let mut config = match client {
+        Some((cert, key)) => builder
+            .with_client_auth_cert(load_certs(cert)?, load_key(key)?)
+            .map_err(|e| TlsError::Config(format!("certificate {} and key {}: {e}", cert.display(), key.display())))?,
+        None => builder.with_no_client_auth(),
+    };
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
     Ok(Arc::new(config))
 }
 

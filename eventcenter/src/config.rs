@@ -69,8 +69,15 @@ pub struct StoreConfig {
     pub min_free_bytes: u64,
     /// A PostgreSQL database shared by the center's replicas, as a libpq-style URL
     /// (`postgres://user@h1:5432,h2:5432/nodekeeper?target_session_attrs=read-write`); unset: the
-    /// embedded SQLite store in `data_dir`. Work in progress (issue 19): not for production yet.
+    /// embedded SQLite store in `data_dir`. TLS as its `sslmode` says (`require`: never without).
     pub postgres_url: Option<String>,
+    /// CA certificates (PEM) the database server's certificate must chain to (its host name is
+    /// verified too); unset: the system's trust store.
+    pub postgres_ca: Option<PathBuf>,
+    /// A client certificate (PEM), with `postgres_key`, for a server that authenticates by
+    /// certificate (`cert` in pg_hba.conf).
+    pub postgres_cert: Option<PathBuf>,
+    pub postgres_key: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -315,6 +322,26 @@ impl Default for Config {
     }
 }
 
+impl StoreConfig {
+    fn validate(&self) -> Result<(), String> {
+        match &self.postgres_url {
+            Some(url) => {
+                url.parse::<tokio_postgres::Config>().map_err(|e| format!("store.postgres_url: {e}"))?;
+            }
+            None => {
+                let tls = [("postgres_ca", &self.postgres_ca), ("postgres_cert", &self.postgres_cert)];
+                if let Some((key, _)) = tls.iter().find(|(_, v)| v.is_some()) {
+                    return Err(format!("store.{key}: set only with store.postgres_url"));
+                }
+            }
+        }
+        if self.postgres_cert.is_some() != self.postgres_key.is_some() {
+            return Err("store.postgres_cert and store.postgres_key: expected both or neither".into());
+        }
+        Ok(())
+    }
+}
+
 impl Default for StoreConfig {
     fn default() -> Self {
         Self {
@@ -325,6 +352,9 @@ impl Default for StoreConfig {
             max_pending_rows: 200_000,
             min_free_bytes: 256 << 20,
             postgres_url: None,
+            postgres_ca: None,
+            postgres_cert: None,
+            postgres_key: None,
         }
     }
 }
@@ -354,6 +384,7 @@ impl Default for LimitsConfig {
 impl Config {
     /// Checks what types alone cannot; returns a message naming the key.
     pub fn validate(&self) -> Result<(), String> {
+        self.store.validate()?;
         for p in &self.permits.policy {
             if crate::permits::operation(&p.operation).is_none() {
                 return Err(format!(

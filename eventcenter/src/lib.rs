@@ -59,6 +59,17 @@ pub enum RunError {
     NoTls,
 }
 
+/// How this center reaches PostgreSQL, from its `[store]` settings.
+pub fn postgres_options(store: &config::StoreConfig) -> store::postgres::PgOptions {
+    store::postgres::PgOptions {
+        commit_max_rows: store.commit_max_rows,
+        tls: store::postgres::PgTls {
+            ca: store.postgres_ca.clone(),
+            client: store.postgres_cert.clone().zip(store.postgres_key.clone()),
+        },
+    }
+}
+
 /// Serves until `shutdown` resolves, then stops accepting, ends open streams with UNAVAILABLE
 /// (clients resume from their cursor or resend), waits up to `drain_timeout`, and closes the store
 /// after its last commit.
@@ -73,7 +84,7 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: impl Future<Ou
     };
     let store = match &config.store.postgres_url {
         Some(url) => {
-            let options = store::postgres::PgOptions { commit_max_rows: config.store.commit_max_rows };
+            let options = postgres_options(&config.store);
             Store::Postgres(Arc::new(store::postgres::PgStore::open(url, options).await?))
         }
         None => Store::Sqlite(store::Sqlite::open(

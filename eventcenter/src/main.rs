@@ -9,6 +9,7 @@ use nodekeeper_common::config::EXIT_FAILURE;
 use nodekeeper_common::logging::{self, LogFormat};
 use nodekeeper_common::service;
 use nodekeeper_eventcenter::config::Config;
+use nodekeeper_eventcenter::store::postgres::PgTls;
 
 /// The nodekeeper event center: durable record of every fault, node liveness, subscriptions.
 ///
@@ -63,7 +64,7 @@ enum Command {
 }
 
 /// `migrate`: exit 0 when everything was copied, 2 for malformed locations, 1 otherwise.
-fn migrate(from: &str, to: &str) -> ExitCode {
+fn migrate(from: &str, to: &str, tls: &PgTls) -> ExitCode {
     let Some(dir) = from.strip_prefix("sqlite:") else {
         tracing::error!(from, "--from: expected sqlite:PATH (the data directory of a SQLite store)");
         return ExitCode::from(2);
@@ -87,6 +88,7 @@ fn migrate(from: &str, to: &str) -> ExitCode {
     let copied = runtime.block_on(nodekeeper_eventcenter::store::postgres::import::from_sqlite(
         std::path::Path::new(dir),
         url,
+        tls,
         |table, rows| tracing::info!(table, rows, "copied"),
     ));
     match copied {
@@ -129,7 +131,7 @@ fn main() -> ExitCode {
         config.store.retention = r;
     }
     if let Some(Command::Migrate { from, to }) = &args.command {
-        return migrate(from, to);
+        return migrate(from, to, &nodekeeper_eventcenter::postgres_options(&config.store).tls);
     }
     // A backup needs only the data directory.
     if let Some(Command::Backup { to }) = &args.command {
@@ -146,7 +148,10 @@ fn main() -> ExitCode {
         };
     }
     if let Err(err) = config.validate() {
-        return service::config_rejected(err);
+        return service::config_rejected(match &args.config {
+            Some(path) => format!("invalid config file {}: {err}", path.display()),
+            None => err,
+        });
     }
     service::run(tokio::runtime::Builder::new_multi_thread(), "event center", async {
         let shutdown = nodekeeper_common::shutdown::signal();

@@ -168,7 +168,41 @@ impl Postgres {
         Self::start_with(true, Vec::new()).await
     }
 
+    /// A new cluster that takes TCP connections over TLS only: `cert` and `key` (PEM) its server
+    /// certificate, `ca` the CA its clients' certificates must chain to, `hba` the `hostssl` lines
+    /// of its pg_hba.conf. The harness's own connections use the local socket (trusted).
+    pub async fn start_tls(cert: &Path, key: &Path, ca: &Path, hba: &str) -> Postgres {
+        let mut pg = Self::init(
+            false,
+            vec![
+                "ssl=on".into(),
+                "ssl_cert_file=server.pem".into(),
+                "ssl_key_file=server-key.pem".into(),
+                "ssl_ca_file=ca.pem".into(),
+            ],
+        );
+        let data = pg.data();
+        for (from, to) in [(cert, "server.pem"), (key, "server-key.pem"), (ca, "ca.pem")] {
+            std::fs::copy(from, data.join(to)).expect("copy a TLS file into the cluster");
+            std::fs::set_permissions(data.join(to), std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+            if let Some((uid, gid)) = owner() {
+                std::os::unix::fs::chown(data.join(to), Some(uid), Some(gid)).expect("chown a TLS file");
+            }
+        }
+        let rules = format!("local all all trust\nhostnossl all all 0.0.0.0/0 reject\n{hba}\n");
+        std::fs::write(data.join("pg_hba.conf"), rules).expect("write pg_hba.conf");
+        pg.spawn().await;
+        pg
+    }
+
     async fn start_with(tied: bool, settings: Vec<String>) -> Postgres {
+        let mut pg = Self::init(tied, settings);
+        pg.spawn().await;
+        pg
+    }
+
+    /// A new cluster, not started yet.
+    fn init(tied: bool, settings: Vec<String>) -> Postgres {
         if tied {
             remove_orphans();
         }
@@ -186,9 +220,7 @@ impl Postgres {
             ]),
             "initdb",
         );
-        let mut pg = Postgres { dir, port: free_port(), child: None, tied, settings };
-        pg.spawn().await;
-        pg
+        Postgres { dir, port: free_port(), child: None, tied, settings }
     }
 
     fn data(&self) -> PathBuf {
@@ -224,12 +256,36 @@ impl Postgres {
             .spawn()
             .expect("spawn postgres");
         self.child = Some(child);
-        let url = self.url("postgres");
+        let local = self.local();
         wait_for("postgres accepting connections", Duration::from_secs(30), || {
-            let url = url.clone();
-            async move { tokio_postgres::connect(&url, tokio_postgres::NoTls).await.ok().map(drop) }
+            let local = local.clone();
+            async move { local.connect(tokio_postgres::NoTls).await.ok().map(drop) }
         })
         .await;
+    }
+
+    /// The harness's connection to database `postgres`: the superuser, through the local socket.
+    fn local(&self) -> tokio_postgres::Config {
+        let mut c = tokio_postgres::Config::new();
+        c.host_path(self.dir.path()).port(self.port).user("postgres").dbname("postgres");
+        c
+    }
+
+    /// Runs `sql` (one statement, or several that may share a transaction) as the superuser; the
+    /// rows of its answer, as text.
+    pub async fn sql(&self, sql: &str) -> Vec<Vec<String>> {
+        let (client, conn) = self.local().connect(tokio_postgres::NoTls).await.expect("connect to the cluster");
+        tokio::spawn(conn);
+        let mut rows = Vec::new();
+        let answer = client.simple_query(sql).await.unwrap_or_else(|e| {
+            panic!("{sql}: {}", e.as_db_error().map_or_else(|| e.to_string(), |d| d.message().to_owned()))
+        });
+        for m in answer {
+            if let tokio_postgres::SimpleQueryMessage::Row(r) = m {
+                rows.push((0..r.len()).map(|i| r.get(i).unwrap_or_default().to_owned()).collect());
+            }
+        }
+        rows
     }
 
     /// A libpq-style URL of a database of this cluster.
@@ -239,9 +295,7 @@ impl Postgres {
 
     /// Creates a database; its URL.
     pub async fn create_database(&self, name: &str) -> String {
-        let (client, conn) = tokio_postgres::connect(&self.url("postgres"), tokio_postgres::NoTls).await.unwrap();
-        tokio::spawn(conn);
-        client.batch_execute(&format!("CREATE DATABASE \"{name}\"")).await.unwrap();
+        self.sql(&format!("CREATE DATABASE \"{name}\"")).await;
         self.url(name)
     }
 

@@ -25,12 +25,15 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot, watch};
-use tokio_postgres::{AsyncMessage, Client, Config, NoTls};
+use tokio_postgres::{AsyncMessage, Client};
 
 use super::writer::{ComponentsChange, NodeChange, NodeChanged};
 use super::{Appended, HelloOutcome, Identity, NewEvent, NodeHello, NodeKey, Result, StoreError};
+use connect::Database;
+pub use connect::PgTls;
 use writer::{Center, Done, Op};
 
+mod connect;
 mod fleet;
 pub mod import;
 pub mod lease;
@@ -62,9 +65,18 @@ const RETRY_FOR: Duration = Duration::from_secs(60);
 
 pub(crate) fn pg(e: tokio_postgres::Error) -> StoreError {
     // The server's own words (and SQLSTATE) where it answered; "db error" alone says nothing.
+    // Otherwise the whole chain: "error performing TLS handshake" needs its cause to be acted on.
     let message = match e.as_db_error() {
         Some(db) => format!("{} (SQLSTATE {})", db.message(), db.code().code()),
-        None => e.to_string(),
+        None => {
+            let mut message = e.to_string();
+            let mut source = std::error::Error::source(&e);
+            while let Some(cause) = source {
+                message.push_str(&format!(": {cause}"));
+                source = cause.source();
+            }
+            message
+        }
     };
     StoreError::Postgres { message }
 }
@@ -72,11 +84,12 @@ pub(crate) fn pg(e: tokio_postgres::Error) -> StoreError {
 pub struct PgOptions {
     /// Events per group commit at most.
     pub commit_max_rows: usize,
+    pub tls: PgTls,
 }
 
 impl Default for PgOptions {
     fn default() -> Self {
-        Self { commit_max_rows: 8192 }
+        Self { commit_max_rows: 8192, tls: PgTls::default() }
     }
 }
 
@@ -107,28 +120,12 @@ struct Job {
     reply: oneshot::Sender<Result<Done>>,
 }
 
-async fn connect(config: &Config) -> Result<Client> {
-    let (client, conn) = config.connect(NoTls).await.map_err(pg)?;
-    tokio::spawn(async move {
-        if let Err(e) = conn.await {
-            tracing::warn!(error = %e, "postgres connection ended");
-        }
-    });
-    Ok(client)
-}
-
 impl PgStore {
     /// Connects, refuses a server that would acknowledge what it has not made durable, applies
     /// the migrations not yet applied, and starts this replica's writer and listener.
     pub async fn open(url: &str, options: PgOptions) -> Result<PgStore> {
-        let mut config: Config =
-            url.parse().map_err(|e| StoreError::Postgres { message: format!("connection URL: {e}") })?;
-        // Prepared statements planned at each run: a plan cached while the log was small (a new
-        // deployment) would scan the whole table for the identities' lookup once it is large
-        // (measured: the database's CPU doubled at 20,000 events/s).
-        let session = format!("{} -c plan_cache_mode=force_custom_plan", config.get_options().unwrap_or_default());
-        config.options(session.trim_start());
-        let mut client = connect(&config).await?;
+        let db = Database::new(url, &options.tls)?;
+        let mut client = db.connect().await?;
         let sync: String = client.query_one("SHOW synchronous_commit", &[]).await.map_err(pg)?.get(0);
         if matches!(sync.as_str(), "off" | "local") {
             return Err(StoreError::NotDurable { found: sync });
@@ -137,21 +134,13 @@ impl PgStore {
         let head = read_head(&client).await?;
         let (head_tx, head_rx) = watch::channel(head);
         let head_tx = Arc::new(head_tx);
-        tokio::spawn(listen(config.clone(), head_tx.clone()));
+        tokio::spawn(listen(db.clone(), head_tx.clone()));
         let (queue, jobs) = mpsc::channel(1024);
         let center =
             Center { origin: format!("c/{:016x}", rand::random::<u64>()).into(), seq: Arc::new(AtomicU64::new(1)) };
         let metrics = super::StoreMetrics::default();
-        tokio::spawn(writer::write(config.clone(), client, jobs, head_tx, options, center.clone(), metrics.clone()));
-        let manager = deadpool_postgres::Manager::from_config(
-            config,
-            NoTls,
-            deadpool_postgres::ManagerConfig { recycling_method: deadpool_postgres::RecyclingMethod::Fast },
-        );
-        let readers = deadpool_postgres::Pool::builder(manager)
-            .max_size(16)
-            .build()
-            .map_err(|e| StoreError::Postgres { message: format!("connection pool: {e}") })?;
+        let readers = db.pool(16)?;
+        tokio::spawn(writer::write(db, client, jobs, head_tx, options, center.clone(), metrics.clone()));
         let (live, _) = tokio::sync::broadcast::channel(1024);
         tokio::spawn(tail::follow(readers.clone(), head_rx.clone(), live.clone(), head));
         let floor: i64 = client_floor(&readers).await?;
@@ -544,13 +533,13 @@ async fn migrate(client: &mut Client) -> Result<()> {
 
 /// Keeps `head` at the newest cursor any replica committed: LISTEN, and the head read again after
 /// every (re)connection, since notifications sent while away are lost.
-async fn listen(config: Config, head: Arc<watch::Sender<u64>>) {
+async fn listen(db: Database, head: Arc<watch::Sender<u64>>) {
     let mut backoff = Duration::from_millis(100);
     loop {
         if head.is_closed() {
             return;
         }
-        match config.connect(NoTls).await {
+        match db.config.connect(db.tls.clone()).await {
             Ok((client, mut conn)) => {
                 let (notes_tx, mut notes) = mpsc::unbounded_channel();
                 let driver = tokio::spawn(async move {

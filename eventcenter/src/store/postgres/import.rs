@@ -9,7 +9,7 @@ use rusqlite::types::ValueRef;
 use tokio_postgres::binary_copy::BinaryCopyInWriter;
 use tokio_postgres::types::{ToSql, Type};
 
-use super::{Config, connect, migrate, pg};
+use super::{Database, PgTls, migrate, pg};
 use crate::store::{Result, StoreError};
 
 #[derive(Clone, Copy)]
@@ -88,7 +88,7 @@ pub type Copied = Vec<(&'static str, u64)>;
 
 /// Copies the SQLite store in `dir` (brought to this binary's schema first) into the empty
 /// database at `url`; `progress` is told each table as it is done.
-pub async fn from_sqlite(dir: &Path, url: &str, progress: impl Fn(&str, u64)) -> Result<Copied> {
+pub async fn from_sqlite(dir: &Path, url: &str, tls: &PgTls, progress: impl Fn(&str, u64)) -> Result<Copied> {
     let file = dir.join("eventcenter.db");
     if !file.is_file() {
         return Err(StoreError::Postgres { message: format!("no SQLite store at {}", file.display()) });
@@ -97,8 +97,7 @@ pub async fn from_sqlite(dir: &Path, url: &str, progress: impl Fn(&str, u64)) ->
     crate::store::Sqlite::open(dir, Default::default())?.close().await;
     let sqlite = rusqlite::Connection::open_with_flags(&file, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
         .map_err(|e| sqlite_error(&file, e))?;
-    let config: Config = url.parse().map_err(|e| StoreError::Postgres { message: format!("connection URL: {e}") })?;
-    let mut client = connect(&config).await?;
+    let mut client = Database::new(url, tls)?.connect().await?;
     migrate(&mut client).await?;
     let tx = client.transaction().await.map_err(pg)?;
     let head: i64 = tx.query_one("SELECT head FROM log_head FOR UPDATE", &[]).await.map_err(pg)?.get(0);

@@ -12,14 +12,14 @@ use nodekeeper_proto::v1::Event;
 use tokio::sync::{mpsc, watch};
 use tokio_postgres::binary_copy::BinaryCopyInWriter;
 use tokio_postgres::types::{ToSql, Type};
-use tokio_postgres::{Client, Config, CopyInSink, Statement};
+use tokio_postgres::{Client, CopyInSink, Statement};
 use tokio_util::bytes::Bytes;
 
 mod faults;
 mod nodes;
 mod state;
 
-use super::{CHANNEL, Job, PgOptions, RETRY_FOR, connect, pg};
+use super::{CHANNEL, Database, Job, PgOptions, RETRY_FOR, pg};
 use crate::store::writer::{ComponentsChange, NodeChange, NodeChanged};
 use crate::store::{
     Appended, HelloOutcome, Identity, NewEvent, NodeHello, NodeKey, OriginKey, StoreError, StoreMetrics,
@@ -28,7 +28,7 @@ use crate::store::{
 /// The replica's writer: takes queued appends in order, commits them in groups, answers after
 /// the commit; across a lost connection it reconnects and retries the group.
 pub(super) async fn write(
-    config: Config,
+    db: Database,
     mut client: Client,
     mut jobs: mpsc::Receiver<Job>,
     head: Arc<watch::Sender<u64>>,
@@ -66,7 +66,7 @@ pub(super) async fn write(
                 Err(Failed(e)) if client.is_closed() && started.elapsed() < RETRY_FOR => {
                     tracing::warn!(error = %e, "postgres connection lost during a commit; reconnecting to retry");
                     tokio::time::sleep(Duration::from_millis(200)).await;
-                    if let Ok(c) = connect(&config).await {
+                    if let Ok(c) = db.connect().await {
                         client = c;
                         statements = Statements::prepare(&client).await;
                     }
