@@ -328,6 +328,46 @@ async fn the_leases_of_replicas_long_gone_are_removed_and_only_theirs() {
     assert_eq!(replicas().await, 1);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_whose_owner_is_gone_are_taken_over_and_only_those() {
+    let pg = Postgres::start().await;
+    let url = pg.create_database("adopt").await;
+    let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(conn);
+    let owner = |node: &'static str| {
+        let client = &client;
+        async move {
+            let row = client.query_one("SELECT owner FROM nodes WHERE name = $1", &[&node]).await.unwrap();
+            row.get::<_, Option<String>>(0)
+        }
+    };
+    let gone = PgStore::open(&url, PgOptions::default()).await.unwrap();
+    let alive = PgStore::open(&url, PgOptions::default()).await.unwrap();
+    let taker = PgStore::open(&url, PgOptions::default()).await.unwrap();
+    gone.hello(hello_of("n-gone", "b1")).await.unwrap();
+    alive.hello(hello_of("n-alive", "b1")).await.unwrap();
+    taker.hello(hello_of("n-taker", "b1")).await.unwrap();
+    // A node nobody ever watched (as `migrate` leaves them).
+    alive.hello(hello_of("n-unowned", "b1")).await.unwrap();
+    client.execute("UPDATE nodes SET owner = NULL WHERE name = 'n-unowned'", &[]).await.unwrap();
+    gone.close().await;
+
+    // The lease of a replica that still owns a node is kept, whatever its age.
+    assert_eq!(alive.forget_dead_replicas(Duration::ZERO).await.unwrap(), 0);
+    let mut adopted: Vec<String> = taker.adopt_nodes().await.unwrap().into_iter().map(|n| n.name).collect();
+    adopted.sort();
+    assert_eq!(adopted, ["n-gone", "n-unowned"]);
+    let taker_id = owner("n-taker").await;
+    assert!(taker_id.is_some());
+    assert_eq!(owner("n-gone").await, taker_id);
+    assert_eq!(owner("n-unowned").await, taker_id);
+    assert_ne!(owner("n-alive").await, taker_id, "a node of a live replica stays with it");
+    assert!(taker.adopt_nodes().await.unwrap().is_empty(), "nothing is left to take");
+    assert!(alive.adopt_nodes().await.unwrap().is_empty(), "nothing is left to take");
+    // Now that nothing names it, the stopped replica's lease goes.
+    assert_eq!(alive.forget_dead_replicas(Duration::ZERO).await.unwrap(), 1);
+}
+
 /// A condition that turns true after `d` from its first call.
 fn false_after(d: Duration) -> impl Fn(&[(usize, u64)]) -> bool {
     let start = std::time::Instant::now();
@@ -428,9 +468,13 @@ async fn conditions_through_different_replicas_fold_into_one_fault() {
 }
 
 fn hello(boot: &str) -> nodekeeper_eventcenter::store::NodeHello {
+    hello_of("n1", boot)
+}
+
+fn hello_of(node: &str, boot: &str) -> nodekeeper_eventcenter::store::NodeHello {
     nodekeeper_eventcenter::store::NodeHello {
         cluster: "c1".into(),
-        node: "n1".into(),
+        node: node.into(),
         boot_id: boot.into(),
         agent_version: "0.1.0".into(),
         inventory: Default::default(),

@@ -221,16 +221,31 @@ impl PgStore {
     /// Takes over the nodes nobody watches: those of replicas whose lease ran out (dead, or cut
     /// off from the database) and those never watched. They are this replica's to watch now,
     /// with no stream open on it.
+    ///
+    /// Every replica asks every 2 s, so the question is asked of the few leases, not of every
+    /// node: the owners whose lease ran out first, then their nodes (and the unowned) by the
+    /// owner index. An owner always has a lease row: it takes one before it owns a node, giving
+    /// it up only expires it, and `forget_dead_replicas` keeps the rows of owners of live nodes.
     pub async fn adopt_nodes(&self) -> Result<Vec<nodekeeper_proto::v1::Node>> {
-        let rows = self
-            .reader()
-            .await?
+        let client = self.reader().await?;
+        let me = self.center.replica();
+        let dead: Vec<String> = client
+            .query(
+                "SELECT substr(name, length('replica/') + 1) FROM leases
+                 WHERE name LIKE 'replica/%' AND expires_at <= now() AND name <> 'replica/' || $1",
+                &[&me],
+            )
+            .await
+            .map_err(pg)?
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        let rows = client
             .query(
                 "UPDATE nodes SET owner = $1, connections = 0
-                 WHERE decommissioned_ms IS NULL AND (owner IS NULL OR (owner <> $1 AND NOT EXISTS (
-                     SELECT 1 FROM leases l WHERE l.name = 'replica/' || nodes.owner AND l.expires_at > now())))
+                 WHERE decommissioned_ms IS NULL AND (owner IS NULL OR owner = ANY($2))
                  RETURNING info, lost, liveness_changed_ms",
-                &[&self.center.replica()],
+                &[&me, &dead],
             )
             .await
             .map_err(pg)?;
@@ -270,13 +285,15 @@ impl PgStore {
 
     /// Removes the leases of replicas that stopped (they gave their lease up) or died longer than
     /// `gone_for` ago (their lease ran out then): each start of a replica is a new identity, so
-    /// they would pile up. Nodes such a replica still owns are taken over as before (no live lease
-    /// of their owner). How many were removed.
+    /// they would pile up. The lease of a replica that still owns a node is kept until the node
+    /// is taken over (`adopt_nodes` finds owners by their expired lease). How many were removed.
     pub async fn forget_dead_replicas(&self, gone_for: Duration) -> Result<u64> {
         self.reader()
             .await?
             .execute(
-                "DELETE FROM leases WHERE name LIKE 'replica/%' AND expires_at < now() - make_interval(secs => $1)",
+                "DELETE FROM leases l WHERE name LIKE 'replica/%' AND expires_at < now() - make_interval(secs => $1)
+                 AND NOT EXISTS (SELECT 1 FROM nodes n
+                                 WHERE n.decommissioned_ms IS NULL AND n.owner = substr(l.name, length('replica/') + 1))",
                 &[&gone_for.as_secs_f64()],
             )
             .await
