@@ -167,9 +167,13 @@ pub async fn follow(store: Store, quorum: usize, cancel: tokio_util::sync::Cance
         }
     };
     loop {
-        tokio::select! {
-            _ = cancel.cancelled() => return,
-            changed = head.changed() => if changed.is_err() { return },
+        // Caught up: wait for a commit. Behind (a read failed): try again after the pause below,
+        // not only when the next commit comes.
+        if pos >= *head.borrow() {
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                changed = head.changed() => if changed.is_err() { return },
+            }
         }
         let upto = *head.borrow_and_update();
         while pos < upto {
