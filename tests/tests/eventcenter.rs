@@ -393,8 +393,9 @@ async fn a_restarted_center_gives_every_node_a_fresh_grace() {
     center.kill9();
     // Down for longer than the grace: a center that trusted stored times would declare all lost.
     tokio::time::sleep(Duration::from_millis(3500)).await;
-    center.spawn().await;
+    // The fresh grace begins once the process runs: not before it is spawned.
     let restarted = Instant::now();
+    center.spawn().await;
     // n1 and n2 come back within the grace; n3 stays silent.
     let a1 = AgentConn::connect(&center.url(), with_interval(hello("c1", "n1", "b1"), 1000)).await.unwrap();
     let a2 = AgentConn::connect(&center.url(), with_interval(hello("c1", "n2", "b1"), 1000)).await.unwrap();
