@@ -115,7 +115,7 @@ async fn channel_to(server: &str, certs: Option<&Path>, identity: &str) -> anyho
         Err(e) => {
             let why = match tls_problem(&e) {
                 Some(problem) => problem.explain(&url, &dir),
-                None => format!("{} (is it running? see --server)", chain(&e)),
+                None => format!("{} (is it running? see --server)", nodekeeper_common::errors::chain(&e)),
             };
             Err(Unreachable(format!("cannot reach the event center at {url}: {why}")).into())
         }
@@ -249,20 +249,6 @@ fn tls_problem(err: &(dyn std::error::Error + 'static)) -> Option<TlsProblem> {
         next = e.source();
     }
     None
-}
-
-/// An error and its causes on one line, each cause once.
-fn chain(err: &(dyn std::error::Error + 'static)) -> String {
-    let mut parts: Vec<String> = Vec::new();
-    let mut next = Some(err);
-    while let Some(e) = next {
-        let text = e.to_string();
-        if !parts.iter().any(|p| p.contains(&text)) {
-            parts.push(text);
-        }
-        next = e.source();
-    }
-    parts.join(": ")
 }
 
 #[cfg(test)]

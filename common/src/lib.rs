@@ -4,6 +4,7 @@
 
 pub mod backoff;
 pub mod config;
+pub mod errors;
 pub mod http;
 pub mod logging;
 pub mod metrics;

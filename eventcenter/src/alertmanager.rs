@@ -128,13 +128,7 @@ fn rfc3339<S: serde::Serializer>(t: &SystemTime, s: S) -> Result<S::Ok, S::Error
 
 /// reqwest's error with its causes ("error sending request" alone says little).
 fn describe(what: &str, e: reqwest::Error) -> String {
-    let mut s = format!("{what}: {e}");
-    let mut source = std::error::Error::source(&e);
-    while let Some(cause) = source {
-        s.push_str(&format!(": {cause}"));
-        source = cause.source();
-    }
-    s
+    format!("{what}: {}", nodekeeper_common::errors::chain(&e))
 }
 
 #[derive(Deserialize)]

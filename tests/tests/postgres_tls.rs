@@ -23,7 +23,7 @@ async fn pki() -> tempfile::TempDir {
 }
 
 /// SCRAM passwords for `nodekeeper`, certificates for `replica-by-cert`, over TLS only.
-async fn database(pki: &std::path::Path) -> (Postgres, u16) {
+async fn database(pki: &std::path::Path) -> Postgres {
     let hba = "hostssl all nodekeeper 127.0.0.1/32 scram-sha-256\nhostssl all replica-by-cert 127.0.0.1/32 cert";
     let pg =
         Postgres::start_tls(&pki.join("postgres.pem"), &pki.join("postgres-key.pem"), &pki.join("ca.pem"), hba).await;
@@ -31,8 +31,7 @@ async fn database(pki: &std::path::Path) -> (Postgres, u16) {
     // CREATE DATABASE runs outside a transaction: one each.
     pg.sql("CREATE DATABASE nodekeeper OWNER nodekeeper").await;
     pg.sql("CREATE DATABASE bycert OWNER \"replica-by-cert\"").await;
-    let port = pg.port;
-    (pg, port)
+    pg
 }
 
 fn opened(r: Result<PgStore, nodekeeper_eventcenter::store::StoreError>) -> String {
@@ -45,7 +44,8 @@ fn opened(r: Result<PgStore, nodekeeper_eventcenter::store::StoreError>) -> Stri
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_center_stores_through_verified_tls_and_nothing_else_gets_in() {
     let pki = pki().await;
-    let (pg, port) = database(pki.path()).await;
+    let pg = database(pki.path()).await;
+    let port = pg.port;
     let ca = pki.path().join("ca.pem");
     let url = format!("postgres://nodekeeper:correct%20horse@127.0.0.1:{port}/nodekeeper?sslmode=require");
 

@@ -68,15 +68,7 @@ pub(crate) fn pg(e: tokio_postgres::Error) -> StoreError {
     // Otherwise the whole chain: "error performing TLS handshake" needs its cause to be acted on.
     let message = match e.as_db_error() {
         Some(db) => format!("{} (SQLSTATE {})", db.message(), db.code().code()),
-        None => {
-            let mut message = e.to_string();
-            let mut source = std::error::Error::source(&e);
-            while let Some(cause) = source {
-                message.push_str(&format!(": {cause}"));
-                source = cause.source();
-            }
-            message
-        }
+        None => nodekeeper_common::errors::chain(&e),
     };
     StoreError::Postgres { message }
 }
@@ -567,7 +559,7 @@ async fn listen(db: Database, head: Arc<watch::Sender<u64>>) {
                             }
                             Ok(_) => {}
                             Err(e) => {
-                                tracing::warn!(error = %e, "postgres listener connection ended");
+                                tracing::warn!(error = %pg(e), "postgres listener connection ended");
                                 return;
                             }
                         }
@@ -589,7 +581,7 @@ async fn listen(db: Database, head: Arc<watch::Sender<u64>>) {
                 }
                 driver.abort();
             }
-            Err(e) => tracing::warn!(error = %e, "cannot connect the postgres listener"),
+            Err(e) => tracing::warn!(error = %pg(e), "cannot connect the postgres listener"),
         }
         tokio::time::sleep(backoff).await;
         backoff = (backoff * 2).min(Duration::from_secs(5));

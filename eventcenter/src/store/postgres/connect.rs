@@ -40,7 +40,7 @@ impl Database {
         let client = tls.client.as_ref().map(|(cert, key)| (cert.as_path(), key.as_path()));
         let rustls = nodekeeper_common::tls::external_client_config(tls.ca.as_deref(), client, &[])
             .map_err(|e| StoreError::Postgres { message: format!("TLS to PostgreSQL: {e}") })?;
-        Ok(Database { config, tls: MakeRustlsConnect::new(rustls.as_ref().clone()) })
+        Ok(Database { config, tls: MakeRustlsConnect::new(std::sync::Arc::unwrap_or_clone(rustls)) })
     }
 
     /// A connection whose driver runs on its own task.
@@ -48,7 +48,7 @@ impl Database {
         let (client, conn) = self.config.connect(self.tls.clone()).await.map_err(pg)?;
         tokio::spawn(async move {
             if let Err(e) = conn.await {
-                tracing::warn!(error = %e, "postgres connection ended");
+                tracing::warn!(error = %pg(e), "postgres connection ended");
             }
         });
         Ok(client)
